@@ -1,0 +1,42 @@
+"""The wire protocol of the platform, sans I/O: messages, codec, signing payloads, states.
+
+Nothing here reads or writes a socket, a pipe or a file; the worker, the scheduler and the
+evaluator wrap it in their own I/O. docs/protocol.md is the normative description.
+"""
+
+from __future__ import annotations
+
+from .codec import MAX_FRAME_BYTES, PROTOCOL_VERSION, StreamDecoder, decode, encode, frame
+from .errors import (
+    ErrorCode,
+    FrameError,
+    FrameTooLarge,
+    InvalidMessage,
+    ProtocolError,
+    UnknownMessage,
+    UnsupportedVersion,
+)
+from .messages import *  # noqa: F403
+from .messages import __all__ as _messages_all
+from .states import IllegalTransition, SliceEvent, SliceState, transition
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "StreamDecoder",
+    "decode",
+    "encode",
+    "frame",
+    "ErrorCode",
+    "FrameError",
+    "FrameTooLarge",
+    "InvalidMessage",
+    "ProtocolError",
+    "UnknownMessage",
+    "UnsupportedVersion",
+    "IllegalTransition",
+    "SliceEvent",
+    "SliceState",
+    "transition",
+    *_messages_all,
+]

@@ -1,0 +1,139 @@
+"""Bytes <-> messages, with no I/O.
+
+A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
+
+* On the websocket each frame is one text message.
+* On the evaluator's pipes each frame is preceded by its length as a 4-byte big-endian
+  unsigned integer. :class:`StreamDecoder` turns a byte stream into messages however the
+  bytes arrive (one at a time or many frames at once).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import deque
+from collections.abc import Mapping
+
+from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
+from .messages import Message, from_wire, to_wire
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_FRAME_BYTES",
+    "encode",
+    "decode",
+    "frame",
+    "StreamDecoder",
+]
+
+PROTOCOL_VERSION = 1
+#: Default maximum frame size on both channels (job modules and results travel in frames).
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+_PREFIX = struct.Struct(">I")
+
+
+def encode(message: Message) -> bytes:
+    """Serialize ``message`` to one frame's bytes (no length prefix)."""
+    data = to_wire(message)
+    data["v"] = PROTOCOL_VERSION
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode(
+    data: bytes | str,
+    registry: Mapping[str, type[Message]],
+    max_bytes: int = MAX_FRAME_BYTES,
+) -> Message:
+    """Parse one frame into a message of ``registry``.
+
+    Raises:
+        FrameTooLarge: ``data`` exceeds ``max_bytes``.
+        FrameError: not a UTF-8 JSON object.
+        UnsupportedVersion: ``v`` is not :data:`PROTOCOL_VERSION`.
+        UnknownMessage: ``type`` is not in ``registry``.
+        InvalidMessage: a field is missing, unexpected or ill-typed.
+    """
+    if len(data) > max_bytes:
+        raise FrameTooLarge(len(data), max_bytes)
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a JSON object")
+    version = obj.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    type_ = obj.get("type")
+    if not isinstance(type_, str):
+        raise FrameError("frame has no string 'type'")
+    cls = registry.get(type_)
+    if cls is None:
+        raise UnknownMessage(type_)
+    return from_wire(cls, obj)
+
+
+def frame(message: Message) -> bytes:
+    """Encode ``message`` with its 4-byte length prefix, for the evaluator's pipes."""
+    body = encode(message)
+    return _PREFIX.pack(len(body)) + body
+
+
+class StreamDecoder:
+    """Sans-I/O reader of length-prefixed frames.
+
+    Feed bytes with :meth:`receive_data`; take messages with :meth:`next_message`. A frame
+    that fails to parse raises from :meth:`next_message` and is consumed, so the stream stays
+    in sync and the caller may answer with an error and carry on. A length prefix above the
+    limit cannot be skipped safely (the sender is broken or hostile): it raises
+    :class:`FrameTooLarge` every time, and the caller must close the stream.
+    """
+
+    def __init__(
+        self, registry: Mapping[str, type[Message]], max_bytes: int = MAX_FRAME_BYTES
+    ) -> None:
+        self._registry = registry
+        self._max = max_bytes
+        self._buffer = bytearray()
+        self._frames: deque[bytes] = deque()
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the stream."""
+        self._buffer += data
+
+    def receive_eof(self) -> None:
+        """Note that the stream ended; a partial frame then becomes an error."""
+        self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buffer)
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None when more bytes are needed.
+
+        Raises:
+            FrameTooLarge: the announced frame length exceeds the limit (fatal).
+            FrameError: the stream ended inside a frame (fatal), or a frame is malformed.
+            ProtocolError: any other decoding error of one frame (the frame is skipped).
+        """
+        if len(self._buffer) < _PREFIX.size:
+            if self._eof and self._buffer:
+                raise FrameError("stream ended inside a frame's length prefix")
+            return None
+        (length,) = _PREFIX.unpack_from(self._buffer)
+        if length > self._max:
+            raise FrameTooLarge(length, self._max)
+        end = _PREFIX.size + length
+        if len(self._buffer) < end:
+            if self._eof:
+                raise FrameError(f"stream ended inside a frame ({len(self._buffer)} of {end} bytes)")
+            return None
+        body = bytes(self._buffer[_PREFIX.size : end])
+        del self._buffer[:end]
+        return decode(body, self._registry, self._max)

@@ -1,0 +1,102 @@
+"""Errors and error codes of the wire protocol.
+
+Exception tree::
+
+    ProtocolError                  something on the wire is wrong
+    ├── FrameError                 not a frame we can read at all (bad JSON, bad length prefix)
+    │   └── FrameTooLarge          larger than the maximum frame size
+    ├── UnknownMessage             well-formed, but the message type is not in the registry
+    └── InvalidMessage             known type, but a field is missing, extra or of the wrong type
+
+Every exception carries the :class:`ErrorCode` that the receiving side puts in its ``error``
+reply, so a peer always learns *why* a frame was refused.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Named reasons that cross the wire (``error.code``) and reach logs and ``jobs show``."""
+
+    # Frame and message level (docs/protocol.md section "Errors").
+    MALFORMED_FRAME = "malformed_frame"
+    FRAME_TOO_LARGE = "frame_too_large"
+    UNKNOWN_MESSAGE = "unknown_message"
+    INVALID_MESSAGE = "invalid_message"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNEXPECTED_MESSAGE = "unexpected_message"
+    # Session and lease level.
+    AUTH_FAILED = "auth_failed"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_LEASE = "stale_lease"
+    UNKNOWN_SLICE = "unknown_slice"
+    RESULT_TOO_LARGE = "result_too_large"
+    INTERNAL = "internal"
+    # Slice level: the work function or its sandbox failed.
+    INVALID_MODULE = "invalid_module"
+    FORBIDDEN_IMPORT = "forbidden_import"
+    SANDBOX_VIOLATION = "sandbox_violation"
+    WASM_TRAP = "wasm_trap"
+    WASM_EXIT = "wasm_exit"
+    WASM_TIMEOUT = "wasm_timeout"
+    WASM_FUEL = "wasm_fuel_exhausted"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    MODULE_NOT_CACHED = "module_not_cached"
+    NOT_ASSIGNED = "not_assigned"
+    UNSUPPORTED_RUNTIME = "unsupported_runtime"
+    EVALUATOR_DIED = "evaluator_died"
+    EVALUATOR_TIMEOUT = "evaluator_timeout"
+    EVALUATOR_PROTOCOL = "evaluator_protocol"
+    LEASE_EXPIRED = "lease_expired"
+
+
+class ProtocolError(Exception):
+    """Root of the protocol's exceptions; ``code`` names the reason on the wire."""
+
+    code: ErrorCode = ErrorCode.INVALID_MESSAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class FrameError(ProtocolError):
+    """The bytes are not a frame: undecodable, not a JSON object, or a bad length prefix."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class FrameTooLarge(FrameError):
+    """The frame is larger than the agreed maximum; ``size`` and ``limit`` say by how much."""
+
+    code = ErrorCode.FRAME_TOO_LARGE
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class UnknownMessage(ProtocolError):
+    """The message type is not one this side understands."""
+
+    code = ErrorCode.UNKNOWN_MESSAGE
+
+    def __init__(self, type_: str) -> None:
+        super().__init__(f"unknown message type {type_!r}")
+        self.type = type_
+
+
+class InvalidMessage(ProtocolError):
+    """A known message with a missing, unexpected or ill-typed field."""
+
+    code = ErrorCode.INVALID_MESSAGE
+
+
+class UnsupportedVersion(ProtocolError):
+    """The frame names a protocol version this side does not speak."""
+
+    code = ErrorCode.UNSUPPORTED_VERSION

@@ -1,0 +1,509 @@
+"""Every message of both channels, as frozen dataclasses that validate themselves.
+
+Two channels share this vocabulary (see docs/protocol.md):
+
+* worker <-> scheduler, over a websocket, one JSON text frame per message;
+* worker <-> evaluator, over the evaluator's stdin/stdout, length-prefixed JSON frames.
+
+Requests carry ``id`` (chosen by the sender, unique per connection); replies carry ``re``, the id
+they answer. Fields of type ``bytes`` travel as standard base64 strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin
+
+from .errors import InvalidMessage
+
+__all__ = [
+    "Message",
+    "Hello",
+    "Auth",
+    "Welcome",
+    "Fetch",
+    "Work",
+    "SliceLease",
+    "JobSpec",
+    "Limits",
+    "Metrics",
+    "LeaseRef",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Result",
+    "SliceFailed",
+    "Return",
+    "Ack",
+    "Error",
+    "Describe",
+    "Capabilities",
+    "Assign",
+    "RunSlice",
+    "Progress",
+    "SliceDone",
+    "Die",
+    "SCHEDULER_MESSAGES",
+    "EVALUATOR_MESSAGES",
+    "to_wire",
+    "from_wire",
+]
+
+T = TypeVar("T")
+
+_ADDRESS_LEN = 42
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidMessage(message)
+
+
+def _check_address(value: str, name: str) -> None:
+    _check(
+        len(value) == _ADDRESS_LEN and value.startswith("0x") and _is_hex(value[2:]),
+        f"{name} must be a 0x-prefixed 20-byte hex address",
+    )
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- value objects
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-slice limits a job asks for; the worker clamps them to its own maxima."""
+
+    wall_seconds: float = 60.0
+    memory_bytes: int = 256 * 1024 * 1024
+    output_bytes: int = 16 * 1024 * 1024
+    fuel: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            math.isfinite(self.wall_seconds) and self.wall_seconds > 0,
+            "limits.wall_seconds must be positive",
+        )
+        _check(self.memory_bytes > 0, "limits.memory_bytes must be positive")
+        _check(self.output_bytes > 0, "limits.output_bytes must be positive")
+        _check(self.fuel is None or self.fuel > 0, "limits.fuel must be positive")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What a slice cost, measured by the evaluator and the worker."""
+
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a worker needs to run a job's slices. ``module`` is the work function's bytes."""
+
+    job: str
+    runtime: str
+    module: bytes
+    sha256: str
+    argv: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.job), "job must not be empty")
+        _check(len(self.sha256) == 64 and _is_hex(self.sha256), "sha256 must be 64 hex digits")
+
+
+@dataclass(frozen=True)
+class SliceLease:
+    """One leased slice: the lease token fences out superseded holders."""
+
+    job: str
+    slice: int
+    token: str
+    attempt: int
+    deadline: float
+    datum: bytes
+
+    def __post_init__(self) -> None:
+        _check(self.slice >= 0, "slice must be >= 0")
+        _check(self.attempt >= 1, "attempt must be >= 1")
+        _check(bool(self.token), "token must not be empty")
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """Names a lease without its payload (heartbeats, returns, lost leases)."""
+
+    job: str
+    slice: int
+    token: str
+    progress: float | None = None
+
+
+# --------------------------------------------------------------------------- base
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages; ``type`` is the wire name of the concrete class."""
+
+    type: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------- scheduler channel
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Scheduler -> worker, first frame: the protocol version and a fresh session challenge."""
+
+    type: ClassVar[str] = "hello"
+    protocol: int
+    challenge: str
+    server: str = ""
+
+    def __post_init__(self) -> None:
+        _check(len(self.challenge) >= 32 and _is_hex(self.challenge), "challenge must be hex")
+
+
+@dataclass(frozen=True)
+class Auth(Message):
+    """Worker -> scheduler: the challenge signed by the worker's identity key."""
+
+    type: ClassVar[str] = "auth"
+    id: int
+    address: str
+    signature: str
+    payment_address: str
+    agent: str = ""
+
+    def __post_init__(self) -> None:
+        _check_address(self.address, "address")
+        _check_address(self.payment_address, "payment_address")
+        _check(len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes")
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Scheduler -> worker: the session is authenticated."""
+
+    type: ClassVar[str] = "welcome"
+    re: int
+    session: str
+    address: str
+    heartbeat_interval: float
+    lease_timeout: float
+    max_result_bytes: int
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """Worker -> scheduler: ask for up to ``max_slices`` slices."""
+
+    type: ClassVar[str] = "fetch"
+    id: int
+    max_slices: int
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_slices <= 1024, "max_slices must be within 1..1024")
+
+
+@dataclass(frozen=True)
+class Work(Message):
+    """Scheduler -> worker: leased slices, and the specs of jobs not yet sent on this session."""
+
+    type: ClassVar[str] = "work"
+    re: int
+    slices: tuple[SliceLease, ...] = ()
+    jobs: tuple[JobSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Worker -> scheduler: extend the named leases; progress is 0..1 or null (unknown)."""
+
+    type: ClassVar[str] = "heartbeat"
+    id: int
+    leases: tuple[LeaseRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(Message):
+    """Scheduler -> worker: the new deadline, and which of the named leases are no longer held."""
+
+    type: ClassVar[str] = "heartbeat_ack"
+    re: int
+    deadline: float
+    lost: tuple[LeaseRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """Worker -> scheduler: a signed result (see signing.result_payload)."""
+
+    type: ClassVar[str] = "result"
+    id: int
+    job: str
+    slice: int
+    token: str
+    result: bytes
+    payment_address: str
+    signature: str
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        _check_address(self.payment_address, "payment_address")
+        _check(len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes")
+
+
+@dataclass(frozen=True)
+class SliceFailed(Message):
+    """Worker -> scheduler: the slice could not be computed; ``code`` names why."""
+
+    type: ClassVar[str] = "slice_failed"
+    id: int
+    job: str
+    slice: int
+    token: str
+    code: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Return(Message):
+    """Worker -> scheduler: give back leased slices that were never started."""
+
+    type: ClassVar[str] = "return"
+    id: int
+    leases: tuple[LeaseRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """A positive reply to request ``re``; ``status`` refines it (e.g. accepted / duplicate)."""
+
+    type: ClassVar[str] = "ack"
+    re: int
+    status: str = "ok"
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """A negative reply; ``re`` is null when the request's id could not be read."""
+
+    type: ClassVar[str] = "error"
+    re: int | None
+    code: str
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- evaluator channel
+
+
+@dataclass(frozen=True)
+class Describe(Message):
+    """Worker -> evaluator: report capabilities."""
+
+    type: ClassVar[str] = "describe"
+    id: int
+
+
+@dataclass(frozen=True)
+class Capabilities(Message):
+    """Evaluator -> worker: what this evaluator offers, measured, not configured."""
+
+    type: ClassVar[str] = "capabilities"
+    re: int
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assign(Message):
+    """Worker -> evaluator: prepare a job. ``module`` may be null if the evaluator has
+    ``sha256`` cached; it answers ``module_not_cached`` otherwise."""
+
+    type: ClassVar[str] = "assign"
+    id: int
+    job: str
+    runtime: str
+    sha256: str
+    module: bytes | None = None
+    argv: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class RunSlice(Message):
+    """Worker -> evaluator: run one slice of the assigned job."""
+
+    type: ClassVar[str] = "slice"
+    id: int
+    slice: int
+    datum: bytes
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    """Evaluator -> worker: the running slice reports progress (0..1)."""
+
+    type: ClassVar[str] = "progress"
+    re: int
+    fraction: float
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.fraction), "fraction must be finite")
+
+
+@dataclass(frozen=True)
+class SliceDone(Message):
+    """Evaluator -> worker: the slice's result (its stdout) and what it cost."""
+
+    type: ClassVar[str] = "slice_done"
+    re: int
+    result: bytes
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass(frozen=True)
+class Die(Message):
+    """Worker -> evaluator: exit now."""
+
+    type: ClassVar[str] = "die"
+    id: int
+
+
+SCHEDULER_MESSAGES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (
+        Hello, Auth, Welcome, Fetch, Work, Heartbeat, HeartbeatAck, Result, SliceFailed, Return,
+        Ack, Error,
+    )
+}
+EVALUATOR_MESSAGES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Describe, Capabilities, Assign, RunSlice, Progress, SliceDone, Die, Ack, Error)
+}
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def to_wire(value: Any) -> Any:
+    """Turn a message (or a field value) into JSON-compatible data."""
+    if isinstance(value, Message):
+        out: dict[str, Any] = {"type": value.type}
+        for f in dataclasses.fields(value):
+            out[f.name] = to_wire(getattr(value, f.name))
+        return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, tuple):
+        return [to_wire(v) for v in value]
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def from_wire(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from JSON data, checking every field's type.
+
+    Raises:
+        InvalidMessage: a field is missing, unexpected, or of the wrong type.
+    """
+    where = path or getattr(cls, "type", "") or cls.__name__
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"{where}: expected an object")
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    extra = set(data) - set(known) - {"type"}
+    if extra:
+        raise InvalidMessage(f"{where}: unexpected field(s) {sorted(extra)}")
+    kwargs: dict[str, Any] = {}
+    hints = _hints(cls)
+    for name, f in known.items():
+        if name not in data:
+            has_default = (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
+            if has_default:
+                continue
+            raise InvalidMessage(f"{where}: missing field {name!r}")
+        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except InvalidMessage as exc:
+        raise InvalidMessage(f"{where}: {exc.message}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise InvalidMessage(f"{where}: must not be null")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InvalidMessage(f"{where}: expected a boolean")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidMessage(f"{where}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidMessage(f"{where}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise InvalidMessage(f"{where}: expected a string")
+        return value
+    if tp is bytes:
+        if not isinstance(value, str):
+            raise InvalidMessage(f"{where}: expected a base64 string")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise InvalidMessage(f"{where}: invalid base64") from None
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise InvalidMessage(f"{where}: expected an array")
+        (inner, _ellipsis) = get_args(tp)
+        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InvalidMessage(f"{where}: expected an object")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_wire(tp, value, where)  # type: ignore[arg-type]
+    raise TypeError(f"unsupported field type {tp!r} at {where}")  # a bug in this module
