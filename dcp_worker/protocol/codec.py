@@ -100,6 +100,8 @@ class StreamDecoder:
         self._buffer = bytearray()
         self._frames: deque[bytes] = deque()
         self._eof = False
+        #: True once the stream cannot be resynchronised; the caller must close it.
+        self.broken = False
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the stream."""
@@ -124,14 +126,17 @@ class StreamDecoder:
         """
         if len(self._buffer) < _PREFIX.size:
             if self._eof and self._buffer:
+                self.broken = True
                 raise FrameError("stream ended inside a frame's length prefix")
             return None
         (length,) = _PREFIX.unpack_from(self._buffer)
         if length > self._max:
+            self.broken = True
             raise FrameTooLarge(length, self._max)
         end = _PREFIX.size + length
         if len(self._buffer) < end:
             if self._eof:
+                self.broken = True
                 raise FrameError(f"stream ended inside a frame ({len(self._buffer)} of {end} bytes)")
             return None
         body = bytes(self._buffer[_PREFIX.size : end])

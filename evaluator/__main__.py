@@ -1,0 +1,24 @@
+"""``dcp-evaluator-start``: start one evaluator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dcp-evaluator-start",
+        description="Start one sandboxed evaluator that speaks the framed protocol "
+        "(docs/protocol.md) on stdin/stdout; logs go to stderr.",
+    )
+    parser.add_argument("--stdio", action="store_true", required=True,
+                        help="speak over stdin/stdout (the only transport of an evaluator)")
+    parser.parse_args(argv)
+    from .process import serve_stdio
+
+    return serve_stdio()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

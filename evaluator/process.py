@@ -1,0 +1,191 @@
+"""The evaluator process: frames on stdin, frames on stdout, logs on stderr.
+
+It serves one worker sandbox. Requests are answered in order; while a slice runs, ``progress``
+frames (rate-limited) may precede its ``slice_done`` or ``error``. A frame that fails to parse
+gets an ``error`` reply and the evaluator carries on; a length prefix above the limit or a
+stream cut inside a frame ends it (the stream cannot be resynchronised), with exit status 3.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from dcp_worker.protocol import (
+    EVALUATOR_MESSAGES,
+    Ack,
+    Assign,
+    Capabilities,
+    Describe,
+    Die,
+    Error,
+    ErrorCode,
+    Message,
+    Progress,
+    ProtocolError,
+    RunSlice,
+    SliceDone,
+    StreamDecoder,
+    frame,
+)
+
+from .errors import SliceError
+from .wasm import WasmRuntime
+
+log = logging.getLogger("dcp.evaluator")
+
+EXIT_OK = 0
+EXIT_PROTOCOL = 3
+_PROGRESS_INTERVAL = 0.1
+_READ_CHUNK = 1 << 16
+
+
+def _wasmtime_version() -> str:
+    try:
+        return importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def capabilities() -> dict[str, object]:
+    """What this evaluator offers, measured at start."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return {
+        "runtimes": {
+            "wasm": {
+                "engine": "wasmtime",
+                "version": _wasmtime_version(),
+                "wasi": "preview1",
+                "features": ["simd", "bulk-memory", "multi-value", "reference-types"],
+                "limits": ["epoch", "fuel", "memory", "output"],
+            }
+        },
+        "memory_bytes": memory,
+        "cpu_count": os.cpu_count() or 1,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+class Evaluator:
+    """Serves the framed protocol on a pair of binary streams."""
+
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, workdir: Path) -> None:
+        self._in = stdin
+        self._out = stdout
+        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._runtime = WasmRuntime(workdir, self._on_progress)
+        self._assigned: Assign | None = None
+        self._current: int | None = None
+        self._last_progress = 0.0
+
+    def send(self, message: Message) -> None:
+        self._out.write(frame(message))
+        self._out.flush()
+
+    def serve(self) -> int:
+        while True:
+            try:
+                message = self._decoder.next_message()
+            except ProtocolError as exc:
+                self.send(Error(re=None, code=exc.code.value, message=exc.message))
+                if self._decoder.broken:
+                    log.error("closing the stream: %s", exc.message)
+                    return EXIT_PROTOCOL
+                log.warning("bad frame: %s", exc.message)
+                continue
+            if message is None:
+                chunk = self._in.read1(_READ_CHUNK) if hasattr(self._in, "read1") else self._in.read(_READ_CHUNK)
+                if not chunk:
+                    self._decoder.receive_eof()
+                    if self._decoder.buffered == 0:
+                        return EXIT_OK
+                    continue
+                self._decoder.receive_data(chunk)
+                continue
+            if isinstance(message, Die):
+                self.send(Ack(re=message.id))
+                return EXIT_OK
+            self.handle(message)
+
+    def handle(self, message: Message) -> None:
+        if isinstance(message, Describe):
+            self.send(Capabilities(re=message.id, capabilities=capabilities()))
+        elif isinstance(message, Assign):
+            self._assign(message)
+        elif isinstance(message, RunSlice):
+            self._run(message)
+        else:
+            self.send(Error(re=getattr(message, "id", None), code=ErrorCode.UNEXPECTED_MESSAGE.value,
+                            message=f"an evaluator does not accept {message.type!r}"))
+
+    def _assign(self, message: Assign) -> None:
+        if message.runtime != "wasm":
+            self.send(Error(re=message.id, code=ErrorCode.UNSUPPORTED_RUNTIME.value,
+                            message=f"runtime {message.runtime!r} is not available here"))
+            return
+        try:
+            self._runtime.compile(message.module, message.sha256, message.limits)
+        except SliceError as exc:
+            self._assigned = None
+            self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
+            return
+        # Keep the assignment without the module bytes: the compiled module is cached.
+        self._assigned = Assign(id=message.id, job=message.job, runtime=message.runtime,
+                                sha256=message.sha256, argv=message.argv, limits=message.limits)
+        self.send(Ack(re=message.id, status="assigned"))
+
+    def _run(self, message: RunSlice) -> None:
+        job = self._assigned
+        if job is None:
+            self.send(Error(re=message.id, code=ErrorCode.NOT_ASSIGNED.value,
+                            message="no job is assigned to this evaluator"))
+            return
+        self._current = message.id
+        self._last_progress = 0.0
+        try:
+            result, metrics = self._runtime.run(job.sha256, job.argv, job.limits, message.datum)
+        except SliceError as exc:
+            self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
+        else:
+            self.send(SliceDone(re=message.id, result=result, metrics=metrics))
+        finally:
+            self._current = None
+
+    def _on_progress(self, fraction: float) -> None:
+        now = time.monotonic()
+        if self._current is None or now - self._last_progress < _PROGRESS_INTERVAL:
+            return
+        self._last_progress = now
+        if fraction != fraction:  # NaN from a careless work function: ignore it
+            return
+        self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))))
+
+
+def serve_stdio() -> int:
+    """Run the evaluator on this process's stdin/stdout in a private working directory."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="evaluator[%(process)d] %(levelname)s %(message)s")
+    workdir = Path(tempfile.mkdtemp(prefix="dcp-evaluator-"))
+    os.chmod(workdir, 0o700)
+    os.chdir(workdir)
+    stdout = sys.stdout.buffer
+    # Nothing else may write to the protocol stream: point sys.stdout at stderr.
+    sys.stdout = sys.stderr
+    try:
+        return Evaluator(sys.stdin.buffer, stdout, workdir).serve()
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,245 @@
+"""The ``wasm`` runtime: WASI command modules on wasmtime, with limits.
+
+A work function is a WASI command (``_start``). The slice datum is its stdin, its stdout is the
+result, job arguments are its argv. It gets no preopened directory, an empty environment and no
+sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. Limits:
+
+* wall clock: epoch interruption, a ticker thread advances the epoch every ``TICK`` seconds;
+* fuel (instructions), when the job asks for it (a second engine with fuel metering);
+* linear memory: ``Store.set_limits``; ``memory.grow`` fails past the cap;
+* output: stdout goes to a file under RLIMIT_FSIZE, so a flood stops at the cap + 1 byte.
+
+Compiled modules are cached in memory by (sha256, engine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from dcp_worker.protocol import ErrorCode, Limits, Metrics
+
+from .errors import SliceError
+
+TICK = 0.005
+_WASI = "wasi_snapshot_preview1"
+_ALLOWED_IMPORT_MODULES = {_WASI, "dcp"}
+#: WASI calls a work function may import but never successfully use: trap with a named reason.
+_FORBIDDEN_WASI = frozenset(
+    {"path_open", "sock_accept", "sock_recv", "sock_send", "sock_shutdown", "sock_open",
+     "sock_connect", "sock_bind", "sock_listen"}
+)
+_STDERR_CAP = 64 * 1024
+_CACHE_ENTRIES = 32
+
+
+@dataclass
+class _Compiled:
+    module: wasmtime.Module
+    imports: tuple[tuple[str, str, wasmtime.FuncType | None], ...]
+
+
+class WasmRuntime:
+    """Compiles, caches and runs WASI modules in a private directory."""
+
+    def __init__(self, workdir: Path, progress: Callable[[float], None] | None = None) -> None:
+        self._workdir = workdir
+        self._progress = progress or (lambda _f: None)
+        self._engines: dict[bool, wasmtime.Engine] = {}
+        self._cache: OrderedDict[tuple[str, bool], _Compiled] = OrderedDict()
+        self._ticker_started = False
+        self._violation: str | None = None
+        # A write past RLIMIT_FSIZE must fail with EFBIG, not kill the evaluator.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    # ------------------------------------------------------------------ engines and modules
+
+    def _engine(self, fuel: bool) -> wasmtime.Engine:
+        engine = self._engines.get(fuel)
+        if engine is None:
+            config = wasmtime.Config()
+            config.epoch_interruption = True
+            config.consume_fuel = fuel
+            config.cranelift_opt_level = "speed"
+            engine = self._engines[fuel] = wasmtime.Engine(config)
+            self._start_ticker()
+        return engine
+
+    def _start_ticker(self) -> None:
+        if self._ticker_started:
+            return
+        self._ticker_started = True
+
+        def tick() -> None:
+            while True:
+                time.sleep(TICK)
+                for engine in list(self._engines.values()):
+                    engine.increment_epoch()
+
+        threading.Thread(target=tick, name="epoch-ticker", daemon=True).start()
+
+    def has(self, sha256: str, limits: Limits) -> bool:
+        return (sha256, limits.fuel is not None) in self._cache
+
+    def compile(self, module_bytes: bytes | None, sha256: str, limits: Limits) -> None:
+        """Make sure the module is compiled and cached.
+
+        Raises:
+            SliceError: MODULE_NOT_CACHED (no bytes and not cached), INVALID_MODULE,
+                FORBIDDEN_IMPORT.
+        """
+        key = (sha256, limits.fuel is not None)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return
+        if module_bytes is None:
+            raise SliceError(ErrorCode.MODULE_NOT_CACHED, f"module {sha256} is not cached")
+        actual = hashlib.sha256(module_bytes).hexdigest()
+        if actual != sha256:
+            raise SliceError(ErrorCode.INVALID_MODULE, f"module hashes to {actual}, not {sha256}")
+        engine = self._engine(limits.fuel is not None)
+        try:
+            module = wasmtime.Module(engine, module_bytes)
+        except wasmtime.WasmtimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise SliceError(ErrorCode.INVALID_MODULE, f"not a valid wasm module: {first}") from None
+        imports = []
+        for imp in module.imports:
+            if imp.module not in _ALLOWED_IMPORT_MODULES or (
+                imp.module == "dcp" and imp.name != "progress"
+            ):
+                raise SliceError(
+                    ErrorCode.FORBIDDEN_IMPORT,
+                    f"module imports {imp.module}.{imp.name}, which the sandbox does not provide",
+                )
+            func_type = imp.type if isinstance(imp.type, wasmtime.FuncType) else None
+            imports.append((imp.module, imp.name or "", func_type))
+        if "_start" not in {e.name for e in module.exports}:
+            raise SliceError(ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)")
+        self._cache[key] = _Compiled(module, tuple(imports))
+        if len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, sha256: str, argv: tuple[str, ...], limits: Limits, datum: bytes) -> tuple[bytes, Metrics]:
+        """Run one slice; returns (stdout, metrics).
+
+        Raises:
+            SliceError: the slice failed; ``code`` says how.
+        """
+        fuel = limits.fuel is not None
+        compiled = self._cache[(sha256, fuel)]
+        engine = self._engine(fuel)
+        stdin_path = self._workdir / "stdin"
+        stdout_path = self._workdir / "stdout"
+        stderr_path = self._workdir / "stderr"
+        stdin_path.write_bytes(datum)
+        for path in (stdout_path, stderr_path):
+            path.write_bytes(b"")
+
+        store = wasmtime.Store(engine)
+        store.set_limits(memory_size=limits.memory_bytes)
+        ticks = max(1, int(limits.wall_seconds / TICK))
+        store.set_epoch_deadline(ticks)
+        if limits.fuel is not None:
+            store.set_fuel(limits.fuel)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = ["work", *argv]
+        wasi.stdin_file = str(stdin_path)
+        wasi.stdout_file = str(stdout_path)
+        wasi.stderr_file = str(stderr_path)
+        store.set_wasi(wasi)
+
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        self._violation = None
+        for module_name, name, func_type in compiled.imports:
+            if func_type is None:
+                continue
+            if module_name == _WASI and name in _FORBIDDEN_WASI:
+                linker.define_func(module_name, name, func_type, self._forbid(name))
+            elif module_name == "dcp" and name == "progress":
+                linker.define_func(module_name, name, func_type, self._on_progress)
+
+        cap = limits.output_bytes + 1
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        started_wall = time.monotonic()
+        started_cpu = time.process_time()
+        exit_code = 0
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+            instance = linker.instantiate(store, compiled.module)
+            start = instance.exports(store)["_start"]
+            assert isinstance(start, wasmtime.Func)
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            exit_code = exc.code
+        except wasmtime.Trap as exc:
+            raise self._classify_trap(exc, store, limits, stdout_path) from None
+        except wasmtime.WasmtimeError as exc:
+            # Instantiation failures (e.g. initial memory above the cap) land here.
+            text = str(exc)
+            if "memory" in text and ("limit" in text or "minimum" in text or "grow" in text):
+                raise SliceError(ErrorCode.MEMORY_LIMIT, f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes") from None
+            raise SliceError(ErrorCode.WASM_TRAP, _first_line(text)) from None
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            wall = time.monotonic() - started_wall
+            cpu = time.process_time() - started_cpu
+        out_size = stdout_path.stat().st_size
+        if out_size > limits.output_bytes:
+            raise SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
+        if exit_code != 0:
+            tail = _tail(stderr_path)
+            raise SliceError(ErrorCode.WASM_EXIT, f"exited with status {exit_code}" + (f": {tail}" if tail else ""))
+        result = stdout_path.read_bytes()
+        return result, Metrics(wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result))
+
+    def _classify_trap(self, exc: wasmtime.Trap, store: wasmtime.Store, limits: Limits, stdout_path: Path) -> SliceError:
+        if self._violation is not None:
+            return SliceError(ErrorCode.SANDBOX_VIOLATION, f"the work function called {self._violation}, which the sandbox forbids")
+        code = exc.trap_code
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return SliceError(ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s")
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
+        if stdout_path.stat().st_size > limits.output_bytes:
+            return SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
+        message = _first_line(exc.message)
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return SliceError(ErrorCode.WASM_TRAP, "stack overflow")
+        return SliceError(ErrorCode.WASM_TRAP, message)
+
+    def _forbid(self, name: str) -> Callable[..., object]:
+        def forbidden(*_args: object) -> object:
+            self._violation = name
+            raise wasmtime.Trap(f"sandbox violation: {name}")
+
+        return forbidden
+
+    def _on_progress(self, fraction: float) -> None:
+        self._progress(float(fraction))
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else "trap"
+
+
+def _tail(path: Path) -> str:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        fh.seek(max(0, size - 500))
+        return fh.read(min(size, _STDERR_CAP)).decode("utf-8", "replace").strip()
