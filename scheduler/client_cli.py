@@ -1,0 +1,109 @@
+"""``dcp-compute``: deploy jobs to a scheduler and read their results."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+
+import click
+
+from dcp_worker import identity as idmod
+
+from .client import ComputeClient, ComputeError
+from .jobdoc import JobFileError
+
+EXIT_ERROR = 1
+EXIT_JOB_INCOMPLETE = 4
+
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (ComputeError, JobFileError, idmod.WalletError) as exc:
+            click.echo(f"dcp-compute: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity | None:
+    if path is None:
+        return None
+    if passphrase_file is None:
+        raise click.UsageError("--identity needs --passphrase-file")
+    return idmod.load_keystore(path, idmod.read_passphrase_file(passphrase_file))
+
+
+@click.group()
+@click.option("--scheduler", envvar="DCP_SCHEDULER", default="http://127.0.0.1:8500",
+              show_default=True, help="Scheduler URL (http(s):// or ws(s)://).")
+@click.pass_context
+def main(ctx: click.Context, scheduler: str) -> None:
+    """Deploy jobs to a scheduler and collect their results."""
+    ctx.obj = scheduler
+
+
+_identity_opt = click.option("--identity", type=click.Path(exists=True, dir_okay=False),
+                             help="Keystore of the job owner (signs the request).")
+_pass_opt = click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False))
+
+
+@main.command(cls=_Command)
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+@_identity_opt
+@_pass_opt
+@click.pass_obj
+def deploy(scheduler: str, job_file: str, identity: str | None, passphrase_file: str | None) -> None:
+    """Deploy JOB_FILE (TOML) and print the job id."""
+    if identity is None:
+        raise click.UsageError("deploys are signed: give --identity and --passphrase-file")
+    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+        click.echo(client.deploy(job_file))
+
+
+@main.command(cls=_Command)
+@click.argument("job")
+@click.pass_obj
+def status(scheduler: str, job: str) -> None:
+    """Print a job's state and slice counts as JSON."""
+    with ComputeClient(scheduler) as client:
+        click.echo(json.dumps(client.status(job), indent=2))
+
+
+@main.command(cls=_Command)
+@click.argument("job")
+@click.option("--wait", is_flag=True, help="Wait until every slice is final.")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many s.")
+@click.pass_obj
+def results(scheduler: str, job: str, wait: bool, timeout: float | None) -> None:
+    """Print results in slice order, one JSON object per line."""
+    incomplete = False
+    with ComputeClient(scheduler) as client:
+        for r in client.results(job, wait=wait, timeout=timeout):
+            row: dict[str, object] = {"slice": r.slice, "state": r.state}
+            if r.result is not None:
+                try:
+                    row["result"] = r.result.decode("utf-8")
+                except UnicodeDecodeError:
+                    row["result"] = None
+                    row["result_base64"] = base64.b64encode(r.result).decode()
+            else:
+                row["result"] = None
+                incomplete = True
+            if r.error:
+                row["error"] = r.error
+            click.echo(json.dumps(row))
+            sys.stdout.flush()
+    if incomplete:
+        sys.exit(EXIT_JOB_INCOMPLETE)
+
+
+@main.command(cls=_Command)
+@click.argument("job")
+@_identity_opt
+@_pass_opt
+@click.pass_obj
+def cancel(scheduler: str, job: str, identity: str | None, passphrase_file: str | None) -> None:
+    """Cancel a job you own."""
+    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+        click.echo(f"cancelled {client.cancel(job)} slice(s)")

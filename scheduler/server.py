@@ -1,0 +1,332 @@
+"""The scheduler's network face: one listen address for the worker websocket (``/worker``)
+and the compute API (``/api/v1/...``, HTTP + JSON). See docs/protocol.md.
+
+Each worker connection is a session: a challenge, a signed answer, then requests answered in
+order. A malformed frame gets an ``error`` reply and the session carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from dcp_worker.protocol import (
+    PROTOCOL_VERSION,
+    SCHEDULER_MESSAGES,
+    Ack,
+    Auth,
+    Error,
+    ErrorCode,
+    Fetch,
+    Heartbeat,
+    HeartbeatAck,
+    JobSpec,
+    LeaseRef,
+    Message,
+    ProtocolError,
+    Result,
+    Return,
+    SliceFailed,
+    SliceLease,
+    Welcome,
+    Work,
+    decode,
+    encode,
+    signing,
+)
+from dcp_worker.protocol import Hello as HelloMsg
+
+from .jobdoc import JobFileError, parse_document
+from .store import JobRecord, SliceRecord, Store, StoreError, UnknownJob
+
+log = logging.getLogger("dcp.scheduler")
+
+API = "/api/v1"
+#: Frames above this get a ``frame_too_large`` error; aiohttp closes the socket (1009) at twice it.
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+MAX_DEPLOY_BYTES = 256 * 1024 * 1024
+OWNER_ACTION_WINDOW = 300.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "dcp-scheduler"
+    heartbeat_interval: float = 3.0
+    lease_timeout: float = 15.0
+    max_result_bytes: int = 16 * 1024 * 1024
+    expiry_interval: float = 1.0
+
+
+@dataclass
+class _Session:
+    id: str
+    address: str = ""
+    payment_address: str = ""
+    jobs_sent: set[str] | None = None
+
+
+def _peek_id(data: str | bytes) -> int | None:
+    """The request id of a frame that failed to parse, if one can be read."""
+    try:
+        obj = json.loads(data)
+        value = obj.get("id") if isinstance(obj, dict) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Scheduler:
+    """Owns the store and serves sessions and the compute API."""
+
+    def __init__(self, store: Store, config: SchedulerConfig | None = None) -> None:
+        self.store = store
+        self.config = config or SchedulerConfig()
+        self._modules: OrderedDict[str, bytes] = OrderedDict()
+        self.sessions = 0
+
+    # ------------------------------------------------------------------ app
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_DEPLOY_BYTES)
+        app.router.add_get("/worker", self.worker_session)
+        app.router.add_get(f"{API}/status", self.api_status)
+        app.router.add_post(f"{API}/jobs", self.api_deploy)
+        app.router.add_get(f"{API}/jobs", self.api_list)
+        app.router.add_get(f"{API}/jobs/{{job}}", self.api_job)
+        app.router.add_get(f"{API}/jobs/{{job}}/results", self.api_results)
+        app.router.add_post(f"{API}/jobs/{{job}}/cancel", self.api_cancel)
+        app.cleanup_ctx.append(self._expiry_ctx)
+        return app
+
+    async def _expiry_ctx(self, app: web.Application) -> Any:
+        task = asyncio.create_task(self._expire_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.expiry_interval)
+            try:
+                n = self.store.expire_leases(time.time())
+            except StoreError as exc:
+                log.error("lease expiry failed: %s", exc)
+                continue
+            if n:
+                log.info("expired %d lease(s)", n)
+
+    # ------------------------------------------------------------------ worker sessions
+
+    async def worker_session(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=2 * MAX_FRAME_BYTES, compress=False)
+        await ws.prepare(request)
+        session = _Session(id=secrets.token_hex(8), jobs_sent=set())
+        challenge = secrets.token_hex(32)
+        self.sessions += 1
+        try:
+            await ws.send_str(encode(HelloMsg(protocol=PROTOCOL_VERSION, challenge=challenge,
+                                              server=self.config.name)).decode())
+            async for frame in ws:
+                if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break
+                reply, close = self._receive(session, challenge, frame.data)
+                if reply is not None:
+                    await ws.send_str(encode(reply).decode())
+                if close:
+                    await ws.close(code=4001, message=b"authentication failed")
+                    break
+        finally:
+            self.sessions -= 1
+            log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
+        return ws
+
+    def _receive(self, session: _Session, challenge: str, data: str | bytes) -> tuple[Message | None, bool]:
+        """Handle one frame; returns (reply, close the session)."""
+        try:
+            message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+        except ProtocolError as exc:
+            log.warning("session %s: %s", session.id, exc.message)
+            return Error(re=_peek_id(data), code=exc.code.value, message=exc.message), False
+        rid = getattr(message, "id", None)
+        if not session.address:
+            if not isinstance(message, Auth):
+                return Error(re=rid, code=ErrorCode.AUTH_FAILED.value,
+                             message="the first message of a session must be auth"), True
+            payload = signing.session_payload(challenge, self.config.name, message.address)
+            if not signing.verify(payload, message.signature, message.address):
+                log.warning("session %s: bad challenge signature for %s", session.id, message.address)
+                return Error(re=rid, code=ErrorCode.AUTH_FAILED.value,
+                             message="the challenge signature does not match the address"), True
+            session.address = signing.checksum(message.address)
+            session.payment_address = signing.checksum(message.payment_address)
+            log.info("session %s: worker %s (%s)", session.id, session.address, message.agent)
+            return Welcome(re=message.id, session=session.id, address=session.address,
+                           heartbeat_interval=self.config.heartbeat_interval,
+                           lease_timeout=self.config.lease_timeout,
+                           max_result_bytes=self.config.max_result_bytes), False
+        try:
+            return self._dispatch(session, message), False
+        except StoreError as exc:
+            return Error(re=rid, code=exc.code.value, message=str(exc)), False
+
+    def _dispatch(self, session: _Session, message: Message) -> Message:
+        now = time.time()
+        if isinstance(message, Fetch):
+            return self._fetch(session, message, now)
+        if isinstance(message, Heartbeat):
+            refs = [(r.job, r.slice, r.token) for r in message.leases]
+            lost = self.store.heartbeat(session.address, refs, now, self.config.lease_timeout)
+            return HeartbeatAck(re=message.id, deadline=now + self.config.lease_timeout,
+                                lost=tuple(LeaseRef(j, s, t) for j, s, t in lost))
+        if isinstance(message, Result):
+            return self._result(session, message, now)
+        if isinstance(message, SliceFailed):
+            state = self.store.fail_slice(message.job, message.slice, message.token,
+                                          session.address, message.code, message.message, now)
+            log.info("slice %s/%d failed on %s: %s %s -> %s", message.job, message.slice,
+                     session.address, message.code, message.message, state)
+            return Ack(re=message.id, status=state)
+        if isinstance(message, Return):
+            refs = [(r.job, r.slice, r.token) for r in message.leases]
+            n = self.store.return_slices(session.address, refs)
+            return Ack(re=message.id, status=f"returned {n}")
+        return Error(re=getattr(message, "id", None), code=ErrorCode.UNEXPECTED_MESSAGE.value,
+                     message=f"a scheduler does not accept {message.type!r} here")
+
+    def _fetch(self, session: _Session, message: Fetch, now: float) -> Work:
+        leases = self.store.lease(session.address, message.max_slices, now,
+                                  self.config.lease_timeout)
+        assert session.jobs_sent is not None
+        jobs = []
+        for job_id in dict.fromkeys(lease.job for lease in leases):
+            if job_id in session.jobs_sent:
+                continue
+            record = self.store.job(job_id)
+            jobs.append(JobSpec(job=job_id, runtime=record.runtime, module=self._module(job_id),
+                                sha256=record.module_sha256, argv=record.argv,
+                                limits=record.limits, name=record.name))
+            session.jobs_sent.add(job_id)
+        return Work(
+            re=message.id,
+            slices=tuple(SliceLease(l.job, l.slice, l.token, l.attempt, l.deadline, l.datum)
+                         for l in leases),
+            jobs=tuple(jobs),
+        )
+
+    def _module(self, job_id: str) -> bytes:
+        module = self._modules.get(job_id)
+        if module is None:
+            module = self._modules[job_id] = self.store.job_module(job_id)
+            if len(self._modules) > 64:
+                self._modules.popitem(last=False)
+        return module
+
+    def _result(self, session: _Session, message: Result, now: float) -> Message:
+        if len(message.result) > self.config.max_result_bytes:
+            return Error(re=message.id, code=ErrorCode.RESULT_TOO_LARGE.value,
+                         message=f"results are limited to {self.config.max_result_bytes} bytes")
+        payload = signing.result_payload(message.job, message.slice, message.token,
+                                         message.result, message.payment_address)
+        if not signing.verify(payload, message.signature, session.address):
+            return Error(re=message.id, code=ErrorCode.BAD_SIGNATURE.value,
+                         message="the result is not signed by this session's identity")
+        status = self.store.accept_result(
+            message.job, message.slice, message.token, session.address, message.result,
+            signing.checksum(message.payment_address), message.signature, message.metrics, now)
+        return Ack(re=message.id, status=status)
+
+    # ------------------------------------------------------------------ compute API
+
+    async def api_status(self, request: web.Request) -> web.Response:
+        return web.json_response({"server": self.config.name, "protocol": PROTOCOL_VERSION,
+                                  "sessions": self.sessions})
+
+    async def api_deploy(self, request: web.Request) -> web.Response:
+        owner = request.headers.get("X-DCP-Owner", "")
+        signature = request.headers.get("X-DCP-Signature", "")
+        body = await request.read()
+        if not signing.verify(signing.deploy_payload(body), signature, owner):
+            return _error(401, ErrorCode.BAD_SIGNATURE, "the deploy is not signed by X-DCP-Owner")
+        try:
+            job = parse_document(body, signing.checksum(owner))
+        except JobFileError as exc:
+            return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
+        job_id = self.store.create_job(job, time.time())
+        log.info("job %s deployed by %s: %s, %d slices", job_id, job.owner, job.name, len(job.data))
+        return web.json_response({"job": job_id, "slices": len(job.data)}, status=201)
+
+    async def api_list(self, request: web.Request) -> web.Response:
+        return web.json_response({"jobs": [_job_json(j) for j in self.store.list_jobs()]})
+
+    async def api_job(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(_job_json(self.store.job(request.match_info["job"])))
+        except UnknownJob as exc:
+            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+
+    async def api_results(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job"]
+        try:
+            after = int(request.query.get("after", "-1"))
+            limit = min(10_000, max(1, int(request.query.get("limit", "1000"))))
+        except ValueError:
+            return _error(400, ErrorCode.INVALID_MESSAGE, "after and limit are integers")
+        try:
+            record = self.store.job(job_id)
+            slices = self.store.slices(job_id, after, limit)
+        except UnknownJob as exc:
+            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        return web.json_response({"job": job_id, "state": record.state,
+                                  "slices": [_slice_json(s) for s in slices]})
+
+    async def api_cancel(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job"]
+        try:
+            timestamp = int(request.headers.get("X-DCP-Timestamp", ""))
+        except ValueError:
+            return _error(400, ErrorCode.INVALID_MESSAGE, "X-DCP-Timestamp is required")
+        if abs(time.time() - timestamp) > OWNER_ACTION_WINDOW:
+            return _error(401, ErrorCode.BAD_SIGNATURE, "the signed timestamp is too old or new")
+        try:
+            record = self.store.job(job_id)
+        except UnknownJob as exc:
+            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        payload = signing.owner_action_payload("cancel", job_id, timestamp)
+        if not signing.verify(payload, request.headers.get("X-DCP-Signature", ""), record.owner):
+            return _error(403, ErrorCode.BAD_SIGNATURE, "only the job's owner may cancel it")
+        n = self.store.cancel_job(job_id, time.time())
+        return web.json_response({"job": job_id, "cancelled_slices": n})
+
+
+def _error(status: int, code: ErrorCode, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+
+
+def _job_json(job: JobRecord) -> dict[str, Any]:
+    return {
+        "job": job.id, "name": job.name, "owner": job.owner, "state": job.state,
+        "runtime": job.runtime, "module_sha256": job.module_sha256, "argv": list(job.argv),
+        "limits": asdict(job.limits), "offer": job.offer, "created": job.created,
+        "finished": job.finished, "slices": job.total, "max_attempts": job.max_attempts,
+        "counts": job.counts,
+    }
+
+
+def _slice_json(s: SliceRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"slice": s.slice, "state": s.state, "attempts": s.attempts}
+    if s.result is not None:
+        out["result_base64"] = base64.b64encode(s.result).decode()
+    if s.error_code:
+        out["error"] = {"code": s.error_code, "message": s.error or ""}
+    return out
