@@ -1,0 +1,32 @@
+# One command per chore; CI runs the same ones.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint wasm clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+## Run the whole pipeline locally: scheduler, worker (2 sandboxes), hash-puzzle job.
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+## Install what the tests need and run them.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dcp_worker evaluator scheduler tests examples
+	$(VENV)/bin/mypy
+
+## Rebuild the example work functions from C (zig cc, wasm32-wasi).
+wasm: $(STAMP)
+	PYTHON=$(PY) examples/build.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,164 @@
+"""One authenticated websocket session with the scheduler, with request/reply matching.
+
+:func:`open_session` connects, answers the challenge, and returns a :class:`Session` whose
+:meth:`Session.request` sends a message and awaits the reply that names its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from . import __version__
+from .identity import Identity
+from .protocol import (
+    SCHEDULER_MESSAGES,
+    Auth,
+    Error,
+    Hello,
+    Message,
+    ProtocolError,
+    Welcome,
+    decode,
+    encode,
+    signing,
+)
+
+__all__ = ["Session", "SessionError", "open_session", "websocket_url"]
+
+log = logging.getLogger("dcp.worker.connection")
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class SessionError(Exception):
+    """The session could not be opened or was lost; ``code`` names a protocol reason if any."""
+
+    def __init__(self, message: str, code: str = "", fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        #: True when retrying cannot help (e.g. the scheduler refused our identity).
+        self.fatal = fatal
+
+
+def websocket_url(scheduler: str) -> str:
+    """``ws(s)://host:port/worker`` for a scheduler URL given as http(s):// or ws(s)://."""
+    parts = urlsplit(scheduler if "://" in scheduler else f"http://{scheduler}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise SessionError(f"unsupported scheduler URL scheme {parts.scheme!r}", fatal=True)
+    path = parts.path if parts.path not in ("", "/") else "/worker"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class Session:
+    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for data in self.ws:
+                try:
+                    message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+                except ProtocolError as exc:
+                    log.warning("scheduler sent a bad frame: %s", exc.message)
+                    continue
+                re = getattr(message, "re", None)
+                future = self._pending.pop(re, None) if isinstance(re, int) else None
+                if future is not None and not future.done():
+                    future.set_result(message)
+                elif isinstance(message, Error):
+                    log.warning("scheduler error: %s %s", message.code, message.message)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(SessionError("the connection to the scheduler closed"))
+            self._pending.clear()
+
+    async def request(self, build: type[Message] | None = None, /, **fields: object) -> Message:
+        """Send ``build(id=<next id>, **fields)`` and await its reply.
+
+        Raises:
+            SessionError: the connection closed before the reply came.
+        """
+        assert build is not None
+        rid = self._next_id
+        self._next_id += 1
+        message = build(id=rid, **fields)
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        if self.closed.is_set():
+            raise SessionError("the connection to the scheduler is closed")
+        try:
+            await self.ws.send(encode(message).decode())
+        except websockets.ConnectionClosed as exc:
+            self._pending.pop(rid, None)
+            raise SessionError(f"the connection to the scheduler closed: {exc}") from None
+        return await future
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+async def open_session(scheduler: str, identity: Identity, payment_address: str,
+                       timeout: float = 15.0) -> Session:
+    """Connect and authenticate.
+
+    Raises:
+        SessionError: unreachable scheduler, protocol violation, or refused identity (fatal).
+    """
+    url = websocket_url(scheduler)
+    try:
+        async with asyncio.timeout(timeout):
+            ws = await connect(url, compression=None, max_size=MAX_FRAME_BYTES,
+                               open_timeout=timeout, ping_interval=20, ping_timeout=20)
+            try:
+                hello = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+                if not isinstance(hello, Hello):
+                    raise SessionError(f"expected hello, got {hello.type}", "unexpected_message")
+                payload = signing.session_payload(hello.challenge, hello.server, identity.address)
+                auth = Auth(id=0, address=identity.address, signature=identity.sign(payload),
+                            payment_address=payment_address, agent=f"dcp-worker/{__version__}")
+                await ws.send(encode(auth).decode())
+                reply = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+            except BaseException:
+                await ws.close()
+                raise
+    except TimeoutError:
+        raise SessionError(f"no answer from {url} within {timeout:g} s") from None
+    except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+        raise SessionError(f"cannot connect to {url}: {exc}") from None
+    except websockets.ConnectionClosed as exc:
+        raise SessionError(f"{url} closed the connection during the handshake: {exc}") from None
+    except ProtocolError as exc:
+        raise SessionError(f"{url} sent a bad frame: {exc.message}", exc.code.value) from None
+    if isinstance(reply, Error):
+        await ws.close()
+        raise SessionError(f"the scheduler refused the session: {reply.code} {reply.message}",
+                           reply.code, fatal=reply.code == "auth_failed")
+    if not isinstance(reply, Welcome):
+        await ws.close()
+        raise SessionError(f"expected welcome, got {reply.type}", "unexpected_message")
+    session = Session(ws, reply)
+    session.start()
+    return session

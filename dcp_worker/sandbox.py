@@ -1,0 +1,259 @@
+"""A sandbox: one evaluator process, reached over its stdin/stdout, and its lifecycle.
+
+The worker starts the evaluator with an empty environment, a private empty working directory,
+no inherited file descriptors and a core-size limit of 0. Requests go one at a time. The
+worker bounds each request by the job's wall-clock limit plus a margin and kills the process
+past it; an evaluator that dies returns its slice with a named reason and the next request
+starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import resource
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from .protocol import (
+    EVALUATOR_MESSAGES,
+    Ack,
+    Assign,
+    Capabilities,
+    Describe,
+    Die,
+    Error,
+    ErrorCode,
+    JobSpec,
+    Limits,
+    Message,
+    Metrics,
+    Progress,
+    ProtocolError,
+    RunSlice,
+    SliceDone,
+    StreamDecoder,
+    frame,
+)
+
+__all__ = ["Sandbox", "SandboxState", "SliceFailure", "default_evaluator_command"]
+
+log = logging.getLogger("dcp.worker.sandbox")
+
+_MARGIN = 5.0
+_ASSIGN_TIMEOUT = 120.0
+_STDERR_LINES = 20
+
+
+def default_evaluator_command() -> list[str]:
+    return [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+
+
+class SliceFailure(Exception):
+    """A slice failed in the sandbox; ``code`` is the wire reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class SandboxState(StrEnum):
+    STOPPED = "stopped"
+    IDLE = "idle"
+    BUSY = "busy"
+
+
+def _child_limits() -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class Sandbox:
+    def __init__(self, index: int, command: list[str] | None = None,
+                 slices_per_evaluator: int = 1000) -> None:
+        self.index = index
+        self.command = command or default_evaluator_command()
+        self.slices_per_evaluator = slices_per_evaluator
+        self.state = SandboxState.STOPPED
+        self.job: str | None = None
+        self.progress: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._workdir: str | None = None
+        self._next_id = 0
+        self._slices_run = 0
+        self._assigned: tuple[str, str, tuple[str, ...], Limits] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._workdir = tempfile.mkdtemp(prefix=f"dcp-sandbox-{self.index}-")
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={}, cwd=self._workdir, close_fds=True,
+            preexec_fn=_child_limits, start_new_session=True,
+        )
+        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._stderr.clear()
+        self._stderr_task = asyncio.create_task(self._pump_stderr(self._proc))
+        self._assigned = None
+        self._slices_run = 0
+        self.state = SandboxState.IDLE
+        log.debug("sandbox %d: evaluator pid %d", self.index, self._proc.pid)
+
+    async def _pump_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._stderr.append(line)
+            log.debug("sandbox %d evaluator: %s", self.index, line)
+
+    async def stop(self, graceful: bool = True) -> None:
+        proc, self._proc = self._proc, None
+        self.state = SandboxState.STOPPED
+        self._assigned = None
+        if proc is not None and proc.returncode is None:
+            if graceful and proc.stdin is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    proc.stdin.write(frame(Die(id=0)))
+                    proc.stdin.close()
+                try:
+                    await asyncio.wait_for(proc.wait(), 2.0)
+                except TimeoutError:
+                    pass
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._stderr_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._stderr_task, 1.0)
+            self._stderr_task = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    # ------------------------------------------------------------------ requests
+
+    async def _request(self, message: Message, timeout: float,
+                       on_progress: Callable[[float], None] | None = None) -> Message:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        rid = getattr(message, "id")
+        try:
+            proc.stdin.write(frame(message))
+            await proc.stdin.drain()
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        reply = self._decoder.next_message()
+                    except ProtocolError as exc:
+                        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value,
+                                           f"evaluator sent a bad frame: {exc.message}") from None
+                    if reply is None:
+                        chunk = await proc.stdout.read(1 << 16)
+                        if not chunk:
+                            raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death())
+                        self._decoder.receive_data(chunk)
+                        continue
+                    if isinstance(reply, Progress):
+                        if reply.re == rid and on_progress is not None:
+                            on_progress(reply.fraction)
+                        continue
+                    if getattr(reply, "re", None) in (rid, None):
+                        return reply
+        except TimeoutError:
+            await self.stop(graceful=False)
+            raise SliceFailure(ErrorCode.EVALUATOR_TIMEOUT.value,
+                               f"no answer within {timeout:g} s; the evaluator was killed") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death()) from None
+        except SliceFailure:
+            await self.stop(graceful=False)
+            raise
+
+    async def _death(self) -> str:
+        proc = self._proc
+        code = None
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                code = await asyncio.wait_for(proc.wait(), 2.0)
+        if self._stderr_task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exited with status {code}")
+        tail = self._stderr[-1] if self._stderr else ""
+        return f"the evaluator {how}" + (f" ({tail})" if tail else "")
+
+    def _id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def describe(self) -> dict[str, Any]:
+        if self._proc is None:
+            await self.start()
+        reply = await self._request(Describe(id=self._id()), 30.0)
+        if not isinstance(reply, Capabilities):
+            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"describe got {reply.type}")
+        return reply.capabilities
+
+    async def run(self, job: JobSpec, limits: Limits, datum: bytes, slice_: int,
+                  on_progress: Callable[[float], None] | None = None) -> tuple[bytes, Metrics]:
+        """Run one slice of ``job`` under ``limits``.
+
+        Raises:
+            SliceFailure: the work function or the evaluator failed; the code says how.
+        """
+        if self._proc is None or self._proc.returncode is not None \
+                or self._slices_run >= self.slices_per_evaluator:
+            await self.stop(graceful=True)
+            await self.start()
+        self.state = SandboxState.BUSY
+        self.job = job.job
+        self.progress = None
+        try:
+            await self._assign(job, limits)
+            reply = await self._request(RunSlice(id=self._id(), slice=slice_, datum=datum),
+                                        limits.wall_seconds + _MARGIN, on_progress)
+        finally:
+            self._slices_run += 1
+            if self._proc is not None:
+                self.state = SandboxState.IDLE
+        if isinstance(reply, SliceDone):
+            return reply.result, reply.metrics
+        if isinstance(reply, Error):
+            raise SliceFailure(reply.code, reply.message)
+        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
+
+    async def _assign(self, job: JobSpec, limits: Limits) -> None:
+        key = (job.job, job.sha256, job.argv, limits)
+        if self._assigned == key:
+            return
+        # Try without the module bytes first: a warm evaluator has it compiled already.
+        for module in (None, job.module):
+            reply = await self._request(
+                Assign(id=self._id(), job=job.job, runtime=job.runtime, sha256=job.sha256,
+                       module=module, argv=job.argv, limits=limits), _ASSIGN_TIMEOUT)
+            if isinstance(reply, Ack):
+                self._assigned = key
+                return
+            if isinstance(reply, Error) and reply.code == ErrorCode.MODULE_NOT_CACHED.value:
+                continue
+            if isinstance(reply, Error):
+                raise SliceFailure(reply.code, reply.message)
+            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"assign got {reply.type}")
+        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, "the evaluator refused the module")

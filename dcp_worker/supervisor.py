@@ -1,0 +1,407 @@
+"""The worker supervisor: fetch slices, run them in sandboxes, sign, keep, submit.
+
+Tasks (all owned by :meth:`Supervisor.run`'s task group)::
+
+    connection loop ── session: fetcher, heartbeater, submitter (one set per connection)
+    runner x N       ── one per sandbox: queue -> evaluator -> sign -> outbox -> submit queue
+
+Stopping: :meth:`stop` (first SIGINT/SIGTERM) stops fetching, returns queued slices, lets
+running slices finish, flushes the outbox and ends within ``grace_seconds``;
+:meth:`stop_now` (second signal) ends at once, leaving unsent results in the outbox for the
+next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import WorkerConfig
+from .connection import Session, SessionError, open_session
+from .identity import Identity
+from .outbox import Outbox, PendingResult
+from .protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    Fetch,
+    Heartbeat,
+    HeartbeatAck,
+    JobSpec,
+    LeaseRef,
+    Limits,
+    Result,
+    Return,
+    SliceFailed,
+    SliceLease,
+    Work,
+    signing,
+)
+from .sandbox import Sandbox, SliceFailure
+
+__all__ = ["Supervisor", "Statistics"]
+
+log = logging.getLogger("dcp.worker")
+
+_SUBMIT_WINDOW = 32
+_IDLE_POLL = 1.0
+#: Refusals after which a result can never be accepted: drop it from the outbox.
+_FINAL_REFUSALS = {ErrorCode.STALE_LEASE.value, ErrorCode.UNKNOWN_SLICE.value,
+                   ErrorCode.BAD_SIGNATURE.value, ErrorCode.RESULT_TOO_LARGE.value}
+
+
+@dataclass(frozen=True)
+class Statistics:
+    connected: bool
+    fetching: bool
+    slices_done: int
+    slices_failed: int
+    results_accepted: int
+    results_refused: int
+    queued: int
+    running: int
+    outbox: int
+
+
+@dataclass
+class _Held:
+    lease: SliceLease
+    lost: bool = False
+    progress: float | None = None
+
+
+@dataclass
+class _Counters:
+    done: int = 0
+    failed: int = 0
+    accepted: int = 0
+    refused: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def backoff(max_delay: float, initial: float = 0.25, factor: float = 2.0):  # type: ignore[no-untyped-def]
+    """Reconnect delays: exponential with full jitter, capped (as websockets' ``backoff``)."""
+    delay = initial
+    while True:
+        yield random.uniform(0, delay)
+        delay = min(delay * factor, max_delay)
+
+
+class Supervisor:
+    def __init__(self, config: WorkerConfig, identity: Identity,
+                 evaluator_command: list[str] | None = None) -> None:
+        self.config = config
+        self.identity = identity
+        self.payment_address = signing.checksum(config.payment_address or identity.address)
+        self.outbox = Outbox(config.outbox_path)
+        self.sandboxes = [Sandbox(i, evaluator_command, config.slices_per_evaluator)
+                          for i in range(config.effective_sandboxes)]
+        self._jobs: dict[str, JobSpec] = {}
+        self._queue: asyncio.Queue[_Held] = asyncio.Queue()
+        self._held: dict[tuple[str, int, str], _Held] = {}
+        self._session: Session | None = None
+        self._submit_q: asyncio.Queue[PendingResult] | None = None
+        self._inflight: set[tuple[str, int, str]] = set()
+        self._capacity = asyncio.Event()
+        self._slice_ended = asyncio.Event()
+        self._running = 0
+        self._outbox_changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_now = asyncio.Event()
+        self._counters = _Counters()
+        self._capabilities: dict[str, Any] = {}
+        self.exit_reason = ""
+        self._fatal: SessionError | None = None
+        self._outbox_left: int | None = None  # set when the outbox is closed
+
+    # ------------------------------------------------------------------ public
+
+    def statistics(self) -> Statistics:
+        running = self._running
+        return Statistics(
+            connected=self._session is not None, fetching=not self._stopping.is_set(),
+            slices_done=self._counters.done, slices_failed=self._counters.failed,
+            results_accepted=self._counters.accepted, results_refused=self._counters.refused,
+            queued=self._queue.qsize(), running=running,
+            outbox=len(self.outbox) if self._outbox_left is None else self._outbox_left)
+
+    @property
+    def refused(self) -> SessionError | None:
+        """Why the scheduler refused this worker for good, if it did."""
+        return self._fatal
+
+    def stop(self) -> None:
+        """Graceful stop: stop fetching, return queued slices, finish, flush, exit."""
+        if not self._stopping.is_set():
+            log.info("stopping: no new slices; finishing running ones (grace %g s)",
+                     self.config.grace_seconds)
+        self._stopping.set()
+        self._capacity.set()
+
+    def stop_now(self) -> None:
+        """Immediate stop: unsent results stay in the outbox for the next start."""
+        log.warning("stopping now")
+        self._stopping.set()
+        self._stop_now.set()
+        self._capacity.set()
+
+    async def run(self) -> bool:
+        """Work until stopped. Returns True when everything was flushed (a clean stop)."""
+        try:
+            self._capabilities = await self.sandboxes[0].describe()
+        except SliceFailure as exc:
+            log.error("the evaluator does not start: %s", exc)
+            self.exit_reason = f"evaluator: {exc}"
+            await self._close()
+            return False
+        log.info("worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
+                 self.identity.address, self.payment_address, len(self.sandboxes),
+                 self.outbox.path, len(self.outbox))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                runners = [tg.create_task(self._runner(s)) for s in self.sandboxes]
+                conn = tg.create_task(self._connection_loop())
+                await self._stopping.wait()
+                await self._wait_for(self._graceful_end(runners), self.config.grace_seconds)
+                conn.cancel()
+                for task in runners:
+                    task.cancel()
+        finally:
+            await self._close()
+        return self._outbox_left == 0 and not self._stop_now.is_set() and self._fatal is None
+
+    async def _wait_for(self, coro: Any, timeout: float) -> None:
+        task = asyncio.ensure_future(coro)
+        stop_now = asyncio.ensure_future(self._stop_now.wait())
+        try:
+            await asyncio.wait({task, stop_now}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop_now):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+        if not task.done() or task.cancelled():
+            log.warning("graceful stop did not complete: %d result(s) stay in the outbox",
+                        len(self.outbox))
+
+    async def _graceful_end(self, runners: list[asyncio.Task[None]]) -> None:
+        # 1. Return slices that never started. 2. Wait for running slices. 3. Flush.
+        returned = []
+        while not self._queue.empty():
+            held = self._queue.get_nowait()
+            self._held.pop(_key(held.lease), None)
+            returned.append(held.lease)
+        if returned and self._session is not None:
+            with contextlib.suppress(SessionError):
+                await self._session.request(Return, leases=tuple(
+                    LeaseRef(l.job, l.slice, l.token) for l in returned))
+                log.info("returned %d queued slice(s)", len(returned))
+        while self._running:
+            self._slice_ended.clear()
+            await self._slice_ended.wait()
+        while len(self.outbox) and self._fatal is None:
+            self._outbox_changed.clear()
+            await self._outbox_changed.wait()
+
+    async def _close(self) -> None:
+        for sandbox in self.sandboxes:
+            await sandbox.stop(graceful=not self._stop_now.is_set())
+        if self._session is not None:
+            await self._session.close()
+        self._outbox_left = len(self.outbox)
+        self.outbox.close()
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connection_loop(self) -> None:
+        delays = backoff(self.config.reconnect_max_delay)
+        while True:
+            try:
+                session = await open_session(self.config.scheduler, self.identity,
+                                             self.payment_address)
+            except SessionError as exc:
+                if exc.fatal:
+                    log.error("%s; giving up", exc)
+                    self._fatal = exc
+                    self.exit_reason = str(exc)
+                    self.stop_now()
+                    return
+                delay = next(delays)
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            delays = backoff(self.config.reconnect_max_delay)
+            log.info("connected to %s as %s", self.config.scheduler, session.welcome.address)
+            self._session = session
+            self._submit_q = asyncio.Queue()
+            self._inflight.clear()
+            for item in self.outbox.pending():
+                self._submit_q.put_nowait(item)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(self._fetcher(session)),
+                             tg.create_task(self._heartbeater(session)),
+                             tg.create_task(self._submitter(session, self._submit_q, tg))]
+                    await session.closed.wait()
+                    for task in tasks:
+                        task.cancel()
+            except* SessionError as group:
+                log.warning("session lost: %s", group.exceptions[0])
+            finally:
+                self._session = None
+                self._submit_q = None
+                await session.close()
+            log.warning("disconnected from the scheduler; reconnecting")
+
+    async def _fetcher(self, session: Session) -> None:
+        want = len(self.sandboxes) + self.config.effective_prefetch
+        while not self._stopping.is_set():
+            held = self._queue.qsize() + self._running
+            deficit = want - held
+            if deficit <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            reply = await session.request(Fetch, max_slices=deficit,
+                                          capabilities=self._capabilities)
+            if isinstance(reply, Error):
+                log.warning("fetch refused: %s %s", reply.code, reply.message)
+                await asyncio.sleep(_IDLE_POLL)
+                continue
+            assert isinstance(reply, Work)
+            for job in reply.jobs:
+                self._jobs[job.job] = job
+            if self._stopping.is_set() and reply.slices:
+                # Stopped while this fetch was in flight: give the slices straight back.
+                await session.request(Return, leases=tuple(
+                    LeaseRef(l.job, l.slice, l.token) for l in reply.slices))
+                return
+            for lease in reply.slices:
+                held_slice = _Held(lease)
+                self._held[_key(lease)] = held_slice
+                self._queue.put_nowait(held_slice)
+            if reply.slices:
+                log.debug("fetched %d slice(s)", len(reply.slices))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _IDLE_POLL)
+
+    async def _heartbeater(self, session: Session) -> None:
+        interval = session.welcome.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            refs = tuple(LeaseRef(h.lease.job, h.lease.slice, h.lease.token, h.progress)
+                         for h in self._held.values())
+            if not refs:
+                continue
+            reply = await session.request(Heartbeat, leases=refs)
+            if isinstance(reply, HeartbeatAck):
+                for ref in reply.lost:
+                    held = self._held.get((ref.job, ref.slice, ref.token))
+                    if held is not None:
+                        held.lost = True
+                        log.warning("lease on %s/%d lost", ref.job, ref.slice)
+
+    async def _submitter(self, session: Session, queue: asyncio.Queue[PendingResult],
+                         tg: asyncio.TaskGroup) -> None:
+        window = asyncio.Semaphore(_SUBMIT_WINDOW)
+        while True:
+            item = await queue.get()
+            if item.key in self._inflight:
+                continue
+            await window.acquire()
+            self._inflight.add(item.key)
+            tg.create_task(self._submit(session, item, window))
+
+    async def _submit(self, session: Session, item: PendingResult,
+                      window: asyncio.Semaphore) -> None:
+        try:
+            reply = await session.request(
+                Result, job=item.job, slice=item.slice, token=item.token, result=item.result,
+                payment_address=item.payment_address, signature=item.signature,
+                metrics=item.metrics)
+        finally:
+            window.release()
+            self._inflight.discard(item.key)
+        if isinstance(reply, Ack):
+            self._counters.accepted += 1
+            log.debug("result %s/%d %s", item.job, item.slice, reply.status)
+        elif isinstance(reply, Error) and reply.code in _FINAL_REFUSALS:
+            self._counters.refused += 1
+            log.warning("result %s/%d refused: %s %s", item.job, item.slice, reply.code,
+                        reply.message)
+        else:
+            log.warning("result %s/%d not accepted now (%s); will retry", item.job, item.slice,
+                        getattr(reply, "code", reply.type))
+            return
+        self.outbox.remove(item.key)
+        self._outbox_changed.set()
+
+    # ------------------------------------------------------------------ running
+
+    def _clamp(self, limits: Limits) -> Limits:
+        c = self.config
+        return replace(limits, wall_seconds=min(limits.wall_seconds, c.max_wall_seconds),
+                       memory_bytes=min(limits.memory_bytes, c.max_memory_bytes),
+                       output_bytes=min(limits.output_bytes, c.max_output_bytes))
+
+    async def _runner(self, sandbox: Sandbox) -> None:
+        while True:
+            held = await self._queue.get()
+            self._capacity.set()
+            lease = held.lease
+            if held.lost:
+                self._held.pop(_key(lease), None)
+                continue
+            job = self._jobs.get(lease.job)
+            self._running += 1
+            try:
+                if job is None:
+                    raise SliceFailure(ErrorCode.UNKNOWN_SLICE.value,
+                                       f"the scheduler sent no spec for job {lease.job}")
+                limits = self._clamp(job.limits)
+
+                def progress(fraction: float, held: _Held = held) -> None:
+                    held.progress = fraction
+
+                started = time.monotonic()
+                result, metrics = await sandbox.run(job, limits, lease.datum, lease.slice,
+                                                    progress)
+                metrics = replace(metrics, wall_seconds=time.monotonic() - started)
+            except SliceFailure as exc:
+                self._counters.failed += 1
+                log.warning("slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code,
+                            exc.message)
+                await self._report_failure(lease, exc)
+            else:
+                payload = signing.result_payload(lease.job, lease.slice, lease.token, result,
+                                                 self.payment_address)
+                item = PendingResult(lease.job, lease.slice, lease.token, result,
+                                     self.identity.sign(payload), self.payment_address, metrics)
+                self.outbox.put(item)
+                self._counters.done += 1
+                if self._submit_q is not None:
+                    self._submit_q.put_nowait(item)
+            finally:
+                self._running -= 1
+                self._held.pop(_key(lease), None)
+                self._capacity.set()
+                self._slice_ended.set()
+
+    async def _report_failure(self, lease: SliceLease, exc: SliceFailure) -> None:
+        session = self._session
+        if session is None:
+            return  # the lease will expire and the slice run again
+        with contextlib.suppress(SessionError):
+            await session.request(SliceFailed, job=lease.job, slice=lease.slice,
+                                  token=lease.token, code=exc.code, message=exc.message[:2000])
+
+
+def _key(lease: SliceLease) -> tuple[str, int, str]:
+    return (lease.job, lease.slice, lease.token)

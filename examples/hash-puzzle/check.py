@@ -1,0 +1,30 @@
+"""Check hash-puzzle results: each line is "<nonce> <sha256 hex>" for its prefix."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    bits = 0
+    for byte in digest:
+        if byte == 0:
+            bits += 8
+            continue
+        return bits + 8 - byte.bit_length()
+    return bits
+
+
+def check(prefix: bytes, result: bytes, difficulty: int) -> str | None:
+    """None when ``result`` solves the puzzle for ``prefix``; otherwise what is wrong."""
+    try:
+        nonce_text, digest_hex = result.decode().split()
+        nonce = int(nonce_text)
+    except ValueError:
+        return f"not '<nonce> <hash>': {result!r}"
+    digest = hashlib.sha256(prefix + str(nonce).encode()).digest()
+    if digest.hex() != digest_hex:
+        return f"hash mismatch for nonce {nonce}"
+    if leading_zero_bits(digest) < difficulty:
+        return f"only {leading_zero_bits(digest)} leading zero bits"
+    return None
