@@ -178,6 +178,7 @@ class WasmRuntime:
         started_wall = time.monotonic()
         started_cpu = time.process_time()
         exit_code = 0
+        instance: wasmtime.Instance | None = None
         try:
             resource.setrlimit(resource.RLIMIT_FSIZE, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
             instance = linker.instantiate(store, compiled.module)
@@ -187,7 +188,7 @@ class WasmRuntime:
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
         except wasmtime.Trap as exc:
-            raise self._classify_trap(exc, store, limits, stdout_path) from None
+            raise self._classify_trap(exc, store, instance, limits, stdout_path) from None
         except wasmtime.WasmtimeError as exc:
             # Instantiation failures (e.g. initial memory above the cap) land here.
             text = str(exc)
@@ -202,21 +203,29 @@ class WasmRuntime:
         if out_size > limits.output_bytes:
             raise SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
         if exit_code != 0:
+            if _memory_exhausted(store, instance, limits):
+                raise SliceError(ErrorCode.MEMORY_LIMIT, f"exited with status {exit_code} after linear memory reached the cap of {limits.memory_bytes} bytes")
             tail = _tail(stderr_path)
             raise SliceError(ErrorCode.WASM_EXIT, f"exited with status {exit_code}" + (f": {tail}" if tail else ""))
         result = stdout_path.read_bytes()
         return result, Metrics(wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result))
 
-    def _classify_trap(self, exc: wasmtime.Trap, store: wasmtime.Store, limits: Limits, stdout_path: Path) -> SliceError:
+    def _classify_trap(self, exc: wasmtime.Trap, store: wasmtime.Store,
+                       instance: wasmtime.Instance | None, limits: Limits,
+                       stdout_path: Path) -> SliceError:
         if self._violation is not None:
             return SliceError(ErrorCode.SANDBOX_VIOLATION, f"the work function called {self._violation}, which the sandbox forbids")
+        # A limit that was hit explains the trap better than the trap itself: a flood that
+        # ran into the wall clock is reported as a flood.
+        if stdout_path.stat().st_size > limits.output_bytes:
+            return SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
             return SliceError(ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s")
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
-        if stdout_path.stat().st_size > limits.output_bytes:
-            return SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
+        if _memory_exhausted(store, instance, limits):
+            return SliceError(ErrorCode.MEMORY_LIMIT, f"trapped after linear memory reached the cap of {limits.memory_bytes} bytes")
         message = _first_line(exc.message)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             return SliceError(ErrorCode.WASM_TRAP, "stack overflow")
@@ -231,6 +240,17 @@ class WasmRuntime:
 
     def _on_progress(self, fraction: float) -> None:
         self._progress(float(fraction))
+
+
+def _memory_exhausted(store: wasmtime.Store, instance: wasmtime.Instance | None,
+                      limits: Limits) -> bool:
+    """True when the exported memory is within one page of the cap (a grow must have failed)."""
+    if instance is None:
+        return False
+    memory = instance.exports(store).get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        return False
+    return memory.data_len(store) + 65536 > limits.memory_bytes
 
 
 def _first_line(text: str) -> str:

@@ -1,0 +1,149 @@
+"""Shared fixtures: keystores, and real scheduler / worker processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dcp_worker.identity import Identity, create_keystore
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+PASSPHRASE = b"test passphrase"
+
+
+def command(name: str) -> str:
+    return str(BIN / name)
+
+
+@dataclass
+class Keystore:
+    path: Path
+    passphrase_file: Path
+    identity: Identity
+
+
+@pytest.fixture
+def make_keystore(tmp_path: Path) -> Callable[[str], Keystore]:
+    def make(name: str) -> Keystore:
+        path = tmp_path / f"{name}.json"
+        pw = tmp_path / f"{name}.pass"
+        pw.write_bytes(PASSPHRASE + b"\n")
+        # A low scrypt cost keeps tests fast; the format is the same.
+        identity = create_keystore(path, PASSPHRASE, iterations=1024)
+        return Keystore(path, pw, identity)
+
+    return make
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class SchedulerProcess:
+    def __init__(self, db: Path, *extra: str) -> None:
+        self.db = db
+        self.proc = subprocess.Popen(
+            [command("dcp-scheduler"), "-v", "serve", "--db", str(db), "--listen",
+             "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on (\S+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"scheduler did not start: {line!r} {self.proc.stderr.read()}")
+        self.url: str = match.group(1)
+        self.ws_url = self.url.replace("http://", "ws://") + "/worker"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path) -> Iterator[SchedulerProcess]:
+    proc = SchedulerProcess(tmp_path / "scheduler.db", "--lease-timeout", "5",
+                            "--heartbeat-interval", "0.5")
+    yield proc
+    proc.stop()
+
+
+class WorkerProcess:
+    def __init__(self, url: str, keystore: Keystore, state_dir: Path, sandboxes: int = 2,
+                 *extra: str) -> None:
+        self.log = state_dir.parent / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [command("dcp-worker"), "-vv", "--scheduler", url, "--identity", str(keystore.path),
+             "--passphrase-file", str(keystore.passphrase_file), "--sandboxes", str(sandboxes),
+             "--state-dir", str(state_dir), *extra],
+            stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.log_file.flush()
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(url: str, keystore: Keystore, sandboxes: int = 2, *extra: str,
+              state_dir: Path | None = None) -> WorkerProcess:
+        w = WorkerProcess(url, keystore, state_dir or tmp_path / "worker-state", sandboxes, *extra)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+        w.log_file.close()
+
+
+@pytest.fixture(scope="session")
+def zig_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], bytes]:
+    """Compile a C file to wasm32-wasi with zig cc (ziglang from PyPI), as examples/build.sh."""
+    out_dir = tmp_path_factory.mktemp("wasm")
+
+    def build(source: Path) -> bytes:
+        out = out_dir / (source.stem + ".wasm")
+        subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", "wasm32-wasi", "-O2",
+                        "-s", "-o", str(out), str(source)], check=True, timeout=600)
+        return out.read_bytes()
+
+    return build

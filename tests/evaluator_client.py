@@ -1,0 +1,68 @@
+"""A small synchronous client of a real evaluator process, for tests."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+from dcp_worker import protocol as p
+
+
+class EvaluatorClient:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "evaluator", "--stdio"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd="/")
+        self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
+        self._id = 0
+        self.progress: list[float] = []
+
+    def next_id(self) -> int:
+        self._id += 1
+        return self._id
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def receive(self) -> p.Message:
+        assert self.proc.stdout is not None
+        while True:
+            message = self.decoder.next_message()
+            if message is None:
+                chunk = self.proc.stdout.read1(1 << 16)
+                if not chunk:
+                    raise EOFError("evaluator closed its stdout")
+                self.decoder.receive_data(chunk)
+                continue
+            if isinstance(message, p.Progress):
+                self.progress.append(message.fraction)
+                continue
+            return message
+
+    def request(self, message: p.Message) -> p.Message:
+        self.send_raw(p.frame(message))
+        return self.receive()
+
+    def assign(self, module: bytes, argv: tuple[str, ...] = (), **limits: object) -> p.Message:
+        return self.request(p.Assign(
+            id=self.next_id(), job="job", runtime="wasm", sha256=hashlib.sha256(module).hexdigest(),
+            module=module, argv=argv, limits=p.Limits(**limits)))  # type: ignore[arg-type]
+
+    def run(self, datum: bytes) -> p.Message:
+        return self.request(p.RunSlice(id=self.next_id(), slice=0, datum=datum))
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.request(p.Die(id=self.next_id()))
+            except (EOFError, BrokenPipeError):
+                pass
+        try:
+            return self.proc.wait(10)
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
