@@ -58,16 +58,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 class SchedulerProcess:
     def __init__(self, db: Path, *extra: str) -> None:
         self.db = db
-        self.proc = subprocess.Popen(
-            [command("dcp-scheduler"), "-v", "serve", "--db", str(db), "--listen",
-             "127.0.0.1:0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log = db.with_suffix(".log")
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [command("dcp-scheduler"), "-v", "serve", "--db", str(db), "--listen",
+                 "127.0.0.1:0", *extra],
+                stdout=subprocess.PIPE, stderr=log, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"listening on (\S+)", line)
         if not match:
             self.proc.kill()
-            raise RuntimeError(f"scheduler did not start: {line!r} {self.proc.stderr.read()}")
+            self.proc.wait()
+            self.proc.stdout.close()
+            raise RuntimeError(f"scheduler did not start: {line!r} {self.log.read_text()}")
         self.url: str = match.group(1)
         self.ws_url = self.url.replace("http://", "ws://") + "/worker"
 
@@ -79,6 +83,8 @@ class SchedulerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
@@ -102,7 +108,8 @@ class WorkerProcess:
             stdout=self.log_file, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         return self.log.read_text()
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 40) -> int:

@@ -1,0 +1,204 @@
+"""The pipeline end to end with real processes: scheduler, workers, evaluators, compute client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from scheduler.client import ComputeClient
+from scheduler.sqlite_store import SQLiteStore
+
+from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+
+ECHO = EXAMPLES / "echo" / "echo.wasm"
+PUZZLE = EXAMPLES / "hash-puzzle" / "puzzle.wasm"
+
+
+def job_file(tmp_path: Path, name: str, module: Path, values: list[str], argv: list[str] = (),
+             limits: str = "", attempts: int = 2) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'name = "{name}"\nruntime = "wasm"\nmodule = "{module}"\n'
+        f"argv = {json.dumps(list(argv))}\noffer = 0.01\nmax_attempts = {attempts}\n"
+        f"[limits]\n{limits}\n[inputs]\nvalues = {json.dumps(values)}\n")
+    return path
+
+
+def counts(db: Path, job: str) -> dict[str, int]:
+    store = SQLiteStore(db)
+    try:
+        return store.job(job).counts
+    finally:
+        store.close()
+
+
+def test_thousand_echo_slices_in_order(tmp_path: Path, scheduler: SchedulerProcess,
+                                       make_keystore: Callable[[str], Keystore],
+                                       workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    worker = workers(scheduler.url, make_keystore("worker"), 2)
+    values = [f"datum-{i}" for i in range(1000)]
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, values))
+        results = list(client.results(job, wait=True, timeout=120))
+    assert [r.slice for r in results] == list(range(1000))
+    assert [r.result for r in results] == [v.encode() for v in values]
+    assert all(r.state == "done" for r in results)
+    assert worker.stop() == 0
+
+
+def test_results_cli_prints_json_lines_in_order(tmp_path: Path, scheduler: SchedulerProcess,
+                                                make_keystore: Callable[[str], Keystore],
+                                                workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    workers(scheduler.url, make_keystore("worker"), 2)
+    deployed = subprocess.run(
+        [command("dcp-compute"), "--scheduler", scheduler.url, "deploy",
+         str(job_file(tmp_path, "echo", ECHO, ["a", "b", "c"])), "--identity", str(owner.path),
+         "--passphrase-file", str(owner.passphrase_file)], capture_output=True, text=True)
+    assert deployed.returncode == 0, deployed.stderr
+    job = deployed.stdout.strip()
+    out = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "results", job,
+                          "--wait", "--timeout", "60"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["slice"], r["result"]) for r in rows] == [(0, "a"), (1, "b"), (2, "c")]
+    status = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "status", job],
+                            capture_output=True, text=True)
+    assert json.loads(status.stdout)["state"] == "finished"
+
+
+def test_sigkill_worker_mid_job_then_restart(tmp_path: Path, scheduler: SchedulerProcess,
+                                             make_keystore: Callable[[str], Keystore],
+                                             workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    identity = make_keystore("worker")
+    values = [f"v{i}" for i in range(400)]
+    state = tmp_path / "state"
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, values))
+        first = workers(scheduler.url, identity, 2, state_dir=state)
+        wait_for(lambda: counts(scheduler.db, job).get("done", 0) >= 100, 60)
+        first.proc.kill()
+        first.proc.wait()
+        assert counts(scheduler.db, job).get("done", 0) < 400, "killed too late to matter"
+        second = workers(scheduler.url, identity, 2, state_dir=state)
+        results = list(client.results(job, wait=True, timeout=120))
+    assert [r.result for r in results] == [v.encode() for v in values]
+    store = SQLiteStore(scheduler.db)
+    slices = store.slices(job, limit=1000)
+    store.close()
+    # Each slice was accepted exactly once: one accepted result, under its final lease.
+    assert all(s.state == "done" and s.accepted_at is not None for s in slices)
+    assert second.stop() == 0
+    assert "0 in the outbox" in second.output()
+
+
+def test_sigint_returns_queued_slices_and_flushes(tmp_path: Path, scheduler: SchedulerProcess,
+                                                  make_keystore: Callable[[str], Keystore],
+                                                  workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    prefixes = [f"busy-{i}" for i in range(12)]
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, prefixes, ["21"],
+                                     "memory_bytes = 33554432"))
+        worker = workers(scheduler.url, make_keystore("worker"), 2)
+        wait_for(lambda: counts(scheduler.db, job).get("done", 0) >= 1, 60)
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGINT)
+        rc = worker.proc.wait(35)
+        elapsed = time.monotonic() - started
+    assert rc == 0, worker.output()
+    assert elapsed < 30
+    log = worker.output()
+    done = counts(scheduler.db, job)
+    assert "0 in the outbox" in log
+    # Every slice the worker finished reached the scheduler; the rest are queued again.
+    assert done.get("leased", 0) == 0
+    assert done.get("done", 0) + done.get("queued", 0) == len(prefixes)
+    store = SQLiteStore(scheduler.db)
+    queued = [s for s in store.slices(job) if s.state == "queued"]
+    store.close()
+    assert queued and all(s.attempts == 0 for s in queued if s.error_code is None)
+
+
+def test_hostile_job_fails_with_named_error_while_good_work_goes_on(
+        tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore],
+        workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    loop = tmp_path / "loop.wasm"
+    loop.write_bytes(wasmtime.wat2wasm(
+        '(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))'))
+    workers(scheduler.url, make_keystore("worker"), 2)
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        bad = client.deploy(job_file(tmp_path, "loop", loop, ["x", "y"],
+                                     limits="wall_seconds = 0.3"))
+        good = client.deploy(job_file(tmp_path, "echo", ECHO, ["ok1", "ok2", "ok3"]))
+        bad_results = list(client.results(bad, wait=True, timeout=60))
+        good_results = list(client.results(good, wait=True, timeout=60))
+    assert [r.result for r in good_results] == [b"ok1", b"ok2", b"ok3"]
+    assert [(r.state, r.error and r.error["code"]) for r in bad_results] == \
+        [("failed", "wasm_timeout")] * 2
+    shown = subprocess.run([command("dcp-scheduler"), "jobs", "show", "--db", str(scheduler.db),
+                            bad], capture_output=True, text=True)
+    assert shown.returncode == 0
+    assert shown.stdout.count("wasm_timeout") == 2
+    assert "attempts=2" in shown.stdout
+
+
+def test_evaluator_killed_mid_slice_is_replaced(tmp_path: Path, scheduler: SchedulerProcess,
+                                                make_keystore: Callable[[str], Keystore],
+                                                workers: Callable[..., WorkerProcess]) -> None:
+    owner = make_keystore("owner")
+    worker = workers(scheduler.url, make_keystore("worker"), 1)
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, ["victim", "next"], ["22"],
+                                     "memory_bytes = 33554432", attempts=3))
+
+        def evaluator_pids() -> list[int]:
+            out = subprocess.run(["pgrep", "-P", str(worker.proc.pid)], capture_output=True,
+                                 text=True).stdout
+            return [int(pid) for pid in out.split()]
+
+        wait_for(lambda: bool(evaluator_pids())
+                 and counts(scheduler.db, job).get("leased", 0) > 0, 30)
+        time.sleep(0.3)  # let the slice start computing inside the evaluator
+        for pid in evaluator_pids():
+            os.kill(pid, signal.SIGKILL)
+        results = list(client.results(job, wait=True, timeout=120))
+    assert all(r.state == "done" for r in results)
+    assert "evaluator_died" in worker.output()
+    assert worker.stop() == 0
+
+
+def test_unauthorised_and_malformed_requests_are_refused(tmp_path: Path,
+                                                         scheduler: SchedulerProcess,
+                                                         make_keystore: Callable[[str], Keystore]) -> None:
+    owner = make_keystore("owner")
+    stranger = make_keystore("stranger")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, ["a"]))
+    from scheduler.client import ComputeError
+
+    with ComputeClient(scheduler.url, stranger.identity) as client, \
+            pytest.raises(ComputeError) as info:
+        client.cancel(job)
+    assert info.value.status == 403
+    bad = tmp_path / "bad.toml"
+    bad.write_text('runtime = "wasm"\nmodule = "nope.wasm"\n')
+    out = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "deploy",
+                          str(bad), "--identity", str(owner.path), "--passphrase-file",
+                          str(owner.passphrase_file)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "cannot read module" in out.stderr and "Traceback" not in out.stderr
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        assert client.cancel(job) == 1
+        assert client.status(job)["state"] == "cancelled"

@@ -1,0 +1,171 @@
+"""The store's contract: atomic fenced leases, bounded attempts, exactly-once acceptance.
+
+Runs against every backend (SQLite today; PostgreSQL joins the parameter list later)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dcp_worker.protocol import Limits, Metrics
+from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice
+
+W1 = "0x" + "11" * 20
+W2 = "0x" + "22" * 20
+PAY = "0x" + "33" * 20
+
+
+@pytest.fixture(params=["sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s = SQLiteStore(tmp_path / "store.db")
+    yield s
+    s.close()
+
+
+def new_job(n: int = 3, attempts: int = 2, tag: str = "a") -> NewJob:
+    return NewJob(owner=W1, name="t", runtime="wasm", module=b"\x00asm",
+                  module_sha256=hashlib.sha256(b"\x00asm").hexdigest(), argv=("1",),
+                  limits=Limits(), offer=1.0, data=tuple(f"d{i}".encode() for i in range(n)),
+                  payload_sha256=hashlib.sha256(tag.encode()).hexdigest(), max_attempts=attempts)
+
+
+def accept(store: Store, lease_job: str, idx: int, token: str, worker: str = W1) -> str:
+    return store.accept_result(lease_job, idx, token, worker, b"r", PAY, "00" * 65, Metrics(), 1.0)
+
+
+def test_lease_is_fifo_and_disjoint(store: Store) -> None:
+    job = store.create_job(new_job(5), 0.0)
+    first = store.lease(W1, 3, 0.0, 10.0)
+    second = store.lease(W2, 3, 0.0, 10.0)
+    assert [l.slice for l in first] == [0, 1, 2]
+    assert [l.slice for l in second] == [3, 4]
+    assert all(l.job == job and l.attempt == 1 and l.deadline == 10.0 for l in first + second)
+    assert len({l.token for l in first + second}) == 5
+    assert first[0].datum == b"d0"
+    assert store.lease(W1, 3, 0.0, 10.0) == []
+
+
+def test_replayed_deploy_is_the_same_job(store: Store) -> None:
+    assert store.create_job(new_job(), 0.0) == store.create_job(new_job(), 1.0)
+    assert len(store.list_jobs()) == 1
+
+
+def test_accept_once_then_duplicate(store: Store) -> None:
+    job = store.create_job(new_job(1), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 10.0)
+    assert accept(store, job, 0, lease.token) == "accepted"
+    assert accept(store, job, 0, lease.token) == "duplicate"
+    record = store.job(job)
+    assert record.state == "finished" and record.counts == {"done": 1}
+
+
+def test_wrong_token_or_worker_is_fenced(store: Store) -> None:
+    job = store.create_job(new_job(1), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 10.0)
+    with pytest.raises(StaleLease):
+        accept(store, job, 0, "forged")
+    with pytest.raises(StaleLease):
+        accept(store, job, 0, lease.token, worker=W2)
+    with pytest.raises(UnknownSlice):
+        accept(store, job, 7, lease.token)
+
+
+def test_superseded_lease_is_rejected_and_never_paid_twice(store: Store) -> None:
+    job = store.create_job(new_job(1), 0.0)
+    (old,) = store.lease(W1, 1, 0.0, 1.0)
+    assert store.expire_leases(2.0) == 1
+    (new,) = store.lease(W2, 1, 2.0, 10.0)
+    assert new.attempt == 2 and new.token != old.token
+    with pytest.raises(StaleLease):
+        accept(store, job, 0, old.token)
+    assert accept(store, job, 0, new.token, worker=W2) == "accepted"
+    with pytest.raises(StaleLease):
+        accept(store, job, 0, old.token)
+
+
+def test_late_result_under_last_token_is_accepted(store: Store) -> None:
+    """Expired but not yet re-leased: the work is good, nobody else holds the slice."""
+    job = store.create_job(new_job(1), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 1.0)
+    store.expire_leases(2.0)
+    assert accept(store, job, 0, lease.token) == "accepted"
+    assert store.lease(W2, 1, 3.0, 10.0) == []
+
+
+def test_heartbeat_extends_and_reports_lost(store: Store) -> None:
+    job = store.create_job(new_job(2), 0.0)
+    a, b = store.lease(W1, 2, 0.0, 5.0)
+    lost = store.heartbeat(W1, [(job, 0, a.token), (job, 1, "bogus")], 4.0, 5.0)
+    assert lost == [(job, 1, "bogus")]
+    assert store.expire_leases(6.0) == 1  # slice 1 expired; slice 0 lives until 9.0
+    assert [s.state for s in store.slices(job)] == ["leased", "queued"]
+
+
+def test_attempts_are_bounded_then_reset(store: Store) -> None:
+    job = store.create_job(new_job(1, attempts=2), 0.0)
+    for now in (0.0, 10.0):
+        (lease,) = store.lease(W1, 1, now, 1.0)
+        state = store.fail_slice(job, 0, lease.token, W1, "wasm_trap", "boom", now)
+    assert state == "failed"
+    (s,) = store.slices(job)
+    assert (s.state, s.attempts, s.error_code, s.error) == ("failed", 2, "wasm_trap", "boom")
+    assert store.job(job).state == "finished"
+    assert store.lease(W1, 1, 20.0, 1.0) == []
+    assert store.reset_job(job) == 1
+    assert store.job(job).state == "active"
+    (again,) = store.lease(W1, 1, 30.0, 1.0)
+    assert again.attempt == 1
+
+
+def test_expiry_counts_as_an_attempt(store: Store) -> None:
+    job = store.create_job(new_job(1, attempts=1), 0.0)
+    store.lease(W1, 1, 0.0, 1.0)
+    store.expire_leases(5.0)
+    (s,) = store.slices(job)
+    assert (s.state, s.error_code) == ("failed", "lease_expired")
+
+
+def test_return_refunds_the_attempt(store: Store) -> None:
+    job = store.create_job(new_job(1, attempts=1), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 10.0)
+    assert store.return_slices(W2, [(job, 0, lease.token)]) == 0  # not W2's lease
+    assert store.return_slices(W1, [(job, 0, lease.token)]) == 1
+    (again,) = store.lease(W1, 1, 1.0, 10.0)
+    assert again.attempt == 1
+
+
+def test_cancel_and_remove(store: Store) -> None:
+    job = store.create_job(new_job(3), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 10.0)
+    assert store.cancel_job(job, 1.0) == 3
+    with pytest.raises(StaleLease):
+        accept(store, job, 0, lease.token)
+    assert store.lease(W1, 3, 1.0, 10.0) == []
+    assert store.job(job).state == "cancelled"
+    store.remove_job(job)
+    with pytest.raises(UnknownJob):
+        store.job(job)
+    with pytest.raises(UnknownJob):
+        store.remove_job(job)
+
+
+def test_fail_requires_the_current_lease(store: Store) -> None:
+    job = store.create_job(new_job(1), 0.0)
+    store.lease(W1, 1, 0.0, 10.0)
+    with pytest.raises(StaleLease):
+        store.fail_slice(job, 0, "forged", W1, "wasm_trap", "", 1.0)
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    job = s.create_job(new_job(2), 0.0)
+    (lease,) = s.lease(W1, 1, 0.0, 10.0)
+    s.close()
+    s = SQLiteStore(path)
+    assert accept(s, job, 0, lease.token) == "accepted"
+    assert s.job(job).counts == {"done": 1, "queued": 1}
+    s.close()
