@@ -1,0 +1,121 @@
+"""The commands as subprocesses: exit codes and messages for bad input."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from dcp_worker.config import DEFAULTS, ConfigError, load_config
+
+from .conftest import ROOT, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+
+def test_shipped_defaults_match_the_code() -> None:
+    shipped = tomllib.loads((ROOT / "etc" / "dcp-worker.toml").read_text())
+    assert shipped == asdict(DEFAULTS)
+
+
+def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text("sandboxes = 2\ncolour = 'blue'\n")
+    with pytest.raises(ConfigError, match=r"w\.toml: unknown key\(s\) colour"):
+        load_config(path, {})
+    path.write_text("sandboxes = 'two'\n")
+    with pytest.raises(ConfigError, match="sandboxes must be an integer"):
+        load_config(path, {})
+    path.write_text("sandboxes = \n")
+    with pytest.raises(ConfigError, match=r"line 1"):
+        load_config(path, {})
+    path.write_text("sandboxes = 3\nprefetch = 5\n")
+    config = load_config(path, {"sandboxes": 4, "prefetch": None})
+    assert (config.sandboxes, config.prefetch) == (4, 5)
+
+
+def test_worker_exit_codes(tmp_path: Path, make_keystore: Callable[[str], Keystore]) -> None:
+    keystore = make_keystore("w")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nonsense = 1\n")
+    out = run(command("dcp-worker"), "--config", str(bad))
+    assert out.returncode == 2 and "unknown key" in out.stderr
+    out = run(command("dcp-worker"), "--scheduler", "http://127.0.0.1:1")
+    assert out.returncode == 2 and "identity" in out.stderr
+    wrong = tmp_path / "wrong.pass"
+    wrong.write_text("wrong\n")
+    out = run(command("dcp-worker"), "--identity", str(keystore.path), "--passphrase-file",
+              str(wrong))
+    assert out.returncode == 3 and "wrong passphrase" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_worker_keeps_retrying_an_unreachable_scheduler_and_stops_on_sigint(
+        tmp_path: Path, make_keystore: Callable[[str], Keystore],
+        workers: Callable[..., WorkerProcess]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    worker = workers(f"http://127.0.0.1:{port}", make_keystore("w"), 1)
+    wait_for(lambda: worker.output().count("retrying in") >= 2, 30)
+    assert worker.stop(signal.SIGINT) == 0
+    assert "cannot connect" in worker.output()
+
+
+def test_two_workers_cannot_share_an_outbox(tmp_path: Path, scheduler: SchedulerProcess,
+                                            make_keystore: Callable[[str], Keystore],
+                                            workers: Callable[..., WorkerProcess]) -> None:
+    keystore = make_keystore("w")
+    state = tmp_path / "shared"
+    first = workers(scheduler.url, keystore, 1, state_dir=state)
+    wait_for(lambda: "connected to" in first.output(), 30)
+    second = workers(scheduler.url, keystore, 1, state_dir=state)
+    assert second.proc.wait(30) == 2
+    assert "in use by another worker" in second.output()
+    assert first.stop() == 0
+
+
+def test_admin_commands(tmp_path: Path, scheduler: SchedulerProcess,
+                        make_keystore: Callable[[str], Keystore]) -> None:
+    from scheduler.client import ComputeClient
+
+    from .test_pipeline import ECHO, job_file
+
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, ["a", "b"]))
+    db = str(scheduler.db)
+    listed = run(command("dcp-scheduler"), "jobs", "list", "--db", db)
+    assert job in listed.stdout and "queued=2" in listed.stdout
+    shown = run(command("dcp-scheduler"), "jobs", "show", "--db", db, job)
+    assert shown.stdout.count("queued") == 2
+    assert run(command("dcp-scheduler"), "jobs", "cancel", "--db", db, job).returncode == 0
+    assert "cancelled" in run(command("dcp-scheduler"), "jobs", "list", "--db", db).stdout
+    assert run(command("dcp-scheduler"), "jobs", "reset", "--db", db, job).returncode == 0
+    assert run(command("dcp-scheduler"), "jobs", "remove", "--db", db, job).returncode == 0
+    missing = run(command("dcp-scheduler"), "jobs", "show", "--db", db, job)
+    assert missing.returncode == 3 and "no job" in missing.stderr
+
+
+def test_scheduler_refuses_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run(command("dcp-scheduler"), "serve", "--db", str(tmp_path / "s.db"), "--listen",
+                  f"127.0.0.1:{port}")
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["dcp-worker", "dcp-wallet", "dcp-compute", "dcp-scheduler",
+                                  "dcp-evaluator-start"])
+def test_every_command_has_help(name: str) -> None:
+    out = run(command(name), "--help")
+    assert out.returncode == 0 and "usage" in out.stdout.lower()

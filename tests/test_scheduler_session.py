@@ -1,0 +1,144 @@
+"""The worker websocket at the frame level, with a raw client on a real loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import websockets
+from websockets.asyncio.client import connect
+
+from dcp_worker import protocol as p
+from dcp_worker.protocol import signing
+from scheduler.client import ComputeClient
+
+from .conftest import EXAMPLES, Keystore, SchedulerProcess
+
+
+async def _recv(ws: websockets.asyncio.client.ClientConnection) -> p.Message:
+    return p.decode(await asyncio.wait_for(ws.recv(), 10), p.SCHEDULER_MESSAGES)
+
+
+async def _open(url: str, keystore: Keystore) -> websockets.asyncio.client.ClientConnection:
+    ws = await connect(url, compression=None, max_size=None)
+    hello = await _recv(ws)
+    assert isinstance(hello, p.Hello) and hello.protocol == p.PROTOCOL_VERSION
+    identity = keystore.identity
+    sig = identity.sign(signing.session_payload(hello.challenge, hello.server, identity.address))
+    await ws.send(p.encode(p.Auth(id=1, address=identity.address, signature=sig,
+                                  payment_address=identity.address)).decode())
+    welcome = await _recv(ws)
+    assert isinstance(welcome, p.Welcome) and welcome.address == identity.address
+    return ws
+
+
+def test_malformed_frames_get_named_errors_and_the_session_survives(
+        scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]) -> None:
+    keystore = make_keystore("worker")
+
+    async def main() -> None:
+        ws = await _open(scheduler.ws_url, keystore)
+        cases = [
+            ("{nope", None, "malformed_frame"),
+            (json.dumps({"v": 1, "type": "teleport", "id": 7}), 7, "unknown_message"),
+            (json.dumps({"v": 1, "type": "fetch", "id": 8}), 8, "invalid_message"),
+            (json.dumps({"v": 3, "type": "fetch", "id": 9, "max_slices": 1}), 9,
+             "unsupported_version"),
+            (p.encode(p.Ack(re=1)).decode(), None, "unexpected_message"),
+            ("x" * (33 * 1024 * 1024), None, "frame_too_large"),
+        ]
+        for frame, re, code in cases:
+            await ws.send(frame)
+            reply = await _recv(ws)
+            assert isinstance(reply, p.Error), reply
+            assert (reply.re, reply.code) == (re, code)
+        await ws.send(p.encode(p.Fetch(id=10, max_slices=1)).decode())
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Work) and reply.re == 10
+        await ws.close()
+
+    asyncio.run(main())
+
+
+def test_bad_challenge_signature_closes_the_session(
+        scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]) -> None:
+    keystore = make_keystore("worker")
+    other = make_keystore("other")
+
+    async def main() -> None:
+        async with connect(scheduler.ws_url, compression=None) as ws:
+            hello = await _recv(ws)
+            assert isinstance(hello, p.Hello)
+            # Signed by another key than the address claims.
+            sig = other.identity.sign(signing.session_payload(hello.challenge, hello.server,
+                                                              keystore.identity.address))
+            await ws.send(p.encode(p.Auth(id=1, address=keystore.identity.address, signature=sig,
+                                          payment_address=keystore.identity.address)).decode())
+            reply = await _recv(ws)
+            assert isinstance(reply, p.Error) and reply.code == "auth_failed"
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as exc:
+                assert exc.rcvd is not None and exc.rcvd.code == 4001
+            else:
+                raise AssertionError("the session stayed open")
+
+    asyncio.run(main())
+
+
+def test_requests_before_auth_are_refused(scheduler: SchedulerProcess) -> None:
+    async def main() -> None:
+        async with connect(scheduler.ws_url, compression=None) as ws:
+            await _recv(ws)
+            await ws.send(p.encode(p.Fetch(id=1, max_slices=1)).decode())
+            reply = await _recv(ws)
+            assert isinstance(reply, p.Error) and reply.code == "auth_failed"
+
+    asyncio.run(main())
+
+
+def test_results_need_the_sessions_signature_and_the_current_token(
+        tmp_path: Path, scheduler: SchedulerProcess,
+        make_keystore: Callable[[str], Keystore]) -> None:
+    owner = make_keystore("owner")
+    keystore = make_keystore("worker")
+    other = make_keystore("other")
+    job_toml = tmp_path / "echo.toml"
+    job_toml.write_text(f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n'
+                        '[inputs]\nvalues = ["a"]\n')
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_toml)
+
+    async def main() -> None:
+        ws = await _open(scheduler.ws_url, keystore)
+        await ws.send(p.encode(p.Fetch(id=2, max_slices=5)).decode())
+        work = await _recv(ws)
+        assert isinstance(work, p.Work)
+        (lease,) = work.slices
+        (spec,) = work.jobs
+        assert lease.job == job and lease.datum == b"a" and spec.job == job
+        pay = keystore.identity.address
+
+        def result(rid: int, signer: Keystore, token: str, data: bytes = b"a") -> str:
+            sig = signer.identity.sign(signing.result_payload(job, 0, token, data, pay))
+            return p.encode(p.Result(id=rid, job=job, slice=0, token=token, result=data,
+                                     payment_address=pay, signature=sig)).decode()
+
+        await ws.send(result(3, other, lease.token))
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Error) and reply.code == "bad_signature"
+        await ws.send(result(4, keystore, "f" * 32))
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Error) and reply.code == "stale_lease"
+        await ws.send(result(5, keystore, lease.token))
+        assert await _recv(ws) == p.Ack(re=5, status="accepted")
+        await ws.send(result(6, keystore, lease.token))
+        assert await _recv(ws) == p.Ack(re=6, status="duplicate")
+        await ws.close()
+
+    asyncio.run(main())
+    with ComputeClient(scheduler.url) as client:
+        (r,) = client.results(job)
+    assert r.result == b"a"
