@@ -20,8 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+SOURCES := dcp_worker evaluator scheduler tests examples
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dcp_worker evaluator scheduler tests examples
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).

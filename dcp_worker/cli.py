@@ -32,8 +32,12 @@ log = logging.getLogger("dcp.worker")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML config file (keys as etc/dcp-worker.toml).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (keys as etc/dcp-worker.toml).",
+)
 @click.option("--scheduler", help="Scheduler URL, e.g. http://127.0.0.1:8500.")
 @click.option("--identity", help="Identity keystore (Ethereum V3 JSON).")
 @click.option("--passphrase-file", help="File holding the identity keystore's passphrase.")
@@ -52,20 +56,28 @@ def main(config_file: str | None, verbose: int, **overrides: object) -> None:
     results, exit. Second signal (or SIGQUIT): exit now; undelivered results stay in the
     outbox and are sent on the next start.
     """
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING - 10 * min(verbose, 2),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING - 10 * min(verbose, 2),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         config = load_config(config_file, overrides)
     except ConfigError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if not config.identity or not config.passphrase_file:
-        click.echo("dcp-worker: an identity keystore and its passphrase file are required "
-                   "(--identity, --passphrase-file)", err=True)
+        click.echo(
+            "dcp-worker: an identity keystore and its passphrase file are required "
+            "(--identity, --passphrase-file)",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     try:
-        identity = idmod.load_keystore(os.path.expanduser(config.identity),
-                                       idmod.read_passphrase_file(os.path.expanduser(config.passphrase_file)))
+        identity = idmod.load_keystore(
+            os.path.expanduser(config.identity),
+            idmod.read_passphrase_file(os.path.expanduser(config.passphrase_file)),
+        )
     except idmod.WalletError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_IDENTITY)
@@ -96,8 +108,13 @@ async def _run(supervisor: Supervisor) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     clean = await supervisor.run()
     stats = supervisor.statistics()
-    log.warning("stopped: %d slice(s) done, %d failed, %d result(s) accepted, %d in the outbox",
-                stats.slices_done, stats.slices_failed, stats.results_accepted, stats.outbox)
+    log.warning(
+        "stopped: %d slice(s) done, %d failed, %d result(s) accepted, %d in the outbox",
+        stats.slices_done,
+        stats.slices_failed,
+        stats.results_accepted,
+        stats.outbox,
+    )
     if supervisor.refused is not None:
         click.echo(f"dcp-worker: {supervisor.exit_reason}", err=True)
         return EXIT_REFUSED

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import websockets
@@ -91,20 +92,19 @@ class Session:
                     future.set_exception(SessionError("the connection to the scheduler closed"))
             self._pending.clear()
 
-    async def request(self, build: type[Message] | None = None, /, **fields: object) -> Message:
-        """Send ``build(id=<next id>, **fields)`` and await its reply.
+    async def request(self, build: Callable[[int], Message]) -> Message:
+        """Send ``build(request_id)`` and await the reply that names that id.
 
         Raises:
             SessionError: the connection closed before the reply came.
         """
-        assert build is not None
         rid = self._next_id
         self._next_id += 1
-        message = build(id=rid, **fields)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
+        message = build(rid)
         if self.closed.is_set():
             raise SessionError("the connection to the scheduler is closed")
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
         try:
             await self.ws.send(encode(message).decode())
         except websockets.ConnectionClosed as exc:
@@ -120,8 +120,9 @@ class Session:
                 await self._reader
 
 
-async def open_session(scheduler: str, identity: Identity, payment_address: str,
-                       timeout: float = 15.0) -> Session:
+async def open_session(
+    scheduler: str, identity: Identity, payment_address: str, timeout: float = 15.0
+) -> Session:
     """Connect and authenticate.
 
     Raises:
@@ -130,15 +131,26 @@ async def open_session(scheduler: str, identity: Identity, payment_address: str,
     url = websocket_url(scheduler)
     try:
         async with asyncio.timeout(timeout):
-            ws = await connect(url, compression=None, max_size=MAX_FRAME_BYTES,
-                               open_timeout=timeout, ping_interval=20, ping_timeout=20)
+            ws = await connect(
+                url,
+                compression=None,
+                max_size=MAX_FRAME_BYTES,
+                open_timeout=timeout,
+                ping_interval=20,
+                ping_timeout=20,
+            )
             try:
                 hello = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
                 if not isinstance(hello, Hello):
                     raise SessionError(f"expected hello, got {hello.type}", "unexpected_message")
                 payload = signing.session_payload(hello.challenge, hello.server, identity.address)
-                auth = Auth(id=0, address=identity.address, signature=identity.sign(payload),
-                            payment_address=payment_address, agent=f"dcp-worker/{__version__}")
+                auth = Auth(
+                    id=0,
+                    address=identity.address,
+                    signature=identity.sign(payload),
+                    payment_address=payment_address,
+                    agent=f"dcp-worker/{__version__}",
+                )
                 await ws.send(encode(auth).decode())
                 reply = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
             except BaseException:
@@ -154,8 +166,11 @@ async def open_session(scheduler: str, identity: Identity, payment_address: str,
         raise SessionError(f"{url} sent a bad frame: {exc.message}", exc.code.value) from None
     if isinstance(reply, Error):
         await ws.close()
-        raise SessionError(f"the scheduler refused the session: {reply.code} {reply.message}",
-                           reply.code, fatal=reply.code == "auth_failed")
+        raise SessionError(
+            f"the scheduler refused the session: {reply.code} {reply.message}",
+            reply.code,
+            fatal=reply.code == "auth_failed",
+        )
     if not isinstance(reply, Welcome):
         await ws.close()
         raise SessionError(f"expected welcome, got {reply.type}", "unexpected_message")

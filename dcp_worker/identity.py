@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import eth_keyfile
+from eth_keyfile.keyfile import create_keyfile_json, decode_keyfile_json
 
 from .protocol import signing
 
@@ -139,7 +139,7 @@ def load_keystore(path: str | os.PathLike[str], passphrase: bytes) -> Identity:
     """
     data = _read_json(path)
     try:
-        key = eth_keyfile.decode_keyfile_json(data, passphrase)
+        key = decode_keyfile_json(data, passphrase)
     except ValueError as exc:
         if "MAC mismatch" in str(exc):
             raise WrongPassphrase(f"wrong passphrase for keystore {path}") from None
@@ -148,7 +148,10 @@ def load_keystore(path: str | os.PathLike[str], passphrase: bytes) -> Identity:
         raise KeystoreFormatError(f"{path}: malformed keystore ({exc})") from None
     identity = Identity.from_private_key(bytes(key))
     declared = data.get("address")
-    if isinstance(declared, str) and declared.lower().removeprefix("0x") != identity.address.lower()[2:]:
+    if (
+        isinstance(declared, str)
+        and declared.lower().removeprefix("0x") != identity.address.lower()[2:]
+    ):
         raise KeystoreFormatError(f"{path}: declared address does not match the key inside")
     return identity
 
@@ -171,8 +174,13 @@ def create_keystore(
     identity = Identity.from_private_key(private_key if private_key is not None else os.urandom(32))
     if iterations is None:
         iterations = SCRYPT_N
-    document = eth_keyfile.create_keyfile_json(
-        identity.private_key, passphrase, kdf=kdf, iterations=iterations  # type: ignore[arg-type]
+    if kdf not in ("scrypt", "pbkdf2"):
+        raise WalletError(f"unsupported kdf {kdf!r}: use scrypt or pbkdf2")
+    document = create_keyfile_json(
+        identity.private_key,
+        passphrase,
+        kdf="scrypt" if kdf == "scrypt" else "pbkdf2",
+        iterations=iterations,
     )
     body = json.dumps(document, indent=2).encode() + b"\n"
     target = Path(path)

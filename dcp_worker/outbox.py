@@ -46,14 +46,18 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise OutboxError(f"cannot create the outbox in {self.path.parent}: {exc.strerror}") from None
+            raise OutboxError(
+                f"cannot create the outbox in {self.path.parent}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
             raise OutboxError(f"{self.path} is in use by another worker") from None
         try:
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(
@@ -72,8 +76,15 @@ class Outbox:
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (item.job, item.slice, item.token, item.result, item.signature,
-                 item.payment_address, json.dumps(asdict(item.metrics))),
+                (
+                    item.job,
+                    item.slice,
+                    item.token,
+                    item.result,
+                    item.signature,
+                    item.payment_address,
+                    json.dumps(asdict(item.metrics)),
+                ),
             )
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot write to the outbox {self.path}: {exc}") from exc
@@ -89,8 +100,10 @@ class Outbox:
             "SELECT job, slice, token, result, signature, payment_address, metrics FROM outbox"
             " ORDER BY job, slice"
         ).fetchall()
-        return [PendingResult(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], Metrics(**json.loads(r[6])))
-                for r in rows]
+        return [
+            PendingResult(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], Metrics(**json.loads(r[6])))
+            for r in rows
+        ]
 
     def __len__(self) -> int:
         (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()

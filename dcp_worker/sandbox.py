@@ -75,8 +75,9 @@ def _child_limits() -> None:  # runs in the child between fork and exec
 
 
 class Sandbox:
-    def __init__(self, index: int, command: list[str] | None = None,
-                 slices_per_evaluator: int = 1000) -> None:
+    def __init__(
+        self, index: int, command: list[str] | None = None, slices_per_evaluator: int = 1000
+    ) -> None:
         self.index = index
         self.command = command or default_evaluator_command()
         self.slices_per_evaluator = slices_per_evaluator
@@ -98,9 +99,14 @@ class Sandbox:
         self._workdir = tempfile.mkdtemp(prefix=f"dcp-sandbox-{self.index}-")
         self._proc = await asyncio.create_subprocess_exec(
             *self.command,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={}, cwd=self._workdir, close_fds=True,
-            preexec_fn=_child_limits, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={},
+            cwd=self._workdir,
+            close_fds=True,
+            preexec_fn=_child_limits,
+            start_new_session=True,
         )
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
         self._stderr.clear()
@@ -148,11 +154,15 @@ class Sandbox:
 
     # ------------------------------------------------------------------ requests
 
-    async def _request(self, message: Message, timeout: float,
-                       on_progress: Callable[[float], None] | None = None) -> Message:
+    async def _request(
+        self,
+        message: Describe | Assign | RunSlice,
+        timeout: float,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> Message:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        rid = getattr(message, "id")
+        rid = message.id
         try:
             proc.stdin.write(frame(message))
             await proc.stdin.drain()
@@ -161,8 +171,10 @@ class Sandbox:
                     try:
                         reply = self._decoder.next_message()
                     except ProtocolError as exc:
-                        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value,
-                                           f"evaluator sent a bad frame: {exc.message}") from None
+                        raise SliceFailure(
+                            ErrorCode.EVALUATOR_PROTOCOL.value,
+                            f"evaluator sent a bad frame: {exc.message}",
+                        ) from None
                     if reply is None:
                         chunk = await proc.stdout.read(1 << 16)
                         if not chunk:
@@ -177,8 +189,10 @@ class Sandbox:
                         return reply
         except TimeoutError:
             await self.stop(graceful=False)
-            raise SliceFailure(ErrorCode.EVALUATOR_TIMEOUT.value,
-                               f"no answer within {timeout:g} s; the evaluator was killed") from None
+            raise SliceFailure(
+                ErrorCode.EVALUATOR_TIMEOUT.value,
+                f"no answer within {timeout:g} s; the evaluator was killed",
+            ) from None
         except (BrokenPipeError, ConnectionResetError):
             raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death()) from None
         except SliceFailure:
@@ -194,8 +208,11 @@ class Sandbox:
         if self._stderr_task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
-        how = (f"killed by signal {-code}" if code is not None and code < 0
-               else f"exited with status {code}")
+        how = (
+            f"killed by signal {-code}"
+            if code is not None and code < 0
+            else f"exited with status {code}"
+        )
         tail = self._stderr[-1] if self._stderr else ""
         return f"the evaluator {how}" + (f" ({tail})" if tail else "")
 
@@ -211,15 +228,24 @@ class Sandbox:
             raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"describe got {reply.type}")
         return reply.capabilities
 
-    async def run(self, job: JobSpec, limits: Limits, datum: bytes, slice_: int,
-                  on_progress: Callable[[float], None] | None = None) -> tuple[bytes, Metrics]:
+    async def run(
+        self,
+        job: JobSpec,
+        limits: Limits,
+        datum: bytes,
+        slice_: int,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> tuple[bytes, Metrics]:
         """Run one slice of ``job`` under ``limits``.
 
         Raises:
             SliceFailure: the work function or the evaluator failed; the code says how.
         """
-        if self._proc is None or self._proc.returncode is not None \
-                or self._slices_run >= self.slices_per_evaluator:
+        if (
+            self._proc is None
+            or self._proc.returncode is not None
+            or self._slices_run >= self.slices_per_evaluator
+        ):
             await self.stop(graceful=True)
             await self.start()
         self.state = SandboxState.BUSY
@@ -227,8 +253,11 @@ class Sandbox:
         self.progress = None
         try:
             await self._assign(job, limits)
-            reply = await self._request(RunSlice(id=self._id(), slice=slice_, datum=datum),
-                                        limits.wall_seconds + _MARGIN, on_progress)
+            reply = await self._request(
+                RunSlice(id=self._id(), slice=slice_, datum=datum),
+                limits.wall_seconds + _MARGIN,
+                on_progress,
+            )
         finally:
             self._slices_run += 1
             if self._proc is not None:
@@ -246,8 +275,17 @@ class Sandbox:
         # Try without the module bytes first: a warm evaluator has it compiled already.
         for module in (None, job.module):
             reply = await self._request(
-                Assign(id=self._id(), job=job.job, runtime=job.runtime, sha256=job.sha256,
-                       module=module, argv=job.argv, limits=limits), _ASSIGN_TIMEOUT)
+                Assign(
+                    id=self._id(),
+                    job=job.job,
+                    runtime=job.runtime,
+                    sha256=job.sha256,
+                    module=module,
+                    argv=job.argv,
+                    limits=limits,
+                ),
+                _ASSIGN_TIMEOUT,
+            )
             if isinstance(reply, Ack):
                 self._assigned = key
                 return

@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from .config import WorkerConfig
@@ -51,8 +52,12 @@ log = logging.getLogger("dcp.worker")
 _SUBMIT_WINDOW = 32
 _IDLE_POLL = 1.0
 #: Refusals after which a result can never be accepted: drop it from the outbox.
-_FINAL_REFUSALS = {ErrorCode.STALE_LEASE.value, ErrorCode.UNKNOWN_SLICE.value,
-                   ErrorCode.BAD_SIGNATURE.value, ErrorCode.RESULT_TOO_LARGE.value}
+_FINAL_REFUSALS = {
+    ErrorCode.STALE_LEASE.value,
+    ErrorCode.UNKNOWN_SLICE.value,
+    ErrorCode.BAD_SIGNATURE.value,
+    ErrorCode.RESULT_TOO_LARGE.value,
+}
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,17 @@ def backoff(max_delay: float, initial: float = 0.25, factor: float = 2.0):  # ty
 
 
 class Supervisor:
-    def __init__(self, config: WorkerConfig, identity: Identity,
-                 evaluator_command: list[str] | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, identity: Identity, evaluator_command: list[str] | None = None
+    ) -> None:
         self.config = config
         self.identity = identity
         self.payment_address = signing.checksum(config.payment_address or identity.address)
         self.outbox = Outbox(config.outbox_path)
-        self.sandboxes = [Sandbox(i, evaluator_command, config.slices_per_evaluator)
-                          for i in range(config.effective_sandboxes)]
+        self.sandboxes = [
+            Sandbox(i, evaluator_command, config.slices_per_evaluator)
+            for i in range(config.effective_sandboxes)
+        ]
         self._jobs: dict[str, JobSpec] = {}
         self._queue: asyncio.Queue[_Held] = asyncio.Queue()
         self._held: dict[tuple[str, int, str], _Held] = {}
@@ -124,11 +132,16 @@ class Supervisor:
     def statistics(self) -> Statistics:
         running = self._running
         return Statistics(
-            connected=self._session is not None, fetching=not self._stopping.is_set(),
-            slices_done=self._counters.done, slices_failed=self._counters.failed,
-            results_accepted=self._counters.accepted, results_refused=self._counters.refused,
-            queued=self._queue.qsize(), running=running,
-            outbox=len(self.outbox) if self._outbox_left is None else self._outbox_left)
+            connected=self._session is not None,
+            fetching=not self._stopping.is_set(),
+            slices_done=self._counters.done,
+            slices_failed=self._counters.failed,
+            results_accepted=self._counters.accepted,
+            results_refused=self._counters.refused,
+            queued=self._queue.qsize(),
+            running=running,
+            outbox=len(self.outbox) if self._outbox_left is None else self._outbox_left,
+        )
 
     @property
     def refused(self) -> SessionError | None:
@@ -138,8 +151,10 @@ class Supervisor:
     def stop(self) -> None:
         """Graceful stop: stop fetching, return queued slices, finish, flush, exit."""
         if not self._stopping.is_set():
-            log.info("stopping: no new slices; finishing running ones (grace %g s)",
-                     self.config.grace_seconds)
+            log.info(
+                "stopping: no new slices; finishing running ones (grace %g s)",
+                self.config.grace_seconds,
+            )
         self._stopping.set()
         self._capacity.set()
 
@@ -159,9 +174,14 @@ class Supervisor:
             self.exit_reason = f"evaluator: {exc}"
             await self._close()
             return False
-        log.info("worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
-                 self.identity.address, self.payment_address, len(self.sandboxes),
-                 self.outbox.path, len(self.outbox))
+        log.info(
+            "worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
+            self.identity.address,
+            self.payment_address,
+            len(self.sandboxes),
+            self.outbox.path,
+            len(self.outbox),
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 runners = [tg.create_task(self._runner(s)) for s in self.sandboxes]
@@ -179,16 +199,18 @@ class Supervisor:
         task = asyncio.ensure_future(coro)
         stop_now = asyncio.ensure_future(self._stop_now.wait())
         try:
-            await asyncio.wait({task, stop_now}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {task, stop_now}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for t in (task, stop_now):
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
         if not task.done() or task.cancelled():
-            log.warning("graceful stop did not complete: %d result(s) stay in the outbox",
-                        len(self.outbox))
+            log.warning(
+                "graceful stop did not complete: %d result(s) stay in the outbox", len(self.outbox)
+            )
 
     async def _graceful_end(self, runners: list[asyncio.Task[None]]) -> None:
         # 1. Return slices that never started. 2. Wait for running slices. 3. Flush.
@@ -199,8 +221,8 @@ class Supervisor:
             returned.append(held.lease)
         if returned and self._session is not None:
             with contextlib.suppress(SessionError):
-                await self._session.request(Return, leases=tuple(
-                    LeaseRef(l.job, l.slice, l.token) for l in returned))
+                leases = tuple(_ref(lease) for lease in returned)
+                await self._session.request(lambda rid: Return(id=rid, leases=leases))
                 log.info("returned %d queued slice(s)", len(returned))
         while self._running:
             self._slice_ended.clear()
@@ -223,8 +245,9 @@ class Supervisor:
         delays = backoff(self.config.reconnect_max_delay)
         while True:
             try:
-                session = await open_session(self.config.scheduler, self.identity,
-                                             self.payment_address)
+                session = await open_session(
+                    self.config.scheduler, self.identity, self.payment_address
+                )
             except SessionError as exc:
                 if exc.fatal:
                     log.error("%s; giving up", exc)
@@ -245,9 +268,11 @@ class Supervisor:
                 self._submit_q.put_nowait(item)
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tasks = [tg.create_task(self._fetcher(session)),
-                             tg.create_task(self._heartbeater(session)),
-                             tg.create_task(self._submitter(session, self._submit_q, tg))]
+                    tasks = [
+                        tg.create_task(self._fetcher(session)),
+                        tg.create_task(self._heartbeater(session)),
+                        tg.create_task(self._submitter(session, self._submit_q, tg)),
+                    ]
                     await session.closed.wait()
                     for task in tasks:
                         task.cancel()
@@ -268,8 +293,9 @@ class Supervisor:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            reply = await session.request(Fetch, max_slices=deficit,
-                                          capabilities=self._capabilities)
+            reply = await session.request(
+                partial(Fetch, max_slices=deficit, capabilities=self._capabilities)
+            )
             if isinstance(reply, Error):
                 log.warning("fetch refused: %s %s", reply.code, reply.message)
                 await asyncio.sleep(_IDLE_POLL)
@@ -279,8 +305,8 @@ class Supervisor:
                 self._jobs[job.job] = job
             if self._stopping.is_set() and reply.slices:
                 # Stopped while this fetch was in flight: give the slices straight back.
-                await session.request(Return, leases=tuple(
-                    LeaseRef(l.job, l.slice, l.token) for l in reply.slices))
+                leases = tuple(_ref(lease) for lease in reply.slices)
+                await session.request(partial(Return, leases=leases))
                 return
             for lease in reply.slices:
                 held_slice = _Held(lease)
@@ -296,11 +322,10 @@ class Supervisor:
         interval = session.welcome.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            refs = tuple(LeaseRef(h.lease.job, h.lease.slice, h.lease.token, h.progress)
-                         for h in self._held.values())
+            refs = tuple(_ref(h.lease, h.progress) for h in self._held.values())
             if not refs:
                 continue
-            reply = await session.request(Heartbeat, leases=refs)
+            reply = await session.request(partial(Heartbeat, leases=refs))
             if isinstance(reply, HeartbeatAck):
                 for ref in reply.lost:
                     held = self._held.get((ref.job, ref.slice, ref.token))
@@ -308,8 +333,9 @@ class Supervisor:
                         held.lost = True
                         log.warning("lease on %s/%d lost", ref.job, ref.slice)
 
-    async def _submitter(self, session: Session, queue: asyncio.Queue[PendingResult],
-                         tg: asyncio.TaskGroup) -> None:
+    async def _submitter(
+        self, session: Session, queue: asyncio.Queue[PendingResult], tg: asyncio.TaskGroup
+    ) -> None:
         window = asyncio.Semaphore(_SUBMIT_WINDOW)
         while True:
             item = await queue.get()
@@ -319,13 +345,22 @@ class Supervisor:
             self._inflight.add(item.key)
             tg.create_task(self._submit(session, item, window))
 
-    async def _submit(self, session: Session, item: PendingResult,
-                      window: asyncio.Semaphore) -> None:
+    async def _submit(
+        self, session: Session, item: PendingResult, window: asyncio.Semaphore
+    ) -> None:
         try:
             reply = await session.request(
-                Result, job=item.job, slice=item.slice, token=item.token, result=item.result,
-                payment_address=item.payment_address, signature=item.signature,
-                metrics=item.metrics)
+                lambda rid: Result(
+                    id=rid,
+                    job=item.job,
+                    slice=item.slice,
+                    token=item.token,
+                    result=item.result,
+                    payment_address=item.payment_address,
+                    signature=item.signature,
+                    metrics=item.metrics,
+                )
+            )
         finally:
             window.release()
             self._inflight.discard(item.key)
@@ -334,11 +369,16 @@ class Supervisor:
             log.debug("result %s/%d %s", item.job, item.slice, reply.status)
         elif isinstance(reply, Error) and reply.code in _FINAL_REFUSALS:
             self._counters.refused += 1
-            log.warning("result %s/%d refused: %s %s", item.job, item.slice, reply.code,
-                        reply.message)
+            log.warning(
+                "result %s/%d refused: %s %s", item.job, item.slice, reply.code, reply.message
+            )
         else:
-            log.warning("result %s/%d not accepted now (%s); will retry", item.job, item.slice,
-                        getattr(reply, "code", reply.type))
+            log.warning(
+                "result %s/%d not accepted now (%s); will retry",
+                item.job,
+                item.slice,
+                getattr(reply, "code", reply.type),
+            )
             return
         self.outbox.remove(item.key)
         self._outbox_changed.set()
@@ -347,9 +387,12 @@ class Supervisor:
 
     def _clamp(self, limits: Limits) -> Limits:
         c = self.config
-        return replace(limits, wall_seconds=min(limits.wall_seconds, c.max_wall_seconds),
-                       memory_bytes=min(limits.memory_bytes, c.max_memory_bytes),
-                       output_bytes=min(limits.output_bytes, c.max_output_bytes))
+        return replace(
+            limits,
+            wall_seconds=min(limits.wall_seconds, c.max_wall_seconds),
+            memory_bytes=min(limits.memory_bytes, c.max_memory_bytes),
+            output_bytes=min(limits.output_bytes, c.max_output_bytes),
+        )
 
     async def _runner(self, sandbox: Sandbox) -> None:
         while True:
@@ -363,27 +406,37 @@ class Supervisor:
             self._running += 1
             try:
                 if job is None:
-                    raise SliceFailure(ErrorCode.UNKNOWN_SLICE.value,
-                                       f"the scheduler sent no spec for job {lease.job}")
+                    raise SliceFailure(
+                        ErrorCode.UNKNOWN_SLICE.value,
+                        f"the scheduler sent no spec for job {lease.job}",
+                    )
                 limits = self._clamp(job.limits)
 
                 def progress(fraction: float, held: _Held = held) -> None:
                     held.progress = fraction
 
                 started = time.monotonic()
-                result, metrics = await sandbox.run(job, limits, lease.datum, lease.slice,
-                                                    progress)
+                result, metrics = await sandbox.run(job, limits, lease.datum, lease.slice, progress)
                 metrics = replace(metrics, wall_seconds=time.monotonic() - started)
             except SliceFailure as exc:
                 self._counters.failed += 1
-                log.warning("slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code,
-                            exc.message)
+                log.warning(
+                    "slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code, exc.message
+                )
                 await self._report_failure(lease, exc)
             else:
-                payload = signing.result_payload(lease.job, lease.slice, lease.token, result,
-                                                 self.payment_address)
-                item = PendingResult(lease.job, lease.slice, lease.token, result,
-                                     self.identity.sign(payload), self.payment_address, metrics)
+                payload = signing.result_payload(
+                    lease.job, lease.slice, lease.token, result, self.payment_address
+                )
+                item = PendingResult(
+                    lease.job,
+                    lease.slice,
+                    lease.token,
+                    result,
+                    self.identity.sign(payload),
+                    self.payment_address,
+                    metrics,
+                )
                 self.outbox.put(item)
                 self._counters.done += 1
                 if self._submit_q is not None:
@@ -399,9 +452,21 @@ class Supervisor:
         if session is None:
             return  # the lease will expire and the slice run again
         with contextlib.suppress(SessionError):
-            await session.request(SliceFailed, job=lease.job, slice=lease.slice,
-                                  token=lease.token, code=exc.code, message=exc.message[:2000])
+            await session.request(
+                lambda rid: SliceFailed(
+                    id=rid,
+                    job=lease.job,
+                    slice=lease.slice,
+                    token=lease.token,
+                    code=exc.code,
+                    message=exc.message[:2000],
+                )
+            )
 
 
 def _key(lease: SliceLease) -> tuple[str, int, str]:
     return (lease.job, lease.slice, lease.token)
+
+
+def _ref(lease: SliceLease, progress: float | None = None) -> LeaseRef:
+    return LeaseRef(lease.job, lease.slice, lease.token, progress)

@@ -12,8 +12,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Start one sandboxed evaluator that speaks the framed protocol "
         "(docs/protocol.md) on stdin/stdout; logs go to stderr.",
     )
-    parser.add_argument("--stdio", action="store_true", required=True,
-                        help="speak over stdin/stdout (the only transport of an evaluator)")
+    parser.add_argument(
+        "--stdio",
+        action="store_true",
+        required=True,
+        help="speak over stdin/stdout (the only transport of an evaluator)",
+    )
     parser.parse_args(argv)
     from .process import serve_stdio
 

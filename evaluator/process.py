@@ -106,7 +106,11 @@ class Evaluator:
                 log.warning("bad frame: %s", exc.message)
                 continue
             if message is None:
-                chunk = self._in.read1(_READ_CHUNK) if hasattr(self._in, "read1") else self._in.read(_READ_CHUNK)
+                chunk = (
+                    self._in.read1(_READ_CHUNK)
+                    if hasattr(self._in, "read1")
+                    else self._in.read(_READ_CHUNK)
+                )
                 if not chunk:
                     self._decoder.receive_eof()
                     if self._decoder.buffered == 0:
@@ -127,13 +131,23 @@ class Evaluator:
         elif isinstance(message, RunSlice):
             self._run(message)
         else:
-            self.send(Error(re=getattr(message, "id", None), code=ErrorCode.UNEXPECTED_MESSAGE.value,
-                            message=f"an evaluator does not accept {message.type!r}"))
+            self.send(
+                Error(
+                    re=getattr(message, "id", None),
+                    code=ErrorCode.UNEXPECTED_MESSAGE.value,
+                    message=f"an evaluator does not accept {message.type!r}",
+                )
+            )
 
     def _assign(self, message: Assign) -> None:
         if message.runtime != "wasm":
-            self.send(Error(re=message.id, code=ErrorCode.UNSUPPORTED_RUNTIME.value,
-                            message=f"runtime {message.runtime!r} is not available here"))
+            self.send(
+                Error(
+                    re=message.id,
+                    code=ErrorCode.UNSUPPORTED_RUNTIME.value,
+                    message=f"runtime {message.runtime!r} is not available here",
+                )
+            )
             return
         try:
             self._runtime.compile(message.module, message.sha256, message.limits)
@@ -142,15 +156,26 @@ class Evaluator:
             self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
             return
         # Keep the assignment without the module bytes: the compiled module is cached.
-        self._assigned = Assign(id=message.id, job=message.job, runtime=message.runtime,
-                                sha256=message.sha256, argv=message.argv, limits=message.limits)
+        self._assigned = Assign(
+            id=message.id,
+            job=message.job,
+            runtime=message.runtime,
+            sha256=message.sha256,
+            argv=message.argv,
+            limits=message.limits,
+        )
         self.send(Ack(re=message.id, status="assigned"))
 
     def _run(self, message: RunSlice) -> None:
         job = self._assigned
         if job is None:
-            self.send(Error(re=message.id, code=ErrorCode.NOT_ASSIGNED.value,
-                            message="no job is assigned to this evaluator"))
+            self.send(
+                Error(
+                    re=message.id,
+                    code=ErrorCode.NOT_ASSIGNED.value,
+                    message="no job is assigned to this evaluator",
+                )
+            )
             return
         self._current = message.id
         self._last_progress = 0.0
@@ -175,8 +200,11 @@ class Evaluator:
 
 def serve_stdio() -> int:
     """Run the evaluator on this process's stdin/stdout in a private working directory."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="evaluator[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="evaluator[%(process)d] %(levelname)s %(message)s",
+    )
     workdir = Path(tempfile.mkdtemp(prefix="dcp-evaluator-"))
     os.chmod(workdir, 0o700)
     os.chdir(workdir)

@@ -36,8 +36,17 @@ _WASI = "wasi_snapshot_preview1"
 _ALLOWED_IMPORT_MODULES = {_WASI, "dcp"}
 #: WASI calls a work function may import but never successfully use: trap with a named reason.
 _FORBIDDEN_WASI = frozenset(
-    {"path_open", "sock_accept", "sock_recv", "sock_send", "sock_shutdown", "sock_open",
-     "sock_connect", "sock_bind", "sock_listen"}
+    {
+        "path_open",
+        "sock_accept",
+        "sock_recv",
+        "sock_send",
+        "sock_shutdown",
+        "sock_open",
+        "sock_connect",
+        "sock_bind",
+        "sock_listen",
+    }
 )
 _STDERR_CAP = 64 * 1024
 _CACHE_ENTRIES = 32
@@ -112,7 +121,9 @@ class WasmRuntime:
             module = wasmtime.Module(engine, module_bytes)
         except wasmtime.WasmtimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-            raise SliceError(ErrorCode.INVALID_MODULE, f"not a valid wasm module: {first}") from None
+            raise SliceError(
+                ErrorCode.INVALID_MODULE, f"not a valid wasm module: {first}"
+            ) from None
         imports = []
         for imp in module.imports:
             if imp.module not in _ALLOWED_IMPORT_MODULES or (
@@ -125,14 +136,18 @@ class WasmRuntime:
             func_type = imp.type if isinstance(imp.type, wasmtime.FuncType) else None
             imports.append((imp.module, imp.name or "", func_type))
         if "_start" not in {e.name for e in module.exports}:
-            raise SliceError(ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)")
+            raise SliceError(
+                ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)"
+            )
         self._cache[key] = _Compiled(module, tuple(imports))
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
     # ------------------------------------------------------------------ running
 
-    def run(self, sha256: str, argv: tuple[str, ...], limits: Limits, datum: bytes) -> tuple[bytes, Metrics]:
+    def run(
+        self, sha256: str, argv: tuple[str, ...], limits: Limits, datum: bytes
+    ) -> tuple[bytes, Metrics]:
         """Run one slice; returns (stdout, metrics).
 
         Raises:
@@ -180,7 +195,10 @@ class WasmRuntime:
         exit_code = 0
         instance: wasmtime.Instance | None = None
         try:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+            resource.setrlimit(
+                resource.RLIMIT_FSIZE,
+                (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard),
+            )
             instance = linker.instantiate(store, compiled.module)
             start = instance.exports(store)["_start"]
             assert isinstance(start, wasmtime.Func)
@@ -193,7 +211,10 @@ class WasmRuntime:
             # Instantiation failures (e.g. initial memory above the cap) land here.
             text = str(exc)
             if "memory" in text and ("limit" in text or "minimum" in text or "grow" in text):
-                raise SliceError(ErrorCode.MEMORY_LIMIT, f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes") from None
+                raise SliceError(
+                    ErrorCode.MEMORY_LIMIT,
+                    f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes",
+                ) from None
             raise SliceError(ErrorCode.WASM_TRAP, _first_line(text)) from None
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -201,31 +222,60 @@ class WasmRuntime:
             cpu = time.process_time() - started_cpu
         out_size = stdout_path.stat().st_size
         if out_size > limits.output_bytes:
-            raise SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
+            raise SliceError(
+                ErrorCode.OUTPUT_TOO_LARGE,
+                f"output exceeded the cap of {limits.output_bytes} bytes",
+            )
         if exit_code != 0:
             if _memory_exhausted(store, instance, limits):
-                raise SliceError(ErrorCode.MEMORY_LIMIT, f"exited with status {exit_code} after linear memory reached the cap of {limits.memory_bytes} bytes")
+                raise SliceError(
+                    ErrorCode.MEMORY_LIMIT,
+                    f"exited with status {exit_code} after linear memory reached the cap of "
+                    f"{limits.memory_bytes} bytes",
+                )
             tail = _tail(stderr_path)
-            raise SliceError(ErrorCode.WASM_EXIT, f"exited with status {exit_code}" + (f": {tail}" if tail else ""))
+            raise SliceError(
+                ErrorCode.WASM_EXIT,
+                f"exited with status {exit_code}" + (f": {tail}" if tail else ""),
+            )
         result = stdout_path.read_bytes()
-        return result, Metrics(wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result))
+        return result, Metrics(
+            wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
+        )
 
-    def _classify_trap(self, exc: wasmtime.Trap, store: wasmtime.Store,
-                       instance: wasmtime.Instance | None, limits: Limits,
-                       stdout_path: Path) -> SliceError:
+    def _classify_trap(
+        self,
+        exc: wasmtime.Trap,
+        store: wasmtime.Store,
+        instance: wasmtime.Instance | None,
+        limits: Limits,
+        stdout_path: Path,
+    ) -> SliceError:
         if self._violation is not None:
-            return SliceError(ErrorCode.SANDBOX_VIOLATION, f"the work function called {self._violation}, which the sandbox forbids")
+            return SliceError(
+                ErrorCode.SANDBOX_VIOLATION,
+                f"the work function called {self._violation}, which the sandbox forbids",
+            )
         # A limit that was hit explains the trap better than the trap itself: a flood that
         # ran into the wall clock is reported as a flood.
         if stdout_path.stat().st_size > limits.output_bytes:
-            return SliceError(ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes")
+            return SliceError(
+                ErrorCode.OUTPUT_TOO_LARGE,
+                f"output exceeded the cap of {limits.output_bytes} bytes",
+            )
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
-            return SliceError(ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s")
+            return SliceError(
+                ErrorCode.WASM_TIMEOUT,
+                f"exceeded the wall-clock limit of {limits.wall_seconds:g} s",
+            )
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
         if _memory_exhausted(store, instance, limits):
-            return SliceError(ErrorCode.MEMORY_LIMIT, f"trapped after linear memory reached the cap of {limits.memory_bytes} bytes")
+            return SliceError(
+                ErrorCode.MEMORY_LIMIT,
+                f"trapped after linear memory reached the cap of {limits.memory_bytes} bytes",
+            )
         message = _first_line(exc.message)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             return SliceError(ErrorCode.WASM_TRAP, "stack overflow")
@@ -242,8 +292,9 @@ class WasmRuntime:
         self._progress(float(fraction))
 
 
-def _memory_exhausted(store: wasmtime.Store, instance: wasmtime.Instance | None,
-                      limits: Limits) -> bool:
+def _memory_exhausted(
+    store: wasmtime.Store, instance: wasmtime.Instance | None, limits: Limits
+) -> bool:
     """True when the exported memory is within one page of the cap (a grow must have failed)."""
     if instance is None:
         return False

@@ -35,16 +35,37 @@ def main() -> int:
         passphrase = work / "passphrase"
         passphrase.write_text("correct horse battery staple\n")
         print("1. creating keystores (scrypt; a few seconds)")
-        worker_addr = run(str(BIN / "dcp-wallet"), "create", "--out", str(work / "worker.json"),
-                          "--passphrase-file", str(passphrase))
-        owner_addr = run(str(BIN / "dcp-wallet"), "create", "--out", str(work / "owner.json"),
-                         "--passphrase-file", str(passphrase))
+        worker_addr = run(
+            str(BIN / "dcp-wallet"),
+            "create",
+            "--out",
+            str(work / "worker.json"),
+            "--passphrase-file",
+            str(passphrase),
+        )
+        owner_addr = run(
+            str(BIN / "dcp-wallet"),
+            "create",
+            "--out",
+            str(work / "owner.json"),
+            "--passphrase-file",
+            str(passphrase),
+        )
         print(f"   worker identity {worker_addr}\n   job owner       {owner_addr}")
 
         print("2. starting the scheduler (SQLite, loopback, a free port)")
         scheduler = subprocess.Popen(
-            [str(BIN / "dcp-scheduler"), "serve", "--db", str(work / "scheduler.db"),
-             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+            [
+                str(BIN / "dcp-scheduler"),
+                "serve",
+                "--db",
+                str(work / "scheduler.db"),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert scheduler.stdout is not None
         line = scheduler.stdout.readline()
         match = re.search(r"listening on (\S+)", line)
@@ -56,9 +77,20 @@ def main() -> int:
 
         print("3. starting a worker with 2 sandboxes")
         worker = subprocess.Popen(
-            [str(BIN / "dcp-worker"), "--scheduler", url, "--identity",
-             str(work / "worker.json"), "--passphrase-file", str(passphrase), "--sandboxes", "2",
-             "--state-dir", str(work / "worker-state")])
+            [
+                str(BIN / "dcp-worker"),
+                "--scheduler",
+                url,
+                "--identity",
+                str(work / "worker.json"),
+                "--passphrase-file",
+                str(passphrase),
+                "--sandboxes",
+                "2",
+                "--state-dir",
+                str(work / "worker-state"),
+            ]
+        )
         failures = 0
         try:
             job_file = HERE / "hash-puzzle" / "job.toml"

@@ -42,26 +42,46 @@ def _open(db: str) -> SQLiteStore:
 def main(verbose: int) -> None:
     """The reference scheduler: job store, slice leasing, result acceptance, admin."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 @main.command()
 @click.option("--db", required=True, type=click.Path(dir_okay=False), help="SQLite database file.")
-@click.option("--listen", default="127.0.0.1:8500", show_default=True,
-              help="HOST:PORT for the worker websocket (/worker) and the compute API (/api/v1).")
-@click.option("--lease-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
-              help="Seconds a lease lives without a heartbeat.")
-@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=3.0,
-              show_default=True, help="Seconds between worker heartbeats.")
-@click.option("--name", default="dcp-scheduler", show_default=True,
-              help="Server name bound into session challenges.")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8500",
+    show_default=True,
+    help="HOST:PORT for the worker websocket (/worker) and the compute API (/api/v1).",
+)
+@click.option(
+    "--lease-timeout",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds a lease lives without a heartbeat.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.05),
+    default=3.0,
+    show_default=True,
+    help="Seconds between worker heartbeats.",
+)
+@click.option(
+    "--name",
+    default="dcp-scheduler",
+    show_default=True,
+    help="Server name bound into session challenges.",
+)
 def serve(db: str, listen: str, lease_timeout: float, heartbeat_interval: float, name: str) -> None:
     """Serve workers and the compute API until SIGINT or SIGTERM."""
     host, port = _parse_listen(listen)
     store = _open(db)
-    config = SchedulerConfig(name=name, lease_timeout=lease_timeout,
-                             heartbeat_interval=heartbeat_interval)
+    config = SchedulerConfig(
+        name=name, lease_timeout=lease_timeout, heartbeat_interval=heartbeat_interval
+    )
     try:
         asyncio.run(_serve(Scheduler(store, config), host, port))
     finally:
@@ -78,8 +98,9 @@ async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     bound = runner.addresses[0]
     url = f"http://{bound[0]}:{bound[1]}"
-    click.echo(f"dcp-scheduler listening on {url} (workers: ws://{bound[0]}:{bound[1]}/worker)",
-               nl=True)
+    click.echo(
+        f"dcp-scheduler listening on {url} (workers: ws://{bound[0]}:{bound[1]}/worker)", nl=True
+    )
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,8 +115,12 @@ def jobs() -> None:
     """Inspect and administer jobs in a scheduler's database."""
 
 
-_db = click.option("--db", required=True, type=click.Path(exists=True, dir_okay=False),
-                   help="SQLite database file of the scheduler.")
+_db = click.option(
+    "--db",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="SQLite database file of the scheduler.",
+)
 
 
 @jobs.command("list")
@@ -107,8 +132,17 @@ def jobs_list(db: str, as_json: bool) -> None:
     for job in store.list_jobs():
         counts = job.counts
         if as_json:
-            click.echo(json.dumps({"job": job.id, "name": job.name, "state": job.state,
-                                   "slices": job.total, "counts": counts}))
+            click.echo(
+                json.dumps(
+                    {
+                        "job": job.id,
+                        "name": job.name,
+                        "state": job.state,
+                        "slices": job.total,
+                        "counts": counts,
+                    }
+                )
+            )
         else:
             summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
             click.echo(f"{job.id}  {job.state:<9}  {job.total:>7} slices  {summary}  {job.name}")
@@ -128,25 +162,34 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
         sys.exit(EXIT_UNKNOWN_JOB)
     if not as_json:
         click.echo(f"job {record.id} ({record.name}) {record.state}, owner {record.owner}")
-        click.echo(f"runtime {record.runtime} module sha256 {record.module_sha256} "
-                   f"argv {list(record.argv)} max_attempts {record.max_attempts}")
+        click.echo(
+            f"runtime {record.runtime} module sha256 {record.module_sha256} "
+            f"argv {list(record.argv)} max_attempts {record.max_attempts}"
+        )
     after = -1
     while True:
         batch = store.slices(job, after, 1000)
         if not batch:
             break
         for s in batch:
-            row: dict[str, Any] = {"slice": s.slice, "state": s.state, "attempts": s.attempts,
-                                   "worker": s.worker, "error": s.error_code,
-                                   "message": s.error}
+            row: dict[str, Any] = {
+                "slice": s.slice,
+                "state": s.state,
+                "attempts": s.attempts,
+                "worker": s.worker,
+                "error": s.error_code,
+                "message": s.error,
+            }
             if as_json:
                 if s.result is not None:
                     row["result_base64"] = base64.b64encode(s.result).decode()
                 click.echo(json.dumps(row))
             else:
                 err = f"  {s.error_code}: {s.error}" if s.error_code else ""
-                click.echo(f"{s.slice:>7}  {s.state:<9}  attempts={s.attempts}  "
-                           f"worker={s.worker or '-'}{err}")
+                click.echo(
+                    f"{s.slice:>7}  {s.state:<9}  attempts={s.attempts}  "
+                    f"worker={s.worker or '-'}{err}"
+                )
         after = batch[-1].slice
 
 

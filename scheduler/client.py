@@ -1,9 +1,9 @@
 """The compute API's Python client: deploy, status, results, cancel.
 
-    client = ComputeClient("http://127.0.0.1:8500", identity)
-    job = client.deploy("examples/hash-puzzle/job.toml")
-    for r in client.results(job, wait=True):
-        print(r.slice, r.result)
+client = ComputeClient("http://127.0.0.1:8500", identity)
+job = client.deploy("examples/hash-puzzle/job.toml")
+for r in client.results(job, wait=True):
+    print(r.slice, r.result)
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def http_base(url: str) -> str:
 
 
 class ComputeClient:
-    def __init__(self, scheduler: str, identity: Identity | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, scheduler: str, identity: Identity | None = None, timeout: float = 60.0
+    ) -> None:
         self.base = http_base(scheduler)
         self.identity = identity
         self._http = httpx.Client(base_url=self.base + "/api/v1", timeout=timeout)
@@ -82,8 +83,11 @@ class ComputeClient:
         if response.status_code >= 400:
             error = body.get("error", {}) if isinstance(body, dict) else {}
             raise ComputeError(
-                f"{method} {path}: {response.status_code} {error.get('message', response.reason_phrase)}",
-                response.status_code, error.get("code", ""))
+                f"{method} {path}: {response.status_code} "
+                f"{error.get('message', response.reason_phrase)}",
+                response.status_code,
+                error.get("code", ""),
+            )
         return body
 
     def _need_identity(self) -> Identity:
@@ -98,9 +102,16 @@ class ComputeClient:
     def deploy_document(self, body: bytes) -> str:
         identity = self._need_identity()
         signature = identity.sign(signing.deploy_payload(body))
-        reply = self._request("POST", "/jobs", content=body, headers={
-            "Content-Type": "application/json", "X-DCP-Owner": identity.address,
-            "X-DCP-Signature": signature})
+        reply = self._request(
+            "POST",
+            "/jobs",
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-DCP-Owner": identity.address,
+                "X-DCP-Signature": signature,
+            },
+        )
         return str(reply["job"])
 
     def status(self, job: str) -> dict[str, Any]:
@@ -110,25 +121,34 @@ class ComputeClient:
         identity = self._need_identity()
         now = int(time.time())
         signature = identity.sign(signing.owner_action_payload("cancel", job, now))
-        reply = self._request("POST", f"/jobs/{job}/cancel", headers={
-            "X-DCP-Signature": signature, "X-DCP-Timestamp": str(now)})
+        reply = self._request(
+            "POST",
+            f"/jobs/{job}/cancel",
+            headers={"X-DCP-Signature": signature, "X-DCP-Timestamp": str(now)},
+        )
         return int(reply["cancelled_slices"])
 
-    def results(self, job: str, wait: bool = False, poll: float = 0.2,
-                timeout: float | None = None) -> Iterator[SliceResult]:
+    def results(
+        self, job: str, wait: bool = False, poll: float = 0.2, timeout: float | None = None
+    ) -> Iterator[SliceResult]:
         """Results in slice order. With ``wait``, blocks until every slice is final."""
         deadline = None if timeout is None else time.monotonic() + timeout
         after = -1
         while True:
-            reply = self._request("GET", f"/jobs/{job}/results",
-                                  params={"after": after, "limit": 5000})
+            reply = self._request(
+                "GET", f"/jobs/{job}/results", params={"after": after, "limit": 5000}
+            )
             progressed = False
             for s in reply["slices"]:
                 if s["state"] not in _FINAL:
                     break
                 data = s.get("result_base64")
-                yield SliceResult(s["slice"], s["state"],
-                                  None if data is None else base64.b64decode(data), s.get("error"))
+                yield SliceResult(
+                    s["slice"],
+                    s["state"],
+                    None if data is None else base64.b64decode(data),
+                    s.get("error"),
+                )
                 after = s["slice"]
                 progressed = True
             else:

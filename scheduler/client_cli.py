@@ -35,16 +35,24 @@ def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity |
 
 
 @click.group()
-@click.option("--scheduler", envvar="DCP_SCHEDULER", default="http://127.0.0.1:8500",
-              show_default=True, help="Scheduler URL (http(s):// or ws(s)://).")
+@click.option(
+    "--scheduler",
+    envvar="DCP_SCHEDULER",
+    default="http://127.0.0.1:8500",
+    show_default=True,
+    help="Scheduler URL (http(s):// or ws(s)://).",
+)
 @click.pass_context
 def main(ctx: click.Context, scheduler: str) -> None:
     """Deploy jobs to a scheduler and collect their results."""
     ctx.obj = scheduler
 
 
-_identity_opt = click.option("--identity", type=click.Path(exists=True, dir_okay=False),
-                             help="Keystore of the job owner (signs the request).")
+_identity_opt = click.option(
+    "--identity",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Keystore of the job owner (signs the request).",
+)
 _pass_opt = click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False))
 
 
@@ -53,7 +61,9 @@ _pass_opt = click.option("--passphrase-file", type=click.Path(exists=True, dir_o
 @_identity_opt
 @_pass_opt
 @click.pass_obj
-def deploy(scheduler: str, job_file: str, identity: str | None, passphrase_file: str | None) -> None:
+def deploy(
+    scheduler: str, job_file: str, identity: str | None, passphrase_file: str | None
+) -> None:
     """Deploy JOB_FILE (TOML) and print the job id."""
     if identity is None:
         raise click.UsageError("deploys are signed: give --identity and --passphrase-file")

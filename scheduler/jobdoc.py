@@ -121,8 +121,18 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         raise JobFileError("the job document is not JSON") from None
     if not isinstance(doc, dict):
         raise JobFileError("the job document is not an object")
-    allowed = {"name", "runtime", "module", "argv", "offer", "limits", "max_attempts", "data",
-               "nonce", "created"}
+    allowed = {
+        "name",
+        "runtime",
+        "module",
+        "argv",
+        "offer",
+        "limits",
+        "max_attempts",
+        "data",
+        "nonce",
+        "created",
+    }
     unknown = set(doc) - allowed
     if unknown:
         raise JobFileError(f"unknown field(s) {sorted(unknown)}")
@@ -139,7 +149,11 @@ def parse_document(body: bytes, owner: str) -> NewJob:
     if isinstance(offer, bool) or not isinstance(offer, (int, float)) or offer < 0:
         raise JobFileError("offer must be a number of credits per slice, >= 0")
     attempts = doc.get("max_attempts", 2)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= MAX_ATTEMPTS:
+    if (
+        isinstance(attempts, bool)
+        or not isinstance(attempts, int)
+        or not 1 <= attempts <= MAX_ATTEMPTS
+    ):
         raise JobFileError(f"max_attempts must be an integer within 1..{MAX_ATTEMPTS}")
     try:
         module = base64.b64decode(doc.get("module", ""), validate=True)

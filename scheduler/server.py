@@ -135,8 +135,13 @@ class Scheduler:
         challenge = secrets.token_hex(32)
         self.sessions += 1
         try:
-            await ws.send_str(encode(HelloMsg(protocol=PROTOCOL_VERSION, challenge=challenge,
-                                              server=self.config.name)).decode())
+            await ws.send_str(
+                encode(
+                    HelloMsg(
+                        protocol=PROTOCOL_VERSION, challenge=challenge, server=self.config.name
+                    )
+                ).decode()
+            )
             async for frame in ws:
                 if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
@@ -151,7 +156,9 @@ class Scheduler:
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
         return ws
 
-    def _receive(self, session: _Session, challenge: str, data: str | bytes) -> tuple[Message | None, bool]:
+    def _receive(
+        self, session: _Session, challenge: str, data: str | bytes
+    ) -> tuple[Message | None, bool]:
         """Handle one frame; returns (reply, close the session)."""
         try:
             message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
@@ -161,20 +168,32 @@ class Scheduler:
         rid = getattr(message, "id", None)
         if not session.address:
             if not isinstance(message, Auth):
-                return Error(re=rid, code=ErrorCode.AUTH_FAILED.value,
-                             message="the first message of a session must be auth"), True
+                return Error(
+                    re=rid,
+                    code=ErrorCode.AUTH_FAILED.value,
+                    message="the first message of a session must be auth",
+                ), True
             payload = signing.session_payload(challenge, self.config.name, message.address)
             if not signing.verify(payload, message.signature, message.address):
-                log.warning("session %s: bad challenge signature for %s", session.id, message.address)
-                return Error(re=rid, code=ErrorCode.AUTH_FAILED.value,
-                             message="the challenge signature does not match the address"), True
+                log.warning(
+                    "session %s: bad challenge signature for %s", session.id, message.address
+                )
+                return Error(
+                    re=rid,
+                    code=ErrorCode.AUTH_FAILED.value,
+                    message="the challenge signature does not match the address",
+                ), True
             session.address = signing.checksum(message.address)
             session.payment_address = signing.checksum(message.payment_address)
             log.info("session %s: worker %s (%s)", session.id, session.address, message.agent)
-            return Welcome(re=message.id, session=session.id, address=session.address,
-                           heartbeat_interval=self.config.heartbeat_interval,
-                           lease_timeout=self.config.lease_timeout,
-                           max_result_bytes=self.config.max_result_bytes), False
+            return Welcome(
+                re=message.id,
+                session=session.id,
+                address=session.address,
+                heartbeat_interval=self.config.heartbeat_interval,
+                lease_timeout=self.config.lease_timeout,
+                max_result_bytes=self.config.max_result_bytes,
+            ), False
         try:
             return self._dispatch(session, message), False
         except StoreError as exc:
@@ -187,40 +206,70 @@ class Scheduler:
         if isinstance(message, Heartbeat):
             refs = [(r.job, r.slice, r.token) for r in message.leases]
             lost = self.store.heartbeat(session.address, refs, now, self.config.lease_timeout)
-            return HeartbeatAck(re=message.id, deadline=now + self.config.lease_timeout,
-                                lost=tuple(LeaseRef(j, s, t) for j, s, t in lost))
+            return HeartbeatAck(
+                re=message.id,
+                deadline=now + self.config.lease_timeout,
+                lost=tuple(LeaseRef(j, s, t) for j, s, t in lost),
+            )
         if isinstance(message, Result):
             return self._result(session, message, now)
         if isinstance(message, SliceFailed):
-            state = self.store.fail_slice(message.job, message.slice, message.token,
-                                          session.address, message.code, message.message, now)
-            log.info("slice %s/%d failed on %s: %s %s -> %s", message.job, message.slice,
-                     session.address, message.code, message.message, state)
+            state = self.store.fail_slice(
+                message.job,
+                message.slice,
+                message.token,
+                session.address,
+                message.code,
+                message.message,
+                now,
+            )
+            log.info(
+                "slice %s/%d failed on %s: %s %s -> %s",
+                message.job,
+                message.slice,
+                session.address,
+                message.code,
+                message.message,
+                state,
+            )
             return Ack(re=message.id, status=state)
         if isinstance(message, Return):
             refs = [(r.job, r.slice, r.token) for r in message.leases]
             n = self.store.return_slices(session.address, refs)
             return Ack(re=message.id, status=f"returned {n}")
-        return Error(re=getattr(message, "id", None), code=ErrorCode.UNEXPECTED_MESSAGE.value,
-                     message=f"a scheduler does not accept {message.type!r} here")
+        return Error(
+            re=getattr(message, "id", None),
+            code=ErrorCode.UNEXPECTED_MESSAGE.value,
+            message=f"a scheduler does not accept {message.type!r} here",
+        )
 
     def _fetch(self, session: _Session, message: Fetch, now: float) -> Work:
-        leases = self.store.lease(session.address, message.max_slices, now,
-                                  self.config.lease_timeout)
+        leases = self.store.lease(
+            session.address, message.max_slices, now, self.config.lease_timeout
+        )
         assert session.jobs_sent is not None
         jobs = []
         for job_id in dict.fromkeys(lease.job for lease in leases):
             if job_id in session.jobs_sent:
                 continue
             record = self.store.job(job_id)
-            jobs.append(JobSpec(job=job_id, runtime=record.runtime, module=self._module(job_id),
-                                sha256=record.module_sha256, argv=record.argv,
-                                limits=record.limits, name=record.name))
+            jobs.append(
+                JobSpec(
+                    job=job_id,
+                    runtime=record.runtime,
+                    module=self._module(job_id),
+                    sha256=record.module_sha256,
+                    argv=record.argv,
+                    limits=record.limits,
+                    name=record.name,
+                )
+            )
             session.jobs_sent.add(job_id)
         return Work(
             re=message.id,
-            slices=tuple(SliceLease(l.job, l.slice, l.token, l.attempt, l.deadline, l.datum)
-                         for l in leases),
+            slices=tuple(
+                SliceLease(x.job, x.slice, x.token, x.attempt, x.deadline, x.datum) for x in leases
+            ),
             jobs=tuple(jobs),
         )
 
@@ -234,23 +283,39 @@ class Scheduler:
 
     def _result(self, session: _Session, message: Result, now: float) -> Message:
         if len(message.result) > self.config.max_result_bytes:
-            return Error(re=message.id, code=ErrorCode.RESULT_TOO_LARGE.value,
-                         message=f"results are limited to {self.config.max_result_bytes} bytes")
-        payload = signing.result_payload(message.job, message.slice, message.token,
-                                         message.result, message.payment_address)
+            return Error(
+                re=message.id,
+                code=ErrorCode.RESULT_TOO_LARGE.value,
+                message=f"results are limited to {self.config.max_result_bytes} bytes",
+            )
+        payload = signing.result_payload(
+            message.job, message.slice, message.token, message.result, message.payment_address
+        )
         if not signing.verify(payload, message.signature, session.address):
-            return Error(re=message.id, code=ErrorCode.BAD_SIGNATURE.value,
-                         message="the result is not signed by this session's identity")
+            return Error(
+                re=message.id,
+                code=ErrorCode.BAD_SIGNATURE.value,
+                message="the result is not signed by this session's identity",
+            )
         status = self.store.accept_result(
-            message.job, message.slice, message.token, session.address, message.result,
-            signing.checksum(message.payment_address), message.signature, message.metrics, now)
+            message.job,
+            message.slice,
+            message.token,
+            session.address,
+            message.result,
+            signing.checksum(message.payment_address),
+            message.signature,
+            message.metrics,
+            now,
+        )
         return Ack(re=message.id, status=status)
 
     # ------------------------------------------------------------------ compute API
 
     async def api_status(self, request: web.Request) -> web.Response:
-        return web.json_response({"server": self.config.name, "protocol": PROTOCOL_VERSION,
-                                  "sessions": self.sessions})
+        return web.json_response(
+            {"server": self.config.name, "protocol": PROTOCOL_VERSION, "sessions": self.sessions}
+        )
 
     async def api_deploy(self, request: web.Request) -> web.Response:
         owner = request.headers.get("X-DCP-Owner", "")
@@ -287,8 +352,9 @@ class Scheduler:
             slices = self.store.slices(job_id, after, limit)
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
-        return web.json_response({"job": job_id, "state": record.state,
-                                  "slices": [_slice_json(s) for s in slices]})
+        return web.json_response(
+            {"job": job_id, "state": record.state, "slices": [_slice_json(s) for s in slices]}
+        )
 
     async def api_cancel(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
@@ -315,10 +381,19 @@ def _error(status: int, code: ErrorCode, message: str) -> web.Response:
 
 def _job_json(job: JobRecord) -> dict[str, Any]:
     return {
-        "job": job.id, "name": job.name, "owner": job.owner, "state": job.state,
-        "runtime": job.runtime, "module_sha256": job.module_sha256, "argv": list(job.argv),
-        "limits": asdict(job.limits), "offer": job.offer, "created": job.created,
-        "finished": job.finished, "slices": job.total, "max_attempts": job.max_attempts,
+        "job": job.id,
+        "name": job.name,
+        "owner": job.owner,
+        "state": job.state,
+        "runtime": job.runtime,
+        "module_sha256": job.module_sha256,
+        "argv": list(job.argv),
+        "limits": asdict(job.limits),
+        "offer": job.offer,
+        "created": job.created,
+        "finished": job.finished,
+        "slices": job.total,
+        "max_attempts": job.max_attempts,
         "counts": job.counts,
     }
 

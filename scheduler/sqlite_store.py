@@ -133,9 +133,22 @@ class SQLiteStore:
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
                 " limits, offer, payload_sha256, total, remaining, max_attempts, created)"
                 " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, job.owner, job.name, job.runtime, job.module, job.module_sha256,
-                 json.dumps(list(job.argv)), json.dumps(asdict(job.limits)), job.offer,
-                 job.payload_sha256, len(job.data), len(job.data), job.max_attempts, now),
+                (
+                    job_id,
+                    job.owner,
+                    job.name,
+                    job.runtime,
+                    job.module,
+                    job.module_sha256,
+                    json.dumps(list(job.argv)),
+                    json.dumps(asdict(job.limits)),
+                    job.offer,
+                    job.payload_sha256,
+                    len(job.data),
+                    len(job.data),
+                    job.max_attempts,
+                    now,
+                ),
             )
             db.executemany(
                 "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
@@ -145,14 +158,26 @@ class SQLiteStore:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
 
-    _JOB_COLUMNS = ("id, owner, name, state, runtime, module_sha256, argv, limits, offer, created,"
-                    " finished, total, max_attempts")
+    _JOB_COLUMNS = (
+        "id, owner, name, state, runtime, module_sha256, argv, limits, offer, created,"
+        " finished, total, max_attempts"
+    )
 
     def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
         return JobRecord(
-            id=row[0], owner=row[1], name=row[2], state=row[3], runtime=row[4],
-            module_sha256=row[5], argv=tuple(json.loads(row[6])), limits=Limits(**json.loads(row[7])),
-            offer=row[8], created=row[9], finished=row[10], total=row[11], max_attempts=row[12],
+            id=row[0],
+            owner=row[1],
+            name=row[2],
+            state=row[3],
+            runtime=row[4],
+            module_sha256=row[5],
+            argv=tuple(json.loads(row[6])),
+            limits=Limits(**json.loads(row[7])),
+            offer=row[8],
+            created=row[9],
+            finished=row[10],
+            total=row[11],
+            max_attempts=row[12],
             counts=counts,
         )
 
@@ -190,9 +215,17 @@ class SQLiteStore:
         ).fetchall()
         return [
             SliceRecord(
-                job=r[0], slice=r[1], state=r[2], attempts=r[3], worker=r[4], deadline=r[5],
-                error_code=r[6], error=r[7], result=None if r[8] is None else bytes(r[8]),
-                payment_address=r[9], accepted_at=r[10],
+                job=r[0],
+                slice=r[1],
+                state=r[2],
+                attempts=r[3],
+                worker=r[4],
+                deadline=r[5],
+                error_code=r[6],
+                error=r[7],
+                result=None if r[8] is None else bytes(r[8]),
+                payment_address=r[9],
+                accepted_at=r[10],
                 metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
             )
             for r in rows
@@ -261,8 +294,16 @@ class SQLiteStore:
         )
 
     def accept_result(
-        self, job_id: str, slice_: int, token: str, worker: str, result: bytes,
-        payment_address: str, signature: str, metrics: Metrics, now: float,
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        result: bytes,
+        payment_address: str,
+        signature: str,
+        metrics: Metrics,
+        now: float,
     ) -> str:
         with self._tx() as db:
             state, current, holder, _attempts, _max = self._current(db, job_id, slice_)
@@ -279,15 +320,32 @@ class SQLiteStore:
             db.execute(
                 "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
                 " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
-                (new.value, result, signature, payment_address, json.dumps(asdict(metrics)), now,
-                 job_id, slice_),
+                (
+                    new.value,
+                    result,
+                    signature,
+                    payment_address,
+                    json.dumps(asdict(metrics)),
+                    now,
+                    job_id,
+                    slice_,
+                ),
             )
             self._settle(db, job_id, now)
         return "accepted"
 
     def _release(
-        self, db: sqlite3.Connection, job_id: str, idx: int, state: SliceState, attempts: int,
-        max_attempts: int, event: SliceEvent, code: str, message: str, now: float,
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        idx: int,
+        state: SliceState,
+        attempts: int,
+        max_attempts: int,
+        event: SliceEvent,
+        code: str,
+        message: str,
+        now: float,
     ) -> SliceState:
         if event is not SliceEvent.RETURN and attempts >= max_attempts:
             event = SliceEvent.EXHAUST
@@ -295,23 +353,49 @@ class SQLiteStore:
         db.execute(
             "UPDATE slices SET state=?, deadline=NULL, error_code=?, error=?,"
             " attempts = attempts - ? WHERE job=? AND idx=?",
-            (new.value, code or None, message or None, 1 if event is SliceEvent.RETURN else 0,
-             job_id, idx),
+            (
+                new.value,
+                code or None,
+                message or None,
+                1 if event is SliceEvent.RETURN else 0,
+                job_id,
+                idx,
+            ),
         )
         if new is SliceState.FAILED:
             self._settle(db, job_id, now)
         return new
 
     def fail_slice(
-        self, job_id: str, slice_: int, token: str, worker: str, code: str, message: str,
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
         now: float,
     ) -> str:
         with self._tx() as db:
             state, current, holder, attempts, max_attempts = self._current(db, job_id, slice_)
-            if state is not SliceState.LEASED or current != token or (holder or "").lower() != worker.lower():
+            if (
+                state is not SliceState.LEASED
+                or current != token
+                or (holder or "").lower() != worker.lower()
+            ):
                 raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
-            new = self._release(db, job_id, slice_, state, attempts, max_attempts,
-                                SliceEvent.FAIL, code, message[:2000], now)
+            new = self._release(
+                db,
+                job_id,
+                slice_,
+                state,
+                attempts,
+                max_attempts,
+                SliceEvent.FAIL,
+                code,
+                message[:2000],
+                now,
+            )
         return new.value
 
     def return_slices(self, worker: str, refs: list[tuple[str, int, str]]) -> int:
@@ -322,9 +406,23 @@ class SQLiteStore:
                     state, current, holder, attempts, max_attempts = self._current(db, job_id, idx)
                 except UnknownSlice:
                     continue
-                if state is SliceState.LEASED and current == token and (holder or "").lower() == worker.lower():
-                    self._release(db, job_id, idx, state, attempts, max_attempts,
-                                  SliceEvent.RETURN, "", "", 0.0)
+                if (
+                    state is SliceState.LEASED
+                    and current == token
+                    and (holder or "").lower() == worker.lower()
+                ):
+                    self._release(
+                        db,
+                        job_id,
+                        idx,
+                        state,
+                        attempts,
+                        max_attempts,
+                        SliceEvent.RETURN,
+                        "",
+                        "",
+                        0.0,
+                    )
                     returned += 1
         return returned
 
@@ -336,9 +434,18 @@ class SQLiteStore:
                 (now,),
             ).fetchall()
             for job_id, idx, attempts, max_attempts in rows:
-                self._release(db, job_id, idx, SliceState.LEASED, attempts, max_attempts,
-                              SliceEvent.EXPIRE, "lease_expired",
-                              "the lease expired without a result", now)
+                self._release(
+                    db,
+                    job_id,
+                    idx,
+                    SliceState.LEASED,
+                    attempts,
+                    max_attempts,
+                    SliceEvent.EXPIRE,
+                    "lease_expired",
+                    "the lease expired without a result",
+                    now,
+                )
         return len(rows)
 
     # ------------------------------------------------------------------ admin
@@ -368,7 +475,12 @@ class SQLiteStore:
                 raise UnknownJob(f"no job {job_id}")
             cur = db.execute(
                 "UPDATE slices SET state=?, deadline=NULL WHERE job=? AND state IN (?, ?)",
-                (SliceState.CANCELLED.value, job_id, SliceState.QUEUED.value, SliceState.LEASED.value),
+                (
+                    SliceState.CANCELLED.value,
+                    job_id,
+                    SliceState.QUEUED.value,
+                    SliceState.LEASED.value,
+                ),
             )
             db.execute(
                 "UPDATE jobs SET state='cancelled', remaining=0, finished=coalesce(finished, ?)"

@@ -109,11 +109,25 @@ class Store(Protocol):
         self, worker: str, refs: list[tuple[str, int, str]], now: float, timeout: float
     ) -> list[tuple[str, int, str]]: ...
     def accept_result(
-        self, job_id: str, slice_: int, token: str, worker: str, result: bytes,
-        payment_address: str, signature: str, metrics: Metrics, now: float,
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        result: bytes,
+        payment_address: str,
+        signature: str,
+        metrics: Metrics,
+        now: float,
     ) -> str: ...
     def fail_slice(
-        self, job_id: str, slice_: int, token: str, worker: str, code: str, message: str,
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
         now: float,
     ) -> str: ...
     def return_slices(self, worker: str, refs: list[tuple[str, int, str]]) -> int: ...

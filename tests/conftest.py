@@ -61,9 +61,20 @@ class SchedulerProcess:
         self.log = db.with_suffix(".log")
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
-                [command("dcp-scheduler"), "-v", "serve", "--db", str(db), "--listen",
-                 "127.0.0.1:0", *extra],
-                stdout=subprocess.PIPE, stderr=log, text=True)
+                [
+                    command("dcp-scheduler"),
+                    "-v",
+                    "serve",
+                    "--db",
+                    str(db),
+                    "--listen",
+                    "127.0.0.1:0",
+                    *extra,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"listening on (\S+)", line)
@@ -90,22 +101,38 @@ class SchedulerProcess:
 
 @pytest.fixture
 def scheduler(tmp_path: Path) -> Iterator[SchedulerProcess]:
-    proc = SchedulerProcess(tmp_path / "scheduler.db", "--lease-timeout", "5",
-                            "--heartbeat-interval", "0.5")
+    proc = SchedulerProcess(
+        tmp_path / "scheduler.db", "--lease-timeout", "5", "--heartbeat-interval", "0.5"
+    )
     yield proc
     proc.stop()
 
 
 class WorkerProcess:
-    def __init__(self, url: str, keystore: Keystore, state_dir: Path, sandboxes: int = 2,
-                 *extra: str) -> None:
+    def __init__(
+        self, url: str, keystore: Keystore, state_dir: Path, sandboxes: int = 2, *extra: str
+    ) -> None:
         self.log = state_dir.parent / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [command("dcp-worker"), "-vv", "--scheduler", url, "--identity", str(keystore.path),
-             "--passphrase-file", str(keystore.passphrase_file), "--sandboxes", str(sandboxes),
-             "--state-dir", str(state_dir), *extra],
-            stdout=self.log_file, stderr=subprocess.STDOUT)
+            [
+                command("dcp-worker"),
+                "-vv",
+                "--scheduler",
+                url,
+                "--identity",
+                str(keystore.path),
+                "--passphrase-file",
+                str(keystore.passphrase_file),
+                "--sandboxes",
+                str(sandboxes),
+                "--state-dir",
+                str(state_dir),
+                *extra,
+            ],
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
 
     def output(self) -> str:
         if not self.log_file.closed:
@@ -128,8 +155,9 @@ class WorkerProcess:
 def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(url: str, keystore: Keystore, sandboxes: int = 2, *extra: str,
-              state_dir: Path | None = None) -> WorkerProcess:
+    def start(
+        url: str, keystore: Keystore, sandboxes: int = 2, *extra: str, state_dir: Path | None = None
+    ) -> WorkerProcess:
         w = WorkerProcess(url, keystore, state_dir or tmp_path / "worker-state", sandboxes, *extra)
         started.append(w)
         return w
@@ -149,8 +177,23 @@ def zig_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], byte
 
     def build(source: Path) -> bytes:
         out = out_dir / (source.stem + ".wasm")
-        subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", "wasm32-wasi", "-O2",
-                        "-s", "-o", str(out), str(source)], check=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ziglang",
+                "cc",
+                "-target",
+                "wasm32-wasi",
+                "-O2",
+                "-s",
+                "-o",
+                str(out),
+                str(source),
+            ],
+            check=True,
+            timeout=600,
+        )
         return out.read_bytes()
 
     return build

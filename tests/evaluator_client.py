@@ -12,8 +12,13 @@ from dcp_worker import protocol as p
 class EvaluatorClient:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "evaluator", "--stdio"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}, cwd="/")
+            [sys.executable, "-I", "-m", "evaluator", "--stdio"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            cwd="/",
+        )
         self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
         self._id = 0
         self.progress: list[float] = []
@@ -47,9 +52,17 @@ class EvaluatorClient:
         return self.receive()
 
     def assign(self, module: bytes, argv: tuple[str, ...] = (), **limits: object) -> p.Message:
-        return self.request(p.Assign(
-            id=self.next_id(), job="job", runtime="wasm", sha256=hashlib.sha256(module).hexdigest(),
-            module=module, argv=argv, limits=p.Limits(**limits)))  # type: ignore[arg-type]
+        return self.request(
+            p.Assign(
+                id=self.next_id(),
+                job="job",
+                runtime="wasm",
+                sha256=hashlib.sha256(module).hexdigest(),
+                module=module,
+                argv=argv,
+                limits=p.Limits(**limits),
+            )
+        )  # type: ignore[arg-type]
 
     def run(self, datum: bytes) -> p.Message:
         return self.request(p.RunSlice(id=self.next_id(), slice=0, datum=datum))

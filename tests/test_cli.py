@@ -52,15 +52,16 @@ def test_worker_exit_codes(tmp_path: Path, make_keystore: Callable[[str], Keysto
     assert out.returncode == 2 and "identity" in out.stderr
     wrong = tmp_path / "wrong.pass"
     wrong.write_text("wrong\n")
-    out = run(command("dcp-worker"), "--identity", str(keystore.path), "--passphrase-file",
-              str(wrong))
+    out = run(
+        command("dcp-worker"), "--identity", str(keystore.path), "--passphrase-file", str(wrong)
+    )
     assert out.returncode == 3 and "wrong passphrase" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_worker_keeps_retrying_an_unreachable_scheduler_and_stops_on_sigint(
-        tmp_path: Path, make_keystore: Callable[[str], Keystore],
-        workers: Callable[..., WorkerProcess]) -> None:
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], workers: Callable[..., WorkerProcess]
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
@@ -70,9 +71,12 @@ def test_worker_keeps_retrying_an_unreachable_scheduler_and_stops_on_sigint(
     assert "cannot connect" in worker.output()
 
 
-def test_two_workers_cannot_share_an_outbox(tmp_path: Path, scheduler: SchedulerProcess,
-                                            make_keystore: Callable[[str], Keystore],
-                                            workers: Callable[..., WorkerProcess]) -> None:
+def test_two_workers_cannot_share_an_outbox(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     keystore = make_keystore("w")
     state = tmp_path / "shared"
     first = workers(scheduler.url, keystore, 1, state_dir=state)
@@ -83,8 +87,9 @@ def test_two_workers_cannot_share_an_outbox(tmp_path: Path, scheduler: Scheduler
     assert first.stop() == 0
 
 
-def test_admin_commands(tmp_path: Path, scheduler: SchedulerProcess,
-                        make_keystore: Callable[[str], Keystore]) -> None:
+def test_admin_commands(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
     from scheduler.client import ComputeClient
 
     from .test_pipeline import ECHO, job_file
@@ -109,13 +114,20 @@ def test_scheduler_refuses_a_taken_port(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = run(command("dcp-scheduler"), "serve", "--db", str(tmp_path / "s.db"), "--listen",
-                  f"127.0.0.1:{port}")
+        out = run(
+            command("dcp-scheduler"),
+            "serve",
+            "--db",
+            str(tmp_path / "s.db"),
+            "--listen",
+            f"127.0.0.1:{port}",
+        )
     assert out.returncode == 1 and "cannot listen" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["dcp-worker", "dcp-wallet", "dcp-compute", "dcp-scheduler",
-                                  "dcp-evaluator-start"])
+@pytest.mark.parametrize(
+    "name", ["dcp-worker", "dcp-wallet", "dcp-compute", "dcp-scheduler", "dcp-evaluator-start"]
+)
 def test_every_command_has_help(name: str) -> None:
     out = run(command(name), "--help")
     assert out.returncode == 0 and "usage" in out.stdout.lower()

@@ -16,9 +16,12 @@ from check import check, leading_zero_bits  # noqa: E402
 
 
 def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
-    subprocess.run([str(EXAMPLES / "build.sh"), str(tmp_path)], check=True, timeout=900,
-                   env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin",
-                        "HOME": str(Path.home())})
+    subprocess.run(
+        [str(EXAMPLES / "build.sh"), str(tmp_path)],
+        check=True,
+        timeout=900,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
     for rel in ("hash-puzzle/puzzle.wasm", "echo/echo.wasm"):
         assert (tmp_path / rel).read_bytes() == (EXAMPLES / rel).read_bytes(), rel
 

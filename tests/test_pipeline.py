@@ -22,13 +22,21 @@ ECHO = EXAMPLES / "echo" / "echo.wasm"
 PUZZLE = EXAMPLES / "hash-puzzle" / "puzzle.wasm"
 
 
-def job_file(tmp_path: Path, name: str, module: Path, values: list[str], argv: list[str] = (),
-             limits: str = "", attempts: int = 2) -> Path:
+def job_file(
+    tmp_path: Path,
+    name: str,
+    module: Path,
+    values: list[str],
+    argv: list[str] = (),
+    limits: str = "",
+    attempts: int = 2,
+) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'name = "{name}"\nruntime = "wasm"\nmodule = "{module}"\n'
         f"argv = {json.dumps(list(argv))}\noffer = 0.01\nmax_attempts = {attempts}\n"
-        f"[limits]\n{limits}\n[inputs]\nvalues = {json.dumps(values)}\n")
+        f"[limits]\n{limits}\n[inputs]\nvalues = {json.dumps(values)}\n"
+    )
     return path
 
 
@@ -40,9 +48,12 @@ def counts(db: Path, job: str) -> dict[str, int]:
         store.close()
 
 
-def test_thousand_echo_slices_in_order(tmp_path: Path, scheduler: SchedulerProcess,
-                                       make_keystore: Callable[[str], Keystore],
-                                       workers: Callable[..., WorkerProcess]) -> None:
+def test_thousand_echo_slices_in_order(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     worker = workers(scheduler.url, make_keystore("worker"), 2)
     values = [f"datum-{i}" for i in range(1000)]
@@ -55,30 +66,62 @@ def test_thousand_echo_slices_in_order(tmp_path: Path, scheduler: SchedulerProce
     assert worker.stop() == 0
 
 
-def test_results_cli_prints_json_lines_in_order(tmp_path: Path, scheduler: SchedulerProcess,
-                                                make_keystore: Callable[[str], Keystore],
-                                                workers: Callable[..., WorkerProcess]) -> None:
+def test_results_cli_prints_json_lines_in_order(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     workers(scheduler.url, make_keystore("worker"), 2)
     deployed = subprocess.run(
-        [command("dcp-compute"), "--scheduler", scheduler.url, "deploy",
-         str(job_file(tmp_path, "echo", ECHO, ["a", "b", "c"])), "--identity", str(owner.path),
-         "--passphrase-file", str(owner.passphrase_file)], capture_output=True, text=True)
+        [
+            command("dcp-compute"),
+            "--scheduler",
+            scheduler.url,
+            "deploy",
+            str(job_file(tmp_path, "echo", ECHO, ["a", "b", "c"])),
+            "--identity",
+            str(owner.path),
+            "--passphrase-file",
+            str(owner.passphrase_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert deployed.returncode == 0, deployed.stderr
     job = deployed.stdout.strip()
-    out = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "results", job,
-                          "--wait", "--timeout", "60"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            command("dcp-compute"),
+            "--scheduler",
+            scheduler.url,
+            "results",
+            job,
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["slice"], r["result"]) for r in rows] == [(0, "a"), (1, "b"), (2, "c")]
-    status = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "status", job],
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [command("dcp-compute"), "--scheduler", scheduler.url, "status", job],
+        capture_output=True,
+        text=True,
+    )
     assert json.loads(status.stdout)["state"] == "finished"
 
 
-def test_sigkill_worker_mid_job_then_restart(tmp_path: Path, scheduler: SchedulerProcess,
-                                             make_keystore: Callable[[str], Keystore],
-                                             workers: Callable[..., WorkerProcess]) -> None:
+def test_sigkill_worker_mid_job_then_restart(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     identity = make_keystore("worker")
     values = [f"v{i}" for i in range(400)]
@@ -102,14 +145,18 @@ def test_sigkill_worker_mid_job_then_restart(tmp_path: Path, scheduler: Schedule
     assert "0 in the outbox" in second.output()
 
 
-def test_sigint_returns_queued_slices_and_flushes(tmp_path: Path, scheduler: SchedulerProcess,
-                                                  make_keystore: Callable[[str], Keystore],
-                                                  workers: Callable[..., WorkerProcess]) -> None:
+def test_sigint_returns_queued_slices_and_flushes(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     prefixes = [f"busy-{i}" for i in range(12)]
     with ComputeClient(scheduler.url, owner.identity) as client:
-        job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, prefixes, ["21"],
-                                     "memory_bytes = 33554432"))
+        job = client.deploy(
+            job_file(tmp_path, "puzzle", PUZZLE, prefixes, ["21"], "memory_bytes = 33554432")
+        )
         worker = workers(scheduler.url, make_keystore("worker"), 2)
         wait_for(lambda: counts(scheduler.db, job).get("done", 0) >= 1, 60)
         started = time.monotonic()
@@ -131,45 +178,70 @@ def test_sigint_returns_queued_slices_and_flushes(tmp_path: Path, scheduler: Sch
 
 
 def test_hostile_job_fails_with_named_error_while_good_work_goes_on(
-        tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore],
-        workers: Callable[..., WorkerProcess]) -> None:
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     loop = tmp_path / "loop.wasm"
-    loop.write_bytes(wasmtime.wat2wasm(
-        '(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))'))
+    loop.write_bytes(
+        wasmtime.wat2wasm(
+            '(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))'
+        )
+    )
     workers(scheduler.url, make_keystore("worker"), 2)
     with ComputeClient(scheduler.url, owner.identity) as client:
-        bad = client.deploy(job_file(tmp_path, "loop", loop, ["x", "y"],
-                                     limits="wall_seconds = 0.3"))
+        bad = client.deploy(
+            job_file(tmp_path, "loop", loop, ["x", "y"], limits="wall_seconds = 0.3")
+        )
         good = client.deploy(job_file(tmp_path, "echo", ECHO, ["ok1", "ok2", "ok3"]))
         bad_results = list(client.results(bad, wait=True, timeout=60))
         good_results = list(client.results(good, wait=True, timeout=60))
     assert [r.result for r in good_results] == [b"ok1", b"ok2", b"ok3"]
-    assert [(r.state, r.error and r.error["code"]) for r in bad_results] == \
-        [("failed", "wasm_timeout")] * 2
-    shown = subprocess.run([command("dcp-scheduler"), "jobs", "show", "--db", str(scheduler.db),
-                            bad], capture_output=True, text=True)
+    assert [(r.state, r.error and r.error["code"]) for r in bad_results] == [
+        ("failed", "wasm_timeout")
+    ] * 2
+    shown = subprocess.run(
+        [command("dcp-scheduler"), "jobs", "show", "--db", str(scheduler.db), bad],
+        capture_output=True,
+        text=True,
+    )
     assert shown.returncode == 0
     assert shown.stdout.count("wasm_timeout") == 2
     assert "attempts=2" in shown.stdout
 
 
-def test_evaluator_killed_mid_slice_is_replaced(tmp_path: Path, scheduler: SchedulerProcess,
-                                                make_keystore: Callable[[str], Keystore],
-                                                workers: Callable[..., WorkerProcess]) -> None:
+def test_evaluator_killed_mid_slice_is_replaced(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
     owner = make_keystore("owner")
     worker = workers(scheduler.url, make_keystore("worker"), 1)
     with ComputeClient(scheduler.url, owner.identity) as client:
-        job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, ["victim", "next"], ["22"],
-                                     "memory_bytes = 33554432", attempts=3))
+        job = client.deploy(
+            job_file(
+                tmp_path,
+                "puzzle",
+                PUZZLE,
+                ["victim", "next"],
+                ["22"],
+                "memory_bytes = 33554432",
+                attempts=3,
+            )
+        )
 
         def evaluator_pids() -> list[int]:
-            out = subprocess.run(["pgrep", "-P", str(worker.proc.pid)], capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True
+            ).stdout
             return [int(pid) for pid in out.split()]
 
-        wait_for(lambda: bool(evaluator_pids())
-                 and counts(scheduler.db, job).get("leased", 0) > 0, 30)
+        wait_for(
+            lambda: bool(evaluator_pids()) and counts(scheduler.db, job).get("leased", 0) > 0, 30
+        )
         time.sleep(0.3)  # let the slice start computing inside the evaluator
         for pid in evaluator_pids():
             os.kill(pid, signal.SIGKILL)
@@ -179,24 +251,38 @@ def test_evaluator_killed_mid_slice_is_replaced(tmp_path: Path, scheduler: Sched
     assert worker.stop() == 0
 
 
-def test_unauthorised_and_malformed_requests_are_refused(tmp_path: Path,
-                                                         scheduler: SchedulerProcess,
-                                                         make_keystore: Callable[[str], Keystore]) -> None:
+def test_unauthorised_and_malformed_requests_are_refused(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
     owner = make_keystore("owner")
     stranger = make_keystore("stranger")
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_file(tmp_path, "echo", ECHO, ["a"]))
     from scheduler.client import ComputeError
 
-    with ComputeClient(scheduler.url, stranger.identity) as client, \
-            pytest.raises(ComputeError) as info:
+    with (
+        ComputeClient(scheduler.url, stranger.identity) as client,
+        pytest.raises(ComputeError) as info,
+    ):
         client.cancel(job)
     assert info.value.status == 403
     bad = tmp_path / "bad.toml"
     bad.write_text('runtime = "wasm"\nmodule = "nope.wasm"\n')
-    out = subprocess.run([command("dcp-compute"), "--scheduler", scheduler.url, "deploy",
-                          str(bad), "--identity", str(owner.path), "--passphrase-file",
-                          str(owner.passphrase_file)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            command("dcp-compute"),
+            "--scheduler",
+            scheduler.url,
+            "deploy",
+            str(bad),
+            "--identity",
+            str(owner.path),
+            "--passphrase-file",
+            str(owner.passphrase_file),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert "cannot read module" in out.stderr and "Traceback" not in out.stderr
     with ComputeClient(scheduler.url, owner.identity) as client:

@@ -18,16 +18,33 @@ SHA = "ef" * 32
 MESSAGES: list[p.Message] = [
     p.Hello(protocol=1, challenge="00" * 32, server="s"),
     p.Auth(id=1, address=ADDR, signature=SIG, payment_address=ADDR, agent="dcp-worker/0"),
-    p.Welcome(re=1, session="x", address=ADDR, heartbeat_interval=3.0, lease_timeout=15.0,
-              max_result_bytes=1024),
+    p.Welcome(
+        re=1,
+        session="x",
+        address=ADDR,
+        heartbeat_interval=3.0,
+        lease_timeout=15.0,
+        max_result_bytes=1024,
+    ),
     p.Fetch(id=2, max_slices=4, capabilities={"runtimes": {"wasm": {}}}),
-    p.Work(re=2, slices=(p.SliceLease("j", 0, "t", 1, 12.5, b"\x00\xffdatum"),),
-           jobs=(p.JobSpec("j", "wasm", b"\x00asm", SHA, ("20",), p.Limits(fuel=10)),)),
+    p.Work(
+        re=2,
+        slices=(p.SliceLease("j", 0, "t", 1, 12.5, b"\x00\xffdatum"),),
+        jobs=(p.JobSpec("j", "wasm", b"\x00asm", SHA, ("20",), p.Limits(fuel=10)),),
+    ),
     p.Work(re=3),
     p.Heartbeat(id=4, leases=(p.LeaseRef("j", 0, "t", 0.5), p.LeaseRef("j", 1, "u"))),
     p.HeartbeatAck(re=4, deadline=99.0, lost=(p.LeaseRef("j", 1, "u"),)),
-    p.Result(id=5, job="j", slice=0, token="t", result=b"out", payment_address=ADDR,
-             signature=SIG, metrics=p.Metrics(1.0, 0.5, 3, 3)),
+    p.Result(
+        id=5,
+        job="j",
+        slice=0,
+        token="t",
+        result=b"out",
+        payment_address=ADDR,
+        signature=SIG,
+        metrics=p.Metrics(1.0, 0.5, 3, 3),
+    ),
     p.SliceFailed(id=6, job="j", slice=1, token="u", code="wasm_trap", message="unreachable"),
     p.Return(id=7, leases=(p.LeaseRef("j", 2, "v"),)),
     p.Ack(re=7, status="accepted"),
@@ -96,16 +113,52 @@ BAD_FRAMES = [
     (_raw({"v": 1, "type": "ack", "re": 1, "extra": 2}), p.InvalidMessage, "invalid_message"),
     (_raw({"v": 1, "type": "ack", "re": "1"}), p.InvalidMessage, "invalid_message"),
     (_raw({"v": 1, "type": "ack", "re": True}), p.InvalidMessage, "invalid_message"),
-    (_raw({"v": 1, "type": "fetch", "id": 1, "max_slices": 0}), p.InvalidMessage, "invalid_message"),
-    (_raw({"v": 1, "type": "fetch", "id": 1, "max_slices": 5000}), p.InvalidMessage,
-     "invalid_message"),
-    (_raw({"v": 1, "type": "auth", "id": 1, "address": "0x12", "signature": SIG,
-           "payment_address": ADDR}), p.InvalidMessage, "invalid_message"),
-    (_raw({"v": 1, "type": "result", "id": 1, "job": "j", "slice": 0, "token": "t",
-           "result": "!!notbase64", "payment_address": ADDR, "signature": SIG}),
-     p.InvalidMessage, "invalid_message"),
-    (_raw({"v": 1, "type": "work", "re": 1, "slices": [{"job": "j"}]}), p.InvalidMessage,
-     "invalid_message"),
+    (
+        _raw({"v": 1, "type": "fetch", "id": 1, "max_slices": 0}),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _raw({"v": 1, "type": "fetch", "id": 1, "max_slices": 5000}),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _raw(
+            {
+                "v": 1,
+                "type": "auth",
+                "id": 1,
+                "address": "0x12",
+                "signature": SIG,
+                "payment_address": ADDR,
+            }
+        ),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _raw(
+            {
+                "v": 1,
+                "type": "result",
+                "id": 1,
+                "job": "j",
+                "slice": 0,
+                "token": "t",
+                "result": "!!notbase64",
+                "payment_address": ADDR,
+                "signature": SIG,
+            }
+        ),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _raw({"v": 1, "type": "work", "re": 1, "slices": [{"job": "j"}]}),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
     (_raw({"v": 1, "type": "work", "re": 1, "slices": {}}), p.InvalidMessage, "invalid_message"),
 ]
 
@@ -160,12 +213,21 @@ def test_fuzz_decode_raises_only_protocol_errors(data: bytes) -> None:
         pass
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=20,
-), st.sampled_from(sorted(p.SCHEDULER_MESSAGES)))
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=10),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=10), children, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    st.sampled_from(sorted(p.SCHEDULER_MESSAGES)),
+)
 def test_fuzz_structured_fields(value: object, type_: str) -> None:
     """Well-formed JSON with arbitrary field values: only documented errors escape."""
     cls = p.SCHEDULER_MESSAGES[type_]
@@ -211,8 +273,17 @@ def test_protocol_package_does_no_io() -> None:
     import ast
     from pathlib import Path
 
-    forbidden = {"socket", "asyncio", "subprocess", "websockets", "aiohttp", "sqlite3",
-                 "dcp_worker.supervisor", "scheduler", "evaluator"}
+    forbidden = {
+        "socket",
+        "asyncio",
+        "subprocess",
+        "websockets",
+        "aiohttp",
+        "sqlite3",
+        "dcp_worker.supervisor",
+        "scheduler",
+        "evaluator",
+    }
     root = Path(p.__file__).parent
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -27,15 +27,19 @@ async def _open(url: str, keystore: Keystore) -> websockets.asyncio.client.Clien
     assert isinstance(hello, p.Hello) and hello.protocol == p.PROTOCOL_VERSION
     identity = keystore.identity
     sig = identity.sign(signing.session_payload(hello.challenge, hello.server, identity.address))
-    await ws.send(p.encode(p.Auth(id=1, address=identity.address, signature=sig,
-                                  payment_address=identity.address)).decode())
+    await ws.send(
+        p.encode(
+            p.Auth(id=1, address=identity.address, signature=sig, payment_address=identity.address)
+        ).decode()
+    )
     welcome = await _recv(ws)
     assert isinstance(welcome, p.Welcome) and welcome.address == identity.address
     return ws
 
 
 def test_malformed_frames_get_named_errors_and_the_session_survives(
-        scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]) -> None:
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
     keystore = make_keystore("worker")
 
     async def main() -> None:
@@ -44,8 +48,11 @@ def test_malformed_frames_get_named_errors_and_the_session_survives(
             ("{nope", None, "malformed_frame"),
             (json.dumps({"v": 1, "type": "teleport", "id": 7}), 7, "unknown_message"),
             (json.dumps({"v": 1, "type": "fetch", "id": 8}), 8, "invalid_message"),
-            (json.dumps({"v": 3, "type": "fetch", "id": 9, "max_slices": 1}), 9,
-             "unsupported_version"),
+            (
+                json.dumps({"v": 3, "type": "fetch", "id": 9, "max_slices": 1}),
+                9,
+                "unsupported_version",
+            ),
             (p.encode(p.Ack(re=1)).decode(), None, "unexpected_message"),
             ("x" * (33 * 1024 * 1024), None, "frame_too_large"),
         ]
@@ -63,7 +70,8 @@ def test_malformed_frames_get_named_errors_and_the_session_survives(
 
 
 def test_bad_challenge_signature_closes_the_session(
-        scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]) -> None:
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
     keystore = make_keystore("worker")
     other = make_keystore("other")
 
@@ -72,10 +80,19 @@ def test_bad_challenge_signature_closes_the_session(
             hello = await _recv(ws)
             assert isinstance(hello, p.Hello)
             # Signed by another key than the address claims.
-            sig = other.identity.sign(signing.session_payload(hello.challenge, hello.server,
-                                                              keystore.identity.address))
-            await ws.send(p.encode(p.Auth(id=1, address=keystore.identity.address, signature=sig,
-                                          payment_address=keystore.identity.address)).decode())
+            sig = other.identity.sign(
+                signing.session_payload(hello.challenge, hello.server, keystore.identity.address)
+            )
+            await ws.send(
+                p.encode(
+                    p.Auth(
+                        id=1,
+                        address=keystore.identity.address,
+                        signature=sig,
+                        payment_address=keystore.identity.address,
+                    )
+                ).decode()
+            )
             reply = await _recv(ws)
             assert isinstance(reply, p.Error) and reply.code == "auth_failed"
             try:
@@ -100,14 +117,13 @@ def test_requests_before_auth_are_refused(scheduler: SchedulerProcess) -> None:
 
 
 def test_results_need_the_sessions_signature_and_the_current_token(
-        tmp_path: Path, scheduler: SchedulerProcess,
-        make_keystore: Callable[[str], Keystore]) -> None:
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
     owner = make_keystore("owner")
     keystore = make_keystore("worker")
     other = make_keystore("other")
     job_toml = tmp_path / "echo.toml"
-    job_toml.write_text(f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n'
-                        '[inputs]\nvalues = ["a"]\n')
+    job_toml.write_text(f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n[inputs]\nvalues = ["a"]\n')
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_toml)
 
@@ -123,8 +139,17 @@ def test_results_need_the_sessions_signature_and_the_current_token(
 
         def result(rid: int, signer: Keystore, token: str, data: bytes = b"a") -> str:
             sig = signer.identity.sign(signing.result_payload(job, 0, token, data, pay))
-            return p.encode(p.Result(id=rid, job=job, slice=0, token=token, result=data,
-                                     payment_address=pay, signature=sig)).decode()
+            return p.encode(
+                p.Result(
+                    id=rid,
+                    job=job,
+                    slice=0,
+                    token=token,
+                    result=data,
+                    payment_address=pay,
+                    signature=sig,
+                )
+            ).decode()
 
         await ws.send(result(3, other, lease.token))
         reply = await _recv(ws)

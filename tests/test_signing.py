@@ -37,7 +37,9 @@ def test_domains_are_separated() -> None:
     assert signing.verify(session, sig, ADDR)
     assert not signing.verify(signing.deploy_payload(session), sig, ADDR)
     # Field boundaries are length-prefixed: moving bytes between fields changes the payload.
-    assert signing.result_payload("ab", 1, "c", b"", PAY) != signing.result_payload("a", 1, "bc", b"", PAY)
+    assert signing.result_payload("ab", 1, "c", b"", PAY) != signing.result_payload(
+        "a", 1, "bc", b"", PAY
+    )
 
 
 def test_bad_signatures_are_refused_not_raised() -> None:

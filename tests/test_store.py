@@ -26,10 +26,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def new_job(n: int = 3, attempts: int = 2, tag: str = "a") -> NewJob:
-    return NewJob(owner=W1, name="t", runtime="wasm", module=b"\x00asm",
-                  module_sha256=hashlib.sha256(b"\x00asm").hexdigest(), argv=("1",),
-                  limits=Limits(), offer=1.0, data=tuple(f"d{i}".encode() for i in range(n)),
-                  payload_sha256=hashlib.sha256(tag.encode()).hexdigest(), max_attempts=attempts)
+    return NewJob(
+        owner=W1,
+        name="t",
+        runtime="wasm",
+        module=b"\x00asm",
+        module_sha256=hashlib.sha256(b"\x00asm").hexdigest(),
+        argv=("1",),
+        limits=Limits(),
+        offer=1.0,
+        data=tuple(f"d{i}".encode() for i in range(n)),
+        payload_sha256=hashlib.sha256(tag.encode()).hexdigest(),
+        max_attempts=attempts,
+    )
 
 
 def accept(store: Store, lease_job: str, idx: int, token: str, worker: str = W1) -> str:
@@ -40,10 +49,12 @@ def test_lease_is_fifo_and_disjoint(store: Store) -> None:
     job = store.create_job(new_job(5), 0.0)
     first = store.lease(W1, 3, 0.0, 10.0)
     second = store.lease(W2, 3, 0.0, 10.0)
-    assert [l.slice for l in first] == [0, 1, 2]
-    assert [l.slice for l in second] == [3, 4]
-    assert all(l.job == job and l.attempt == 1 and l.deadline == 10.0 for l in first + second)
-    assert len({l.token for l in first + second}) == 5
+    assert [lease.slice for lease in first] == [0, 1, 2]
+    assert [lease.slice for lease in second] == [3, 4]
+    assert all(
+        (lease.job, lease.attempt, lease.deadline) == (job, 1, 10.0) for lease in first + second
+    )
+    assert len({lease.token for lease in first + second}) == 5
     assert first[0].datum == b"d0"
     assert store.lease(W1, 3, 0.0, 10.0) == []
 

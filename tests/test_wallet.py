@@ -24,8 +24,12 @@ PBKDF2_VECTOR = {
         "cipherparams": {"iv": "6087dab2f9fdbbfaddc31a909735c1e6"},
         "ciphertext": "5318b4d5bcd28de64ee5559e671353e16f075ecae9f99c7a79a38af5f869aa46",
         "kdf": "pbkdf2",
-        "kdfparams": {"c": 262144, "dklen": 32, "prf": "hmac-sha256",
-                      "salt": "ae3cd4e7013836a3df6bd7241b12db061dbe2c6785853cce422d148a624ce0bd"},
+        "kdfparams": {
+            "c": 262144,
+            "dklen": 32,
+            "prf": "hmac-sha256",
+            "salt": "ae3cd4e7013836a3df6bd7241b12db061dbe2c6785853cce422d148a624ce0bd",
+        },
         "mac": "517ead924a9d0dc3124507e3393d175ce3ff7c1e96529c6c555ce9e51205e9b2",
     },
     "id": "3198bc9c-6672-5ab3-d995-4942343ae5b6",
@@ -37,8 +41,13 @@ SCRYPT_VECTOR = {
         "cipherparams": {"iv": "83dbcc02d8ccb40e466191a123791e0e"},
         "ciphertext": "d172bf743a674da9cdad04534d56926ef8358534d458fffccd4e6ad2fbde479c",
         "kdf": "scrypt",
-        "kdfparams": {"dklen": 32, "n": 262144, "r": 1, "p": 8,
-                      "salt": "ab0c7876052600dd703518d6fc3fe8984592145b591fc8fb5c6d43190334ba19"},
+        "kdfparams": {
+            "dklen": 32,
+            "n": 262144,
+            "r": 1,
+            "p": 8,
+            "salt": "ab0c7876052600dd703518d6fc3fe8984592145b591fc8fb5c6d43190334ba19",
+        },
         "mac": "2103ac29920d71da29f15d75b4a16dbe95cfd7ff8faea1056c33131d846e3097",
     },
     "id": "3198bc9c-6672-5ab3-d995-4942343ae5b6",
@@ -69,8 +78,15 @@ def _independent_decrypt(document: dict, passphrase: bytes) -> bytes:
     params = crypto["kdfparams"]
     salt = bytes.fromhex(params["salt"])
     if crypto["kdf"] == "scrypt":
-        dk = hashlib.scrypt(passphrase, salt=salt, n=params["n"], r=params["r"], p=params["p"],
-                            dklen=params["dklen"], maxmem=2**30)
+        dk = hashlib.scrypt(
+            passphrase,
+            salt=salt,
+            n=params["n"],
+            r=params["r"],
+            p=params["p"],
+            dklen=params["dklen"],
+            maxmem=2**30,
+        )
     else:
         dk = hashlib.pbkdf2_hmac("sha256", passphrase, salt, params["c"], params["dklen"])
     ciphertext = bytes.fromhex(crypto["ciphertext"])
@@ -107,13 +123,16 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("content,match", [
-    ("not json", "not a JSON keystore"),
-    ("[]", "not a JSON keystore"),
-    ('{"version": 1}', "only version 3"),
-    ('{"version": 3}', "missing 'crypto'"),
-    ('{"version": 3, "crypto": {"cipher": "aes-128-ctr"}}', "missing crypto.ciphertext"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("not json", "not a JSON keystore"),
+        ("[]", "not a JSON keystore"),
+        ('{"version": 1}', "only version 3"),
+        ('{"version": 3}', "missing 'crypto'"),
+        ('{"version": 3, "crypto": {"cipher": "aes-128-ctr"}}', "missing crypto.ciphertext"),
+    ],
+)
 def test_malformed_keystores_are_named(tmp_path: Path, content: str, match: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -135,8 +154,9 @@ def test_cli_create_show_and_import(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
     out = tmp_path / "w.json"
-    created = _wallet("create", "--out", str(out), "--passphrase-file", str(pw),
-                      "--kdf-iterations", "1024")
+    created = _wallet(
+        "create", "--out", str(out), "--passphrase-file", str(pw), "--kdf-iterations", "1024"
+    )
     assert created.returncode == 0, created.stderr
     address = created.stdout.strip()
     assert address.startswith("0x") and len(address) == 42 and address != address.lower()
@@ -146,8 +166,19 @@ def test_cli_create_show_and_import(tmp_path: Path) -> None:
 
     key = tmp_path / "key"
     key.write_text("0x" + VECTOR_KEY + "\n")
-    imported = _wallet("import", "--out", str(tmp_path / "i.json"), "--key-file", str(key),
-                       "--passphrase-file", str(pw), "--kdf", "pbkdf2", "--kdf-iterations", "1024")
+    imported = _wallet(
+        "import",
+        "--out",
+        str(tmp_path / "i.json"),
+        "--key-file",
+        str(key),
+        "--passphrase-file",
+        str(pw),
+        "--kdf",
+        "pbkdf2",
+        "--kdf-iterations",
+        "1024",
+    )
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == "0x008AeEda4D805471dF9b2A5B0f38A0C3bCBA786b"
 

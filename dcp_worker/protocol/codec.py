@@ -137,7 +137,9 @@ class StreamDecoder:
         if len(self._buffer) < end:
             if self._eof:
                 self.broken = True
-                raise FrameError(f"stream ended inside a frame ({len(self._buffer)} of {end} bytes)")
+                raise FrameError(
+                    f"stream ended inside a frame ({len(self._buffer)} of {end} bytes)"
+                )
             return None
         body = bytes(self._buffer[_PREFIX.size : end])
         del self._buffer[:end]

@@ -195,7 +195,9 @@ class Auth(Message):
     def __post_init__(self) -> None:
         _check_address(self.address, "address")
         _check_address(self.payment_address, "payment_address")
-        _check(len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes")
+        _check(
+            len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,9 @@ class Result(Message):
 
     def __post_init__(self) -> None:
         _check_address(self.payment_address, "payment_address")
-        _check(len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes")
+        _check(
+            len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes"
+        )
 
 
 @dataclass(frozen=True)
@@ -391,8 +395,18 @@ class Die(Message):
 SCHEDULER_MESSAGES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (
-        Hello, Auth, Welcome, Fetch, Work, Heartbeat, HeartbeatAck, Result, SliceFailed, Return,
-        Ack, Error,
+        Hello,
+        Auth,
+        Welcome,
+        Fetch,
+        Work,
+        Heartbeat,
+        HeartbeatAck,
+        Result,
+        SliceFailed,
+        Return,
+        Ack,
+        Error,
     )
 }
 EVALUATOR_MESSAGES: dict[str, type[Message]] = {

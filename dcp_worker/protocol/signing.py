@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from eth_keys import keys
-from eth_keys.exceptions import BadSignature, ValidationError
-from eth_utils import keccak, to_checksum_address
+from eth_keys.datatypes import PrivateKey, Signature
+from eth_keys.exceptions import BadSignature
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from eth_utils.exceptions import ValidationError
 
 __all__ = [
     "session_payload",
@@ -66,19 +68,21 @@ def deploy_payload(body: bytes) -> bytes:
 
 def owner_action_payload(action: str, job: str, timestamp: int) -> bytes:
     """What a job owner signs to act on a job (e.g. cancel); the timestamp bounds replay."""
-    return _payload(OWNER_ACTION_DOMAIN, action.encode(), job.encode(), struct.pack(">Q", timestamp))
+    return _payload(
+        OWNER_ACTION_DOMAIN, action.encode(), job.encode(), struct.pack(">Q", timestamp)
+    )
 
 
 def sign(private_key: bytes, payload: bytes) -> str:
     """Sign ``payload`` with a 32-byte secp256k1 key; returns 130 hex digits."""
-    signature = keys.PrivateKey(private_key).sign_msg_hash(keccak(payload))
+    signature = PrivateKey(private_key).sign_msg_hash(keccak(payload))
     return signature.to_bytes().hex()
 
 
 def recover(payload: bytes, signature: str) -> str | None:
     """The checksummed address that signed ``payload``, or None if the signature is invalid."""
     try:
-        sig = keys.Signature(bytes.fromhex(signature))
+        sig = Signature(bytes.fromhex(signature))
         public = sig.recover_public_key_from_msg_hash(keccak(payload))
     except (ValueError, BadSignature, ValidationError):
         return None
@@ -93,7 +97,7 @@ def verify(payload: bytes, signature: str, address: str) -> bool:
 
 def address_of(private_key: bytes) -> str:
     """The EIP-55 address of a private key."""
-    return keys.PrivateKey(private_key).public_key.to_checksum_address()
+    return PrivateKey(private_key).public_key.to_checksum_address()
 
 
 def checksum(address: str) -> str:

@@ -23,8 +23,9 @@ def wat(text: str) -> bytes:
     return bytes(wasmtime.wat2wasm(text))
 
 
-def command(body: str, imports: str = "", memory: str = "(memory (export \"memory\") 1)",
-            extra: str = "") -> bytes:
+def command(
+    body: str, imports: str = "", memory: str = '(memory (export "memory") 1)', extra: str = ""
+) -> bytes:
     return wat(f"""(module {imports} {memory} {extra}
         (func (export "_start") {body}))""")
 
@@ -36,42 +37,81 @@ HOSTILE = {
     "unreachable_trap": (command("unreachable"), {}, "wasm_trap"),
     "divide_by_zero": (command("(drop (i32.div_u (i32.const 1) (i32.const 0)))"), {}, "wasm_trap"),
     "out_of_bounds": (command("(drop (i32.load (i32.const 1000000)))"), {}, "wasm_trap"),
-    "deep_recursion": (wat("""(module (memory (export "memory") 1)
-        (func $f (call $f)) (func (export "_start") (call $f)))"""), {}, "wasm_trap"),
-    "grow_memory_forever": (command(
-        "(loop (br_if 0 (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) unreachable"),
-        {"memory_bytes": 4 * 1024 * 1024}, "memory_limit"),
-    "initial_memory_above_cap": (command("nop", memory='(memory (export "memory") 1000)'),
-                                 {"memory_bytes": 16 * 1024 * 1024}, "memory_limit"),
-    "stdout_flood": (command(
-        # iovec at 0: buffer at 16, 65536 bytes; write it forever, ignoring errors.
-        "(i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 65536))"
-        "(loop (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"
-        " (br 0))", imports=FD_WRITE, memory='(memory (export "memory") 2)'),
-        {"output_bytes": 1024 * 1024, "wall_seconds": 1}, "output_too_large"),
-    "path_open": (command(
-        "(drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 11)"
-        " (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 100)))",
-        imports=f'(import "{WASI}" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64'
-                ' i32 i32) (result i32)))',
-        extra='(data (i32.const 0) "/etc/passwd")'), {}, "sandbox_violation"),
-    "sock_accept": (command(
-        "(drop (call $accept (i32.const 3) (i32.const 0) (i32.const 0)))",
-        imports=f'(import "{WASI}" "sock_accept" (func $accept (param i32 i32 i32)'
-                ' (result i32)))'), {}, "sandbox_violation"),
-    "host_import": (command("(call $system)", imports='(import "env" "system" (func $system))'),
-                    {}, "forbidden_import"),
-    "dcp_unknown_import": (command("(call $x)", imports='(import "dcp" "spawn" (func $x))'),
-                           {}, "forbidden_import"),
-    "nonzero_exit": (command(
-        "(call $exit (i32.const 3))",
-        imports=f'(import "{WASI}" "proc_exit" (func $exit (param i32)))'), {}, "wasm_exit"),
+    "deep_recursion": (
+        wat("""(module (memory (export "memory") 1)
+        (func $f (call $f)) (func (export "_start") (call $f)))"""),
+        {},
+        "wasm_trap",
+    ),
+    "grow_memory_forever": (
+        command("(loop (br_if 0 (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) unreachable"),
+        {"memory_bytes": 4 * 1024 * 1024},
+        "memory_limit",
+    ),
+    "initial_memory_above_cap": (
+        command("nop", memory='(memory (export "memory") 1000)'),
+        {"memory_bytes": 16 * 1024 * 1024},
+        "memory_limit",
+    ),
+    "stdout_flood": (
+        command(
+            # iovec at 0: buffer at 16, 65536 bytes; write it forever, ignoring errors.
+            "(i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 65536))"
+            "(loop (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"
+            " (br 0))",
+            imports=FD_WRITE,
+            memory='(memory (export "memory") 2)',
+        ),
+        {"output_bytes": 1024 * 1024, "wall_seconds": 1},
+        "output_too_large",
+    ),
+    "path_open": (
+        command(
+            "(drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 11)"
+            " (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 100)))",
+            imports=f'(import "{WASI}" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64'
+            " i32 i32) (result i32)))",
+            extra='(data (i32.const 0) "/etc/passwd")',
+        ),
+        {},
+        "sandbox_violation",
+    ),
+    "sock_accept": (
+        command(
+            "(drop (call $accept (i32.const 3) (i32.const 0) (i32.const 0)))",
+            imports=f'(import "{WASI}" "sock_accept" (func $accept (param i32 i32 i32)'
+            " (result i32)))",
+        ),
+        {},
+        "sandbox_violation",
+    ),
+    "host_import": (
+        command("(call $system)", imports='(import "env" "system" (func $system))'),
+        {},
+        "forbidden_import",
+    ),
+    "dcp_unknown_import": (
+        command("(call $x)", imports='(import "dcp" "spawn" (func $x))'),
+        {},
+        "forbidden_import",
+    ),
+    "nonzero_exit": (
+        command(
+            "(call $exit (i32.const 3))",
+            imports=f'(import "{WASI}" "proc_exit" (func $exit (param i32)))',
+        ),
+        {},
+        "wasm_exit",
+    ),
     "fuel_exhausted": (command("(loop (br 0))"), {"fuel": 100_000}, "wasm_fuel_exhausted"),
     "not_wasm": (b"#!/bin/sh\nrm -rf /\n", {}, "invalid_module"),
     "truncated_wasm": (ECHO[: len(ECHO) // 2], {}, "invalid_module"),
     "no_start": (wat('(module (func (export "main")))'), {}, "invalid_module"),
-    "huge_garbage": (b"\x00asm\x01\x00\x00\x00" + b"\xff" * (8 * 1024 * 1024), {},
-                     "invalid_module"),
+    "huge_garbage": (
+        b"\x00asm\x01\x00\x00\x00" + b"\xff" * (8 * 1024 * 1024),
+        {},
+        "invalid_module",
+    ),
 }
 
 
@@ -108,26 +148,36 @@ def test_environment_is_empty(evaluator: EvaluatorClient) -> None:
         "(i32.store (i32.const 8) (i32.const 16)) (i32.store (i32.const 12) (i32.const 1))"
         "(drop (call $fd_write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 20)))",
         imports=f'(import "{WASI}" "environ_sizes_get" (func $sizes (param i32 i32)'
-                f' (result i32))) {FD_WRITE}')
+        f" (result i32))) {FD_WRITE}",
+    )
     assert isinstance(evaluator.assign(module), p.Ack)
     reply = evaluator.run(b"")
     assert isinstance(reply, p.SliceDone) and reply.result == b"0"
 
 
 def test_module_hash_is_checked(evaluator: EvaluatorClient) -> None:
-    reply = evaluator.request(p.Assign(id=evaluator.next_id(), job="j", runtime="wasm",
-                                       sha256="00" * 32, module=ECHO))
+    reply = evaluator.request(
+        p.Assign(id=evaluator.next_id(), job="j", runtime="wasm", sha256="00" * 32, module=ECHO)
+    )
     assert isinstance(reply, p.Error) and reply.code == "invalid_module"
 
 
 def test_unsupported_runtime(evaluator: EvaluatorClient) -> None:
-    reply = evaluator.request(p.Assign(id=evaluator.next_id(), job="j", runtime="cuda",
-                                       sha256=hashlib.sha256(ECHO).hexdigest(), module=ECHO))
+    reply = evaluator.request(
+        p.Assign(
+            id=evaluator.next_id(),
+            job="j",
+            runtime="cuda",
+            sha256=hashlib.sha256(ECHO).hexdigest(),
+            module=ECHO,
+        )
+    )
     assert isinstance(reply, p.Error) and reply.code == "unsupported_runtime"
 
 
-def test_c_program_that_opens_a_file(tmp_path: Path, evaluator: EvaluatorClient,
-                                     zig_build: object) -> None:
+def test_c_program_that_opens_a_file(
+    tmp_path: Path, evaluator: EvaluatorClient, zig_build: object
+) -> None:
     source = Path(__file__).with_name("open_file.c")
     module = zig_build(source)  # type: ignore[operator]
     assert isinstance(evaluator.assign(module), p.Ack)
