@@ -33,7 +33,6 @@ from .errors import SliceError
 
 TICK = 0.005
 _WASI = "wasi_snapshot_preview1"
-_ALLOWED_IMPORT_MODULES = {_WASI, "dcp"}
 #: WASI calls a work function may import but never successfully use: trap with a named reason.
 _FORBIDDEN_WASI = frozenset(
     {
@@ -55,7 +54,8 @@ _CACHE_ENTRIES = 32
 @dataclass
 class _Compiled:
     module: wasmtime.Module
-    imports: tuple[tuple[str, str, wasmtime.FuncType | None], ...]
+    #: WASI plus our shadowing host functions; reusable across stores of one engine.
+    linker: wasmtime.Linker
 
 
 class WasmRuntime:
@@ -124,24 +124,38 @@ class WasmRuntime:
             raise SliceError(
                 ErrorCode.INVALID_MODULE, f"not a valid wasm module: {first}"
             ) from None
-        imports = []
-        for imp in module.imports:
-            if imp.module not in _ALLOWED_IMPORT_MODULES or (
-                imp.module == "dcp" and imp.name != "progress"
-            ):
-                raise SliceError(
-                    ErrorCode.FORBIDDEN_IMPORT,
-                    f"module imports {imp.module}.{imp.name}, which the sandbox does not provide",
-                )
-            func_type = imp.type if isinstance(imp.type, wasmtime.FuncType) else None
-            imports.append((imp.module, imp.name or "", func_type))
         if "_start" not in {e.name for e in module.exports}:
             raise SliceError(
                 ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)"
             )
-        self._cache[key] = _Compiled(module, tuple(imports))
+        self._cache[key] = _Compiled(module, self._linker(engine, module))
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
+
+    def _linker(self, engine: wasmtime.Engine, module: wasmtime.Module) -> wasmtime.Linker:
+        """WASI, with forbidden calls shadowed by traps and ``dcp.progress`` defined.
+
+        Raises:
+            SliceError: FORBIDDEN_IMPORT for anything else the module imports.
+        """
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        for imp in module.imports:
+            name = imp.name or ""
+            func_type = imp.type if isinstance(imp.type, wasmtime.FuncType) else None
+            if imp.module == _WASI and func_type is not None:
+                if name in _FORBIDDEN_WASI:
+                    linker.define_func(imp.module, name, func_type, self._forbid(name))
+            elif imp.module == "dcp" and name == "progress" and _is_progress_type(func_type):
+                assert func_type is not None
+                linker.define_func(imp.module, name, func_type, self._on_progress)
+            else:
+                raise SliceError(
+                    ErrorCode.FORBIDDEN_IMPORT,
+                    f"module imports {imp.module}.{name}, which the sandbox does not provide",
+                )
+        return linker
 
     # ------------------------------------------------------------------ running
 
@@ -176,17 +190,7 @@ class WasmRuntime:
         wasi.stderr_file = str(stderr_path)
         store.set_wasi(wasi)
 
-        linker = wasmtime.Linker(engine)
-        linker.define_wasi()
-        linker.allow_shadowing = True
         self._violation = None
-        for module_name, name, func_type in compiled.imports:
-            if func_type is None:
-                continue
-            if module_name == _WASI and name in _FORBIDDEN_WASI:
-                linker.define_func(module_name, name, func_type, self._forbid(name))
-            elif module_name == "dcp" and name == "progress":
-                linker.define_func(module_name, name, func_type, self._on_progress)
 
         cap = limits.output_bytes + 1
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -199,7 +203,7 @@ class WasmRuntime:
                 resource.RLIMIT_FSIZE,
                 (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard),
             )
-            instance = linker.instantiate(store, compiled.module)
+            instance = compiled.linker.instantiate(store, compiled.module)
             start = instance.exports(store)["_start"]
             assert isinstance(start, wasmtime.Func)
             start(store)
@@ -215,6 +219,8 @@ class WasmRuntime:
                     ErrorCode.MEMORY_LIMIT,
                     f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes",
                 ) from None
+            if "unknown import" in text:
+                raise SliceError(ErrorCode.FORBIDDEN_IMPORT, _first_line(text)) from None
             raise SliceError(ErrorCode.WASM_TRAP, _first_line(text)) from None
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -290,6 +296,15 @@ class WasmRuntime:
 
     def _on_progress(self, fraction: float) -> None:
         self._progress(float(fraction))
+
+
+def _is_progress_type(func_type: wasmtime.FuncType | None) -> bool:
+    """``dcp.progress`` must be ``(f64) -> ()``."""
+    return (
+        func_type is not None
+        and [str(t) for t in func_type.params] == ["f64"]
+        and not func_type.results
+    )
 
 
 def _memory_exhausted(

@@ -179,6 +179,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 "worker": s.worker,
                 "error": s.error_code,
                 "message": s.error,
+                "progress": s.progress if s.state == "leased" else None,
             }
             if as_json:
                 if s.result is not None:
@@ -186,9 +187,11 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 click.echo(json.dumps(row))
             else:
                 err = f"  {s.error_code}: {s.error}" if s.error_code else ""
+                shown = s.state == "leased" and s.progress is not None
+                progress = f"  progress={s.progress:.0%}" if shown else ""
                 click.echo(
                     f"{s.slice:>7}  {s.state:<9}  attempts={s.attempts}  "
-                    f"worker={s.worker or '-'}{err}"
+                    f"worker={s.worker or '-'}{progress}{err}"
                 )
         after = batch[-1].slice
 

@@ -31,7 +31,6 @@ from dcp_worker.protocol import (
     Heartbeat,
     HeartbeatAck,
     JobSpec,
-    LeaseRef,
     Message,
     ProtocolError,
     Result,
@@ -204,12 +203,11 @@ class Scheduler:
         if isinstance(message, Fetch):
             return self._fetch(session, message, now)
         if isinstance(message, Heartbeat):
-            refs = [(r.job, r.slice, r.token) for r in message.leases]
-            lost = self.store.heartbeat(session.address, refs, now, self.config.lease_timeout)
+            lost = self.store.heartbeat(
+                session.address, list(message.leases), now, self.config.lease_timeout
+            )
             return HeartbeatAck(
-                re=message.id,
-                deadline=now + self.config.lease_timeout,
-                lost=tuple(LeaseRef(j, s, t) for j, s, t in lost),
+                re=message.id, deadline=now + self.config.lease_timeout, lost=tuple(lost)
             )
         if isinstance(message, Result):
             return self._result(session, message, now)

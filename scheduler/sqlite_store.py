@@ -18,6 +18,7 @@ from typing import Any
 
 from dcp_worker.protocol import (
     IllegalTransition,
+    LeaseRef,
     Limits,
     Metrics,
     SliceEvent,
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS slices (
     token TEXT,
     worker TEXT,
     deadline REAL,
+    progress REAL,
     result BLOB,
     signature TEXT,
     payment_address TEXT,
@@ -209,7 +211,7 @@ class SQLiteStore:
         self.job(job_id)
         rows = self._db.execute(
             "SELECT job, idx, state, attempts, worker, deadline, error_code, error, result,"
-            " payment_address, accepted_at, metrics FROM slices WHERE job=? AND idx>?"
+            " payment_address, accepted_at, metrics, progress FROM slices WHERE job=? AND idx>?"
             " ORDER BY idx LIMIT ?",
             (job_id, after, limit),
         ).fetchall()
@@ -227,6 +229,7 @@ class SQLiteStore:
                 payment_address=r[9],
                 accepted_at=r[10],
                 metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
+                progress=r[12],
             )
             for r in rows
         ]
@@ -251,25 +254,25 @@ class SQLiteStore:
                 updates.append((new_state, token, worker, deadline, job_id, idx))
                 leases.append(Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum)))
             db.executemany(
-                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, attempts=attempts+1"
-                " WHERE job=? AND idx=?",
+                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, attempts=attempts+1,"
+                " progress=NULL WHERE job=? AND idx=?",
                 updates,
             )
         return leases
 
     def heartbeat(
-        self, worker: str, refs: list[tuple[str, int, str]], now: float, timeout: float
-    ) -> list[tuple[str, int, str]]:
+        self, worker: str, refs: list[LeaseRef], now: float, timeout: float
+    ) -> list[LeaseRef]:
         lost = []
         with self._tx() as db:
-            for job_id, idx, token in refs:
+            for ref in refs:
                 cur = db.execute(
-                    "UPDATE slices SET deadline=? WHERE job=? AND idx=? AND token=? AND worker=?"
-                    " AND state='leased'",
-                    (now + timeout, job_id, idx, token, worker),
+                    "UPDATE slices SET deadline=?, progress=coalesce(?, progress) WHERE job=?"
+                    " AND idx=? AND token=? AND worker=? AND state='leased'",
+                    (now + timeout, ref.progress, ref.job, ref.slice, ref.token, worker),
                 )
                 if cur.rowcount == 0:
-                    lost.append((job_id, idx, token))
+                    lost.append(LeaseRef(ref.job, ref.slice, ref.token))
         return lost
 
     def _current(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dcp_worker.protocol import ErrorCode, Limits, Metrics
+from dcp_worker.protocol import ErrorCode, LeaseRef, Limits, Metrics
 
 
 class StoreError(Exception):
@@ -94,6 +94,7 @@ class SliceRecord:
     payment_address: str | None
     accepted_at: float | None
     metrics: Metrics | None
+    progress: float | None = None
 
 
 class Store(Protocol):
@@ -106,8 +107,8 @@ class Store(Protocol):
     def slices(self, job_id: str, after: int = -1, limit: int = 1000) -> list[SliceRecord]: ...
     def lease(self, worker: str, max_slices: int, now: float, timeout: float) -> list[Lease]: ...
     def heartbeat(
-        self, worker: str, refs: list[tuple[str, int, str]], now: float, timeout: float
-    ) -> list[tuple[str, int, str]]: ...
+        self, worker: str, refs: list[LeaseRef], now: float, timeout: float
+    ) -> list[LeaseRef]: ...
     def accept_result(
         self,
         job_id: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dcp_worker.protocol import Limits, Metrics
+from dcp_worker.protocol import LeaseRef, Limits, Metrics
 from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice
 
 W1 = "0x" + "11" * 20
@@ -109,10 +109,12 @@ def test_late_result_under_last_token_is_accepted(store: Store) -> None:
 def test_heartbeat_extends_and_reports_lost(store: Store) -> None:
     job = store.create_job(new_job(2), 0.0)
     a, b = store.lease(W1, 2, 0.0, 5.0)
-    lost = store.heartbeat(W1, [(job, 0, a.token), (job, 1, "bogus")], 4.0, 5.0)
-    assert lost == [(job, 1, "bogus")]
+    lost = store.heartbeat(
+        W1, [LeaseRef(job, 0, a.token, 0.5), LeaseRef(job, 1, "bogus")], 4.0, 5.0
+    )
+    assert lost == [LeaseRef(job, 1, "bogus")]
     assert store.expire_leases(6.0) == 1  # slice 1 expired; slice 0 lives until 9.0
-    assert [s.state for s in store.slices(job)] == ["leased", "queued"]
+    assert [(s.state, s.progress) for s in store.slices(job)] == [("leased", 0.5), ("queued", None)]
 
 
 def test_attempts_are_bounded_then_reset(store: Store) -> None:

@@ -95,6 +95,24 @@ HOSTILE = {
         {},
         "forbidden_import",
     ),
+    "progress_wrong_signature": (
+        command(
+            "(drop (call $p (i32.const 1)))",
+            imports='(import "dcp" "progress" (func $p (param i32) (result i32)))',
+        ),
+        {},
+        "forbidden_import",
+    ),
+    "wasi_function_that_does_not_exist": (
+        command("(call $x)", imports=f'(import "{WASI}" "launch_rocket" (func $x))'),
+        {},
+        "forbidden_import",
+    ),
+    "wasi_memory_import": (
+        command("nop", imports=f'(import "{WASI}" "memory" (memory 1))', memory=""),
+        {},
+        "forbidden_import",
+    ),
     "nonzero_exit": (
         command(
             "(call $exit (i32.const 3))",
