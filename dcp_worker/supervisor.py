@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -51,6 +52,7 @@ log = logging.getLogger("dcp.worker")
 
 _SUBMIT_WINDOW = 32
 _IDLE_POLL = 1.0
+_JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
     ErrorCode.STALE_LEASE.value,
@@ -109,7 +111,7 @@ class Supervisor:
             Sandbox(i, evaluator_command, config.slices_per_evaluator)
             for i in range(config.effective_sandboxes)
         ]
-        self._jobs: dict[str, JobSpec] = {}
+        self._jobs: OrderedDict[str, JobSpec] = OrderedDict()
         self._queue: asyncio.Queue[_Held] = asyncio.Queue()
         self._held: dict[tuple[str, int, str], _Held] = {}
         self._session: Session | None = None
@@ -294,7 +296,12 @@ class Supervisor:
                 await self._capacity.wait()
                 continue
             reply = await session.request(
-                partial(Fetch, max_slices=deficit, capabilities=self._capabilities)
+                partial(
+                    Fetch,
+                    max_slices=deficit,
+                    capabilities=self._capabilities,
+                    known_jobs=tuple(self._jobs),
+                )
             )
             if isinstance(reply, Error):
                 log.warning("fetch refused: %s %s", reply.code, reply.message)
@@ -303,6 +310,7 @@ class Supervisor:
             assert isinstance(reply, Work)
             for job in reply.jobs:
                 self._jobs[job.job] = job
+            self._forget_jobs(keep={lease.job for lease in reply.slices})
             if self._stopping.is_set() and reply.slices:
                 # Stopped while this fetch was in flight: give the slices straight back.
                 leases = tuple(_ref(lease) for lease in reply.slices)
@@ -317,6 +325,15 @@ class Supervisor:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), _IDLE_POLL)
+
+    def _forget_jobs(self, keep: set[str]) -> None:
+        """Bound the job-spec cache (modules can be large), never dropping a job in use."""
+        in_use = keep | {held.lease.job for held in self._held.values()}
+        for job_id in list(self._jobs):
+            if len(self._jobs) <= _JOB_CACHE:
+                break
+            if job_id not in in_use:
+                del self._jobs[job_id]
 
     async def _heartbeater(self, session: Session) -> None:
         interval = session.welcome.heartbeat_interval
@@ -403,6 +420,8 @@ class Supervisor:
                 self._held.pop(_key(lease), None)
                 continue
             job = self._jobs.get(lease.job)
+            if job is not None:
+                self._jobs.move_to_end(lease.job)
             self._running += 1
             try:
                 if job is None:

@@ -71,7 +71,6 @@ class _Session:
     id: str
     address: str = ""
     payment_address: str = ""
-    jobs_sent: set[str] | None = None
 
 
 def _peek_id(data: str | bytes) -> int | None:
@@ -130,7 +129,7 @@ class Scheduler:
     async def worker_session(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=2 * MAX_FRAME_BYTES, compress=False)
         await ws.prepare(request)
-        session = _Session(id=secrets.token_hex(8), jobs_sent=set())
+        session = _Session(id=secrets.token_hex(8))
         challenge = secrets.token_hex(32)
         self.sessions += 1
         try:
@@ -245,10 +244,10 @@ class Scheduler:
         leases = self.store.lease(
             session.address, message.max_slices, now, self.config.lease_timeout
         )
-        assert session.jobs_sent is not None
+        known = set(message.known_jobs)
         jobs = []
         for job_id in dict.fromkeys(lease.job for lease in leases):
-            if job_id in session.jobs_sent:
+            if job_id in known:
                 continue
             record = self.store.job(job_id)
             jobs.append(
@@ -262,7 +261,6 @@ class Scheduler:
                     name=record.name,
                 )
             )
-            session.jobs_sent.add(job_id)
         return Work(
             re=message.id,
             slices=tuple(

@@ -26,7 +26,7 @@ MESSAGES: list[p.Message] = [
         lease_timeout=15.0,
         max_result_bytes=1024,
     ),
-    p.Fetch(id=2, max_slices=4, capabilities={"runtimes": {"wasm": {}}}),
+    p.Fetch(id=2, max_slices=4, capabilities={"runtimes": {"wasm": {}}}, known_jobs=("j",)),
     p.Work(
         re=2,
         slices=(p.SliceLease("j", 0, "t", 1, 12.5, b"\x00\xffdatum"),),

@@ -167,3 +167,27 @@ def test_results_need_the_sessions_signature_and_the_current_token(
     with ComputeClient(scheduler.url) as client:
         (r,) = client.results(job)
     assert r.result == b"a"
+
+
+def test_work_carries_the_specs_of_unknown_jobs_only(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    job_toml = tmp_path / "echo.toml"
+    job_toml.write_text(
+        f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n[inputs]\nvalues = ["a", "b"]\n'
+    )
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_toml)
+    keystore = make_keystore("worker")
+
+    async def main() -> None:
+        ws = await _open(scheduler.ws_url, keystore)
+        await ws.send(p.encode(p.Fetch(id=2, max_slices=1, known_jobs=(job,))).decode())
+        work = await _recv(ws)
+        assert isinstance(work, p.Work) and len(work.slices) == 1 and work.jobs == ()
+        await ws.send(p.encode(p.Fetch(id=3, max_slices=1)).decode())
+        work = await _recv(ws)
+        assert isinstance(work, p.Work) and [j.job for j in work.jobs] == [job]
+        await ws.close()
+
+    asyncio.run(main())

@@ -215,20 +215,23 @@ class Welcome(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Worker -> scheduler: ask for up to ``max_slices`` slices."""
+    """Worker -> scheduler: ask for up to ``max_slices`` slices. ``known_jobs`` names the jobs
+    whose specs the worker holds; the reply carries the specs of every other job it leases."""
 
     type: ClassVar[str] = "fetch"
     id: int
     max_slices: int
     capabilities: dict[str, Any] = field(default_factory=dict)
+    known_jobs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_slices <= 1024, "max_slices must be within 1..1024")
+        _check(len(self.known_jobs) <= 1024, "known_jobs names at most 1024 jobs")
 
 
 @dataclass(frozen=True)
 class Work(Message):
-    """Scheduler -> worker: leased slices, and the specs of jobs not yet sent on this session."""
+    """Scheduler -> worker: leased slices, and the specs of their jobs not in ``known_jobs``."""
 
     type: ClassVar[str] = "work"
     re: int
