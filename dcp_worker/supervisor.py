@@ -52,6 +52,8 @@ log = logging.getLogger("dcp.worker")
 
 _SUBMIT_WINDOW = 32
 _IDLE_POLL = 1.0
+#: How long the scheduler may hold an empty fetch (long poll) before answering.
+_LONG_POLL = 10.0
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -301,6 +303,7 @@ class Supervisor:
                     max_slices=deficit,
                     capabilities=self._capabilities,
                     known_jobs=tuple(self._jobs),
+                    wait_seconds=_LONG_POLL,
                 )
             )
             if isinstance(reply, Error):
@@ -322,9 +325,6 @@ class Supervisor:
                 self._queue.put_nowait(held_slice)
             if reply.slices:
                 log.debug("fetched %d slice(s)", len(reply.slices))
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _IDLE_POLL)
 
     def _forget_jobs(self, keep: set[str]) -> None:
         """Bound the job-spec cache (modules can be large), never dropping a job in use."""

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,6 +56,8 @@ API = "/api/v1"
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 MAX_DEPLOY_BYTES = 256 * 1024 * 1024
 OWNER_ACTION_WINDOW = 300.0
+#: The longest a fetch may be parked waiting for work (the worker asks for less).
+MAX_FETCH_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class _Session:
     id: str
     address: str = ""
     payment_address: str = ""
+    parked: asyncio.Task[None] | None = None
 
 
 def _peek_id(data: str | bytes) -> int | None:
@@ -90,6 +94,7 @@ class Scheduler:
         self.store = store
         self.config = config or SchedulerConfig()
         self._modules: OrderedDict[str, bytes] = OrderedDict()
+        self._work_event = asyncio.Event()
         self.sessions = 0
 
     # ------------------------------------------------------------------ app
@@ -123,6 +128,7 @@ class Scheduler:
                 continue
             if n:
                 log.info("expired %d lease(s)", n)
+                self._wake()
 
     # ------------------------------------------------------------------ worker sessions
 
@@ -131,33 +137,76 @@ class Scheduler:
         await ws.prepare(request)
         session = _Session(id=secrets.token_hex(8))
         challenge = secrets.token_hex(32)
+        send_lock = asyncio.Lock()
+
+        async def send(message: Message) -> None:
+            async with send_lock:
+                await ws.send_str(encode(message).decode())
+
         self.sessions += 1
         try:
-            await ws.send_str(
-                encode(
-                    HelloMsg(
-                        protocol=PROTOCOL_VERSION, challenge=challenge, server=self.config.name
-                    )
-                ).decode()
+            await send(
+                HelloMsg(protocol=PROTOCOL_VERSION, challenge=challenge, server=self.config.name)
             )
-            async for frame in ws:
-                if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    break
-                reply, close = self._receive(session, challenge, frame.data)
-                if reply is not None:
-                    await ws.send_str(encode(reply).decode())
-                if close:
-                    await ws.close(code=4001, message=b"authentication failed")
-                    break
+            async with asyncio.TaskGroup() as tg:
+                async for frame in ws:
+                    if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                        break
+                    reply, close = self._receive(session, challenge, frame.data)
+                    if isinstance(reply, Fetch):
+                        # A long poll: parked in its own task so the session keeps serving.
+                        session.parked = tg.create_task(self._long_fetch(session, reply, send))
+                    elif reply is not None:
+                        await send(reply)
+                    if close:
+                        await ws.close(code=4001, message=b"authentication failed")
+                        break
+                if session.parked is not None:
+                    session.parked.cancel()
         finally:
             self.sessions -= 1
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
         return ws
 
+    def _wake(self) -> None:
+        """Slices became available: wake every parked fetch."""
+        self._work_event.set()
+        self._work_event = asyncio.Event()
+
+    async def _long_fetch(
+        self, session: _Session, message: Fetch, send: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(message.wait_seconds, MAX_FETCH_WAIT)
+        while True:
+            event = self._work_event  # taken before leasing, so no wake-up is missed
+            try:
+                work = self._fetch(session, message, time.time())
+            except StoreError as exc:
+                await send(Error(re=message.id, code=exc.code.value, message=str(exc)))
+                return
+            remaining = deadline - loop.time()
+            if work.slices or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+        try:
+            await send(work)
+        except (ConnectionError, RuntimeError):
+            # The worker left while its fetch was parked: give the slices back at once rather
+            # than letting them expire (which would cost them an attempt).
+            refs = [(x.job, x.slice, x.token) for x in work.slices]
+            n = self.store.return_slices(session.address, refs)
+            log.info("session %s left during a long poll; returned %d slice(s)", session.id, n)
+
     def _receive(
         self, session: _Session, challenge: str, data: str | bytes
     ) -> tuple[Message | None, bool]:
-        """Handle one frame; returns (reply, close the session)."""
+        """Handle one frame; returns (reply, close the session).
+
+        A ``fetch`` that may wait (and none is parked yet) comes back as itself: the caller
+        parks it.
+        """
         try:
             message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
         except ProtocolError as exc:
@@ -200,6 +249,9 @@ class Scheduler:
     def _dispatch(self, session: _Session, message: Message) -> Message:
         now = time.time()
         if isinstance(message, Fetch):
+            parked = session.parked is not None and not session.parked.done()
+            if message.wait_seconds > 0 and not parked:
+                return message
             return self._fetch(session, message, now)
         if isinstance(message, Heartbeat):
             lost = self.store.heartbeat(
@@ -229,10 +281,14 @@ class Scheduler:
                 message.message,
                 state,
             )
+            if state == "queued":
+                self._wake()
             return Ack(re=message.id, status=state)
         if isinstance(message, Return):
             refs = [(r.job, r.slice, r.token) for r in message.leases]
             n = self.store.return_slices(session.address, refs)
+            if n:
+                self._wake()
             return Ack(re=message.id, status=f"returned {n}")
         return Error(
             re=getattr(message, "id", None),
@@ -324,6 +380,7 @@ class Scheduler:
         except JobFileError as exc:
             return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
         job_id = self.store.create_job(job, time.time())
+        self._wake()
         log.info("job %s deployed by %s: %s, %d slices", job_id, job.owner, job.name, len(job.data))
         return web.json_response({"job": job_id, "slices": len(job.data)}, status=201)
 

@@ -191,3 +191,33 @@ def test_work_carries_the_specs_of_unknown_jobs_only(
         await ws.close()
 
     asyncio.run(main())
+
+
+def test_long_poll_fetch_is_answered_when_work_arrives(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    keystore = make_keystore("worker")
+    owner = make_keystore("owner")
+    job_toml = tmp_path / "echo.toml"
+    job_toml.write_text(f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n[inputs]\nvalues = ["a"]\n')
+
+    async def main() -> None:
+        ws = await _open(scheduler.ws_url, keystore)
+        await ws.send(p.encode(p.Fetch(id=2, max_slices=1, wait_seconds=20)).decode())
+        # While the fetch is parked the session keeps serving other requests.
+        await ws.send(p.encode(p.Heartbeat(id=3)).decode())
+        reply = await _recv(ws)
+        assert isinstance(reply, p.HeartbeatAck) and reply.re == 3
+        started = asyncio.get_running_loop().time()
+        with ComputeClient(scheduler.url, owner.identity) as client:
+            await asyncio.to_thread(client.deploy, job_toml)
+        work = await _recv(ws)
+        assert isinstance(work, p.Work) and work.re == 2 and len(work.slices) == 1
+        assert asyncio.get_running_loop().time() - started < 5  # woken, not timed out
+        # An empty long poll ends at its deadline with no slices.
+        await ws.send(p.encode(p.Fetch(id=4, max_slices=1, wait_seconds=0.2)).decode())
+        work = await _recv(ws)
+        assert isinstance(work, p.Work) and work.re == 4 and work.slices == ()
+        await ws.close()
+
+    asyncio.run(main())

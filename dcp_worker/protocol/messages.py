@@ -223,9 +223,12 @@ class Fetch(Message):
     max_slices: int
     capabilities: dict[str, Any] = field(default_factory=dict)
     known_jobs: tuple[str, ...] = ()
+    #: Long poll: when no slice is available, the scheduler may hold the reply this long.
+    wait_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_slices <= 1024, "max_slices must be within 1..1024")
+        _check(0 <= self.wait_seconds <= 60, "wait_seconds must be within 0..60")
         _check(len(self.known_jobs) <= 1024, "known_jobs names at most 1024 jobs")
 
 

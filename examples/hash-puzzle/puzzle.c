@@ -15,7 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-__attribute__((import_module("dcp"), import_name("progress"))) void dcp_progress(double fraction);
+#ifdef __wasm__
+__attribute__((import_module("dcp"), import_name("progress")))
+#endif
+void dcp_progress(double fraction);
 
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
