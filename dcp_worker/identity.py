@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eth_keyfile.keyfile import create_keyfile_json, decode_keyfile_json
-
 from .protocol import signing
 
 __all__ = [
@@ -137,6 +135,9 @@ def load_keystore(path: str | os.PathLike[str], passphrase: bytes) -> Identity:
         KeystoreFormatError: the file is not a V3 keystore.
         WalletError: the file cannot be read.
     """
+    # Imported here: eth_keyfile pulls in BLS code and costs ~0.3 s at start-up.
+    from eth_keyfile.keyfile import decode_keyfile_json
+
     data = _read_json(path)
     try:
         key = decode_keyfile_json(data, passphrase)
@@ -174,6 +175,8 @@ def create_keystore(
     identity = Identity.from_private_key(private_key if private_key is not None else os.urandom(32))
     if iterations is None:
         iterations = SCRYPT_N
+    from eth_keyfile.keyfile import create_keyfile_json
+
     if kdf not in ("scrypt", "pbkdf2"):
         raise WalletError(f"unsupported kdf {kdf!r}: use scrypt or pbkdf2")
     document = create_keyfile_json(

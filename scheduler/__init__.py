@@ -1,19 +1,32 @@
-"""The reference scheduler: store, leasing, result acceptance, compute API, admin CLI."""
+"""The reference scheduler: store, leasing, result acceptance, compute API, admin CLI.
+
+Names are imported lazily, so the compute client does not pay for the server's imports.
+"""
 
 from __future__ import annotations
 
-from .server import Scheduler, SchedulerConfig
-from .sqlite_store import SQLiteStore
-from .store import NewJob, StaleLease, Store, StoreError, UnknownJob, UnknownSlice
+import importlib
+from typing import Any
 
-__all__ = [
-    "NewJob",
-    "Scheduler",
-    "SchedulerConfig",
-    "SQLiteStore",
-    "StaleLease",
-    "Store",
-    "StoreError",
-    "UnknownJob",
-    "UnknownSlice",
-]
+_EXPORTS = {
+    "NewJob": "store",
+    "StaleLease": "store",
+    "Store": "store",
+    "StoreError": "store",
+    "UnknownJob": "store",
+    "UnknownSlice": "store",
+    "SQLiteStore": "sqlite_store",
+    "Scheduler": "server",
+    "SchedulerConfig": "server",
+    "ComputeClient": "client",
+    "ComputeError": "client",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
