@@ -1,9 +1,12 @@
 """The durable outbox: a result is on disk before it is submitted, until it is acknowledged.
 
-SQLite in WAL mode with ``synchronous=FULL``: when :meth:`Outbox.put` returns, the result has
-been fsynced and survives a power cut. Rows leave only through :meth:`Outbox.remove` after the
+SQLite in WAL mode with ``synchronous=FULL``: when :meth:`Outbox.commit` returns, its new
+results have been fsynced and survive a power cut. The worker commits in groups (every result
+finished since the last commit, plus every acknowledgement received, in one transaction and one
+fsync) and submits a result only after the commit that holds it. Rows leave only after the
 scheduler's acknowledgement (accepted, duplicate, or a final refusal). A lock file keeps two
-workers from sharing one outbox.
+workers from sharing one outbox. Methods may be called from one thread at a time or several
+(a lock serialises them), so the worker can commit off its event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +46,8 @@ class PendingResult:
 class Outbox:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._mutex = threading.Lock()
+        self._lock = -1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -71,42 +77,66 @@ class Outbox:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
         os.chmod(self.path, 0o600)
 
-    def put(self, item: PendingResult) -> None:
-        """Store ``item`` durably (fsynced before this returns)."""
-        try:
-            self._db.execute(
-                "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.job,
-                    item.slice,
-                    item.token,
-                    item.result,
-                    item.signature,
-                    item.payment_address,
-                    json.dumps(asdict(item.metrics)),
-                ),
+    def commit(self, puts: list[PendingResult], removes: list[tuple[str, int, str]]) -> int:
+        """Store ``puts`` and delete ``removes`` in one transaction, fsynced before returning.
+
+        Returns:
+            How many of ``removes`` were present (and are now gone).
+
+        Raises:
+            OutboxError: the transaction failed (nothing of it was applied).
+        """
+        rows = [
+            (
+                i.job,
+                i.slice,
+                i.token,
+                i.result,
+                i.signature,
+                i.payment_address,
+                json.dumps(asdict(i.metrics)),
             )
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot write to the outbox {self.path}: {exc}") from exc
+            for i in puts
+        ]
+        with self._mutex:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                )
+                removed = 0
+                for key in removes:
+                    removed += self._db.execute(
+                        "DELETE FROM outbox WHERE job=? AND slice=? AND token=?", key
+                    ).rowcount
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise OutboxError(f"cannot write to the outbox {self.path}: {exc}") from exc
+        return removed
+
+    def put(self, item: PendingResult) -> None:
+        """Store one result durably."""
+        self.commit([item], [])
 
     def remove(self, key: tuple[str, int, str]) -> None:
-        try:
-            self._db.execute("DELETE FROM outbox WHERE job=? AND slice=? AND token=?", key)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot write to the outbox {self.path}: {exc}") from exc
+        self.commit([], [key])
 
     def pending(self) -> list[PendingResult]:
-        rows = self._db.execute(
-            "SELECT job, slice, token, result, signature, payment_address, metrics FROM outbox"
-            " ORDER BY job, slice"
-        ).fetchall()
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT job, slice, token, result, signature, payment_address, metrics FROM outbox"
+                " ORDER BY job, slice"
+            ).fetchall()
         return [
             PendingResult(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], Metrics(**json.loads(r[6])))
             for r in rows
         ]
 
     def __len__(self) -> int:
-        (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
+        with self._mutex:
+            (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         return int(n)
 
     def close(self) -> None:

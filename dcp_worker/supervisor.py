@@ -3,7 +3,9 @@
 Tasks (all owned by :meth:`Supervisor.run`'s task group)::
 
     connection loop ── session: fetcher, heartbeater, submitter (one set per connection)
-    runner x N       ── one per sandbox: queue -> evaluator -> sign -> outbox -> submit queue
+    runner x N       ── one per sandbox: queue -> evaluator -> sign -> unsaved list
+    persister        ── group commit: unsaved results + acknowledgements -> outbox (fsync)
+                        -> submit queue
 
 Stopping: :meth:`stop` (first SIGINT/SIGTERM) stops fetching, returns queued slices, lets
 running slices finish, flushes the outbox and ends within ``grace_seconds``;
@@ -129,7 +131,12 @@ class Supervisor:
         self._capabilities: dict[str, Any] = {}
         self.exit_reason = ""
         self._fatal: SessionError | None = None
-        self._outbox_left: int | None = None  # set when the outbox is closed
+        # Group commit: results not yet on disk, and acknowledged keys not yet deleted.
+        self._unsaved: list[PendingResult] = []
+        self._acked: list[tuple[str, int, str]] = []
+        self._persist_wanted = asyncio.Event()
+        self._unsent = len(self.outbox)  # results on disk, not yet acknowledged
+        self._saving = 0  # results in the commit under way
 
     # ------------------------------------------------------------------ public
 
@@ -144,7 +151,7 @@ class Supervisor:
             results_refused=self._counters.refused,
             queued=self._queue.qsize(),
             running=running,
-            outbox=len(self.outbox) if self._outbox_left is None else self._outbox_left,
+            outbox=self._undelivered(),
         )
 
     @property
@@ -189,6 +196,7 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as tg:
                 runners = [tg.create_task(self._runner(s)) for s in self.sandboxes]
+                runners.append(tg.create_task(self._persister()))
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
                 await self._wait_for(self._graceful_end(runners), self.config.grace_seconds)
@@ -197,7 +205,7 @@ class Supervisor:
                     task.cancel()
         finally:
             await self._close()
-        return self._outbox_left == 0 and not self._stop_now.is_set() and self._fatal is None
+        return self._unsent == 0 and not self._stop_now.is_set() and self._fatal is None
 
     async def _wait_for(self, coro: Any, timeout: float) -> None:
         task = asyncio.ensure_future(coro)
@@ -213,7 +221,8 @@ class Supervisor:
                     await t
         if not task.done() or task.cancelled():
             log.warning(
-                "graceful stop did not complete: %d result(s) stay in the outbox", len(self.outbox)
+                "graceful stop did not complete: %d result(s) stay in the outbox",
+                self._undelivered(),
             )
 
     async def _graceful_end(self, runners: list[asyncio.Task[None]]) -> None:
@@ -231,7 +240,7 @@ class Supervisor:
         while self._running:
             self._slice_ended.clear()
             await self._slice_ended.wait()
-        while len(self.outbox) and self._fatal is None:
+        while self._undelivered() and self._fatal is None:
             self._outbox_changed.clear()
             await self._outbox_changed.wait()
 
@@ -240,8 +249,13 @@ class Supervisor:
             await sandbox.stop(graceful=not self._stop_now.is_set())
         if self._session is not None:
             await self._session.close()
-        self._outbox_left = len(self.outbox)
-        self.outbox.close()
+        # Whatever finished but was not committed yet still goes to disk.
+        try:
+            self.outbox.commit(self._unsaved, self._acked)
+            self._unsaved, self._acked = [], []
+            self._unsent = len(self.outbox)  # exact, whatever a cancelled commit managed
+        finally:
+            self.outbox.close()
 
     # ------------------------------------------------------------------ connection
 
@@ -397,8 +411,8 @@ class Supervisor:
                 getattr(reply, "code", reply.type),
             )
             return
-        self.outbox.remove(item.key)
-        self._outbox_changed.set()
+        self._acked.append(item.key)
+        self._persist_wanted.set()
 
     # ------------------------------------------------------------------ running
 
@@ -410,6 +424,32 @@ class Supervisor:
             memory_bytes=min(limits.memory_bytes, c.max_memory_bytes),
             output_bytes=min(limits.output_bytes, c.max_output_bytes),
         )
+
+    def _undelivered(self) -> int:
+        """Results computed and not yet acknowledged, wherever they are."""
+        return len(self._unsaved) + self._saving + self._unsent
+
+    async def _persister(self) -> None:
+        """Group commit: one transaction (one fsync) for everything finished or acknowledged
+        since the last one; results are submitted only once committed."""
+        while True:
+            await self._persist_wanted.wait()
+            self._persist_wanted.clear()
+            puts, self._unsaved = self._unsaved, []
+            removes, self._acked = self._acked, []
+            self._saving = len(puts)
+            try:
+                removed = await asyncio.to_thread(self.outbox.commit, puts, removes)
+            except BaseException:
+                self._unsaved[:0], self._acked[:0] = puts, removes  # kept for _close
+                raise
+            finally:
+                self._saving = 0
+            self._unsent += len(puts) - removed
+            if self._submit_q is not None:
+                for item in puts:
+                    self._submit_q.put_nowait(item)
+            self._outbox_changed.set()
 
     async def _runner(self, sandbox: Sandbox) -> None:
         while True:
@@ -456,10 +496,9 @@ class Supervisor:
                     self.payment_address,
                     metrics,
                 )
-                self.outbox.put(item)
+                self._unsaved.append(item)
+                self._persist_wanted.set()
                 self._counters.done += 1
-                if self._submit_q is not None:
-                    self._submit_q.put_nowait(item)
             finally:
                 self._running -= 1
                 self._held.pop(_key(lease), None)
