@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eth_keys.datatypes import PrivateKey
 
 from .protocol import signing
 
@@ -59,20 +61,21 @@ class Identity:
 
     private_key: bytes
     address: str
+    _key: PrivateKey = field(repr=False, compare=False)
 
     @classmethod
     def from_private_key(cls, private_key: bytes) -> Identity:
         if len(private_key) != 32:
             raise WalletError("a private key is 32 bytes (64 hex digits)")
         try:
-            address = signing.address_of(private_key)
+            key = PrivateKey(private_key)
         except Exception as exc:  # eth_keys validates the scalar range
             raise WalletError(f"not a valid secp256k1 private key: {exc}") from None
-        return cls(private_key, address)
+        return cls(private_key, key.public_key.to_checksum_address(), key)
 
     def sign(self, payload: bytes) -> str:
         """Sign a canonical payload from :mod:`dcp_worker.protocol.signing`."""
-        return signing.sign(self.private_key, payload)
+        return signing.sign(self._key, payload)
 
     def __repr__(self) -> str:
         return f"Identity(address={self.address!r})"

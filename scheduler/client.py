@@ -25,9 +25,6 @@ from .jobdoc import load_job_file
 
 __all__ = ["ComputeClient", "ComputeError", "SliceResult", "http_base"]
 
-_FINAL = {"done", "failed", "cancelled"}
-
-
 class ComputeError(Exception):
     """The scheduler refused a request or could not be reached; ``code`` names why."""
 
@@ -129,19 +126,27 @@ class ComputeClient:
         return int(reply["cancelled_slices"])
 
     def results(
-        self, job: str, wait: bool = False, poll: float = 0.2, timeout: float | None = None
+        self, job: str, wait: bool = False, poll: float = 10.0, timeout: float | None = None
     ) -> Iterator[SliceResult]:
-        """Results in slice order. With ``wait``, blocks until every slice is final."""
+        """Results in slice order. With ``wait``, blocks until every slice is final.
+
+        Args:
+            poll: the longest the scheduler holds one request waiting for a result (long poll).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         after = -1
         while True:
+            hold = 0.0
+            if wait:
+                left = poll if deadline is None else deadline - time.monotonic()
+                hold = max(0.0, min(poll, left))
             reply = self._request(
-                "GET", f"/jobs/{job}/results", params={"after": after, "limit": 5000}
+                "GET",
+                f"/jobs/{job}/results",
+                params={"after": after, "limit": 5000, "wait": hold},
+                timeout=hold + self._http.timeout.read if self._http.timeout.read else None,
             )
-            progressed = False
             for s in reply["slices"]:
-                if s["state"] not in _FINAL:
-                    break
                 data = s.get("result_base64")
                 yield SliceResult(
                     s["slice"],
@@ -150,15 +155,9 @@ class ComputeClient:
                     s.get("error"),
                 )
                 after = s["slice"]
-                progressed = True
-            else:
-                if reply["slices"]:
-                    continue  # the whole page was final: ask for the next one at once
-                if reply["state"] != "active":
-                    return  # no slice after `after`, and none will come
-            if not wait:
+            if reply["slices"]:
+                continue
+            if reply["state"] != "active" or not wait:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise ComputeError(f"job {job} did not finish within {timeout} s")
-            if not progressed:
-                time.sleep(poll)

@@ -95,6 +95,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self._modules: OrderedDict[str, bytes] = OrderedDict()
         self._work_event = asyncio.Event()
+        self._results_event = asyncio.Event()
         self.sessions = 0
 
     # ------------------------------------------------------------------ app
@@ -129,6 +130,7 @@ class Scheduler:
             if n:
                 log.info("expired %d lease(s)", n)
                 self._wake()
+                self._results_changed()
 
     # ------------------------------------------------------------------ worker sessions
 
@@ -172,6 +174,7 @@ class Scheduler:
         """Slices became available: wake every parked fetch."""
         self._work_event.set()
         self._work_event = asyncio.Event()
+        self._results_event = asyncio.Event()
 
     async def _long_fetch(
         self, session: _Session, message: Fetch, send: Callable[[Message], Awaitable[None]]
@@ -283,6 +286,8 @@ class Scheduler:
             )
             if state == "queued":
                 self._wake()
+            else:
+                self._results_changed()
             return Ack(re=message.id, status=state)
         if isinstance(message, Return):
             refs = [(r.job, r.slice, r.token) for r in message.leases]
@@ -360,6 +365,8 @@ class Scheduler:
             message.metrics,
             now,
         )
+        if status == "accepted":
+            self._results_changed()
         return Ack(re=message.id, status=status)
 
     # ------------------------------------------------------------------ compute API
@@ -394,20 +401,37 @@ class Scheduler:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
 
     async def api_results(self, request: web.Request) -> web.Response:
+        """Final slices after ``after``, in order, up to the first one not final yet. With
+        ``wait`` (seconds, at most 30), an empty answer for an active job is held until one
+        more slice becomes final."""
         job_id = request.match_info["job"]
         try:
             after = int(request.query.get("after", "-1"))
             limit = min(10_000, max(1, int(request.query.get("limit", "1000"))))
+            wait = min(MAX_FETCH_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
-            return _error(400, ErrorCode.INVALID_MESSAGE, "after and limit are integers")
-        try:
-            record = self.store.job(job_id)
-            slices = self.store.slices(job_id, after, limit)
-        except UnknownJob as exc:
-            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+            return _error(400, ErrorCode.INVALID_MESSAGE, "after, limit and wait are numbers")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            event = self._results_event  # taken before reading, so no wake-up is missed
+            try:
+                state = self.store.job_state(job_id)
+                slices = self.store.slices(job_id, after, limit, final_prefix=True)
+            except UnknownJob as exc:
+                return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+            remaining = deadline - loop.time()
+            if slices or state != "active" or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
         return web.json_response(
-            {"job": job_id, "state": record.state, "slices": [_slice_json(s) for s in slices]}
+            {"job": job_id, "state": state, "slices": [_slice_json(s) for s in slices]}
         )
+
+    def _results_changed(self) -> None:
+        self._results_event.set()
+        self._results_event = asyncio.Event()
 
     async def api_cancel(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
@@ -425,6 +449,7 @@ class Scheduler:
         if not signing.verify(payload, request.headers.get("X-DCP-Signature", ""), record.owner):
             return _error(403, ErrorCode.BAD_SIGNATURE, "only the job's owner may cancel it")
         n = self.store.cancel_job(job_id, time.time())
+        self._results_changed()
         return web.json_response({"job": job_id, "cancelled_slices": n})
 
 

@@ -25,6 +25,7 @@ from dcp_worker.protocol import (
     SliceState,
     transition,
 )
+from dcp_worker.protocol.states import FINAL_STATES
 
 from .store import (
     JobRecord,
@@ -207,32 +208,45 @@ class SQLiteStore:
         rows = self._db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY seq").fetchall()
         return [self._job_record(row, self._counts(row[0])) for row in rows]
 
-    def slices(self, job_id: str, after: int = -1, limit: int = 1000) -> list[SliceRecord]:
-        self.job(job_id)
-        rows = self._db.execute(
+    def job_state(self, job_id: str) -> str:
+        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return str(row[0])
+
+    def slices(
+        self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
+    ) -> list[SliceRecord]:
+        self.job_state(job_id)
+        cursor = self._db.execute(
             "SELECT job, idx, state, attempts, worker, deadline, error_code, error, result,"
             " payment_address, accepted_at, metrics, progress FROM slices WHERE job=? AND idx>?"
             " ORDER BY idx LIMIT ?",
             (job_id, after, limit),
-        ).fetchall()
-        return [
-            SliceRecord(
-                job=r[0],
-                slice=r[1],
-                state=r[2],
-                attempts=r[3],
-                worker=r[4],
-                deadline=r[5],
-                error_code=r[6],
-                error=r[7],
-                result=None if r[8] is None else bytes(r[8]),
-                payment_address=r[9],
-                accepted_at=r[10],
-                metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
-                progress=r[12],
+        )
+        out = []
+        for r in cursor:
+            if final_prefix and SliceState(r[2]) not in FINAL_STATES:
+                break  # rows are read lazily: stopping here reads no further
+            out.append(
+                SliceRecord(
+                    job=r[0],
+                    slice=r[1],
+                    state=r[2],
+                    attempts=r[3],
+                    worker=r[4],
+                    deadline=r[5],
+                    error_code=r[6],
+                    error=r[7],
+                    result=None if r[8] is None else bytes(r[8]),
+                    payment_address=r[9],
+                    accepted_at=r[10],
+                    metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
+                    progress=r[12],
+                )
             )
-            for r in rows
-        ]
+        cursor.close()
+        return out
 
     # ------------------------------------------------------------------ leases
 

@@ -182,3 +182,13 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     assert accept(s, job, 0, lease.token) == "accepted"
     assert s.job(job).counts == {"done": 1, "queued": 1}
     s.close()
+
+
+def test_final_prefix_stops_at_the_first_unfinished_slice(store: Store) -> None:
+    job = store.create_job(new_job(4), 0.0)
+    leases = store.lease(W1, 4, 0.0, 10.0)
+    for lease in (leases[0], leases[1], leases[3]):
+        accept(store, job, lease.slice, lease.token)
+    assert [s.slice for s in store.slices(job, final_prefix=True)] == [0, 1]
+    assert [s.slice for s in store.slices(job, after=1, final_prefix=True)] == []
+    assert [s.slice for s in store.slices(job)] == [0, 1, 2, 3]

@@ -73,9 +73,11 @@ def owner_action_payload(action: str, job: str, timestamp: int) -> bytes:
     )
 
 
-def sign(private_key: bytes, payload: bytes) -> str:
-    """Sign ``payload`` with a 32-byte secp256k1 key; returns 130 hex digits."""
-    signature = PrivateKey(private_key).sign_msg_hash(keccak(payload))
+def sign(private_key: bytes | PrivateKey, payload: bytes) -> str:
+    """Sign ``payload`` with a secp256k1 key (32 bytes, or a key object to skip deriving its
+    public key on every call); returns 130 hex digits."""
+    key = private_key if isinstance(private_key, PrivateKey) else PrivateKey(private_key)
+    signature = key.sign_msg_hash(keccak(payload))
     return signature.to_bytes().hex()
 
 
