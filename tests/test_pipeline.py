@@ -288,3 +288,32 @@ def test_unauthorised_and_malformed_requests_are_refused(
     with ComputeClient(scheduler.url, owner.identity) as client:
         assert client.cancel(job) == 1
         assert client.status(job)["state"] == "cancelled"
+
+
+def _clang_wasm(source: Path, out: Path) -> bool:
+    """Build with Debian's clang and wasi-libc (not zig); False if that toolchain is absent."""
+    try:
+        built = subprocess.run(
+            ["clang", "--target=wasm32-wasi", "-O2", "-o", str(out), str(source)],
+            capture_output=True,
+            timeout=120,
+        )
+    except FileNotFoundError:
+        return False
+    return built.returncode == 0
+
+
+def test_a_module_from_another_toolchain_runs_unchanged(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    module = tmp_path / "upper.wasm"
+    if not _clang_wasm(Path(__file__).parent / "wasm" / "upper.c", module):
+        pytest.skip("needs clang, lld and wasi-libc from Debian (.ci/run installs them)")
+    workers(scheduler.url, make_keystore("worker"), 2)
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_file(tmp_path, "upper", module, ["abc", "Hello, world"], ["!"]))
+        results = list(client.results(job, wait=True, timeout=60))
+    assert [r.result for r in results] == [b"ABC|!", b"HELLO, WORLD|!"]
