@@ -2,7 +2,8 @@
 
 Exit codes: 0 stopped cleanly with every result delivered; 1 stopped with results left in the
 outbox (they are sent on the next start); 2 bad configuration; 3 identity or passphrase
-problem; 4 the scheduler refused this worker; 5 stopped by a second signal.
+problem; 4 the scheduler refused this worker; 5 stopped by a second signal; 6 the evaluator
+does not start.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ EXIT_CONFIG = 2
 EXIT_IDENTITY = 3
 EXIT_REFUSED = 4
 EXIT_FORCED = 5
+EXIT_EVALUATOR = 6
 
 log = logging.getLogger("dcp.worker")
 
@@ -115,6 +117,9 @@ async def _run(supervisor: Supervisor) -> int:
         stats.results_accepted,
         stats.outbox,
     )
+    if supervisor.evaluator_broken:
+        click.echo(f"dcp-worker: {supervisor.exit_reason}", err=True)
+        return EXIT_EVALUATOR
     if supervisor.refused is not None:
         click.echo(f"dcp-worker: {supervisor.exit_reason}", err=True)
         return EXIT_REFUSED

@@ -130,6 +130,7 @@ class Supervisor:
         self._counters = _Counters()
         self._capabilities: dict[str, Any] = {}
         self.exit_reason = ""
+        self.evaluator_broken = False
         self._fatal: SessionError | None = None
         # Group commit: results not yet on disk, and acknowledged keys not yet deleted.
         self._unsaved: list[PendingResult] = []
@@ -182,7 +183,8 @@ class Supervisor:
             self._capabilities = await self.sandboxes[0].describe()
         except SliceFailure as exc:
             log.error("the evaluator does not start: %s", exc)
-            self.exit_reason = f"evaluator: {exc}"
+            self.exit_reason = f"the evaluator does not start: {exc}"
+            self.evaluator_broken = True
             await self._close()
             return False
         log.info(
@@ -199,7 +201,7 @@ class Supervisor:
                 runners.append(tg.create_task(self._persister()))
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
-                await self._wait_for(self._graceful_end(runners), self.config.grace_seconds)
+                await self._wait_for(self._graceful_end(), self.config.grace_seconds)
                 conn.cancel()
                 for task in runners:
                     task.cancel()
@@ -225,7 +227,7 @@ class Supervisor:
                 self._undelivered(),
             )
 
-    async def _graceful_end(self, runners: list[asyncio.Task[None]]) -> None:
+    async def _graceful_end(self) -> None:
         # 1. Return slices that never started. 2. Wait for running slices. 3. Flush.
         returned = []
         while not self._queue.empty():
@@ -235,7 +237,7 @@ class Supervisor:
         if returned and self._session is not None:
             with contextlib.suppress(SessionError):
                 leases = tuple(_ref(lease) for lease in returned)
-                await self._session.request(lambda rid: Return(id=rid, leases=leases))
+                await self._session.request(partial(Return, leases=leases))
                 log.info("returned %d queued slice(s)", len(returned))
         while self._running:
             self._slice_ended.clear()
@@ -324,7 +326,8 @@ class Supervisor:
                 log.warning("fetch refused: %s %s", reply.code, reply.message)
                 await asyncio.sleep(_IDLE_POLL)
                 continue
-            assert isinstance(reply, Work)
+            if not isinstance(reply, Work):
+                raise SessionError(f"the scheduler answered a fetch with {reply.type}")
             for job in reply.jobs:
                 self._jobs[job.job] = job
             self._forget_jobs(keep={lease.job for lease in reply.slices})
