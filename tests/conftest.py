@@ -56,7 +56,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 
 
 class SchedulerProcess:
-    def __init__(self, db: Path, *extra: str) -> None:
+    def __init__(self, db: Path, *extra: str, listen: bool = True) -> None:
         self.db = db
         self.log = db.with_suffix(".log")
         with open(self.log, "a") as log:

@@ -317,3 +317,33 @@ def test_a_module_from_another_toolchain_runs_unchanged(
         job = client.deploy(job_file(tmp_path, "upper", module, ["abc", "Hello, world"], ["!"]))
         results = list(client.results(job, wait=True, timeout=60))
     assert [r.result for r in results] == [b"ABC|!", b"HELLO, WORLD|!"]
+
+
+def test_scheduler_restart_mid_job(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], workers: Callable[..., WorkerProcess]
+) -> None:
+    """The worker reconnects with backoff and resends what it holds; nothing is lost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "restart.db"
+    args = ("--listen", f"127.0.0.1:{port}", "--lease-timeout", "5", "--heartbeat-interval", "0.5")
+    first = SchedulerProcess(db, *args, listen=False)
+    worker = workers(first.url, make_keystore("worker"), 2)
+    values = [f"r{i}" for i in range(300)]
+    with ComputeClient(first.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, values))
+        wait_for(lambda: counts(db, job).get("done", 0) >= 50, 60)
+        first.proc.kill()
+        first.proc.wait()
+        first.stop()
+        wait_for(lambda: "disconnected from the scheduler" in worker.output(), 30)
+        second = SchedulerProcess(db, *args, listen=False)
+        try:
+            results = list(client.results(job, wait=True, timeout=120))
+        finally:
+            assert worker.stop() == 0
+            second.stop()
+    assert [r.result for r in results] == [v.encode() for v in values]
