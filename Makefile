@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm clean
+.PHONY: demo test lint wasm bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-SOURCES := dcp_worker evaluator scheduler tests examples
+SOURCES := dcp_worker evaluator scheduler tests examples benchmarks
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
+
+## Benchmarks against their peers (Dask, native C); each prints one JSON line last.
+bench: $(STAMP)
+	$(PY) benchmarks/hashrate.py
+	$(PY) benchmarks/throughput.py
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).
 wasm: $(STAMP)

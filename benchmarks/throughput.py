@@ -80,7 +80,7 @@ def run_ours(work: Path, slices: int, sandboxes: int, rounds: int) -> list[float
                 job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
                 started = time.perf_counter()
                 job = client.deploy(job_toml)
-                results = list(client.results(job, wait=True, poll=0.02, timeout=600))
+                results = list(client.results(job, wait=True, timeout=600))
                 elapsed = time.perf_counter() - started
                 assert [r.result for r in results] == [v.encode() for v in values]
                 if i:

@@ -1,0 +1,26 @@
+"""The benchmarks in smoke mode: they run and end with one JSON line of figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ["hashrate", "throughput"])
+def test_benchmark_smoke(name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == name
+    ratio = figures["wasm_over_native" if name == "hashrate" else "ours_over_dask"]
+    assert ratio is not None and ratio > 0
