@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from common import ROOT, median, report  # noqa: E402
 
 from dcp_worker.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"
@@ -42,20 +42,8 @@ def run_ours(work: Path, slices: int, sandboxes: int, rounds: int) -> list[float
     pw.write_text("bench\n")
     owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
     create_keystore(work / "worker.json", b"bench", iterations=1024)
-    sched = subprocess.Popen(
-        [
-            str(BIN / "dcp-scheduler"),
-            "serve",
-            "--db",
-            str(work / "s.db"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert sched.stdout is not None
-    url = re.search(r"listening on (\S+)", sched.stdout.readline()).group(1)  # type: ignore[union-attr]
+    sched = LocalScheduler(work / "s.db")
+    url = sched.url
     worker = subprocess.Popen(
         [
             str(BIN / "dcp-worker"),
@@ -88,9 +76,7 @@ def run_ours(work: Path, slices: int, sandboxes: int, rounds: int) -> list[float
     finally:
         worker.send_signal(signal.SIGINT)
         worker.wait(60)
-        sched.send_signal(signal.SIGINT)
-        sched.wait(30)
-        sched.stdout.close()
+        sched.stop(30)
     return rates
 
 

@@ -8,6 +8,7 @@ stream cut inside a frame ends it (the stream cannot be resynchronised), with ex
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -156,14 +157,7 @@ class Evaluator:
             self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
             return
         # Keep the assignment without the module bytes: the compiled module is cached.
-        self._assigned = Assign(
-            id=message.id,
-            job=message.job,
-            runtime=message.runtime,
-            sha256=message.sha256,
-            argv=message.argv,
-            limits=message.limits,
-        )
+        self._assigned = dataclasses.replace(message, module=None)
         self.send(Ack(re=message.id, status="assigned"))
 
     def _run(self, message: RunSlice) -> None:

@@ -7,7 +7,6 @@ Run with ``make demo``. Exits non-zero if any check fails.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from check import check  # noqa: E402
 
 from dcp_worker.identity import load_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
 
 
 def run(*args: str) -> str:
@@ -54,25 +54,8 @@ def main() -> int:
         print(f"   worker identity {worker_addr}\n   job owner       {owner_addr}")
 
         print("2. starting the scheduler (SQLite, loopback, a free port)")
-        scheduler = subprocess.Popen(
-            [
-                str(BIN / "dcp-scheduler"),
-                "serve",
-                "--db",
-                str(work / "scheduler.db"),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert scheduler.stdout is not None
-        line = scheduler.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
-        if not match:
-            print(f"scheduler did not start: {line!r}")
-            return 1
-        url = match.group(1)
+        scheduler = LocalScheduler(work / "scheduler.db")
+        url = scheduler.url
         print(f"   {url}")
 
         print("3. starting a worker with 2 sandboxes")
@@ -118,9 +101,8 @@ def main() -> int:
             print("\n6. stopping the worker (SIGINT: graceful) and the scheduler")
             worker.send_signal(signal.SIGINT)
             worker_rc = worker.wait(timeout=60)
-            scheduler.send_signal(signal.SIGINT)
-            scheduler.wait(timeout=30)
-        print(f"   worker exited {worker_rc}, scheduler exited {scheduler.returncode}")
+            scheduler_rc = scheduler.stop(timeout=30)
+        print(f"   worker exited {worker_rc}, scheduler exited {scheduler_rc}")
         verified = len(prefixes) - failures
         print(f"\n{verified}/{len(prefixes)} puzzle results verified in {elapsed:.1f} s")
         return 0 if failures == 0 and worker_rc == 0 else 1

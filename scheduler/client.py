@@ -25,6 +25,7 @@ from .jobdoc import load_job_file
 
 __all__ = ["ComputeClient", "ComputeError", "SliceResult", "http_base"]
 
+
 class ComputeError(Exception):
     """The scheduler refused a request or could not be reached; ``code`` names why."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dcp_worker.identity import Identity, create_keystore
+from scheduler.local import LocalScheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -55,48 +55,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
         time.sleep(interval)
 
 
-class SchedulerProcess:
-    def __init__(self, db: Path, *extra: str, listen: bool = True) -> None:
-        self.db = db
-        self.log = db.with_suffix(".log")
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [
-                    command("dcp-scheduler"),
-                    "-v",
-                    "serve",
-                    "--db",
-                    str(db),
-                    "--listen",
-                    "127.0.0.1:0",
-                    *extra,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
-        if not match:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdout.close()
-            raise RuntimeError(f"scheduler did not start: {line!r} {self.log.read_text()}")
-        self.url: str = match.group(1)
-        self.ws_url = self.url.replace("http://", "ws://") + "/worker"
+class SchedulerProcess(LocalScheduler):
+    """A scheduler on loopback whose verbose log sits beside its database."""
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
+    def __init__(self, db: Path, *extra: str, listen: str = "127.0.0.1:0") -> None:
+        super().__init__(db, *extra, listen=listen, log=db.with_suffix(".log"))
 
 
 @pytest.fixture

@@ -329,8 +329,8 @@ def test_scheduler_restart_mid_job(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     db = tmp_path / "restart.db"
-    args = ("--listen", f"127.0.0.1:{port}", "--lease-timeout", "5", "--heartbeat-interval", "0.5")
-    first = SchedulerProcess(db, *args, listen=False)
+    args = ("--lease-timeout", "5", "--heartbeat-interval", "0.5")
+    first = SchedulerProcess(db, *args, listen=f"127.0.0.1:{port}")
     worker = workers(first.url, make_keystore("worker"), 2)
     values = [f"r{i}" for i in range(300)]
     with ComputeClient(first.url, make_keystore("owner").identity) as client:
@@ -340,7 +340,7 @@ def test_scheduler_restart_mid_job(
         first.proc.wait()
         first.stop()
         wait_for(lambda: "disconnected from the scheduler" in worker.output(), 30)
-        second = SchedulerProcess(db, *args, listen=False)
+        second = SchedulerProcess(db, *args, listen=f"127.0.0.1:{port}")
         try:
             results = list(client.results(job, wait=True, timeout=120))
         finally:
