@@ -13,12 +13,13 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import click
 
 from . import __version__
 from . import identity as idmod
-from .config import ConfigError, load_config
+from .config import ConfigError, GroupConfig, load_config
 from .outbox import OutboxError
 from .supervisor import Supervisor
 
@@ -48,6 +49,32 @@ log = logging.getLogger("dcp.worker")
 @click.option("--prefetch", type=click.IntRange(min=0), help="Slices leased ahead.")
 @click.option("--state-dir", help="Directory of the durable outbox.")
 @click.option("--grace-seconds", type=click.FloatRange(min=0.1), help="Bound of a graceful stop.")
+@click.option(
+    "--join",
+    "join",
+    multiple=True,
+    metavar="KEY,SECRET",
+    help="Join a compute group: KEY,SECRET or KEY,gh1-<hash>. Repeatable.",
+)
+@click.option(
+    "--leave-public-group",
+    is_flag=True,
+    default=None,
+    help="Never run public jobs (only joined compute groups).",
+)
+@click.option("--job-id", "job_ids", multiple=True, help="Only run this job. Repeatable.")
+@click.option(
+    "--job-owner",
+    "job_owners",
+    multiple=True,
+    help="Only run jobs of this owner address. Repeatable.",
+)
+@click.option(
+    "--min-wage",
+    metavar="CPU,GPU,IN,OUT",
+    help="Minimum wage: credits per CPU-hour, per GPU-hour, per MB in, per MB out "
+    "(e.g. 10,0,0.1,0.1). Replaces the [min_wage] table; missing numbers are 0.",
+)
 @click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug logs.")
 @click.version_option(__version__, prog_name="dcp-worker")
 def main(config_file: str | None, verbose: int, **overrides: object) -> None:
@@ -64,7 +91,7 @@ def main(config_file: str | None, verbose: int, **overrides: object) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        config = load_config(config_file, overrides)
+        config = load_config(config_file, _policy_overrides(overrides))
     except ConfigError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -91,6 +118,25 @@ def main(config_file: str | None, verbose: int, **overrides: object) -> None:
     sys.exit(asyncio.run(_run(supervisor)))
 
 
+def _policy_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Command-line policy options in config form; an option not given stays unset."""
+    joins = overrides.pop("join")
+    overrides["groups"] = tuple(GroupConfig.parse(j) for j in joins) if joins else None
+    for key in ("job_ids", "job_owners"):
+        overrides[key] = overrides[key] or None
+    wage = overrides.pop("min_wage")
+    if wage is not None:
+        parts = wage.split(",")
+        names = ("cpu_hour", "gpu_hour", "mb_in", "mb_out")
+        if len(parts) > 4:
+            raise ConfigError(f"--min-wage {wage!r}: at most four numbers (CPU,GPU,IN,OUT)")
+        try:
+            overrides["min_wage"] = {n: float(p) for n, p in zip(names, parts, strict=False) if p}
+        except ValueError:
+            raise ConfigError(f"--min-wage {wage!r}: numbers separated by commas") from None
+    return overrides
+
+
 async def _run(supervisor: Supervisor) -> int:
     loop = asyncio.get_running_loop()
     signals = 0
@@ -111,10 +157,13 @@ async def _run(supervisor: Supervisor) -> int:
     clean = await supervisor.run()
     stats = supervisor.statistics()
     log.warning(
-        "stopped: %d slice(s) done, %d failed, %d result(s) accepted, %d in the outbox",
+        "stopped: %d slice(s) done, %d failed, %d refused, %d result(s) accepted, "
+        "%.6f credits earned, %d in the outbox",
         stats.slices_done,
         stats.slices_failed,
+        stats.slices_declined,
         stats.results_accepted,
+        stats.credits_earned,
         stats.outbox,
     )
     if supervisor.evaluator_broken:

@@ -8,15 +8,52 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "WorkerConfig", "DEFAULTS", "load_config"]
+from .protocol import InvalidMessage, Wage, policy
+
+__all__ = ["ConfigError", "GroupConfig", "WorkerConfig", "DEFAULTS", "load_config"]
 
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the source and the key."""
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A compute group to join: its key and its secret, or the hash of both."""
+
+    join_key: str
+    join_secret: str = ""
+    join_hash: str = ""
+
+    @classmethod
+    def parse(cls, value: str) -> GroupConfig:
+        """``KEY,SECRET`` or ``KEY,gh1-<64 hex digits>`` (the command line's ``--join``)."""
+        key, sep, rest = value.partition(",")
+        if not sep or not key or not rest:
+            raise ConfigError(f"--join {value!r}: expected KEY,SECRET or KEY,gh1-<hash>")
+        if rest.startswith(HASH_PREFIX):
+            return cls(key, join_hash=rest.removeprefix(HASH_PREFIX)).checked("--join")
+        return cls(key, join_secret=rest).checked("--join")
+
+    def checked(self, source: str) -> GroupConfig:
+        if not self.join_key:
+            raise ConfigError(f"{source}: a group needs a join_key")
+        if bool(self.join_secret) == bool(self.join_hash):
+            raise ConfigError(
+                f"{source}: group {self.join_key!r} needs a join_secret or a join_hash (one)"
+            )
+        if self.join_hash and not (
+            len(self.join_hash) == 64 and all(c in "0123456789abcdef" for c in self.join_hash)
+        ):
+            raise ConfigError(f"{source}: group {self.join_key!r}: join_hash is 64 hex digits")
+        return self
+
+
+HASH_PREFIX = "gh1-"
 
 
 @dataclass(frozen=True)
@@ -34,6 +71,19 @@ class WorkerConfig:
     max_memory_bytes: int = 1024 * 1024 * 1024
     max_output_bytes: int = 16 * 1024 * 1024
     slices_per_evaluator: int = 1000
+    # Who may run what, at what price (docs/configuration.md "Policy").
+    leave_public_group: bool = False
+    groups: tuple[GroupConfig, ...] = ()
+    job_ids: tuple[str, ...] = ()
+    job_owners: tuple[str, ...] = ()
+    min_wage: Wage = field(default_factory=Wage)
+
+    def group_hashes(self) -> dict[str, str]:
+        """join key -> join hash, for every configured group."""
+        return {
+            g.join_key: g.join_hash or policy.join_hash(g.join_key, g.join_secret)
+            for g in self.groups
+        }
 
     @property
     def effective_sandboxes(self) -> int:
@@ -72,15 +122,52 @@ _TYPES = {f.name: f.type for f in fields(WorkerConfig)}
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     expected = _TYPES[key]
-    if expected == "int":
+    where = f"{source}: {key}"
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+    elif expected == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, not {value!r}")
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
     elif expected == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
+            raise ConfigError(f"{where} must be a number, not {value!r}")
         value = float(value)
-    elif expected == "str" and not isinstance(value, str):
-        raise ConfigError(f"{source}: {key} must be a string, not {value!r}")
+    elif expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, not {value!r}")
+    elif expected == "tuple[str, ...]":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings")
+        value = tuple(value)
+    elif expected == "Wage":
+        if isinstance(value, Wage):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table (cpu_hour, gpu_hour, mb_in, mb_out)")
+        unknown = set(value) - {"cpu_hour", "gpu_hour", "mb_in", "mb_out"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values()):
+            raise ConfigError(f"{where}: wages are numbers of credits")
+        try:
+            value = Wage(**{k: float(v) for k, v in value.items()})
+        except InvalidMessage as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None
+    elif expected == "tuple[GroupConfig, ...]":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list of tables")
+        groups = []
+        for i, item in enumerate(value):
+            if isinstance(item, GroupConfig):
+                groups.append(item)
+                continue
+            if not isinstance(item, dict) or set(item) - {"join_key", "join_secret", "join_hash"}:
+                raise ConfigError(f"{where}[{i}] takes join_key and join_secret (or join_hash)")
+            if not all(isinstance(v, str) for v in item.values()):
+                raise ConfigError(f"{where}[{i}]: values are strings")
+            groups.append(GroupConfig(**item).checked(f"{where}[{i}]"))
+        value = tuple(groups)
     return value
 
 

@@ -21,12 +21,14 @@ from .protocol import (
     SCHEDULER_MESSAGES,
     Auth,
     Error,
+    GroupProof,
     Hello,
     Message,
     ProtocolError,
     Welcome,
     decode,
     encode,
+    policy,
     signing,
 )
 
@@ -121,9 +123,14 @@ class Session:
 
 
 async def open_session(
-    scheduler: str, identity: Identity, payment_address: str, timeout: float = 15.0
+    scheduler: str,
+    identity: Identity,
+    payment_address: str,
+    timeout: float = 15.0,
+    groups: dict[str, str] | None = None,
+    leave_public_group: bool = False,
 ) -> Session:
-    """Connect and authenticate.
+    """Connect and authenticate, proving membership of ``groups`` (join key -> join hash).
 
     Raises:
         SessionError: unreachable scheduler, protocol violation, or refused identity (fatal).
@@ -150,6 +157,13 @@ async def open_session(
                     signature=identity.sign(payload),
                     payment_address=payment_address,
                     agent=f"dcp-worker/{__version__}",
+                    groups=tuple(
+                        GroupProof(
+                            key, policy.group_proof(hash_, hello.challenge, identity.address)
+                        )
+                        for key, hash_ in sorted((groups or {}).items())
+                    ),
+                    leave_public_group=leave_public_group,
                 )
                 await ws.send(encode(auth).decode())
                 reply = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)

@@ -31,6 +31,7 @@ from .identity import Identity
 from .outbox import Outbox, PendingResult
 from .protocol import (
     Ack,
+    Decline,
     Error,
     ErrorCode,
     Fetch,
@@ -39,13 +40,17 @@ from .protocol import (
     JobSpec,
     LeaseRef,
     Limits,
+    Metrics,
+    Refusal,
     Result,
     Return,
     SliceFailed,
     SliceLease,
     Work,
+    policy,
     signing,
 )
+from .protocol.policy import JobTerms, WorkerTerms
 from .sandbox import Sandbox, SliceFailure
 
 __all__ = ["Supervisor", "Statistics"]
@@ -59,6 +64,8 @@ _LONG_POLL = 10.0
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
+    ErrorCode.RESULT_REJECTED.value,
+    ErrorCode.VERIFIER_FAILED.value,
     ErrorCode.STALE_LEASE.value,
     ErrorCode.UNKNOWN_SLICE.value,
     ErrorCode.BAD_SIGNATURE.value,
@@ -74,6 +81,8 @@ class Statistics:
     slices_failed: int
     results_accepted: int
     results_refused: int
+    credits_earned: float
+    slices_declined: int
     queued: int
     running: int
     outbox: int
@@ -92,6 +101,8 @@ class _Counters:
     failed: int = 0
     accepted: int = 0
     refused: int = 0
+    credits: float = 0.0
+    declined_slices: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -129,6 +140,9 @@ class Supervisor:
         self._stop_now = asyncio.Event()
         self._counters = _Counters()
         self._capabilities: dict[str, Any] = {}
+        self._declined: dict[str, float] = {}  # job -> the offer it was declined at
+        self._costs: dict[str, tuple[int, Metrics]] = {}  # job -> (slices, summed metrics)
+        self._reported: set[tuple[str, str]] = set()
         self.exit_reason = ""
         self.evaluator_broken = False
         self._fatal: SessionError | None = None
@@ -150,6 +164,8 @@ class Supervisor:
             slices_failed=self._counters.failed,
             results_accepted=self._counters.accepted,
             results_refused=self._counters.refused,
+            credits_earned=self._counters.credits,
+            slices_declined=self._counters.declined_slices,
             queued=self._queue.qsize(),
             running=running,
             outbox=self._undelivered(),
@@ -266,7 +282,11 @@ class Supervisor:
         while True:
             try:
                 session = await open_session(
-                    self.config.scheduler, self.identity, self.payment_address
+                    self.config.scheduler,
+                    self.identity,
+                    self.payment_address,
+                    groups=self.config.group_hashes(),
+                    leave_public_group=self.config.leave_public_group,
                 )
             except SessionError as exc:
                 if exc.fatal:
@@ -320,6 +340,10 @@ class Supervisor:
                     capabilities=self._capabilities,
                     known_jobs=tuple(self._jobs),
                     wait_seconds=_LONG_POLL,
+                    min_wage=self.config.min_wage,
+                    allowed_jobs=self.config.job_ids,
+                    allowed_owners=self.config.job_owners,
+                    declined=tuple(Decline(j, o) for j, o in self._declined.items()),
                 )
             )
             if isinstance(reply, Error):
@@ -330,6 +354,10 @@ class Supervisor:
                 raise SessionError(f"the scheduler answered a fetch with {reply.type}")
             for job in reply.jobs:
                 self._jobs[job.job] = job
+            for why in reply.skipped:
+                if (why.subject, why.code) not in self._reported:
+                    self._reported.add((why.subject, why.code))
+                    log.info("not offered job %s: %s %s", why.subject, why.code, why.message)
             self._forget_jobs(keep={lease.job for lease in reply.slices})
             if self._stopping.is_set() and reply.slices:
                 # Stopped while this fetch was in flight: give the slices straight back.
@@ -400,6 +428,7 @@ class Supervisor:
             self._inflight.discard(item.key)
         if isinstance(reply, Ack):
             self._counters.accepted += 1
+            self._counters.credits += reply.credited
             log.debug("result %s/%d %s", item.job, item.slice, reply.status)
         elif isinstance(reply, Error) and reply.code in _FINAL_REFUSALS:
             self._counters.refused += 1
@@ -465,6 +494,13 @@ class Supervisor:
             job = self._jobs.get(lease.job)
             if job is not None:
                 self._jobs.move_to_end(lease.job)
+                why = policy.refusal(self._job_terms(job, lease), self._worker_terms())
+                if why is not None:
+                    # Never trust the scheduler alone: this slice does not reach an evaluator.
+                    self._held.pop(_key(lease), None)
+                    self._capacity.set()
+                    await self._refuse(lease, why)
+                    continue
             self._running += 1
             try:
                 if job is None:
@@ -502,11 +538,86 @@ class Supervisor:
                 self._unsaved.append(item)
                 self._persist_wanted.set()
                 self._counters.done += 1
+                self._measure(lease, metrics)
             finally:
                 self._running -= 1
                 self._held.pop(_key(lease), None)
                 self._capacity.set()
                 self._slice_ended.set()
+
+    # ------------------------------------------------------------------ policy
+
+    def _worker_terms(self) -> WorkerTerms:
+        c = self.config
+        return WorkerTerms(
+            groups=frozenset(c.group_hashes()),
+            leave_public_group=c.leave_public_group,
+            capabilities=self._capabilities,
+            min_wage=c.min_wage,
+            allowed_jobs=frozenset(c.job_ids),
+            allowed_owners=frozenset(c.job_owners),
+            declined=self._declined,
+        )
+
+    def _job_terms(self, job: JobSpec, lease: SliceLease) -> JobTerms:
+        # The worker judges the wage by its own measurements of the job, not the scheduler's.
+        return JobTerms(
+            job=job.job,
+            owner=job.owner,
+            group=job.group,
+            requirements=job.requirements,
+            offer=lease.offer,
+            cost=self._mean_cost(job.job),
+        )
+
+    def _mean_cost(self, job: str) -> Metrics | None:
+        total = self._costs.get(job)
+        if total is None:
+            return None
+        n, m = total
+        return Metrics(
+            cpu_seconds=m.cpu_seconds / n,
+            gpu_seconds=m.gpu_seconds / n,
+            bytes_in=m.bytes_in // n,
+            bytes_out=m.bytes_out // n,
+        )
+
+    def _measure(self, lease: SliceLease, metrics: Metrics) -> None:
+        """Keep the job's measured cost; decline the job once it pays below the wage."""
+        n, total = self._costs.get(lease.job, (0, Metrics()))
+        self._costs[lease.job] = (
+            n + 1,
+            Metrics(
+                cpu_seconds=total.cpu_seconds + metrics.cpu_seconds,
+                gpu_seconds=total.gpu_seconds + metrics.gpu_seconds,
+                bytes_in=total.bytes_in + metrics.bytes_in,
+                bytes_out=total.bytes_out + metrics.bytes_out,
+            ),
+        )
+        mean = self._mean_cost(lease.job)
+        assert mean is not None
+        price = self.config.min_wage.cost(mean)
+        if price > lease.offer and self._declined.get(lease.job, -1.0) < lease.offer:
+            self._declined[lease.job] = lease.offer
+            log.warning(
+                "declining job %s: it offers %g credits per slice, a slice costs %.6g at this "
+                "worker's minimum wage (%s)",
+                lease.job,
+                lease.offer,
+                price,
+                ErrorCode.WAGE_BELOW_MINIMUM.value,
+            )
+
+    async def _refuse(self, lease: SliceLease, why: Refusal) -> None:
+        self._counters.declined_slices += 1
+        log.warning("refusing slice %s/%d: %s %s", lease.job, lease.slice, why.code, why.message)
+        session = self._session
+        if session is None:
+            return  # the lease expires; the scheduler will not offer it again after a refusal
+        with contextlib.suppress(SessionError):
+            await session.request(
+                partial(Return, leases=(_ref(lease),), code=why.code, message=why.message)
+            )
 
     async def _report_failure(self, lease: SliceLease, exc: SliceFailure) -> None:
         session = self._session

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
 import time
 import tomllib
@@ -18,15 +19,30 @@ from pathlib import Path
 from typing import Any
 
 from dcp_worker.protocol import InvalidMessage, Limits
+from dcp_worker.protocol.policy import validate_requirements
 
-from .store import NewJob
+from .store import NewJob, to_micro
 
 __all__ = ["JobFileError", "load_job_file", "parse_document", "RUNTIMES", "MAX_SLICES"]
 
 RUNTIMES = ("wasm",)
 MAX_SLICES = 1_000_000
 MAX_ATTEMPTS = 10
-_JOB_KEYS = {"name", "runtime", "module", "argv", "offer", "limits", "inputs", "max_attempts"}
+_JOB_KEYS = {
+    "name",
+    "runtime",
+    "module",
+    "argv",
+    "offer",
+    "limits",
+    "inputs",
+    "max_attempts",
+    "group",
+    "requirements",
+    "verifier",
+}
+#: The largest offer per slice, in credits (keeps escrow arithmetic far from overflow).
+MAX_OFFER = 1e9
 _INPUT_KEYS = {"file", "values"}
 
 
@@ -75,6 +91,14 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         module = module_path.read_bytes()
     except OSError as exc:
         raise JobFileError(f"{path}: cannot read module {module_path}: {exc.strerror}") from None
+    verifier = None
+    if "verifier" in spec:
+        if not isinstance(spec["verifier"], str):
+            raise JobFileError(f"{path}: 'verifier' is the path of a wasm module")
+        try:
+            verifier = (base / spec["verifier"]).read_bytes()
+        except OSError as exc:
+            raise JobFileError(f"{path}: cannot read verifier: {exc.strerror}") from None
     inputs = spec.get("inputs", {})
     if not isinstance(inputs, dict) or set(inputs) - _INPUT_KEYS:
         raise JobFileError(f"{path}: [inputs] takes 'file' and/or 'values'")
@@ -99,11 +123,15 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         "offer": spec.get("offer", 0),
         "limits": spec.get("limits", {}),
         "max_attempts": spec.get("max_attempts", 2),
+        "group": spec.get("group", ""),
+        "requirements": spec.get("requirements", {}),
         "data": [base64.b64encode(d).decode() for d in data],
         # Makes every deploy a distinct document; a replay of the same bytes is one job.
         "nonce": os.urandom(16).hex(),
         "created": time.time(),
     }
+    if verifier is not None:
+        document["verifier"] = base64.b64encode(verifier).decode()
     body = json.dumps(document, separators=(",", ":")).encode()
     parse_document(body, "0x" + "0" * 40)  # the same checks the scheduler makes
     return body
@@ -132,6 +160,9 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         "data",
         "nonce",
         "created",
+        "group",
+        "requirements",
+        "verifier",
     }
     unknown = set(doc) - allowed
     if unknown:
@@ -146,8 +177,26 @@ def parse_document(body: bytes, owner: str) -> NewJob:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise JobFileError("argv must be a list of strings")
     offer = doc.get("offer", 0)
-    if isinstance(offer, bool) or not isinstance(offer, (int, float)) or offer < 0:
-        raise JobFileError("offer must be a number of credits per slice, >= 0")
+    if (
+        isinstance(offer, bool)
+        or not isinstance(offer, (int, float))
+        or not math.isfinite(offer)
+        or not 0 <= offer <= MAX_OFFER
+    ):
+        raise JobFileError(f"offer must be a number of credits per slice, 0..{MAX_OFFER:g}")
+    group = doc.get("group", "")
+    if not isinstance(group, str) or len(group) > 200:
+        raise JobFileError("group must be a join key (a string), or empty for the public group")
+    try:
+        requirements = validate_requirements(doc.get("requirements", {}))
+    except ValueError as exc:
+        raise JobFileError(str(exc)) from None
+    verifier = None
+    if "verifier" in doc:
+        try:
+            verifier = base64.b64decode(doc["verifier"], validate=True)
+        except (binascii.Error, TypeError):
+            raise JobFileError("verifier must be a base64 string") from None
     attempts = doc.get("max_attempts", 2)
     if (
         isinstance(attempts, bool)
@@ -175,8 +224,11 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         module_sha256=hashlib.sha256(module).hexdigest(),
         argv=tuple(argv),
         limits=_limits(doc.get("limits"), "job"),
-        offer=float(offer),
+        offer_micro=to_micro(offer),
         data=datums,
         payload_sha256=hashlib.sha256(body).hexdigest(),
         max_attempts=attempts,
+        group=group,
+        requirements=requirements,
+        verifier=verifier,
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -34,6 +35,7 @@ from dcp_worker.protocol import (
     JobSpec,
     Message,
     ProtocolError,
+    Refusal,
     Result,
     Return,
     SliceFailed,
@@ -42,12 +44,23 @@ from dcp_worker.protocol import (
     Work,
     decode,
     encode,
+    policy,
     signing,
 )
 from dcp_worker.protocol import Hello as HelloMsg
+from dcp_worker.protocol.policy import JobTerms, WorkerTerms
 
 from .jobdoc import JobFileError, parse_document
-from .store import JobRecord, SliceRecord, Store, StoreError, UnknownJob
+from .store import (
+    InsufficientFunds,
+    JobRecord,
+    SliceRecord,
+    Store,
+    StoreError,
+    UnknownJob,
+    credits,
+)
+from .verifier import VerifierPool
 
 log = logging.getLogger("dcp.scheduler")
 
@@ -72,9 +85,14 @@ class SchedulerConfig:
 @dataclass
 class _Session:
     id: str
+    send: Callable[[Message], Awaitable[None]]
     address: str = ""
     payment_address: str = ""
-    parked: asyncio.Task[None] | None = None
+    parked: bool = False  # a long-poll fetch is waiting
+    groups: frozenset[str] = frozenset()
+    leave_public_group: bool = False
+    #: (job, code) refusals already reported on this session (each is reported once).
+    reported: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _peek_id(data: str | bytes) -> int | None:
@@ -94,6 +112,7 @@ class Scheduler:
         self.store = store
         self.config = config or SchedulerConfig()
         self._modules: OrderedDict[str, bytes] = OrderedDict()
+        self.verifiers = VerifierPool()
         self._work_event = asyncio.Event()
         self._results_event = asyncio.Event()
         self.sessions = 0
@@ -109,6 +128,7 @@ class Scheduler:
         app.router.add_get(f"{API}/jobs/{{job}}", self.api_job)
         app.router.add_get(f"{API}/jobs/{{job}}/results", self.api_results)
         app.router.add_post(f"{API}/jobs/{{job}}/cancel", self.api_cancel)
+        app.router.add_get(f"{API}/accounts/{{address}}", self.api_account)
         app.cleanup_ctx.append(self._expiry_ctx)
         return app
 
@@ -118,6 +138,7 @@ class Scheduler:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await self.verifiers.close()
 
     async def _expire_forever(self) -> None:
         while True:
@@ -137,34 +158,38 @@ class Scheduler:
     async def worker_session(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=2 * MAX_FRAME_BYTES, compress=False)
         await ws.prepare(request)
-        session = _Session(id=secrets.token_hex(8))
-        challenge = secrets.token_hex(32)
         send_lock = asyncio.Lock()
 
         async def send(message: Message) -> None:
             async with send_lock:
                 await ws.send_str(encode(message).decode())
 
+        session = _Session(id=secrets.token_hex(8), send=send)
+        challenge = secrets.token_hex(32)
         self.sessions += 1
         try:
             await send(
                 HelloMsg(protocol=PROTOCOL_VERSION, challenge=challenge, server=self.config.name)
             )
             async with asyncio.TaskGroup() as tg:
+                tasks: set[asyncio.Task[None]] = set()
                 async for frame in ws:
                     if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                         break
                     reply, close = self._receive(session, challenge, frame.data)
-                    if isinstance(reply, Fetch):
-                        # A long poll: parked in its own task so the session keeps serving.
-                        session.parked = tg.create_task(self._long_fetch(session, reply, send))
-                    elif reply is not None:
+                    if asyncio.iscoroutine(reply):
+                        # A long poll or a verification: its own task, so the session keeps
+                        # serving; it sends its reply itself.
+                        task = tg.create_task(reply)
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif isinstance(reply, Message):
                         await send(reply)
                     if close:
                         await ws.close(code=4001, message=b"authentication failed")
                         break
-                if session.parked is not None:
-                    session.parked.cancel()
+                for task in tasks:
+                    task.cancel()
         finally:
             self.sessions -= 1
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
@@ -174,27 +199,27 @@ class Scheduler:
         """Slices became available: wake every parked fetch."""
         self._work_event.set()
         self._work_event = asyncio.Event()
-        self._results_event = asyncio.Event()
 
-    async def _long_fetch(
-        self, session: _Session, message: Fetch, send: Callable[[Message], Awaitable[None]]
-    ) -> None:
+    async def _long_fetch(self, session: _Session, message: Fetch) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(message.wait_seconds, MAX_FETCH_WAIT)
-        while True:
-            event = self._work_event  # taken before leasing, so no wake-up is missed
-            try:
-                work = self._fetch(session, message, time.time())
-            except StoreError as exc:
-                await send(Error(re=message.id, code=exc.code.value, message=str(exc)))
-                return
-            remaining = deadline - loop.time()
-            if work.slices or remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
         try:
-            await send(work)
+            while True:
+                event = self._work_event  # taken before leasing, so no wake-up is missed
+                try:
+                    work = self._fetch(session, message, time.time())
+                except StoreError as exc:
+                    await session.send(Error(re=message.id, code=exc.code.value, message=str(exc)))
+                    return
+                remaining = deadline - loop.time()
+                if work.slices or remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            session.parked = False
+        try:
+            await session.send(work)
         except (ConnectionError, RuntimeError):
             # The worker left while its fetch was parked: give the slices back at once rather
             # than letting them expire (which would cost them an attempt).
@@ -204,12 +229,8 @@ class Scheduler:
 
     def _receive(
         self, session: _Session, challenge: str, data: str | bytes
-    ) -> tuple[Message | None, bool]:
-        """Handle one frame; returns (reply, close the session).
-
-        A ``fetch`` that may wait (and none is parked yet) comes back as itself: the caller
-        parks it.
-        """
+    ) -> tuple[Message | Coroutine[Any, Any, None] | None, bool]:
+        """Handle one frame; returns (a reply or a coroutine that will send it, close)."""
         try:
             message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
         except ProtocolError as exc:
@@ -223,38 +244,67 @@ class Scheduler:
                     code=ErrorCode.AUTH_FAILED.value,
                     message="the first message of a session must be auth",
                 ), True
-            payload = signing.session_payload(challenge, self.config.name, message.address)
-            if not signing.verify(payload, message.signature, message.address):
-                log.warning(
-                    "session %s: bad challenge signature for %s", session.id, message.address
-                )
-                return Error(
-                    re=rid,
-                    code=ErrorCode.AUTH_FAILED.value,
-                    message="the challenge signature does not match the address",
-                ), True
-            session.address = signing.checksum(message.address)
-            session.payment_address = signing.checksum(message.payment_address)
-            log.info("session %s: worker %s (%s)", session.id, session.address, message.agent)
-            return Welcome(
-                re=message.id,
-                session=session.id,
-                address=session.address,
-                heartbeat_interval=self.config.heartbeat_interval,
-                lease_timeout=self.config.lease_timeout,
-                max_result_bytes=self.config.max_result_bytes,
-            ), False
+            return self._auth(session, challenge, message)
         try:
             return self._dispatch(session, message), False
         except StoreError as exc:
             return Error(re=rid, code=exc.code.value, message=str(exc)), False
 
-    def _dispatch(self, session: _Session, message: Message) -> Message:
+    def _auth(self, session: _Session, challenge: str, message: Auth) -> tuple[Message, bool]:
+        payload = signing.session_payload(challenge, self.config.name, message.address)
+        if not signing.verify(payload, message.signature, message.address):
+            log.warning("session %s: bad challenge signature for %s", session.id, message.address)
+            return Error(
+                re=message.id,
+                code=ErrorCode.AUTH_FAILED.value,
+                message="the challenge signature does not match the address",
+            ), True
+        session.address = signing.checksum(message.address)
+        session.payment_address = signing.checksum(message.payment_address)
+        session.leave_public_group = message.leave_public_group
+        hashes = {g.join_key: g.join_hash for g in self.store.groups()}
+        joined, refused = set(), []
+        for proof in message.groups:
+            expected = hashes.get(proof.join_key)
+            if expected is not None and hmac.compare_digest(
+                proof.proof, policy.group_proof(expected, challenge, session.address)
+            ):
+                joined.add(proof.join_key)
+            else:
+                refused.append(
+                    Refusal(
+                        proof.join_key,
+                        ErrorCode.GROUP_PROOF_INVALID.value,
+                        "unknown join key or wrong proof",
+                    )
+                )
+        session.groups = frozenset(joined)
+        self.store.seen_worker(session.address, time.time())
+        log.info(
+            "session %s: worker %s (%s), groups %s%s",
+            session.id,
+            session.address,
+            message.agent,
+            sorted(joined) or "-",
+            ", left the public group" if message.leave_public_group else "",
+        )
+        return Welcome(
+            re=message.id,
+            session=session.id,
+            address=session.address,
+            heartbeat_interval=self.config.heartbeat_interval,
+            lease_timeout=self.config.lease_timeout,
+            max_result_bytes=self.config.max_result_bytes,
+            groups=tuple(sorted(joined)),
+            refused=tuple(refused),
+        ), False
+
+    def _dispatch(self, session: _Session, message: Message) -> Message | Coroutine[Any, Any, None]:
         now = time.time()
         if isinstance(message, Fetch):
-            parked = session.parked is not None and not session.parked.done()
-            if message.wait_seconds > 0 and not parked:
-                return message
+            if message.wait_seconds > 0 and not session.parked:
+                session.parked = True
+                return self._long_fetch(session, message)
             return self._fetch(session, message, now)
         if isinstance(message, Heartbeat):
             lost = self.store.heartbeat(
@@ -291,7 +341,15 @@ class Scheduler:
             return Ack(re=message.id, status=state)
         if isinstance(message, Return):
             refs = [(r.job, r.slice, r.token) for r in message.leases]
-            n = self.store.return_slices(session.address, refs)
+            n = self.store.return_slices(session.address, refs, message.code, message.message, now)
+            if message.code:
+                log.warning(
+                    "worker %s refused %d slice(s): %s %s",
+                    session.address,
+                    n,
+                    message.code,
+                    message.message,
+                )
             if n:
                 self._wake()
             return Ack(re=message.id, status=f"returned {n}")
@@ -301,9 +359,37 @@ class Scheduler:
             message=f"a scheduler does not accept {message.type!r} here",
         )
 
+    def _eligible(self, session: _Session, message: Fetch) -> tuple[list[str], list[Refusal]]:
+        """The active jobs this worker may be given, and the refusals to report for the rest."""
+        terms = WorkerTerms(
+            groups=session.groups,
+            leave_public_group=session.leave_public_group,
+            capabilities=message.capabilities,
+            min_wage=message.min_wage,
+            allowed_jobs=frozenset(message.allowed_jobs),
+            allowed_owners=frozenset(message.allowed_owners),
+            declined={d.job: d.offer for d in message.declined},
+        )
+        eligible, report = [], []
+        now = time.time()
+        for job in self.store.active_jobs():
+            why = policy.refusal(_terms(job), terms)
+            if why is None:
+                eligible.append(job.id)
+                continue
+            if (job.id, why.code) in session.reported:
+                continue
+            session.reported.add((job.id, why.code))
+            self.store.record_refusal(job.id, session.address, why.code, why.message, now)
+            private = job.group != policy.PUBLIC_GROUP and job.group not in session.groups
+            if not private:  # never tell a non-member that a private job exists
+                report.append(why)
+        return eligible, report
+
     def _fetch(self, session: _Session, message: Fetch, now: float) -> Work:
+        eligible, skipped = self._eligible(session, message)
         leases = self.store.lease(
-            session.address, message.max_slices, now, self.config.lease_timeout
+            session.address, message.max_slices, now, self.config.lease_timeout, eligible
         )
         known = set(message.known_jobs)
         jobs = []
@@ -320,14 +406,21 @@ class Scheduler:
                     argv=record.argv,
                     limits=record.limits,
                     name=record.name,
+                    owner=record.owner,
+                    group=record.group,
+                    requirements=record.requirements,
                 )
             )
         return Work(
             re=message.id,
             slices=tuple(
-                SliceLease(x.job, x.slice, x.token, x.attempt, x.deadline, x.datum) for x in leases
+                SliceLease(
+                    x.job, x.slice, x.token, x.attempt, x.deadline, x.datum, credits(x.offer_micro)
+                )
+                for x in leases
             ),
             jobs=tuple(jobs),
+            skipped=tuple(skipped),
         )
 
     def _module(self, job_id: str) -> bytes:
@@ -338,7 +431,9 @@ class Scheduler:
                 self._modules.popitem(last=False)
         return module
 
-    def _result(self, session: _Session, message: Result, now: float) -> Message:
+    def _result(
+        self, session: _Session, message: Result, now: float
+    ) -> Message | Coroutine[Any, Any, None]:
         if len(message.result) > self.config.max_result_bytes:
             return Error(
                 re=message.id,
@@ -354,7 +449,12 @@ class Scheduler:
                 code=ErrorCode.BAD_SIGNATURE.value,
                 message="the result is not signed by this session's identity",
             )
-        status = self.store.accept_result(
+        if self.store.job_verifier(message.job) is not None:
+            return self._verify_then_accept(session, message)
+        return self._accept(session, message, now)
+
+    def _accept(self, session: _Session, message: Result, now: float) -> Message:
+        status, paid = self.store.accept_result(
             message.job,
             message.slice,
             message.token,
@@ -367,7 +467,44 @@ class Scheduler:
         )
         if status == "accepted":
             self._results_changed()
-        return Ack(re=message.id, status=status)
+        return Ack(re=message.id, status=status, credited=credits(paid))
+
+    async def _verify_then_accept(self, session: _Session, message: Result) -> None:
+        try:
+            verifier = self.store.job_verifier(message.job)
+            record = self.store.job(message.job)
+            datum = self.store.datum(message.job, message.slice)
+            assert verifier is not None
+            verdict = await self.verifiers.verify(
+                message.job, verifier, record.argv, datum, message.result
+            )
+            if verdict.ok:
+                reply = self._accept(session, message, time.time())
+            else:
+                state = self.store.reject_result(
+                    message.job,
+                    message.slice,
+                    message.token,
+                    session.address,
+                    verdict.code,
+                    verdict.message,
+                    time.time(),
+                )
+                log.warning(
+                    "result %s/%d from %s rejected: %s",
+                    message.job,
+                    message.slice,
+                    session.address,
+                    verdict.message,
+                )
+                if state == "queued":
+                    self._wake()
+                else:
+                    self._results_changed()
+                reply = Error(re=message.id, code=verdict.code, message=verdict.message)
+        except StoreError as exc:
+            reply = Error(re=message.id, code=exc.code.value, message=str(exc))
+        await session.send(reply)
 
     # ------------------------------------------------------------------ compute API
 
@@ -386,7 +523,10 @@ class Scheduler:
             job = parse_document(body, signing.checksum(owner))
         except JobFileError as exc:
             return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
-        job_id = self.store.create_job(job, time.time())
+        try:
+            job_id = self.store.create_job(job, time.time())
+        except InsufficientFunds as exc:
+            return _error(402, exc.code, str(exc), missing=credits(exc.missing))
         self._wake()
         log.info("job %s deployed by %s: %s, %d slices", job_id, job.owner, job.name, len(job.data))
         return web.json_response({"job": job_id, "slices": len(job.data)}, status=201)
@@ -395,10 +535,26 @@ class Scheduler:
         return web.json_response({"jobs": [_job_json(j) for j in self.store.list_jobs()]})
 
     async def api_job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job"]
         try:
-            return web.json_response(_job_json(self.store.job(request.match_info["job"])))
+            out = _job_json(self.store.job(job_id))
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        refusals: dict[str, int] = {}
+        for r in self.store.refusals(job_id):
+            refusals[r.code] = refusals.get(r.code, 0) + r.count
+        out["refusals"] = refusals
+        return web.json_response(out)
+
+    async def api_account(self, request: web.Request) -> web.Response:
+        try:
+            address = signing.checksum(request.match_info["address"])
+        except ValueError:
+            return _error(400, ErrorCode.INVALID_MESSAGE, "not an address")
+        micro = self.store.balance(address)
+        return web.json_response(
+            {"address": address, "balance": credits(micro), "balance_micro": micro}
+        )
 
     async def api_results(self, request: web.Request) -> web.Response:
         """Final slices after ``after``, in order, up to the first one not final yet. With
@@ -453,8 +609,20 @@ class Scheduler:
         return web.json_response({"job": job_id, "cancelled_slices": n})
 
 
-def _error(status: int, code: ErrorCode, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> web.Response:
+    body = {"code": code.value, "message": message, **extra}
+    return web.json_response({"error": body}, status=status)
+
+
+def _terms(job: JobRecord) -> JobTerms:
+    return JobTerms(
+        job=job.id,
+        owner=job.owner,
+        group=job.group,
+        requirements=job.requirements,
+        offer=credits(job.offer_micro),
+        cost=job.cost,
+    )
 
 
 def _job_json(job: JobRecord) -> dict[str, Any]:
@@ -467,7 +635,12 @@ def _job_json(job: JobRecord) -> dict[str, Any]:
         "module_sha256": job.module_sha256,
         "argv": list(job.argv),
         "limits": asdict(job.limits),
-        "offer": job.offer,
+        "offer": credits(job.offer_micro),
+        "escrow": credits(job.escrow_micro),
+        "group": job.group,
+        "requirements": job.requirements,
+        "verifier": job.has_verifier,
+        "cost_per_slice": asdict(job.cost) if job.cost else None,
         "created": job.created,
         "finished": job.finished,
         "slices": job.total,

@@ -2,7 +2,8 @@
 
 Every public method is one ``BEGIN IMMEDIATE`` transaction, so leasing is atomic even with an
 admin command writing from another process. Slice state changes go through the table in
-:mod:`dcp_worker.protocol.states`.
+:mod:`dcp_worker.protocol.states`; every movement of credits is a ledger row written in the
+transaction of the change it pays for.
 """
 
 from __future__ import annotations
@@ -28,17 +29,23 @@ from dcp_worker.protocol import (
 from dcp_worker.protocol.states import FINAL_STATES
 
 from .store import (
+    DuplicateGroup,
+    GroupRecord,
+    InsufficientFunds,
     JobRecord,
     Lease,
+    LedgerEntry,
     NewJob,
+    RefusalRecord,
     SliceRecord,
     StaleLease,
     StoreError,
     UnknownJob,
     UnknownSlice,
+    WorkerRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,13 +59,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     module_sha256 TEXT NOT NULL,
     argv TEXT NOT NULL,
     limits TEXT NOT NULL,
-    offer REAL NOT NULL,
+    offer_micro INTEGER NOT NULL,
+    escrow_micro INTEGER NOT NULL DEFAULT 0,
+    group_key TEXT NOT NULL DEFAULT '',
+    requirements TEXT NOT NULL DEFAULT '{}',
+    verifier BLOB,
     payload_sha256 TEXT NOT NULL UNIQUE,
     total INTEGER NOT NULL,
     remaining INTEGER NOT NULL,
     max_attempts INTEGER NOT NULL,
     created REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    -- sums over accepted slices, for the measured cost per slice (minimum wage)
+    cost_n INTEGER NOT NULL DEFAULT 0,
+    cost_cpu REAL NOT NULL DEFAULT 0,
+    cost_gpu REAL NOT NULL DEFAULT 0,
+    cost_in INTEGER NOT NULL DEFAULT 0,
+    cost_out INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS slices (
     job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -77,10 +94,53 @@ CREATE TABLE IF NOT EXISTS slices (
     accepted_at REAL,
     error_code TEXT,
     error TEXT,
+    rejected_by TEXT,
     PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS slices_by_state ON slices (state, job, idx);
+CREATE TABLE IF NOT EXISTS accounts (
+    address TEXT PRIMARY KEY,
+    balance_micro INTEGER NOT NULL CHECK (balance_micro >= 0)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    debit TEXT NOT NULL,
+    credit TEXT NOT NULL,
+    amount_micro INTEGER NOT NULL CHECK (amount_micro > 0),
+    job TEXT,
+    slice INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_payment_per_slice ON ledger (job, slice)
+    WHERE kind = 'payment';
+CREATE TABLE IF NOT EXISTS groups (
+    join_key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    join_hash TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    address TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    earned_micro INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    job TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    code TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    last REAL NOT NULL,
+    PRIMARY KEY (job, worker, code)
+);
 """
+_WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 
 
 class SQLiteStore:
@@ -93,17 +153,24 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("PRAGMA foreign_keys=ON")
+            row = self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
+            if row is not None:
+                (version,) = self._db.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'"
+                ).fetchone()
+                if int(version) != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{path}: database schema {version}, this scheduler needs "
+                        f"{SCHEMA_VERSION}; use a new database"
+                    )
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
-        (version,) = self._db.execute(
-            "SELECT value FROM meta WHERE key='schema_version'"
-        ).fetchone()
-        if int(version) != SCHEMA_VERSION:
-            raise StoreError(f"database schema {version} is not {SCHEMA_VERSION}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -122,20 +189,115 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
+    # ------------------------------------------------------------------ bank primitives
+
+    def _move(
+        self,
+        db: sqlite3.Connection,
+        kind: str,
+        debit: str,
+        credit: str,
+        amount: int,
+        now: float,
+        job: str | None = None,
+        slice_: int | None = None,
+    ) -> None:
+        """Move ``amount`` between accounts (or escrow) with its ledger row. Escrow balances
+        live on the job row; ``mint`` is the source of new credits."""
+        if amount <= 0:
+            return
+        for account, sign in ((debit, -1), (credit, 1)):
+            if account == "mint":
+                continue
+            if account.startswith("escrow:"):
+                db.execute(
+                    "UPDATE jobs SET escrow_micro = escrow_micro + ? WHERE id=?",
+                    (sign * amount, account.removeprefix("escrow:")),
+                )
+            elif sign > 0:
+                db.execute(
+                    "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
+                    " SET balance_micro = balance_micro + excluded.balance_micro",
+                    (account.lower(), amount),
+                )
+            else:  # the CHECK constraint refuses an overdraft, whatever the caller checked
+                cur = db.execute(
+                    "UPDATE accounts SET balance_micro = balance_micro - ? WHERE address=?",
+                    (amount, account.lower()),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"account {account} has no balance to debit")
+        db.execute(
+            "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now, kind, debit.lower(), credit.lower(), amount, job, slice_),
+        )
+
+    def _balance(self, db: sqlite3.Connection, address: str) -> int:
+        row = db.execute(
+            "SELECT balance_micro FROM accounts WHERE address=?", (address.lower(),)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def mint(self, address: str, amount_micro: int, now: float) -> int:
+        if amount_micro <= 0:
+            raise StoreError("mint a positive amount")
+        with self._tx() as db:
+            self._move(db, "mint", "mint", address, amount_micro, now)
+            return self._balance(db, address)
+
+    def balance(self, address: str) -> int:
+        return self._balance(self._db, address)
+
+    def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]:
+        if account is None:
+            rows = self._db.execute(
+                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
+                " WHERE debit=? OR credit=? ORDER BY seq LIMIT ?",
+                (account.lower(), account.lower(), limit),
+            )
+        return [LedgerEntry(*row) for row in rows]
+
+    def totals(self) -> dict[str, int]:
+        """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
+        q = self._db.execute
+        by_kind = dict(q("SELECT kind, sum(amount_micro) FROM ledger GROUP BY kind").fetchall())
+        return {
+            "minted": int(by_kind.get("mint", 0)),
+            "accounts": int(
+                q("SELECT coalesce(sum(balance_micro), 0) FROM accounts").fetchone()[0]
+            ),
+            "escrow": int(q("SELECT coalesce(sum(escrow_micro), 0) FROM jobs").fetchone()[0]),
+            "escrowed": int(by_kind.get("escrow", 0)),
+            "paid": int(by_kind.get("payment", 0)),
+            "refunded": int(by_kind.get("refund", 0)),
+        }
+
     # ------------------------------------------------------------------ jobs
 
     def create_job(self, job: NewJob, now: float) -> str:
         job_id = secrets.token_hex(16)
+        escrow = job.offer_micro * len(job.data)
         with self._tx() as db:
             existing = db.execute(
                 "SELECT id FROM jobs WHERE payload_sha256=?", (job.payload_sha256,)
             ).fetchone()
             if existing:
                 return str(existing[0])  # a replayed deploy: the same job, not a second one
+            balance = self._balance(db, job.owner)
+            if balance < escrow:
+                raise InsufficientFunds(job.owner, escrow, balance)
             db.execute(
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
-                " limits, offer, payload_sha256, total, remaining, max_attempts, created)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " limits, offer_micro, group_key, requirements, verifier, payload_sha256, total,"
+                " remaining, max_attempts, created)"
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     job.owner,
@@ -145,7 +307,10 @@ class SQLiteStore:
                     job.module_sha256,
                     json.dumps(list(job.argv)),
                     json.dumps(asdict(job.limits)),
-                    job.offer,
+                    job.offer_micro,
+                    job.group,
+                    json.dumps(job.requirements),
+                    job.verifier,
                     job.payload_sha256,
                     len(job.data),
                     len(job.data),
@@ -157,16 +322,27 @@ class SQLiteStore:
                 "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
                 ((job_id, i, datum) for i, datum in enumerate(job.data)),
             )
+            self._move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
             if not job.data:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
 
     _JOB_COLUMNS = (
-        "id, owner, name, state, runtime, module_sha256, argv, limits, offer, created,"
-        " finished, total, max_attempts"
+        "id, owner, name, state, runtime, module_sha256, argv, limits, offer_micro, created,"
+        " finished, total, max_attempts, group_key, requirements, verifier IS NOT NULL,"
+        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out"
     )
 
     def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
+        n = row[17]
+        cost = None
+        if n:
+            cost = Metrics(
+                cpu_seconds=row[18] / n,
+                gpu_seconds=row[19] / n,
+                bytes_in=row[20] // n,
+                bytes_out=row[21] // n,
+            )
         return JobRecord(
             id=row[0],
             owner=row[1],
@@ -176,11 +352,16 @@ class SQLiteStore:
             module_sha256=row[5],
             argv=tuple(json.loads(row[6])),
             limits=Limits(**json.loads(row[7])),
-            offer=row[8],
+            offer_micro=row[8],
             created=row[9],
             finished=row[10],
             total=row[11],
             max_attempts=row[12],
+            group=row[13],
+            requirements=json.loads(row[14]),
+            has_verifier=bool(row[15]),
+            escrow_micro=row[16],
+            cost=cost,
             counts=counts,
         )
 
@@ -198,21 +379,45 @@ class SQLiteStore:
             raise UnknownJob(f"no job {job_id}")
         return self._job_record(row, self._counts(job_id))
 
-    def job_module(self, job_id: str) -> bytes:
-        row = self._db.execute("SELECT module FROM jobs WHERE id=?", (job_id,)).fetchone()
+    def job_state(self, job_id: str) -> str:
+        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"no job {job_id}")
+        return str(row[0])
+
+    def _blob(self, column: str, job_id: str) -> bytes | None:
+        row = self._db.execute(f"SELECT {column} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return None if row[0] is None else bytes(row[0])
+
+    def job_module(self, job_id: str) -> bytes:
+        module = self._blob("module", job_id)
+        assert module is not None
+        return module
+
+    def job_verifier(self, job_id: str) -> bytes | None:
+        return self._blob("verifier", job_id)
+
+    def datum(self, job_id: str, slice_: int) -> bytes:
+        row = self._db.execute(
+            "SELECT datum FROM slices WHERE job=? AND idx=?", (job_id, slice_)
+        ).fetchone()
+        if row is None:
+            raise UnknownSlice(f"no slice {job_id}/{slice_}")
         return bytes(row[0])
 
     def list_jobs(self) -> list[JobRecord]:
         rows = self._db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY seq").fetchall()
         return [self._job_record(row, self._counts(row[0])) for row in rows]
 
-    def job_state(self, job_id: str) -> str:
-        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None:
-            raise UnknownJob(f"no job {job_id}")
-        return str(row[0])
+    def active_jobs(self) -> list[JobRecord]:
+        """Active jobs with queued slices, oldest first (no slice counts: this is hot)."""
+        rows = self._db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs j WHERE state='active' AND EXISTS"
+            " (SELECT 1 FROM slices s WHERE s.state='queued' AND s.job=j.id) ORDER BY seq"
+        ).fetchall()
+        return [self._job_record(row, {}) for row in rows]
 
     def slices(
         self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
@@ -250,23 +455,42 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ leases
 
-    def lease(self, worker: str, max_slices: int, now: float, timeout: float) -> list[Lease]:
+    def lease(
+        self,
+        worker: str,
+        max_slices: int,
+        now: float,
+        timeout: float,
+        jobs: list[str] | None = None,
+    ) -> list[Lease]:
+        """Lease up to ``max_slices`` queued slices, oldest job first; only from ``jobs`` when
+        given; never a slice whose last result from this worker was rejected."""
+        if jobs is not None and not jobs:
+            return []
         deadline = now + timeout
         leases: list[Lease] = []
+        where, params = "", []
+        if jobs is not None:
+            where = f" AND s.job IN ({','.join('?' * len(jobs))})"
+            params = list(jobs)
         with self._tx() as db:
             rows = db.execute(
-                "SELECT s.job, s.idx, s.attempts, s.datum FROM slices s"
+                "SELECT s.job, s.idx, s.attempts, s.datum, j.offer_micro FROM slices s"
                 " JOIN jobs j ON j.id = s.job"
                 " WHERE s.state='queued' AND j.state='active'"
-                " ORDER BY j.seq, s.idx LIMIT ?",
-                (max_slices,),
+                " AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
+                + where
+                + " ORDER BY j.seq, s.idx LIMIT ?",
+                [worker.lower(), *params, max_slices],
             ).fetchall()
             new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
             updates = []
-            for job_id, idx, attempts, datum in rows:
+            for job_id, idx, attempts, datum, offer in rows:
                 token = secrets.token_hex(16)
                 updates.append((new_state, token, worker, deadline, job_id, idx))
-                leases.append(Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum)))
+                leases.append(
+                    Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
+                )
             db.executemany(
                 "UPDATE slices SET state=?, token=?, worker=?, deadline=?, attempts=attempts+1,"
                 " progress=NULL WHERE job=? AND idx=?",
@@ -291,15 +515,25 @@ class SQLiteStore:
 
     def _current(
         self, db: sqlite3.Connection, job_id: str, idx: int
-    ) -> tuple[SliceState, str | None, str | None, int, int]:
+    ) -> tuple[SliceState, str | None, str | None, int, int, int, str]:
         row = db.execute(
-            "SELECT s.state, s.token, s.worker, s.attempts, j.max_attempts FROM slices s"
-            " JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx=?",
+            "SELECT s.state, s.token, s.worker, s.attempts, j.max_attempts, j.offer_micro,"
+            " j.owner FROM slices s JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx=?",
             (job_id, idx),
         ).fetchone()
         if row is None:
             raise UnknownSlice(f"no slice {job_id}/{idx}")
-        return SliceState(row[0]), row[1], row[2], row[3], row[4]
+        return SliceState(row[0]), row[1], row[2], row[3], row[4], row[5], row[6]
+
+    def _fenced(
+        self, db: sqlite3.Connection, job_id: str, idx: int, token: str, worker: str
+    ) -> tuple[SliceState, int, int, int]:
+        """The slice's state, attempts, max attempts and offer, if ``token`` is its current
+        lease and ``worker`` holds it (fencing)."""
+        state, current, holder, attempts, max_attempts, offer, _ = self._current(db, job_id, idx)
+        if current != token or (holder or "").lower() != worker.lower():
+            raise StaleLease(f"slice {job_id}/{idx}: lease {token[:8]}... is not the current lease")
+        return state, attempts, max_attempts, offer
 
     def _settle(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
         """One slice of the job reached a final state: finish the job when none is left."""
@@ -308,6 +542,21 @@ class SQLiteStore:
             "UPDATE jobs SET state='finished', finished=? WHERE id=? AND remaining<=0"
             " AND state='active'",
             (now, job_id),
+        )
+
+    def _count(
+        self, db: sqlite3.Connection, worker: str, counter: str, now: float, earned: int = 0
+    ) -> None:
+        assert counter in _WORKER_COUNTERS
+        db.execute(
+            "INSERT INTO workers (address, first_seen, last_seen) VALUES (?, ?, ?)"
+            " ON CONFLICT(address) DO NOTHING",
+            (worker.lower(), now, now),
+        )
+        db.execute(
+            f"UPDATE workers SET {counter} = {counter} + 1, earned_micro = earned_micro + ?,"
+            " last_seen = max(last_seen, ?) WHERE address=?",
+            (earned, now, worker.lower()),
         )
 
     def accept_result(
@@ -321,15 +570,16 @@ class SQLiteStore:
         signature: str,
         metrics: Metrics,
         now: float,
-    ) -> str:
+    ) -> tuple[str, int]:
+        """Accept a result once and pay its slice's offer to ``payment_address``.
+
+        Returns:
+            ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
+        """
         with self._tx() as db:
-            state, current, holder, _attempts, _max = self._current(db, job_id, slice_)
-            if current != token or (holder or "").lower() != worker.lower():
-                raise StaleLease(
-                    f"slice {job_id}/{slice_}: lease {token[:8]}... is not the current lease"
-                )
+            state, _attempts, _max, offer = self._fenced(db, job_id, slice_, token, worker)
             if state is SliceState.DONE:
-                return "duplicate"  # resubmission of the accepted result: harmless
+                return "duplicate", 0  # resubmission of the accepted result: harmless
             try:
                 new = transition(state, SliceEvent.ACCEPT)
             except IllegalTransition:
@@ -348,8 +598,24 @@ class SQLiteStore:
                     slice_,
                 ),
             )
+            db.execute(
+                "UPDATE jobs SET cost_n = cost_n + 1, cost_cpu = cost_cpu + ?,"
+                " cost_gpu = cost_gpu + ?, cost_in = cost_in + ?, cost_out = cost_out + ?"
+                " WHERE id=?",
+                (
+                    metrics.cpu_seconds,
+                    metrics.gpu_seconds,
+                    metrics.bytes_in,
+                    metrics.bytes_out,
+                    job_id,
+                ),
+            )
+            self._move(
+                db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_
+            )
+            self._count(db, worker, "accepted", now, earned=offer)
             self._settle(db, job_id, now)
-        return "accepted"
+        return "accepted", offer
 
     def _release(
         self,
@@ -383,6 +649,53 @@ class SQLiteStore:
             self._settle(db, job_id, now)
         return new
 
+    def _refusal(
+        self, db: sqlite3.Connection, job_id: str, worker: str, code: str, message: str, now: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO refusals VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(job, worker, code)"
+            " DO UPDATE SET count = count + 1, message = excluded.message, last = excluded.last",
+            (job_id, worker.lower(), code, message[:500], now),
+        )
+
+    def reject_result(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
+    ) -> str:
+        """The result failed verification: not paid, the slice goes back to the queue (or
+        fails once its attempts are used), and the worker's record shows it."""
+        with self._tx() as db:
+            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
+            if state is not SliceState.LEASED and state is not SliceState.QUEUED:
+                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}")
+            new: SliceState = state
+            if state is SliceState.LEASED:  # if it expired meanwhile, nothing to release
+                new = self._release(
+                    db,
+                    job_id,
+                    slice_,
+                    state,
+                    attempts,
+                    max_attempts,
+                    SliceEvent.FAIL,
+                    code,
+                    message[:2000],
+                    now,
+                )
+            db.execute(
+                "UPDATE slices SET rejected_by=? WHERE job=? AND idx=?",
+                (worker.lower(), job_id, slice_),
+            )
+            self._count(db, worker, "rejected", now)
+            self._refusal(db, job_id, worker, code, message, now)
+        return new.value
+
     def fail_slice(
         self,
         job_id: str,
@@ -394,12 +707,8 @@ class SQLiteStore:
         now: float,
     ) -> str:
         with self._tx() as db:
-            state, current, holder, attempts, max_attempts = self._current(db, job_id, slice_)
-            if (
-                state is not SliceState.LEASED
-                or current != token
-                or (holder or "").lower() != worker.lower()
-            ):
+            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
+            if state is not SliceState.LEASED:
                 raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
             new = self._release(
                 db,
@@ -413,14 +722,26 @@ class SQLiteStore:
                 message[:2000],
                 now,
             )
+            self._count(db, worker, "failed", now)
         return new.value
 
-    def return_slices(self, worker: str, refs: list[tuple[str, int, str]]) -> int:
+    def return_slices(
+        self,
+        worker: str,
+        refs: list[tuple[str, int, str]],
+        code: str = "",
+        message: str = "",
+        now: float = 0.0,
+    ) -> int:
+        """Give back leased slices (their attempt is refunded). With ``code``, the worker
+        refused them: the refusal is recorded for the job and the worker."""
         returned = 0
         with self._tx() as db:
             for job_id, idx, token in refs:
                 try:
-                    state, current, holder, attempts, max_attempts = self._current(db, job_id, idx)
+                    state, current, holder, attempts, max_attempts, _o, _w = self._current(
+                        db, job_id, idx
+                    )
                 except UnknownSlice:
                     continue
                 if (
@@ -436,11 +757,14 @@ class SQLiteStore:
                         attempts,
                         max_attempts,
                         SliceEvent.RETURN,
-                        "",
-                        "",
-                        0.0,
+                        code,
+                        message,
+                        now,
                     )
                     returned += 1
+                    if code:
+                        self._refusal(db, job_id, worker, code, message, now)
+                        self._count(db, worker, "refused", now)
         return returned
 
     def expire_leases(self, now: float) -> int:
@@ -473,8 +797,8 @@ class SQLiteStore:
                 raise UnknownJob(f"no job {job_id}")
             new = transition(SliceState.FAILED, SliceEvent.RESET).value
             cur = db.execute(
-                "UPDATE slices SET state=?, attempts=0, token=NULL, worker=NULL, deadline=NULL"
-                " WHERE job=? AND state='failed'",
+                "UPDATE slices SET state=?, attempts=0, token=NULL, worker=NULL, deadline=NULL,"
+                " rejected_by=NULL WHERE job=? AND state='failed'",
                 (new, job_id),
             )
             if cur.rowcount:
@@ -485,7 +809,14 @@ class SQLiteStore:
                 )
         return cur.rowcount
 
+    def _refund(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
+        owner, escrow = db.execute(
+            "SELECT owner, escrow_micro FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        self._move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
+
     def cancel_job(self, job_id: str, now: float) -> int:
+        """Cancel queued and leased slices and refund what is left in escrow."""
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
@@ -504,9 +835,60 @@ class SQLiteStore:
                 " WHERE id=?",
                 (now, job_id),
             )
+            self._refund(db, job_id, now)
         return cur.rowcount
 
-    def remove_job(self, job_id: str) -> None:
+    def remove_job(self, job_id: str, now: float = 0.0) -> None:
+        """Delete a job, its slices and results; refund its escrow first. The ledger keeps
+        its entries."""
         with self._tx() as db:
-            if db.execute("DELETE FROM jobs WHERE id=?", (job_id,)).rowcount == 0:
+            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is None:
                 raise UnknownJob(f"no job {job_id}")
+            self._refund(db, job_id, now)
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            db.execute("DELETE FROM refusals WHERE job=?", (job_id,))
+
+    # ------------------------------------------------------------------ groups, workers
+
+    def create_group(self, name: str, join_key: str, join_hash: str, now: float) -> None:
+        with self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO groups VALUES (?, ?, ?, ?)", (join_key, name, join_hash, now)
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateGroup(f"a group with join key {join_key!r} exists") from None
+
+    def groups(self) -> list[GroupRecord]:
+        rows = self._db.execute(
+            "SELECT join_key, name, join_hash, created FROM groups ORDER BY created"
+        )
+        return [GroupRecord(*row) for row in rows]
+
+    def seen_worker(self, address: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO workers (address, first_seen, last_seen) VALUES (?, ?, ?)"
+                " ON CONFLICT(address) DO UPDATE SET last_seen = excluded.last_seen",
+                (address.lower(), now, now),
+            )
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._db.execute(
+            "SELECT address, first_seen, last_seen, accepted, rejected, failed, refused,"
+            " earned_micro FROM workers ORDER BY first_seen"
+        )
+        return [WorkerRecord(*row) for row in rows]
+
+    def record_refusal(self, job_id: str, worker: str, code: str, message: str, now: float) -> None:
+        with self._tx() as db:
+            self._refusal(db, job_id, worker, code, message, now)
+
+    def refusals(self, job_id: str | None = None) -> list[RefusalRecord]:
+        query = "SELECT job, worker, code, count, message, last FROM refusals"
+        rows = (
+            self._db.execute(query + " WHERE job=? ORDER BY last", (job_id,))
+            if job_id is not None
+            else self._db.execute(query + " ORDER BY last")
+        )
+        return [RefusalRecord(*row) for row in rows]

@@ -1,22 +1,41 @@
-"""The scheduler's store interface: jobs, slices, leases. Backends implement :class:`Store`.
+"""The scheduler's store interface: jobs, slices, leases, the bank, groups, workers.
+Backends implement :class:`Store` (scheduler/sqlite_store.py).
 
 Exception tree::
 
     StoreError             root
     ├── UnknownJob         no such job
     ├── UnknownSlice       no such slice
-    └── StaleLease         the token is not the slice's current lease (fencing), or the slice
-                           is already final; ``code`` is the wire ErrorCode to answer with
+    ├── StaleLease         the token is not the slice's current lease (fencing), or the slice
+    │                      is already final
+    ├── InsufficientFunds  a deploy's escrow exceeds the owner's balance; ``missing`` says by
+    │                      how much (micro-credits)
+    └── DuplicateGroup     a group with that join key exists
 
-Every method is one transaction: a crash between two calls loses nothing that was acknowledged.
+``code`` on each is the wire ErrorCode to answer with. Every method is one transaction: a crash
+between two calls loses nothing that was acknowledged, and every movement of credits is a
+ledger entry written in the same transaction as the state change it pays for.
+
+Amounts are integers of micro-credits (10^-6 credit), so credits are conserved exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dcp_worker.protocol import ErrorCode, LeaseRef, Limits, Metrics
+
+MICRO = 1_000_000
+
+
+def to_micro(credits: float) -> int:
+    """Credits (a decimal number) to micro-credits, rounded to the nearest."""
+    return round(credits * MICRO)
+
+
+def credits(micro: int) -> float:
+    return micro / MICRO
 
 
 class StoreError(Exception):
@@ -35,6 +54,21 @@ class StaleLease(StoreError):
     code = ErrorCode.STALE_LEASE
 
 
+class InsufficientFunds(StoreError):
+    code = ErrorCode.INSUFFICIENT_FUNDS
+
+    def __init__(self, owner: str, needed: int, balance: int) -> None:
+        super().__init__(
+            f"{owner} has {credits(balance):.6f} credits; the job's escrow is "
+            f"{credits(needed):.6f}: {credits(needed - balance):.6f} missing"
+        )
+        self.missing = needed - balance
+
+
+class DuplicateGroup(StoreError):
+    code = ErrorCode.INVALID_MESSAGE
+
+
 @dataclass(frozen=True)
 class NewJob:
     """A validated job, ready to store."""
@@ -46,10 +80,13 @@ class NewJob:
     module_sha256: str
     argv: tuple[str, ...]
     limits: Limits
-    offer: float
+    offer_micro: int
     data: tuple[bytes, ...]
     payload_sha256: str
     max_attempts: int = 2
+    group: str = ""
+    requirements: dict[str, Any] = field(default_factory=dict)
+    verifier: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,7 @@ class Lease:
     attempt: int
     deadline: float
     datum: bytes
+    offer_micro: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,11 +110,17 @@ class JobRecord:
     module_sha256: str
     argv: tuple[str, ...]
     limits: Limits
-    offer: float
+    offer_micro: int
     created: float
     finished: float | None
     total: int
     max_attempts: int
+    group: str = ""
+    requirements: dict[str, Any] = field(default_factory=dict)
+    has_verifier: bool = False
+    escrow_micro: int = 0
+    #: Mean measured cost of an accepted slice, None before the first one.
+    cost: Metrics | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -97,14 +141,60 @@ class SliceRecord:
     progress: float | None = None
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    seq: int
+    at: float
+    kind: str  # mint, escrow, payment, refund
+    debit: str  # an address, "escrow:<job>", or "mint"
+    credit: str
+    amount_micro: int
+    job: str | None
+    slice: int | None
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    join_key: str
+    name: str
+    join_hash: str
+    created: float
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    address: str
+    first_seen: float
+    last_seen: float
+    accepted: int
+    rejected: int
+    failed: int
+    refused: int
+    earned_micro: int
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    job: str
+    worker: str
+    code: str
+    count: int
+    message: str
+    last: float
+
+
 class Store(Protocol):
     """What the scheduler needs from a backend. See scheduler/sqlite_store.py."""
 
+    # jobs
     def create_job(self, job: NewJob, now: float) -> str: ...
     def job(self, job_id: str) -> JobRecord: ...
-    def job_module(self, job_id: str) -> bytes: ...
-    def list_jobs(self) -> list[JobRecord]: ...
     def job_state(self, job_id: str) -> str: ...
+    def job_module(self, job_id: str) -> bytes: ...
+    def job_verifier(self, job_id: str) -> bytes | None: ...
+    def datum(self, job_id: str, slice_: int) -> bytes: ...
+    def list_jobs(self) -> list[JobRecord]: ...
+    def active_jobs(self) -> list[JobRecord]: ...
     def slices(
         self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
     ) -> list[SliceRecord]:
@@ -112,7 +202,15 @@ class Store(Protocol):
         one that is not final (done, failed, cancelled)."""
         ...
 
-    def lease(self, worker: str, max_slices: int, now: float, timeout: float) -> list[Lease]: ...
+    # leases and results
+    def lease(
+        self,
+        worker: str,
+        max_slices: int,
+        now: float,
+        timeout: float,
+        jobs: list[str] | None = None,
+    ) -> list[Lease]: ...
     def heartbeat(
         self, worker: str, refs: list[LeaseRef], now: float, timeout: float
     ) -> list[LeaseRef]: ...
@@ -127,6 +225,16 @@ class Store(Protocol):
         signature: str,
         metrics: Metrics,
         now: float,
+    ) -> tuple[str, int]: ...
+    def reject_result(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
     ) -> str: ...
     def fail_slice(
         self,
@@ -138,9 +246,35 @@ class Store(Protocol):
         message: str,
         now: float,
     ) -> str: ...
-    def return_slices(self, worker: str, refs: list[tuple[str, int, str]]) -> int: ...
+    def return_slices(
+        self,
+        worker: str,
+        refs: list[tuple[str, int, str]],
+        code: str = "",
+        message: str = "",
+        now: float = 0.0,
+    ) -> int: ...
     def expire_leases(self, now: float) -> int: ...
+
+    # admin
     def reset_job(self, job_id: str) -> int: ...
     def cancel_job(self, job_id: str, now: float) -> int: ...
-    def remove_job(self, job_id: str) -> None: ...
+    def remove_job(self, job_id: str, now: float = 0.0) -> None: ...
+
+    # bank
+    def mint(self, address: str, amount_micro: int, now: float) -> int: ...
+    def balance(self, address: str) -> int: ...
+    def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]: ...
+    def totals(self) -> dict[str, int]: ...
+
+    # groups, workers, refusals
+    def create_group(self, name: str, join_key: str, join_hash: str, now: float) -> None: ...
+    def groups(self) -> list[GroupRecord]: ...
+    def seen_worker(self, address: str, now: float) -> None: ...
+    def workers(self) -> list[WorkerRecord]: ...
+    def record_refusal(
+        self, job_id: str, worker: str, code: str, message: str, now: float
+    ) -> None: ...
+    def refusals(self, job_id: str | None = None) -> list[RefusalRecord]: ...
+
     def close(self) -> None: ...

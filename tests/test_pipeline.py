@@ -30,11 +30,14 @@ def job_file(
     argv: list[str] = (),
     limits: str = "",
     attempts: int = 2,
+    offer: float = 0,
+    extra: str = "",
 ) -> Path:
+    """A job file; free (offer 0) unless ``offer`` says otherwise."""
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'name = "{name}"\nruntime = "wasm"\nmodule = "{module}"\n'
-        f"argv = {json.dumps(list(argv))}\noffer = 0.01\nmax_attempts = {attempts}\n"
+        f"argv = {json.dumps(list(argv))}\noffer = {offer}\nmax_attempts = {attempts}\n{extra}\n"
         f"[limits]\n{limits}\n[inputs]\nvalues = {json.dumps(values)}\n"
     )
     return path

@@ -25,7 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def new_job(n: int = 3, attempts: int = 2, tag: str = "a") -> NewJob:
+def new_job(n: int = 3, attempts: int = 2, tag: str = "a", offer: int = 0) -> NewJob:
     return NewJob(
         owner=W1,
         name="t",
@@ -34,7 +34,7 @@ def new_job(n: int = 3, attempts: int = 2, tag: str = "a") -> NewJob:
         module_sha256=hashlib.sha256(b"\x00asm").hexdigest(),
         argv=("1",),
         limits=Limits(),
-        offer=1.0,
+        offer_micro=offer,
         data=tuple(f"d{i}".encode() for i in range(n)),
         payload_sha256=hashlib.sha256(tag.encode()).hexdigest(),
         max_attempts=attempts,
@@ -42,7 +42,10 @@ def new_job(n: int = 3, attempts: int = 2, tag: str = "a") -> NewJob:
 
 
 def accept(store: Store, lease_job: str, idx: int, token: str, worker: str = W1) -> str:
-    return store.accept_result(lease_job, idx, token, worker, b"r", PAY, "00" * 65, Metrics(), 1.0)
+    status, _paid = store.accept_result(
+        lease_job, idx, token, worker, b"r", PAY, "00" * 65, Metrics(), 1.0
+    )
+    return status
 
 
 def test_lease_is_fifo_and_disjoint(store: Store) -> None:

@@ -6,6 +6,7 @@ evaluator wrap it in their own I/O. docs/protocol.md is the normative descriptio
 
 from __future__ import annotations
 
+from . import policy, signing
 from .codec import MAX_FRAME_BYTES, PROTOCOL_VERSION, StreamDecoder, decode, encode, frame
 from .errors import (
     ErrorCode,
@@ -38,5 +39,7 @@ __all__ = [
     "SliceEvent",
     "SliceState",
     "transition",
+    "policy",
+    "signing",
     *_messages_all,
 ]

@@ -51,6 +51,16 @@ class ErrorCode(StrEnum):
     EVALUATOR_TIMEOUT = "evaluator_timeout"
     EVALUATOR_PROTOCOL = "evaluator_protocol"
     LEASE_EXPIRED = "lease_expired"
+    # Policy refusals: who may run what, at what price (docs/protocol.md "Refusals").
+    GROUP_NOT_JOINED = "group_not_joined"
+    GROUP_PROOF_INVALID = "group_proof_invalid"
+    REQUIREMENT_UNMET = "requirement_unmet"
+    WAGE_BELOW_MINIMUM = "wage_below_minimum"
+    JOB_NOT_ALLOWED = "job_not_allowed"
+    OWNER_NOT_ALLOWED = "owner_not_allowed"
+    RESULT_REJECTED = "result_rejected"
+    VERIFIER_FAILED = "verifier_failed"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
 
 
 class ProtocolError(Exception):

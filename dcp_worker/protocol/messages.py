@@ -33,6 +33,10 @@ __all__ = [
     "JobSpec",
     "Limits",
     "Metrics",
+    "Wage",
+    "Refusal",
+    "GroupProof",
+    "Decline",
     "LeaseRef",
     "Heartbeat",
     "HeartbeatAck",
@@ -109,6 +113,56 @@ class Metrics:
     cpu_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    gpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Wage:
+    """A minimum wage, in credits per CPU-hour, per GPU-hour, per MB (10^6 bytes) in and out."""
+
+    cpu_hour: float = 0.0
+    gpu_hour: float = 0.0
+    mb_in: float = 0.0
+    mb_out: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_hour", "gpu_hour", "mb_in", "mb_out"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"wage.{name} must be a number >= 0")
+
+    def cost(self, metrics: Metrics) -> float:
+        """What ``metrics`` is worth at this wage, in credits."""
+        return (
+            metrics.cpu_seconds / 3600 * self.cpu_hour
+            + metrics.gpu_seconds / 3600 * self.gpu_hour
+            + metrics.bytes_in / 1e6 * self.mb_in
+            + metrics.bytes_out / 1e6 * self.mb_out
+        )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why something (a job, a group) was refused: ``code`` is an ErrorCode value."""
+
+    subject: str
+    code: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class GroupProof:
+    """Membership of compute group ``join_key``, proven for this session (policy.group_proof)."""
+
+    join_key: str
+    proof: str
+
+
+@dataclass(frozen=True)
+class Decline:
+    """The worker declines ``job`` at offers up to ``offer`` (it measured them below its wage)."""
+
+    job: str
+    offer: float
 
 
 @dataclass(frozen=True)
@@ -122,6 +176,11 @@ class JobSpec:
     argv: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     name: str = ""
+    owner: str = ""
+    #: The compute group's join key; "" is the public group.
+    group: str = ""
+    #: Capability name -> "required" / "forbidden"; "min_memory_bytes" -> int.
+    requirements: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.job), "job must not be empty")
@@ -138,6 +197,8 @@ class SliceLease:
     attempt: int
     deadline: float
     datum: bytes
+    #: Credits the job pays for this slice now.
+    offer: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.slice >= 0, "slice must be >= 0")
@@ -191,8 +252,11 @@ class Auth(Message):
     signature: str
     payment_address: str
     agent: str = ""
+    groups: tuple[GroupProof, ...] = ()
+    leave_public_group: bool = False
 
     def __post_init__(self) -> None:
+        _check(len(self.groups) <= 256, "at most 256 groups")
         _check_address(self.address, "address")
         _check_address(self.payment_address, "payment_address")
         _check(
@@ -211,6 +275,9 @@ class Welcome(Message):
     heartbeat_interval: float
     lease_timeout: float
     max_result_bytes: int
+    #: Join keys whose proofs were accepted, and the groups refused (with why).
+    groups: tuple[str, ...] = ()
+    refused: tuple[Refusal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -225,6 +292,11 @@ class Fetch(Message):
     known_jobs: tuple[str, ...] = ()
     #: Long poll: when no slice is available, the scheduler may hold the reply this long.
     wait_seconds: float = 0.0
+    min_wage: Wage = field(default_factory=Wage)
+    #: Allow-lists: when non-empty, only these jobs / these owners' jobs.
+    allowed_jobs: tuple[str, ...] = ()
+    allowed_owners: tuple[str, ...] = ()
+    declined: tuple[Decline, ...] = ()
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_slices <= 1024, "max_slices must be within 1..1024")
@@ -240,6 +312,8 @@ class Work(Message):
     re: int
     slices: tuple[SliceLease, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
+    #: Active jobs this worker was not given, and why (each job at most once per session).
+    skipped: tuple[Refusal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -302,6 +376,9 @@ class Return(Message):
     type: ClassVar[str] = "return"
     id: int
     leases: tuple[LeaseRef, ...] = ()
+    #: Empty for a plain return (graceful stop); otherwise why the worker refuses them.
+    code: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -311,6 +388,8 @@ class Ack(Message):
     type: ClassVar[str] = "ack"
     re: int
     status: str = "ok"
+    #: For an accepted result: the credits paid to the payment address.
+    credited: float = 0.0
 
 
 @dataclass(frozen=True)
