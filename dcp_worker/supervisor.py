@@ -502,6 +502,7 @@ class Supervisor:
                     await self._refuse(lease, why)
                     continue
             self._running += 1
+            log.debug("running slice %s/%d (attempt %d)", lease.job, lease.slice, lease.attempt)
             try:
                 if job is None:
                     raise SliceFailure(

@@ -9,4 +9,5 @@ py=${PYTHON:-python3}
 cc() { "$py" -m ziglang cc -target wasm32-wasi -O2 -s "$@"; }
 mkdir -p "$out/hash-puzzle" "$out/echo"
 cc -o "$out/hash-puzzle/puzzle.wasm" "$here/hash-puzzle/puzzle.c"
+cc -o "$out/hash-puzzle/verify.wasm" "$here/hash-puzzle/verify.c"
 cc -o "$out/echo/echo.wasm" "$here/echo/echo.c"

@@ -79,13 +79,18 @@ def main() -> int:
             job_file = HERE / "hash-puzzle" / "job.toml"
             print(f"4. deploying {job_file.relative_to(HERE.parent)}")
             owner = load_keystore(work / "owner.json", passphrase.read_bytes().rstrip(b"\n"))
+            db = str(work / "scheduler.db")
+            run(str(BIN / "dcp-scheduler"), "bank", "mint", "--db", db, owner_addr, "1")
+            print(f"   minted 1 credit for the owner; the job escrows 0.01 per slice and pays the"
+                  " worker for each verified result")
             prefixes = (HERE / "hash-puzzle" / "prefixes.txt").read_bytes().splitlines()
             difficulty = 20
             started = time.monotonic()
             with ComputeClient(url, owner) as client:
                 job = client.deploy(job_file)
                 print(f"   job {job}: {len(prefixes)} slices, {difficulty} leading zero bits\n")
-                print("5. results, in slice order, each checked with hashlib:")
+                print("5. results, in slice order (the scheduler ran the job's verifier before"
+                      " paying), checked again here with hashlib:")
                 for r in client.results(job, wait=True, timeout=600):
                     prefix = prefixes[r.slice]
                     if r.result is None:
@@ -96,7 +101,9 @@ def main() -> int:
                     shown = r.result.decode().strip() if r.result else "-"
                     verdict = "ok" if problem is None else f"WRONG: {problem}"
                     print(f"   slice {r.slice:>2}  {prefix.decode():<18} {shown}  {verdict}")
+                balances = [client.account(a)["balance"] for a in (owner_addr, worker_addr)]
             elapsed = time.monotonic() - started
+            print(f"\n   owner balance {balances[0]:.6f}, worker earned {balances[1]:.6f} credits")
         finally:
             print("\n6. stopping the worker (SIGINT: graceful) and the scheduler")
             worker.send_signal(signal.SIGINT)

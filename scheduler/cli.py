@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -14,13 +15,16 @@ from typing import Any
 import click
 from aiohttp import web
 
+from dcp_worker.protocol import policy, signing
+
 from .server import Scheduler, SchedulerConfig
 from .sqlite_store import SQLiteStore
-from .store import StoreError
+from .store import StoreError, credits, to_micro
 
 EXIT_OK = 0
 EXIT_STORE_ERROR = 2
 EXIT_UNKNOWN_JOB = 3
+EXIT_BOOKS = 5
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -166,6 +170,14 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
             f"runtime {record.runtime} module sha256 {record.module_sha256} "
             f"argv {list(record.argv)} max_attempts {record.max_attempts}"
         )
+        click.echo(
+            f"offer {credits(record.offer_micro):.6f} credits/slice, escrow "
+            f"{credits(record.escrow_micro):.6f}, group {record.group or '(public)'}, "
+            f"verifier {'yes' if record.has_verifier else 'no'}, requirements "
+            f"{record.requirements or '-'}"
+        )
+        for r in store.refusals(job):
+            click.echo(f"refused {r.count}x by {r.worker}: {r.code} {r.message}")
     after = -1
     while True:
         batch = store.slices(job, after, 1000)
@@ -233,3 +245,129 @@ def jobs_cancel(db: str, job: str) -> None:
 def jobs_remove(db: str, job: str) -> None:
     """Delete a job and its slices and results."""
     _admin("remove", db, job)
+
+
+@main.group()
+def groups() -> None:
+    """Compute groups: jobs deployed into a group run only on workers that joined it."""
+
+
+@groups.command("create")
+@_db
+@click.argument("name")
+@click.option("--join-key", help="Join key (default: derived from NAME).")
+def groups_create(db: str, name: str, join_key: str | None) -> None:
+    """Create a group; prints its join key and join secret once (only a hash is stored)."""
+    key = join_key or "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    if not key:
+        raise click.BadParameter("give a NAME with letters or digits, or --join-key")
+    secret = secrets.token_urlsafe(24)
+    store = _open(db)
+    try:
+        store.create_group(name, key, policy.join_hash(key, secret), time.time())
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"join_key = {key}")
+    click.echo(f"join_secret = {secret}")
+    click.echo("# The secret is not stored: keep it now. Workers join with")
+    click.echo(
+        f"#   dcp-worker --join {key},{secret}   (or join_hash = {policy.join_hash(key, secret)})"
+    )
+
+
+@groups.command("list")
+@_db
+def groups_list(db: str) -> None:
+    """List groups (join key and name)."""
+    for g in _open(db).groups():
+        click.echo(f"{g.join_key}  {g.name}")
+
+
+@main.group()
+def bank() -> None:
+    """Accounts and the ledger (amounts in credits, kept as integer micro-credits)."""
+
+
+def _amount(value: str) -> int:
+    try:
+        micro = to_micro(float(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of credits") from None
+    if micro <= 0 or micro > 10**18:
+        raise click.BadParameter("the amount must be positive (and sane)")
+    return micro
+
+
+@bank.command("mint")
+@_db
+@click.argument("address")
+@click.argument("amount")
+def bank_mint(db: str, address: str, amount: str) -> None:
+    """Create AMOUNT credits in ADDRESS's account (an operator's act; in the ledger)."""
+    store = _open(db)
+    balance = store.mint(_address(address), _amount(amount), time.time())
+    click.echo(f"{_address(address)} {credits(balance):.6f}")
+
+
+@bank.command("balance")
+@_db
+@click.argument("address")
+def bank_balance(db: str, address: str) -> None:
+    """Print ADDRESS's balance in credits."""
+    click.echo(f"{credits(_open(db).balance(_address(address))):.6f}")
+
+
+@bank.command("ledger")
+@_db
+@click.option("--account", help="Only entries that debit or credit this address.")
+@click.option("--check", is_flag=True, help="Verify that credits are conserved (exit 5 if not).")
+def bank_ledger(db: str, account: str | None, check: bool) -> None:
+    """Print the ledger, one entry per line, oldest first."""
+    store = _open(db)
+    for e in store.ledger(_address(account) if account else None, limit=10**9):
+        where = f" job {e.job}" + (f"/{e.slice}" if e.slice is not None else "") if e.job else ""
+        click.echo(
+            f"{e.seq:>7} {e.kind:<8} {credits(e.amount_micro):>16.6f} "
+            f"{e.debit} -> {e.credit}{where}"
+        )
+    if check:
+        t = store.totals()
+        ok = (
+            t["minted"] == t["accounts"] + t["escrow"]
+            and t["escrowed"] == t["paid"] + t["refunded"] + t["escrow"]
+        )
+        click.echo(" ".join(f"{k}={credits(v):.6f}" for k, v in t.items()))
+        if not ok:
+            click.echo("dcp-scheduler: the books do not balance", err=True)
+            sys.exit(EXIT_BOOKS)
+
+
+@main.group()
+def workers() -> None:
+    """Workers seen by this scheduler."""
+
+
+@workers.command("list")
+@_db
+@click.option("--refusals", is_flag=True, help="Also list each worker's refusals.")
+def workers_list(db: str, refusals: bool) -> None:
+    """Each worker's results accepted, rejected, failed, refused, and credits earned."""
+    store = _open(db)
+    by_worker: dict[str, list[Any]] = {}
+    for r in store.refusals():
+        by_worker.setdefault(r.worker, []).append(r)
+    for w in store.workers():
+        click.echo(
+            f"{w.address}  accepted={w.accepted} rejected={w.rejected} failed={w.failed} "
+            f"refused={w.refused} earned={credits(w.earned_micro):.6f}"
+        )
+        if refusals:
+            for r in by_worker.get(w.address, []):
+                click.echo(f"    job {r.job}: {r.code} x{r.count} {r.message}")
+
+
+def _address(value: str) -> str:
+    try:
+        return signing.checksum(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an address") from None

@@ -112,6 +112,12 @@ class ComputeClient:
         )
         return str(reply["job"])
 
+    def account(self, address: str | None = None) -> dict[str, Any]:
+        """Balance of ``address`` (default: this client's identity), in credits."""
+        if address is None:
+            address = self._need_identity().address
+        return dict(self._request("GET", f"/accounts/{address}"))
+
     def status(self, job: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/jobs/{job}"))
 

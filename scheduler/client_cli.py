@@ -72,6 +72,27 @@ def deploy(
 
 
 @main.command(cls=_Command)
+@click.argument("address", required=False)
+@click.option(
+    "--identity",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Show this keystore's account (its declared address; no passphrase needed).",
+)
+@click.pass_obj
+def account(scheduler: str, address: str | None, identity: str | None) -> None:
+    """Print an account's balance (ADDRESS, or --identity's) in credits."""
+    if address is None:
+        if identity is None:
+            raise click.UsageError("give an ADDRESS or --identity")
+        address = idmod.keystore_address(identity)
+        if address is None:
+            raise click.UsageError(f"{identity} declares no address")
+    with ComputeClient(scheduler) as client:
+        reply = client.account(address)
+    click.echo(f"{reply['address']} {reply['balance']:.6f}")
+
+
+@main.command(cls=_Command)
 @click.argument("job")
 @click.pass_obj
 def status(scheduler: str, job: str) -> None:

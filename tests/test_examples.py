@@ -22,7 +22,7 @@ def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
         timeout=900,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
-    for rel in ("hash-puzzle/puzzle.wasm", "echo/echo.wasm"):
+    for rel in ("hash-puzzle/puzzle.wasm", "hash-puzzle/verify.wasm", "echo/echo.wasm"):
         assert (tmp_path / rel).read_bytes() == (EXAMPLES / rel).read_bytes(), rel
 
 
