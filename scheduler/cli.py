@@ -74,17 +74,34 @@ def main(verbose: int) -> None:
     help="Seconds between worker heartbeats.",
 )
 @click.option(
+    "--verifier-wall-seconds",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Wall-clock limit of a job's verifier on one result.",
+)
+@click.option(
     "--name",
     default="dcp-scheduler",
     show_default=True,
     help="Server name bound into session challenges.",
 )
-def serve(db: str, listen: str, lease_timeout: float, heartbeat_interval: float, name: str) -> None:
+def serve(
+    db: str,
+    listen: str,
+    lease_timeout: float,
+    heartbeat_interval: float,
+    verifier_wall_seconds: float,
+    name: str,
+) -> None:
     """Serve workers and the compute API until SIGINT or SIGTERM."""
     host, port = _parse_listen(listen)
     store = _open(db)
     config = SchedulerConfig(
-        name=name, lease_timeout=lease_timeout, heartbeat_interval=heartbeat_interval
+        name=name,
+        lease_timeout=lease_timeout,
+        heartbeat_interval=heartbeat_interval,
+        verifier_wall_seconds=verifier_wall_seconds,
     )
     try:
         asyncio.run(_serve(Scheduler(store, config), host, port))

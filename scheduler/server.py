@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -33,6 +33,7 @@ from dcp_worker.protocol import (
     Heartbeat,
     HeartbeatAck,
     JobSpec,
+    LeaseRef,
     Message,
     ProtocolError,
     Refusal,
@@ -60,7 +61,7 @@ from .store import (
     UnknownJob,
     credits,
 )
-from .verifier import VerifierPool
+from .verifier import VERIFIER_LIMITS, VerifierPool
 
 log = logging.getLogger("dcp.scheduler")
 
@@ -80,6 +81,7 @@ class SchedulerConfig:
     lease_timeout: float = 15.0
     max_result_bytes: int = 16 * 1024 * 1024
     expiry_interval: float = 1.0
+    verifier_wall_seconds: float = 10.0
 
 
 @dataclass
@@ -112,7 +114,9 @@ class Scheduler:
         self.store = store
         self.config = config or SchedulerConfig()
         self._modules: OrderedDict[str, bytes] = OrderedDict()
-        self.verifiers = VerifierPool()
+        self.verifiers = VerifierPool(
+            limits=replace(VERIFIER_LIMITS, wall_seconds=self.config.verifier_wall_seconds)
+        )
         self._work_event = asyncio.Event()
         self._results_event = asyncio.Event()
         self.sessions = 0
@@ -212,7 +216,7 @@ class Scheduler:
                     await session.send(Error(re=message.id, code=exc.code.value, message=str(exc)))
                     return
                 remaining = deadline - loop.time()
-                if work.slices or remaining <= 0:
+                if work.slices or work.skipped or remaining <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), remaining)
@@ -475,6 +479,15 @@ class Scheduler:
             record = self.store.job(message.job)
             datum = self.store.datum(message.job, message.slice)
             assert verifier is not None
+            # The worker stopped heartbeating this slice when it finished it: keep the lease
+            # alive while its result is checked.
+            hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
+            self.store.heartbeat(
+                session.address,
+                [LeaseRef(message.job, message.slice, message.token)],
+                time.time(),
+                hold,
+            )
             verdict = await self.verifiers.verify(
                 message.job, verifier, record.argv, datum, message.result
             )

@@ -36,8 +36,9 @@ class Verdict:
 class VerifierPool:
     """A few warm evaluator processes, lent to one verification at a time."""
 
-    def __init__(self, size: int | None = None) -> None:
+    def __init__(self, size: int | None = None, limits: Limits = VERIFIER_LIMITS) -> None:
         self.size = size or max(1, (os.cpu_count() or 2) // 2)
+        self.limits = limits
         self._idle: asyncio.Queue[Sandbox] | None = None
         self._all: list[Sandbox] = []
 
@@ -59,7 +60,7 @@ class VerifierPool:
         )
         sandbox = await self._idle.get()
         try:
-            await sandbox.run(spec, VERIFIER_LIMITS, datum + result, 0)
+            await sandbox.run(spec, self.limits, datum + result, 0)
         except SliceFailure as exc:
             if exc.code == ErrorCode.WASM_EXIT.value:
                 return Verdict(

@@ -65,7 +65,13 @@ class SchedulerProcess(LocalScheduler):
 @pytest.fixture
 def scheduler(tmp_path: Path) -> Iterator[SchedulerProcess]:
     proc = SchedulerProcess(
-        tmp_path / "scheduler.db", "--lease-timeout", "5", "--heartbeat-interval", "0.5"
+        tmp_path / "scheduler.db",
+        "--lease-timeout",
+        "5",
+        "--heartbeat-interval",
+        "0.5",
+        "--verifier-wall-seconds",
+        "1",
     )
     yield proc
     proc.stop()

@@ -132,3 +132,50 @@ def test_scheduler_refuses_a_taken_port(tmp_path: Path) -> None:
 def test_every_command_has_help(name: str) -> None:
     out = run(command(name), "--help")
     assert out.returncode == 0 and "usage" in out.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("offer", "message"),
+    [
+        ("-1", "offer must be a number"),
+        ('"ten"', "offer must be a number"),
+        ("nan", "offer must be a number"),
+        ("inf", "offer must be a number"),
+        ("true", "offer must be a number"),
+        ("1e12", "offer must be a number"),
+    ],
+)
+def test_bad_offers_are_named(tmp_path: Path, offer: str, message: str) -> None:
+    from scheduler.jobdoc import JobFileError, load_job_file
+
+    path = tmp_path / "job.toml"
+    path.write_text(f'module = "{ROOT / "examples" / "echo" / "echo.wasm"}"\noffer = {offer}\n')
+    with pytest.raises(JobFileError, match=message):
+        load_job_file(path)
+
+
+def test_worker_policy_options(tmp_path: Path) -> None:
+    from dcp_worker.cli import _policy_overrides
+
+    o = _policy_overrides(
+        {
+            "join": ("lab,s3cret", "ops,gh1-" + "ab" * 32),
+            "job_ids": ("j",),
+            "job_owners": (),
+            "min_wage": "10,0,0.5",
+        }
+    )
+    config = load_config(None, o)
+    assert config.group_hashes()["ops"] == "ab" * 32
+    assert set(config.group_hashes()) == {"lab", "ops"}
+    assert (config.job_ids, config.job_owners) == (("j",), ())
+    assert (config.min_wage.cpu_hour, config.min_wage.mb_in, config.min_wage.mb_out) == (10, 0.5, 0)
+    for bad in ("lab", "lab,", "lab,gh1-xyz"):
+        with pytest.raises(ConfigError):
+            _policy_overrides({"join": (bad,), "job_ids": (), "job_owners": (), "min_wage": None})
+    with pytest.raises(ConfigError, match="numbers"):
+        _policy_overrides({"join": (), "job_ids": (), "job_owners": (), "min_wage": "x"})
+    path = tmp_path / "w.toml"
+    path.write_text('[[groups]]\njoin_key = "lab"\n')
+    with pytest.raises(ConfigError, match="join_secret or a join_hash"):
+        load_config(path, {})

@@ -221,3 +221,60 @@ def test_long_poll_fetch_is_answered_when_work_arrives(
         await ws.close()
 
     asyncio.run(main())
+
+
+def test_group_proofs_forged_or_replayed_are_refused(
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    from dcp_worker.protocol import policy
+
+    from .test_policy import create_group
+
+    key, secret = create_group(scheduler.db, "lab")
+    good_hash = policy.join_hash(key, secret)
+    keystore = make_keystore("worker")
+    address = keystore.identity.address
+
+    async def attempt(proof_for: Callable[[str], str]) -> p.Welcome:
+        async with connect(scheduler.ws_url, compression=None) as ws:
+            hello = await _recv(ws)
+            assert isinstance(hello, p.Hello)
+            sig = keystore.identity.sign(
+                signing.session_payload(hello.challenge, hello.server, address)
+            )
+            await ws.send(
+                p.encode(
+                    p.Auth(
+                        id=1,
+                        address=address,
+                        signature=sig,
+                        payment_address=address,
+                        groups=(p.GroupProof(key, proof_for(hello.challenge)),),
+                    )
+                ).decode()
+            )
+            welcome = await _recv(ws)
+            assert isinstance(welcome, p.Welcome)
+            return welcome
+
+    async def main() -> None:
+        ok = await attempt(lambda ch: policy.group_proof(good_hash, ch, address))
+        assert ok.groups == (key,) and ok.refused == ()
+        cases = {
+            "replayed from another session": lambda ch: policy.group_proof(
+                good_hash, "cd" * 32, address
+            ),
+            "another worker's": lambda ch: policy.group_proof(good_hash, ch, "0x" + "11" * 20),
+            "wrong secret": lambda ch: policy.group_proof(
+                policy.join_hash(key, secret + "x"), ch, address
+            ),
+            "garbage": lambda ch: "zz",
+        }
+        for name, forge in cases.items():
+            welcome = await attempt(forge)
+            assert welcome.groups == (), name
+            assert [(r.subject, r.code) for r in welcome.refused] == [
+                (key, "group_proof_invalid")
+            ], name
+
+    asyncio.run(main())

@@ -1,0 +1,87 @@
+"""The shared policy, without I/O: every refusal has its code."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcp_worker.protocol import Metrics, Wage, policy
+from dcp_worker.protocol.policy import JobTerms, WorkerTerms
+
+CAPS = {"runtimes": {"wasm": {"features": ["simd"], "limits": ["fuel"]}}, "memory_bytes": 2**30}
+
+
+def code(job: JobTerms, worker: WorkerTerms) -> str | None:
+    why = policy.refusal(job, worker)
+    return None if why is None else why.code
+
+
+def test_group_membership() -> None:
+    private = JobTerms("j", "0xo", group="lab")
+    public = JobTerms("p", "0xo")
+    assert code(private, WorkerTerms()) == "group_not_joined"
+    assert code(private, WorkerTerms(groups=frozenset({"lab"}))) is None
+    assert code(public, WorkerTerms()) is None
+    # leave_public_group is fail-safe: membership of other groups does not turn it off.
+    left = WorkerTerms(groups=frozenset({"lab"}), leave_public_group=True)
+    assert code(public, left) == "group_not_joined"
+    assert code(private, left) is None
+
+
+def test_group_proofs_are_bound_to_the_session_and_worker() -> None:
+    h = policy.join_hash("lab", "s3cret")
+    assert h != policy.join_hash("lab", "s3cre") and h != policy.join_hash("la", "bs3cret")
+    proof = policy.group_proof(h, "ab" * 32, "0x" + "11" * 20)
+    assert proof == policy.group_proof(h, "ab" * 32, "0x" + "11" * 20)
+    assert proof != policy.group_proof(h, "cd" * 32, "0x" + "11" * 20)  # another session
+    assert proof != policy.group_proof(h, "ab" * 32, "0x" + "22" * 20)  # another worker
+    assert "s3cret" not in proof
+
+
+@pytest.mark.parametrize(
+    ("requirements", "expected"),
+    [
+        ({}, None),
+        ({"runtime.wasm": "required"}, None),
+        ({"wasm.simd": "required", "wasm.limit.fuel": "required"}, None),
+        ({"opencl.gpu": "required"}, "requirement_unmet"),
+        ({"wasm.simd": "forbidden"}, "requirement_unmet"),
+        ({"opencl.gpu": "forbidden"}, None),
+        ({"min_memory_bytes": 2**30}, None),
+        ({"min_memory_bytes": 2**31}, "requirement_unmet"),
+    ],
+)
+def test_requirements_are_tri_state(requirements: dict, expected: str | None) -> None:  # type: ignore[type-arg]
+    assert (
+        code(JobTerms("j", "0xo", requirements=requirements), WorkerTerms(capabilities=CAPS))
+        == expected
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", [[], {"x": "maybe"}, {"x": True}, {"min_memory_bytes": -1}, {"min_memory_bytes": "1"}]
+)
+def test_bad_requirements_are_named(bad: object) -> None:
+    with pytest.raises(ValueError):
+        policy.validate_requirements(bad)
+
+
+def test_minimum_wage() -> None:
+    wage = Wage(cpu_hour=3600.0, mb_in=100.0)  # 1 credit per CPU-second, 100 per MB in
+    cost = Metrics(cpu_seconds=0.5, bytes_in=1000)  # 0.5 + 0.1 credits
+    assert wage.cost(cost) == pytest.approx(0.6)
+    worker = WorkerTerms(min_wage=wage)
+    assert code(JobTerms("j", "0xo", offer=0.5, cost=cost), worker) == "wage_below_minimum"
+    assert code(JobTerms("j", "0xo", offer=0.7, cost=cost), worker) is None
+    assert code(JobTerms("j", "0xo", offer=0.0), worker) is None  # cost not measured yet
+    declined = WorkerTerms(declined={"j": 0.5})
+    assert code(JobTerms("j", "0xo", offer=0.5), declined) == "wage_below_minimum"
+    assert code(JobTerms("j", "0xo", offer=0.6), declined) is None  # a raised offer
+
+
+def test_allow_lists() -> None:
+    worker = WorkerTerms(allowed_jobs=frozenset({"a"}))
+    assert code(JobTerms("a", "0xo"), worker) is None
+    assert code(JobTerms("b", "0xo"), worker) == "job_not_allowed"
+    owners = WorkerTerms(allowed_owners=frozenset({"0xABC"}))
+    assert code(JobTerms("b", "0xabc"), owners) is None
+    assert code(JobTerms("b", "0xdef"), owners) == "owner_not_allowed"
