@@ -39,7 +39,7 @@ from dcp_worker.protocol import (
 )
 
 from .errors import SliceError
-from .wasm import WasmRuntime
+from .wasm import WasmRuntime, probe_features
 
 log = logging.getLogger("dcp.evaluator")
 
@@ -68,7 +68,7 @@ def capabilities() -> dict[str, object]:
                 "engine": "wasmtime",
                 "version": _wasmtime_version(),
                 "wasi": "preview1",
-                "features": ["simd", "bulk-memory", "multi-value", "reference-types"],
+                "features": probe_features(),
                 "limits": ["epoch", "fuel", "memory", "output"],
             }
         },
