@@ -300,18 +300,18 @@ class WasmRuntime:
 
 #: One tiny module per wasm feature: the feature is offered when its module compiles.
 _FEATURE_PROBES = {
-    "simd": '(module (func (result v128) (v128.const i32x4 0 0 0 0)))',
-    "relaxed-simd": '(module (func (result v128) (i32x4.relaxed_trunc_f32x4_s'
-                    ' (v128.const i32x4 0 0 0 0))))',
-    "bulk-memory": '(module (memory 1) (func (memory.fill (i32.const 0) (i32.const 0)'
-                   ' (i32.const 0))))',
-    "multi-value": '(module (func (result i32 i32) (i32.const 0) (i32.const 1)))',
-    "reference-types": '(module (func (result externref) (ref.null extern)))',
-    "tail-call": '(module (func $f (return_call $f)))',
-    "threads": '(module (memory 1 1 shared) (func (drop (i32.atomic.load (i32.const 0)))))',
-    "multi-memory": '(module (memory 1) (memory 1))',
-    "memory64": '(module (memory i64 1))',
-    "exceptions": '(module (tag) (func (try_table)))',
+    "simd": "(module (func (result v128) (v128.const i32x4 0 0 0 0)))",
+    "relaxed-simd": "(module (func (result v128) (i32x4.relaxed_trunc_f32x4_s"
+    " (v128.const i32x4 0 0 0 0))))",
+    "bulk-memory": "(module (memory 1) (func (memory.fill (i32.const 0) (i32.const 0)"
+    " (i32.const 0))))",
+    "multi-value": "(module (func (result i32 i32) (i32.const 0) (i32.const 1)))",
+    "reference-types": "(module (func (result externref) (ref.null extern)))",
+    "tail-call": "(module (func $f (return_call $f)))",
+    "threads": "(module (memory 1 1 shared) (func (drop (i32.atomic.load (i32.const 0)))))",
+    "multi-memory": "(module (memory 1) (memory 1))",
+    "memory64": "(module (memory i64 1))",
+    "exceptions": "(module (tag) (func (try_table)))",
 }
 
 
@@ -324,7 +324,7 @@ def probe_features() -> list[str]:
     offered = []
     for name, text in _FEATURE_PROBES.items():
         try:
-            wasmtime.Module(engine, wasmtime.wat2wasm(text))
+            wasmtime.Module(engine, bytes(wasmtime.wat2wasm(text)))
         except wasmtime.WasmtimeError:
             continue
         offered.append(name)

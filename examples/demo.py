@@ -81,16 +81,20 @@ def main() -> int:
             owner = load_keystore(work / "owner.json", passphrase.read_bytes().rstrip(b"\n"))
             db = str(work / "scheduler.db")
             run(str(BIN / "dcp-scheduler"), "bank", "mint", "--db", db, owner_addr, "1")
-            print(f"   minted 1 credit for the owner; the job escrows 0.01 per slice and pays the"
-                  " worker for each verified result")
+            print(
+                "   minted 1 credit for the owner; the job escrows 0.01 per slice and pays the"
+                " worker for each verified result"
+            )
             prefixes = (HERE / "hash-puzzle" / "prefixes.txt").read_bytes().splitlines()
             difficulty = 20
             started = time.monotonic()
             with ComputeClient(url, owner) as client:
                 job = client.deploy(job_file)
                 print(f"   job {job}: {len(prefixes)} slices, {difficulty} leading zero bits\n")
-                print("5. results, in slice order (the scheduler ran the job's verifier before"
-                      " paying), checked again here with hashlib:")
+                print(
+                    "5. results, in slice order (the scheduler ran the job's verifier before"
+                    " paying), checked again here with hashlib:"
+                )
                 for r in client.results(job, wait=True, timeout=600):
                     prefix = prefixes[r.slice]
                     if r.result is None:

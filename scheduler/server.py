@@ -35,6 +35,7 @@ from dcp_worker.protocol import (
     JobSpec,
     LeaseRef,
     Message,
+    Metrics,
     ProtocolError,
     Refusal,
     Result,
@@ -627,6 +628,22 @@ def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> web.Resp
     return web.json_response({"error": body}, status=status)
 
 
+def _effective_wage(offer: float, cost: Metrics | None) -> dict[str, float | None] | None:
+    """What the offer pays per unit of each measured resource (the wage a worker earns)."""
+    if cost is None:
+        return None
+
+    def per(amount: float) -> float | None:
+        return offer / amount if amount > 0 else None
+
+    return {
+        "cpu_hour": per(cost.cpu_seconds / 3600),
+        "gpu_hour": per(cost.gpu_seconds / 3600),
+        "mb_in": per(cost.bytes_in / 1e6),
+        "mb_out": per(cost.bytes_out / 1e6),
+    }
+
+
 def _terms(job: JobRecord) -> JobTerms:
     return JobTerms(
         job=job.id,
@@ -654,6 +671,7 @@ def _job_json(job: JobRecord) -> dict[str, Any]:
         "requirements": job.requirements,
         "verifier": job.has_verifier,
         "cost_per_slice": asdict(job.cost) if job.cost else None,
+        "effective_wage": _effective_wage(credits(job.offer_micro), job.cost),
         "created": job.created,
         "finished": job.finished,
         "slices": job.total,

@@ -245,6 +245,9 @@ def test_minimum_wage(
         assert worker.stop() == 0
         assert f"running slice {cheap}" not in worker.output()
         assert client.status(cheap)["refusals"].get("wage_below_minimum", 0) >= 1
+        status = client.status(cheap)
+        assert status["cost_per_slice"]["bytes_in"] == 1000
+        assert status["effective_wage"]["mb_in"] == pytest.approx(10)  # 0.01 per 0.001 MB
         # 3. A job that pays enough runs on it.
         fair = client.deploy(job_file(tmp_path, "fair", ECHO, data[:5], offer=0.5))
         worker = workers(scheduler.url, dear, 2, *wage, "--job-id", fair, state_dir=tmp_path / "c")
