@@ -13,13 +13,14 @@ import asyncio
 import collections
 import contextlib
 import logging
-import resource
+import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
+
+from evaluator.launch import Hardening, evaluator_command
 
 from .protocol import (
     EVALUATOR_MESSAGES,
@@ -52,7 +53,15 @@ _STDERR_LINES = 20
 
 
 def default_evaluator_command() -> list[str]:
-    return [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+    return evaluator_command()
+
+
+async def _connect(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to an evaluator manager: ``tcp://HOST:PORT``, ``unix:PATH`` or a path."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        return await asyncio.open_connection(host.strip("[]"), int(port))
+    return await asyncio.open_unix_connection(endpoint.removeprefix("unix:"))
 
 
 class SliceFailure(Exception):
@@ -70,21 +79,30 @@ class SandboxState(StrEnum):
     BUSY = "busy"
 
 
-def _child_limits() -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 class Sandbox:
+    """One evaluator: a child process started here (hardened by ``hardening``), or a
+    connection to ``dcp-evaluator-manager`` (``endpoint`` = ``tcp://127.0.0.1:9000`` or a
+    Unix socket path), which starts one per connection."""
+
     def __init__(
-        self, index: int, command: list[str] | None = None, slices_per_evaluator: int = 1000
+        self,
+        index: int,
+        command: list[str] | None = None,
+        slices_per_evaluator: int = 1000,
+        endpoint: str | None = None,
+        hardening: Hardening | None = None,
     ) -> None:
         self.index = index
         self.command = command or default_evaluator_command()
         self.slices_per_evaluator = slices_per_evaluator
+        self.endpoint = endpoint
+        self.hardening = hardening or Hardening()
         self.state = SandboxState.STOPPED
         self.job: str | None = None
         self.progress: float | None = None
         self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._stdin: asyncio.StreamWriter = None  # type: ignore[assignment]
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
         self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         self._stderr_task: asyncio.Task[None] | None = None
@@ -96,7 +114,30 @@ class Sandbox:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Start (or connect to) a fresh evaluator.
+
+        Raises:
+            SliceFailure: EVALUATOR_DIED when the manager cannot be reached.
+        """
+        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._stderr.clear()
+        self._assigned = None
+        self._slices_run = 0
+        if self.endpoint is not None:
+            try:
+                self._reader, writer = await _connect(self.endpoint)
+            except OSError as exc:
+                raise SliceFailure(
+                    ErrorCode.EVALUATOR_DIED.value,
+                    f"cannot reach the evaluator manager at {self.endpoint}: {exc}",
+                ) from None
+            self._stdin = writer
+            self.state = SandboxState.IDLE
+            return
         self._workdir = tempfile.mkdtemp(prefix=f"dcp-sandbox-{self.index}-")
+        ids = self.hardening.target_ids()
+        if ids is not None:
+            os.chown(self._workdir, *ids)
         self._proc = await asyncio.create_subprocess_exec(
             *self.command,
             stdin=asyncio.subprocess.PIPE,
@@ -105,14 +146,13 @@ class Sandbox:
             env={},
             cwd=self._workdir,
             close_fds=True,
-            preexec_fn=_child_limits,
+            preexec_fn=self.hardening.preexec,
             start_new_session=True,
         )
-        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
-        self._stderr.clear()
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        self._reader = self._proc.stdout
+        self._stdin = self._proc.stdin
         self._stderr_task = asyncio.create_task(self._pump_stderr(self._proc))
-        self._assigned = None
-        self._slices_run = 0
         self.state = SandboxState.IDLE
         log.debug("sandbox %d: evaluator pid %d", self.index, self._proc.pid)
 
@@ -123,10 +163,24 @@ class Sandbox:
             self._stderr.append(line)
             log.debug("sandbox %d evaluator: %s", self.index, line)
 
+    @property
+    def running(self) -> bool:
+        if self.endpoint is not None:
+            return self._reader is not None and not self._reader.at_eof()
+        return self._proc is not None and self._proc.returncode is None
+
     async def stop(self, graceful: bool = True) -> None:
         proc, self._proc = self._proc, None
+        reader, self._reader = self._reader, None
         self.state = SandboxState.STOPPED
         self._assigned = None
+        if self.endpoint is not None and reader is not None:
+            # The manager kills the evaluator when its connection closes.
+            with contextlib.suppress(OSError, RuntimeError):
+                if graceful:
+                    self._stdin.write(frame(Die(id=0)))
+                self._stdin.close()
+            return
         if proc is not None and proc.returncode is None:
             if graceful and proc.stdin is not None:
                 with contextlib.suppress(OSError, RuntimeError):
@@ -160,12 +214,12 @@ class Sandbox:
         timeout: float,
         on_progress: Callable[[float], None] | None = None,
     ) -> Message:
-        proc = self._proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        reader = self._reader
+        assert reader is not None
         rid = message.id
         try:
-            proc.stdin.write(frame(message))
-            await proc.stdin.drain()
+            self._stdin.write(frame(message))
+            await self._stdin.drain()
             async with asyncio.timeout(timeout):
                 while True:
                     try:
@@ -176,7 +230,7 @@ class Sandbox:
                             f"evaluator sent a bad frame: {exc.message}",
                         ) from None
                     if reply is None:
-                        chunk = await proc.stdout.read(1 << 16)
+                        chunk = await reader.read(1 << 16)
                         if not chunk:
                             raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death())
                         self._decoder.receive_data(chunk)
@@ -200,6 +254,8 @@ class Sandbox:
             raise
 
     async def _death(self) -> str:
+        if self.endpoint is not None:
+            return f"the evaluator manager at {self.endpoint} closed the connection"
         proc = self._proc
         code = None
         if proc is not None:
@@ -221,7 +277,7 @@ class Sandbox:
         return self._next_id
 
     async def describe(self) -> dict[str, Any]:
-        if self._proc is None:
+        if not self.running:
             await self.start()
         reply = await self._request(Describe(id=self._id()), 30.0)
         if not isinstance(reply, Capabilities):
