@@ -105,8 +105,9 @@ class Hardening:
 
 def _runnable_by_others() -> bool:
     """Whether a user other than the owner can run the evaluator with this interpreter."""
-    import evaluator
     import wasmtime
+
+    import evaluator
 
     paths = [
         os.path.realpath(sys.executable),
@@ -140,7 +141,8 @@ def probe_layers(hardening: Hardening) -> dict[str, bool]:
     probe = (
         "import json, os, resource, socket\n"
         "status = open('/proc/self/status').read()\n"
-        "nnp = any(l.split()[1] == '1' for l in status.splitlines() if l.startswith('NoNewPrivs'))\n"
+        "nnp = any(x.split()[1] == '1' for x in status.splitlines()\n"
+        "          if x.startswith('NoNewPrivs'))\n"
         "try:\n"
         "    socket.create_connection(('127.0.0.1', 9), timeout=1).close(); net = True\n"
         "except OSError as exc:\n"
