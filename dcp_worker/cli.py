@@ -48,6 +48,11 @@ log = logging.getLogger("dcp.worker")
 @click.option("--sandboxes", type=click.IntRange(min=1), help="Evaluator processes to run.")
 @click.option("--prefetch", type=click.IntRange(min=0), help="Slices leased ahead.")
 @click.option("--state-dir", help="Directory of the durable outbox.")
+@click.option(
+    "--evaluator",
+    help="Reach evaluators through dcp-evaluator-manager: "
+    "tcp://127.0.0.1:9000 or a Unix socket path (default: start them here).",
+)
 @click.option("--grace-seconds", type=click.FloatRange(min=0.1), help="Bound of a graceful stop.")
 @click.option(
     "--join",

@@ -71,6 +71,8 @@ class WorkerConfig:
     max_memory_bytes: int = 1024 * 1024 * 1024
     max_output_bytes: int = 16 * 1024 * 1024
     slices_per_evaluator: int = 1000
+    # "" starts evaluators here; "tcp://127.0.0.1:9000" or a socket path reaches a manager.
+    evaluator: str = ""
     # Who may run what, at what price (docs/configuration.md "Policy").
     leave_public_group: bool = False
     groups: tuple[GroupConfig, ...] = ()

@@ -61,6 +61,9 @@ _SUBMIT_WINDOW = 32
 _IDLE_POLL = 1.0
 #: How long the scheduler may hold an empty fetch (long poll) before answering.
 _LONG_POLL = 10.0
+#: Codes of an evaluator manager that holds work (the machine is busy); not the slice's fault.
+HELD_CODES = frozenset({"machine_busy", "evaluator_preempted"})
+_HELD_BACKOFF = 5.0
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -123,7 +126,9 @@ class Supervisor:
         self.payment_address = signing.checksum(config.payment_address or identity.address)
         self.outbox = Outbox(config.outbox_path)
         self.sandboxes = [
-            Sandbox(i, evaluator_command, config.slices_per_evaluator)
+            Sandbox(
+                i, evaluator_command, config.slices_per_evaluator, endpoint=config.evaluator or None
+            )
             for i in range(config.effective_sandboxes)
         ]
         self._jobs: OrderedDict[str, JobSpec] = OrderedDict()
@@ -143,6 +148,8 @@ class Supervisor:
         self._declined: dict[str, float] = {}  # job -> the offer it was declined at
         self._costs: dict[str, tuple[int, Metrics]] = {}  # job -> (slices, summed metrics)
         self._reported: set[tuple[str, str]] = set()
+        self._held_until = 0.0  # monotonic time until which the manager holds work
+        self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
         self._fatal: SessionError | None = None
@@ -195,14 +202,23 @@ class Supervisor:
 
     async def run(self) -> bool:
         """Work until stopped. Returns True when everything was flushed (a clean stop)."""
-        try:
-            self._capabilities = await self.sandboxes[0].describe()
-        except SliceFailure as exc:
-            log.error("the evaluator does not start: %s", exc)
-            self.exit_reason = f"the evaluator does not start: {exc}"
-            self.evaluator_broken = True
-            await self._close()
-            return False
+        while True:
+            try:
+                self._capabilities = await self.sandboxes[0].describe()
+                break
+            except SliceFailure as exc:
+                if exc.code not in HELD_CODES:
+                    log.error("the evaluator does not start: %s", exc)
+                    self.exit_reason = f"the evaluator does not start: {exc}"
+                    self.evaluator_broken = True
+                    await self._close()
+                    return False
+                self._machine_held(exc.message)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _HELD_BACKOFF)
+                if self._stopping.is_set():
+                    await self._close()
+                    return self._unsent == 0
         log.info(
             "worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
             self.identity.address,
@@ -327,6 +343,11 @@ class Supervisor:
     async def _fetcher(self, session: Session) -> None:
         want = len(self.sandboxes) + self.config.effective_prefetch
         while not self._stopping.is_set():
+            pause = self._held_until - time.monotonic()
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                continue
             held = self._queue.qsize() + self._running
             deficit = want - held
             if deficit <= 0:
@@ -518,6 +539,11 @@ class Supervisor:
                 result, metrics = await sandbox.run(job, limits, lease.datum, lease.slice, progress)
                 metrics = replace(metrics, wall_seconds=time.monotonic() - started)
             except SliceFailure as exc:
+                if exc.code in HELD_CODES:
+                    # The machine's owner needs it: give the slice back, lose nothing.
+                    self._machine_held(exc.message)
+                    await self._refuse(lease, Refusal(lease.job, exc.code, exc.message))
+                    continue
                 self._counters.failed += 1
                 log.warning(
                     "slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code, exc.message
@@ -608,6 +634,13 @@ class Supervisor:
                 price,
                 ErrorCode.WAGE_BELOW_MINIMUM.value,
             )
+
+    def _machine_held(self, reason: str) -> None:
+        """The evaluator manager holds work: pause fetching for a while."""
+        if time.monotonic() >= self._held_until:
+            log.warning("work held by the evaluator manager: %s", reason)
+        self._held_until = time.monotonic() + _HELD_BACKOFF
+        self.held_reason = reason
 
     async def _refuse(self, lease: SliceLease, why: Refusal) -> None:
         self._counters.declined_slices += 1

@@ -1,0 +1,404 @@
+"""``dcp-evaluator-manager``: starts one evaluator per connection, like inetd, and stops or
+refuses them when the machine is busy.
+
+It listens only on loopback TCP and/or a Unix socket (a non-loopback address in the
+configuration is replaced by 127.0.0.1, with a warning; a systemd-activated socket that is not
+loopback or Unix is refused). Each connection gets a fresh, hardened evaluator process whose
+stdin/stdout are piped to the connection. While a monitor holds (see :mod:`evaluator.monitors`)
+new connections get an ``error`` frame ``machine_busy`` naming the reason, and, for the holds
+that say so, running evaluators are stopped (TERM, then KILL after a grace) and their
+connections get ``evaluator_preempted`` at the next frame boundary: the worker returns the slice
+and loses nothing. The state, with its reasons, is written to a status file that
+``dcp-evaluator-manager status`` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dcp_worker.protocol import Error, frame
+
+from .launch import Hardening, evaluator_command
+from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
+
+__all__ = ["Manager", "bind_tcp", "bind_unix", "activated_sockets", "ManagerError"]
+
+log = logging.getLogger("dcp.evaluator.manager")
+
+MACHINE_BUSY = "machine_busy"
+PREEMPTED = "evaluator_preempted"
+_GRACE = 2.0
+
+
+class ManagerError(Exception):
+    """The manager cannot start (an address it must not bind, a socket it cannot create)."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_tcp(listen: str) -> socket.socket:
+    """A listening TCP socket on loopback. ``HOST:PORT``; a HOST that is not loopback is
+    replaced by 127.0.0.1 (DCP bound every interface when told "localhost": never again)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ManagerError(f"--listen {listen!r}: expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    if not _is_loopback(host):
+        log.warning(
+            "refusing to listen on %s: an evaluator manager binds loopback only; "
+            "listening on 127.0.0.1",
+            host,
+        )
+        host = "127.0.0.1"
+    if host == "localhost":
+        host = "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise ManagerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` (mode 0660; a stale socket file is replaced)."""
+    target = Path(path)
+    if target.is_socket():
+        target.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        sock.close()
+        raise ManagerError(f"cannot create the socket {path}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def activated_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS), each checked to be loopback
+    or Unix.
+
+    Raises:
+        ManagerError: a passed socket listens elsewhere.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    sockets = []
+    for fd in range(3, 3 + count):
+        sock = socket.socket(fileno=fd)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = sock.getsockname()[0]
+            if not _is_loopback(host):
+                raise ManagerError(f"the activated socket on {host} is not loopback; refusing it")
+        sockets.append(sock)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return sockets
+
+
+class _FrameBoundary:
+    """Follows length-prefixed frames in a byte stream, to know when a frame may be injected."""
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._remaining = 0
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._remaining:
+                step = min(self._remaining, len(view))
+                self._remaining -= step
+                view = view[step:]
+                continue
+            need = 4 - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) == 4:
+                (self._remaining,) = struct.unpack(">I", self._header)
+                self._header = b""
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._remaining and not self._header
+
+
+@dataclass(eq=False)  # identity semantics: connections live in a set
+class _Connection:
+    proc: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    boundary: _FrameBoundary = field(default_factory=_FrameBoundary)
+    preempted: Hold | None = None
+    stopped: bool = False  # SIGSTOPped by the throttle
+
+
+@dataclass
+class Counters:
+    started: int = 0
+    refused: int = 0
+    preempted: int = 0
+
+
+class Manager:
+    def __init__(
+        self,
+        policy: Policy,
+        rate: RateMonitor | None = None,
+        hardening: Hardening | None = None,
+        status_path: Path | None = None,
+        poll_seconds: float = 3.0,
+        throttle: float = 1.0,
+        command: list[str] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.rate = rate
+        self.hardening = hardening or Hardening()
+        self.status_path = status_path
+        self.poll_seconds = poll_seconds
+        self.throttle = throttle
+        self.command = command or evaluator_command()
+        self.operator = next((m for m in policy.monitors if isinstance(m, OperatorMonitor)), None)
+        self.holds: list[Hold] = []
+        self.counters = Counters()
+        self.listening: list[str] = []
+        self._connections: set[_Connection] = set()
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ running
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        """Serve on pre-bound ``sockets`` until :meth:`stop`."""
+        servers = []
+        for sock in sockets:
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self._on_connection, sock=sock)
+            else:
+                server = await asyncio.start_server(self._on_connection, sock=sock)
+            servers.append(server)
+            name = sock.getsockname()
+            self.listening.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
+        log.info("listening on %s", ", ".join(self.listening))
+        self.holds = self.policy.holds(time.time())
+        self._write_status()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._poll_forever())
+                if self.throttle < 1.0:
+                    tg.create_task(self._throttle_forever())
+                await self._stop.wait()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            for server in servers:
+                server.close()
+            for conn in list(self._connections):
+                await self._kill(conn)
+            if self.status_path is not None:
+                with contextlib.suppress(OSError):
+                    self.status_path.unlink()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def operator_toggle(self) -> None:
+        if self.operator is not None:
+            self.operator.toggle()
+            self._poll_now()
+
+    def operator_kick(self) -> None:
+        if self.operator is not None:
+            self.operator.kick()
+            self._poll_now()
+
+    def _poll_now(self) -> None:
+        asyncio.get_running_loop().create_task(self._poll_once())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await self._poll_once()
+            await asyncio.sleep(self.poll_seconds)
+
+    async def _poll_once(self) -> None:
+        holds = self.policy.holds(time.time())
+        if [h.reason for h in holds] != [h.reason for h in self.holds]:
+            if holds:
+                log.warning("work held: %s", "; ".join(h.detail for h in holds))
+            else:
+                log.info("work resumes: nothing holds it")
+        self.holds = holds
+        kill = next((h for h in holds if h.kill), None)
+        if kill is not None and self._connections:
+            log.warning("stopping %d evaluator(s): %s", len(self._connections), kill.detail)
+            for conn in list(self._connections):
+                conn.preempted = kill
+                self.counters.preempted += 1
+                await self._kill(conn)
+        self._write_status()
+
+    async def _throttle_forever(self) -> None:
+        """Duty cycle: evaluators run ``throttle`` of each second and are stopped the rest."""
+        while True:
+            await asyncio.sleep(self.throttle)
+            for conn in self._connections:
+                with contextlib.suppress(ProcessLookupError):
+                    conn.proc.send_signal(signal.SIGSTOP)
+                    conn.stopped = True
+            await asyncio.sleep(1.0 - self.throttle)
+            for conn in self._connections:
+                with contextlib.suppress(ProcessLookupError):
+                    conn.proc.send_signal(signal.SIGCONT)
+                    conn.stopped = False
+
+    # ------------------------------------------------------------------ connections
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        now = time.time()
+        hold = self.holds[0] if self.holds else None
+        if hold is None and self.rate is not None:
+            hold = self.rate.record(now)
+        if hold is not None:
+            self.counters.refused += 1
+            log.info("refused an evaluator: %s", hold.detail)
+            with contextlib.suppress(OSError):
+                writer.write(
+                    frame(
+                        Error(re=None, code=MACHINE_BUSY, message=f"{hold.reason}: {hold.detail}")
+                    )
+                )
+                await writer.drain()
+            writer.close()
+            self._write_status()
+            return
+        ids = self.hardening.target_ids()
+        workdir = Path(os.environ.get("TMPDIR", "/tmp"))
+        proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env={},
+            cwd=str(workdir) if ids else "/",
+            close_fds=True,
+            preexec_fn=self.hardening.preexec,
+            start_new_session=True,
+        )
+        conn = _Connection(proc, writer)
+        self._connections.add(conn)
+        self.counters.started += 1
+        self._write_status()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                to_evaluator = tg.create_task(self._pump_in(reader, proc))
+                await self._pump_out(proc, conn)
+                to_evaluator.cancel()
+        finally:
+            self._connections.discard(conn)
+            await self._kill(conn)
+            if conn.preempted is not None and conn.boundary.at_boundary:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.write(
+                        frame(
+                            Error(
+                                re=None,
+                                code=PREEMPTED,
+                                message=f"{conn.preempted.reason}: {conn.preempted.detail}",
+                            )
+                        )
+                    )
+                    await writer.drain()
+            writer.close()
+            self._write_status()
+
+    async def _pump_in(
+        self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process
+    ) -> None:
+        assert proc.stdin is not None
+        try:
+            while chunk := await reader.read(1 << 16):
+                proc.stdin.write(chunk)
+                await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            pass
+        # The worker hung up: the evaluator goes too.
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+
+    async def _pump_out(self, proc: asyncio.subprocess.Process, conn: _Connection) -> None:
+        assert proc.stdout is not None
+        try:
+            while chunk := await proc.stdout.read(1 << 16):
+                conn.boundary.feed(chunk)
+                conn.writer.write(chunk)
+                await conn.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    async def _kill(self, conn: _Connection) -> None:
+        proc = conn.proc
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if conn.stopped:
+                proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), _GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "listening": self.listening,
+            "accepting": not self.holds,
+            "holds": [asdict(h) for h in self.holds],
+            "running": len(self._connections),
+            **asdict(self.counters),
+            "updated": time.time(),
+        }
+
+    def _write_status(self) -> None:
+        if self.status_path is None:
+            return
+        tmp = self.status_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, self.status_path)
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.status_path, exc)
+
+
+class _Stopped(Exception):
+    pass

@@ -1,0 +1,279 @@
+"""``dcp-evaluator-manager``: serve evaluators on loopback / a Unix socket; ``status``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .launch import Hardening, probe_layers
+from .manager import Manager, ManagerError, activated_sockets, bind_tcp, bind_unix
+from .monitors import (
+    BatteryMonitor,
+    CpuMonitor,
+    ExclusiveProgramMonitor,
+    HoursMonitor,
+    LoadMonitor,
+    OperatorMonitor,
+    Policy,
+    RateMonitor,
+    TtyMonitor,
+    parse_window,
+    pts_atimes,
+    read_loadavg,
+)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_HELD = 3
+EXIT_NOT_RUNNING = 4
+
+
+def default_status_file() -> Path:
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "dcp-evaluator-manager.json"
+    return Path(f"/tmp/dcp-evaluator-manager-{os.getuid()}.json")
+
+
+_status = click.option(
+    "--status-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the state and its reasons are written "
+    "(default: $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR, else /tmp).",
+)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Start sandboxed evaluators on demand for dcp-worker (one per connection), and stop or
+    refuse them when the machine is busy. Without a command: `serve`."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:9000",
+    show_default=True,
+    help="Loopback HOST:PORT (any other host is replaced by 127.0.0.1).",
+)
+@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP.")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    help="Also listen on this Unix socket (mode 0660).",
+)
+@_status
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.05),
+    default=3.0,
+    show_default=True,
+    help="Seconds between monitor polls.",
+)
+@click.option(
+    "--max-load",
+    type=float,
+    default=None,
+    help="Refuse new evaluators above this 1-minute load average (default: the number of CPUs).",
+)
+@click.option(
+    "--max-rate",
+    type=click.FloatRange(min=0.1),
+    default=20.0,
+    show_default=True,
+    help="Refuse evaluators requested faster than this per second.",
+)
+@click.option(
+    "--tty-idle",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Stop evaluators while a terminal was used within this many seconds (0: never).",
+)
+@click.option(
+    "--tty-glob",
+    default="/dev/pts/[0-9]*",
+    show_default=True,
+    help="Terminal devices whose access times show a person.",
+)
+@click.option("--run-on-battery", is_flag=True, help="Keep running on battery power.")
+@click.option(
+    "--exclusive",
+    multiple=True,
+    metavar="NAME",
+    help="Stop while a program of this name runs. Repeatable.",
+)
+@click.option(
+    "--hours",
+    multiple=True,
+    metavar="HH:MM-HH:MM",
+    help="Run only within these local-time windows. Repeatable.",
+)
+@click.option(
+    "--cpu-busy",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="Stop while the CPU is busier than this percent (other programs).",
+)
+@click.option(
+    "--cpu-resume",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="Resume when it falls below this percent (default: half of --cpu-busy).",
+)
+@click.option(
+    "--throttle",
+    type=click.FloatRange(0.05, 1.0),
+    default=1.0,
+    show_default=True,
+    help="Fraction of each second evaluators may run (duty cycle).",
+)
+@click.option(
+    "--user",
+    default="nobody",
+    show_default=True,
+    help="Unprivileged account evaluators run as when started as root.",
+)
+@click.option(
+    "--no-network-namespace", is_flag=True, help="Do not put evaluators in a new network namespace."
+)
+@click.option("--loadavg-file", default="/proc/loadavg", hidden=True)
+@click.option("-v", "--verbose", count=True)
+def serve(
+    listen: str,
+    no_tcp: bool,
+    socket_path: str | None,
+    status_file: str | None,
+    poll: float,
+    max_load: float | None,
+    max_rate: float,
+    tty_idle: float,
+    tty_glob: str,
+    run_on_battery: bool,
+    exclusive: tuple[str, ...],
+    hours: tuple[str, ...],
+    cpu_busy: float | None,
+    cpu_resume: float | None,
+    throttle: float,
+    user: str,
+    no_network_namespace: bool,
+    loadavg_file: str,
+    verbose: int,
+) -> None:
+    """Serve evaluators (the default command). SIGUSR1 toggles an operator hold; SIGUSR2
+    stops running evaluators once; SIGINT/SIGTERM stop the manager and its evaluators."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING - 10 * min(verbose, 2),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    operator = OperatorMonitor()
+    monitors: list = [operator]  # type: ignore[type-arg]
+    monitors.append(
+        LoadMonitor(
+            max_load if max_load is not None else float(os.cpu_count() or 1),
+            lambda: read_loadavg(loadavg_file),
+        )
+    )
+    if tty_idle > 0:
+        monitors.append(TtyMonitor(tty_idle, lambda: pts_atimes(tty_glob)))
+    if not run_on_battery:
+        monitors.append(BatteryMonitor())
+    if exclusive:
+        monitors.append(ExclusiveProgramMonitor(frozenset(exclusive)))
+    if hours:
+        try:
+            monitors.append(HoursMonitor(tuple(parse_window(h) for h in hours)))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--hours") from None
+    if cpu_busy is not None:
+        monitors.append(
+            CpuMonitor(cpu_busy, cpu_resume if cpu_resume is not None else cpu_busy / 2)
+        )
+    hardening = Hardening(user=user, network_namespace=not no_network_namespace)
+    try:
+        sockets = activated_sockets()
+        if not sockets:
+            if not no_tcp:
+                sockets.append(bind_tcp(listen))
+            if socket_path:
+                sockets.append(bind_unix(socket_path))
+        if not sockets:
+            raise ManagerError("nothing to listen on: give --listen or --socket")
+    except ManagerError as exc:
+        click.echo(f"dcp-evaluator-manager: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    layers = probe_layers(hardening)
+    manager = Manager(
+        Policy(monitors),
+        RateMonitor(max_rate),
+        hardening,
+        Path(status_file) if status_file else default_status_file(),
+        poll,
+        throttle,
+    )
+    click.echo(
+        "dcp-evaluator-manager listening on "
+        + ", ".join(_name(s) for s in sockets)
+        + "; sandbox layers: "
+        + ", ".join(k for k, v in sorted(layers.items()) if v)
+    )
+    sys.stdout.flush()
+    asyncio.run(_run(manager, sockets))
+
+
+def _name(sock: object) -> str:
+    name = sock.getsockname()  # type: ignore[attr-defined]
+    return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
+
+
+async def _run(manager: Manager, sockets: list) -> None:  # type: ignore[type-arg]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, manager.stop)
+    loop.add_signal_handler(signal.SIGUSR1, manager.operator_toggle)
+    loop.add_signal_handler(signal.SIGUSR2, manager.operator_kick)
+    await manager.serve(sockets)
+
+
+@main.command()
+@_status
+@click.option("--json", "as_json", is_flag=True, help="Print the status file as it is.")
+def status(status_file: str | None, as_json: bool) -> None:
+    """Why work is held (or not). Exit status 0 when accepting work, 3 when held, 4 when no
+    manager is running."""
+    path = Path(status_file) if status_file else default_status_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        click.echo(f"dcp-evaluator-manager: no manager status at {path}", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        state = "accepting work" if data["accepting"] else "work held"
+        click.echo(
+            f"{state}; {data['running']} evaluator(s) running; listening on "
+            f"{', '.join(data['listening'])}; updated {time.time() - data['updated']:.0f}"
+            " s ago"
+        )
+        for hold in data["holds"]:
+            action = "stops running evaluators" if hold["kill"] else "refuses new evaluators"
+            click.echo(f"  {hold['reason']}: {hold['detail']} ({action})")
+        click.echo(
+            f"  started {data['started']}, refused {data['refused']}, preempted {data['preempted']}"
+        )
+    sys.exit(EXIT_OK if data["accepting"] else EXIT_HELD)
