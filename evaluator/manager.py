@@ -24,6 +24,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -191,8 +192,11 @@ class Manager:
 
     # ------------------------------------------------------------------ running
 
-    async def serve(self, sockets: list[socket.socket]) -> None:
-        """Serve on pre-bound ``sockets`` until :meth:`stop`."""
+    async def serve(
+        self, sockets: list[socket.socket], on_ready: Callable[[], None] | None = None
+    ) -> None:
+        """Serve on pre-bound ``sockets`` until :meth:`stop`; ``on_ready`` is called once
+        connections are being accepted and the status file is written."""
         servers = []
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
@@ -205,6 +209,8 @@ class Manager:
         log.info("listening on %s", ", ".join(self.listening))
         self.holds = self.policy.holds(time.time())
         self._write_status()
+        if on_ready is not None:
+            on_ready()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._poll_forever())

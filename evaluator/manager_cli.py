@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -225,14 +226,17 @@ def serve(
         poll,
         throttle,
     )
-    click.echo(
-        "dcp-evaluator-manager listening on "
-        + ", ".join(_name(s) for s in sockets)
-        + "; sandbox layers: "
-        + ", ".join(k for k, v in sorted(layers.items()) if v)
-    )
-    sys.stdout.flush()
-    asyncio.run(_run(manager, sockets))
+
+    def ready() -> None:  # after the signal handlers and the status file: safe to use
+        click.echo(
+            "dcp-evaluator-manager listening on "
+            + ", ".join(_name(s) for s in sockets)
+            + "; sandbox layers: "
+            + ", ".join(k for k, v in sorted(layers.items()) if v)
+        )
+        sys.stdout.flush()
+
+    asyncio.run(_run(manager, sockets, ready))
 
 
 def _name(sock: object) -> str:
@@ -240,13 +244,13 @@ def _name(sock: object) -> str:
     return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
 
-async def _run(manager: Manager, sockets: list) -> None:  # type: ignore[type-arg]
+async def _run(manager: Manager, sockets: list, ready: Callable[[], None]) -> None:  # type: ignore[type-arg]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, manager.stop)
     loop.add_signal_handler(signal.SIGUSR1, manager.operator_toggle)
     loop.add_signal_handler(signal.SIGUSR2, manager.operator_kick)
-    await manager.serve(sockets)
+    await manager.serve(sockets, ready)
 
 
 @main.command()
