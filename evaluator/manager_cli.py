@@ -25,6 +25,7 @@ from .monitors import (
     OperatorMonitor,
     Policy,
     RateMonitor,
+    ScreensaverMonitor,
     TtyMonitor,
     parse_window,
     pts_atimes,
@@ -112,6 +113,11 @@ def main(ctx: click.Context) -> None:
 )
 @click.option("--run-on-battery", is_flag=True, help="Keep running on battery power.")
 @click.option(
+    "--ignore-screensaver",
+    is_flag=True,
+    help="Do not stop when the desktop's screensaver turns off (D-Bus).",
+)
+@click.option(
     "--exclusive",
     multiple=True,
     metavar="NAME",
@@ -164,6 +170,7 @@ def serve(
     tty_idle: float,
     tty_glob: str,
     run_on_battery: bool,
+    ignore_screensaver: bool,
     exclusive: tuple[str, ...],
     hours: tuple[str, ...],
     cpu_busy: float | None,
@@ -193,6 +200,8 @@ def serve(
         monitors.append(TtyMonitor(tty_idle, lambda: pts_atimes(tty_glob)))
     if not run_on_battery:
         monitors.append(BatteryMonitor())
+    if not ignore_screensaver:
+        monitors.append(ScreensaverMonitor())
     if exclusive:
         monitors.append(ExclusiveProgramMonitor(frozenset(exclusive)))
     if hours:

@@ -27,6 +27,7 @@ __all__ = [
     "ExclusiveProgramMonitor",
     "HoursMonitor",
     "CpuMonitor",
+    "ScreensaverMonitor",
     "Policy",
 ]
 
@@ -213,6 +214,55 @@ class HoursMonitor:
             if inside:
                 return None
         return Hold("outside_hours", "outside the hours this machine lends", True)
+
+
+def screensaver_active() -> bool | None:
+    """Whether the desktop's screensaver is on, asked over the session D-Bus
+    (org.freedesktop.ScreenSaver.GetActive); None where there is no session bus or no
+    screensaver service."""
+    import shutil
+    import subprocess
+
+    if not os.environ.get("DBUS_SESSION_BUS_ADDRESS") or shutil.which("dbus-send") is None:
+        return None
+    try:
+        out = subprocess.run(
+            [
+                "dbus-send",
+                "--session",
+                "--print-reply=literal",
+                "--reply-timeout=1000",
+                "--dest=org.freedesktop.ScreenSaver",
+                "/org/freedesktop/ScreenSaver",
+                "org.freedesktop.ScreenSaver.GetActive",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_screensaver_reply(out.stdout) if out.returncode == 0 else None
+
+
+def parse_screensaver_reply(text: str) -> bool | None:
+    words = text.split()
+    if "boolean" in words and words.index("boolean") + 1 < len(words):
+        return words[words.index("boolean") + 1] == "true"
+    return None
+
+
+@dataclass
+class ScreensaverMonitor:
+    """On a desktop, a person is here while the screensaver is off (DCP stops work when it
+    turns off). No session bus or no screensaver service: no hold."""
+
+    read: Callable[[], bool | None] = screensaver_active
+
+    def check(self, now: float) -> Hold | None:
+        if self.read() is False:
+            return Hold("desktop_active", "the screensaver is off: someone uses the desktop", True)
+        return None
 
 
 def other_cpu_percent() -> float:

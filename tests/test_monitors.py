@@ -16,8 +16,10 @@ from evaluator.monitors import (
     OperatorMonitor,
     Policy,
     RateMonitor,
+    ScreensaverMonitor,
     TtyMonitor,
     on_battery,
+    parse_screensaver_reply,
     parse_window,
 )
 
@@ -111,3 +113,13 @@ def test_policy_collects_holds_and_survives_failing_readings() -> None:
 
     policy = Policy([LoadMonitor(1, broken), LoadMonitor(1, lambda: 5.0), OperatorMonitor()])
     assert [h.reason for h in policy.holds(0)] == ["load_high"]
+
+
+def test_screensaver() -> None:
+    assert parse_screensaver_reply("   boolean true\n") is True
+    assert parse_screensaver_reply("   boolean false\n") is False
+    assert parse_screensaver_reply("") is None
+    assert ScreensaverMonitor(lambda: True).check(0) is None  # screensaver on: work runs
+    assert ScreensaverMonitor(lambda: None).check(0) is None  # no session bus
+    hold = ScreensaverMonitor(lambda: False).check(0)
+    assert hold is not None and hold.reason == "desktop_active" and hold.kill
