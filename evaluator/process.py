@@ -9,6 +9,7 @@ stream cut inside a frame ends it (the stream cannot be resynchronised), with ex
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dcp_worker.protocol import (
     EVALUATOR_MESSAGES,
@@ -39,6 +40,7 @@ from dcp_worker.protocol import (
 )
 
 from .errors import SliceError
+from .opencl import OpenCLRuntime
 from .wasm import WasmRuntime, probe_features
 
 log = logging.getLogger("dcp.evaluator")
@@ -56,22 +58,35 @@ def _wasmtime_version() -> str:
         return "unknown"
 
 
-def capabilities() -> dict[str, object]:
-    """What this evaluator offers, measured at start."""
+def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
+    """What this evaluator offers, measured at start (``opencl``: OpenCLRuntime.describe)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         memory = 0
+    runtimes: dict[str, Any] = {
+        "wasm": {
+            "engine": "wasmtime",
+            "version": _wasmtime_version(),
+            "wasi": "preview1",
+            "features": probe_features(),
+            "limits": ["epoch", "fuel", "memory", "output"],
+        }
+    }
+    extra: dict[str, Any] = {}
+    devices = (opencl or {}).get("devices", [])
+    if devices:
+        # Features name device types (gpu, cpu, accelerator) and fp64: opencl.gpu, opencl.fp64.
+        types = {d["type"].lower() for d in devices}
+        runtimes["opencl"] = {
+            "engine": "pyopencl",
+            "features": sorted(types | ({"fp64"} if any(d["fp64"] for d in devices) else set())),
+            "devices": devices,
+        }
+        extra["opencl_memory_bytes"] = max(d["global_memory"] for d in devices)
     return {
-        "runtimes": {
-            "wasm": {
-                "engine": "wasmtime",
-                "version": _wasmtime_version(),
-                "wasi": "preview1",
-                "features": probe_features(),
-                "limits": ["epoch", "fuel", "memory", "output"],
-            }
-        },
+        "runtimes": runtimes,
+        **extra,
         "memory_bytes": memory,
         "cpu_count": os.cpu_count() or 1,
         "machine": platform.machine(),
@@ -87,6 +102,8 @@ class Evaluator:
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
         self._runtime = WasmRuntime(workdir, self._on_progress)
+        self._opencl = OpenCLRuntime()
+        self._opencl_sources: dict[str, bytes] = {}
         self._assigned: Assign | None = None
         self._current: int | None = None
         self._last_progress = 0.0
@@ -126,7 +143,9 @@ class Evaluator:
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Describe):
-            self.send(Capabilities(re=message.id, capabilities=capabilities()))
+            self.send(
+                Capabilities(re=message.id, capabilities=capabilities(self._opencl.describe()))
+            )
         elif isinstance(message, Assign):
             self._assign(message)
         elif isinstance(message, RunSlice):
@@ -141,7 +160,7 @@ class Evaluator:
             )
 
     def _assign(self, message: Assign) -> None:
-        if message.runtime != "wasm":
+        if message.runtime not in ("wasm", "opencl"):
             self.send(
                 Error(
                     re=message.id,
@@ -151,7 +170,10 @@ class Evaluator:
             )
             return
         try:
-            self._runtime.compile(message.module, message.sha256, message.limits)
+            if message.runtime == "wasm":
+                self._runtime.compile(message.module, message.sha256, message.limits)
+            else:
+                self._compile_opencl(message)
         except SliceError as exc:
             self._assigned = None
             self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
@@ -159,6 +181,20 @@ class Evaluator:
         # Keep the assignment without the module bytes: the compiled module is cached.
         self._assigned = dataclasses.replace(message, module=None)
         self.send(Ack(re=message.id, status="assigned"))
+
+    def _compile_opencl(self, message: Assign) -> None:
+        if message.module is None:
+            if message.sha256 not in self._opencl_sources:
+                raise SliceError(
+                    ErrorCode.MODULE_NOT_CACHED, f"module {message.sha256} is not cached"
+                )
+            source = self._opencl_sources[message.sha256]
+        else:
+            source = message.module
+            if hashlib.sha256(source).hexdigest() != message.sha256:
+                raise SliceError(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
+        self._opencl.compile(source, message.sha256, message.config, message.options)
+        self._opencl_sources[message.sha256] = source
 
     def _run(self, message: RunSlice) -> None:
         job = self._assigned
@@ -174,7 +210,12 @@ class Evaluator:
         self._current = message.id
         self._last_progress = 0.0
         try:
-            result, metrics = self._runtime.run(job.sha256, job.argv, job.limits, message.datum)
+            if job.runtime == "opencl":
+                result, metrics = self._opencl.run(
+                    job.sha256, job.config, job.limits, message.datum
+                )
+            else:
+                result, metrics = self._runtime.run(job.sha256, job.argv, job.limits, message.datum)
         except SliceError as exc:
             self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
         else:

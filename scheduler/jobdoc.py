@@ -20,12 +20,13 @@ from typing import Any
 
 from dcp_worker.protocol import InvalidMessage, Limits
 from dcp_worker.protocol.policy import validate_requirements
+from evaluator.opencl import validate_config
 
 from .store import NewJob, to_micro
 
 __all__ = ["JobFileError", "load_job_file", "parse_document", "RUNTIMES", "MAX_SLICES"]
 
-RUNTIMES = ("wasm",)
+RUNTIMES = ("wasm", "opencl")
 MAX_SLICES = 1_000_000
 MAX_ATTEMPTS = 10
 _JOB_KEYS = {
@@ -40,6 +41,7 @@ _JOB_KEYS = {
     "group",
     "requirements",
     "verifier",
+    "opencl",
 }
 #: The largest offer per slice, in credits (keeps escrow arithmetic far from overflow).
 MAX_OFFER = 1e9
@@ -125,6 +127,7 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         "max_attempts": spec.get("max_attempts", 2),
         "group": spec.get("group", ""),
         "requirements": spec.get("requirements", {}),
+        "config": spec.get("opencl", {}),
         "data": [base64.b64encode(d).decode() for d in data],
         # Makes every deploy a distinct document; a replay of the same bytes is one job.
         "nonce": os.urandom(16).hex(),
@@ -163,6 +166,7 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         "group",
         "requirements",
         "verifier",
+        "config",
     }
     unknown = set(doc) - allowed
     if unknown:
@@ -191,6 +195,14 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         requirements = validate_requirements(doc.get("requirements", {}))
     except ValueError as exc:
         raise JobFileError(str(exc)) from None
+    config = doc.get("config", {})
+    if runtime == "opencl":
+        try:
+            config = validate_config(config)
+        except ValueError as exc:
+            raise JobFileError(str(exc)) from None
+    elif config:
+        raise JobFileError(f"runtime {runtime!r} takes no [opencl] settings")
     verifier = None
     if "verifier" in doc:
         try:
@@ -231,4 +243,5 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         group=group,
         requirements=requirements,
         verifier=verifier,
+        config=config,
     )

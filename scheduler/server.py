@@ -414,6 +414,7 @@ class Scheduler:
                     owner=record.owner,
                     group=record.group,
                     requirements=record.requirements,
+                    config=record.config,
                 )
             )
         return Work(

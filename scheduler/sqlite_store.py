@@ -45,7 +45,7 @@ from .store import (
     WorkerRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     escrow_micro INTEGER NOT NULL DEFAULT 0,
     group_key TEXT NOT NULL DEFAULT '',
     requirements TEXT NOT NULL DEFAULT '{}',
+    config TEXT NOT NULL DEFAULT '{}',
     verifier BLOB,
     payload_sha256 TEXT NOT NULL UNIQUE,
     total INTEGER NOT NULL,
@@ -295,9 +296,9 @@ class SQLiteStore:
                 raise InsufficientFunds(job.owner, escrow, balance)
             db.execute(
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
-                " limits, offer_micro, group_key, requirements, verifier, payload_sha256, total,"
-                " remaining, max_attempts, created)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " limits, offer_micro, group_key, requirements, config, verifier, payload_sha256,"
+                " total, remaining, max_attempts, created)"
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     job.owner,
@@ -310,6 +311,7 @@ class SQLiteStore:
                     job.offer_micro,
                     job.group,
                     json.dumps(job.requirements),
+                    json.dumps(job.config),
                     job.verifier,
                     job.payload_sha256,
                     len(job.data),
@@ -330,7 +332,7 @@ class SQLiteStore:
     _JOB_COLUMNS = (
         "id, owner, name, state, runtime, module_sha256, argv, limits, offer_micro, created,"
         " finished, total, max_attempts, group_key, requirements, verifier IS NOT NULL,"
-        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out"
+        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out, config"
     )
 
     def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
@@ -359,6 +361,7 @@ class SQLiteStore:
             max_attempts=row[12],
             group=row[13],
             requirements=json.loads(row[14]),
+            config=json.loads(row[22]),
             has_verifier=bool(row[15]),
             escrow_micro=row[16],
             cost=cost,

@@ -87,6 +87,7 @@ class NewJob:
     group: str = ""
     requirements: dict[str, Any] = field(default_factory=dict)
     verifier: bytes | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class JobRecord:
     max_attempts: int
     group: str = ""
     requirements: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     has_verifier: bool = False
     escrow_micro: int = 0
     #: Mean measured cost of an accepted slice, None before the first one.

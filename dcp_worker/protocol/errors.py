@@ -61,6 +61,12 @@ class ErrorCode(StrEnum):
     RESULT_REJECTED = "result_rejected"
     VERIFIER_FAILED = "verifier_failed"
     INSUFFICIENT_FUNDS = "insufficient_funds"
+    # The opencl runtime.
+    OPENCL_UNAVAILABLE = "opencl_unavailable"
+    OPENCL_BUILD_FAILED = "opencl_build_failed"
+    OPENCL_ERROR = "opencl_error"
+    BUFFER_TOO_LARGE = "buffer_too_large"
+    DATUM_INVALID = "datum_invalid"
 
 
 class ProtocolError(Exception):

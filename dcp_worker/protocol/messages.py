@@ -181,6 +181,8 @@ class JobSpec:
     group: str = ""
     #: Capability name -> "required" / "forbidden"; "min_memory_bytes" -> int.
     requirements: dict[str, Any] = field(default_factory=dict)
+    #: Runtime settings: for ``opencl``, the kernel name, argument spec and sizes.
+    config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.job), "job must not be empty")
@@ -435,6 +437,10 @@ class Assign(Message):
     module: bytes | None = None
     argv: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    #: The job's runtime settings (JobSpec.config).
+    config: dict[str, Any] = field(default_factory=dict)
+    #: The worker's own settings for this runtime (e.g. banned OpenCL devices).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ __all__ = [
 PUBLIC_GROUP = ""
 REQUIRED = "required"
 FORBIDDEN = "forbidden"
-_NUMERIC_REQUIREMENTS = {"min_memory_bytes": "memory_bytes"}
+_NUMERIC_REQUIREMENTS = {
+    "min_memory_bytes": "memory_bytes",
+    "min_device_memory": "opencl_memory_bytes",
+}
 
 
 def _field(value: bytes) -> bytes:
