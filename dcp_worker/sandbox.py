@@ -91,8 +91,11 @@ class Sandbox:
         slices_per_evaluator: int = 1000,
         endpoint: str | None = None,
         hardening: Hardening | None = None,
+        runtime_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.index = index
+        #: The worker's settings per runtime, sent with each assignment (e.g. banned devices).
+        self.runtime_options = runtime_options or {}
         self.command = command or default_evaluator_command()
         self.slices_per_evaluator = slices_per_evaluator
         self.endpoint = endpoint
@@ -339,6 +342,8 @@ class Sandbox:
                     module=module,
                     argv=job.argv,
                     limits=limits,
+                    config=job.config,
+                    options=self.runtime_options.get(job.runtime, {}),
                 ),
                 _ASSIGN_TIMEOUT,
             )
