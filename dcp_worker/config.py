@@ -73,12 +73,24 @@ class WorkerConfig:
     slices_per_evaluator: int = 1000
     # "" starts evaluators here; "tcp://127.0.0.1:9000" or a socket path reaches a manager.
     evaluator: str = ""
+    # OpenCL devices this worker lends: device-name patterns it never uses, the device
+    # indices it may use (empty: all), and how many OpenCL slices may run at once.
+    opencl_banned_devices: tuple[str, ...] = ("llvmpipe",)
+    opencl_devices: tuple[int, ...] = ()
+    opencl_slots: int = 1
     # Who may run what, at what price (docs/configuration.md "Policy").
     leave_public_group: bool = False
     groups: tuple[GroupConfig, ...] = ()
     job_ids: tuple[str, ...] = ()
     job_owners: tuple[str, ...] = ()
     min_wage: Wage = field(default_factory=Wage)
+
+    def runtime_options(self) -> dict[str, dict[str, Any]]:
+        """What each runtime of the evaluator needs to know of this worker's settings."""
+        opencl: dict[str, Any] = {"banned_devices": list(self.opencl_banned_devices)}
+        if self.opencl_devices:
+            opencl["devices"] = list(self.opencl_devices)
+        return {"opencl": opencl}
 
     def group_hashes(self) -> dict[str, str]:
         """join key -> join hash, for every configured group."""
@@ -111,6 +123,7 @@ class WorkerConfig:
             (self.max_memory_bytes > 0, "max_memory_bytes must be > 0"),
             (self.max_output_bytes > 0, "max_output_bytes must be > 0"),
             (self.slices_per_evaluator > 0, "slices_per_evaluator must be > 0"),
+            (self.opencl_slots > 0, "opencl_slots must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -141,6 +154,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     elif expected == "tuple[str, ...]":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of strings")
+        value = tuple(value)
+    elif expected == "tuple[int, ...]":
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of device indices")
         value = tuple(value)
     elif expected == "Wage":
         if isinstance(value, Wage):

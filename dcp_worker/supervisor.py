@@ -149,6 +149,8 @@ class Supervisor:
         self._costs: dict[str, tuple[int, Metrics]] = {}  # job -> (slices, summed metrics)
         self._reported: set[tuple[str, str]] = set()
         self._held_until = 0.0  # monotonic time until which the manager holds work
+        # A GPU (or the OpenCL device) is lent to this many slices at once.
+        self._opencl_slots = asyncio.Semaphore(config.opencl_slots)
         self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
@@ -536,7 +538,15 @@ class Supervisor:
                     held.progress = fraction
 
                 started = time.monotonic()
-                result, metrics = await sandbox.run(job, limits, lease.datum, lease.slice, progress)
+                if job.runtime == "opencl":
+                    async with self._opencl_slots:
+                        result, metrics = await sandbox.run(
+                            job, limits, lease.datum, lease.slice, progress
+                        )
+                else:
+                    result, metrics = await sandbox.run(
+                        job, limits, lease.datum, lease.slice, progress
+                    )
                 metrics = replace(metrics, wall_seconds=time.monotonic() - started)
             except SliceFailure as exc:
                 if exc.code in HELD_CODES:

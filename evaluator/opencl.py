@@ -137,7 +137,6 @@ def _banned(device: Any, patterns: list[str]) -> bool:
 @dataclass
 class _Built:
     program: Any
-    kernel_name: str
 
 
 class OpenCLRuntime:
@@ -223,21 +222,21 @@ class OpenCLRuntime:
                 self._context, properties=cl.command_queue_properties.PROFILING_ENABLE
             )
         key = (sha256, self._device.name)
-        if key in self._programs:
-            return
-        try:
-            program = cl.Program(self._context, source.decode("utf-8", "replace")).build()
-        except cl.RuntimeError as exc:
-            log = getattr(exc, "build_log", None) or str(exc)
-            raise SliceError(
-                ErrorCode.OPENCL_BUILD_FAILED,
-                f"the kernel source does not build: {str(log)[-1500:]}",
-            ) from None
-        if config["kernel"] not in program.kernel_names.split(";"):
+        built = self._programs.get(key)
+        if built is None:
+            try:
+                program = cl.Program(self._context, source.decode("utf-8", "replace")).build()
+            except cl.RuntimeError as exc:
+                log = getattr(exc, "build_log", None) or str(exc)
+                raise SliceError(
+                    ErrorCode.OPENCL_BUILD_FAILED,
+                    f"the kernel source does not build: {str(log)[-1500:]}",
+                ) from None
+            built = self._programs[key] = _Built(program)
+        if config["kernel"] not in built.program.kernel_names.split(";"):
             raise SliceError(
                 ErrorCode.INVALID_MODULE, f"the source has no kernel {config['kernel']!r}"
             )
-        self._programs[key] = _Built(program, config["kernel"])
 
     def run(
         self, sha256: str, config: dict[str, Any], limits: Limits, datum: bytes
@@ -246,6 +245,7 @@ class OpenCLRuntime:
 
         cl = self._import()
         built = self._programs[(sha256, self._device.name)]
+        kernel_name = config["kernel"]
         doc: dict[str, Any] | None = None
 
         def from_datum(ref: str) -> Any:
@@ -273,7 +273,7 @@ class OpenCLRuntime:
         started_cpu = time.process_time()
         started = time.monotonic()
         mf = cl.mem_flags
-        kernel = getattr(built.program, built.kernel_name)
+        kernel = getattr(built.program, kernel_name)
         values: list[Any] = []
         outputs: list[tuple[Any, Any]] = []
         scalars: dict[str, tuple[int, Any]] = {}
