@@ -78,6 +78,7 @@ class WorkerConfig:
     opencl_banned_devices: tuple[str, ...] = ("llvmpipe",)
     opencl_devices: tuple[int, ...] = ()
     opencl_slots: int = 1
+    opencl_share: float = 1.0
     # Who may run what, at what price (docs/configuration.md "Policy").
     leave_public_group: bool = False
     groups: tuple[GroupConfig, ...] = ()
@@ -124,6 +125,7 @@ class WorkerConfig:
             (self.max_output_bytes > 0, "max_output_bytes must be > 0"),
             (self.slices_per_evaluator > 0, "slices_per_evaluator must be > 0"),
             (self.opencl_slots > 0, "opencl_slots must be > 0"),
+            (0 < self.opencl_share <= 1, "opencl_share must be within (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

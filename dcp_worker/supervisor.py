@@ -16,6 +16,7 @@ next start.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -64,6 +65,7 @@ _LONG_POLL = 10.0
 #: Codes of an evaluator manager that holds work (the machine is busy); not the slice's fault.
 HELD_CODES = frozenset({"machine_busy", "evaluator_preempted"})
 _HELD_BACKOFF = 5.0
+_OPENCL_WINDOW = 20 * 60.0
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -151,6 +153,7 @@ class Supervisor:
         self._held_until = 0.0  # monotonic time until which the manager holds work
         # A GPU (or the OpenCL device) is lent to this many slices at once.
         self._opencl_slots = asyncio.Semaphore(config.opencl_slots)
+        self._opencl_used: collections.deque[tuple[float, float]] = collections.deque()
         self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
@@ -360,7 +363,7 @@ class Supervisor:
                 partial(
                     Fetch,
                     max_slices=deficit,
-                    capabilities=self._capabilities,
+                    capabilities=self._offered_capabilities(),
                     known_jobs=tuple(self._jobs),
                     wait_seconds=_LONG_POLL,
                     min_wage=self.config.min_wage,
@@ -589,12 +592,31 @@ class Supervisor:
         return WorkerTerms(
             groups=frozenset(c.group_hashes()),
             leave_public_group=c.leave_public_group,
-            capabilities=self._capabilities,
+            capabilities=self._offered_capabilities(),
             min_wage=c.min_wage,
             allowed_jobs=frozenset(c.job_ids),
             allowed_owners=frozenset(c.job_owners),
             declined=self._declined,
         )
+
+    def _offered_capabilities(self) -> dict[str, Any]:
+        """The evaluator's capabilities, less OpenCL while its time budget is used up."""
+        if not self._opencl_over_budget():
+            return self._capabilities
+        runtimes = {
+            k: v for k, v in self._capabilities.get("runtimes", {}).items() if k != "opencl"
+        }
+        return {**self._capabilities, "runtimes": runtimes}
+
+    def _opencl_over_budget(self) -> bool:
+        """DCP's rule: OpenCL (GPU) work may use ``opencl_share`` of a 20-minute window."""
+        if self.config.opencl_share >= 1.0:
+            return False
+        horizon = time.monotonic() - _OPENCL_WINDOW
+        while self._opencl_used and self._opencl_used[0][0] < horizon:
+            self._opencl_used.popleft()
+        used = sum(seconds for _t, seconds in self._opencl_used)
+        return used >= self.config.opencl_share * _OPENCL_WINDOW
 
     def _job_terms(self, job: JobSpec, lease: SliceLease) -> JobTerms:
         # The worker judges the wage by its own measurements of the job, not the scheduler's.

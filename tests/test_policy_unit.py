@@ -85,3 +85,32 @@ def test_allow_lists() -> None:
     owners = WorkerTerms(allowed_owners=frozenset({"0xABC"}))
     assert code(JobTerms("b", "0xabc"), owners) is None
     assert code(JobTerms("b", "0xdef"), owners) == "owner_not_allowed"
+
+
+def test_jobs_need_their_runtime() -> None:
+    wasm_only = WorkerTerms(capabilities={"runtimes": {"wasm": {}}})
+    assert code(JobTerms("j", "0xo", runtime="wasm"), wasm_only) is None
+    assert code(JobTerms("j", "0xo", runtime="opencl"), wasm_only) == "requirement_unmet"
+
+
+def test_opencl_time_budget(tmp_path: object) -> None:
+    import time
+    from pathlib import Path
+
+    from dcp_worker.config import load_config
+    from dcp_worker.identity import Identity
+    from dcp_worker.supervisor import Supervisor
+
+    config = load_config(
+        None, {"opencl_share": 0.25, "state_dir": str(Path(str(tmp_path))), "sandboxes": 1}
+    )
+    supervisor = Supervisor(config, Identity.from_private_key(b"\x01" * 32))
+    try:
+        supervisor._capabilities = {"runtimes": {"wasm": {}, "opencl": {}}}
+        assert "opencl" in supervisor._offered_capabilities()["runtimes"]
+        supervisor._opencl_used.append((time.monotonic(), 0.25 * 1200))  # a quarter of 20 min
+        assert set(supervisor._offered_capabilities()["runtimes"]) == {"wasm"}
+        supervisor._opencl_used[0] = (time.monotonic() - 1201, 300.0)  # the window moved on
+        assert "opencl" in supervisor._offered_capabilities()["runtimes"]
+    finally:
+        supervisor.outbox.close()

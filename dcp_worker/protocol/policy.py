@@ -137,6 +137,7 @@ class JobTerms:
     job: str
     owner: str
     group: str = PUBLIC_GROUP
+    runtime: str = "wasm"
     requirements: Mapping[str, Any] = field(default_factory=dict)
     offer: float = 0.0
     cost: Metrics | None = None
@@ -174,6 +175,13 @@ def refusal(job: JobTerms, worker: WorkerTerms) -> Refusal | None:
     elif job.group not in worker.groups:
         return Refusal(
             job.job, ErrorCode.GROUP_NOT_JOINED.value, f"compute group {job.group} not joined"
+        )
+    runtimes = worker.capabilities.get("runtimes")
+    if isinstance(runtimes, Mapping) and job.runtime not in runtimes:
+        return Refusal(
+            job.job,
+            ErrorCode.REQUIREMENT_UNMET.value,
+            f"no {job.runtime} runtime here (or its time budget is used)",
         )
     missing = check_requirements(job.requirements, worker.capabilities)
     if missing is not None:
