@@ -1,4 +1,5 @@
-"""Hash-puzzle speed: our evaluator (wasm, limits on) against the same C built natively.
+"""Hash-puzzle speed: our evaluator (wasm with limits on, and the OpenCL kernel on whatever
+device is present: PoCL's CPU device here) against the same C built natively.
 
 Both solve the same puzzle (same prefix, same difficulty, so the same number of SHA-256
 evaluations); the figure is the ratio of hash rates measured in one run, median of several.
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,6 +25,9 @@ from common import ROOT, median, report  # noqa: E402
 
 from dcp_worker import protocol as p  # noqa: E402
 from tests.evaluator_client import EvaluatorClient  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "examples" / "opencl"))
+from decode import decode_puzzle  # noqa: E402
 
 PUZZLE_C = ROOT / "examples" / "hash-puzzle" / "puzzle.c"
 PUZZLE_WASM = ROOT / "examples" / "hash-puzzle" / "puzzle.wasm"
@@ -61,8 +66,29 @@ def main() -> None:
             )
         )
         assert isinstance(reply, p.Ack), reply
-        wasm_times, native_times, answers = [], [], set()
-        for _ in range(runs):  # interleaved, so both see the same machine load
+        opencl = EvaluatorClient()
+        source = (ROOT / "examples" / "opencl" / "puzzle.cl").read_bytes()
+        config = tomllib.loads((ROOT / "examples" / "opencl" / "puzzle.toml").read_text())["opencl"]
+        for arg in config["args"]:
+            if arg["name"] == "difficulty":
+                arg["value"] = difficulty
+        reply = opencl.request(
+            p.Assign(
+                id=1,
+                job="bench",
+                runtime="opencl",
+                sha256=hashlib.sha256(source).hexdigest(),
+                module=source,
+                config=config,
+                limits=p.Limits(wall_seconds=600),
+            )
+        )
+        assert isinstance(reply, p.Ack), reply
+        caps = opencl.request(p.Describe(id=2))
+        device = caps.capabilities["runtimes"]["opencl"]["devices"][0]["name"]  # type: ignore[attr-defined]
+        opencl.run(prefix)  # the first run builds and links the kernel: not timed
+        wasm_times, native_times, opencl_times, answers = [], [], [], set()
+        for _ in range(runs):  # interleaved, so all see the same machine load
             started = time.perf_counter()
             out = subprocess.run(
                 [str(native), str(difficulty)], input=prefix, check=True, capture_output=True
@@ -73,11 +99,17 @@ def main() -> None:
             assert isinstance(reply, p.SliceDone), reply
             wasm_times.append(reply.metrics.wall_seconds)
             answers.add(reply.result)
+            reply = opencl.run(prefix)
+            assert isinstance(reply, p.SliceDone), reply
+            opencl_times.append(reply.metrics.wall_seconds)
+            answers.add(decode_puzzle(prefix, reply.result))
         client.close()
+        opencl.close()
     assert len(answers) == 1, answers  # native and wasm agree
     hashes = int(answers.pop().split()[0]) + 1
     wasm_rate = hashes / median(wasm_times)
     native_rate = hashes / median(native_times)
+    opencl_rate = hashes / median(opencl_times)
     report(
         "hashrate",
         {
@@ -86,6 +118,9 @@ def main() -> None:
             "wasm_hashes_per_s": round(wasm_rate),
             "native_gcc_O2_hashes_per_s": round(native_rate),
             "wasm_over_native": round(wasm_rate / native_rate, 3),
+            "opencl_hashes_per_s": round(opencl_rate),
+            "opencl_device": device,
+            "opencl_over_native": round(opencl_rate / native_rate, 3),
             "limits": "epoch deadline + memory cap + output cap (no fuel)",
         },
         save=not args.quick,

@@ -79,6 +79,10 @@ class WorkerConfig:
     opencl_devices: tuple[int, ...] = ()
     opencl_slots: int = 1
     opencl_share: float = 1.0
+    # OpenCL kernels run as native code in the evaluator process (on a CPU device nothing
+    # checks their memory accesses), so only the process layers contain them. As root, with no
+    # unprivileged account to drop to, OpenCL is not offered unless this says so.
+    opencl_as_root: bool = False
     # Who may run what, at what price (docs/configuration.md "Policy").
     leave_public_group: bool = False
     groups: tuple[GroupConfig, ...] = ()

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -154,6 +155,12 @@ class Supervisor:
         # A GPU (or the OpenCL device) is lent to this many slices at once.
         self._opencl_slots = asyncio.Semaphore(config.opencl_slots)
         self._opencl_used: collections.deque[tuple[float, float]] = collections.deque()
+        local_root = (
+            not config.evaluator
+            and os.geteuid() == 0
+            and self.sandboxes[0].hardening.target_ids() is None
+        )
+        self._opencl_privileged = local_root and not config.opencl_as_root
         self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
@@ -224,6 +231,11 @@ class Supervisor:
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
+        if self._opencl_privileged and "opencl" in self._capabilities.get("runtimes", {}):
+            log.warning(
+                "OpenCL is not offered: evaluators would run kernels as root (no "
+                "unprivileged account to drop to); see opencl_as_root"
+            )
         log.info(
             "worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
             self.identity.address,
@@ -600,8 +612,9 @@ class Supervisor:
         )
 
     def _offered_capabilities(self) -> dict[str, Any]:
-        """The evaluator's capabilities, less OpenCL while its time budget is used up."""
-        if not self._opencl_over_budget():
+        """The evaluator's capabilities, less OpenCL while its time budget is used up or when
+        kernels would run as root."""
+        if not self._opencl_over_budget() and not self._opencl_privileged:
             return self._capabilities
         runtimes = {
             k: v for k, v in self._capabilities.get("runtimes", {}).items() if k != "opencl"

@@ -27,6 +27,14 @@ sys.path.insert(0, str(OPENCL))
 from decode import decode_puzzle  # noqa: E402
 
 
+def opencl_as_root(tmp_path: Path) -> tuple[str, ...]:
+    """Worker options for these tests: they run as root here, where evaluators cannot drop to
+    an unprivileged account (Python lives under /root), so OpenCL must be allowed explicitly."""
+    config = tmp_path / "opencl.toml"
+    config.write_text("opencl_as_root = true\n")
+    return ("--config", str(config))
+
+
 @pytest.fixture(scope="module")
 def evaluator() -> Iterator[EvaluatorClient]:
     client = EvaluatorClient()
@@ -220,7 +228,7 @@ def test_a_kernel_that_never_ends_is_stopped_and_the_worker_goes_on(
         'args = [{name = "out", kind = "output", dtype = "uint32", count = 1}]\n'
         '[inputs]\nvalues = ["x"]\n'
     )
-    worker = workers(scheduler.url, make_keystore("w"), 2)
+    worker = workers(scheduler.url, make_keystore("w"), 2, *opencl_as_root(tmp_path))
     with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
         spin = client.deploy(tmp_path / "spin.toml")
         (result,) = client.results(spin, wait=True, timeout=60)
@@ -237,7 +245,7 @@ def test_mandelbrot_png(
     workers: Callable[..., WorkerProcess],
 ) -> None:
     owner = make_keystore("owner")
-    workers(scheduler.url, make_keystore("w"), 2)
+    workers(scheduler.url, make_keystore("w"), 2, *opencl_as_root(tmp_path))
     out = tmp_path / "m.png"
     run = subprocess.run(
         [
@@ -272,3 +280,25 @@ def test_mandelbrot_png(
     pixel = lambda x: data[row + 1 + 3 * x : row + 4 + 3 * x]  # noqa: E731
     assert pixel(int((-0.2 + 2.2) / 3 * 128)) == b"\x00\x00\x00"  # (-0.2, 0) is in the set
     assert pixel(0) != b"\x00\x00\x00"  # (-2.2, 0) escapes at once
+
+
+def test_opencl_is_not_offered_as_root_by_default(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    import os
+
+    from .conftest import wait_for
+    from .test_pipeline import counts
+
+    if os.geteuid() != 0:
+        pytest.skip("only a worker running as root withholds OpenCL")
+    worker = workers(scheduler.url, make_keystore("w"), 1)
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(OPENCL / "matmul.toml")
+        wait_for(lambda: "OpenCL is not offered" in worker.output(), 30)
+        wait_for(lambda: "requirement_unmet" in worker.output(), 30)
+        assert counts(scheduler.db, job) == {"queued": 4}
+    assert worker.stop() == 0
