@@ -155,6 +155,20 @@ MATMUL = (OPENCL / "matmul.cl").read_bytes()
         (MATMUL, spec("matmul"), b'{"a": [1]}', "datum_invalid", "'b'"),
         (MATMUL, spec("matmul"), b"not json", "datum_invalid", "JSON object"),
         (MATMUL, spec("matmul"), b'{"a": ["x"], "b": [1]}', "datum_invalid", "float32"),
+        (
+            b"__kernel void k(__global const float *x, __global float *y) { y[0] = x[0]; }",
+            {
+                "kernel": "k",
+                "global_size": [1],
+                "args": [
+                    {"name": "x", "kind": "input", "dtype": "float32", "source": "datum"},
+                    {"name": "y", "kind": "output", "dtype": "float32", "count": 1},
+                ],
+            },
+            b"12345",
+            "datum_invalid",
+            "not an array of float32",
+        ),
     ],
 )
 def test_bad_kernels_and_data_get_named_errors(

@@ -102,7 +102,13 @@ def test_opencl_time_budget(tmp_path: object) -> None:
     from dcp_worker.supervisor import Supervisor
 
     config = load_config(
-        None, {"opencl_share": 0.25, "state_dir": str(Path(str(tmp_path))), "sandboxes": 1}
+        None,
+        {
+            "opencl_share": 0.25,
+            "opencl_as_root": True,  # these tests run as root with no account to drop to
+            "state_dir": str(Path(str(tmp_path))),
+            "sandboxes": 1,
+        },
     )
     supervisor = Supervisor(config, Identity.from_private_key(b"\x01" * 32))
     try:
