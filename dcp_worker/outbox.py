@@ -5,7 +5,10 @@ results have been fsynced and survive a power cut. The worker commits in groups 
 finished since the last commit, plus every acknowledgement received, in one transaction and one
 fsync) and submits a result only after the commit that holds it. Rows leave only after the
 scheduler's acknowledgement (accepted, duplicate, or a final refusal). A lock file keeps two
-workers from sharing one outbox. Methods may be called from one thread at a time or several
+workers from sharing one outbox. An outbox that cannot be read at start (corrupt, truncated,
+not a database) is moved aside as ``outbox.sqlite.corrupt-<time>`` with an error in the log, and
+a new one is started: nothing is dropped silently and the worker does not fail on every start.
+Methods may be called from one thread at a time or several
 (a lock serialises them), so the worker can commit off its event loop.
 """
 
@@ -13,15 +16,19 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .protocol import Metrics
 
 __all__ = ["Outbox", "OutboxError", "PendingResult"]
+
+log = logging.getLogger("dcp.worker.outbox")
 
 
 class OutboxError(Exception):
@@ -48,6 +55,8 @@ class Outbox:
         self.path = Path(path)
         self._mutex = threading.Lock()
         self._lock = -1
+        #: Where an unreadable outbox was moved at open, if one was.
+        self.moved_aside: Path | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -61,21 +70,51 @@ class Outbox:
             os.close(self._lock)
             raise OutboxError(f"{self.path} is in use by another worker") from None
         try:
-            self._db = sqlite3.connect(
-                str(self.path), isolation_level=None, check_same_thread=False
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # Unreadable (corrupt, truncated, not a database): move it aside, never drop it
+            # silently and never fail on every start; an operator may still recover rows.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    os.replace(source, Path(f"{aside}{suffix}"))
+            self.moved_aside = aside
+            log.error(
+                "the outbox %s is unreadable (%s); moved it to %s and started a new one",
+                self.path,
+                exc,
+                aside,
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
+            try:
+                self._db = self._open()
+            except sqlite3.Error as again:
+                self.close()
+                raise OutboxError(f"cannot open the outbox {self.path}: {again}") from again
+        except sqlite3.Error as exc:
+            self.close()
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        os.chmod(self.path, 0o600)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS outbox (job TEXT NOT NULL, slice INTEGER NOT NULL,"
                 " token TEXT NOT NULL, result BLOB NOT NULL, signature TEXT NOT NULL,"
                 " payment_address TEXT NOT NULL, metrics TEXT NOT NULL,"
                 " PRIMARY KEY (job, slice, token))"
             )
-        except sqlite3.Error as exc:
-            self.close()
-            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
-        os.chmod(self.path, 0o600)
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {verdict}")
+            db.execute("SELECT count(*) FROM outbox").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def commit(self, puts: list[PendingResult], removes: list[tuple[str, int, str]]) -> int:
         """Store ``puts`` and delete ``removes`` in one transaction, fsynced before returning.
