@@ -74,6 +74,13 @@ def main(verbose: int) -> None:
     help="Seconds between worker heartbeats.",
 )
 @click.option(
+    "--job-lifetime",
+    type=click.FloatRange(min=0.001),
+    default=25.0,
+    show_default=True,
+    help="Hours after a job ends (finished or cancelled) before it is removed.",
+)
+@click.option(
     "--verifier-wall-seconds",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -92,6 +99,7 @@ def serve(
     lease_timeout: float,
     heartbeat_interval: float,
     verifier_wall_seconds: float,
+    job_lifetime: float,
     name: str,
 ) -> None:
     """Serve workers and the compute API until SIGINT or SIGTERM."""
@@ -102,6 +110,7 @@ def serve(
         lease_timeout=lease_timeout,
         heartbeat_interval=heartbeat_interval,
         verifier_wall_seconds=verifier_wall_seconds,
+        job_lifetime=job_lifetime * 3600,
     )
     try:
         asyncio.run(_serve(Scheduler(store, config), host, port))

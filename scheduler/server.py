@@ -83,6 +83,9 @@ class SchedulerConfig:
     max_result_bytes: int = 16 * 1024 * 1024
     expiry_interval: float = 1.0
     verifier_wall_seconds: float = 10.0
+    #: Finished and cancelled jobs are removed this long after they end (damocles: 25 h).
+    job_lifetime: float = 25 * 3600.0
+    gc_interval: float = 60.0
 
 
 @dataclass
@@ -146,10 +149,20 @@ class Scheduler:
         await self.verifiers.close()
 
     async def _expire_forever(self) -> None:
+        last_gc = 0.0
         while True:
             await asyncio.sleep(self.config.expiry_interval)
+            now = time.time()
             try:
-                n = self.store.expire_leases(time.time())
+                n = self.store.expire_leases(now)
+                if now - last_gc >= self.config.gc_interval:
+                    last_gc = now
+                    for job_id in self.store.collect_garbage(now, self.config.job_lifetime):
+                        log.info(
+                            "job %s removed %g h after it ended",
+                            job_id,
+                            self.config.job_lifetime / 3600,
+                        )
             except StoreError as exc:
                 log.error("lease expiry failed: %s", exc)
                 continue

@@ -851,6 +851,22 @@ class SQLiteStore:
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             db.execute("DELETE FROM refusals WHERE job=?", (job_id,))
 
+    def collect_garbage(self, now: float, lifetime: float) -> list[str]:
+        """Remove jobs finished or cancelled more than ``lifetime`` seconds ago (their escrow
+        refunded first); returns their ids. The ledger keeps their entries."""
+        rows = self._db.execute(
+            "SELECT id FROM jobs WHERE state IN ('finished', 'cancelled') AND finished < ?",
+            (now - lifetime,),
+        ).fetchall()
+        removed = []
+        for (job_id,) in rows:
+            try:
+                self.remove_job(job_id, now)
+            except UnknownJob:
+                continue  # removed meanwhile by an admin command
+            removed.append(job_id)
+        return removed
+
     # ------------------------------------------------------------------ groups, workers
 
     def create_group(self, name: str, join_key: str, join_hash: str, now: float) -> None:

@@ -195,3 +195,15 @@ def test_final_prefix_stops_at_the_first_unfinished_slice(store: Store) -> None:
     assert [s.slice for s in store.slices(job, final_prefix=True)] == [0, 1]
     assert [s.slice for s in store.slices(job, after=1, final_prefix=True)] == []
     assert [s.slice for s in store.slices(job)] == [0, 1, 2, 3]
+
+
+def test_finished_jobs_are_collected_after_their_lifetime(store: Store) -> None:
+    done = store.create_job(new_job(1, tag="done"), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 10.0)
+    accept(store, done, 0, lease.token)  # finished at 1.0
+    cancelled = store.create_job(new_job(2, tag="cancelled"), 0.0)
+    store.cancel_job(cancelled, 5.0)
+    active = store.create_job(new_job(2, tag="active"), 0.0)
+    assert store.collect_garbage(100.0, 200.0) == []
+    assert sorted(store.collect_garbage(300.0, 200.0)) == sorted([done, cancelled])
+    assert [j.id for j in store.list_jobs()] == [active]
