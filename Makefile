@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm bench clean
+.PHONY: demo test lint wasm bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/hashrate.py
 	$(PY) benchmarks/throughput.py
+
+## Fault injection: kill workers, evaluators and the scheduler at random while jobs run;
+## prints one JSON line (lost and paid-twice slices must be 0). Bounded to 15 minutes.
+soak: $(STAMP)
+	$(PY) tests/faults/soak.py --minutes 15 --faults 200
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).
 wasm: $(STAMP)

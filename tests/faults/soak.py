@@ -1,0 +1,270 @@
+"""Fault injection with real processes: kill the worker, its evaluators and the scheduler at
+random while jobs run, and count what was lost or paid twice.
+
+    python tests/faults/soak.py [--minutes M] [--faults F] [--seed S]
+
+Each round deploys a paid echo job to a scheduler (SQLite) served to one worker, injects faults
+until the job completes, then checks every slice against the store and the ledger. Faults:
+SIGKILL the worker (restarted on the same outbox), SIGKILL an evaluator, SIGKILL the scheduler
+(restarted on the same database and port), SIGINT the worker (graceful; its exit time is
+measured; restarted), SIGSTOP the worker past its lease timeout (its leases expire; SIGCONT).
+Ends with one JSON line: rounds, faults, slices deployed / completed, lost, paid twice, results
+wrong, the worst graceful exit time, and whether the books balance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from dcp_worker.identity import create_keystore  # noqa: E402
+from scheduler.client import ComputeClient  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
+from scheduler.sqlite_store import SQLiteStore  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ECHO = ROOT / "examples" / "echo" / "echo.wasm"
+OFFER = 0.001
+LEASE_TIMEOUT = 3.0
+
+
+class Round:
+    def __init__(self, work: Path, rng: random.Random) -> None:
+        self.work = work
+        self.rng = rng
+        self.db = work / "s.db"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.scheduler = self._start_scheduler()
+        (work / "pw").write_text("soak\n")
+        self.owner = create_keystore(work / "owner.json", b"soak", iterations=1024)
+        create_keystore(work / "worker.json", b"soak", iterations=1024)
+        subprocess.run(
+            [
+                str(BIN / "dcp-scheduler"),
+                "bank",
+                "mint",
+                "--db",
+                str(self.db),
+                self.owner.address,
+                "1000",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.worker = self._start_worker()
+        self.graceful_exits: list[float] = []
+        self.faults: dict[str, int] = {}
+
+    def _start_scheduler(self) -> LocalScheduler:
+        for _ in range(50):
+            try:
+                return LocalScheduler(
+                    self.db,
+                    "--lease-timeout",
+                    str(LEASE_TIMEOUT),
+                    "--heartbeat-interval",
+                    "0.5",
+                    listen=f"127.0.0.1:{self.port}",
+                )
+            except RuntimeError:
+                time.sleep(0.2)  # the old one's port is not free yet
+        raise RuntimeError("the scheduler does not restart")
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                str(BIN / "dcp-worker"),
+                "--scheduler",
+                f"http://127.0.0.1:{self.port}",
+                "--identity",
+                str(self.work / "worker.json"),
+                "--passphrase-file",
+                str(self.work / "pw"),
+                "--sandboxes",
+                "2",
+                "--state-dir",
+                str(self.work / "state"),
+                "--grace-seconds",
+                "30",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def inject(self) -> None:
+        kind = self.rng.choice(
+            [
+                "kill_worker",
+                "kill_evaluator",
+                "kill_scheduler",
+                "stop_worker",
+                "sigint_worker",
+                "kill_evaluator",
+            ]
+        )
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        if kind == "kill_worker":
+            self.worker.kill()
+            self.worker.wait()
+            self.worker = self._start_worker()
+        elif kind == "kill_evaluator":
+            out = subprocess.run(
+                ["pgrep", "-P", str(self.worker.pid)], capture_output=True, text=True
+            ).stdout.split()
+            if out:
+                os.kill(int(self.rng.choice(out)), signal.SIGKILL)
+        elif kind == "kill_scheduler":
+            self.scheduler.proc.kill()
+            self.scheduler.proc.wait()
+            self.scheduler.stop()
+            self.scheduler = self._start_scheduler()
+        elif kind == "stop_worker":  # a partition: leases expire meanwhile
+            self.worker.send_signal(signal.SIGSTOP)
+            time.sleep(LEASE_TIMEOUT + 1.5)
+            self.worker.send_signal(signal.SIGCONT)
+        else:
+            started = time.monotonic()
+            self.worker.send_signal(signal.SIGINT)
+            try:
+                self.worker.wait(40)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+            self.graceful_exits.append(time.monotonic() - started)
+            self.worker = self._start_worker()
+
+    def close(self) -> None:
+        if self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGINT)
+            try:
+                self.worker.wait(40)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.scheduler.stop()
+
+
+def run_round(
+    work: Path, rng: random.Random, slices: int, faults: int, deadline: float
+) -> dict[str, object]:
+    r = Round(work, rng)
+    values = [f"{work.name}-{i}" for i in range(slices)]
+    job_toml = work / "job.toml"
+    job_toml.write_text(
+        f'module = "{ECHO}"\noffer = {OFFER}\nmax_attempts = 10\n'
+        f"[inputs]\nvalues = {json.dumps(values)}\n"
+    )
+    injected = 0
+    try:
+        with ComputeClient(f"http://127.0.0.1:{r.port}", r.owner, timeout=30) as client:
+            job = client.deploy(job_toml)
+            while injected < faults and time.monotonic() < deadline:
+                time.sleep(rng.uniform(0.05, 0.6))
+                r.inject()
+                injected += 1
+            end = time.monotonic() + 180
+            while time.monotonic() < end:
+                try:
+                    if client.status(job)["state"] != "active":
+                        break
+                except Exception:  # the scheduler may be restarting
+                    pass
+                time.sleep(0.2)
+    finally:
+        r.close()
+    store = SQLiteStore(r.db)
+    try:
+        records = store.slices(job, limit=slices)
+        payments: dict[int, int] = {}
+        for entry in store.ledger(limit=10**9):
+            if entry.kind == "payment" and entry.job == job and entry.slice is not None:
+                payments[entry.slice] = payments.get(entry.slice, 0) + 1
+        totals = store.totals()
+    finally:
+        store.close()
+    done = [s for s in records if s.state == "done"]
+    return {
+        "faults": injected,
+        "fault_kinds": r.faults,
+        "deployed": slices,
+        "completed": len(done),
+        "lost": slices - len(done),
+        "paid_twice": sum(1 for n in payments.values() if n > 1),
+        "unpaid_done": sum(1 for s in done if payments.get(s.slice, 0) != 1),
+        "wrong": sum(1 for s in done if s.result != values[s.slice].encode()),
+        "books_balance": totals["minted"] == totals["accounts"] + totals["escrow"],
+        "graceful_exits": r.graceful_exits,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="time bound")
+    parser.add_argument("--faults", type=int, default=200, help="faults to inject in all")
+    parser.add_argument("--per-round", type=int, default=25, help="faults per round")
+    parser.add_argument("--slices", type=int, default=300, help="slices per round")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    deadline = time.monotonic() + args.minutes * 60
+    summary: dict[str, object] = {
+        "seed": seed,
+        "rounds": 0,
+        "faults": 0,
+        "deployed": 0,
+        "completed": 0,
+        "lost": 0,
+        "paid_twice": 0,
+        "unpaid_done": 0,
+        "wrong": 0,
+        "books_balance": True,
+        "fault_kinds": {},
+    }
+    worst = 0.0
+    with tempfile.TemporaryDirectory(prefix="dcp-soak-") as tmp:
+        while summary["faults"] < args.faults and time.monotonic() < deadline:  # type: ignore[operator]
+            work = Path(tmp) / f"round{summary['rounds']}"
+            work.mkdir()
+            per = min(args.per_round, args.faults - summary["faults"])  # type: ignore[operator]
+            result = run_round(work, rng, args.slices, per, deadline)
+            summary["rounds"] += 1  # type: ignore[operator]
+            for key in (
+                "faults",
+                "deployed",
+                "completed",
+                "lost",
+                "paid_twice",
+                "unpaid_done",
+                "wrong",
+            ):
+                summary[key] += result[key]  # type: ignore[operator]
+            summary["books_balance"] = summary["books_balance"] and result["books_balance"]
+            kinds = summary["fault_kinds"]
+            for kind, n in result["fault_kinds"].items():  # type: ignore[attr-defined]
+                kinds[kind] = kinds.get(kind, 0) + n  # type: ignore[index,attr-defined]
+            worst = max([worst, *result["graceful_exits"]])  # type: ignore[list-item]
+    summary["worst_graceful_exit_s"] = round(worst, 2)
+    print(json.dumps(summary, sort_keys=True))
+    return summary
+
+
+if __name__ == "__main__":
+    outcome = main()
+    sys.exit(0 if outcome["lost"] == 0 and outcome["paid_twice"] == 0 else 1)
