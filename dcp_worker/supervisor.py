@@ -30,7 +30,7 @@ from typing import Any
 from .config import WorkerConfig
 from .connection import Session, SessionError, open_session
 from .identity import Identity
-from .outbox import Outbox, PendingResult
+from .outbox import Outbox, OutboxError, PendingResult
 from .protocol import (
     Ack,
     Decline,
@@ -67,6 +67,7 @@ _LONG_POLL = 10.0
 HELD_CODES = frozenset({"machine_busy", "evaluator_preempted"})
 _HELD_BACKOFF = 5.0
 _OPENCL_WINDOW = 20 * 60.0
+_OUTBOX_RETRY = 2.0
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -154,6 +155,7 @@ class Supervisor:
         self._held_until = 0.0  # monotonic time until which the manager holds work
         # A GPU (or the OpenCL device) is lent to this many slices at once.
         self._opencl_slots = asyncio.Semaphore(config.opencl_slots)
+        self._outbox_failing = False  # the last commit failed (a full disk): do not fetch
         self._opencl_used: collections.deque[tuple[float, float]] = collections.deque()
         local_root = (
             not config.evaluator
@@ -304,6 +306,13 @@ class Supervisor:
         try:
             self.outbox.commit(self._unsaved, self._acked)
             self._unsaved, self._acked = [], []
+        except OutboxError as exc:
+            log.error(
+                "%s: %d finished result(s) could not be stored and will be computed again",
+                exc,
+                len(self._unsaved),
+            )
+        try:
             self._unsent = len(self.outbox)  # exact, whatever a cancelled commit managed
         finally:
             self.outbox.close()
@@ -360,6 +369,10 @@ class Supervisor:
     async def _fetcher(self, session: Session) -> None:
         want = len(self.sandboxes) + self.config.effective_prefetch
         while not self._stopping.is_set():
+            if self._outbox_failing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _OUTBOX_RETRY)
+                continue
             pause = self._held_until - time.monotonic()
             if pause > 0:
                 with contextlib.suppress(TimeoutError):
@@ -510,11 +523,24 @@ class Supervisor:
             self._saving = len(puts)
             try:
                 removed = await asyncio.to_thread(self.outbox.commit, puts, removes)
+            except OutboxError as exc:
+                # A full (or failing) disk: keep what we have in memory, stop taking work we
+                # could not keep, and try again shortly. Nothing is submitted until it is on disk.
+                self._unsaved[:0], self._acked[:0] = puts, removes
+                if not self._outbox_failing:
+                    log.error("%s; not fetching new slices until results can be stored", exc)
+                self._outbox_failing = True
+                await asyncio.sleep(_OUTBOX_RETRY)
+                self._persist_wanted.set()
+                continue
             except BaseException:
                 self._unsaved[:0], self._acked[:0] = puts, removes  # kept for _close
                 raise
             finally:
                 self._saving = 0
+            if self._outbox_failing:
+                log.warning("the outbox can be written again; fetching resumes")
+                self._outbox_failing = False
             self._unsent += len(puts) - removed
             if self._submit_q is not None:
                 for item in puts:

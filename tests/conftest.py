@@ -79,9 +79,15 @@ def scheduler(tmp_path: Path) -> Iterator[SchedulerProcess]:
 
 class WorkerProcess:
     def __init__(
-        self, url: str, keystore: Keystore, state_dir: Path, sandboxes: int = 2, *extra: str
+        self,
+        url: str,
+        keystore: Keystore,
+        state_dir: Path,
+        sandboxes: int = 2,
+        *extra: str,
+        log_dir: Path | None = None,
     ) -> None:
-        self.log = state_dir.parent / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
+        self.log = (log_dir or state_dir.parent) / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log, "w")
         self.proc = subprocess.Popen(
             [
@@ -127,7 +133,14 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     def start(
         url: str, keystore: Keystore, sandboxes: int = 2, *extra: str, state_dir: Path | None = None
     ) -> WorkerProcess:
-        w = WorkerProcess(url, keystore, state_dir or tmp_path / "worker-state", sandboxes, *extra)
+        w = WorkerProcess(
+            url,
+            keystore,
+            state_dir or tmp_path / "worker-state",
+            sandboxes,
+            *extra,
+            log_dir=tmp_path,
+        )
         started.append(w)
         return w
 
