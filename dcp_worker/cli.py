@@ -179,4 +179,4 @@ async def _run(supervisor: Supervisor) -> int:
         return EXIT_REFUSED
     if clean:
         return EXIT_OK
-    return EXIT_FORCED if signals >= 2 else EXIT_UNFLUSHED
+    return EXIT_FORCED if supervisor.stopped_now else EXIT_UNFLUSHED

@@ -193,6 +193,11 @@ class Supervisor:
         )
 
     @property
+    def stopped_now(self) -> bool:
+        """An immediate stop was asked for (second signal, SIGQUIT, or a refusal)."""
+        return self._stop_now.is_set()
+
+    @property
     def refused(self) -> SessionError | None:
         """Why the scheduler refused this worker for good, if it did."""
         return self._fatal
@@ -253,6 +258,8 @@ class Supervisor:
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
                 await self._wait_for(self._graceful_end(), self.config.grace_seconds)
+                if self._stop_now.is_set():
+                    await self._return_everything()
                 conn.cancel()
                 for task in runners:
                     task.cancel()
@@ -282,20 +289,32 @@ class Supervisor:
         # 1. Return slices that never started. 2. Wait for running slices. 3. Flush.
         returned = []
         while not self._queue.empty():
-            held = self._queue.get_nowait()
-            self._held.pop(_key(held.lease), None)
-            returned.append(held.lease)
+            returned.append(self._queue.get_nowait().lease)
         if returned and self._session is not None:
             with contextlib.suppress(SessionError):
                 leases = tuple(_ref(lease) for lease in returned)
                 await self._session.request(partial(Return, leases=leases))
                 log.info("returned %d queued slice(s)", len(returned))
+        # Forgotten only once given back: an immediate stop meanwhile returns them itself.
+        for lease in returned:
+            self._held.pop(_key(lease), None)
         while self._running:
             self._slice_ended.clear()
             await self._slice_ended.wait()
         while self._undelivered() and self._fatal is None:
             self._outbox_changed.clear()
             await self._outbox_changed.wait()
+
+    async def _return_everything(self) -> None:
+        """Immediate stop: give back every lease held, queued or running (best effort, 2 s);
+        a lease not returned expires and its slice runs again elsewhere."""
+        session = self._session
+        leases = tuple(_ref(held.lease) for held in self._held.values())
+        if session is None or not leases:
+            return
+        with contextlib.suppress(SessionError, TimeoutError):
+            await asyncio.wait_for(session.request(partial(Return, leases=leases)), 2.0)
+            log.warning("returned %d slice(s) on an immediate stop", len(leases))
 
     async def _close(self) -> None:
         for sandbox in self.sandboxes:
