@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -25,6 +26,8 @@ EXIT_OK = 0
 EXIT_STORE_ERROR = 2
 EXIT_UNKNOWN_JOB = 3
 EXIT_BOOKS = 5
+EXIT_FORCED = 5  # serve: stopped by a second signal or SIGQUIT
+SHUTDOWN_SECONDS = 10.0
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -119,7 +122,9 @@ def serve(
 
 
 async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
-    runner = web.AppRunner(scheduler.app(), handle_signals=False, access_log=None)
+    runner = web.AppRunner(
+        scheduler.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -134,9 +139,17 @@ async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: stop now (the store is transactional)
+            os._exit(EXIT_FORCED)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(EXIT_FORCED))
     await stop.wait()
+    # Stop accepting, tell workers to go (1001), let handlers finish their transactions.
     await runner.cleanup()
 
 

@@ -118,6 +118,7 @@ class Scheduler:
         self.store = store
         self.config = config or SchedulerConfig()
         self._modules: OrderedDict[str, bytes] = OrderedDict()
+        self._sockets: set[web.WebSocketResponse] = set()
         self.verifiers = VerifierPool(
             limits=replace(VERIFIER_LIMITS, wall_seconds=self.config.verifier_wall_seconds)
         )
@@ -138,7 +139,15 @@ class Scheduler:
         app.router.add_post(f"{API}/jobs/{{job}}/cancel", self.api_cancel)
         app.router.add_get(f"{API}/accounts/{{address}}", self.api_account)
         app.cleanup_ctx.append(self._expiry_ctx)
+        app.on_shutdown.append(self._close_sessions)
         return app
+
+    async def _close_sessions(self, app: web.Application) -> None:
+        """Shutting down: close every worker session (1001, going away); workers reconnect
+        with backoff and resend what they hold."""
+        for ws in list(self._sockets):
+            with contextlib.suppress(Exception):
+                await ws.close(code=1001, message=b"scheduler shutting down")
 
     async def _expiry_ctx(self, app: web.Application) -> Any:
         task = asyncio.create_task(self._expire_forever())
@@ -183,6 +192,7 @@ class Scheduler:
                 await ws.send_str(encode(message).decode())
 
         session = _Session(id=secrets.token_hex(8), send=send)
+        self._sockets.add(ws)
         challenge = secrets.token_hex(32)
         self.sessions += 1
         try:
@@ -209,6 +219,7 @@ class Scheduler:
                 for task in tasks:
                     task.cancel()
         finally:
+            self._sockets.discard(ws)
             self.sessions -= 1
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
         return ws

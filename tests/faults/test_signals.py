@@ -53,3 +53,56 @@ def test_immediate_stop_returns_everything(
     store.close()
     # Everything it held went back to the queue at once, uncharged: nothing waits for expiry.
     assert all(s.state == "queued" and s.attempts == 0 for s in slices)
+
+
+def test_scheduler_stops_cleanly_with_workers_connected(
+    tmp_path: Path,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    scheduler = SchedulerProcess(tmp_path / "s.db")
+    worker = workers(scheduler.url, make_keystore("w"), 1)
+    wait_for(lambda: "connected to" in worker.output(), 30)
+    started = time.monotonic()
+    scheduler.proc.send_signal(signal.SIGTERM)
+    assert scheduler.proc.wait(20) == 0
+    assert time.monotonic() - started < 10
+    scheduler.stop()
+    wait_for(lambda: "reconnecting" in worker.output(), 20)  # told to go; it will come back
+    assert worker.stop() == 0
+
+
+def test_manager_sigterm_stops_its_evaluators(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    import psutil
+
+    from ..conftest import command
+
+    status = tmp_path / "m.json"
+    manager = subprocess.Popen(
+        [
+            command("dcp-evaluator-manager"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tty-idle",
+            "0",
+            "--run-on-battery",
+            "--status-file",
+            str(status),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert manager.stdout is not None
+    address = manager.stdout.readline().split()[3].rstrip(";,")
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port))):
+        wait_for(lambda: psutil.Process(manager.pid).children(), 20)
+        (evaluator,) = psutil.Process(manager.pid).children()
+        manager.send_signal(signal.SIGTERM)
+        assert manager.wait(20) == 0
+    assert not evaluator.is_running() or evaluator.status() == psutil.STATUS_ZOMBIE
+    manager.stdout.close()
