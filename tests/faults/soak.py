@@ -40,6 +40,66 @@ OFFER = 0.001
 LEASE_TIMEOUT = 3.0
 
 
+class CuttingProxy:
+    """A TCP proxy in front of the scheduler whose connections can be cut at any moment (a
+    network drop: whatever was in flight, a result submission included, is lost)."""
+
+    def __init__(self, target_port: int) -> None:
+        import asyncio
+        import threading
+
+        self.target_port = target_port
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[object] = set()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def start() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        asyncio.run_coroutine_threadsafe(start(), self._loop)
+        ready.wait(10)
+
+    async def _handle(self, reader, writer) -> None:  # type: ignore[no-untyped-def]
+        import asyncio
+        import contextlib
+
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src, dst) -> None:  # type: ignore[no-untyped-def]
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update({writer, up_writer})
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            for writer in list(self._writers):
+                writer.transport.abort()  # type: ignore[attr-defined]
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(close_all)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
 class Round:
     def __init__(self, work: Path, rng: random.Random) -> None:
         self.work = work
@@ -49,6 +109,7 @@ class Round:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.scheduler = self._start_scheduler()
+        self.proxy = CuttingProxy(self.port)
         (work / "pw").write_text("soak\n")
         self.owner = create_keystore(work / "owner.json", b"soak", iterations=1024)
         create_keystore(work / "worker.json", b"soak", iterations=1024)
@@ -85,11 +146,13 @@ class Round:
         raise RuntimeError("the scheduler does not restart")
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
+        self.starts = getattr(self, "starts", 0) + 1
+        log = open(self.work / f"worker-{self.starts}.log", "wb")  # noqa: SIM115
         return subprocess.Popen(
             [
                 str(BIN / "dcp-worker"),
                 "--scheduler",
-                f"http://127.0.0.1:{self.port}",
+                f"http://127.0.0.1:{self.proxy.port}",
                 "--identity",
                 str(self.work / "worker.json"),
                 "--passphrase-file",
@@ -100,9 +163,10 @@ class Round:
                 str(self.work / "state"),
                 "--grace-seconds",
                 "30",
+                "-v",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
 
     def inject(self) -> None:
@@ -113,6 +177,8 @@ class Round:
                 "kill_scheduler",
                 "stop_worker",
                 "sigint_worker",
+                "cut_connection",
+                "cut_connection",
                 "kill_evaluator",
             ]
         )
@@ -132,6 +198,8 @@ class Round:
             self.scheduler.proc.wait()
             self.scheduler.stop()
             self.scheduler = self._start_scheduler()
+        elif kind == "cut_connection":  # a network drop, results in flight included
+            self.proxy.cut()
         elif kind == "stop_worker":  # a partition: leases expire meanwhile
             self.worker.send_signal(signal.SIGSTOP)
             time.sleep(LEASE_TIMEOUT + 1.5)
@@ -155,6 +223,7 @@ class Round:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
                 self.worker.wait()
+        self.proxy.close()
         self.scheduler.stop()
 
 
@@ -197,7 +266,13 @@ def run_round(
     finally:
         store.close()
     done = [s for s in records if s.state == "done"]
+    states: dict[str, int] = {}
+    for record in records:
+        states[record.state] = states.get(record.state, 0) + 1
+    errors = sorted({f"{s.error_code}" for s in records if s.state != "done"})
     return {
+        "states": states,
+        "errors": errors,
         "faults": injected,
         "fault_kinds": r.faults,
         "deployed": slices,
@@ -260,6 +335,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             for kind, n in result["fault_kinds"].items():  # type: ignore[attr-defined]
                 kinds[kind] = kinds.get(kind, 0) + n  # type: ignore[index,attr-defined]
             worst = max([worst, *result["graceful_exits"]])  # type: ignore[list-item]
+            if result["lost"]:
+                print(
+                    f"round {summary['rounds']}: {result['states']} {result['errors']}",
+                    file=sys.stderr,
+                )
+                for log in sorted(work.glob("worker-*.log"))[-2:]:
+                    tail = log.read_text(errors="replace").splitlines()[-8:]
+                    print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
     summary["worst_graceful_exit_s"] = round(worst, 2)
     print(json.dumps(summary, sort_keys=True))
     return summary
