@@ -143,6 +143,7 @@ async def open_session(
                 compression=None,
                 max_size=MAX_FRAME_BYTES,
                 open_timeout=timeout,
+                close_timeout=2,
                 ping_interval=20,
                 ping_timeout=20,
             )

@@ -68,6 +68,8 @@ HELD_CODES = frozenset({"machine_busy", "evaluator_preempted"})
 _HELD_BACKOFF = 5.0
 _OPENCL_WINDOW = 20 * 60.0
 _OUTBOX_RETRY = 2.0
+_CLOSE_SECONDS = 2.0
+_CLOSE_RESERVE = 5.0  # evaluators 2 s + session 2 s + the last commit
 _JOB_CACHE = 16
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -257,7 +259,9 @@ class Supervisor:
                 runners.append(tg.create_task(self._persister()))
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
-                await self._wait_for(self._graceful_end(), self.config.grace_seconds)
+                # The whole stop fits in grace_seconds: closing takes up to _CLOSE_RESERVE more.
+                grace = max(1.0, self.config.grace_seconds - _CLOSE_RESERVE)
+                await self._wait_for(self._graceful_end(), grace)
                 if self._stop_now.is_set():
                     await self._return_everything()
                 conn.cancel()
@@ -317,10 +321,13 @@ class Supervisor:
             log.warning("returned %d slice(s) on an immediate stop", len(leases))
 
     async def _close(self) -> None:
-        for sandbox in self.sandboxes:
-            await sandbox.stop(graceful=not self._stop_now.is_set())
+        # Bounded: evaluators get 2 s together, the session 2 s (a dead peer cannot hold us).
+        await asyncio.gather(
+            *(sandbox.stop(graceful=not self._stop_now.is_set()) for sandbox in self.sandboxes)
+        )
         if self._session is not None:
-            await self._session.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._session.close(), _CLOSE_SECONDS)
         # Whatever finished but was not committed yet still goes to disk.
         try:
             self.outbox.commit(self._unsaved, self._acked)
@@ -357,8 +364,14 @@ class Supervisor:
                     self.stop_now()
                     return
                 delay = next(delays)
+                if self._stopping.is_set():
+                    delay = min(delay, 1.0)  # stopping: results wait to be flushed
                 log.warning("%s; retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                if self._stopping.is_set():
+                    await asyncio.sleep(delay)
+                else:  # a stop cuts the wait short, to flush the outbox sooner
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
                 continue
             delays = backoff(self.config.reconnect_max_delay)
             log.info("connected to %s as %s", self.config.scheduler, session.welcome.address)

@@ -98,6 +98,7 @@ class CuttingProxy:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
 
 class Round:
@@ -147,7 +148,10 @@ class Round:
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
         self.starts = getattr(self, "starts", 0) + 1
-        log = open(self.work / f"worker-{self.starts}.log", "wb")  # noqa: SIM115
+        with open(self.work / f"worker-{self.starts}.log", "wb") as log:
+            return self._popen_worker(log)
+
+    def _popen_worker(self, log: object) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
                 str(BIN / "dcp-worker"),
@@ -165,8 +169,8 @@ class Round:
                 "30",
                 "-v",
             ],
-            stdout=log,
-            stderr=log,
+            stdout=log,  # type: ignore[arg-type]
+            stderr=log,  # type: ignore[arg-type]
         )
 
     def inject(self) -> None:
