@@ -217,6 +217,14 @@ class Round:
                 self.worker.kill()
                 self.worker.wait()
             self.graceful_exits.append(time.monotonic() - started)
+            if self.graceful_exits[-1] > 30:  # show why, before the log is gone
+                log = self.work / f"worker-{self.starts}.log"
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(
+                    f"--- slow graceful exit ({self.graceful_exits[-1]:.1f} s), {log.name}:\n"
+                    + "\n".join(tail),
+                    file=sys.stderr,
+                )
             self.worker = self._start_worker()
 
     def close(self) -> None:
