@@ -147,7 +147,6 @@ def probe_layers(hardening: Hardening) -> dict[str, bool]:
         "    socket.create_connection(('127.0.0.1', 9), timeout=1).close(); net = True\n"
         "except OSError as exc:\n"
         "    net = exc.errno not in (101, 99)  # ENETUNREACH / EADDRNOTAVAIL: no network\n"
-        "ifaces = os.listdir('/sys/class/net') if os.path.isdir('/sys/class/net') else []\n"
         "print(json.dumps({'no_new_privileges': nnp, 'network_namespace': not net,\n"
         "    'rlimits': resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 4096}))\n"
     )
