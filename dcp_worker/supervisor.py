@@ -92,6 +92,8 @@ class Statistics:
     results_refused: int
     credits_earned: float
     slices_declined: int
+    #: Why the evaluator manager last held work ("" if it never did).
+    held_reason: str
     queued: int
     running: int
     outbox: int
@@ -189,6 +191,7 @@ class Supervisor:
             results_refused=self._counters.refused,
             credits_earned=self._counters.credits,
             slices_declined=self._counters.declined_slices,
+            held_reason=self.held_reason,
             queued=self._queue.qsize(),
             running=running,
             outbox=self._undelivered(),
