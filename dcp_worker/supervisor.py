@@ -71,6 +71,7 @@ _OUTBOX_RETRY = 2.0
 _CLOSE_SECONDS = 2.0
 _CLOSE_RESERVE = 5.0  # evaluators 2 s + session 2 s + the last commit
 _JOB_CACHE = 16
+_RETRY_MAX = 10.0  # the longest wait before a refused-for-now result is sent again
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
     ErrorCode.RESULT_REJECTED.value,
@@ -145,6 +146,8 @@ class Supervisor:
         self._session: Session | None = None
         self._submit_q: asyncio.Queue[PendingResult] | None = None
         self._inflight: set[tuple[str, int, str]] = set()
+        #: Results the scheduler could not take for now (``internal``): tries so far, by key.
+        self._retries: dict[tuple[str, int, str], int] = {}
         self._capacity = asyncio.Event()
         self._slice_ended = asyncio.Event()
         self._running = 0
@@ -522,15 +525,27 @@ class Supervisor:
                 "result %s/%d refused: %s %s", item.job, item.slice, reply.code, reply.message
             )
         else:
+            # Not taken for now (the scheduler's database is busy, say): it stays in the
+            # outbox and goes again on this session after a backoff, or on the next session.
+            tries = self._retries[item.key] = self._retries.get(item.key, 0) + 1
+            delay = random.uniform(0.5, 1.0) * min(0.5 * 2 ** (tries - 1), _RETRY_MAX)
             log.warning(
-                "result %s/%d not accepted now (%s); will retry",
+                "result %s/%d not accepted now (%s); retrying in %.1f s",
                 item.job,
                 item.slice,
                 getattr(reply, "code", reply.type),
+                delay,
             )
+            asyncio.get_running_loop().call_later(delay, self._resubmit, session, item)
             return
+        self._retries.pop(item.key, None)
         self._acked.append(item.key)
         self._persist_wanted.set()
+
+    def _resubmit(self, session: Session, item: PendingResult) -> None:
+        # A new session sends everything in the outbox anyway.
+        if self._session is session and self._submit_q is not None:
+            self._submit_q.put_nowait(item)
 
     # ------------------------------------------------------------------ running
 

@@ -37,9 +37,9 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _open(db: str) -> SQLiteStore:
+def _open(db: str, busy_timeout: float = 10.0) -> SQLiteStore:
     try:
-        return SQLiteStore(db)
+        return SQLiteStore(db, busy_timeout=busy_timeout)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -91,6 +91,15 @@ def main(verbose: int) -> None:
     help="Wall-clock limit of a job's verifier on one result.",
 )
 @click.option(
+    "--db-busy-timeout",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="Seconds a request waits for a database lock held elsewhere (an admin command, a "
+    "backup) before it is refused as 'internal' for the worker to retry; the server waits "
+    "meanwhile, so keep it short.",
+)
+@click.option(
     "--name",
     default="dcp-scheduler",
     show_default=True,
@@ -103,11 +112,12 @@ def serve(
     heartbeat_interval: float,
     verifier_wall_seconds: float,
     job_lifetime: float,
+    db_busy_timeout: float,
     name: str,
 ) -> None:
     """Serve workers and the compute API until SIGINT or SIGTERM."""
     host, port = _parse_listen(listen)
-    store = _open(db)
+    store = _open(db, db_busy_timeout)
     config = SchedulerConfig(
         name=name,
         lease_timeout=lease_timeout,

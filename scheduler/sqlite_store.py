@@ -8,6 +8,7 @@ transaction of the change it pays for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -147,12 +148,15 @@ _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 class SQLiteStore:
     """:class:`scheduler.store.Store` on one SQLite database file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_timeout: float = 10.0) -> None:
+        """``busy_timeout``: how long a call waits for a lock held by another connection (an
+        admin command, a backup) before it fails with :class:`StoreError`; it blocks the
+        caller meanwhile, so a server keeps it short."""
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute(f"PRAGMA busy_timeout={max(0, int(busy_timeout * 1000))}")
             self._db.execute("PRAGMA foreign_keys=ON")
             row = self._db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
@@ -181,11 +185,16 @@ class SQLiteStore:
             raise StoreError(f"database unavailable: {exc}") from exc
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Locked past busy_timeout, disk full, I/O error: nothing of it happened.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"database unavailable: {exc}") from exc
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()

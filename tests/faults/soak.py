@@ -7,7 +7,9 @@ Each round deploys a paid echo job to a scheduler (SQLite) served to one worker,
 until the job completes, then checks every slice against the store and the ledger. Faults:
 SIGKILL the worker (restarted on the same outbox), SIGKILL an evaluator, SIGKILL the scheduler
 (restarted on the same database and port), SIGINT the worker (graceful; its exit time is
-measured; restarted), SIGSTOP the worker past its lease timeout (its leases expire; SIGCONT).
+measured; restarted), SIGSTOP the worker past its lease timeout (its leases expire; SIGCONT),
+cut its connection (results in flight are lost), lock the scheduler's database for up to 2 s
+(result submissions, fetches and heartbeats are refused as ``internal`` meanwhile).
 Ends with one JSON line: rounds, faults, slices deployed / completed, lost, paid twice, results
 wrong, the worst graceful exit time, and whether the books balance.
 """
@@ -20,6 +22,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -140,6 +143,8 @@ class Round:
                     str(LEASE_TIMEOUT),
                     "--heartbeat-interval",
                     "0.5",
+                    "--db-busy-timeout",
+                    "0.1",
                     listen=f"127.0.0.1:{self.port}",
                 )
             except RuntimeError:
@@ -184,6 +189,7 @@ class Round:
                 "cut_connection",
                 "cut_connection",
                 "kill_evaluator",
+                "lock_database",
             ]
         )
         self.faults[kind] = self.faults.get(kind, 0) + 1
@@ -202,6 +208,14 @@ class Round:
             self.scheduler.proc.wait()
             self.scheduler.stop()
             self.scheduler = self._start_scheduler()
+        elif kind == "lock_database":  # submissions (and every write) fail for a while
+            lock = sqlite3.connect(self.db, timeout=10, isolation_level=None)
+            try:
+                lock.execute("BEGIN EXCLUSIVE")
+                time.sleep(self.rng.uniform(0.3, 2.0))
+                lock.execute("ROLLBACK")
+            finally:
+                lock.close()
         elif kind == "cut_connection":  # a network drop, results in flight included
             self.proxy.cut()
         elif kind == "stop_worker":  # a partition: leases expire meanwhile
