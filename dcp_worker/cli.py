@@ -9,18 +9,24 @@ does not start.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
+from . import config as config_mod
 from . import identity as idmod
-from .config import ConfigError, GroupConfig, load_config
+from .config import ConfigError, GroupConfig, WorkerConfig
+from .control import ControlClient, ControlError, ControlServer
+from .logs import LogSetup, detect_outputs, setup_logging
 from .outbox import OutboxError
+from .service import Notifier, status_line
 from .supervisor import Supervisor
 
 EXIT_OK = 0
@@ -34,18 +40,52 @@ EXIT_EVALUATOR = 6
 log = logging.getLogger("dcp.worker")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+_OPTION_NAMES = {
+    "sandboxes": "--sandboxes/--cores",
+    "opencl_slots": "--cores",
+    "job_ids": "--job-id",
+    "job_owners": "--job-owner",
+    "groups": "--join",
+}
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
-    help="TOML config file (keys as etc/dcp-worker.toml).",
+    help="TOML config file, instead of ~/.config/dcp-worker/dcp-worker.toml (layered over "
+    "/etc/dcp-worker/).",
+)
+@click.option(
+    "--show-config",
+    is_flag=True,
+    help="Print the merged configuration, with where each value came from, and exit.",
 )
 @click.option("--scheduler", help="Scheduler URL, e.g. http://127.0.0.1:8500.")
 @click.option("--identity", help="Identity keystore (Ethereum V3 JSON).")
-@click.option("--passphrase-file", help="File holding the identity keystore's passphrase.")
+@click.option(
+    "--passphrase-file",
+    help="File holding the identity keystore's passphrase (default: ask on the terminal).",
+)
 @click.option("--payment-address", help="Address credited for results (default: identity).")
 @click.option("--sandboxes", type=click.IntRange(min=1), help="Evaluator processes to run.")
+@click.option(
+    "-c",
+    "--cores",
+    metavar="CPU[,GPU]",
+    help="As DCP: '7,1' is 7 CPU sandboxes and 1 OpenCL (GPU) slot, '7' only CPUs, ',1' only "
+    "the GPU slots; a GPU count of 0 lends no OpenCL device.",
+)
+@click.option(
+    "-m",
+    "--max-sandboxes",
+    type=click.IntRange(min=1),
+    help="At most this many evaluator processes, whatever --sandboxes/--cores say.",
+)
 @click.option("--prefetch", type=click.IntRange(min=0), help="Slices leased ahead.")
 @click.option("--state-dir", help="Directory of the durable outbox.")
 @click.option(
@@ -80,38 +120,76 @@ log = logging.getLogger("dcp.worker")
     help="Minimum wage: credits per CPU-hour, per GPU-hour, per MB in, per MB out "
     "(e.g. 10,0,0.1,0.1). Replaces the [min_wage] table; missing numbers are 0.",
 )
-@click.option("-v", "--verbose", count=True, help="-v: info logs; -vv: debug logs.")
+@click.option(
+    "-o",
+    "--output",
+    multiple=True,
+    metavar="MODE[,MODE]",
+    help="Log outputs, several at once: console, dashboard, journal, syslog, logfile; or "
+    "detect (dashboard on a terminal, journal under systemd, console otherwise).",
+)
+@click.option("--logfile", help="File for -o logfile (append; reopened on SIGHUP).")
+@click.option(
+    "--syslog-transport", type=click.Choice(["unix", "udp", "tcp"]), help="For -o syslog."
+)
+@click.option("--syslog-address", help="For -o syslog: a socket path or HOST[:PORT].")
+@click.option("--syslog-facility", help="For -o syslog: local0..local7, user, daemon.")
+@click.option("--control-socket", help="Control socket path (default: STATE_DIR/control.sock).")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics (loopback only).")
+@click.option("-v", "--verbose", count=True, help="-v: info logs (fetches); -vv: debug (results).")
 @click.version_option(__version__, prog_name="dcp-worker")
-def main(config_file: str | None, verbose: int, **overrides: object) -> None:
-    """Lend this machine's CPU to a scheduler: fetch slices, compute them in sandboxed
-    evaluators, return signed results.
+@click.pass_context
+def main(
+    ctx: click.Context,
+    /,
+    config_file: str | None,
+    show_config: bool,
+    verbose: int,
+    **overrides: Any,
+) -> None:
+    """Lend this machine's CPU (and GPU, through OpenCL) to a scheduler: fetch slices, compute
+    them in sandboxed evaluators, return signed results.
 
     First SIGINT/SIGTERM: stop fetching, return queued slices, finish running ones, deliver
     results, exit. Second signal (or SIGQUIT): exit now; undelivered results stay in the
-    outbox and are sent on the next start.
+    outbox and are sent on the next start. SIGHUP reopens the log file.
+
+    Subcommands talk to a running worker through its control socket.
     """
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING - 10 * min(verbose, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    ctx.ensure_object(dict)
+    ctx.obj["config_file"] = config_file
+    if ctx.invoked_subcommand is not None:
+        return
     try:
-        config = load_config(config_file, _policy_overrides(overrides))
+        resolved = config_mod.resolve(
+            _config_files(config_file),
+            _policy_overrides(overrides),
+            env=os.environ,
+            option_names=_OPTION_NAMES,
+        )
     except ConfigError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    if not config.identity or not config.passphrase_file:
-        click.echo(
-            "dcp-worker: an identity keystore and its passphrase file are required "
-            "(--identity, --passphrase-file)",
-            err=True,
-        )
-        sys.exit(EXIT_CONFIG)
+    if show_config:
+        click.echo(resolved.describe(), nl=False)
+        return
+    config = resolved.config
+    outputs = detect_outputs(config.output)
     try:
-        identity = idmod.load_keystore(
-            os.path.expanduser(config.identity),
-            idmod.read_passphrase_file(os.path.expanduser(config.passphrase_file)),
-        )
+        logsetup = setup_logging(config, outputs, verbose)
+    except ConfigError as exc:
+        click.echo(f"dcp-worker: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if not config.identity:
+        click.echo("dcp-worker: an identity keystore is required (--identity)", err=True)
+        sys.exit(EXIT_CONFIG)
+    if "dashboard" in outputs:
+        from .dashboard import run_dashboard
+
+        sys.exit(run_dashboard(config, logsetup))
+    try:
+        passphrase = _passphrase(config)
+        identity = idmod.load_keystore(os.path.expanduser(config.identity), passphrase)
     except idmod.WalletError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_IDENTITY)
@@ -120,7 +198,28 @@ def main(config_file: str | None, verbose: int, **overrides: object) -> None:
     except (OutboxError, ValueError) as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    sys.exit(asyncio.run(_run(supervisor)))
+    sys.exit(asyncio.run(serve(supervisor, logsetup)))
+
+
+def _config_files(config_file: str | None) -> list[Path]:
+    system = os.environ.get("DCP_WORKER_SYSTEM_CONFIG")
+    directory = Path(system) if system else config_mod.SYSTEM_DIR
+    files = config_mod.system_config_files(directory) if system != "" else []
+    if config_file is not None:
+        files.append(Path(config_file))
+    else:
+        user = config_mod.user_config_file()
+        if user.is_file():
+            files.append(user)
+    return files
+
+
+def _passphrase(config: WorkerConfig) -> bytes:
+    if config.passphrase_file:
+        return idmod.read_passphrase_file(os.path.expanduser(config.passphrase_file))
+    if not sys.stdin.isatty():
+        raise idmod.WalletError("no passphrase: give --passphrase-file (no terminal to ask on)")
+    return click.prompt(f"Passphrase for {config.identity}", hide_input=True, err=True).encode()
 
 
 def _policy_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -139,27 +238,87 @@ def _policy_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
             overrides["min_wage"] = {n: float(p) for n, p in zip(names, parts, strict=False) if p}
         except ValueError:
             raise ConfigError(f"--min-wage {wage!r}: numbers separated by commas") from None
+    cores = overrides.pop("cores", None)
+    if cores is not None:
+        cpu, gpu = _parse_cores(cores)
+        if cpu is not None and overrides.get("sandboxes") is not None:
+            raise ConfigError("--cores and --sandboxes both set the CPU sandboxes; give one")
+        if cpu is not None:
+            overrides["sandboxes"] = cpu
+        overrides["opencl_slots"] = gpu
+    outputs = overrides.pop("output", None)
+    if outputs:
+        overrides["output"] = tuple(o.strip() for v in outputs for o in v.split(",") if o.strip())
     return overrides
 
 
-async def _run(supervisor: Supervisor) -> int:
+def _parse_cores(value: str) -> tuple[int | None, int | None]:
+    """DCP's ``-c CPU[,GPU]``: '7,1', '7', ',1', '7,' (DCP 3.3 turned '7,1' into NaN, then 0
+    CPU cores; here each part is read on its own)."""
+    cpu, sep, gpu = value.partition(",")
+    try:
+        cpus = int(cpu) if cpu.strip() else None
+        gpus = int(gpu) if sep and gpu.strip() else None
+    except ValueError:
+        raise ConfigError(f"--cores {value!r}: expected CPU[,GPU] whole numbers") from None
+    if (cpus is None and gpus is None) or (cpus is not None and cpus < 1) or (gpus or 0) < 0:
+        raise ConfigError(f"--cores {value!r}: at least 1 CPU, and 0 or more GPUs")
+    return cpus, gpus
+
+
+async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True) -> int:
+    """Run ``supervisor`` with its control socket, systemd notifications and metrics; returns
+    the exit code. ``signals``: install the signal ladder (the dashboard handles its keys)."""
     loop = asyncio.get_running_loop()
-    signals = 0
+    count = 0
 
     def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1 and signum != signal.SIGQUIT:
+        nonlocal count
+        count += 1
+        if count == 1 and signum != signal.SIGQUIT:
             log.warning("%s: graceful stop (send again to stop now)", signal.Signals(signum).name)
             supervisor.stop()
-        elif signals <= 2:
+        elif count <= 2:
             supervisor.stop_now()
         else:
             os._exit(EXIT_FORCED)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    clean = await supervisor.run()
+    if signals:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, logsetup.reopen)
+    control = ControlServer(
+        supervisor.config.control_path,
+        supervisor.snapshot,
+        {
+            "pause": supervisor.pause,
+            "resume": supervisor.resume,
+            "stop": supervisor.stop,
+            "stop_now": supervisor.stop_now,
+        },
+        logsetup.recent,
+    )
+    try:
+        await control.start()
+    except ControlError as exc:
+        log.error("%s", exc)
+        click.echo(f"dcp-worker: {exc}", err=True)
+        supervisor.outbox.close()
+        return EXIT_CONFIG
+    notifier = Notifier()
+    helpers = [asyncio.create_task(notifier.run(supervisor.snapshot))]
+    if supervisor.config.metrics:
+        from .metrics import serve_metrics
+
+        helpers.append(asyncio.create_task(serve_metrics(supervisor, supervisor.config.metrics)))
+    try:
+        clean = await supervisor.run()
+    finally:
+        notifier.send("STOPPING=1")
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await control.close()
     stats = supervisor.statistics()
     log.warning(
         "stopped: %d slice(s) done, %d failed, %d refused, %d result(s) accepted, "
@@ -180,3 +339,105 @@ async def _run(supervisor: Supervisor) -> int:
     if clean:
         return EXIT_OK
     return EXIT_FORCED if supervisor.stopped_now else EXIT_UNFLUSHED
+
+
+def _socket_path(ctx: click.Context, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    try:
+        config = config_mod.resolve(
+            _config_files(ctx.obj.get("config_file")), env=os.environ
+        ).config
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    path = config.control_path
+    service = Path("/run/dcp-worker/control.sock")
+    if not path.exists() and service.exists():
+        return service  # the packaged service's socket
+    return path
+
+
+_socket_option = click.option(
+    "--socket",
+    "socket_path",
+    help="The worker's control socket (default: from the configuration, else the "
+    "service's /run/dcp-worker/control.sock).",
+)
+
+
+def _call(path: Path, cmd: str) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        async with ControlClient(path) as client:
+            return await client.call(cmd)
+
+    try:
+        return asyncio.run(go())
+    except ControlError as exc:
+        click.echo(f"dcp-worker: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@main.command()
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="The whole status as one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
+    """Print a running worker's state."""
+    snap = _call(_socket_path(ctx, socket_path), "status")["status"]
+    if as_json:
+        click.echo(json.dumps(snap, sort_keys=True))
+        return
+    s = snap["statistics"]
+    click.echo(status_line(snap))
+    click.echo(
+        f"scheduler     {snap['scheduler']} ({'connected' if s['connected'] else 'not connected'})"
+    )
+    click.echo(f"identity      {snap['identity']}")
+    click.echo(f"paid to       {snap['payment_address']}")
+    groups = ", ".join(snap["groups"]) or "none"
+    click.echo(f"groups        {groups}; public group {'yes' if snap['public_group'] else 'no'}")
+    click.echo(
+        f"results       {s['results_accepted']} accepted, {s['results_refused']} refused; "
+        f"{snap['slices_per_minute']} slices in the last minute"
+    )
+    if s["held_reason"]:
+        click.echo(f"held          {s['held_reason']}")
+    for box in snap["sandboxes"]:
+        if box["state"] == "idle":
+            click.echo(f"sandbox {box['index']:>3}   idle")
+            continue
+        pct = "?" if box["progress"] is None else f"{100 * box['progress']:.0f}%"
+        name = box["job_name"] or box["job"]
+        click.echo(
+            f"sandbox {box['index']:>3}   {name} slice {box['slice']} {pct} "
+            f"({box['elapsed']:.1f} s)"
+        )
+
+
+def _action(name: str, cmd: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @_socket_option
+    @click.pass_context
+    def command(ctx: click.Context, socket_path: str | None) -> None:
+        _call(_socket_path(ctx, socket_path), cmd)
+        click.echo(f"dcp-worker: {name}: done")
+
+
+_action("pause", "pause", "Stop fetching new slices (running ones go on).")
+_action("resume", "resume", "Fetch slices again after a pause.")
+_action("stop", "stop", "Graceful stop, as a first SIGINT.")
+_action("stop-now", "stop_now", "Immediate stop, as a second SIGINT: leases are returned.")
+
+
+@main.command()
+@click.option("--attach", is_flag=True, help="Show a running worker (a service) instead.")
+@_socket_option
+@click.pass_context
+def dashboard(ctx: click.Context, attach: bool, socket_path: str | None) -> None:
+    """The terminal dashboard: --attach to a running worker through its control socket
+    (without --attach, run a worker with -o dashboard)."""
+    if not attach:
+        raise click.UsageError("to run a worker with the dashboard: dcp-worker -o dashboard")
+    from .dashboard import attach_dashboard
+
+    sys.exit(attach_dashboard(_socket_path(ctx, socket_path)))

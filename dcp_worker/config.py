@@ -1,20 +1,41 @@
-"""The worker's configuration: shipped defaults < a TOML file < the command line.
+"""The worker's configuration, in layers, lowest first:
 
-The shipped defaults are ``etc/dcp-worker.toml``; :data:`DEFAULTS` holds the same values (a
-test keeps them equal). Unknown keys and wrong types are errors naming the file and key.
+1. the shipped defaults (``dcp_worker/defaults.toml``, equal to :data:`DEFAULTS`; never edited
+   in place),
+2. the system files: ``/etc/dcp-worker/dcp-worker.toml``, then ``/etc/dcp-worker/conf.d/*.toml``
+   in name order,
+3. the user's file (``$XDG_CONFIG_HOME/dcp-worker/dcp-worker.toml``) or the one given with
+   ``--config``,
+4. ``DCP_WORKER_<KEY>`` environment variables,
+5. the command line.
+
+:func:`resolve` returns the merged configuration and, for each key, where its value came from
+(``--show-config`` prints both). Unknown keys and wrong types are errors naming the file and
+line, the variable or the option.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .protocol import InvalidMessage, Wage, policy
 
-__all__ = ["ConfigError", "GroupConfig", "WorkerConfig", "DEFAULTS", "load_config"]
+__all__ = [
+    "ConfigError",
+    "GroupConfig",
+    "WorkerConfig",
+    "DEFAULTS",
+    "OUTPUTS",
+    "Resolved",
+    "load_config",
+    "resolve",
+]
 
 
 class ConfigError(ValueError):
@@ -89,6 +110,19 @@ class WorkerConfig:
     job_ids: tuple[str, ...] = ()
     job_owners: tuple[str, ...] = ()
     min_wage: Wage = field(default_factory=Wage)
+    # DCP's --max-sandboxes: at most this many evaluator processes (0: no cap).
+    max_sandboxes: int = 0
+    # Where logs go, several at once: console, dashboard, journal, syslog, logfile; "detect"
+    # picks dashboard on a terminal, journal under systemd, console otherwise.
+    output: tuple[str, ...] = ("detect",)
+    logfile: str = ""  # "": state_dir/dcp-worker.log; reopened on SIGHUP
+    syslog_transport: str = "unix"  # unix, udp or tcp
+    syslog_address: str = "/dev/log"  # a socket path, or HOST[:PORT] (514)
+    syslog_facility: str = "local7"
+    # The local control socket (status, pause, resume, stop); "": state_dir/control.sock.
+    control_socket: str = ""
+    # Prometheus metrics on HOST:PORT (loopback only); "": off.
+    metrics: str = ""
 
     def runtime_options(self) -> dict[str, dict[str, Any]]:
         """What each runtime of the evaluator needs to know of this worker's settings."""
@@ -106,9 +140,20 @@ class WorkerConfig:
 
     @property
     def effective_sandboxes(self) -> int:
-        if self.sandboxes > 0:
-            return self.sandboxes
-        return max(1, int(0.9 * (os.cpu_count() or 1)))
+        n = self.sandboxes if self.sandboxes > 0 else max(1, int(0.9 * (os.cpu_count() or 1)))
+        return min(n, self.max_sandboxes) if self.max_sandboxes > 0 else n
+
+    @property
+    def control_path(self) -> Path:
+        if self.control_socket:
+            return Path(os.path.expanduser(self.control_socket))
+        return Path(os.path.expanduser(self.state_dir)) / "control.sock"
+
+    @property
+    def logfile_path(self) -> Path:
+        if self.logfile:
+            return Path(os.path.expanduser(self.logfile))
+        return Path(os.path.expanduser(self.state_dir)) / "dcp-worker.log"
 
     @property
     def effective_prefetch(self) -> int:
@@ -118,23 +163,62 @@ class WorkerConfig:
     def outbox_path(self) -> Path:
         return Path(os.path.expanduser(self.state_dir)) / "outbox.sqlite"
 
-    def validate(self, source: str = "configuration") -> WorkerConfig:
+    def validate(self, origins: Mapping[str, str] | None = None) -> WorkerConfig:
+        """Check ranges; an error names where the offending value came from."""
         checks = [
-            (self.sandboxes >= 0, "sandboxes must be >= 0"),
-            (self.prefetch >= -1, "prefetch must be >= -1"),
-            (self.grace_seconds > 0, "grace_seconds must be > 0"),
-            (self.reconnect_max_delay > 0, "reconnect_max_delay must be > 0"),
-            (self.max_wall_seconds > 0, "max_wall_seconds must be > 0"),
-            (self.max_memory_bytes > 0, "max_memory_bytes must be > 0"),
-            (self.max_output_bytes > 0, "max_output_bytes must be > 0"),
-            (self.slices_per_evaluator > 0, "slices_per_evaluator must be > 0"),
-            (self.opencl_slots > 0, "opencl_slots must be > 0"),
-            (0 < self.opencl_share <= 1, "opencl_share must be within (0, 1]"),
+            ("sandboxes", self.sandboxes >= 0, "must be >= 0"),
+            ("max_sandboxes", self.max_sandboxes >= 0, "must be >= 0"),
+            ("prefetch", self.prefetch >= -1, "must be >= -1"),
+            ("grace_seconds", self.grace_seconds > 0, "must be > 0"),
+            ("reconnect_max_delay", self.reconnect_max_delay > 0, "must be > 0"),
+            ("max_wall_seconds", self.max_wall_seconds > 0, "must be > 0"),
+            ("max_memory_bytes", self.max_memory_bytes > 0, "must be > 0"),
+            ("max_output_bytes", self.max_output_bytes > 0, "must be > 0"),
+            ("slices_per_evaluator", self.slices_per_evaluator > 0, "must be > 0"),
+            ("opencl_slots", self.opencl_slots >= 0, "must be >= 0 (0: no OpenCL)"),
+            ("opencl_share", 0 < self.opencl_share <= 1, "must be within (0, 1]"),
+            (
+                "output",
+                bool(self.output) and set(self.output) <= OUTPUTS,
+                f"must be a list of {', '.join(sorted(OUTPUTS))}",
+            ),
+            (
+                "output",
+                "detect" not in self.output or len(self.output) == 1,
+                "'detect' cannot be combined with other outputs",
+            ),
+            (
+                "syslog_transport",
+                self.syslog_transport in ("unix", "udp", "tcp"),
+                "must be unix, udp or tcp",
+            ),
+            (
+                "syslog_facility",
+                self.syslog_facility in _FACILITIES,
+                f"must be one of {', '.join(_FACILITIES)}",
+            ),
+            ("metrics", not self.metrics or _loopback(self.metrics), _METRICS_RULE),
         ]
-        for ok, message in checks:
+        for key, ok, message in checks:
             if not ok:
-                raise ConfigError(f"{source}: {message}")
+                where = (origins or {}).get(key, "configuration")
+                raise ConfigError(f"{where}: {key} {message}")
         return self
+
+
+OUTPUTS = frozenset({"detect", "console", "dashboard", "journal", "syslog", "logfile"})
+_FACILITIES = "user daemon local0 local1 local2 local3 local4 local5 local6 local7".split()
+_METRICS_RULE = "must be HOST:PORT on loopback (127.0.0.1, ::1 or localhost)"
+
+
+def _loopback(listen: str) -> bool:
+    host, sep, port = listen.rpartition(":")
+    return (
+        bool(sep)
+        and port.isdigit()
+        and int(port) < 65536
+        and host.strip("[]") in ("127.0.0.1", "::1", "localhost")
+    )
 
 
 DEFAULTS = WorkerConfig()
@@ -198,26 +282,186 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> WorkerConfig:
-    """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (None = unset).
+SYSTEM_DIR = Path("/etc/dcp-worker")
+SHIPPED = Path(__file__).with_name("defaults.toml")
+ENV_PREFIX = "DCP_WORKER_"
+#: Environment variables of ours that are not configuration keys.
+ENV_RESERVED = frozenset({"DCP_WORKER_SYSTEM_CONFIG"})
+
+
+def user_config_file(env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "dcp-worker" / "dcp-worker.toml"
+
+
+def system_config_files(directory: Path = SYSTEM_DIR) -> list[Path]:
+    """``dcp-worker.toml`` then ``conf.d/*.toml`` (name order), those that exist."""
+    files = [directory / "dcp-worker.toml"]
+    conf_d = directory / "conf.d"
+    if conf_d.is_dir():
+        files += sorted(conf_d.glob("*.toml"))
+    return [f for f in files if f.is_file()]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: WorkerConfig
+    #: key -> where its value came from ("default", "/etc/dcp-worker/dcp-worker.toml:12",
+    #: "environment DCP_WORKER_SANDBOXES", "command line --sandboxes").
+    origins: dict[str, str]
+
+    def describe(self) -> str:
+        """The merged configuration as TOML, each key with its origin."""
+        lines = []
+        c = self.config
+        for f in fields(WorkerConfig):
+            if f.name in ("min_wage", "groups"):
+                continue
+            value = getattr(c, f.name)
+            lines.append(f"{f.name} = {_toml(value)}  # {self.origins[f.name]}")
+        for g in c.groups:
+            lines.append(f"\n[[groups]]  # {self.origins['groups']}")
+            lines.append(f"join_key = {_toml(g.join_key)}")
+            if g.join_secret:
+                lines.append('join_secret = "(set; not shown)"')
+            else:
+                lines.append(f"join_hash = {_toml(g.join_hash)}")
+        lines.append(f"\n[min_wage]  # {self.origins['min_wage']}")
+        for name in ("cpu_hour", "gpu_hour", "mb_in", "mb_out"):
+            lines.append(f"{name} = {_toml(getattr(c.min_wage, name))}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def resolve(
+    config_files: Iterable[str | os.PathLike[str]] = (),
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    option_names: Mapping[str, str] | None = None,
+) -> Resolved:
+    """Merge the layers: defaults, each TOML file of ``config_files`` in order, the
+    ``DCP_WORKER_*`` variables of ``env``, then ``overrides`` (None means unset).
+
+    ``option_names`` maps a key to the option that set it, for messages.
 
     Raises:
-        ConfigError: unreadable file, TOML syntax (with line), unknown key or wrong type.
+        ConfigError: unreadable file, TOML syntax, unknown key or wrong type (with file and
+            line), an unknown or malformed variable, a value out of range.
     """
-    config = DEFAULTS
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        unknown = sorted(set(data) - set(_TYPES))
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
-        config = replace(config, **{k: _coerce(k, v, str(path)) for k, v in data.items()})
-    given = {k: v for k, v in overrides.items() if v is not None}
-    config = replace(config, **{k: _coerce(k, v, "command line") for k, v in given.items()})
-    return config.validate(str(path) if path else "command line")
+    values: dict[str, Any] = {}
+    origins = {f.name: "default" for f in fields(WorkerConfig)}
+    for path in config_files:
+        for key, (value, origin) in _read_file(Path(path)).items():
+            values[key] = value
+            origins[key] = origin
+    for name, text in sorted((env or {}).items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        key = name.removeprefix(ENV_PREFIX).lower()
+        if key not in _TYPES:
+            raise ConfigError(f"environment {name}: no configuration key {key!r}")
+        values[key] = _coerce(key, _from_env(key, text, name), f"environment {name}")
+        origins[key] = f"environment {name}"
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        option = (option_names or {}).get(key, "--" + key.replace("_", "-"))
+        values[key] = _coerce(key, value, f"command line {option}")
+        origins[key] = f"command line {option}"
+    config = replace(DEFAULTS, **values)
+    return Resolved(config.validate(origins), origins)
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+) -> WorkerConfig:
+    """Defaults, one TOML file (if any), then ``overrides``: no system, user or environment
+    layer (what a library caller or a test wants)."""
+    return resolve([config_file] if config_file is not None else [], overrides).config
+
+
+def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
+    """key -> (value, "path:line") for every key of one TOML file, checked."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    out = {}
+    for key, value in data.items():
+        where = f"{path}:{_line_of(text, key) or '?'}"
+        if key not in _TYPES:
+            hint = _suggest(key)
+            raise ConfigError(
+                f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            )
+        out[key] = (_coerce(key, value, where), where)
+    return out
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line where a top-level key (``key = ...``, ``key.x = ...``) or its table
+    (``[key]``, ``[[key]]``) first appears."""
+    pattern = re.compile(
+        rf"""^\s*(?:(?:["']?{re.escape(key)}["']?)\s*[=.]|\[\[?\s*["']?{re.escape(key)}["']?\s*[\].])"""
+    )
+    in_table = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line) and (not in_table or line.lstrip().startswith("[")):
+            return number
+        if line.lstrip().startswith("["):
+            in_table = True
+    return None
+
+
+def _suggest(key: str) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_TYPES), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _from_env(key: str, text: str, name: str) -> Any:
+    """A variable's text as the value its key takes (lists: comma separated)."""
+    expected = _TYPES[key]
+    text = text.strip()
+    try:
+        if expected == "bool":
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if expected == "int":
+            return int(text)
+        if expected == "float":
+            return float(text)
+        if expected == "tuple[str, ...]":
+            return [v.strip() for v in text.split(",") if v.strip()]
+        if expected == "tuple[int, ...]":
+            return [int(v) for v in text.split(",") if v.strip()]
+        if expected == "Wage":
+            numbers = [float(v) if v.strip() else 0.0 for v in text.split(",")]
+            if len(numbers) > 4:
+                raise ValueError
+            return dict(zip(("cpu_hour", "gpu_hour", "mb_in", "mb_out"), numbers, strict=False))
+        if expected == "tuple[GroupConfig, ...]":
+            return [GroupConfig.parse(v) for v in text.split()]
+    except ValueError:
+        raise ConfigError(f"environment {name}: cannot read {text!r} as {expected}") from None
+    return text

@@ -16,8 +16,10 @@ next start.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -101,10 +103,24 @@ class Statistics:
 
 
 @dataclass
+class _Activity:
+    """What one sandbox is doing, for the dashboard and ``status``."""
+
+    job: str
+    job_name: str
+    slice: int
+    started: float
+    held: _Held
+
+
+@dataclass
 class _Held:
     lease: SliceLease
     lost: bool = False
     progress: float | None = None
+
+
+FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -115,7 +131,11 @@ class _Counters:
     refused: int = 0
     credits: float = 0.0
     declined_slices: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+    #: (event, code) -> count: slice_failed, slice_declined, result_refused, result_retried.
+    reasons: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    #: Fetch round trips (long polls included): counts per upper bound of FETCH_BUCKETS.
+    fetch_buckets: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
+    fetch_seconds: float = 0.0
 
 
 def backoff(max_delay: float, initial: float = 0.25, factor: float = 2.0):  # type: ignore[no-untyped-def]
@@ -161,7 +181,7 @@ class Supervisor:
         self._reported: set[tuple[str, str]] = set()
         self._held_until = 0.0  # monotonic time until which the manager holds work
         # A GPU (or the OpenCL device) is lent to this many slices at once.
-        self._opencl_slots = asyncio.Semaphore(config.opencl_slots)
+        self._opencl_slots = asyncio.Semaphore(max(1, config.opencl_slots))
         self._outbox_failing = False  # the last commit failed (a full disk): do not fetch
         self._opencl_used: collections.deque[tuple[float, float]] = collections.deque()
         local_root = (
@@ -170,6 +190,12 @@ class Supervisor:
             and self.sandboxes[0].hardening.target_ids() is None
         )
         self._opencl_privileged = local_root and not config.opencl_as_root
+        self._opencl_off = config.opencl_slots == 0  # --cores N,0: lend no GPU
+        self._activity: dict[int, _Activity] = {}  # sandbox index -> its slice
+        self._finished: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._paused = False
+        self._resumed = asyncio.Event()
+        self._started = time.time()
         self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
@@ -199,6 +225,69 @@ class Supervisor:
             running=running,
             outbox=self._undelivered(),
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the dashboard, ``dcp-worker status`` and the metrics show (JSON-able)."""
+        now = time.monotonic()
+        stats = self.statistics()
+        minute = sum(1 for t in self._finished if t > now - 60)
+        if self._stop_now.is_set():
+            state = "stopping now"
+        elif self._stopping.is_set():
+            state = "stopping"
+        elif self._paused:
+            state = "paused"
+        elif self._held_until > now:
+            state = "held"
+        elif self._running:
+            state = "working"
+        else:
+            state = "fetching" if stats.connected else "connecting"
+        sandboxes = []
+        for sandbox in self.sandboxes:
+            act = self._activity.get(sandbox.index)
+            sandboxes.append(
+                {"index": sandbox.index, "state": "idle"}
+                if act is None
+                else {
+                    "index": sandbox.index,
+                    "state": "working",
+                    "job": act.job,
+                    "job_name": act.job_name,
+                    "slice": act.slice,
+                    "progress": act.held.progress,
+                    "elapsed": round(now - act.started, 3),
+                }
+            )
+        return {
+            "state": state,
+            "scheduler": self.config.scheduler,
+            "identity": self.identity.address,
+            "payment_address": self.payment_address,
+            "groups": sorted(self.config.group_hashes()),
+            "public_group": not self.config.leave_public_group,
+            "uptime": round(time.time() - self._started, 1),
+            "slices_per_minute": minute,
+            "statistics": dataclasses.asdict(stats),
+            "sandboxes": sandboxes,
+        }
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop fetching; running and queued slices go on."""
+        if not self._paused:
+            log.warning("paused: no new slices until resumed")
+        self._paused = True
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        if self._paused:
+            log.warning("resumed")
+        self._paused = False
+        self._resumed.set()
 
     @property
     def stopped_now(self) -> bool:
@@ -411,6 +500,17 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), _OUTBOX_RETRY)
                 continue
+            if self._paused:
+                waits = {
+                    asyncio.ensure_future(self._stopping.wait()),
+                    asyncio.ensure_future(self._resumed.wait()),
+                }
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                continue
             pause = self._held_until - time.monotonic()
             if pause > 0:
                 with contextlib.suppress(TimeoutError):
@@ -422,6 +522,7 @@ class Supervisor:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
+            asked = time.monotonic()
             reply = await session.request(
                 partial(
                     Fetch,
@@ -435,6 +536,7 @@ class Supervisor:
                     declined=tuple(Decline(j, o) for j, o in self._declined.items()),
                 )
             )
+            self._fetch_took(time.monotonic() - asked)
             if isinstance(reply, Error):
                 log.warning("fetch refused: %s %s", reply.code, reply.message)
                 await asyncio.sleep(_IDLE_POLL)
@@ -459,6 +561,15 @@ class Supervisor:
                 self._queue.put_nowait(held_slice)
             if reply.slices:
                 log.debug("fetched %d slice(s)", len(reply.slices))
+
+    def _fetch_took(self, seconds: float) -> None:
+        c = self._counters
+        c.fetch_seconds += seconds
+        c.fetch_buckets[bisect.bisect_left(FETCH_BUCKETS, seconds)] += 1
+
+    def metrics(self) -> _Counters:
+        """The running counters (read-only, for the metrics endpoint)."""
+        return self._counters
 
     def _forget_jobs(self, keep: set[str]) -> None:
         """Bound the job-spec cache (modules can be large), never dropping a job in use."""
@@ -521,6 +632,7 @@ class Supervisor:
             log.debug("result %s/%d %s", item.job, item.slice, reply.status)
         elif isinstance(reply, Error) and reply.code in _FINAL_REFUSALS:
             self._counters.refused += 1
+            self._counters.reasons["result_refused", reply.code] += 1
             log.warning(
                 "result %s/%d refused: %s %s", item.job, item.slice, reply.code, reply.message
             )
@@ -528,6 +640,7 @@ class Supervisor:
             # Not taken for now (the scheduler's database is busy, say): it stays in the
             # outbox and goes again on this session after a backoff, or on the next session.
             tries = self._retries[item.key] = self._retries.get(item.key, 0) + 1
+            self._counters.reasons["result_retried", getattr(reply, "code", reply.type)] += 1
             delay = random.uniform(0.5, 1.0) * min(0.5 * 2 ** (tries - 1), _RETRY_MAX)
             log.warning(
                 "result %s/%d not accepted now (%s); retrying in %.1f s",
@@ -616,6 +729,9 @@ class Supervisor:
                     await self._refuse(lease, why)
                     continue
             self._running += 1
+            self._activity[sandbox.index] = _Activity(
+                lease.job, job.name if job else "", lease.slice, time.monotonic(), held
+            )
             log.debug("running slice %s/%d (attempt %d)", lease.job, lease.slice, lease.attempt)
             try:
                 if job is None:
@@ -646,6 +762,7 @@ class Supervisor:
                     await self._refuse(lease, Refusal(lease.job, exc.code, exc.message))
                     continue
                 self._counters.failed += 1
+                self._counters.reasons["slice_failed", exc.code] += 1
                 log.warning(
                     "slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code, exc.message
                 )
@@ -666,8 +783,10 @@ class Supervisor:
                 self._unsaved.append(item)
                 self._persist_wanted.set()
                 self._counters.done += 1
+                self._finished.append(time.monotonic())
                 self._measure(lease, metrics)
             finally:
+                self._activity.pop(sandbox.index, None)
                 self._running -= 1
                 self._held.pop(_key(lease), None)
                 self._capacity.set()
@@ -690,7 +809,7 @@ class Supervisor:
     def _offered_capabilities(self) -> dict[str, Any]:
         """The evaluator's capabilities, less OpenCL while its time budget is used up or when
         kernels would run as root."""
-        if not self._opencl_over_budget() and not self._opencl_privileged:
+        if not (self._opencl_over_budget() or self._opencl_privileged or self._opencl_off):
             return self._capabilities
         runtimes = {
             k: v for k, v in self._capabilities.get("runtimes", {}).items() if k != "opencl"
@@ -765,6 +884,7 @@ class Supervisor:
 
     async def _refuse(self, lease: SliceLease, why: Refusal) -> None:
         self._counters.declined_slices += 1
+        self._counters.reasons["slice_declined", why.code] += 1
         log.warning("refusing slice %s/%d: %s %s", lease.job, lease.slice, why.code, why.message)
         session = self._session
         if session is None:

@@ -21,6 +21,15 @@ EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 PASSPHRASE = b"test passphrase"
 
+# Workers started by the tests see no configuration of the machine they run on: no
+# /etc/dcp-worker layer, no user file, no DCP_WORKER_* variables.
+os.environ["DCP_WORKER_SYSTEM_CONFIG"] = ""
+os.environ["XDG_CONFIG_HOME"] = str(ROOT / ".no-user-config")
+for _name in [
+    n for n in os.environ if n.startswith("DCP_WORKER_") and n != "DCP_WORKER_SYSTEM_CONFIG"
+]:
+    del os.environ[_name]
+
 
 def command(name: str) -> str:
     return str(BIN / name)
@@ -93,6 +102,8 @@ class WorkerProcess:
             [
                 command("dcp-worker"),
                 "-vv",
+                "-o",
+                "console",
                 "--scheduler",
                 url,
                 "--identity",

@@ -172,6 +172,8 @@ class Round:
                 str(self.work / "state"),
                 "--grace-seconds",
                 "30",
+                "-o",
+                "console",
                 "-v",
             ],
             stdout=log,  # type: ignore[arg-type]

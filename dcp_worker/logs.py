@@ -1,0 +1,189 @@
+"""Where the worker's logs go: several outputs at once (DCP allows one).
+
+``console`` (stderr), ``logfile`` (append; reopened on SIGHUP for logrotate), ``syslog`` (unix,
+udp or tcp, RFC 3164 through :class:`logging.handlers.SysLogHandler`), ``journal`` (systemd's
+journal with structured fields, through systemd-python) and ``dashboard`` (the Textual UI's log
+pane, fed from :class:`RecentLogs`). ``detect`` picks the dashboard on a terminal, the journal
+under systemd, the console otherwise; never from ``LANG`` alone (DCP's rule drew dashboards
+into pipes and services).
+
+Structured fields: a log call may pass ``extra={"DCP_JOB": ..., "DCP_SLICE": ...}``; the journal
+keeps them as fields (``journalctl DCP_JOB=...``); the other outputs show only the message.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from .config import ConfigError, WorkerConfig
+
+__all__ = ["LogSetup", "RecentLogs", "detect_outputs", "setup_logging", "verbosity_level"]
+
+FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def verbosity_level(verbose: int) -> int:
+    """As DCP: warnings by default, -v info (fetches), -vv debug (every result)."""
+    return logging.WARNING - 10 * min(verbose, 2)
+
+
+def under_systemd(env: Mapping[str, str] = os.environ) -> bool:
+    """Started by systemd: its stderr is the journal (JOURNAL_STREAM) or it was invoked as a
+    unit (INVOCATION_ID)."""
+    return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
+
+
+def detect_outputs(
+    outputs: tuple[str, ...], env: Mapping[str, str] = os.environ, tty: bool | None = None
+) -> tuple[str, ...]:
+    if outputs != ("detect",):
+        return outputs
+    if under_systemd(env):
+        return ("journal",)
+    if tty if tty is not None else (sys.stdout.isatty() and sys.stdin.isatty()):
+        return ("dashboard",)
+    return ("console",)
+
+
+class ReopeningFileHandler(logging.FileHandler):
+    """Append to a file; :meth:`reopen` (on SIGHUP) starts writing to whatever file now has
+    the name, after logrotate moved the old one."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, mode="a", encoding="utf-8", delay=False)
+
+    def reopen(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+
+
+class RecentLogs(logging.Handler):
+    """The last records, numbered, for the dashboard's log pane and the control socket's
+    ``logs`` command."""
+
+    def __init__(self, size: int = 500) -> None:
+        super().__init__()
+        self.records: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=size)
+        self._seq = 0
+        self._mutex = threading.Lock()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+            return
+        with self._mutex:
+            self._seq += 1
+            self.records.append((self._seq, record.levelname, line))
+
+    def after(self, seq: int) -> list[tuple[int, str, str]]:
+        with self._mutex:
+            return [r for r in self.records if r[0] > seq]
+
+
+class LogSetup:
+    """The handlers installed on the root logger; :meth:`reopen` is SIGHUP's action."""
+
+    def __init__(self, handlers: list[logging.Handler], recent: RecentLogs) -> None:
+        self.handlers = handlers
+        self.recent = recent
+
+    def reopen(self) -> None:
+        for handler in self.handlers:
+            if isinstance(handler, ReopeningFileHandler):
+                handler.reopen()
+
+    def remove_console(self) -> None:
+        """The dashboard owns the terminal: console output would tear it."""
+        root = logging.getLogger()
+        for handler in list(self.handlers):
+            if type(handler) is logging.StreamHandler:
+                root.removeHandler(handler)
+                self.handlers.remove(handler)
+
+
+def _syslog(config: WorkerConfig) -> logging.Handler:
+    facility = logging.handlers.SysLogHandler.facility_names[config.syslog_facility]
+    address: str | tuple[str, int]
+    if config.syslog_transport == "unix":
+        address = config.syslog_address
+        socktype = None
+    else:
+        host, sep, port = config.syslog_address.rpartition(":")
+        if not sep:
+            host, port = config.syslog_address, "514"
+        if not port.isdigit():
+            raise ConfigError(f"syslog_address {config.syslog_address!r}: expected HOST[:PORT]")
+        address = (host.strip("[]"), int(port))
+        socktype = socket.SOCK_STREAM if config.syslog_transport == "tcp" else socket.SOCK_DGRAM
+    try:
+        handler = logging.handlers.SysLogHandler(address, facility, socktype)
+    except OSError as exc:
+        raise ConfigError(
+            f"syslog {config.syslog_transport} {config.syslog_address}: {exc.strerror or exc}"
+        ) from None
+    tcp = config.syslog_transport == "tcp"
+    if tcp:
+        handler.append_nul = False  # RFC 6587 non-transparent framing: one message per line
+    handler.ident = f"dcp-worker[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s\n" if tcp else "%(message)s"))
+    return handler
+
+
+def _journal() -> logging.Handler:
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        raise ConfigError(
+            "output journal needs systemd-python (pip install 'dcp-worker[systemd]')"
+        ) from None
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="dcp-worker")
+    return handler
+
+
+def setup_logging(config: WorkerConfig, outputs: tuple[str, ...], verbose: int) -> LogSetup:
+    """Install one handler per output on the root logger (replacing any).
+
+    Raises:
+        ConfigError: an output cannot be opened (no such syslog socket, unwritable logfile,
+            no systemd-python for the journal).
+    """
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.setLevel(verbosity_level(verbose))
+    recent = RecentLogs()
+    handlers: list[logging.Handler] = [recent]
+    for output in outputs:
+        if output == "console":
+            handler: logging.Handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(FORMAT))
+        elif output == "logfile":
+            try:
+                handler = ReopeningFileHandler(config.logfile_path)
+            except OSError as exc:
+                raise ConfigError(f"logfile {config.logfile_path}: {exc.strerror}") from None
+            handler.setFormatter(logging.Formatter(FORMAT))
+        elif output == "syslog":
+            handler = _syslog(config)
+        elif output == "journal":
+            handler = _journal()
+        else:  # dashboard: the UI reads RecentLogs
+            continue
+        handlers.append(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    return LogSetup(handlers, recent)
