@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -115,6 +116,30 @@ class LogSetup:
                 self.handlers.remove(handler)
 
 
+class _SysLog(logging.handlers.SysLogHandler):
+    """Messages the syslog daemon cannot take (it restarts, say) are dropped with one line on
+    stderr a minute, instead of a traceback per record."""
+
+    _complained = 0.0
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - the base's name
+        now = time.monotonic()
+        if now - self._complained > 60:
+            self._complained = now
+            sys.stderr.write(f"dcp-worker: syslog {self.address}: cannot deliver; dropping\n")
+
+
+def _listening(path: str) -> bool:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def _syslog(config: WorkerConfig) -> logging.Handler:
     facility = logging.handlers.SysLogHandler.facility_names[config.syslog_facility]
     address: str | tuple[str, int]
@@ -129,12 +154,14 @@ def _syslog(config: WorkerConfig) -> logging.Handler:
             raise ConfigError(f"syslog_address {config.syslog_address!r}: expected HOST[:PORT]")
         address = (host.strip("[]"), int(port))
         socktype = socket.SOCK_STREAM if config.syslog_transport == "tcp" else socket.SOCK_DGRAM
+    where = f"syslog {config.syslog_transport} {config.syslog_address}"
     try:
-        handler = logging.handlers.SysLogHandler(address, facility, socktype)
+        handler = _SysLog(address, facility, socktype)
     except OSError as exc:
-        raise ConfigError(
-            f"syslog {config.syslog_transport} {config.syslog_address}: {exc.strerror or exc}"
-        ) from None
+        raise ConfigError(f"{where}: {exc.strerror or exc}") from None
+    if isinstance(address, str) and not _listening(address):
+        handler.close()  # the library would defer the failed connect to every record
+        raise ConfigError(f"{where}: no syslog daemon listens there")
     tcp = config.syslog_transport == "tcp"
     if tcp:
         handler.append_nul = False  # RFC 6587 non-transparent framing: one message per line

@@ -550,11 +550,13 @@ class Supervisor:
                     self._reported.add((why.subject, why.code))
                     log.info("not offered job %s: %s %s", why.subject, why.code, why.message)
             self._forget_jobs(keep={lease.job for lease in reply.slices})
-            if self._stopping.is_set() and reply.slices:
-                # Stopped while this fetch was in flight: give the slices straight back.
+            if (self._stopping.is_set() or self._paused) and reply.slices:
+                # Stopped or paused while this fetch was parked: give the slices straight back.
                 leases = tuple(_ref(lease) for lease in reply.slices)
                 await session.request(partial(Return, leases=leases))
-                return
+                if self._stopping.is_set():
+                    return
+                continue
             for lease in reply.slices:
                 held_slice = _Held(lease)
                 self._held[_key(lease)] = held_slice

@@ -1,0 +1,107 @@
+"""The Textual dashboard, headless (Textual's own test driver), against real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dcp_worker.config import load_config
+from dcp_worker.control import ControlClient
+from dcp_worker.dashboard import PassphraseScreen, WorkerDashboard
+from dcp_worker.logs import setup_logging
+from scheduler.client import ComputeClient, SliceResult
+
+from .conftest import PASSPHRASE, Keystore, SchedulerProcess, WorkerProcess, wait_for
+from .test_pipeline import ECHO, PUZZLE, job_file
+
+
+async def _until(predicate: Callable[[], bool], pilot, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await pilot.pause(0.1)
+
+
+def test_in_process_dashboard_asks_the_passphrase_shows_progress_and_stops(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+) -> None:
+    keystore = make_keystore("w")
+    owner = make_keystore("owner")
+    config = load_config(
+        None,
+        {
+            "scheduler": scheduler.url,
+            "identity": str(keystore.path),
+            "state_dir": str(tmp_path / "state"),
+            "sandboxes": 2,
+            "output": ("dashboard",),
+        },
+    )
+    logsetup = setup_logging(config, ("dashboard",), 1)
+    app = WorkerDashboard(config, logsetup)
+
+    async def drive() -> tuple[int | None, list[SliceResult]]:
+        async with app.run_test(size=(140, 40)) as pilot:
+            assert isinstance(app.screen, PassphraseScreen)
+            await pilot.press(*"wrong", "enter")
+            await _until(
+                lambda: "wrong passphrase" in str(app.screen.query_one("#error").render()), pilot
+            )
+            await pilot.press(*PASSPHRASE.decode(), "enter")
+            await _until(lambda: "(connected)" in app.status_text, pilot)
+            assert keystore.identity.address in app.status_text
+            with ComputeClient(scheduler.url, owner.identity) as client:
+                job = await asyncio.to_thread(
+                    client.deploy,
+                    job_file(tmp_path, "puzzle", PUZZLE, ["p0", "p1"], ["22"], attempts=1),
+                )
+                await _until(lambda: "puzzle #" in str(app._rows[0].label.render()), pilot)
+                await pilot.press("s")  # graceful stop: running slices finish and are delivered
+                await _until(lambda: app.return_code is not None, pilot, 60)
+                results = await asyncio.to_thread(lambda: list(client.results(job)))
+            assert "stopping" in app.status_text
+        return app.return_code, results
+
+    code, results = asyncio.run(drive())
+    assert code == 0
+    # Whatever was running when the stop came was delivered, nothing was dropped.
+    assert sum(r.state == "done" for r in results) >= 1
+    assert all(r.state in ("done", "queued") for r in results)
+
+
+def test_attach_shows_a_running_worker_and_sends_keys(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    keystore = make_keystore("w")
+    state = tmp_path / "worker-state"
+    worker = workers(scheduler.url, keystore, 2, state_dir=state)
+    wait_for(lambda: "connected to" in worker.output(), 30)
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        client.deploy(job_file(tmp_path, "echo", ECHO, [f"v{i}" for i in range(50)]))
+    app = WorkerDashboard(attach=state / "control.sock")
+
+    async def status() -> str:
+        async with ControlClient(state / "control.sock") as c:
+            return str((await c.call("status"))["status"]["state"])
+
+    async def drive() -> tuple[int | None, str]:
+        async with app.run_test(size=(140, 40)) as pilot:
+            await _until(lambda: keystore.identity.address in app.status_text, pilot)
+            await _until(lambda: "slices done 50" in app.status_text, pilot)
+            await _until(lambda: "connected to" in str(app.query_one("#log").lines), pilot)
+            await pilot.press("p")
+            state_after = await status()
+            await pilot.press("q")  # detach: the worker goes on
+        return app.return_code, state_after
+
+    code, state_after = asyncio.run(drive())
+    assert (code, state_after) == (0, "paused")
+    assert worker.proc.poll() is None
+    assert worker.stop() == 0

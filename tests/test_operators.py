@@ -1,0 +1,260 @@
+"""Running the worker as operators do: control socket and `dcp-worker status`, sd_notify
+against a socket the test owns, logs to several outputs at once, Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from scheduler.client import ComputeClient
+
+from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+from .test_pipeline import ECHO, PUZZLE, job_file
+
+
+def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [command("dcp-worker"), *args, "--socket", str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_control_socket_status_pause_resume_stop(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    keystore = make_keystore("w")
+    state = tmp_path / "state-with-a-rather-long-name" / ("deep" * 20)  # > 108 bytes
+    worker = workers(scheduler.url, keystore, 2, state_dir=state)
+    sock = state / "control.sock"
+    wait_for(lambda: "connected to" in worker.output(), 30)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+    out = ctl(sock, "status")
+    assert out.returncode == 0, out.stderr
+    assert keystore.identity.address in out.stdout and "(connected)" in out.stdout
+    snap = json.loads(ctl(sock, "status", "--json").stdout)
+    assert snap["statistics"]["connected"] and len(snap["sandboxes"]) == 2
+
+    assert ctl(sock, "pause").returncode == 0
+    assert json.loads(ctl(sock, "status", "--json").stdout)["state"] == "paused"
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, ["a", "b"]))
+        time.sleep(1.5)
+        assert client.status(job)["counts"].get("queued") == 2  # nothing fetched while paused
+        assert ctl(sock, "resume").returncode == 0
+        assert [r.state for r in client.results(job, wait=True, timeout=30)] == ["done"] * 2
+    assert "paused" in worker.output() and "resumed" in worker.output()
+
+    # Someone else's line: a clear refusal, and the socket keeps serving.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(f"/proc/self/fd/{os.open(sock.parent, os.O_PATH)}/control.sock")
+        s.sendall(b'{"cmd": "format-disk"}\nnot json\n')
+        replies = s.makefile().readline(), s.makefile().readline()
+    assert "unknown command 'format-disk'" in replies[0]
+
+    assert ctl(sock, "stop").returncode == 0
+    assert worker.proc.wait(30) == 0
+    assert not sock.exists()
+    out = ctl(sock, "status")
+    assert out.returncode == 2 and "no worker control socket" in out.stderr
+
+
+def test_stale_socket_is_replaced_and_a_live_one_is_not(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    keystore = make_keystore("w")
+    shared = tmp_path / "ctl.sock"
+    first = workers(scheduler.url, keystore, 1, "--control-socket", str(shared))
+    wait_for(lambda: "connected to" in first.output(), 30)
+    second = workers(
+        scheduler.url,
+        make_keystore("w2"),
+        1,
+        "--control-socket",
+        str(shared),
+        state_dir=tmp_path / "other-state",
+    )
+    assert second.proc.wait(30) == 2
+    assert f"another worker answers on {shared}" in second.output()
+    first.proc.kill()  # leaves the socket file behind
+    first.proc.wait()
+    assert shared.exists()
+    third = workers(scheduler.url, keystore, 1, "--control-socket", str(shared))
+    wait_for(lambda: "connected to" in third.output(), 30)
+    assert ctl(shared, "status").returncode == 0
+    assert third.stop() == 0
+
+
+def test_sd_notify_ready_status_watchdog_stopping(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sd:
+        sd.bind(str(path))
+        sd.settimeout(30)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")
+        worker = workers(scheduler.url, make_keystore("w"), 1)
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sd.recv(4096).decode())
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "connected to" in worker.output()  # READY only once connected
+        assert "STATUS=fetching" in ready or "STATUS=" in "".join(messages)
+        pings = time.monotonic()
+        watchdogs = 0
+        while time.monotonic() - pings < 1.0:
+            watchdogs += sd.recv(4096).decode().count("WATCHDOG=1")
+        assert watchdogs >= 3  # every 0.2 s: half of WatchdogSec
+        worker.proc.send_signal(signal.SIGTERM)
+        rest = []
+        while not any("STOPPING=1" in m for m in rest):
+            rest.append(sd.recv(4096).decode())
+        assert worker.proc.wait(30) == 0
+
+
+def test_logs_go_to_several_outputs_and_logfile_reopens_on_sighup(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(30)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    tcp.settimeout(30)
+    logfile = tmp_path / "w.log"
+    worker = workers(
+        scheduler.url,
+        make_keystore("w"),
+        1,
+        "-o",
+        "logfile,syslog",
+        "--logfile",
+        str(logfile),
+        "--syslog-transport",
+        "udp",
+        "--syslog-address",
+        f"127.0.0.1:{udp.getsockname()[1]}",
+        "--syslog-facility",
+        "local3",
+    )
+    wait_for(lambda: logfile.exists() and "connected to" in logfile.read_text(), 30)
+    assert "connected to" in worker.output()  # the console (-o console from the fixture) too
+    datagram = b""
+    while b"connected to" not in datagram:
+        datagram = udp.recv(65536)
+    # <PRI> = facility local3 (19) * 8 + info (6); then our ident.
+    assert datagram.startswith(b"<158>dcp-worker[%d]: " % worker.proc.pid), datagram
+    # logrotate: move the file away, SIGHUP, and the worker writes a new one.
+    logfile.rename(tmp_path / "w.log.1")
+    worker.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    worker.proc.send_signal(signal.SIGINT)
+    assert worker.proc.wait(30) == 0
+    assert "graceful stop" in logfile.read_text()
+    assert "graceful stop" not in (tmp_path / "w.log.1").read_text()
+    udp.close()
+    tcp.close()
+
+
+def test_syslog_over_tcp_and_a_missing_socket_is_a_clear_error(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    keystore = make_keystore("w")
+    base = [
+        command("dcp-worker"),
+        "--identity",
+        str(keystore.path),
+        "--passphrase-file",
+        str(keystore.passphrase_file),
+        "--scheduler",
+        "http://127.0.0.1:9",
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
+    out = subprocess.run(
+        [*base, "-o", "syslog", "--syslog-address", str(tmp_path / "no-such-log")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and f"syslog unix {tmp_path / 'no-such-log'}" in out.stderr
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(30)
+        proc = subprocess.Popen(
+            [
+                *base,
+                "-o",
+                "syslog",
+                "--syslog-transport",
+                "tcp",
+                "--syslog-address",
+                f"127.0.0.1:{server.getsockname()[1]}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            conn, _ = server.accept()
+            conn.settimeout(30)
+            data = b""
+            while b"retrying" not in data:  # the scheduler at :9 is unreachable
+                data += conn.recv(65536)
+            line = data.split(b"\n")[0]
+            assert line.startswith(b"<") and b"dcp-worker[" in line
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+
+
+def test_prometheus_metrics_on_loopback(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = workers(scheduler.url, make_keystore("w"), 2, "--metrics", f"127.0.0.1:{port}")
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        echo = client.deploy(job_file(tmp_path, "echo", ECHO, ["a", "b", "c"]))
+        slow = client.deploy(
+            job_file(tmp_path, "slow", PUZZLE, ["a"], ["60"], "wall_seconds = 0.3", attempts=1)
+        )
+        for job in (echo, slow):
+            list(client.results(job, wait=True, timeout=60))
+    wait_for(lambda: "metrics at" in worker.output(), 10)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'dcp_worker_slices_total{outcome="done"} 3.0' in text, text
+    assert 'dcp_worker_slices_total{outcome="failed"} 1.0' in text
+    assert 'dcp_worker_errors_total{event="slice_failed",reason="wasm_timeout"} 1.0' in text
+    assert 'dcp_worker_sandboxes{state="idle"} 2.0' in text
+    assert "dcp_worker_fetch_seconds_count" in text and "dcp_worker_connected 1.0" in text
+    assert worker.stop() == 0
