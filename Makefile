@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm bench soak clean
+.PHONY: demo test lint wasm bench soak deb clean
 
 $(STAMP): pyproject.toml
+	packaging/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
@@ -36,6 +37,10 @@ bench: $(STAMP)
 ## prints one JSON line (lost and paid-twice slices must be 0). Bounded to 15 minutes.
 soak: $(STAMP)
 	$(PY) tests/faults/soak.py --minutes 15 --faults 200
+
+## The Debian package: dist/dcp-worker_<version>_amd64.deb (wheels, units, /etc config).
+deb: $(STAMP)
+	PY=$(PY) packaging/deb/build.sh
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).
 wasm: $(STAMP)

@@ -209,7 +209,7 @@ def _config_files(config_file: str | None) -> list[Path]:
         files.append(Path(config_file))
     else:
         user = config_mod.user_config_file()
-        if user.is_file():
+        if os.path.isfile(user):  # False also when HOME is not ours to read
             files.append(user)
     return files
 

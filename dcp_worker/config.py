@@ -298,9 +298,9 @@ def system_config_files(directory: Path = SYSTEM_DIR) -> list[Path]:
     """``dcp-worker.toml`` then ``conf.d/*.toml`` (name order), those that exist."""
     files = [directory / "dcp-worker.toml"]
     conf_d = directory / "conf.d"
-    if conf_d.is_dir():
+    if os.path.isdir(conf_d):
         files += sorted(conf_d.glob("*.toml"))
-    return [f for f in files if f.is_file()]
+    return [f for f in files if os.path.isfile(f)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,36 @@
+#!/bin/sh
+# Build dist/dcp-worker_<version>_amd64.deb (`make deb`): the project and every dependency as
+# wheels (installed offline into /opt/dcp-worker/venv by postinst), the systemd units, the
+# /etc/dcp-worker configuration, the docs, and /usr/bin links to the commands.
+set -eu
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
+cd "$ROOT"
+VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+BUILD=$ROOT/build/deb
+STAGE=$BUILD/dcp-worker_${VERSION}_amd64
+rm -rf "$BUILD"
+mkdir -p "$STAGE/DEBIAN" "$STAGE/usr/share/dcp-worker/wheels" "$STAGE/usr/bin" \
+    "$STAGE/lib/systemd/system" "$STAGE/etc/dcp-worker/conf.d" "$STAGE/usr/share/doc/dcp-worker"
+
+# Wheels for Debian's python3 (3.11, the same ABI as the interpreter building them).
+"$PY" -m pip wheel --quiet --disable-pip-version-check \
+    --wheel-dir "$STAGE/usr/share/dcp-worker/wheels" "$ROOT[systemd]"
+
+install -m 0644 packaging/systemd/dcp-worker.service packaging/systemd/dcp-evaluator-manager.service \
+    packaging/systemd/dcp-evaluator-manager.socket "$STAGE/lib/systemd/system/"
+install -m 0644 packaging/etc/dcp-worker.toml "$STAGE/etc/dcp-worker/dcp-worker.toml"
+install -m 0644 dcp_worker/defaults.toml "$STAGE/usr/share/dcp-worker/defaults.toml"
+install -m 0644 README.md CHANGELOG.md docs/*.md "$STAGE/usr/share/doc/dcp-worker/"
+for cmd in dcp-worker dcp-wallet dcp-compute dcp-scheduler dcp-evaluator-start dcp-evaluator-manager; do
+    ln -s "/opt/dcp-worker/venv/bin/$cmd" "$STAGE/usr/bin/$cmd"
+done
+
+SIZE=$(du -sk "$STAGE" | cut -f1)
+sed -e "s/@VERSION@/$VERSION/" -e "s/@SIZE@/$SIZE/" packaging/deb/control.in > "$STAGE/DEBIAN/control"
+install -m 0644 packaging/deb/conffiles "$STAGE/DEBIAN/conffiles"
+install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$STAGE/DEBIAN/"
+
+mkdir -p dist
+dpkg-deb --root-owner-group -Zxz --build "$STAGE" "dist/dcp-worker_${VERSION}_amd64.deb" >/dev/null
+echo "dist/dcp-worker_${VERSION}_amd64.deb"
