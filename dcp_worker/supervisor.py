@@ -636,7 +636,12 @@ class Supervisor:
             self._counters.refused += 1
             self._counters.reasons["result_refused", reply.code] += 1
             log.warning(
-                "result %s/%d refused: %s %s", item.job, item.slice, reply.code, reply.message
+                "result %s/%d refused: %s %s",
+                item.job,
+                item.slice,
+                reply.code,
+                reply.message,
+                extra=_fields(item.job, item.slice, reply.code),
             )
         else:
             # Not taken for now (the scheduler's database is busy, say): it stays in the
@@ -734,7 +739,13 @@ class Supervisor:
             self._activity[sandbox.index] = _Activity(
                 lease.job, job.name if job else "", lease.slice, time.monotonic(), held
             )
-            log.debug("running slice %s/%d (attempt %d)", lease.job, lease.slice, lease.attempt)
+            log.debug(
+                "running slice %s/%d (attempt %d)",
+                lease.job,
+                lease.slice,
+                lease.attempt,
+                extra=_fields(lease.job, lease.slice),
+            )
             try:
                 if job is None:
                     raise SliceFailure(
@@ -766,7 +777,12 @@ class Supervisor:
                 self._counters.failed += 1
                 self._counters.reasons["slice_failed", exc.code] += 1
                 log.warning(
-                    "slice %s/%d failed: %s %s", lease.job, lease.slice, exc.code, exc.message
+                    "slice %s/%d failed: %s %s",
+                    lease.job,
+                    lease.slice,
+                    exc.code,
+                    exc.message,
+                    extra=_fields(lease.job, lease.slice, exc.code),
                 )
                 await self._report_failure(lease, exc)
             else:
@@ -887,7 +903,14 @@ class Supervisor:
     async def _refuse(self, lease: SliceLease, why: Refusal) -> None:
         self._counters.declined_slices += 1
         self._counters.reasons["slice_declined", why.code] += 1
-        log.warning("refusing slice %s/%d: %s %s", lease.job, lease.slice, why.code, why.message)
+        log.warning(
+            "refusing slice %s/%d: %s %s",
+            lease.job,
+            lease.slice,
+            why.code,
+            why.message,
+            extra=_fields(lease.job, lease.slice, why.code),
+        )
         session = self._session
         if session is None:
             return  # the lease expires; the scheduler will not offer it again after a refusal
@@ -911,6 +934,14 @@ class Supervisor:
                     message=exc.message[:2000],
                 )
             )
+
+
+def _fields(job: str, slice_: int, code: str | None = None) -> dict[str, object]:
+    """Structured log fields (the journal keeps them: ``journalctl DCP_JOB=...``)."""
+    fields: dict[str, object] = {"DCP_JOB": job, "DCP_SLICE": slice_}
+    if code is not None:
+        fields["DCP_CODE"] = code
+    return fields
 
 
 def _key(lease: SliceLease) -> tuple[str, int, str]:

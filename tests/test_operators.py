@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -13,6 +14,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from scheduler.client import ComputeClient
 
@@ -258,3 +261,76 @@ def test_prometheus_metrics_on_loopback(
     assert 'dcp_worker_sandboxes{state="idle"} 2.0' in text
     assert "dcp_worker_fetch_seconds_count" in text and "dcp_worker_connected 1.0" in text
     assert worker.stop() == 0
+
+
+def _can_unshare_mounts() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and mount namespaces")
+def test_journal_output_has_structured_fields(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+) -> None:
+    """The worker runs in its own mount namespace where /run/systemd/journal is a directory
+    of the test's: its journal socket is a datagram socket the test reads (journald's native
+    protocol, KEY=value lines)."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    keystore = make_keystore("w")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(journal / "socket"))
+        sock.settimeout(30)
+        script = (
+            "mount -t tmpfs none /run && mkdir -p /run/systemd/journal && "
+            f'mount --bind {journal} /run/systemd/journal && exec "$@"'
+        )
+        proc = subprocess.Popen(
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                command("dcp-worker"),
+                "-v",
+                "-o",
+                "journal",
+                "--scheduler",
+                scheduler.url,
+                "--identity",
+                str(keystore.path),
+                "--passphrase-file",
+                str(keystore.passphrase_file),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--sandboxes",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            entries = []
+            with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+                client.deploy(
+                    job_file(
+                        tmp_path, "slow", PUZZLE, ["a"], ["60"], "wall_seconds = 0.3", attempts=1
+                    )
+                )
+                while not any(b"DCP_CODE=wasm_timeout" in e for e in entries):
+                    entries.append(sock.recv(1 << 16))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    connected = next(e for e in entries if b"connected to" in e).split(b"\n")
+    assert b"SYSLOG_IDENTIFIER=dcp-worker" in connected and b"PRIORITY=6" in connected
+    failed = next(e for e in entries if b"DCP_CODE=wasm_timeout" in e).split(b"\n")
+    assert b"PRIORITY=4" in failed and b"DCP_SLICE=0" in failed
+    assert any(line.startswith(b"DCP_JOB=") for line in failed)
