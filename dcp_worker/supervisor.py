@@ -318,11 +318,26 @@ class Supervisor:
 
     async def run(self) -> bool:
         """Work until stopped. Returns True when everything was flushed (a clean stop)."""
+        died = 0
         while True:
+            describe = asyncio.ensure_future(self.sandboxes[0].describe())
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({describe, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not describe.done():  # stopped while the evaluator starts: nothing to wait for
+                describe.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SliceFailure):
+                    await describe
+                await self._close()
+                return self._unsent == 0 and not self._stop_now.is_set()
             try:
-                self._capabilities = await self.sandboxes[0].describe()
+                self._capabilities = describe.result()
                 break
             except SliceFailure as exc:
+                if exc.code == ErrorCode.EVALUATOR_DIED.value and died < 2:
+                    died += 1  # killed from outside (an OOM killer, an operator): once more
+                    log.warning("the evaluator died while starting (%s); starting another", exc)
+                    continue
                 if exc.code not in HELD_CODES:
                     log.error("the evaluator does not start: %s", exc)
                     self.exit_reason = f"the evaluator does not start: {exc}"

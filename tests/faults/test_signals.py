@@ -106,3 +106,29 @@ def test_manager_sigterm_stops_its_evaluators(tmp_path: Path) -> None:
         assert manager.wait(20) == 0
     assert not evaluator.is_running() or evaluator.status() == psutil.STATUS_ZOMBIE
     manager.stdout.close()
+
+
+def test_a_stop_while_the_evaluator_starts_is_prompt(tmp_path: Path) -> None:
+    """An evaluator that never answers `describe` (here: a process that only sleeps) does not
+    hold a graceful stop for describe's 30 s."""
+    import asyncio
+
+    from dcp_worker.config import load_config
+    from dcp_worker.identity import Identity
+    from dcp_worker.supervisor import Supervisor
+
+    config = load_config(None, {"state_dir": str(tmp_path), "sandboxes": 1})
+    supervisor = Supervisor(
+        config, Identity.from_private_key(b"\x02" * 32), evaluator_command=["sleep", "60"]
+    )
+
+    async def go() -> tuple[bool, float]:
+        task = asyncio.create_task(supervisor.run())
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        supervisor.stop()
+        clean = await asyncio.wait_for(task, 20)
+        return clean, time.monotonic() - started
+
+    clean, elapsed = asyncio.run(go())
+    assert clean and elapsed < 5
