@@ -101,8 +101,6 @@ class Sandbox:
         self.endpoint = endpoint
         self.hardening = hardening or Hardening()
         self.state = SandboxState.STOPPED
-        self.job: str | None = None
-        self.progress: float | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._stdin: asyncio.StreamWriter = None  # type: ignore[assignment]
@@ -205,10 +203,6 @@ class Sandbox:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
     # ------------------------------------------------------------------ requests
 
     async def _request(
@@ -308,8 +302,6 @@ class Sandbox:
             await self.stop(graceful=True)
             await self.start()
         self.state = SandboxState.BUSY
-        self.job = job.job
-        self.progress = None
         try:
             await self._assign(job, limits)
             reply = await self._request(

@@ -32,6 +32,15 @@ def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _lines(sock: socket.socket, n: int) -> list[bytes]:
+    data = b""
+    while data.count(b"\n") < n:
+        chunk = sock.recv(65536)
+        assert chunk, "the control socket closed early"
+        data += chunk
+    return data.split(b"\n")[:n]
+
+
 def test_control_socket_status_pause_resume_stop(
     tmp_path: Path,
     scheduler: SchedulerProcess,
@@ -60,12 +69,19 @@ def test_control_socket_status_pause_resume_stop(
         assert [r.state for r in client.results(job, wait=True, timeout=30)] == ["done"] * 2
     assert "paused" in worker.output() and "resumed" in worker.output()
 
-    # Someone else's line: a clear refusal, and the socket keeps serving.
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(f"/proc/self/fd/{os.open(sock.parent, os.O_PATH)}/control.sock")
-        s.sendall(b'{"cmd": "format-disk"}\nnot json\n')
-        replies = s.makefile().readline(), s.makefile().readline()
-    assert "unknown command 'format-disk'" in replies[0]
+    # Someone else's lines: clear refusals, and the socket keeps serving.
+    directory = os.open(sock.parent, os.O_PATH)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(f"/proc/self/fd/{directory}/control.sock")
+            s.sendall(b'{"cmd": "format-disk"}\nnot json\n{"cmd": "status"}\n')
+            replies = [json.loads(line) for line in _lines(s, 3)]
+    finally:
+        os.close(directory)
+    assert "unknown command 'format-disk'" in replies[0]["error"]
+    assert replies[1] == {"ok": False, "error": 'expected a JSON object with "cmd"'}
+    assert replies[2]["ok"] and replies[2]["status"]["state"] == "fetching"
 
     assert ctl(sock, "stop").returncode == 0
     assert worker.proc.wait(30) == 0
