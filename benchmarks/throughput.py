@@ -57,6 +57,8 @@ def run_ours(work: Path, slices: int, sandboxes: int, rounds: int) -> list[float
             str(sandboxes),
             "--state-dir",
             str(work / "state"),
+            "-o",
+            "console",  # plain logs, even on a terminal
         ]
     )
     rates = []

@@ -72,6 +72,8 @@ def main() -> int:
                 "2",
                 "--state-dir",
                 str(work / "worker-state"),
+                "-o",
+                "console",  # plain logs, even on a terminal
             ]
         )
         failures = 0
