@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eth_keys.datatypes import PrivateKey
+import coincurve
 
 from .protocol import signing
 
@@ -61,17 +61,17 @@ class Identity:
 
     private_key: bytes
     address: str
-    _key: PrivateKey = field(repr=False, compare=False)
+    _key: coincurve.PrivateKey = field(repr=False, compare=False)
 
     @classmethod
     def from_private_key(cls, private_key: bytes) -> Identity:
         if len(private_key) != 32:
             raise WalletError("a private key is 32 bytes (64 hex digits)")
         try:
-            key = PrivateKey(private_key)
-        except Exception as exc:  # eth_keys validates the scalar range
+            key = coincurve.PrivateKey(private_key)
+        except ValueError as exc:  # zero, or not below the group order
             raise WalletError(f"not a valid secp256k1 private key: {exc}") from None
-        return cls(private_key, key.public_key.to_checksum_address(), key)
+        return cls(private_key, signing.address_of(private_key), key)
 
     def sign(self, payload: bytes) -> str:
         """Sign a canonical payload from :mod:`dcp_worker.protocol.signing`."""
