@@ -97,11 +97,11 @@ def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
 class Evaluator:
     """Serves the framed protocol on a pair of binary streams."""
 
-    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, workdir: Path) -> None:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO) -> None:
         self._in = stdin
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
-        self._runtime = WasmRuntime(workdir, self._on_progress)
+        self._runtime = WasmRuntime(self._on_progress)
         self._opencl = OpenCLRuntime()
         self._opencl_sources: dict[str, bytes] = {}
         self._assigned: Assign | None = None
@@ -247,7 +247,7 @@ def serve_stdio() -> int:
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.
     sys.stdout = sys.stderr
     try:
-        return Evaluator(sys.stdin.buffer, stdout, workdir).serve()
+        return Evaluator(sys.stdin.buffer, stdout).serve()
     except BrokenPipeError:
         return EXIT_OK
     finally:
