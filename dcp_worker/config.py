@@ -156,10 +156,6 @@ class WorkerConfig:
         return Path(os.path.expanduser(self.state_dir)) / "dcp-worker.log"
 
     @property
-    def effective_prefetch(self) -> int:
-        return self.effective_sandboxes if self.prefetch < 0 else self.prefetch
-
-    @property
     def outbox_path(self) -> Path:
         return Path(os.path.expanduser(self.state_dir)) / "outbox.sqlite"
 

@@ -211,33 +211,60 @@ class Sandbox:
         timeout: float,
         on_progress: Callable[[float], None] | None = None,
     ) -> Message:
+        replies: list[Message] = []
+        await self._exchange(
+            [message],
+            timeout,
+            None if on_progress is None else (lambda _i, fraction: on_progress(fraction)),
+            replies,
+        )
+        return replies[0]
+
+    async def _exchange(
+        self,
+        messages: list[Describe | Assign | RunSlice],
+        timeout: float,
+        on_progress: Callable[[int, float], None] | None,
+        replies: list[Message],
+    ) -> None:
+        """Write ``messages`` in one go and collect one reply each, in order, into
+        ``replies`` (filled as they come, so a caller sees what arrived before a failure).
+        Each reply must come within ``timeout`` of the previous one.
+
+        Raises:
+            SliceFailure: the evaluator died, timed out (it is killed) or broke the protocol.
+        """
         reader = self._reader
         assert reader is not None
-        rid = message.id
         try:
-            self._stdin.write(frame(message))
+            self._stdin.write(b"".join(frame(m) for m in messages))
             await self._stdin.drain()
-            async with asyncio.timeout(timeout):
-                while True:
-                    try:
-                        reply = self._decoder.next_message()
-                    except ProtocolError as exc:
-                        raise SliceFailure(
-                            ErrorCode.EVALUATOR_PROTOCOL.value,
-                            f"evaluator sent a bad frame: {exc.message}",
-                        ) from None
-                    if reply is None:
-                        chunk = await reader.read(1 << 16)
-                        if not chunk:
-                            raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death())
-                        self._decoder.receive_data(chunk)
-                        continue
-                    if isinstance(reply, Progress):
-                        if reply.re == rid and on_progress is not None:
-                            on_progress(reply.fraction)
-                        continue
-                    if getattr(reply, "re", None) in (rid, None):
-                        return reply
+            for index, message in enumerate(messages):
+                rid = message.id
+                async with asyncio.timeout(timeout):
+                    while True:
+                        try:
+                            reply = self._decoder.next_message()
+                        except ProtocolError as exc:
+                            raise SliceFailure(
+                                ErrorCode.EVALUATOR_PROTOCOL.value,
+                                f"evaluator sent a bad frame: {exc.message}",
+                            ) from None
+                        if reply is None:
+                            chunk = await reader.read(1 << 16)
+                            if not chunk:
+                                raise SliceFailure(
+                                    ErrorCode.EVALUATOR_DIED.value, await self._death()
+                                )
+                            self._decoder.receive_data(chunk)
+                            continue
+                        if isinstance(reply, Progress):
+                            if reply.re == rid and on_progress is not None:
+                                on_progress(index, reply.fraction)
+                            continue
+                        if getattr(reply, "re", None) in (rid, None):
+                            replies.append(reply)
+                            break
         except TimeoutError:
             await self.stop(graceful=False)
             raise SliceFailure(
@@ -294,6 +321,28 @@ class Sandbox:
         Raises:
             SliceFailure: the work function or the evaluator failed; the code says how.
         """
+        (outcome,) = await self.run_batch(
+            job,
+            limits,
+            [(slice_, datum)],
+            None if on_progress is None else (lambda _i, fraction: on_progress(fraction)),
+        )
+        if isinstance(outcome, SliceFailure):
+            raise outcome
+        return outcome
+
+    async def run_batch(
+        self,
+        job: JobSpec,
+        limits: Limits,
+        items: list[tuple[int, bytes]],
+        on_progress: Callable[[int, float], None] | None = None,
+    ) -> list[tuple[bytes, Metrics] | SliceFailure]:
+        """Run several slices of one job: their requests go to the evaluator in one write
+        and it answers each in turn (short slices pay one pipe round trip per batch, not per
+        slice). One outcome per item, in order: (result, metrics) or the slice's failure. A
+        failure of the evaluator itself (death, timeout) is the outcome of every slice it had
+        not answered."""
         if (
             self._proc is None
             or self._proc.returncode is not None
@@ -302,22 +351,35 @@ class Sandbox:
             await self.stop(graceful=True)
             await self.start()
         self.state = SandboxState.BUSY
+        replies: list[Message] = []
+        outcomes: list[tuple[bytes, Metrics] | SliceFailure] = []
         try:
             await self._assign(job, limits)
-            reply = await self._request(
-                RunSlice(id=self._id(), slice=slice_, datum=datum),
-                limits.wall_seconds + _MARGIN,
-                on_progress,
-            )
+            requests: list[Describe | Assign | RunSlice] = [
+                RunSlice(id=self._id(), slice=slice_, datum=datum) for slice_, datum in items
+            ]
+            await self._exchange(requests, limits.wall_seconds + _MARGIN, on_progress, replies)
+        except SliceFailure as exc:
+            failure: SliceFailure | None = exc
+        else:
+            failure = None
         finally:
-            self._slices_run += 1
+            self._slices_run += len(items)
             if self._proc is not None:
                 self.state = SandboxState.IDLE
-        if isinstance(reply, SliceDone):
-            return reply.result, reply.metrics
-        if isinstance(reply, Error):
-            raise SliceFailure(reply.code, reply.message)
-        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
+        for reply in replies:
+            if isinstance(reply, SliceDone):
+                outcomes.append((reply.result, reply.metrics))
+            elif isinstance(reply, Error):
+                outcomes.append(SliceFailure(reply.code, reply.message))
+            else:
+                outcomes.append(
+                    SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
+                )
+        while len(outcomes) < len(items):
+            assert failure is not None
+            outcomes.append(failure)
+        return outcomes
 
     async def _assign(self, job: JobSpec, limits: Limits) -> None:
         key = (job.job, job.sha256, job.argv, limits)

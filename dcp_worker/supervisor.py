@@ -73,6 +73,9 @@ _OUTBOX_RETRY = 2.0
 _CLOSE_SECONDS = 2.0
 _CLOSE_RESERVE = 5.0  # evaluators 2 s + session 2 s + the last commit
 _JOB_CACHE = 16
+_BATCH_SHORT = 0.02  # slices shorter than this (evaluator wall time) are batched
+_BATCH_WORK = 0.05  # ... about this much work per evaluator request
+_BATCH_MAX = 32
 _RETRY_MAX = 10.0  # the longest wait before a refused-for-now result is sent again
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
@@ -100,6 +103,41 @@ class Statistics:
     queued: int
     running: int
     outbox: int
+
+
+class _SliceQueue:
+    """Leased slices waiting for a sandbox, first in first out; a runner may take several
+    consecutive slices of one job at once (a batch)."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Held] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: _Held) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> _Held:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def get_nowait(self) -> _Held:
+        return self._items.popleft()
+
+    def take(self, job: str, n: int) -> list[_Held]:
+        """Up to ``n`` more slices of ``job`` from the head of the queue."""
+        taken: list[_Held] = []
+        while self._items and len(taken) < n and self._items[0].lease.job == job:
+            taken.append(self._items.popleft())
+        return taken
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
 
 
 @dataclass
@@ -161,7 +199,9 @@ class Supervisor:
             for i in range(config.effective_sandboxes)
         ]
         self._jobs: OrderedDict[str, JobSpec] = OrderedDict()
-        self._queue: asyncio.Queue[_Held] = asyncio.Queue()
+        self._queue = _SliceQueue()
+        #: Job -> a moving average of its slices' evaluator wall time (sizes batches).
+        self._walls: dict[str, float] = {}
         self._held: dict[tuple[str, int, str], _Held] = {}
         self._session: Session | None = None
         self._submit_q: asyncio.Queue[PendingResult] | None = None
@@ -509,7 +549,6 @@ class Supervisor:
             log.warning("disconnected from the scheduler; reconnecting")
 
     async def _fetcher(self, session: Session) -> None:
-        want = len(self.sandboxes) + self.config.effective_prefetch
         while not self._stopping.is_set():
             if self._outbox_failing:
                 with contextlib.suppress(TimeoutError):
@@ -531,9 +570,11 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), pause)
                 continue
+            want = len(self.sandboxes) + self._prefetch()
             held = self._queue.qsize() + self._running
             deficit = want - held
-            if deficit <= 0:
+            # A deep window is refilled in chunks, not a fetch per finished slice.
+            if deficit <= 0 or (held and deficit < want // 4):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
@@ -579,6 +620,17 @@ class Supervisor:
             if reply.slices:
                 log.debug("fetched %d slice(s)", len(reply.slices))
 
+    def _prefetch(self) -> int:
+        """Slices leased ahead of the sandboxes: as configured, or (auto) one per sandbox,
+        and a batch per sandbox while a job's slices are short (many in flight hide the round
+        trips to the scheduler and to the evaluators)."""
+        if self.config.prefetch >= 0:
+            return self.config.prefetch
+        n = len(self.sandboxes)
+        if any(wall <= _BATCH_SHORT for wall in self._walls.values()):
+            return 2 * n * _BATCH_MAX
+        return n
+
     def _fetch_took(self, seconds: float) -> None:
         c = self._counters
         c.fetch_seconds += seconds
@@ -596,6 +648,7 @@ class Supervisor:
                 break
             if job_id not in in_use:
                 del self._jobs[job_id]
+                self._walls.pop(job_id, None)
 
     async def _heartbeater(self, session: Session) -> None:
         interval = session.welcome.heartbeat_interval
@@ -734,96 +787,139 @@ class Supervisor:
 
     async def _runner(self, sandbox: Sandbox) -> None:
         while True:
-            held = await self._queue.get()
+            first = await self._queue.get()
+            batch = [first, *self._queue.take(first.lease.job, self._batch_size(first) - 1)]
             self._capacity.set()
-            lease = held.lease
-            if held.lost:
-                self._held.pop(_key(lease), None)
-                continue
-            job = self._jobs.get(lease.job)
+            job = self._jobs.get(first.lease.job)
             if job is not None:
-                self._jobs.move_to_end(lease.job)
-                why = policy.refusal(self._job_terms(job, lease), self._worker_terms())
-                if why is not None:
-                    # Never trust the scheduler alone: this slice does not reach an evaluator.
+                self._jobs.move_to_end(job.job)
+            runnable = []
+            for held in batch:
+                lease = held.lease
+                if held.lost:
                     self._held.pop(_key(lease), None)
-                    self._capacity.set()
-                    await self._refuse(lease, why)
                     continue
-            self._running += 1
-            self._activity[sandbox.index] = _Activity(
-                lease.job, job.name if job else "", lease.slice, time.monotonic(), held
-            )
-            log.debug(
-                "running slice %s/%d (attempt %d)",
-                lease.job,
-                lease.slice,
-                lease.attempt,
-                extra=_fields(lease.job, lease.slice),
-            )
-            try:
-                if job is None:
-                    raise SliceFailure(
-                        ErrorCode.UNKNOWN_SLICE.value,
-                        f"the scheduler sent no spec for job {lease.job}",
-                    )
+                if job is not None:
+                    why = policy.refusal(self._job_terms(job, lease), self._worker_terms())
+                    if why is not None:
+                        # Never trust the scheduler alone: this slice reaches no evaluator.
+                        self._held.pop(_key(lease), None)
+                        self._capacity.set()
+                        await self._refuse(lease, why)
+                        continue
+                runnable.append(held)
+            if runnable:
+                await self._run(sandbox, job, runnable)
+
+    def _batch_size(self, first: _Held) -> int:
+        """How many slices of this job one evaluator request should carry: 1 until its slices
+        are known to be short, then enough for about 50 ms of work (at most _BATCH_MAX), and
+        never more than a fair share of the queue across the sandboxes."""
+        job = self._jobs.get(first.lease.job)
+        wall = self._walls.get(first.lease.job)
+        if job is None or job.runtime != "wasm" or wall is None or wall > _BATCH_SHORT:
+            return 1
+        fair = -(-(self._queue.qsize() + 1) // len(self.sandboxes))
+        return max(1, min(_BATCH_MAX, int(_BATCH_WORK / max(wall, 1e-5)), fair))
+
+    async def _run(self, sandbox: Sandbox, job: JobSpec | None, batch: list[_Held]) -> None:
+        first = batch[0].lease
+        self._running += len(batch)
+        self._activity[sandbox.index] = _Activity(
+            first.job, job.name if job else "", first.slice, time.monotonic(), batch[0]
+        )
+        log.debug(
+            "running slice %s/%d (attempt %d)%s",
+            first.job,
+            first.slice,
+            first.attempt,
+            f" and {len(batch) - 1} more in one batch" if len(batch) > 1 else "",
+            extra=_fields(first.job, first.slice),
+        )
+        try:
+            outcomes: list[tuple[bytes, Metrics] | SliceFailure]
+            if job is None:
+                failure = SliceFailure(
+                    ErrorCode.UNKNOWN_SLICE.value,
+                    f"the scheduler sent no spec for job {first.job}",
+                )
+                outcomes = [failure] * len(batch)
+                extra = 0.0
+            else:
                 limits = self._clamp(job.limits)
 
-                def progress(fraction: float, held: _Held = held) -> None:
-                    held.progress = fraction
+                def progress(index: int, fraction: float) -> None:
+                    batch[index].progress = fraction
 
+                items = [(held.lease.slice, held.lease.datum) for held in batch]
                 started = time.monotonic()
                 if job.runtime == "opencl":
                     async with self._opencl_slots:
-                        result, metrics = await sandbox.run(
-                            job, limits, lease.datum, lease.slice, progress
-                        )
+                        outcomes = await sandbox.run_batch(job, limits, items, progress)
                 else:
-                    result, metrics = await sandbox.run(
-                        job, limits, lease.datum, lease.slice, progress
-                    )
-                metrics = replace(metrics, wall_seconds=time.monotonic() - started)
-            except SliceFailure as exc:
-                if exc.code in HELD_CODES:
-                    # The machine's owner needs it: give the slice back, lose nothing.
-                    self._machine_held(exc.message)
-                    await self._refuse(lease, Refusal(lease.job, exc.code, exc.message))
-                    continue
-                self._counters.failed += 1
-                self._counters.reasons["slice_failed", exc.code] += 1
-                log.warning(
-                    "slice %s/%d failed: %s %s",
-                    lease.job,
-                    lease.slice,
-                    exc.code,
-                    exc.message,
-                    extra=_fields(lease.job, lease.slice, exc.code),
+                    outcomes = await sandbox.run_batch(job, limits, items, progress)
+                elapsed = time.monotonic() - started
+                # Each slice is charged its evaluator time plus an equal share of the round trip.
+                inside = sum(
+                    o[1].wall_seconds for o in outcomes if not isinstance(o, BaseException)
                 )
-                await self._report_failure(lease, exc)
-            else:
-                payload = signing.result_payload(
-                    lease.job, lease.slice, lease.token, result, self.payment_address
-                )
-                item = PendingResult(
-                    lease.job,
-                    lease.slice,
-                    lease.token,
-                    result,
-                    self.identity.sign(payload),
-                    self.payment_address,
-                    metrics,
-                )
-                self._unsaved.append(item)
-                self._persist_wanted.set()
-                self._counters.done += 1
-                self._finished.append(time.monotonic())
-                self._measure(lease, metrics)
-            finally:
-                self._activity.pop(sandbox.index, None)
-                self._running -= 1
-                self._held.pop(_key(lease), None)
-                self._capacity.set()
-                self._slice_ended.set()
+                extra = max(0.0, elapsed - inside) / len(batch)
+            for held, outcome in zip(batch, outcomes, strict=True):
+                await self._settle(held.lease, outcome, extra)
+        finally:
+            self._activity.pop(sandbox.index, None)
+            self._running -= len(batch)
+            for held in batch:
+                self._held.pop(_key(held.lease), None)
+            self._capacity.set()
+            self._slice_ended.set()
+
+    async def _settle(
+        self, lease: SliceLease, outcome: tuple[bytes, Metrics] | SliceFailure, extra: float
+    ) -> None:
+        """One slice's outcome: a signed result for the outbox, or its failure reported."""
+        if isinstance(outcome, SliceFailure):
+            exc = outcome
+            if exc.code in HELD_CODES:
+                # The machine's owner needs it: give the slice back, lose nothing.
+                self._machine_held(exc.message)
+                await self._refuse(lease, Refusal(lease.job, exc.code, exc.message))
+                return
+            self._counters.failed += 1
+            self._counters.reasons["slice_failed", exc.code] += 1
+            log.warning(
+                "slice %s/%d failed: %s %s",
+                lease.job,
+                lease.slice,
+                exc.code,
+                exc.message,
+                extra=_fields(lease.job, lease.slice, exc.code),
+            )
+            await self._report_failure(lease, exc)
+            return
+        result, metrics = outcome
+        inside = metrics.wall_seconds
+        metrics = replace(metrics, wall_seconds=inside + extra)
+        payload = signing.result_payload(
+            lease.job, lease.slice, lease.token, result, self.payment_address
+        )
+        self._unsaved.append(
+            PendingResult(
+                lease.job,
+                lease.slice,
+                lease.token,
+                result,
+                self.identity.sign(payload),
+                self.payment_address,
+                metrics,
+            )
+        )
+        self._persist_wanted.set()
+        self._counters.done += 1
+        self._finished.append(time.monotonic())
+        previous = self._walls.get(lease.job, inside)
+        self._walls[lease.job] = 0.8 * previous + 0.2 * inside
+        self._measure(lease, metrics)
 
     # ------------------------------------------------------------------ policy
 

@@ -94,6 +94,11 @@ def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
     }
 
 
+#: Replies to a batch wait in the buffer while more requests are queued, but never longer
+#: than this (a slow slice in a batch does not hold back the answers before it).
+_FLUSH_EVERY = 0.05
+
+
 class Evaluator:
     """Serves the framed protocol on a pair of binary streams."""
 
@@ -107,10 +112,16 @@ class Evaluator:
         self._assigned: Assign | None = None
         self._current: int | None = None
         self._last_progress = 0.0
+        self._flushed = 0.0
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, flush: bool = False) -> None:
+        """Queue a reply; replies go out when the evaluator is about to wait for input, so
+        a batch of requests is answered in one write (progress goes out at once)."""
         self._out.write(frame(message))
-        self._out.flush()
+        now = time.monotonic()
+        if flush or now - self._flushed > _FLUSH_EVERY:
+            self._out.flush()
+            self._flushed = now
 
     def serve(self) -> int:
         while True:
@@ -120,10 +131,13 @@ class Evaluator:
                 self.send(Error(re=None, code=exc.code.value, message=exc.message))
                 if self._decoder.broken:
                     log.error("closing the stream: %s", exc.message)
+                    self._out.flush()
                     return EXIT_PROTOCOL
                 log.warning("bad frame: %s", exc.message)
                 continue
             if message is None:
+                self._out.flush()
+                self._flushed = time.monotonic()
                 chunk = (
                     self._in.read1(_READ_CHUNK)
                     if hasattr(self._in, "read1")
@@ -137,7 +151,7 @@ class Evaluator:
                 self._decoder.receive_data(chunk)
                 continue
             if isinstance(message, Die):
-                self.send(Ack(re=message.id))
+                self.send(Ack(re=message.id), flush=True)
                 return EXIT_OK
             self.handle(message)
 
@@ -209,6 +223,7 @@ class Evaluator:
             return
         self._current = message.id
         self._last_progress = 0.0
+        self._flushed = 0.0
         try:
             if job.runtime == "opencl":
                 result, metrics = self._opencl.run(
@@ -230,7 +245,7 @@ class Evaluator:
         self._last_progress = now
         if fraction != fraction:  # NaN from a careless work function: ignore it
             return
-        self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))))
+        self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True)
 
 
 def serve_stdio() -> int:

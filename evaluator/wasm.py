@@ -203,13 +203,15 @@ class WasmRuntime:
         exit_code = 0
         instance: wasmtime.Instance | None = None
         try:
+            instance = compiled.linker.instantiate(store, compiled.module)
+            start = instance.exports(store)["_start"]
+            assert isinstance(start, wasmtime.Func)
+            # Only around the work function: instantiation writes the module's memory image
+            # to a memfd of wasmtime's own, which a small output cap would refuse.
             resource.setrlimit(
                 resource.RLIMIT_FSIZE,
                 (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard),
             )
-            instance = compiled.linker.instantiate(store, compiled.module)
-            start = instance.exports(store)["_start"]
-            assert isinstance(start, wasmtime.Func)
             start(store)
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code

@@ -1,0 +1,78 @@
+"""Short slices go to an evaluator in batches: one write carries many requests, each slice
+still gets its own outcome, and a failing slice does not take its batch with it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from dcp_worker.protocol import JobSpec, Limits
+from dcp_worker.sandbox import Sandbox, SliceFailure
+from scheduler.client import ComputeClient
+
+from .conftest import Keystore, SchedulerProcess, WorkerProcess
+from .test_pipeline import ECHO, job_file
+
+
+def test_one_batch_many_outcomes_and_a_failure_stays_its_own() -> None:
+    module = ECHO.read_bytes()
+    job = JobSpec("j", "wasm", module, hashlib.sha256(module).hexdigest())
+    limits = Limits(output_bytes=4)  # a datum over 4 bytes fails with output_too_large
+
+    async def go() -> tuple[list[object], list[object]]:
+        sandbox = Sandbox(0)
+        try:
+            data = [b"ab", b"far too long", b"cd", *(b"%d" % i for i in range(50))]
+            first = await sandbox.run_batch(job, limits, list(enumerate(data)))
+            # The same evaluator goes on with the next batch.
+            second = await sandbox.run_batch(job, limits, [(0, b"ok")])
+            return first, second
+        finally:
+            await sandbox.stop(graceful=True)
+
+    first, second = asyncio.run(go())
+    assert len(first) == 53
+    assert first[0][0] == b"ab" and first[2][0] == b"cd"  # type: ignore[index]
+    failure = first[1]
+    assert isinstance(failure, SliceFailure) and failure.code == "output_too_large"
+    assert [o[0] for o in first[3:]] == [b"%d" % i for i in range(50)]  # type: ignore[index]
+    assert second[0][0] == b"ok"  # type: ignore[index]
+
+
+def test_a_dead_evaluator_fails_what_it_had_not_answered() -> None:
+    module = ECHO.read_bytes()
+    job = JobSpec("j", "wasm", module, hashlib.sha256(module).hexdigest())
+
+    async def go() -> tuple[list[object], list[object]]:
+        sandbox = Sandbox(0)
+        try:
+            await sandbox.describe()
+            assert sandbox._proc is not None
+            sandbox._proc.kill()  # dies while the batch is on its way
+            lost = await sandbox.run_batch(job, Limits(), [(0, b"a"), (1, b"b")])
+            again = await sandbox.run_batch(job, Limits(), [(2, b"c")])  # a new evaluator
+            return lost, again
+        finally:
+            await sandbox.stop(graceful=False)
+
+    lost, again = asyncio.run(go())
+    assert all(isinstance(o, SliceFailure) and o.code == "evaluator_died" for o in lost)
+    assert again[0][0] == b"c"  # type: ignore[index]
+
+
+def test_short_slices_are_batched_end_to_end(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    worker = workers(scheduler.url, make_keystore("w"), 2)
+    values = [f"v{i}" for i in range(600)]
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(job_file(tmp_path, "echo", ECHO, values))
+        results = list(client.results(job, wait=True, timeout=120))
+    assert [r.result for r in results] == [v.encode() for v in values]
+    assert "more in one batch" in worker.output()
+    assert worker.stop() == 0
