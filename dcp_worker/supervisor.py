@@ -34,19 +34,22 @@ from .connection import Session, SessionError, open_session
 from .identity import Identity
 from .outbox import Outbox, OutboxError, PendingResult
 from .protocol import (
-    Ack,
+    MAX_RESULTS_PER_FRAME,
     Decline,
     Error,
     ErrorCode,
     Fetch,
     Heartbeat,
     HeartbeatAck,
+    ItemAck,
     JobSpec,
     LeaseRef,
     Limits,
     Metrics,
     Refusal,
-    Result,
+    ResultItem,
+    Results,
+    ResultsAck,
     Return,
     SliceFailed,
     SliceLease,
@@ -61,7 +64,7 @@ __all__ = ["Supervisor", "Statistics"]
 
 log = logging.getLogger("dcp.worker")
 
-_SUBMIT_WINDOW = 32
+_SUBMIT_WINDOW = 8  # result frames in flight (each carries up to 256 results)
 _IDLE_POLL = 1.0
 #: How long the scheduler may hold an empty fetch (long poll) before answering.
 _LONG_POLL = 10.0
@@ -668,66 +671,87 @@ class Supervisor:
     async def _submitter(
         self, session: Session, queue: asyncio.Queue[PendingResult], tg: asyncio.TaskGroup
     ) -> None:
+        # Up to _SUBMIT_WINDOW frames in flight; results that queue up meanwhile go together
+        # in the next frame (one round trip and one scheduler transaction for many).
         window = asyncio.Semaphore(_SUBMIT_WINDOW)
         while True:
             item = await queue.get()
-            if item.key in self._inflight:
-                continue
             await window.acquire()
-            self._inflight.add(item.key)
-            tg.create_task(self._submit(session, item, window))
+            batch: dict[tuple[str, int, str], PendingResult] = {}
+            while True:
+                if item.key not in self._inflight:
+                    batch[item.key] = item
+                if len(batch) >= MAX_RESULTS_PER_FRAME or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if not batch:
+                window.release()
+                continue
+            self._inflight.update(batch)
+            tg.create_task(self._submit(session, list(batch.values()), window))
 
     async def _submit(
-        self, session: Session, item: PendingResult, window: asyncio.Semaphore
+        self, session: Session, batch: list[PendingResult], window: asyncio.Semaphore
     ) -> None:
         try:
             reply = await session.request(
-                lambda rid: Result(
+                lambda rid: Results(
                     id=rid,
-                    job=item.job,
-                    slice=item.slice,
-                    token=item.token,
-                    result=item.result,
-                    payment_address=item.payment_address,
-                    signature=item.signature,
-                    metrics=item.metrics,
+                    results=tuple(
+                        ResultItem(
+                            job=item.job,
+                            slice=item.slice,
+                            token=item.token,
+                            result=item.result,
+                            payment_address=item.payment_address,
+                            signature=item.signature,
+                            metrics=item.metrics,
+                        )
+                        for item in batch
+                    ),
                 )
             )
         finally:
             window.release()
-            self._inflight.discard(item.key)
-        if isinstance(reply, Ack):
-            self._counters.accepted += 1
-            self._counters.credits += reply.credited
-            log.debug("result %s/%d %s", item.job, item.slice, reply.status)
-        elif isinstance(reply, Error) and reply.code in _FINAL_REFUSALS:
-            self._counters.refused += 1
-            self._counters.reasons["result_refused", reply.code] += 1
-            log.warning(
-                "result %s/%d refused: %s %s",
-                item.job,
-                item.slice,
-                reply.code,
-                reply.message,
-                extra=_fields(item.job, item.slice, reply.code),
-            )
-        else:
-            # Not taken for now (the scheduler's database is busy, say): it stays in the
-            # outbox and goes again on this session after a backoff, or on the next session.
-            tries = self._retries[item.key] = self._retries.get(item.key, 0) + 1
-            self._counters.reasons["result_retried", getattr(reply, "code", reply.type)] += 1
-            delay = random.uniform(0.5, 1.0) * min(0.5 * 2 ** (tries - 1), _RETRY_MAX)
-            log.warning(
-                "result %s/%d not accepted now (%s); retrying in %.1f s",
-                item.job,
-                item.slice,
-                getattr(reply, "code", reply.type),
-                delay,
-            )
-            asyncio.get_running_loop().call_later(delay, self._resubmit, session, item)
-            return
-        self._retries.pop(item.key, None)
-        self._acked.append(item.key)
+            self._inflight.difference_update(item.key for item in batch)
+        if isinstance(reply, ResultsAck) and len(reply.acks) == len(batch):
+            acks = list(reply.acks)
+        else:  # the whole frame was refused (e.g. internal): every result waits and goes again
+            code = getattr(reply, "code", reply.type)
+            acks = [ItemAck("retry", code=code, message=getattr(reply, "message", ""))] * len(batch)
+        for item, ack in zip(batch, acks, strict=True):
+            if ack.status in ("accepted", "duplicate"):
+                self._counters.accepted += 1
+                self._counters.credits += ack.credited
+                log.debug("result %s/%d %s", item.job, item.slice, ack.status)
+            elif ack.status == "refused" and ack.code in _FINAL_REFUSALS:
+                self._counters.refused += 1
+                self._counters.reasons["result_refused", ack.code] += 1
+                log.warning(
+                    "result %s/%d refused: %s %s",
+                    item.job,
+                    item.slice,
+                    ack.code,
+                    ack.message,
+                    extra=_fields(item.job, item.slice, ack.code),
+                )
+            else:
+                # Not taken for now (the scheduler's database is busy, say): it stays in the
+                # outbox and goes again on this session after a backoff, or on the next one.
+                tries = self._retries[item.key] = self._retries.get(item.key, 0) + 1
+                self._counters.reasons["result_retried", ack.code] += 1
+                delay = random.uniform(0.5, 1.0) * min(0.5 * 2 ** (tries - 1), _RETRY_MAX)
+                log.warning(
+                    "result %s/%d not accepted now (%s); retrying in %.1f s",
+                    item.job,
+                    item.slice,
+                    ack.code,
+                    delay,
+                )
+                asyncio.get_running_loop().call_later(delay, self._resubmit, session, item)
+                continue
+            self._retries.pop(item.key, None)
+            self._acked.append(item.key)
         self._persist_wanted.set()
 
     def _resubmit(self, session: Session, item: PendingResult) -> None:

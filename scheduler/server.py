@@ -32,6 +32,7 @@ from dcp_worker.protocol import (
     Fetch,
     Heartbeat,
     HeartbeatAck,
+    ItemAck,
     JobSpec,
     LeaseRef,
     Message,
@@ -39,6 +40,9 @@ from dcp_worker.protocol import (
     ProtocolError,
     Refusal,
     Result,
+    ResultItem,
+    Results,
+    ResultsAck,
     Return,
     SliceFailed,
     SliceLease,
@@ -99,6 +103,29 @@ class _Session:
     leave_public_group: bool = False
     #: (job, code) refusals already reported on this session (each is reported once).
     reported: set[tuple[str, str]] = field(default_factory=set)
+
+
+def _as_result(rid: int, item: ResultItem) -> Result:
+    return Result(
+        id=rid,
+        job=item.job,
+        slice=item.slice,
+        token=item.token,
+        result=item.result,
+        payment_address=item.payment_address,
+        signature=item.signature,
+        metrics=item.metrics,
+    )
+
+
+def _item_ack(reply: Message) -> ItemAck:
+    """A single result's reply as an entry of ``results_ack``."""
+    if isinstance(reply, Ack):
+        return ItemAck(reply.status, reply.credited)
+    if isinstance(reply, Error):
+        status = "retry" if reply.code == ErrorCode.INTERNAL.value else "refused"
+        return ItemAck(status, code=reply.code, message=reply.message)
+    return ItemAck("retry", code=ErrorCode.INTERNAL.value, message=f"unexpected {reply.type}")
 
 
 def _peek_id(data: str | bytes) -> int | None:
@@ -344,6 +371,8 @@ class Scheduler:
             )
         if isinstance(message, Result):
             return self._result(session, message, now)
+        if isinstance(message, Results):
+            return self._results(session, message, now)
         if isinstance(message, SliceFailed):
             state = self.store.fail_slice(
                 message.job,
@@ -499,7 +528,83 @@ class Scheduler:
             self._results_changed()
         return Ack(re=message.id, status=status, credited=credits(paid))
 
+    def _results(
+        self, session: _Session, message: Results, now: float
+    ) -> Message | Coroutine[Any, Any, None]:
+        """Many results, one transaction for those without a verifier; one reply."""
+        acks: list[ItemAck | None] = [None] * len(message.results)
+        plain: list[int] = []
+        checked: list[int] = []
+        for i, item in enumerate(message.results):
+            if len(item.result) > self.config.max_result_bytes:
+                acks[i] = ItemAck(
+                    "refused",
+                    code=ErrorCode.RESULT_TOO_LARGE.value,
+                    message=f"results are limited to {self.config.max_result_bytes} bytes",
+                )
+                continue
+            payload = signing.result_payload(
+                item.job, item.slice, item.token, item.result, item.payment_address
+            )
+            if not signing.verify(payload, item.signature, session.address):
+                acks[i] = ItemAck(
+                    "refused",
+                    code=ErrorCode.BAD_SIGNATURE.value,
+                    message="the result is not signed by this session's identity",
+                )
+                continue
+            (plain if self.store.job_verifier(item.job) is None else checked).append(i)
+        if plain:
+            rows = [
+                (
+                    it.job,
+                    it.slice,
+                    it.token,
+                    it.result,
+                    signing.checksum(it.payment_address),
+                    it.signature,
+                    it.metrics,
+                )
+                for it in (message.results[i] for i in plain)
+            ]
+            try:
+                outcomes = self.store.accept_results(session.address, rows, now)
+            except StoreError as exc:  # the whole transaction: nothing of it happened
+                for i in plain:
+                    acks[i] = ItemAck("retry", code=exc.code.value, message=str(exc))
+            else:
+                for i, outcome in zip(plain, outcomes, strict=True):
+                    if isinstance(outcome, StoreError):
+                        acks[i] = _item_ack(
+                            Error(re=None, code=outcome.code.value, message=str(outcome))
+                        )
+                    else:
+                        acks[i] = ItemAck(outcome[0], credits(outcome[1]))
+                if any(a is not None and a.status == "accepted" for a in acks):
+                    self._results_changed()
+        if not checked:
+            return ResultsAck(re=message.id, acks=tuple(a for a in acks if a is not None))
+
+        async def verify_and_reply() -> None:
+            replies = await asyncio.gather(
+                *(
+                    self._checked(session, _as_result(message.id, message.results[i]))
+                    for i in checked
+                )
+            )
+            for i, reply in zip(checked, replies, strict=True):
+                acks[i] = _item_ack(reply)
+            await session.send(
+                ResultsAck(re=message.id, acks=tuple(a for a in acks if a is not None))
+            )
+
+        return verify_and_reply()
+
     async def _verify_then_accept(self, session: _Session, message: Result) -> None:
+        await session.send(await self._checked(session, message))
+
+    async def _checked(self, session: _Session, message: Result) -> Message:
+        """Run the job's verifier on a result, then accept or reject it; the reply."""
         try:
             verifier = self.store.job_verifier(message.job)
             record = self.store.job(message.job)
@@ -543,7 +648,7 @@ class Scheduler:
                 reply = Error(re=message.id, code=verdict.code, message=verdict.message)
         except StoreError as exc:
             reply = Error(re=message.id, code=exc.code.value, message=str(exc))
-        await session.send(reply)
+        return reply
 
     # ------------------------------------------------------------------ compute API
 

@@ -145,6 +145,10 @@ CREATE TABLE IF NOT EXISTS refusals (
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 
 
+#: (job, slice, token, result, payment_address, signature, metrics) of one result.
+ResultRow = tuple[str, int, str, bytes, str, str, Metrics]
+
+
 class SQLiteStore:
     """:class:`scheduler.store.Store` on one SQLite database file."""
 
@@ -589,44 +593,86 @@ class SQLiteStore:
             ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
         """
         with self._tx() as db:
-            state, _attempts, _max, offer = self._fenced(db, job_id, slice_, token, worker)
-            if state is SliceState.DONE:
-                return "duplicate", 0  # resubmission of the accepted result: harmless
-            try:
-                new = transition(state, SliceEvent.ACCEPT)
-            except IllegalTransition:
-                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
-            db.execute(
-                "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
-                " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
-                (
-                    new.value,
-                    result,
-                    signature,
-                    payment_address,
-                    json.dumps(asdict(metrics)),
-                    now,
-                    job_id,
-                    slice_,
-                ),
+            outcome = self._accept(
+                db, job_id, slice_, token, worker, result, payment_address, signature, metrics, now
             )
-            db.execute(
-                "UPDATE jobs SET cost_n = cost_n + 1, cost_cpu = cost_cpu + ?,"
-                " cost_gpu = cost_gpu + ?, cost_in = cost_in + ?, cost_out = cost_out + ?"
-                " WHERE id=?",
-                (
-                    metrics.cpu_seconds,
-                    metrics.gpu_seconds,
-                    metrics.bytes_in,
-                    metrics.bytes_out,
-                    job_id,
-                ),
-            )
-            self._move(
-                db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_
-            )
-            self._count(db, worker, "accepted", now, earned=offer)
-            self._settle(db, job_id, now)
+            if outcome[0] == "accepted":
+                self._settle(db, job_id, now)
+        return outcome
+
+    def accept_results(
+        self, worker: str, items: list[ResultRow], now: float
+    ) -> list[tuple[str, int] | StoreError]:
+        """:meth:`accept_result` for many results in one transaction (one commit for a
+        batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
+        changes nothing, the others are accepted."""
+        outcomes: list[tuple[str, int] | StoreError] = []
+        with self._tx() as db:
+            for item in items:
+                db.execute("SAVEPOINT item")
+                try:
+                    job_id, slice_, token, result, payment, signature, metrics = item
+                    outcome = self._accept(
+                        db, job_id, slice_, token, worker, result, payment, signature, metrics, now
+                    )
+                except StoreError as exc:
+                    db.execute("ROLLBACK TO item")
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(outcome)
+                    if outcome[0] == "accepted":
+                        self._settle(db, job_id, now)  # one slice of its job is final
+                db.execute("RELEASE item")
+        return outcomes
+
+    def _accept(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        result: bytes,
+        payment_address: str,
+        signature: str,
+        metrics: Metrics,
+        now: float,
+    ) -> tuple[str, int]:
+        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, token, worker)
+        if state is SliceState.DONE:
+            return "duplicate", 0  # resubmission of the accepted result: harmless
+        try:
+            new = transition(state, SliceEvent.ACCEPT)
+        except IllegalTransition:
+            raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+        db.execute(
+            "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
+            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
+            (
+                new.value,
+                result,
+                signature,
+                payment_address,
+                json.dumps(asdict(metrics)),
+                now,
+                job_id,
+                slice_,
+            ),
+        )
+        db.execute(
+            "UPDATE jobs SET cost_n = cost_n + 1, cost_cpu = cost_cpu + ?,"
+            " cost_gpu = cost_gpu + ?, cost_in = cost_in + ?, cost_out = cost_out + ?"
+            " WHERE id=?",
+            (
+                metrics.cpu_seconds,
+                metrics.gpu_seconds,
+                metrics.bytes_in,
+                metrics.bytes_out,
+                job_id,
+            ),
+        )
+        self._move(db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_)
+        self._count(db, worker, "accepted", now, earned=offer)
         return "accepted", offer
 
     def _release(

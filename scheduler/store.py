@@ -228,6 +228,9 @@ class Store(Protocol):
         metrics: Metrics,
         now: float,
     ) -> tuple[str, int]: ...
+    def accept_results(
+        self, worker: str, items: list[tuple[str, int, str, bytes, str, str, Metrics]], now: float
+    ) -> list[tuple[str, int] | StoreError]: ...
     def reject_result(
         self,
         job_id: str,

@@ -45,6 +45,17 @@ MESSAGES: list[p.Message] = [
         signature=SIG,
         metrics=p.Metrics(1.0, 0.5, 3, 3),
     ),
+    p.Results(
+        id=8,
+        results=(
+            p.ResultItem("j", 0, "t", b"out", ADDR, SIG, p.Metrics(1.0, 0.5, 3, 3)),
+            p.ResultItem("j", 1, "u", b"", ADDR, SIG),
+        ),
+    ),
+    p.ResultsAck(
+        re=8,
+        acks=(p.ItemAck("accepted", 0.5), p.ItemAck("refused", code="stale_lease", message="m")),
+    ),
     p.SliceFailed(id=6, job="j", slice=1, token="u", code="wasm_trap", message="unreachable"),
     p.Return(id=7, leases=(p.LeaseRef("j", 2, "v"),)),
     p.Ack(re=7, status="accepted"),
@@ -294,3 +305,15 @@ def test_protocol_package_does_no_io() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in forbidden and name not in forbidden, (path, name)
+
+
+def test_results_frames_are_bounded_and_checked() -> None:
+    item = p.ResultItem("j", 0, "t", b"", ADDR, SIG)
+    with pytest.raises(p.InvalidMessage, match="1..256"):
+        p.Results(id=1, results=())
+    with pytest.raises(p.InvalidMessage, match="1..256"):
+        p.Results(id=1, results=(item,) * (p.MAX_RESULTS_PER_FRAME + 1))
+    with pytest.raises(p.InvalidMessage, match="signature"):
+        p.ResultItem("j", 0, "t", b"", ADDR, "zz")
+    with pytest.raises(p.InvalidMessage, match="status"):
+        p.ItemAck("maybe")

@@ -76,6 +76,35 @@ def test_accept_once_then_duplicate(store: Store) -> None:
     assert record.state == "finished" and record.counts == {"done": 1}
 
 
+def test_a_batch_of_results_is_one_transaction_with_outcomes_of_its_own(store: Store) -> None:
+    job = store.create_job(new_job(4), 0.0)
+    leases = store.lease(W1, 4, 0.0, 10.0)
+    assert accept(store, job, 0, leases[0].token) == "accepted"
+
+    def row(idx: int, token: str) -> tuple[str, int, str, bytes, str, str, Metrics]:
+        return (job, idx, token, b"r%d" % idx, PAY, "00" * 65, Metrics())
+
+    outcomes = store.accept_results(
+        W1,
+        [
+            row(0, leases[0].token),  # already accepted: duplicate
+            row(1, "not-the-token"),  # fenced: its own StaleLease, nothing of it happens
+            row(2, leases[2].token),
+            row(3, leases[3].token),
+        ],
+        1.0,
+    )
+    assert outcomes[0] == ("duplicate", 0)
+    assert isinstance(outcomes[1], StaleLease)
+    assert outcomes[2][0] == "accepted" and outcomes[3][0] == "accepted"  # type: ignore[index]
+    record = store.job(job)
+    assert record.state == "active" and record.counts == {"done": 3, "leased": 1}
+    (last,) = store.accept_results(W1, [row(1, leases[1].token)], 2.0)
+    assert last[0] == "accepted"  # type: ignore[index]
+    record = store.job(job)
+    assert record.state == "finished" and record.counts == {"done": 4}
+
+
 def test_wrong_token_or_worker_is_fenced(store: Store) -> None:
     job = store.create_job(new_job(1), 0.0)
     (lease,) = store.lease(W1, 1, 0.0, 10.0)

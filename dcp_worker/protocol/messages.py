@@ -41,6 +41,11 @@ __all__ = [
     "Heartbeat",
     "HeartbeatAck",
     "Result",
+    "ResultItem",
+    "Results",
+    "ItemAck",
+    "ResultsAck",
+    "MAX_RESULTS_PER_FRAME",
     "SliceFailed",
     "Return",
     "Ack",
@@ -359,6 +364,71 @@ class Result(Message):
 
 
 @dataclass(frozen=True)
+class ResultItem:
+    """One signed result inside ``results`` (the fields of ``result`` without an id)."""
+
+    job: str
+    slice: int
+    token: str
+    result: bytes
+    payment_address: str
+    signature: str
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        _check_address(self.payment_address, "payment_address")
+        _check(
+            len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes"
+        )
+
+
+MAX_RESULTS_PER_FRAME = 256
+
+
+@dataclass(frozen=True)
+class Results(Message):
+    """Worker -> scheduler: several signed results in one frame; answered by one
+    ``results_ack`` with an entry per result, in order."""
+
+    type: ClassVar[str] = "results"
+    id: int
+    results: tuple[ResultItem, ...]
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= len(self.results) <= MAX_RESULTS_PER_FRAME,
+            f"results holds 1..{MAX_RESULTS_PER_FRAME} results",
+        )
+
+
+@dataclass(frozen=True)
+class ItemAck:
+    """The scheduler's answer to one result of a ``results`` frame: ``accepted`` (with the
+    credits paid) or ``duplicate``; or ``refused`` / ``retry`` with the error ``code`` and
+    ``message`` it would have answered to a single ``result``."""
+
+    status: str
+    credited: float = 0.0
+    code: str = ""
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.status in ("accepted", "duplicate", "refused", "retry"),
+            "status must be accepted, duplicate, refused or retry",
+        )
+
+
+@dataclass(frozen=True)
+class ResultsAck(Message):
+    """Scheduler -> worker: the answer to ``results``, one entry per result in order."""
+
+    type: ClassVar[str] = "results_ack"
+    re: int
+    acks: tuple[ItemAck, ...]
+
+
+@dataclass(frozen=True)
 class SliceFailed(Message):
     """Worker -> scheduler: the slice could not be computed; ``code`` names why."""
 
@@ -494,6 +564,8 @@ SCHEDULER_MESSAGES: dict[str, type[Message]] = {
         Heartbeat,
         HeartbeatAck,
         Result,
+        Results,
+        ResultsAck,
         SliceFailed,
         Return,
         Ack,

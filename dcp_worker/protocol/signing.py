@@ -9,6 +9,7 @@ keccak-256 of the uncompressed public key, EIP-55 checksummed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -121,6 +122,7 @@ def address_of(private_key: bytes) -> str:
     return str(to_checksum_address(keccak(public[1:])[-20:]))
 
 
+@functools.lru_cache(maxsize=4096)
 def checksum(address: str) -> str:
     """EIP-55 form of ``address``. Raises ValueError if it is not an address."""
     return str(to_checksum_address(address))
