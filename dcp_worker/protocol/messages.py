@@ -614,73 +614,169 @@ def from_wire(cls: type[T], data: Any, path: str = "") -> T:
         InvalidMessage: a field is missing, unexpected, or of the wrong type.
     """
     where = path or getattr(cls, "type", "") or cls.__name__
-    if not isinstance(data, dict):
-        raise InvalidMessage(f"{where}: expected an object")
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    extra = set(data) - set(known) - {"type"}
-    if extra:
-        raise InvalidMessage(f"{where}: unexpected field(s) {sorted(extra)}")
-    kwargs: dict[str, Any] = {}
+    return _plan(cls)(data, where)  # type: ignore[no-any-return]
+
+
+#: A compiled converter: (JSON value, path for messages) -> the field's value. Types are
+#: resolved once per class, and paths are only formatted when something is wrong (decoding is
+#: on every hot path: a worker decodes each evaluator reply, a scheduler each result).
+_Converter = typing.Callable[[Any, str], Any]
+_PLANS: dict[type, _Converter] = {}
+
+
+class _Bad(Exception):
+    """A value of the wrong type inside a field; ``path`` is its place below the field."""
+
+    def __init__(self, why: str, path: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+        self.path = path
+
+
+def _plan(cls: type) -> _Converter:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _compile_dataclass(cls)
+    return plan
+
+
+def _compile_dataclass(cls: type) -> _Converter:
     hints = _hints(cls)
-    for name, f in known.items():
-        if name not in data:
-            has_default = (
-                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            )
-            if has_default:
-                continue
-            raise InvalidMessage(f"{where}: missing field {name!r}")
-        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
-    try:
-        return cls(**kwargs)
-    except InvalidMessage as exc:
-        raise InvalidMessage(f"{where}: {exc.message}") from None
+    fields_ = [
+        (
+            f.name,
+            _compile(hints[f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            _nests(hints[f.name]),
+        )
+        for f in dataclasses.fields(cls)
+    ]
+    known = frozenset(name for name, *_rest in fields_) | {"type"}
+
+    def convert(data: Any, where: str) -> Any:
+        if not isinstance(data, dict):
+            raise InvalidMessage(f"{where}: expected an object")
+        if not known.issuperset(data):
+            raise InvalidMessage(f"{where}: unexpected field(s) {sorted(set(data) - known)}")
+        kwargs: dict[str, Any] = {}
+        for name, conv, required, nests in fields_:
+            if name in data:
+                try:
+                    kwargs[name] = conv(data[name], f"{where}.{name}" if nests else "")
+                except _Bad as bad:
+                    raise InvalidMessage(f"{where}.{name}{bad.path}: {bad.why}") from None
+            elif required:
+                raise InvalidMessage(f"{where}: missing field {name!r}")
+        try:
+            return cls(**kwargs)
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"{where}: {exc.message}") from None
+
+    return convert
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _nests(tp: Any) -> bool:
+    """Whether a field holds records, whose own errors need the field's path."""
+    return any(dataclasses.is_dataclass(t) for t in (tp, *get_args(tp), *_flat_args(tp)))
+
+
+def _flat_args(tp: Any) -> tuple[Any, ...]:
+    return tuple(a for arg in get_args(tp) for a in get_args(arg))
+
+
+def _compile(tp: Any) -> _Converter:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise InvalidMessage(f"{where}: must not be null")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
+        nullable = type(None) in args
+        (inner_tp,) = [a for a in args if a is not type(None)]
+        inner = _compile(inner_tp)
+
+        def optional(value: Any, where: str) -> Any:
+            if value is None:
+                if nullable:
+                    return None
+                raise _Bad("must not be null")
+            return inner(value, where)
+
+        return optional
     if tp is Any:
-        return value
+        return lambda value, _where: value
     if tp is bool:
-        if not isinstance(value, bool):
-            raise InvalidMessage(f"{where}: expected a boolean")
-        return value
+
+        def boolean(value: Any, _where: str) -> Any:
+            if not isinstance(value, bool):
+                raise _Bad("expected a boolean")
+            return value
+
+        return boolean
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidMessage(f"{where}: expected an integer")
-        return value
+
+        def integer(value: Any, _where: str) -> Any:
+            if type(value) is not int:
+                raise _Bad("expected an integer")
+            return value
+
+        return integer
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidMessage(f"{where}: expected a number")
-        return float(value)
+
+        def number(value: Any, _where: str) -> Any:
+            if type(value) is float:
+                return value
+            if type(value) is not int:
+                raise _Bad("expected a number")
+            return float(value)
+
+        return number
     if tp is str:
-        if not isinstance(value, str):
-            raise InvalidMessage(f"{where}: expected a string")
-        return value
+
+        def string(value: Any, _where: str) -> Any:
+            if type(value) is not str:
+                raise _Bad("expected a string")
+            return value
+
+        return string
     if tp is bytes:
-        if not isinstance(value, str):
-            raise InvalidMessage(f"{where}: expected a base64 string")
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise InvalidMessage(f"{where}: invalid base64") from None
+
+        def blob(value: Any, _where: str) -> Any:
+            if not isinstance(value, str):
+                raise _Bad("expected a base64 string")
+            try:
+                return base64.b64decode(value, validate=True)
+            except binascii.Error:
+                raise _Bad("invalid base64") from None
+
+        return blob
     if origin is tuple:
-        if not isinstance(value, list):
-            raise InvalidMessage(f"{where}: expected an array")
-        (inner, _ellipsis) = get_args(tp)
-        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+        (inner_tp, _ellipsis) = get_args(tp)
+        inner = _compile(inner_tp)
+
+        def sequence(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise _Bad("expected an array")
+            out = []
+            for i, item in enumerate(value):
+                try:
+                    out.append(inner(item, where))
+                except _Bad as bad:
+                    raise _Bad(bad.why, f"[{i}]{bad.path}") from None
+                except InvalidMessage as exc:  # a record inside: its message has its path
+                    raise InvalidMessage(exc.message.replace(where, f"{where}[{i}]", 1)) from None
+            return tuple(out)
+
+        return sequence
     if origin is dict:
-        if not isinstance(value, dict):
-            raise InvalidMessage(f"{where}: expected an object")
-        return value
+
+        def mapping(value: Any, _where: str) -> Any:
+            if not isinstance(value, dict):
+                raise _Bad("expected an object")
+            return value
+
+        return mapping
     if dataclasses.is_dataclass(tp):
-        return from_wire(tp, value, where)  # type: ignore[arg-type]
-    raise TypeError(f"unsupported field type {tp!r} at {where}")  # a bug in this module
+
+        def record(value: Any, where: str) -> Any:
+            return _plan(tp)(value, where)  # type: ignore[arg-type]
+
+        return record
+    raise TypeError(f"unsupported field type {tp!r}")  # a bug in this module
