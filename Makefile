@@ -28,10 +28,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
 
-## Benchmarks against their peers (Dask, native C); each prints one JSON line last.
+## Benchmarks against their peers (Dask, native C) and at scale; each prints one JSON line last.
 bench: $(STAMP)
 	$(PY) benchmarks/hashrate.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/scale.py
 
 ## Fault injection: kill workers, evaluators and the scheduler at random while jobs run;
 ## prints one JSON line (lost and paid-twice slices must be 0). Bounded to 15 minutes.

@@ -11,7 +11,7 @@ import pytest
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("name", ["hashrate", "throughput"])
+@pytest.mark.parametrize("name", ["hashrate", "throughput", "scale"])
 def test_benchmark_smoke(name: str) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
@@ -22,5 +22,9 @@ def test_benchmark_smoke(name: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == name
+    if name == "scale":
+        assert figures["workers_20"]["results_per_s"] > 0
+        assert figures["workers_20"]["lease_p99_ms"] > 0
+        return
     ratio = figures["wasm_over_native" if name == "hashrate" else "ours_over_dask"]
     assert ratio is not None and ratio > 0
