@@ -105,19 +105,6 @@ class _Session:
     reported: set[tuple[str, str]] = field(default_factory=set)
 
 
-def _as_result(rid: int, item: ResultItem) -> Result:
-    return Result(
-        id=rid,
-        job=item.job,
-        slice=item.slice,
-        token=item.token,
-        result=item.result,
-        payment_address=item.payment_address,
-        signature=item.signature,
-        metrics=item.metrics,
-    )
-
-
 def _item_ack(reply: Message) -> ItemAck:
     """A single result's reply as an entry of ``results_ack``."""
     if isinstance(reply, Ack):
@@ -510,9 +497,11 @@ class Scheduler:
             )
         if self.store.job_verifier(message.job) is not None:
             return self._verify_then_accept(session, message)
-        return self._accept(session, message, now)
+        return self._accept(session, message, message.id, now)
 
-    def _accept(self, session: _Session, message: Result, now: float) -> Message:
+    def _accept(
+        self, session: _Session, message: Result | ResultItem, rid: int, now: float
+    ) -> Message:
         status, paid = self.store.accept_result(
             message.job,
             message.slice,
@@ -526,7 +515,7 @@ class Scheduler:
         )
         if status == "accepted":
             self._results_changed()
-        return Ack(re=message.id, status=status, credited=credits(paid))
+        return Ack(re=rid, status=status, credited=credits(paid))
 
     def _results(
         self, session: _Session, message: Results, now: float
@@ -587,10 +576,7 @@ class Scheduler:
 
         async def verify_and_reply() -> None:
             replies = await asyncio.gather(
-                *(
-                    self._checked(session, _as_result(message.id, message.results[i]))
-                    for i in checked
-                )
+                *(self._checked(session, message.results[i], message.id) for i in checked)
             )
             for i, reply in zip(checked, replies, strict=True):
                 acks[i] = _item_ack(reply)
@@ -601,9 +587,9 @@ class Scheduler:
         return verify_and_reply()
 
     async def _verify_then_accept(self, session: _Session, message: Result) -> None:
-        await session.send(await self._checked(session, message))
+        await session.send(await self._checked(session, message, message.id))
 
-    async def _checked(self, session: _Session, message: Result) -> Message:
+    async def _checked(self, session: _Session, message: Result | ResultItem, rid: int) -> Message:
         """Run the job's verifier on a result, then accept or reject it; the reply."""
         try:
             verifier = self.store.job_verifier(message.job)
@@ -623,7 +609,7 @@ class Scheduler:
                 message.job, verifier, record.argv, datum, message.result
             )
             if verdict.ok:
-                reply = self._accept(session, message, time.time())
+                reply = self._accept(session, message, rid, time.time())
             else:
                 state = self.store.reject_result(
                     message.job,
@@ -645,9 +631,9 @@ class Scheduler:
                     self._wake()
                 else:
                     self._results_changed()
-                reply = Error(re=message.id, code=verdict.code, message=verdict.message)
+                reply = Error(re=rid, code=verdict.code, message=verdict.message)
         except StoreError as exc:
-            reply = Error(re=message.id, code=exc.code.value, message=str(exc))
+            reply = Error(re=rid, code=exc.code.value, message=str(exc))
         return reply
 
     # ------------------------------------------------------------------ compute API

@@ -73,6 +73,12 @@ def _check(condition: bool, message: str) -> None:
         raise InvalidMessage(message)
 
 
+def _check_signed(payment_address: str, signature: str) -> None:
+    """The checks of a signed result: a payment address and 65 signature bytes in hex."""
+    _check_address(payment_address, "payment_address")
+    _check(len(signature) == 130 and _is_hex(signature), "signature must be 65 hex bytes")
+
+
 def _check_address(value: str, name: str) -> None:
     _check(
         len(value) == _ADDRESS_LEN and value.startswith("0x") and _is_hex(value[2:]),
@@ -357,10 +363,7 @@ class Result(Message):
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        _check_address(self.payment_address, "payment_address")
-        _check(
-            len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes"
-        )
+        _check_signed(self.payment_address, self.signature)
 
 
 @dataclass(frozen=True)
@@ -376,10 +379,7 @@ class ResultItem:
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        _check_address(self.payment_address, "payment_address")
-        _check(
-            len(self.signature) == 130 and _is_hex(self.signature), "signature must be 65 hex bytes"
-        )
+        _check_signed(self.payment_address, self.signature)
 
 
 MAX_RESULTS_PER_FRAME = 256
