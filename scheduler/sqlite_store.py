@@ -592,12 +592,11 @@ class SQLiteStore:
         Returns:
             ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
         """
-        with self._tx() as db:
-            outcome = self._accept(
-                db, job_id, slice_, token, worker, result, payment_address, signature, metrics, now
-            )
-            if outcome[0] == "accepted":
-                self._settle(db, job_id, now)
+        (outcome,) = self.accept_results(
+            worker, [(job_id, slice_, token, result, payment_address, signature, metrics)], now
+        )
+        if isinstance(outcome, StoreError):
+            raise outcome
         return outcome
 
     def accept_results(
