@@ -6,7 +6,14 @@ compute it (echo: the result is the datum), sign the result and submit it; the j
 slices for the run. Measured per worker count: results accepted per second over the run, and the
 latency of fetches that leased a slice (p50, p99). Runs 100 and 1,000 workers in the same run.
 
-    python benchmarks/scale.py [--quick] [--workers 100,1000] [--seconds S]
+Two loads per worker count. ``compute 0``: each worker fetches again as soon as its result is
+acknowledged, so the scheduler is saturated and the latency is mostly queueing (by Little's law,
+workers / throughput); this gives the capacity. ``compute C``: each worker holds its slice C
+seconds (uniform in [C/2, 3C/2], as a real slice takes time to compute) before submitting it;
+this is the latency a volunteer sees when the scheduler is not the bottleneck. The simulated
+workers run in one client process sharing the machine with the scheduler.
+
+    python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--seconds S]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -42,7 +50,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_worker(
-    url: str, identity: Identity, deadline: float, latencies: list[float], done: list[int]
+    url: str,
+    identity: Identity,
+    deadline: float,
+    compute: float,
+    latencies: list[float],
+    done: list[int],
 ) -> None:
     session: Session = await open_session(url, identity, identity.address, timeout=60)
     known: tuple[str, ...] = ()
@@ -58,6 +71,8 @@ async def one_worker(
             latencies.append(time.perf_counter() - started)
             known = tuple({*known, *(job.job for job in reply.jobs)})
             for lease in reply.slices:
+                if compute:
+                    await asyncio.sleep(random.uniform(compute / 2, compute * 1.5))
                 payload = signing.result_payload(
                     lease.job, lease.slice, lease.token, lease.datum, identity.address
                 )
@@ -79,7 +94,7 @@ async def one_worker(
         await session.close()
 
 
-async def run_workers(url: str, n: int, seconds: float) -> dict[str, float]:
+async def run_workers(url: str, n: int, compute: float, seconds: float) -> dict[str, float]:
     identities = [Identity.from_private_key(os.urandom(32)) for _ in range(n)]
     latencies: list[float] = []
     done = [0]
@@ -87,9 +102,11 @@ async def run_workers(url: str, n: int, seconds: float) -> dict[str, float]:
     deadline = time.monotonic() + 3600
     tasks = []
     for identity in identities:
-        tasks.append(asyncio.create_task(one_worker(url, identity, deadline, latencies, done)))
+        tasks.append(
+            asyncio.create_task(one_worker(url, identity, deadline, compute, latencies, done))
+        )
         await asyncio.sleep(0)
-    await asyncio.sleep(min(5.0, 0.01 * n))
+    await asyncio.sleep(min(5.0, 0.01 * n) + 2 * compute)
     latencies.clear()
     done[0] = 0
     started = time.monotonic()
@@ -103,6 +120,7 @@ async def run_workers(url: str, n: int, seconds: float) -> dict[str, float]:
         "results_per_s": round(count / elapsed, 1),
         "lease_p50_ms": round(1000 * percentile(sample, 0.5), 2),
         "lease_p99_ms": round(1000 * percentile(sample, 0.99), 2),
+        "leases": len(sample),
     }
 
 
@@ -110,11 +128,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny, not saved")
     parser.add_argument("--workers", default="100,1000")
+    parser.add_argument(
+        "--compute", default="0,1", help="seconds each worker holds a slice (0: saturate)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
+    computes = [float(c) for c in args.compute.split(",")]
     if args.quick:
-        counts, args.seconds = [5, 20], 2.0
+        counts, computes, args.seconds = [5, 20], [0.0, 0.2], 2.0
     figures: dict[str, object] = {"seconds": args.seconds}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -122,12 +144,15 @@ def main() -> None:
         scheduler = LocalScheduler(work / "s.db", "--lease-timeout", "60")
         try:
             with ComputeClient(scheduler.url, owner) as client:
-                values = [f"v{i}" for i in range(200_000 if not args.quick else 5_000)]
+                values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
                 job_toml = work / "job.toml"
                 job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
                 client.deploy(job_toml)
             for n in counts:
-                figures[f"workers_{n}"] = asyncio.run(run_workers(scheduler.url, n, args.seconds))
+                for compute in computes:
+                    figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
+                        run_workers(scheduler.url, n, compute, args.seconds)
+                    )
         finally:
             scheduler.stop(30)
     report("scale", figures, save=not args.quick)

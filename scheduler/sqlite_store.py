@@ -387,13 +387,13 @@ class SQLiteStore:
         )
         return {state: n for state, n in rows}
 
-    def job(self, job_id: str) -> JobRecord:
+    def job(self, job_id: str, counts: bool = True) -> JobRecord:
         row = self._db.execute(
             f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)
         ).fetchone()
         if row is None:
             raise UnknownJob(f"no job {job_id}")
-        return self._job_record(row, self._counts(job_id))
+        return self._job_record(row, self._counts(job_id) if counts else {})
 
     def job_state(self, job_id: str) -> str:
         row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -487,26 +487,33 @@ class SQLiteStore:
         leases: list[Lease] = []
         where, params = "", []
         if jobs is not None:
-            where = f" AND s.job IN ({','.join('?' * len(jobs))})"
+            where = f" AND id IN ({','.join('?' * len(jobs))})"
             params = list(jobs)
+        new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
+        updates = []
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT s.job, s.idx, s.attempts, s.datum, j.offer_micro FROM slices s"
-                " JOIN jobs j ON j.id = s.job"
-                " WHERE s.state='queued' AND j.state='active'"
-                " AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
-                + where
-                + " ORDER BY j.seq, s.idx LIMIT ?",
-                [worker.lower(), *params, max_slices],
+            order = db.execute(
+                f"SELECT id, offer_micro FROM jobs WHERE state='active'{where} ORDER BY seq",
+                params,
             ).fetchall()
-            new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
-            updates = []
-            for job_id, idx, attempts, datum, offer in rows:
-                token = secrets.token_hex(16)
-                updates.append((new_state, token, worker, deadline, job_id, idx))
-                leases.append(
-                    Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
+            for job_id, offer in order:
+                want = max_slices - len(leases)
+                if want <= 0:
+                    break
+                # Job by job through the state index: a query over all jobs at once walked
+                # every slice of the job (done ones included) and grew with its progress.
+                rows = db.execute(
+                    "SELECT idx, attempts, datum FROM slices INDEXED BY slices_by_state"
+                    " WHERE state='queued' AND job=? AND (rejected_by IS NULL OR rejected_by != ?)"
+                    " ORDER BY idx LIMIT ?",
+                    (job_id, worker.lower(), want),
                 )
+                for idx, attempts, datum in rows:
+                    token = secrets.token_hex(16)
+                    updates.append((new_state, token, worker, deadline, job_id, idx))
+                    leases.append(
+                        Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
+                    )
             db.executemany(
                 "UPDATE slices SET state=?, token=?, worker=?, deadline=?, attempts=attempts+1,"
                 " progress=NULL WHERE job=? AND idx=?",
