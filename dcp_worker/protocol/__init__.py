@@ -6,7 +6,9 @@ evaluator wrap it in their own I/O. docs/protocol.md is the normative descriptio
 
 from __future__ import annotations
 
-from . import policy, signing
+# ``signing`` is imported where it is used (``from dcp_worker.protocol import signing``): it
+# pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
+from . import policy
 from .codec import MAX_FRAME_BYTES, PROTOCOL_VERSION, StreamDecoder, decode, encode, frame
 from .errors import (
     ErrorCode,
