@@ -4,13 +4,87 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+ECHO = ROOT / "examples" / "echo" / "echo.wasm"
+BIN = Path(sys.executable).parent
+
+sys.path.insert(0, str(ROOT))
+
+from dcp_worker.identity import create_keystore  # noqa: E402
+from scheduler.client import ComputeClient  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
+
+
+@dataclass
+class Pipeline:
+    """A local scheduler (SQLite), one worker as a real process, and a job owner's client."""
+
+    work: Path
+    scheduler: LocalScheduler
+    worker: subprocess.Popen[bytes]
+    client: ComputeClient
+    deployed: int = 0
+
+    def echo(self, values: list[str]) -> float:
+        """Deploy an echo job over ``values``, read every result back, check them; seconds
+        from the deploy to the last result."""
+        self.deployed += 1
+        job_toml = self.work / f"job{self.deployed}.toml"
+        job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
+        started = time.perf_counter()
+        job = self.client.deploy(job_toml)
+        results = list(self.client.results(job, wait=True, timeout=600))
+        elapsed = time.perf_counter() - started
+        assert [r.result for r in results] == [v.encode() for v in values]
+        return elapsed
+
+
+@contextmanager
+def pipeline(work: Path, sandboxes: int, *worker_args: str) -> Iterator[Pipeline]:
+    """Start a :class:`Pipeline` under ``work``; stop both processes with SIGINT after."""
+    work.mkdir(parents=True, exist_ok=True)
+    pw = work / "pw"
+    pw.write_text("bench\n")
+    owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
+    create_keystore(work / "worker.json", b"bench", iterations=1024)
+    sched = LocalScheduler(work / "s.db")
+    worker = subprocess.Popen(
+        [
+            str(BIN / "dcp-worker"),
+            "--scheduler",
+            sched.url,
+            "--identity",
+            str(work / "worker.json"),
+            "--passphrase-file",
+            str(pw),
+            "--sandboxes",
+            str(sandboxes),
+            "--state-dir",
+            str(work / "state"),
+            "-o",
+            "console",  # plain logs, even on a terminal
+            *worker_args,
+        ]
+    )
+    try:
+        with ComputeClient(sched.url, owner) as client:
+            yield Pipeline(work, sched, worker, client)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(60)
+        sched.stop(30)
 
 
 def median(values: list[float]) -> float:

@@ -117,7 +117,7 @@ async def warm(n: int) -> dict[str, float]:
             await sandbox.run(echo, LIMITS, b"x", i)
             singles.append(time.perf_counter() - started)
         batched = []
-        for i in range(max(1, n // 32)):
+        for _ in range(max(1, n // 32)):
             items = [(k, b"x") for k in range(32)]
             started = time.perf_counter()
             await sandbox.run_batch(echo, LIMITS, items)

@@ -12,9 +12,6 @@ trivial function over the same N items. Median of R rounds each, interleaved.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ROOT, median, report  # noqa: E402
-
-from dcp_worker.identity import create_keystore  # noqa: E402
-from scheduler.client import ComputeClient  # noqa: E402
-from scheduler.local import LocalScheduler  # noqa: E402
-
-BIN = Path(sys.executable).parent
-ECHO = ROOT / "examples" / "echo" / "echo.wasm"
+from common import median, pipeline, report  # noqa: E402
 
 
 def echo(x: str) -> str:
@@ -38,47 +28,12 @@ def echo(x: str) -> str:
 
 
 def run_ours(work: Path, slices: int, sandboxes: int, rounds: int) -> list[float]:
-    pw = work / "pw"
-    pw.write_text("bench\n")
-    owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
-    create_keystore(work / "worker.json", b"bench", iterations=1024)
-    sched = LocalScheduler(work / "s.db")
-    url = sched.url
-    worker = subprocess.Popen(
-        [
-            str(BIN / "dcp-worker"),
-            "--scheduler",
-            url,
-            "--identity",
-            str(work / "worker.json"),
-            "--passphrase-file",
-            str(pw),
-            "--sandboxes",
-            str(sandboxes),
-            "--state-dir",
-            str(work / "state"),
-            "-o",
-            "console",  # plain logs, even on a terminal
-        ]
-    )
     rates = []
-    try:
-        with ComputeClient(url, owner) as client:
-            for i in range(rounds + 1):  # round 0 warms the worker up and is not counted
-                job_toml = work / f"job{i}.toml"
-                values = [f"{i}-{k}" for k in range(slices)]
-                job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
-                started = time.perf_counter()
-                job = client.deploy(job_toml)
-                results = list(client.results(job, wait=True, timeout=600))
-                elapsed = time.perf_counter() - started
-                assert [r.result for r in results] == [v.encode() for v in values]
-                if i:
-                    rates.append(slices / elapsed)
-    finally:
-        worker.send_signal(signal.SIGINT)
-        worker.wait(60)
-        sched.stop(30)
+    with pipeline(work, sandboxes) as ours:
+        for i in range(rounds + 1):  # round 0 warms the worker up and is not counted
+            elapsed = ours.echo([f"{i}-{k}" for k in range(slices)])
+            if i:
+                rates.append(slices / elapsed)
     return rates
 
 

@@ -91,7 +91,7 @@ class WorkerConfig:
     max_wall_seconds: float = 300.0
     max_memory_bytes: int = 1024 * 1024 * 1024
     max_output_bytes: int = 16 * 1024 * 1024
-    slices_per_evaluator: int = 1000
+    slices_per_evaluator: int = 10000
     # "" starts evaluators here; "tcp://127.0.0.1:9000" or a socket path reaches a manager.
     evaluator: str = ""
     # OpenCL devices this worker lends: device-name patterns it never uses, the device

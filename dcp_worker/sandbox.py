@@ -88,7 +88,7 @@ class Sandbox:
         self,
         index: int,
         command: list[str] | None = None,
-        slices_per_evaluator: int = 1000,
+        slices_per_evaluator: int = 10000,
         endpoint: str | None = None,
         hardening: Hardening | None = None,
         runtime_options: dict[str, dict[str, Any]] | None = None,

@@ -223,7 +223,6 @@ class Evaluator:
             return
         self._current = message.id
         self._last_progress = 0.0
-        self._flushed = 0.0
         try:
             if job.runtime == "opencl":
                 result, metrics = self._opencl.run(

@@ -11,7 +11,7 @@ import pytest
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("name", ["hashrate", "throughput", "scale", "sandbox_start"])
+@pytest.mark.parametrize("name", ["hashrate", "throughput", "scale", "sandbox_start", "breakdown"])
 def test_benchmark_smoke(name: str) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
@@ -26,6 +26,10 @@ def test_benchmark_smoke(name: str) -> None:
         for load in ("workers_20_compute_0s", "workers_20_compute_0.2s"):
             assert figures[load]["results_per_s"] > 0
             assert figures[load]["lease_p99_ms"] > 0
+        return
+    if name == "breakdown":
+        assert all(v > 0 for v in figures["steps_us"].values())
+        assert all(v > 0 for v in figures["end_to_end_us"].values())
         return
     if name == "sandbox_start":
         assert 0 < figures["warm_switch_ms"] < figures["cold_first_slice_ms"]
