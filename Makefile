@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/sandbox_start.py
 	$(PY) benchmarks/breakdown.py
+	$(PY) benchmarks/plots.py
 
 ## Fault injection: kill workers, evaluators and the scheduler at random while jobs run;
 ## prints one JSON line (lost and paid-twice slices must be 0). Bounded to 15 minutes.

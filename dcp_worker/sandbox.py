@@ -194,7 +194,14 @@ class Sandbox:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                await proc.wait()
+            # Read what it left unread to the end: a pipe paused with replies nobody took (a
+            # batch abandoned on a timeout) never reports its end, and wait() waits for it.
+            if reader is not None:
+                with contextlib.suppress(TimeoutError, OSError):
+                    async with asyncio.timeout(5):
+                        while await reader.read(1 << 16):
+                            pass
+            await proc.wait()
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._stderr_task, 1.0)
@@ -236,9 +243,13 @@ class Sandbox:
         """
         reader = self._reader
         assert reader is not None
+        # The requests are written while the replies are read: waiting for the whole batch to
+        # be taken first deadlocked once the replies filled the evaluator's stdout pipe (a batch
+        # of 16 KiB slices: the evaluator blocked writing, so it stopped reading).
+        drained: asyncio.Future[None] | None = None
         try:
             self._stdin.write(b"".join(frame(m) for m in messages))
-            await self._stdin.drain()
+            drained = asyncio.ensure_future(self._stdin.drain())
             for index, message in enumerate(messages):
                 rid = message.id
                 async with asyncio.timeout(timeout):
@@ -265,6 +276,7 @@ class Sandbox:
                         if getattr(reply, "re", None) in (rid, None):
                             replies.append(reply)
                             break
+            await drained  # every reply is in, so every request was taken
         except TimeoutError:
             await self.stop(graceful=False)
             raise SliceFailure(
@@ -276,6 +288,11 @@ class Sandbox:
         except SliceFailure:
             await self.stop(graceful=False)
             raise
+        finally:
+            if drained is not None and not drained.done():
+                drained.cancel()
+            elif drained is not None and not drained.cancelled():
+                drained.exception()  # retrieved: a dead evaluator is reported from the reads
 
     async def _death(self) -> str:
         if self.endpoint is not None:

@@ -8,6 +8,8 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from dcp_worker.protocol import JobSpec, Limits
 from dcp_worker.sandbox import Sandbox, SliceFailure
 from scheduler.client import ComputeClient
@@ -39,6 +41,27 @@ def test_one_batch_many_outcomes_and_a_failure_stays_its_own() -> None:
     assert isinstance(failure, SliceFailure) and failure.code == "output_too_large"
     assert [o[0] for o in first[3:]] == [b"%d" % i for i in range(50)]  # type: ignore[index]
     assert second[0][0] == b"ok"  # type: ignore[index]
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_of_large_slices_does_not_deadlock_on_the_pipes() -> None:
+    # 32 x 16 KiB: the replies fill the evaluator's stdout pipe long before the worker has
+    # written the whole batch. Waiting for the write to drain before reading hung forever.
+    module = ECHO.read_bytes()
+    job = JobSpec("j", "wasm", module, hashlib.sha256(module).hexdigest())
+    data = [bytes([65 + i % 26]) * 16384 for i in range(32)]
+
+    async def go() -> list[object]:
+        sandbox = Sandbox(0)
+        try:
+            return await asyncio.wait_for(
+                sandbox.run_batch(job, Limits(), list(enumerate(data))), 60
+            )
+        finally:
+            await sandbox.stop(graceful=False)
+
+    outcomes = asyncio.run(go())
+    assert [o[0] for o in outcomes] == data  # type: ignore[index]
 
 
 def test_a_dead_evaluator_fails_what_it_had_not_answered() -> None:

@@ -11,7 +11,9 @@ import pytest
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("name", ["hashrate", "throughput", "scale", "sandbox_start", "breakdown"])
+@pytest.mark.parametrize(
+    "name", ["hashrate", "throughput", "scale", "sandbox_start", "breakdown", "plots"]
+)
 def test_benchmark_smoke(name: str) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick"],
@@ -26,6 +28,10 @@ def test_benchmark_smoke(name: str) -> None:
         for load in ("workers_20_compute_0s", "workers_20_compute_0.2s"):
             assert figures[load]["results_per_s"] > 0
             assert figures[load]["lease_p99_ms"] > 0
+        return
+    if name == "plots":
+        assert figures["png_bytes"] > 10_000  # a real figure
+        assert all(p["ours"] > 0 and p["dask"] > 0 for p in figures["by_size"].values())
         return
     if name == "breakdown":
         assert all(v > 0 for v in figures["steps_us"].values())

@@ -42,6 +42,5 @@ __all__ = [
     "SliceState",
     "transition",
     "policy",
-    "signing",
     *_messages_all,
 ]

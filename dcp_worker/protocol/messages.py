@@ -582,19 +582,67 @@ EVALUATOR_MESSAGES: dict[str, type[Message]] = {
 
 
 def to_wire(value: Any) -> Any:
-    """Turn a message (or a field value) into JSON-compatible data."""
-    if isinstance(value, Message):
-        out: dict[str, Any] = {"type": value.type}
-        for f in dataclasses.fields(value):
-            out[f.name] = to_wire(getattr(value, f.name))
-        return out
+    """Turn a message (or a field value) into JSON-compatible data: bytes as base64, tuples
+    as lists, records as objects (a message's ``type`` first); anything else as it is."""
+    encoder = _ENCODERS.get(type(value))
+    if encoder is not None:
+        return encoder(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        encoder = _ENCODERS[type(value)] = _compile_encoder(type(value))
+        return encoder(value)
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
+        return _b64(value)
     if isinstance(value, tuple):
         return [to_wire(v) for v in value]
     return value
+
+
+#: Per record class, an encoder planned once from its field types (encoding is on every hot
+#: path, like decoding: a field whose JSON form is itself costs no call at all).
+_ENCODERS: dict[type, typing.Callable[[Any], Any]] = {}
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _compile_encoder(cls: type) -> typing.Callable[[Any], Any]:
+    hints = _hints(cls)
+    plan = [(f.name, _field_encoder(hints[f.name])) for f in dataclasses.fields(cls)]
+    tag = cls.type if issubclass(cls, Message) else None
+
+    def encode(value: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {} if tag is None else {"type": tag}
+        for name, encoder in plan:
+            field_value = getattr(value, name)
+            out[name] = field_value if encoder is None else encoder(field_value)
+        return out
+
+    return encode
+
+
+def _field_encoder(tp: Any) -> typing.Callable[[Any], Any] | None:
+    """How to encode a field of type ``tp``; None when its value is its JSON form."""
+    origin = get_origin(tp)
+    if tp in (str, int, float, bool) or origin is dict or tp is dict:
+        return None
+    if tp is bytes:
+        return _b64
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            inner = _field_encoder(args[0])
+            if inner is None:
+                return None
+            return lambda value: None if value is None else inner(value)
+    if origin is tuple:
+        items = get_args(tp)
+        if len(items) == 2 and items[1] is Ellipsis:
+            item = _field_encoder(items[0])
+            if item is None:
+                return list
+            return lambda value: [item(v) for v in value]
+    return to_wire  # records (planned on first use), Any, anything unusual
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
