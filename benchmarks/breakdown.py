@@ -39,7 +39,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ECHO, median, pipeline, report  # noqa: E402
+from common import ECHO, median, pipeline, report, us  # noqa: E402
 
 from dcp_worker.identity import Identity  # noqa: E402
 from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
@@ -311,9 +311,6 @@ def main() -> None:
         evaluator = steps.evaluator()
         transport = asyncio.run(websocket_round_trip(work_frame, results_frame, reps))
         e2e = end_to_end(work / "e2e", args.slices)
-
-    def us(seconds: float) -> float:
-        return round(1e6 * seconds, 1)
 
     scheduler_steps = sched["lease"] + sched["verify"] + sched["store"] + frames["scheduler_frames"]
     worker_steps = (

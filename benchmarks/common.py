@@ -95,6 +95,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, for the JSON line."""
+    return round(1000 * seconds, 3)
+
+
+def us(seconds: float) -> float:
+    """Seconds as microseconds, for the JSON line."""
+    return round(1e6 * seconds, 1)
+
+
 def machine() -> dict[str, Any]:
     import os
 

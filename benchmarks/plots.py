@@ -103,6 +103,19 @@ def plot(
     plt.close(fig)
 
 
+def points(table: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """Each point's two rates and their ratio, for the JSON line."""
+    ours, dask = table["ours"], table["dask"]
+    return {
+        str(x): {
+            "ours": round(ours[x], 1),
+            "dask": round(dask[x], 1),
+            "ratio": round(ours[x] / dask[x], 2),
+        }
+        for x in sorted(ours)
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny, not saved")
@@ -132,22 +145,8 @@ def main() -> None:
         figures = {
             "png": str(png),
             "rounds": args.rounds,
-            "by_sandboxes": {
-                str(n): {
-                    "ours": round(by_sandboxes["ours"][n], 1),
-                    "dask": round(by_sandboxes["dask"][n], 1),
-                    "ratio": round(by_sandboxes["ours"][n] / by_sandboxes["dask"][n], 2),
-                }
-                for n in counts
-            },
-            "by_size": {
-                str(s): {
-                    "ours": round(by_size["ours"][s], 1),
-                    "dask": round(by_size["dask"][s], 1),
-                    "ratio": round(by_size["ours"][s] / by_size["dask"][s], 2),
-                }
-                for s in sizes
-            },
+            "by_sandboxes": points(by_sandboxes),
+            "by_size": points(by_size),
             "png_bytes": png.stat().st_size,
         }
     report("plots", figures, save=not args.quick)

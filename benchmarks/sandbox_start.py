@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ROOT, median, report  # noqa: E402
+from common import ROOT, median, ms, report, us  # noqa: E402
 
 from dcp_worker.protocol import JobSpec, Limits  # noqa: E402
 from dcp_worker.sandbox import Sandbox  # noqa: E402
@@ -47,14 +47,6 @@ LIMITS = Limits()
 def spec(job: str, path: Path) -> JobSpec:
     module = path.read_bytes()
     return JobSpec(job, "wasm", module, hashlib.sha256(module).hexdigest(), argv=("1",))
-
-
-def ms(seconds: float) -> float:
-    return round(1000 * seconds, 3)
-
-
-def us(seconds: float) -> float:
-    return round(1e6 * seconds, 1)
 
 
 def interpreter(code: str, n: int) -> float:
