@@ -17,6 +17,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,7 +96,8 @@ def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
 
 
 #: Replies to a batch wait in the buffer while more requests are queued, but never longer
-#: than this (a slow slice in a batch does not hold back the answers before it).
+#: than this: a flusher thread sends them while a slow slice of the batch runs (wasm and
+#: OpenCL calls release the GIL).
 _FLUSH_EVERY = 0.05
 
 
@@ -112,18 +114,48 @@ class Evaluator:
         self._assigned: Assign | None = None
         self._current: int | None = None
         self._last_progress = 0.0
-        self._flushed = 0.0
+        #: When the oldest reply not yet flushed was written (None: all flushed).
+        self._unflushed_since: float | None = None
+        self._out_lock = threading.Lock()
 
     def send(self, message: Message, flush: bool = False) -> None:
         """Queue a reply; replies go out when the evaluator is about to wait for input, so
-        a batch of requests is answered in one write (progress goes out at once)."""
-        self._out.write(frame(message))
-        now = time.monotonic()
-        if flush or now - self._flushed > _FLUSH_EVERY:
-            self._out.flush()
-            self._flushed = now
+        a batch of requests is answered in one write, or once the oldest has waited
+        ``_FLUSH_EVERY`` (progress goes out at once)."""
+        with self._out_lock:
+            self._out.write(frame(message))
+            now = time.monotonic()
+            if self._unflushed_since is None:
+                self._unflushed_since = now
+            if flush or now - self._unflushed_since >= _FLUSH_EVERY:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send what is buffered; the caller holds ``_out_lock``."""
+        self._out.flush()
+        self._unflushed_since = None
+
+    def _flusher(self, stopped: threading.Event) -> None:
+        while not stopped.wait(_FLUSH_EVERY / 2):
+            with self._out_lock:
+                since = self._unflushed_since
+                if since is not None and time.monotonic() - since >= _FLUSH_EVERY:
+                    try:
+                        self._flush()
+                    except (OSError, ValueError):  # the worker went away: serve() will see it
+                        return
 
     def serve(self) -> int:
+        stopped = threading.Event()
+        flusher = threading.Thread(target=self._flusher, args=(stopped,), daemon=True)
+        flusher.start()
+        try:
+            return self._serve()
+        finally:
+            stopped.set()
+            flusher.join()
+
+    def _serve(self) -> int:
         while True:
             try:
                 message = self._decoder.next_message()
@@ -131,13 +163,14 @@ class Evaluator:
                 self.send(Error(re=None, code=exc.code.value, message=exc.message))
                 if self._decoder.broken:
                     log.error("closing the stream: %s", exc.message)
-                    self._out.flush()
+                    with self._out_lock:
+                        self._flush()
                     return EXIT_PROTOCOL
                 log.warning("bad frame: %s", exc.message)
                 continue
             if message is None:
-                self._out.flush()
-                self._flushed = time.monotonic()
+                with self._out_lock:
+                    self._flush()
                 chunk = (
                     self._in.read1(_READ_CHUNK)
                     if hasattr(self._in, "read1")

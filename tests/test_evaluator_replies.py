@@ -1,0 +1,39 @@
+"""The evaluator answers a batch in few writes, but a slow slice in the batch does not hold back
+the replies before it (docs/protocol.md: at most 50 ms)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dcp_worker import protocol as p
+
+from .evaluator_client import EvaluatorClient
+
+SPIN = Path(__file__).parent / "wasm" / "spin.c"
+
+
+def test_a_slow_slice_does_not_hold_back_the_replies_before_it(
+    zig_build: Callable[[Path], bytes],
+) -> None:
+    evaluator = EvaluatorClient()
+    try:
+        assert isinstance(evaluator.assign(zig_build(SPIN), wall_seconds=30), p.Ack)
+        started = time.monotonic()
+        evaluator.send_raw(
+            p.frame(p.RunSlice(id=evaluator.next_id(), slice=0, datum=b"0"))
+            + p.frame(p.RunSlice(id=evaluator.next_id(), slice=1, datum=b"2000"))
+        )
+        first = evaluator.receive()
+        first_at = time.monotonic() - started
+        second = evaluator.receive()
+        second_at = time.monotonic() - started
+    finally:
+        evaluator.close()
+    assert isinstance(first, p.SliceDone) and first.result == b"done\n"
+    assert isinstance(second, p.SliceDone) and second.result == b"done\n"
+    assert second_at >= 2.0
+    # The fast slice's reply went out while the slow one ran (50 ms, with room for a slow
+    # machine), not when the batch ended.
+    assert first_at < 1.0, first_at
