@@ -32,14 +32,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ECHO, median, pipeline, report, us  # noqa: E402
+from common import ECHO, median, per_slice, pipeline, report, us  # noqa: E402
 
 from dcp_worker.identity import Identity  # noqa: E402
 from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
@@ -64,17 +63,6 @@ from scheduler.store import NewJob  # noqa: E402
 BATCH = 64
 LIMITS = Limits()
 METRICS = Metrics(wall_seconds=0.0002, cpu_seconds=0.0002, bytes_in=8, bytes_out=8)
-
-
-def per_slice(step: Callable[[], object], slices: int, reps: int) -> float:
-    """Median seconds per slice of ``step``, which handles ``slices`` slices a call."""
-    step()  # warm
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - started) / slices)
-    return median(times)
 
 
 class Steps:
@@ -273,8 +261,8 @@ def end_to_end(work: Path, slices: int) -> dict[str, float]:
             return t.user + t.system
 
         def evaluators() -> tuple[float, dict[int, float]]:
-            # Evaluators the worker replaced (every 1,000 slices) and reaped count in its
-            # children's times; the live ones are read one by one.
+            # Evaluators the worker replaced (every `slices_per_evaluator` slices) and reaped
+            # count in its children's times; the live ones are read one by one.
             t = worker.cpu_times()
             live = {c.pid: cpu(c) for c in worker.children(recursive=True)}
             return t.children_user + t.children_system, live

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +93,18 @@ def pipeline(work: Path, sandboxes: int, *worker_args: str) -> Iterator[Pipeline
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def per_slice(step: Callable[[], object], slices: int, reps: int) -> float:
+    """Median seconds per slice of ``step``, which handles ``slices`` slices a call (one call
+    first, untimed, to warm it)."""
+    step()
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) / slices)
+    return median(times)
 
 
 def ms(seconds: float) -> float:

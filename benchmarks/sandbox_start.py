@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ROOT, median, ms, report, us  # noqa: E402
+from common import ROOT, median, ms, per_slice, report, us  # noqa: E402
 
 from dcp_worker.protocol import JobSpec, Limits  # noqa: E402
 from dcp_worker.sandbox import Sandbox  # noqa: E402
@@ -128,13 +128,7 @@ def in_process(n: int) -> float:
     echo = spec("echo", ECHO)
     runtime = WasmRuntime()
     runtime.compile(echo.module, echo.sha256, LIMITS)
-    runtime.run(echo.sha256, echo.argv, LIMITS, b"x")
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        runtime.run(echo.sha256, echo.argv, LIMITS, b"x")
-        times.append(time.perf_counter() - started)
-    return median(times)
+    return per_slice(lambda: runtime.run(echo.sha256, echo.argv, LIMITS, b"x"), 1, n)
 
 
 def main() -> None:
