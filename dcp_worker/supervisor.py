@@ -57,7 +57,7 @@ from .protocol import (
     policy,
     signing,
 )
-from .protocol.policy import JobTerms, WorkerTerms
+from .protocol.policy import WorkerTerms
 from .sandbox import Sandbox, SliceFailure
 
 __all__ = ["Supervisor", "Statistics"]
@@ -157,6 +157,8 @@ class _Activity:
 @dataclass
 class _Held:
     lease: SliceLease
+    #: What this worker offered in the fetch that leased the slice.
+    offered: WorkerTerms
     lost: bool = False
     progress: float | None = None
 
@@ -582,17 +584,19 @@ class Supervisor:
                 await self._capacity.wait()
                 continue
             asked = time.monotonic()
+            # The fetch says exactly what these terms hold; its slices are checked against them.
+            offered = self._worker_terms()
             reply = await session.request(
                 partial(
                     Fetch,
                     max_slices=deficit,
-                    capabilities=self._offered_capabilities(),
+                    capabilities=dict(offered.capabilities),
                     known_jobs=tuple(self._jobs),
                     wait_seconds=_LONG_POLL,
-                    min_wage=self.config.min_wage,
-                    allowed_jobs=self.config.job_ids,
-                    allowed_owners=self.config.job_owners,
-                    declined=tuple(Decline(j, o) for j, o in self._declined.items()),
+                    min_wage=offered.min_wage,
+                    allowed_jobs=tuple(sorted(offered.allowed_jobs)),
+                    allowed_owners=tuple(sorted(offered.allowed_owners)),
+                    declined=tuple(Decline(j, o) for j, o in offered.declined.items()),
                 )
             )
             self._fetch_took(time.monotonic() - asked)
@@ -617,7 +621,7 @@ class Supervisor:
                     return
                 continue
             for lease in reply.slices:
-                held_slice = _Held(lease)
+                held_slice = _Held(lease, offered)
                 self._held[_key(lease)] = held_slice
                 self._queue.put_nowait(held_slice)
             if reply.slices:
@@ -824,7 +828,7 @@ class Supervisor:
                     self._held.pop(_key(lease), None)
                     continue
                 if job is not None:
-                    why = policy.refusal(self._job_terms(job, lease), self._worker_terms())
+                    why = self._slice_refusal(job, held)
                     if why is not None:
                         # Never trust the scheduler alone: this slice reaches no evaluator.
                         self._held.pop(_key(lease), None)
@@ -956,7 +960,7 @@ class Supervisor:
             min_wage=c.min_wage,
             allowed_jobs=frozenset(c.job_ids),
             allowed_owners=frozenset(c.job_owners),
-            declined=self._declined,
+            declined=dict(self._declined),
         )
 
     def _offered_capabilities(self) -> dict[str, Any]:
@@ -979,16 +983,16 @@ class Supervisor:
         used = sum(seconds for _t, seconds in self._opencl_used)
         return used >= self.config.opencl_share * _OPENCL_WINDOW
 
-    def _job_terms(self, job: JobSpec, lease: SliceLease) -> JobTerms:
-        # The worker judges the wage by its own measurements of the job, not the scheduler's.
-        return JobTerms(
-            job=job.job,
-            owner=job.owner,
-            group=job.group,
-            requirements=job.requirements,
-            offer=lease.offer,
-            cost=self._mean_cost(job.job),
-        )
+    def _slice_refusal(self, job: JobSpec, held: _Held) -> Refusal | None:
+        """Why this slice must not run: checked against what the fetch that leased it offered
+        (the scheduler may have ignored it) and against the terms now (a job declined since,
+        an OpenCL budget used up). The wage is judged by the worker's own measurements."""
+        cost = self._mean_cost(job.job)
+        for terms in (held.offered, self._worker_terms()):
+            why = policy.slice_refusal(job, held.lease, terms, cost)
+            if why is not None:
+                return why
+        return None
 
     def _mean_cost(self, job: str) -> Metrics | None:
         total = self._costs.get(job)

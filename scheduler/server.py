@@ -776,6 +776,7 @@ def _terms(job: JobRecord) -> JobTerms:
     return JobTerms(
         job=job.id,
         owner=job.owner,
+        runtime=job.runtime,
         group=job.group,
         requirements=job.requirements,
         offer=credits(job.offer_micro),

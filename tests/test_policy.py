@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -101,12 +102,15 @@ def test_private_group_slices_go_only_to_members(
 
 
 class RogueScheduler:
-    """A scheduler that misbehaves on purpose: it hands out one slice the worker must refuse."""
+    """A scheduler that lies on purpose: whatever the worker's fetch offered, it leases one
+    slice of ``spec`` at ``offer`` and records what the worker does with it."""
 
-    def __init__(self, spec: p.JobSpec) -> None:
+    def __init__(self, spec: p.JobSpec, offer: float = 1.0) -> None:
         self.spec = spec
+        self.offer = offer
         self.returned: list[p.Return] = []
-        self.results: list[p.Result] = []
+        self.results: list[p.ResultItem] = []
+        self.failed: list[p.SliceFailed] = []
         self.ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -138,30 +142,45 @@ class RogueScheduler:
             ).decode()
         )
         sent = False
+        polls: list[asyncio.Task[None]] = []
         try:
             async for frame in ws:
                 message = p.decode(frame, p.SCHEDULER_MESSAGES)
+                reply: p.Message
                 if isinstance(message, p.Fetch):
-                    if sent:
-                        await asyncio.sleep(0.2)
-                        reply: p.Message = p.Work(re=message.id)
+                    if sent:  # nothing more: a long poll, answered empty in the background
+                        polls.append(asyncio.create_task(self._empty(ws, message)))
+                        continue
                     else:
                         sent = True
                         lease = p.SliceLease(
-                            self.spec.job, 0, "t" * 32, 1, 1e12, b"secret", offer=1.0
+                            self.spec.job, 0, "t" * 32, 1, 1e12, b"secret", offer=self.offer
                         )
                         reply = p.Work(re=message.id, slices=(lease,), jobs=(self.spec,))
                 elif isinstance(message, p.Heartbeat):
                     reply = p.HeartbeatAck(re=message.id, deadline=1e12)
+                elif isinstance(message, p.Results):
+                    self.results.extend(message.results)
+                    acks = tuple(p.ItemAck("accepted") for _ in message.results)
+                    reply = p.ResultsAck(re=message.id, acks=acks)
                 else:
                     if isinstance(message, p.Return):
                         self.returned.append(message)
-                    if isinstance(message, p.Result):
-                        self.results.append(message)
+                    if isinstance(message, p.SliceFailed):
+                        self.failed.append(message)
                     reply = p.Ack(re=message.id)
                 await ws.send(p.encode(reply).decode())
         except websockets.ConnectionClosed:
             pass
+        finally:
+            for poll in polls:
+                poll.cancel()
+
+    @staticmethod
+    async def _empty(ws: ServerConnection, fetch: p.Fetch) -> None:
+        await asyncio.sleep(min(fetch.wait_seconds, 1.0))
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(p.encode(p.Work(re=fetch.id)).decode())
 
     def close(self) -> None:
         assert self._stop is not None
@@ -174,47 +193,101 @@ def _spec(**fields: object) -> p.JobSpec:
     import hashlib
 
     module = ECHO.read_bytes()
-    return p.JobSpec(
-        job="f" * 32,
-        runtime="wasm",
-        module=module,
-        sha256=hashlib.sha256(module).hexdigest(),
-        owner="0x" + "99" * 20,
-        **fields,
-    )  # type: ignore[arg-type]
+    values: dict[str, object] = {
+        "job": "f" * 32,
+        "runtime": "wasm",
+        "module": module,
+        "sha256": hashlib.sha256(module).hexdigest(),
+        "owner": "0x" + "99" * 20,
+    }
+    values.update(fields)
+    return p.JobSpec(**values)  # type: ignore[arg-type]
+
+
+_OPENCL = {"kernel": "k", "args": [], "global_size": [1]}
+
+#: Every field the worker agreed to, allowed and refused: (spec, worker options, offer,
+#: the refusal code or None when the slice runs). The rogue scheduler leases the slice
+#: whatever the worker's fetch said.
+ROGUE_TABLE = [
+    ("runtime-offered", _spec(), (), 1.0, None),
+    (
+        "runtime-opencl-not-offered",
+        _spec(runtime="opencl", config=_OPENCL),
+        ("--config", "{no_opencl}"),
+        1.0,
+        "requirement_unmet",
+    ),
+    ("runtime-unknown", _spec(runtime="native"), (), 1.0, "requirement_unmet"),
+    ("requirement-met", _spec(requirements={"runtime.wasm": "required"}), (), 1.0, None),
+    (
+        "requirement-unmet",
+        _spec(requirements={"opencl.gpu": "required"}),
+        (),
+        1.0,
+        "requirement_unmet",
+    ),
+    (
+        "requirement-forbidden",
+        _spec(requirements={"runtime.wasm": "forbidden"}),
+        (),
+        1.0,
+        "requirement_unmet",
+    ),
+    ("group-joined", _spec(group="lab"), ("--join", "lab,s3cret"), 1.0, None),
+    (
+        "group-not-joined",
+        _spec(group="secret-lab"),
+        ("--join", "lab,s3cret"),
+        1.0,
+        "group_not_joined",
+    ),
+    ("public-left", _spec(), ("--leave-public-group",), 1.0, "group_not_joined"),
+    # The datum alone (6 bytes) costs 6 credits at 10^6 credits per MB in.
+    ("wage-met", _spec(), ("--min-wage", "0,0,1,0"), 1.0, None),
+    ("wage-below", _spec(), ("--min-wage", "0,0,1000000,0"), 1.0, "wage_below_minimum"),
+    ("job-allowed", _spec(), ("--job-id", "f" * 32), 1.0, None),
+    ("job-not-allowed", _spec(), ("--job-id", "a" * 32), 1.0, "job_not_allowed"),
+    ("owner-allowed", _spec(), ("--job-owner", "0x" + "99" * 20), 1.0, None),
+    ("owner-not-allowed", _spec(), ("--job-owner", "0x" + "11" * 20), 1.0, "owner_not_allowed"),
+]
 
 
 @pytest.mark.parametrize(
-    ("spec", "args", "code"),
-    [
-        (_spec(group="secret-lab"), (), "group_not_joined"),
-        (_spec(), ("--leave-public-group",), "group_not_joined"),
-        (_spec(), ("--job-id", "a" * 32), "job_not_allowed"),
-        (_spec(), ("--job-owner", "0x" + "11" * 20), "owner_not_allowed"),
-        (_spec(requirements={"opencl.gpu": "required"}), (), "requirement_unmet"),
-    ],
-    ids=["private-group", "left-public", "job-list", "owner-list", "requirement"],
+    ("spec", "args", "offer", "code"),
+    [row[1:] for row in ROGUE_TABLE],
+    ids=[row[0] for row in ROGUE_TABLE],
 )
-def test_worker_refuses_what_a_rogue_scheduler_sends(
+def test_worker_checks_every_slice_against_what_it_offered(
+    tmp_path: Path,
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
     spec: p.JobSpec,
     args: tuple[str, ...],
-    code: str,
+    offer: float,
+    code: str | None,
 ) -> None:
-    rogue = RogueScheduler(spec)
+    no_opencl = tmp_path / "no-opencl.toml"
+    no_opencl.write_text("opencl_slots = 0  # lend no OpenCL device\n")
+    args = tuple(a.format(no_opencl=no_opencl) for a in args)
+    rogue = RogueScheduler(spec, offer)
     try:
         worker = workers(f"http://127.0.0.1:{rogue.port}", make_keystore("w"), 1, *args)
-        wait_for(lambda: bool(rogue.returned), 30)
-        (returned,) = rogue.returned
-        assert returned.code == code and [r.slice for r in returned.leases] == [0]
+        wait_for(lambda: bool(rogue.returned or rogue.results or rogue.failed), 30)
+        if code is None:
+            assert [(r.job, r.slice, r.result) for r in rogue.results] == [(spec.job, 0, b"secret")]
+            assert not rogue.returned and not rogue.failed
+        else:
+            (returned,) = rogue.returned
+            assert returned.code == code and [r.slice for r in returned.leases] == [0]
+            assert not rogue.results and not rogue.failed
         assert worker.stop() == 0
     finally:
         rogue.close()
     log = worker.output()
-    assert f"refusing slice {spec.job}/0: {code}" in log
-    assert "running slice" not in log  # it never reached an evaluator
-    assert not rogue.results
+    if code is not None:
+        assert f"refusing slice {spec.job}/0: {code}" in log
+        assert "running slice" not in log  # it never reached an evaluator
 
 
 def test_minimum_wage(
@@ -270,8 +343,10 @@ def test_worker_declines_a_job_it_measures_below_its_wage(
     data = ["y" * 1000 for _ in range(40)]
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_file(tmp_path, "cheap", ECHO, data, offer=0.01))
+        # 100 credits per MB out: only running a slice shows what it returns (1,000 bytes, 0.1
+        # credits), while its bytes in would have been refused before it ran.
         worker = workers(
-            scheduler.url, make_keystore("w"), 1, "--prefetch", "0", "--min-wage", "0,0,100,0"
+            scheduler.url, make_keystore("w"), 1, "--prefetch", "0", "--min-wage", "0,0,0,100"
         )
         wait_for(lambda: "declining job" in worker.output(), 30)
         wait_for(lambda: counts(scheduler.db, job).get("leased", 0) == 0, 30)

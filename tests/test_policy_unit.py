@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dcp_worker import protocol as p
 from dcp_worker.protocol import Metrics, Wage, policy
 from dcp_worker.protocol.policy import JobTerms, WorkerTerms
 
@@ -16,8 +17,8 @@ def code(job: JobTerms, worker: WorkerTerms) -> str | None:
 
 
 def test_group_membership() -> None:
-    private = JobTerms("j", "0xo", group="lab")
-    public = JobTerms("p", "0xo")
+    private = JobTerms("j", "0xo", "wasm", group="lab")
+    public = JobTerms("p", "0xo", "wasm")
     assert code(private, WorkerTerms()) == "group_not_joined"
     assert code(private, WorkerTerms(groups=frozenset({"lab"}))) is None
     assert code(public, WorkerTerms()) is None
@@ -52,7 +53,9 @@ def test_group_proofs_are_bound_to_the_session_and_worker() -> None:
 )
 def test_requirements_are_tri_state(requirements: dict, expected: str | None) -> None:  # type: ignore[type-arg]
     assert (
-        code(JobTerms("j", "0xo", requirements=requirements), WorkerTerms(capabilities=CAPS))
+        code(
+            JobTerms("j", "0xo", "wasm", requirements=requirements), WorkerTerms(capabilities=CAPS)
+        )
         == expected
     )
 
@@ -70,27 +73,27 @@ def test_minimum_wage() -> None:
     cost = Metrics(cpu_seconds=0.5, bytes_in=1000)  # 0.5 + 0.1 credits
     assert wage.cost(cost) == pytest.approx(0.6)
     worker = WorkerTerms(min_wage=wage)
-    assert code(JobTerms("j", "0xo", offer=0.5, cost=cost), worker) == "wage_below_minimum"
-    assert code(JobTerms("j", "0xo", offer=0.7, cost=cost), worker) is None
-    assert code(JobTerms("j", "0xo", offer=0.0), worker) is None  # cost not measured yet
+    assert code(JobTerms("j", "0xo", "wasm", offer=0.5, cost=cost), worker) == "wage_below_minimum"
+    assert code(JobTerms("j", "0xo", "wasm", offer=0.7, cost=cost), worker) is None
+    assert code(JobTerms("j", "0xo", "wasm", offer=0.0), worker) is None  # cost not measured yet
     declined = WorkerTerms(declined={"j": 0.5})
-    assert code(JobTerms("j", "0xo", offer=0.5), declined) == "wage_below_minimum"
-    assert code(JobTerms("j", "0xo", offer=0.6), declined) is None  # a raised offer
+    assert code(JobTerms("j", "0xo", "wasm", offer=0.5), declined) == "wage_below_minimum"
+    assert code(JobTerms("j", "0xo", "wasm", offer=0.6), declined) is None  # a raised offer
 
 
 def test_allow_lists() -> None:
     worker = WorkerTerms(allowed_jobs=frozenset({"a"}))
-    assert code(JobTerms("a", "0xo"), worker) is None
-    assert code(JobTerms("b", "0xo"), worker) == "job_not_allowed"
+    assert code(JobTerms("a", "0xo", "wasm"), worker) is None
+    assert code(JobTerms("b", "0xo", "wasm"), worker) == "job_not_allowed"
     owners = WorkerTerms(allowed_owners=frozenset({"0xABC"}))
-    assert code(JobTerms("b", "0xabc"), owners) is None
-    assert code(JobTerms("b", "0xdef"), owners) == "owner_not_allowed"
+    assert code(JobTerms("b", "0xabc", "wasm"), owners) is None
+    assert code(JobTerms("b", "0xdef", "wasm"), owners) == "owner_not_allowed"
 
 
 def test_jobs_need_their_runtime() -> None:
     wasm_only = WorkerTerms(capabilities={"runtimes": {"wasm": {}}})
-    assert code(JobTerms("j", "0xo", runtime="wasm"), wasm_only) is None
-    assert code(JobTerms("j", "0xo", runtime="opencl"), wasm_only) == "requirement_unmet"
+    assert code(JobTerms("j", "0xo", "wasm"), wasm_only) is None
+    assert code(JobTerms("j", "0xo", "opencl"), wasm_only) == "requirement_unmet"
 
 
 def test_opencl_time_budget(tmp_path: object) -> None:
@@ -120,3 +123,22 @@ def test_opencl_time_budget(tmp_path: object) -> None:
         assert "opencl" in supervisor._offered_capabilities()["runtimes"]
     finally:
         supervisor.outbox.close()
+
+
+def test_each_slice_is_checked_against_the_offered_terms() -> None:
+    spec = p.JobSpec(job="j", runtime="opencl", module=b"", sha256="0" * 64, owner="0xo")
+    lease = p.SliceLease("j", 0, "t", 1, 0.0, b"x" * 1000, offer=0.5)
+    wasm_only = WorkerTerms(capabilities={"runtimes": {"wasm": {}}})
+    why = policy.slice_refusal(spec, lease, wasm_only)
+    assert why is not None and why.code == "requirement_unmet" and "opencl" in why.message
+    opencl = WorkerTerms(capabilities={"runtimes": {"opencl": {}}})
+    assert policy.slice_refusal(spec, lease, opencl) is None
+    # A lease that names another job than the spec it came with.
+    other = p.SliceLease("k", 0, "t", 1, 0.0, b"", offer=0.5)
+    assert policy.slice_refusal(spec, other, opencl).code == "unknown_slice"  # type: ignore[union-attr]
+    # Before any cost is measured, the datum's bytes in bound the price from below.
+    dear = WorkerTerms(capabilities=opencl.capabilities, min_wage=Wage(mb_in=1000.0))
+    why = policy.slice_refusal(spec, lease, dear)  # 0.001 MB at 1000 per MB: 1 credit > 0.5
+    assert why is not None and why.code == "wage_below_minimum"
+    fair = WorkerTerms(capabilities=opencl.capabilities, min_wage=Wage(mb_in=100.0))
+    assert policy.slice_refusal(spec, lease, fair) is None

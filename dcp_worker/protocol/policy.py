@@ -9,7 +9,13 @@ Both sides call :func:`refusal` with what they know; a refusal carries an ErrorC
 * requirements: ``requirement_unmet`` (tri-state: required / forbidden / don't care, plus
   ``min_memory_bytes``);
 * minimum wage: ``wage_below_minimum`` (the job's measured cost per slice at the worker's
-  wage is above its offer, or the worker declined the job at this offer).
+  wage is above its offer, or the worker declined the job at this offer);
+* runtime: ``requirement_unmet`` when the job's runtime is not one the worker offered.
+
+The worker checks every leased slice with :func:`slice_refusal` against the terms it offered
+in the fetch that leased it (a scheduler may lie about what it was asked for): the job's
+runtime, requirements, group and owner, the worker's allow-lists and minimum wage (which the
+slice's own datum already bounds from below, before any cost is measured).
 
 Group membership is proven without the secret crossing the wire: the scheduler stores
 ``join_hash(key, secret)``; the worker sends ``group_proof(join_hash, challenge, address)``,
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ErrorCode
-from .messages import Metrics, Refusal, Wage
+from .messages import JobSpec, Metrics, Refusal, SliceLease, Wage
 
 __all__ = [
     "PUBLIC_GROUP",
@@ -43,6 +49,7 @@ __all__ = [
     "check_requirements",
     "validate_requirements",
     "refusal",
+    "slice_refusal",
 ]
 
 PUBLIC_GROUP = ""
@@ -132,12 +139,16 @@ def check_requirements(
 
 @dataclass(frozen=True)
 class JobTerms:
-    """What a job asks and offers. ``cost`` is its measured mean cost per slice, if known."""
+    """What a job asks and offers. ``cost`` is its measured mean cost per slice, if known.
+
+    ``runtime`` has no default: a caller that forgot it would match an OpenCL job against a
+    worker that offers only wasm (as the worker's re-check once did).
+    """
 
     job: str
     owner: str
+    runtime: str
     group: str = PUBLIC_GROUP
-    runtime: str = "wasm"
     requirements: Mapping[str, Any] = field(default_factory=dict)
     offer: float = 0.0
     cost: Metrics | None = None
@@ -202,4 +213,39 @@ def refusal(job: JobTerms, worker: WorkerTerms) -> Refusal | None:
                 f"offers {job.offer:g} credits per slice; a slice costs {price:.6g} at this "
                 "worker's minimum wage",
             )
+    return None
+
+
+def slice_refusal(
+    spec: JobSpec, lease: SliceLease, offered: WorkerTerms, cost: Metrics | None = None
+) -> Refusal | None:
+    """Why the worker must not run ``lease`` (a slice of ``spec``) under the terms it
+    ``offered``, or None when it may. ``cost`` is the job's mean cost per slice as the worker
+    measured it; the slice's datum bounds it from below (its bytes in) even before that."""
+    if lease.job != spec.job:
+        return Refusal(
+            lease.job,
+            ErrorCode.UNKNOWN_SLICE.value,
+            f"the lease names job {lease.job}, not {spec.job}",
+        )
+    job = JobTerms(
+        job=spec.job,
+        owner=spec.owner,
+        runtime=spec.runtime,
+        group=spec.group,
+        requirements=spec.requirements,
+        offer=lease.offer,
+        cost=cost,
+    )
+    why = refusal(job, offered)
+    if why is not None:
+        return why
+    floor = offered.min_wage.cost(Metrics(bytes_in=len(lease.datum)))
+    if floor > lease.offer:
+        return Refusal(
+            spec.job,
+            ErrorCode.WAGE_BELOW_MINIMUM.value,
+            f"offers {lease.offer:g} credits for the slice; its {len(lease.datum)} bytes in "
+            f"alone cost {floor:.6g} at this worker's minimum wage",
+        )
     return None
