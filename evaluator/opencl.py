@@ -24,9 +24,11 @@ cannot be interrupted: the worker enforces the wall clock by killing the evaluat
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 from dcp_worker.protocol import ErrorCode, Limits, Metrics
 
 from .errors import SliceError
+from .scratch import private_dir
 
 DTYPES = {
     "int8": "int8",
@@ -129,6 +132,13 @@ def _kind(cl: Any, device: Any) -> str:
     return "other"
 
 
+def _private_cache_dir() -> str:
+    """A fresh 0700 directory for PoCL's kernel cache, removed when this process exits."""
+    path = private_dir("pocl-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def _banned(device: Any, patterns: list[str]) -> bool:
     text = f"{device.name} {device.vendor}"
     return any(re.search(p, text, re.IGNORECASE) for p in patterns)
@@ -153,9 +163,10 @@ class OpenCLRuntime:
         if self._cl is None:
             # The evaluator starts with an empty environment. PoCL links kernels with the
             # system's ld (found on PATH) and caches them under POCL_CACHE_DIR: give it a fixed
-            # PATH and a cache inside this evaluator's private directory, nothing inherited.
+            # PATH and a private cache of its own, never the current directory (in a
+            # checkout, that put PoCL's files into the repository).
             os.environ.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-            os.environ.setdefault("POCL_CACHE_DIR", os.path.join(os.getcwd(), "pocl-cache"))
+            os.environ["POCL_CACHE_DIR"] = _private_cache_dir()
             try:
                 import pyopencl
             except ImportError as exc:

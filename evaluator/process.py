@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from dcp_worker.protocol import (
 
 from .errors import SliceError
 from .opencl import OpenCLRuntime
+from .scratch import private_dir
 from .wasm import WasmRuntime, probe_features
 
 log = logging.getLogger("dcp.evaluator")
@@ -287,8 +287,9 @@ def serve_stdio() -> int:
         level=logging.INFO,
         format="evaluator[%(process)d] %(levelname)s %(message)s",
     )
-    workdir = Path(tempfile.mkdtemp(prefix="dcp-evaluator-"))
-    os.chmod(workdir, 0o700)
+    # Inside the directory the worker made for this sandbox: a killed evaluator leaves nothing
+    # once the worker removes it.
+    workdir = Path(private_dir("dcp-evaluator-"))
     os.chdir(workdir)
     stdout = sys.stdout.buffer
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.

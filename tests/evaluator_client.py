@@ -10,14 +10,14 @@ from dcp_worker import protocol as p
 
 
 class EvaluatorClient:
-    def __init__(self) -> None:
+    def __init__(self, cwd: str = "/") -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "evaluator", "--stdio"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={},
-            cwd="/",
+            cwd=cwd,
         )
         self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
         self._id = 0

@@ -88,6 +88,33 @@ def test_matmul_matches_numpy(evaluator: EvaluatorClient) -> None:
         assert reply.metrics.cpu_seconds > 0 and reply.metrics.bytes_out == 1024
 
 
+def test_pocl_cache_is_private_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    # The runtime used from a shared directory (benchmarks run it in-process from a checkout):
+    # PoCL's cache must not land there, is private while it exists, and goes at exit.
+    shared = tmp_path / "checkout"
+    shared.mkdir()
+    shared.chmod(0o755)
+    script = (
+        "import os, stat\n"
+        "from evaluator.opencl import OpenCLRuntime\n"
+        "assert OpenCLRuntime().describe()\n"
+        "cache = os.environ['POCL_CACHE_DIR']\n"
+        "print(cache, oct(stat.S_IMODE(os.stat(cache).st_mode)))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=shared,
+        env={"PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    cache, mode = run.stdout.split()
+    assert mode == "0o700" and not cache.startswith(str(shared))
+    assert list(shared.iterdir()) == [] and not Path(cache).exists()
+
+
 def test_puzzle_kernel_agrees_with_wasm(evaluator: EvaluatorClient) -> None:
     config = spec("puzzle")
     for arg in config["args"]:
