@@ -156,6 +156,7 @@ def main(
 
     Subcommands talk to a running worker through its control socket.
     """
+    os.umask(0o077)  # every file we create (outbox, its WAL, logs) is ours alone
     ctx.ensure_object(dict)
     ctx.obj["config_file"] = config_file
     if ctx.invoked_subcommand is not None:

@@ -14,6 +14,7 @@ Methods may be called from one thread at a time or several
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -29,6 +30,15 @@ from .protocol import Metrics
 __all__ = ["Outbox", "OutboxError", "PendingResult"]
 
 log = logging.getLogger("dcp.worker.outbox")
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` 0600 if it is missing; narrow it and its SQLite side files to 0600 if
+    an older version (or an operator) left them readable by others."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
 
 
 class OutboxError(Exception):
@@ -60,6 +70,7 @@ class Outbox:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            os.fchmod(self._lock, 0o600)
         except OSError as exc:
             raise OutboxError(
                 f"cannot create the outbox in {self.path.parent}: {exc.strerror}"
@@ -71,6 +82,9 @@ class Outbox:
             raise OutboxError(f"{self.path} is in use by another worker") from None
         try:
             self._db = self._open()
+        except OutboxError:
+            self.close()
+            raise
         except sqlite3.DatabaseError as exc:
             # Unreadable (corrupt, truncated, not a database): move it aside, never drop it
             # silently and never fail on every start; an operator may still recover rows.
@@ -88,15 +102,23 @@ class Outbox:
             )
             try:
                 self._db = self._open()
+            except OutboxError:
+                self.close()
+                raise
             except sqlite3.Error as again:
                 self.close()
                 raise OutboxError(f"cannot open the outbox {self.path}: {again}") from again
         except sqlite3.Error as exc:
             self.close()
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
-        os.chmod(self.path, 0o600)
 
     def _open(self) -> sqlite3.Connection:
+        # SQLite gives the -wal and -shm files (they hold signed results too) the mode of the
+        # database file: create it 0600 before SQLite does, whatever the umask and directory.
+        try:
+            private_file(self.path)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the outbox {self.path}: {exc.strerror}") from None
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")

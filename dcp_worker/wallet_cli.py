@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import sys
 
 import click
@@ -35,6 +36,7 @@ class _WalletCommand(click.Command):
 @click.group()
 def main() -> None:
     """Manage the keystores that identify workers and job owners and receive payment."""
+    os.umask(0o077)
 
 
 _kdf = click.option(

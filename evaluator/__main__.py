@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         help="speak over stdin/stdout (the only transport of an evaluator)",
     )
     parser.parse_args(argv)
+    os.umask(0o077)
     from .process import serve_stdio
 
     return serve_stdio()

@@ -48,6 +48,7 @@ def _open(db: str, busy_timeout: float = 10.0) -> SQLiteStore:
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logs.")
 def main(verbose: int) -> None:
     """The reference scheduler: job store, slice leasing, result acceptance, admin."""
+    os.umask(0o077)  # the database and its WAL hold owners' code, data and results
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(
         stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 
 import click
@@ -45,6 +46,7 @@ def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity |
 @click.pass_context
 def main(ctx: click.Context, scheduler: str) -> None:
     """Deploy jobs to a scheduler and collect their results."""
+    os.umask(0o077)  # results and tokens written here are the owner's alone
     ctx.obj = scheduler
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -157,6 +158,8 @@ class SQLiteStore:
         admin command, a backup) before it fails with :class:`StoreError`; it blocks the
         caller meanwhile, so a server keeps it short."""
         try:
+            # The -wal and -shm files get the database file's mode: create it 0600 first.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
