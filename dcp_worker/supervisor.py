@@ -21,10 +21,12 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -80,6 +82,8 @@ _BATCH_SHORT = 0.02  # slices shorter than this (evaluator wall time) are batche
 _BATCH_WORK = 0.05  # ... about this much work per evaluator request
 _BATCH_MAX = 32
 _RETRY_MAX = 10.0  # the longest wait before a refused-for-now result is sent again
+#: While results wait, a reconnect is tried at least this often per lease timeout.
+_RECONNECTS_PER_LEASE = 4
 #: Refusals after which a result can never be accepted: drop it from the outbox.
 _FINAL_REFUSALS = {
     ErrorCode.RESULT_REJECTED.value,
@@ -181,11 +185,23 @@ class _Counters:
     fetch_seconds: float = 0.0
 
 
-def backoff(max_delay: float, initial: float = 0.25, factor: float = 2.0):  # type: ignore[no-untyped-def]
-    """Reconnect delays: exponential with full jitter, capped (as websockets' ``backoff``)."""
+def backoff(
+    max_delay: float,
+    initial: float = 0.25,
+    factor: float = 2.0,
+    *,
+    bound: Callable[[], float] = lambda: math.inf,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> Iterator[float]:
+    """Reconnect delays: exponential with full jitter, capped (as websockets' ``backoff``).
+
+    ``bound()`` caps each delay when it is drawn: the supervisor keeps delays well under the
+    scheduler's lease timeout while results wait, so a restarted scheduler sees the worker
+    back before its leases expire (a 30 s cap once made a 15 s restart cost every held lease).
+    """
     delay = initial
     while True:
-        yield random.uniform(0, delay)
+        yield uniform(0, min(delay, bound()))
         delay = min(delay * factor, max_delay)
 
 
@@ -241,6 +257,7 @@ class Supervisor:
         self._paused = False
         self._resumed = asyncio.Event()
         self._started = time.time()
+        self._lease_timeout: float | None = None  # the last scheduler's, from its welcome
         self.held_reason = ""
         self.exit_reason = ""
         self.evaluator_broken = False
@@ -500,8 +517,18 @@ class Supervisor:
 
     # ------------------------------------------------------------------ connection
 
+    def _reconnect_bound(self) -> float:
+        """The longest reconnect delay now: a fraction of the lease timeout while slices are
+        held or results wait (they are lost to the lease, or refused as stale, past it)."""
+        if self._lease_timeout is None or not (self._held or self._undelivered()):
+            return math.inf
+        return self._lease_timeout / _RECONNECTS_PER_LEASE
+
+    def _backoff(self) -> Iterator[float]:
+        return backoff(self.config.reconnect_max_delay, bound=self._reconnect_bound)
+
     async def _connection_loop(self) -> None:
-        delays = backoff(self.config.reconnect_max_delay)
+        delays = self._backoff()
         while True:
             try:
                 session = await open_session(
@@ -528,7 +555,8 @@ class Supervisor:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
                 continue
-            delays = backoff(self.config.reconnect_max_delay)
+            delays = self._backoff()
+            self._lease_timeout = session.welcome.lease_timeout
             log.info("connected to %s as %s", self.config.scheduler, session.welcome.address)
             self._session = session
             self._submit_q = asyncio.Queue()

@@ -172,6 +172,15 @@ class Scheduler:
                 await ws.close(code=1001, message=b"scheduler shutting down")
 
     async def _expiry_ctx(self, app: web.Application) -> Any:
+        # Leases held while the scheduler was down would expire at the first pass: give their
+        # workers one lease timeout from now to reconnect and deliver (they retry well within).
+        extended = self.store.extend_leases(time.time() + self.config.lease_timeout)
+        if extended:
+            log.info(
+                "%d lease(s) held across the restart get %g s more",
+                extended,
+                self.config.lease_timeout,
+            )
         task = asyncio.create_task(self._expire_forever())
         yield
         task.cancel()

@@ -856,6 +856,16 @@ class SQLiteStore:
                 )
         return len(rows)
 
+    def extend_leases(self, deadline: float) -> int:
+        """Move every lease's deadline to at least ``deadline``: at start, so that workers
+        which held leases while the scheduler was down can come back and deliver."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE slices SET deadline=? WHERE state='leased' AND deadline < ?",
+                (deadline, deadline),
+            )
+        return cur.rowcount
+
     # ------------------------------------------------------------------ admin
 
     def reset_job(self, job_id: str) -> int:

@@ -149,6 +149,17 @@ def test_heartbeat_extends_and_reports_lost(store: Store) -> None:
     assert [(s.state, s.progress) for s in store.slices(job)] == [("leased", 0.5), ("queued", None)]
 
 
+def test_leases_held_across_a_restart_get_one_more_lease_timeout(store: Store) -> None:
+    job = store.create_job(new_job(2), 0.0)
+    a, _b = store.lease(W1, 2, 0.0, 5.0)
+    # The scheduler comes back at 20.0 (its leases' deadlines long past) with 15 s leases.
+    assert store.extend_leases(35.0) == 2
+    assert store.extend_leases(30.0) == 0  # never shortened
+    assert store.expire_leases(21.0) == 0
+    assert accept(store, job, 0, a.token) == "accepted"  # the worker came back and delivered
+    assert store.expire_leases(36.0) == 1  # the other worker never did
+
+
 def test_attempts_are_bounded_then_reset(store: Store) -> None:
     job = store.create_job(new_job(1, attempts=2), 0.0)
     for now in (0.0, 10.0):
