@@ -153,6 +153,9 @@ class ControlClient:
         self.path = path
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # One request at a time on the connection: the dashboard's refresh and a key press
+        # may call at once, and replies come back in order on one stream.
+        self._turn = asyncio.Lock()
 
     async def __aenter__(self) -> ControlClient:
         try:
@@ -177,9 +180,10 @@ class ControlClient:
     async def call(self, cmd: str, **args: Any) -> dict[str, Any]:
         assert self._reader is not None and self._writer is not None
         try:
-            self._writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            await self._writer.drain()
-            line = await self._reader.readline()
+            async with self._turn:
+                self._writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+                await self._writer.drain()
+                line = await self._reader.readline()
         except (ConnectionError, ValueError) as exc:
             raise ControlError(f"the worker closed its control socket: {exc}") from None
         if not line:

@@ -326,6 +326,18 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+#: Exit status of a dashboard that failed (Textual printed the traceback).
+EXIT_DASHBOARD_FAILED = 1
+
+
+def _exit_code(app: WorkerDashboard, code: int | None) -> int:
+    """The app's own code (the worker's, or 0 on detach); non-zero when the app crashed,
+    where Textual leaves the code None but sets its return_code."""
+    if app.return_code:
+        return EXIT_DASHBOARD_FAILED
+    return code if code is not None else 0
+
+
 def run_dashboard(config: WorkerConfig, logsetup: LogSetup) -> int:
     """Run a worker inside the dashboard; returns the worker's exit code."""
     logsetup.remove_console()
@@ -334,12 +346,14 @@ def run_dashboard(config: WorkerConfig, logsetup: LogSetup) -> int:
     if app.exit_message:
         print(f"dcp-worker: {app.exit_message}")
     print(app.status_text.replace("[b]", "").replace("[/b]", ""))
-    return code if code is not None else 0
+    return _exit_code(app, code)
 
 
-def attach_dashboard(path: Path) -> int:
+def attach_dashboard(path: Path, headless: bool = False) -> int:
+    """Show a running worker; returns 0 on detach, 2 when it cannot be reached, 1 when the
+    dashboard failed. ``headless`` runs it without a terminal (tests)."""
     app = WorkerDashboard(attach=path)
-    code = app.run()
+    code = app.run(headless=headless)
     if app.exit_message:
         print(f"dcp-worker: {app.exit_message}")
-    return code if code is not None else 0
+    return _exit_code(app, code)

@@ -40,9 +40,12 @@ def test_immediate_stop_returns_everything(
             30,
         )
         started = time.monotonic()
-        for sig in signals:
+        for i, sig in enumerate(signals):
+            # Two SIGINTs pending at once are one signal: send the next once this one is seen.
+            seen = worker.output().count("stopping")
             worker.proc.send_signal(sig)
-            time.sleep(0.1)
+            if i + 1 < len(signals):
+                wait_for(lambda seen=seen: worker.output().count("stopping") > seen, 10)
         rc = worker.proc.wait(20)
         elapsed = time.monotonic() - started
     assert rc == 5, worker.output()[-2000:]
@@ -113,6 +116,8 @@ def test_a_stop_while_the_evaluator_starts_is_prompt(tmp_path: Path) -> None:
     hold a graceful stop for describe's 30 s."""
     import asyncio
 
+    import psutil
+
     from dcp_worker.config import load_config
     from dcp_worker.identity import Identity
     from dcp_worker.supervisor import Supervisor
@@ -122,9 +127,15 @@ def test_a_stop_while_the_evaluator_starts_is_prompt(tmp_path: Path) -> None:
         config, Identity.from_private_key(b"\x02" * 32), evaluator_command=["sleep", "60"]
     )
 
+    def starting() -> bool:  # the "evaluator" (sleep 60) runs, and describe waits on it
+        return any(c.name() == "sleep" for c in psutil.Process().children())
+
     async def go() -> tuple[bool, float]:
         task = asyncio.create_task(supervisor.run())
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while not starting():
+            assert time.monotonic() < deadline, "the evaluator did not start"
+            await asyncio.sleep(0.02)
         started = time.monotonic()
         supervisor.stop()
         clean = await asyncio.wait_for(task, 20)

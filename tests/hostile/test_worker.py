@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,9 +80,11 @@ def test_evaluator_killed_mid_slice_is_replaced(
             return [int(pid) for pid in out.split()]
 
         wait_for(
-            lambda: bool(evaluator_pids()) and counts(scheduler.db, job).get("leased", 0) > 0, 30
+            lambda: bool(evaluator_pids())
+            and counts(scheduler.db, job).get("leased", 0) > 0
+            and f"running slice {job}" in worker.output(),
+            30,
         )
-        time.sleep(0.3)  # let the slice start computing inside the evaluator
         for pid in evaluator_pids():
             os.kill(pid, signal.SIGKILL)
         results = list(client.results(job, wait=True, timeout=120))
