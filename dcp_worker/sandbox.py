@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -147,7 +148,7 @@ class Sandbox:
             env={},
             cwd=self._workdir,
             close_fds=True,
-            preexec_fn=self.hardening.preexec,
+            preexec_fn=functools.partial(self.hardening.preexec, os.getpid()),
             start_new_session=True,
         )
         assert self._proc.stdout is not None and self._proc.stdin is not None

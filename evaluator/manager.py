@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -313,7 +314,7 @@ class Manager:
             env={},
             cwd=str(workdir) if ids else "/",
             close_fds=True,
-            preexec_fn=self.hardening.preexec,
+            preexec_fn=functools.partial(self.hardening.preexec, os.getpid()),
             start_new_session=True,
         )
         conn = _Connection(proc, writer)
