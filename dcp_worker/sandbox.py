@@ -274,6 +274,16 @@ class Sandbox:
                             if reply.re == rid and on_progress is not None:
                                 on_progress(index, reply.fraction)
                             continue
+                        if (
+                            self.endpoint is not None
+                            and isinstance(reply, Error)
+                            and reply.re is None
+                        ):
+                            # The manager's word on the connection (machine_busy, preempted,
+                            # a refusal): it closes it, so every request left gets the same.
+                            replies.extend([reply] * (len(messages) - index))
+                            await self.stop(graceful=False)
+                            return
                         if getattr(reply, "re", None) in (rid, None):
                             replies.append(reply)
                             break
@@ -361,11 +371,9 @@ class Sandbox:
         slice). One outcome per item, in order: (result, metrics) or the slice's failure. A
         failure of the evaluator itself (death, timeout) is the outcome of every slice it had
         not answered."""
-        if (
-            self._proc is None
-            or self._proc.returncode is not None
-            or self._slices_run >= self.slices_per_evaluator
-        ):
+        # The same evaluator serves batch after batch, started here or reached through the
+        # manager (one connection), until slices_per_evaluator or its death.
+        if not self.running or self._slices_run >= self.slices_per_evaluator:
             await self.stop(graceful=True)
             await self.start()
         self.state = SandboxState.BUSY
@@ -383,7 +391,7 @@ class Sandbox:
             failure = None
         finally:
             self._slices_run += len(items)
-            if self._proc is not None:
+            if self.running:
                 self.state = SandboxState.IDLE
         for reply in replies:
             if isinstance(reply, SliceDone):

@@ -3,6 +3,8 @@ stops when a person comes back, and that the worker loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import re
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import wasmtime
 
 from dcp_worker import protocol as p
+from dcp_worker.sandbox import Sandbox
 from evaluator.launch import Hardening, _runnable_by_others, probe_layers
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
@@ -298,3 +302,24 @@ def test_hardening_layers() -> None:
 )
 def test_evaluators_run_as_nobody_when_started_as_root() -> None:
     assert probe_layers(Hardening(user="nobody"))["unprivileged_user"]
+
+
+def test_a_manager_evaluator_is_reused_across_batches(
+    managers: Callable[..., ManagerProcess], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "m.sock")
+    manager = managers("--no-tcp", "--socket", path, "--tty-idle", "0", "--ignore-screensaver")
+    module = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start")))')
+    job = p.JobSpec("nop", "wasm", module, hashlib.sha256(module).hexdigest())
+
+    async def three_batches() -> None:
+        sandbox = Sandbox(0, endpoint=path, slices_per_evaluator=10)
+        await sandbox.describe()
+        for batch in range(3):
+            outcomes = await sandbox.run_batch(job, job.limits, [(batch, b""), (batch + 3, b"")])
+            assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+        await sandbox.stop()
+
+    asyncio.run(three_batches())
+    wait_for(lambda: manager.status()["running"] == 0, 10)
+    assert manager.status()["started"] == 1  # one connection, one evaluator, for all of it
