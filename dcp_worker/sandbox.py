@@ -328,10 +328,30 @@ class Sandbox:
         self._next_id += 1
         return self._next_id
 
+    def spare(self) -> Sandbox:
+        """Another sandbox with the same settings (a probe beside this one)."""
+        return Sandbox(
+            -1,
+            self.command,
+            self.slices_per_evaluator,
+            self.endpoint,
+            self.hardening,
+            self.runtime_options,
+        )
+
     async def describe(self) -> dict[str, Any]:
+        """The evaluator's capabilities.
+
+        Raises:
+            SliceFailure: it failed to start or answer; or the manager refused it
+                (``machine_busy`` with the manager's reason, or a refusal of this client).
+        """
         if not self.running:
             await self.start()
         reply = await self._request(Describe(id=self._id()), 30.0)
+        if isinstance(reply, Error):
+            await self.stop(graceful=False)
+            raise SliceFailure(reply.code, reply.message)
         if not isinstance(reply, Capabilities):
             raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"describe got {reply.type}")
         return reply.capabilities

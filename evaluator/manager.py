@@ -41,6 +41,7 @@ log = logging.getLogger("dcp.evaluator.manager")
 MACHINE_BUSY = "machine_busy"
 PREEMPTED = "evaluator_preempted"
 _GRACE = 2.0
+_REFUSE_LINGER = 5.0
 
 
 class ManagerError(Exception):
@@ -294,14 +295,7 @@ class Manager:
         if hold is not None:
             self.counters.refused += 1
             log.info("refused an evaluator: %s", hold.detail)
-            with contextlib.suppress(OSError):
-                writer.write(
-                    frame(
-                        Error(re=None, code=MACHINE_BUSY, message=f"{hold.reason}: {hold.detail}")
-                    )
-                )
-                await writer.drain()
-            writer.close()
+            await _refuse(reader, writer, MACHINE_BUSY, f"{hold.reason}: {hold.detail}")
             self._write_status()
             return
         ids = self.hardening.target_ids()
@@ -409,3 +403,24 @@ class Manager:
 
 class _Stopped(Exception):
     pass
+
+
+async def _refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, code: str, message: str
+) -> None:
+    """Answer a connection with one ``error`` frame (``re`` null: it is about the connection)
+    and end it. The client's requests are read and dropped until it hangs up (at most
+    _REFUSE_LINGER s): closing with unread input would send a TCP reset, which can destroy
+    the error frame before the client reads it."""
+    try:
+        writer.write(frame(Error(re=None, code=code, message=message)))
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(_REFUSE_LINGER):
+            while await reader.read(1 << 16):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
