@@ -19,9 +19,11 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from evaluator.launch import Hardening, evaluator_command
+from evaluator.manager import TOKEN_PREFIX
 
 from .protocol import (
     EVALUATOR_MESSAGES,
@@ -57,12 +59,27 @@ def default_evaluator_command() -> list[str]:
     return evaluator_command()
 
 
-async def _connect(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to an evaluator manager: ``tcp://HOST:PORT``, ``unix:PATH`` or a path."""
+async def _connect(
+    endpoint: str, token_file: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to an evaluator manager: ``tcp://HOST:PORT`` (sending the secret in
+    ``token_file`` first), ``unix:PATH`` or a path (the manager checks peer credentials).
+
+    Raises:
+        OSError: it cannot be reached, or the token file cannot be read.
+    """
     if endpoint.startswith("tcp://"):
+        token = _read_token(token_file) if token_file else b""
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-        return await asyncio.open_connection(host.strip("[]"), int(port))
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        if token:
+            writer.write(TOKEN_PREFIX + token + b"\n")
+        return reader, writer
     return await asyncio.open_unix_connection(endpoint.removeprefix("unix:"))
+
+
+def _read_token(path: str) -> bytes:
+    return Path(path).read_bytes().strip()
 
 
 class SliceFailure(Exception):
@@ -93,8 +110,11 @@ class Sandbox:
         endpoint: str | None = None,
         hardening: Hardening | None = None,
         runtime_options: dict[str, dict[str, Any]] | None = None,
+        token_file: str = "",
     ) -> None:
         self.index = index
+        #: For a tcp:// endpoint: the file with the manager's secret.
+        self.token_file = token_file
         #: The worker's settings per runtime, sent with each assignment (e.g. banned devices).
         self.runtime_options = runtime_options or {}
         self.command = command or default_evaluator_command()
@@ -127,7 +147,7 @@ class Sandbox:
         self._slices_run = 0
         if self.endpoint is not None:
             try:
-                self._reader, writer = await _connect(self.endpoint)
+                self._reader, writer = await _connect(self.endpoint, self.token_file)
             except OSError as exc:
                 raise SliceFailure(
                     ErrorCode.EVALUATOR_DIED.value,
@@ -337,6 +357,7 @@ class Sandbox:
             self.endpoint,
             self.hardening,
             self.runtime_options,
+            self.token_file,
         )
 
     async def describe(self) -> dict[str, Any]:

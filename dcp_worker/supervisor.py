@@ -198,7 +198,11 @@ class Supervisor:
         self.outbox = Outbox(config.outbox_path)
         self.sandboxes = [
             Sandbox(
-                i, evaluator_command, config.slices_per_evaluator, endpoint=config.evaluator or None
+                i,
+                evaluator_command,
+                config.slices_per_evaluator,
+                endpoint=config.evaluator or None,
+                token_file=config.evaluator_token_file,
             )
             for i in range(config.effective_sandboxes)
         ]
@@ -395,6 +399,8 @@ class Supervisor:
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
+        for runtime, why in self._capabilities.get("withheld", {}).items():
+            log.warning("the evaluator manager does not offer %s: %s", runtime, why)
         if self._opencl_privileged and "opencl" in self._capabilities.get("runtimes", {}):
             log.warning(
                 "OpenCL is not offered: evaluators would run kernels as root (no "

@@ -146,9 +146,13 @@ def _runnable_by_others() -> bool:
     return True
 
 
-def evaluator_command() -> list[str]:
-    """The evaluator, run by this interpreter in isolated mode (no user site, no env vars)."""
-    return [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+def evaluator_command(withhold_opencl: str | None = None) -> list[str]:
+    """The evaluator, run by this interpreter in isolated mode (no user site, no env vars);
+    ``withhold_opencl``: it offers and runs no OpenCL, and says this reason in describe."""
+    command = [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+    if withhold_opencl is not None:
+        command += ["--withhold-opencl", withhold_opencl]
+    return command
 
 
 def probe_layers(hardening: Hardening) -> dict[str, bool]:
