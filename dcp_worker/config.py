@@ -92,8 +92,10 @@ class WorkerConfig:
     max_memory_bytes: int = 1024 * 1024 * 1024
     max_output_bytes: int = 16 * 1024 * 1024
     slices_per_evaluator: int = 10000
-    # "" starts evaluators here; "tcp://127.0.0.1:9000" or a socket path reaches a manager.
+    # "" starts evaluators here; a Unix socket path or "tcp://127.0.0.1:9000" reaches a manager.
     evaluator: str = ""
+    # For a tcp:// manager: the file holding its secret (the manager's --token-file).
+    evaluator_token_file: str = ""
     # OpenCL devices this worker lends: device-name patterns it never uses, the device
     # indices it may use (empty: all), and how many OpenCL slices may run at once.
     opencl_banned_devices: tuple[str, ...] = ("llvmpipe",)
@@ -171,6 +173,11 @@ class WorkerConfig:
             ("max_memory_bytes", self.max_memory_bytes > 0, "must be > 0"),
             ("max_output_bytes", self.max_output_bytes > 0, "must be > 0"),
             ("slices_per_evaluator", self.slices_per_evaluator > 0, "must be > 0"),
+            (
+                "evaluator_token_file",
+                bool(self.evaluator_token_file) or not self.evaluator.startswith("tcp://"),
+                "must name the manager's token file when evaluator is tcp://",
+            ),
             ("opencl_slots", self.opencl_slots >= 0, "must be >= 0 (0: no OpenCL)"),
             ("opencl_share", 0 < self.opencl_share <= 1, "must be within (0, 1]"),
             (

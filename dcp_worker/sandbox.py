@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from evaluator.launch import Hardening, evaluator_command
+from evaluator.manager import TOKEN_PREFIX
 
 from .protocol import (
     EVALUATOR_MESSAGES,
@@ -56,12 +59,27 @@ def default_evaluator_command() -> list[str]:
     return evaluator_command()
 
 
-async def _connect(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to an evaluator manager: ``tcp://HOST:PORT``, ``unix:PATH`` or a path."""
+async def _connect(
+    endpoint: str, token_file: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to an evaluator manager: ``tcp://HOST:PORT`` (sending the secret in
+    ``token_file`` first), ``unix:PATH`` or a path (the manager checks peer credentials).
+
+    Raises:
+        OSError: it cannot be reached, or the token file cannot be read.
+    """
     if endpoint.startswith("tcp://"):
+        token = _read_token(token_file) if token_file else b""
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-        return await asyncio.open_connection(host.strip("[]"), int(port))
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        if token:
+            writer.write(TOKEN_PREFIX + token + b"\n")
+        return reader, writer
     return await asyncio.open_unix_connection(endpoint.removeprefix("unix:"))
+
+
+def _read_token(path: str) -> bytes:
+    return Path(path).read_bytes().strip()
 
 
 class SliceFailure(Exception):
@@ -92,8 +110,11 @@ class Sandbox:
         endpoint: str | None = None,
         hardening: Hardening | None = None,
         runtime_options: dict[str, dict[str, Any]] | None = None,
+        token_file: str = "",
     ) -> None:
         self.index = index
+        #: For a tcp:// endpoint: the file with the manager's secret.
+        self.token_file = token_file
         #: The worker's settings per runtime, sent with each assignment (e.g. banned devices).
         self.runtime_options = runtime_options or {}
         self.command = command or default_evaluator_command()
@@ -126,7 +147,7 @@ class Sandbox:
         self._slices_run = 0
         if self.endpoint is not None:
             try:
-                self._reader, writer = await _connect(self.endpoint)
+                self._reader, writer = await _connect(self.endpoint, self.token_file)
             except OSError as exc:
                 raise SliceFailure(
                     ErrorCode.EVALUATOR_DIED.value,
@@ -147,7 +168,7 @@ class Sandbox:
             env={},
             cwd=self._workdir,
             close_fds=True,
-            preexec_fn=self.hardening.preexec,
+            preexec_fn=functools.partial(self.hardening.preexec, os.getpid()),
             start_new_session=True,
         )
         assert self._proc.stdout is not None and self._proc.stdin is not None
@@ -273,6 +294,16 @@ class Sandbox:
                             if reply.re == rid and on_progress is not None:
                                 on_progress(index, reply.fraction)
                             continue
+                        if (
+                            self.endpoint is not None
+                            and isinstance(reply, Error)
+                            and reply.re is None
+                        ):
+                            # The manager's word on the connection (machine_busy, preempted,
+                            # a refusal): it closes it, so every request left gets the same.
+                            replies.extend([reply] * (len(messages) - index))
+                            await self.stop(graceful=False)
+                            return
                         if getattr(reply, "re", None) in (rid, None):
                             replies.append(reply)
                             break
@@ -317,10 +348,31 @@ class Sandbox:
         self._next_id += 1
         return self._next_id
 
+    def spare(self) -> Sandbox:
+        """Another sandbox with the same settings (a probe beside this one)."""
+        return Sandbox(
+            -1,
+            self.command,
+            self.slices_per_evaluator,
+            self.endpoint,
+            self.hardening,
+            self.runtime_options,
+            self.token_file,
+        )
+
     async def describe(self) -> dict[str, Any]:
+        """The evaluator's capabilities.
+
+        Raises:
+            SliceFailure: it failed to start or answer; or the manager refused it
+                (``machine_busy`` with the manager's reason, or a refusal of this client).
+        """
         if not self.running:
             await self.start()
         reply = await self._request(Describe(id=self._id()), 30.0)
+        if isinstance(reply, Error):
+            await self.stop(graceful=False)
+            raise SliceFailure(reply.code, reply.message)
         if not isinstance(reply, Capabilities):
             raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"describe got {reply.type}")
         return reply.capabilities
@@ -360,11 +412,9 @@ class Sandbox:
         slice). One outcome per item, in order: (result, metrics) or the slice's failure. A
         failure of the evaluator itself (death, timeout) is the outcome of every slice it had
         not answered."""
-        if (
-            self._proc is None
-            or self._proc.returncode is not None
-            or self._slices_run >= self.slices_per_evaluator
-        ):
+        # The same evaluator serves batch after batch, started here or reached through the
+        # manager (one connection), until slices_per_evaluator or its death.
+        if not self.running or self._slices_run >= self.slices_per_evaluator:
             await self.stop(graceful=True)
             await self.start()
         self.state = SandboxState.BUSY
@@ -382,7 +432,7 @@ class Sandbox:
             failure = None
         finally:
             self._slices_run += len(items)
-            if self._proc is not None:
+            if self.running:
                 self.state = SandboxState.IDLE
         for reply in replies:
             if isinstance(reply, SliceDone):

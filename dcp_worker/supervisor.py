@@ -105,7 +105,7 @@ class Statistics:
     results_refused: int
     credits_earned: float
     slices_declined: int
-    #: Why the evaluator manager last held work ("" if it never did).
+    #: Why the evaluator manager holds work now ("" while it does not).
     held_reason: str
     queued: int
     running: int
@@ -215,7 +215,11 @@ class Supervisor:
         self.outbox = Outbox(config.outbox_path)
         self.sandboxes = [
             Sandbox(
-                i, evaluator_command, config.slices_per_evaluator, endpoint=config.evaluator or None
+                i,
+                evaluator_command,
+                config.slices_per_evaluator,
+                endpoint=config.evaluator or None,
+                token_file=config.evaluator_token_file,
             )
             for i in range(config.effective_sandboxes)
         ]
@@ -394,6 +398,7 @@ class Supervisor:
                 return self._unsent == 0 and not self._stop_now.is_set()
             try:
                 self._capabilities = describe.result()
+                self._machine_released()
                 break
             except SliceFailure as exc:
                 if exc.code == ErrorCode.EVALUATOR_DIED.value and died < 2:
@@ -412,6 +417,8 @@ class Supervisor:
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
+        for runtime, why in self._capabilities.get("withheld", {}).items():
+            log.warning("the evaluator manager does not offer %s: %s", runtime, why)
         if self._opencl_privileged and "opencl" in self._capabilities.get("runtimes", {}):
             log.warning(
                 "OpenCL is not offered: evaluators would run kernels as root (no "
@@ -598,10 +605,8 @@ class Supervisor:
                     for w in waits:
                         w.cancel()
                 continue
-            pause = self._held_until - time.monotonic()
-            if pause > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+            if self._held_until > time.monotonic():
+                await self._wait_released()  # fetch nothing the manager would refuse
                 continue
             want = len(self.sandboxes) + self._prefetch()
             held = self._queue.qsize() + self._running
@@ -641,8 +646,9 @@ class Supervisor:
                     self._reported.add((why.subject, why.code))
                     log.info("not offered job %s: %s %s", why.subject, why.code, why.message)
             self._forget_jobs(keep={lease.job for lease in reply.slices})
-            if (self._stopping.is_set() or self._paused) and reply.slices:
-                # Stopped or paused while this fetch was parked: give the slices straight back.
+            held = self._held_until > time.monotonic()
+            if (self._stopping.is_set() or self._paused or held) and reply.slices:
+                # Stopped, paused or held while this fetch was parked: give the slices back.
                 leases = tuple(_ref(lease) for lease in reply.slices)
                 await session.request(partial(Return, leases=leases))
                 if self._stopping.is_set():
@@ -1061,11 +1067,38 @@ class Supervisor:
             )
 
     def _machine_held(self, reason: str) -> None:
-        """The evaluator manager holds work: pause fetching for a while."""
-        if time.monotonic() >= self._held_until:
+        """The evaluator manager holds work: fetch nothing until it lets work through again
+        (logged once per hold, and when its reason changes)."""
+        if self._held_until <= time.monotonic() or reason != self.held_reason:
             log.warning("work held by the evaluator manager: %s", reason)
-        self._held_until = time.monotonic() + _HELD_BACKOFF
+        self._held_until = math.inf
         self.held_reason = reason
+
+    def _machine_released(self) -> None:
+        if self._held_until > time.monotonic():
+            log.warning("work resumes: the evaluator manager starts evaluators again")
+        self._held_until = 0.0
+        self.held_reason = ""
+
+    async def _wait_released(self) -> None:
+        """While held: ask the manager again every _HELD_BACKOFF s (a describe on a connection
+        of its own, beside the runners'), until it serves one or the worker stops."""
+        probe = self.sandboxes[0].spare()
+        while self._held_until > time.monotonic() and not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _HELD_BACKOFF)
+            if self._stopping.is_set():
+                return
+            try:
+                await probe.describe()
+            except SliceFailure as exc:
+                # A manager that cannot be reached holds work too: nothing could run.
+                held = exc.code in HELD_CODES
+                self._machine_held(exc.message if held else f"{exc.code}: {exc.message}")
+                continue
+            finally:
+                await probe.stop()
+            self._machine_released()
 
     async def _refuse(self, lease: SliceLease, why: Refusal) -> None:
         self._counters.declined_slices += 1

@@ -19,11 +19,16 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="speak over stdin/stdout (the only transport of an evaluator)",
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--withhold-opencl",
+        metavar="REASON",
+        help="offer and run no OpenCL; describe says this reason",
+    )
+    args = parser.parse_args(argv)
     os.umask(0o077)
     from .process import serve_stdio
 
-    return serve_stdio()
+    return serve_stdio(args.withhold_opencl)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Layers, applied in the child between fork and exec (see docs/sandbox.md for whic
   inside a new user namespace when the kernel allows unprivileged ones;
 * when started as root: all supplementary groups dropped, then the group and user of an
   unprivileged account (``nobody`` by default);
-* ``PR_SET_NO_NEW_PRIVS``: nothing it executes can gain privileges.
+* ``PR_SET_NO_NEW_PRIVS``: nothing it executes can gain privileges;
+* ``PR_SET_PDEATHSIG`` = SIGKILL: the evaluator dies with the process that started it (the
+  worker, or the manager), even when that one is SIGKILLed.
 
 A layer the kernel refuses is skipped, and :func:`probe_layers` reports which ones hold.
 """
@@ -17,9 +19,11 @@ A layer the kernel refuses is skipped, and :func:`probe_layers` reports which on
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import pwd
 import resource
+import signal
 import stat
 import sys
 from dataclasses import dataclass
@@ -28,7 +32,10 @@ __all__ = ["SandboxLimits", "Hardening", "evaluator_command", "probe_layers"]
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+#: Exit status of a child whose parent died before its death signal was armed.
+EXIT_ORPHANED = 125
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,15 @@ class Hardening:
             return None
         return entry.pw_uid, entry.pw_gid
 
-    def preexec(self) -> None:
-        """Runs in the child after fork, before exec. Must not raise for a missing layer."""
+    def preexec(self, parent_pid: int | None = None) -> None:
+        """Runs in the child after fork, before exec. Must not raise for a missing layer.
+
+        ``parent_pid`` is the pid of the process that forks (``os.getpid()`` taken before the
+        fork, e.g. with ``functools.partial``): the child is SIGKILLed when it dies, and exits
+        at once if it died already. The death signal fires when the forking *thread* ends:
+        asyncio forks from its loop thread, and both the worker and the manager run their
+        loop in the main thread, which lives as long as the process.
+        """
         limits = self.limits
         ids = self.target_ids()
         settings = [
@@ -101,6 +115,10 @@ class Hardening:
             os.setuid(uid)
         if self.no_new_privileges:
             libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        # After the uid change: changing credentials clears the parent-death signal.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os._exit(EXIT_ORPHANED)  # the parent died between fork and prctl
 
 
 def _runnable_by_others() -> bool:
@@ -128,9 +146,13 @@ def _runnable_by_others() -> bool:
     return True
 
 
-def evaluator_command() -> list[str]:
-    """The evaluator, run by this interpreter in isolated mode (no user site, no env vars)."""
-    return [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+def evaluator_command(withhold_opencl: str | None = None) -> list[str]:
+    """The evaluator, run by this interpreter in isolated mode (no user site, no env vars);
+    ``withhold_opencl``: it offers and runs no OpenCL, and says this reason in describe."""
+    command = [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+    if withhold_opencl is not None:
+        command += ["--withhold-opencl", withhold_opencl]
+    return command
 
 
 def probe_layers(hardening: Hardening) -> dict[str, bool]:
@@ -157,7 +179,7 @@ def probe_layers(hardening: Hardening) -> dict[str, bool]:
         env={},
         cwd="/",
         close_fds=True,
-        preexec_fn=hardening.preexec,
+        preexec_fn=functools.partial(hardening.preexec, os.getpid()),
         timeout=30,
     )
     if out.returncode != 0:

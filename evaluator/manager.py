@@ -1,9 +1,13 @@
 """``dcp-evaluator-manager``: starts one evaluator per connection, like inetd, and stops or
 refuses them when the machine is busy.
 
-It listens only on loopback TCP and/or a Unix socket (a non-loopback address in the
+It listens only on a Unix socket and/or loopback TCP (a non-loopback address in the
 configuration is replaced by 127.0.0.1, with a warning; a systemd-activated socket that is not
-loopback or Unix is refused). Each connection gets a fresh, hardened evaluator process whose
+loopback or Unix is refused), and checks who connects (:class:`Access`): on a Unix socket the
+peer's credentials (root, the manager's own user, or the group, ``dcp`` by default), on TCP a
+secret the client sends first (``dcp-token <token>\n``, the token file's content). A refused
+connection gets an ``error`` frame naming why (``peer_not_allowed``, ``token_required``,
+``token_invalid``). Each connection gets a fresh, hardened evaluator process whose
 stdin/stdout are piped to the connection. While a monitor holds (see :mod:`evaluator.monitors`)
 new connections get an ``error`` frame ``machine_busy`` naming the reason, and, for the holds
 that say so, running evaluators are stopped (TERM, then KILL after a grace) and their
@@ -16,10 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import grp
+import hmac
 import ipaddress
 import json
 import logging
 import os
+import pwd
+import secrets
 import signal
 import socket
 import struct
@@ -33,13 +42,31 @@ from dcp_worker.protocol import Error, frame
 from .launch import Hardening, evaluator_command
 from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
 
-__all__ = ["Manager", "bind_tcp", "bind_unix", "activated_sockets", "ManagerError"]
+__all__ = [
+    "Access",
+    "Manager",
+    "ManagerError",
+    "activated_sockets",
+    "bind_tcp",
+    "bind_unix",
+    "read_token",
+    "opencl_withheld",
+]
 
 log = logging.getLogger("dcp.evaluator.manager")
 
 MACHINE_BUSY = "machine_busy"
 PREEMPTED = "evaluator_preempted"
 _GRACE = 2.0
+_REFUSE_LINGER = 5.0
+PEER_NOT_ALLOWED = "peer_not_allowed"
+TOKEN_REQUIRED = "token_required"
+TOKEN_INVALID = "token_invalid"
+#: What a TCP client sends first: this, the token, a newline.
+TOKEN_PREFIX = b"dcp-token "
+_TOKEN_SECONDS = 10.0
+_TOKEN_MAX = 256
+_TOKEN_MIN = 16
 
 
 class ManagerError(Exception):
@@ -83,20 +110,135 @@ def bind_tcp(listen: str) -> socket.socket:
     return sock
 
 
-def bind_unix(path: str) -> socket.socket:
-    """A listening Unix socket at ``path`` (mode 0660; a stale socket file is replaced)."""
+def bind_unix(path: str, group: str | None = None) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0660, owned by ``group`` when that group
+    exists (a stale socket file is replaced)."""
     target = Path(path)
     if target.is_socket():
-        target.unlink()
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                target.unlink()  # stale: nobody listens there
+            else:
+                raise ManagerError(f"{path}: another process listens on this socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chmod(path, 0o660)
+        gid = _group_id(group)
+        if gid is not None:
+            os.chown(path, -1, gid)
     except OSError as exc:
         sock.close()
         raise ManagerError(f"cannot create the socket {path}: {exc.strerror}") from None
     sock.listen(128)
     return sock
+
+
+def _group_id(group: str | None) -> int | None:
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
+
+
+def read_token(path: Path, group: str | None = None) -> bytes:
+    """The TCP secret in ``path``; a missing file is created with a random one (mode 0640,
+    group ``group`` when it exists, so the workers of that group can read it).
+
+    Raises:
+        ManagerError: the file is readable or writable by others, unreadable, or too short.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ManagerError(f"cannot create the token file {path}: {exc.strerror}") from None
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+        gid = _group_id(group)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        log.warning("created the token file %s: TCP clients must send its content", path)
+    try:
+        mode = os.stat(path).st_mode
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ManagerError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if mode & 0o007:
+        raise ManagerError(
+            f"the token file {path} is open to other users (mode {mode & 0o777:o}); "
+            "it must be readable only by its owner and group (chmod 0640)"
+        )
+    if not _TOKEN_MIN <= len(token) <= _TOKEN_MAX:
+        raise ManagerError(
+            f"the token in {path} must be {_TOKEN_MIN} to {_TOKEN_MAX} characters long"
+        )
+    return token
+
+
+def opencl_withheld(hardening: Hardening, opencl_as_root: bool) -> str | None:
+    """Why evaluators of this manager must not offer OpenCL, or None: a kernel is native code
+    in the evaluator process, so not as root (unless the operator says so)."""
+    if opencl_as_root or os.geteuid() != 0 or hardening.target_ids() is not None:
+        return None
+    return (
+        "evaluators would run OpenCL kernels as root (no unprivileged account to drop to); "
+        "dcp-evaluator-manager --opencl-as-root overrides"
+    )
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may connect. Unix socket: root, the manager's user and members of ``group``
+    (SO_PEERCRED; a group that does not exist admits nobody else). TCP: whoever sends
+    ``token`` first; None refuses every TCP client."""
+
+    group: str | None = "dcp"
+    token: bytes | None = None
+
+    def peer_refusal(self, sock: socket.socket) -> str | None:
+        """Why the Unix peer on ``sock`` may not connect, or None."""
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        if uid in (0, os.getuid()):
+            return None
+        allowed = _group_id(self.group)
+        if allowed is not None:
+            if gid == allowed:
+                return None
+            with contextlib.suppress(KeyError):
+                if pwd.getpwuid(uid).pw_name in grp.getgrgid(allowed).gr_mem:
+                    return None
+        return (
+            f"uid {uid} (pid {pid}) is not root, the manager's user or a member of group "
+            f"{self.group or '(none)'}"
+        )
+
+    async def token_refusal(self, reader: asyncio.StreamReader) -> tuple[str, str] | None:
+        """Read the client's token line; (code, why) when it is missing or wrong."""
+        if self.token is None:
+            return TOKEN_REQUIRED, "this manager has no token for TCP clients"
+        try:
+            async with asyncio.timeout(_TOKEN_SECONDS):
+                prefix = await reader.readexactly(len(TOKEN_PREFIX))
+                if prefix != TOKEN_PREFIX:
+                    return TOKEN_REQUIRED, "a TCP client must send 'dcp-token <token>' first"
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += await reader.readexactly(1)
+                    if len(line) > _TOKEN_MAX + 1:
+                        return TOKEN_INVALID, "the token is wrong"
+        except (TimeoutError, asyncio.IncompleteReadError):
+            return TOKEN_REQUIRED, "a TCP client must send 'dcp-token <token>' first"
+        if not hmac.compare_digest(line.strip(), self.token):
+            return TOKEN_INVALID, "the token is wrong"
+        return None
 
 
 def activated_sockets() -> list[socket.socket]:
@@ -163,6 +305,8 @@ class Counters:
     started: int = 0
     refused: int = 0
     preempted: int = 0
+    #: Connections refused for who they are (peer credentials, token).
+    unauthorized: int = 0
 
 
 class Manager:
@@ -175,6 +319,8 @@ class Manager:
         poll_seconds: float = 3.0,
         throttle: float = 1.0,
         command: list[str] | None = None,
+        access: Access | None = None,
+        opencl_as_root: bool = False,
     ) -> None:
         self.policy = policy
         self.rate = rate
@@ -182,7 +328,10 @@ class Manager:
         self.status_path = status_path
         self.poll_seconds = poll_seconds
         self.throttle = throttle
-        self.command = command or evaluator_command()
+        self.access = access or Access()
+        #: Why evaluators offer no OpenCL (None: they may).
+        self.opencl_withheld = opencl_withheld(self.hardening, opencl_as_root)
+        self.command = command or evaluator_command(withhold_opencl=self.opencl_withheld)
         self.operator = next((m for m in policy.monitors if isinstance(m, OperatorMonitor)), None)
         self.holds: list[Hold] = []
         self.counters = Counters()
@@ -207,6 +356,8 @@ class Manager:
             name = sock.getsockname()
             self.listening.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
         log.info("listening on %s", ", ".join(self.listening))
+        if self.opencl_withheld is not None:
+            log.warning("OpenCL is not offered: %s", self.opencl_withheld)
         self.holds = self.policy.holds(time.time())
         self._write_status()
         if on_ready is not None:
@@ -286,6 +437,14 @@ class Manager:
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        why = await self._access_refusal(reader, writer)
+        if why is not None:
+            code, message = why
+            self.counters.unauthorized += 1
+            log.warning("refused a connection: %s %s", code, message)
+            await _refuse(reader, writer, code, message)
+            self._write_status()
+            return
         now = time.time()
         hold = self.holds[0] if self.holds else None
         if hold is None and self.rate is not None:
@@ -293,14 +452,7 @@ class Manager:
         if hold is not None:
             self.counters.refused += 1
             log.info("refused an evaluator: %s", hold.detail)
-            with contextlib.suppress(OSError):
-                writer.write(
-                    frame(
-                        Error(re=None, code=MACHINE_BUSY, message=f"{hold.reason}: {hold.detail}")
-                    )
-                )
-                await writer.drain()
-            writer.close()
+            await _refuse(reader, writer, MACHINE_BUSY, f"{hold.reason}: {hold.detail}")
             self._write_status()
             return
         ids = self.hardening.target_ids()
@@ -313,7 +465,7 @@ class Manager:
             env={},
             cwd=str(workdir) if ids else "/",
             close_fds=True,
-            preexec_fn=self.hardening.preexec,
+            preexec_fn=functools.partial(self.hardening.preexec, os.getpid()),
             start_new_session=True,
         )
         conn = _Connection(proc, writer)
@@ -342,6 +494,15 @@ class Manager:
                     await writer.drain()
             writer.close()
             self._write_status()
+
+    async def _access_refusal(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[str, str] | None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            why = self.access.peer_refusal(sock)
+            return None if why is None else (PEER_NOT_ALLOWED, why)
+        return await self.access.token_refusal(reader)
 
     async def _pump_in(
         self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process
@@ -391,6 +552,7 @@ class Manager:
             "accepting": not self.holds,
             "holds": [asdict(h) for h in self.holds],
             "running": len(self._connections),
+            "opencl_withheld": self.opencl_withheld,
             **asdict(self.counters),
             "updated": time.time(),
         }
@@ -408,3 +570,24 @@ class Manager:
 
 class _Stopped(Exception):
     pass
+
+
+async def _refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, code: str, message: str
+) -> None:
+    """Answer a connection with one ``error`` frame (``re`` null: it is about the connection)
+    and end it. The client's requests are read and dropped until it hangs up (at most
+    _REFUSE_LINGER s): closing with unread input would send a TCP reset, which can destroy
+    the error frame before the client reads it."""
+    try:
+        writer.write(frame(Error(re=None, code=code, message=message)))
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(_REFUSE_LINGER):
+            while await reader.read(1 << 16):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()

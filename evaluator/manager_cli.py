@@ -1,4 +1,4 @@
-"""``dcp-evaluator-manager``: serve evaluators on loopback / a Unix socket; ``status``."""
+"""``dcp-evaluator-manager``: serve evaluators on a Unix socket / loopback; ``status``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,15 @@ from pathlib import Path
 import click
 
 from .launch import Hardening, probe_layers
-from .manager import Manager, ManagerError, activated_sockets, bind_tcp, bind_unix
+from .manager import (
+    Access,
+    Manager,
+    ManagerError,
+    activated_sockets,
+    bind_tcp,
+    bind_unix,
+    read_token,
+)
 from .monitors import (
     BatteryMonitor,
     CpuMonitor,
@@ -45,6 +54,13 @@ def default_status_file() -> Path:
     return Path(f"/tmp/dcp-evaluator-manager-{os.getuid()}.json")
 
 
+def default_socket() -> Path:
+    runtime = os.environ.get("RUNTIME_DIRECTORY") or os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "dcp-evaluator-manager.sock"
+    return Path(f"/tmp/dcp-evaluator-manager-{os.getuid()}.sock")
+
+
 _status = click.option(
     "--status-file",
     type=click.Path(dir_okay=False),
@@ -65,17 +81,38 @@ def main(ctx: click.Context) -> None:
 
 @main.command()
 @click.option(
-    "--listen",
-    default="127.0.0.1:9000",
-    show_default=True,
-    help="Loopback HOST:PORT (any other host is replaced by 127.0.0.1).",
-)
-@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP.")
-@click.option(
     "--socket",
     "socket_path",
     type=click.Path(dir_okay=False),
-    help="Also listen on this Unix socket (mode 0660).",
+    help="The Unix socket (mode 0660, group --group; default: $RUNTIME_DIRECTORY or "
+    "$XDG_RUNTIME_DIR/dcp-evaluator-manager.sock, else /tmp/dcp-evaluator-manager-UID.sock).",
+)
+@click.option(
+    "--group",
+    default="dcp",
+    show_default=True,
+    help="Besides root and this manager's user, members of this group may connect to the "
+    "Unix socket (peer credentials); it also owns the socket and a created token file.",
+)
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also listen on loopback TCP (any other host is replaced by 127.0.0.1); clients "
+    "must send the secret of --token-file first.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The secret TCP clients send (created with a random one if missing, mode 0640; "
+    "refused when other users can read it). Required with --listen.",
+)
+@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP, even with --listen.")
+@click.option(
+    "--opencl-as-root",
+    is_flag=True,
+    help="Offer OpenCL even when evaluators would run as root (no account to drop to).",
 )
 @_status
 @click.option(
@@ -160,9 +197,12 @@ def main(ctx: click.Context) -> None:
 @click.option("--loadavg-file", default="/proc/loadavg", hidden=True)
 @click.option("-v", "--verbose", count=True)
 def serve(
-    listen: str,
-    no_tcp: bool,
     socket_path: str | None,
+    group: str,
+    listen: str | None,
+    token_file: str | None,
+    no_tcp: bool,
+    opencl_as_root: bool,
     status_file: str | None,
     poll: float,
     max_load: float | None,
@@ -215,14 +255,18 @@ def serve(
         )
     hardening = Hardening(user=user, network_namespace=not no_network_namespace)
     try:
+        token = None
+        if token_file:
+            token = read_token(Path(token_file), group)
         sockets = activated_sockets()
         if not sockets:
-            if not no_tcp:
+            if listen and not no_tcp:
+                if token is None:
+                    raise ManagerError("--listen needs --token-file: TCP clients must send it")
                 sockets.append(bind_tcp(listen))
-            if socket_path:
-                sockets.append(bind_unix(socket_path))
-        if not sockets:
-            raise ManagerError("nothing to listen on: give --listen or --socket")
+            sockets.append(bind_unix(socket_path or str(default_socket()), group))
+        elif token is None and any(s.family != socket.AF_UNIX for s in sockets):
+            raise ManagerError("an activated TCP socket needs --token-file")
     except ManagerError as exc:
         click.echo(f"dcp-evaluator-manager: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -234,6 +278,8 @@ def serve(
         Path(status_file) if status_file else default_status_file(),
         poll,
         throttle,
+        access=Access(group=group or None, token=token),
+        opencl_as_root=opencl_as_root,
     )
 
     def ready() -> None:  # after the signal handlers and the status file: safe to use
@@ -286,7 +332,10 @@ def status(status_file: str | None, as_json: bool) -> None:
         for hold in data["holds"]:
             action = "stops running evaluators" if hold["kill"] else "refuses new evaluators"
             click.echo(f"  {hold['reason']}: {hold['detail']} ({action})")
+        if data.get("opencl_withheld"):
+            click.echo(f"  OpenCL not offered: {data['opencl_withheld']}")
         click.echo(
-            f"  started {data['started']}, refused {data['refused']}, preempted {data['preempted']}"
+            f"  started {data['started']}, refused {data['refused']}, preempted "
+            f"{data['preempted']}, unauthorized {data.get('unauthorized', 0)}"
         )
     sys.exit(EXIT_OK if data["accepting"] else EXIT_HELD)

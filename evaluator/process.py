@@ -104,7 +104,11 @@ _FLUSH_EVERY = 0.05
 class Evaluator:
     """Serves the framed protocol on a pair of binary streams."""
 
-    def __init__(self, stdin: BinaryIO, stdout: BinaryIO) -> None:
+    def __init__(
+        self, stdin: BinaryIO, stdout: BinaryIO, withhold_opencl: str | None = None
+    ) -> None:
+        #: Why this evaluator offers no OpenCL (its manager's rule), or None.
+        self._opencl_withheld = withhold_opencl
         self._in = stdin
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
@@ -190,9 +194,11 @@ class Evaluator:
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Describe):
-            self.send(
-                Capabilities(re=message.id, capabilities=capabilities(self._opencl.describe()))
-            )
+            if self._opencl_withheld is None:
+                caps = capabilities(self._opencl.describe())
+            else:
+                caps = {**capabilities(None), "withheld": {"opencl": self._opencl_withheld}}
+            self.send(Capabilities(re=message.id, capabilities=caps))
         elif isinstance(message, Assign):
             self._assign(message)
         elif isinstance(message, RunSlice):
@@ -207,6 +213,15 @@ class Evaluator:
             )
 
     def _assign(self, message: Assign) -> None:
+        if message.runtime == "opencl" and self._opencl_withheld is not None:
+            self.send(
+                Error(
+                    re=message.id,
+                    code=ErrorCode.UNSUPPORTED_RUNTIME.value,
+                    message=f"OpenCL is withheld here: {self._opencl_withheld}",
+                )
+            )
+            return
         if message.runtime not in ("wasm", "opencl"):
             self.send(
                 Error(
@@ -280,8 +295,9 @@ class Evaluator:
         self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True)
 
 
-def serve_stdio() -> int:
-    """Run the evaluator on this process's stdin/stdout in a private working directory."""
+def serve_stdio(withhold_opencl: str | None = None) -> int:
+    """Run the evaluator on this process's stdin/stdout in a private working directory
+    (``withhold_opencl``: offer no OpenCL, for this reason)."""
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
@@ -295,7 +311,7 @@ def serve_stdio() -> int:
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.
     sys.stdout = sys.stderr
     try:
-        return Evaluator(sys.stdin.buffer, stdout).serve()
+        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl).serve()
     except BrokenPipeError:
         return EXIT_OK
     finally:

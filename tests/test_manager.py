@@ -3,6 +3,9 @@ stops when a person comes back, and that the worker loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,8 +20,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import wasmtime
 
 from dcp_worker import protocol as p
+from dcp_worker.sandbox import Sandbox
 from evaluator.launch import Hardening, _runnable_by_others, probe_layers
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
@@ -37,6 +42,16 @@ class ManagerProcess:
     ) -> None:
         self.status_file = tmp / f"manager-{time.monotonic_ns()}.json"
         self.log = self.status_file.with_suffix(".log")
+        # Each its own socket (never the shared default), and a token file for TCP.
+        self.token: bytes | None = None
+        if "--max-load" not in args:  # the machine's own load must not hold the tests
+            args = (*args, "--max-load", "1000")
+        if "--socket" not in args:
+            args = (*args, "--socket", str(self.status_file.with_suffix(".sock")))
+        if "--listen" in args and "--token-file" not in args:
+            token_file = self.status_file.with_suffix(".token")
+            args = (*args, "--token-file", str(token_file))
+            self.token_file = token_file
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [
@@ -58,6 +73,10 @@ class ManagerProcess:
         self.first_line = self.proc.stdout.readline()
         match = re.search(r"listening on (\S+?)[;,]", self.first_line)
         self.address = match.group(1) if match else ""
+        if "--listen" in args:
+            self.token_file = Path(args[args.index("--token-file") + 1])
+            with contextlib.suppress(OSError):
+                self.token = self.token_file.read_bytes().strip()
 
     def status(self) -> dict:  # type: ignore[type-arg]
         return json.loads(self.status_file.read_text())  # type: ignore[no-any-return]
@@ -85,8 +104,9 @@ def managers(tmp_path: Path) -> Iterator[Callable[..., ManagerProcess]]:
         m.stop()
 
 
-def connect_and_describe(address: str) -> p.Message:
-    """Open a connection as a worker would and ask the evaluator to describe itself."""
+def connect_and_describe(address: str, token: bytes | None = None) -> p.Message:
+    """Open a connection as a worker would (sending ``token`` first, if any) and ask the
+    evaluator to describe itself."""
     if address.startswith("/"):
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(address)
@@ -95,7 +115,8 @@ def connect_and_describe(address: str) -> p.Message:
         sock = socket.create_connection((host, int(port)), timeout=10)
     sock.settimeout(20)
     with sock:
-        sock.sendall(p.frame(p.Describe(id=1)))
+        preamble = b"" if token is None else b"dcp-token " + token + b"\n"
+        sock.sendall(preamble + p.frame(p.Describe(id=1)))
         decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
         while (message := decoder.next_message()) is None:
             data = sock.recv(65536)
@@ -118,7 +139,7 @@ def test_binds_loopback_only_even_when_asked_for_all_interfaces(
     ]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
     assert "refusing to listen on 0.0.0.0" in manager.log.read_text()
-    reply = connect_and_describe(manager.address)
+    reply = connect_and_describe(manager.address, manager.token)
     assert isinstance(reply, p.Capabilities) and "wasm" in reply.capabilities["runtimes"]
 
 
@@ -130,7 +151,7 @@ def test_unix_socket(managers: Callable[..., ManagerProcess], tmp_path: Path) ->
     assert isinstance(connect_and_describe(str(path)), p.Capabilities)
 
 
-def _activated(sock: socket.socket, status: Path) -> subprocess.Popen[str]:
+def _activated(sock: socket.socket, status: Path, token: Path) -> subprocess.Popen[str]:
     """Start the manager the way systemd would: the socket as fd 3, LISTEN_PID its own pid."""
     wrapper = (
         "import os, sys\n"
@@ -148,6 +169,10 @@ def _activated(sock: socket.socket, status: Path) -> subprocess.Popen[str]:
             "serve",
             "--status-file",
             str(status),
+            "--token-file",
+            str(token),
+            "--max-load",
+            "1000",
             "--tty-idle",
             "0",
             "--run-on-battery",
@@ -164,10 +189,11 @@ def test_socket_activation(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        run = _activated(sock, tmp_path / "a.json")
+        run = _activated(sock, tmp_path / "a.json", tmp_path / "token")
         try:
             assert f"127.0.0.1:{port}" in run.stdout.readline()  # type: ignore[union-attr]
-            assert isinstance(connect_and_describe(f"127.0.0.1:{port}"), p.Capabilities)
+            token = (tmp_path / "token").read_bytes().strip()
+            assert isinstance(connect_and_describe(f"127.0.0.1:{port}", token), p.Capabilities)
         finally:
             run.terminate()
             run.communicate(timeout=20)
@@ -177,7 +203,7 @@ def test_socket_activation_refuses_a_public_socket(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", 0))
         sock.listen()
-        run = _activated(sock, tmp_path / "b.json")
+        run = _activated(sock, tmp_path / "b.json", tmp_path / "token")
         out, err = run.communicate(timeout=20)
     assert run.returncode == 2 and "not loopback" in err
 
@@ -199,7 +225,7 @@ def test_high_load_refuses_new_evaluators_and_says_why(
         "--tty-idle",
         "0",
     )
-    reply = connect_and_describe(manager.address)
+    reply = connect_and_describe(manager.address, manager.token)
     assert isinstance(reply, p.Error) and reply.code == "machine_busy"
     assert "load_high" in reply.message and "7.50" in reply.message
     status = subprocess.run(
@@ -211,13 +237,13 @@ def test_high_load_refuses_new_evaluators_and_says_why(
     assert "load_high: load average 7.50 is above 2 (refuses new evaluators)" in status.stdout
     loadavg.write_text("0.10 0.10 0.10 1/300 12345\n")
     wait_for(lambda: manager.status()["accepting"], 10)
-    assert isinstance(connect_and_describe(manager.address), p.Capabilities)
+    assert isinstance(connect_and_describe(manager.address, manager.token), p.Capabilities)
     assert manager.status()["refused"] == 1
 
 
 def test_connection_rate(managers: Callable[..., ManagerProcess]) -> None:
     manager = managers("--listen", "127.0.0.1:0", "--max-rate", "2", "--tty-idle", "0")
-    replies = [connect_and_describe(manager.address) for _ in range(3)]
+    replies = [connect_and_describe(manager.address, manager.token) for _ in range(3)]
     assert [type(r).__name__ for r in replies[:2]] == ["Capabilities", "Capabilities"]
     assert isinstance(replies[2], p.Error) and "connection_rate" in replies[2].message
 
@@ -227,10 +253,16 @@ def test_operator_signals(managers: Callable[..., ManagerProcess]) -> None:
     manager.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: not manager.status()["accepting"], 10)
     assert manager.status()["holds"][0]["reason"] == "operator"
-    reply = connect_and_describe(manager.address)
+    reply = connect_and_describe(manager.address, manager.token)
     assert isinstance(reply, p.Error) and "operator" in reply.message
     manager.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: manager.status()["accepting"], 10)
+
+
+def _token_config(tmp_path: Path, token_file: Path) -> Path:
+    config = tmp_path / "worker.toml"
+    config.write_text(f'evaluator_token_file = "{token_file}"\n')
+    return config
 
 
 def test_terminal_use_stops_evaluators_and_the_worker_loses_nothing(
@@ -255,7 +287,13 @@ def test_terminal_use_stops_evaluators_and_the_worker_loses_nothing(
         "0.2",
     )
     worker = workers(
-        scheduler.url, make_keystore("w"), 2, "--evaluator", f"tcp://{manager.address}"
+        scheduler.url,
+        make_keystore("w"),
+        2,
+        "--evaluator",
+        f"tcp://{manager.address}",
+        "--config",
+        str(_token_config(tmp_path, manager.token_file)),
     )
     prefixes = [f"t{i}" for i in range(6)]
     with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
@@ -298,3 +336,24 @@ def test_hardening_layers() -> None:
 )
 def test_evaluators_run_as_nobody_when_started_as_root() -> None:
     assert probe_layers(Hardening(user="nobody"))["unprivileged_user"]
+
+
+def test_a_manager_evaluator_is_reused_across_batches(
+    managers: Callable[..., ManagerProcess], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "m.sock")
+    manager = managers("--no-tcp", "--socket", path, "--tty-idle", "0", "--ignore-screensaver")
+    module = wasmtime.wat2wasm('(module (memory (export "memory") 1) (func (export "_start")))')
+    job = p.JobSpec("nop", "wasm", module, hashlib.sha256(module).hexdigest())
+
+    async def three_batches() -> None:
+        sandbox = Sandbox(0, endpoint=path, slices_per_evaluator=10)
+        await sandbox.describe()
+        for batch in range(3):
+            outcomes = await sandbox.run_batch(job, job.limits, [(batch, b""), (batch + 3, b"")])
+            assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+        await sandbox.stop()
+
+    asyncio.run(three_batches())
+    wait_for(lambda: manager.status()["running"] == 0, 10)
+    assert manager.status()["started"] == 1  # one connection, one evaluator, for all of it

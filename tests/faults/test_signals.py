@@ -88,8 +88,10 @@ def test_manager_sigterm_stops_its_evaluators(tmp_path: Path) -> None:
         [
             command("dcp-evaluator-manager"),
             "serve",
-            "--listen",
-            "127.0.0.1:0",
+            "--socket",
+            str(tmp_path / "m.sock"),
+            "--max-load",
+            "1000",
             "--tty-idle",
             "0",
             "--run-on-battery",
@@ -101,8 +103,8 @@ def test_manager_sigterm_stops_its_evaluators(tmp_path: Path) -> None:
     )
     assert manager.stdout is not None
     address = manager.stdout.readline().split()[3].rstrip(";,")
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port))):
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(address)
         wait_for(lambda: psutil.Process(manager.pid).children(), 20)
         (evaluator,) = psutil.Process(manager.pid).children()
         manager.send_signal(signal.SIGTERM)

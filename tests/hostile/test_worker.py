@@ -80,9 +80,11 @@ def test_evaluator_killed_mid_slice_is_replaced(
             return [int(pid) for pid in out.split()]
 
         wait_for(
-            lambda: bool(evaluator_pids())
-            and counts(scheduler.db, job).get("leased", 0) > 0
-            and f"running slice {job}" in worker.output(),
+            lambda: (
+                bool(evaluator_pids())
+                and counts(scheduler.db, job).get("leased", 0) > 0
+                and f"running slice {job}" in worker.output()
+            ),
             30,
         )
         for pid in evaluator_pids():

@@ -1,0 +1,159 @@
+"""Who may use dcp-evaluator-manager: Unix peers by credentials (root, its user, its group),
+TCP clients by a secret token; and no OpenCL from evaluators that would run it as root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dcp_worker import protocol as p
+from evaluator.launch import Hardening
+
+from .conftest import command, wait_for
+from .test_manager import ManagerProcess, connect_and_describe, managers  # noqa: F401
+
+NOBODY = 65534
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid to nobody")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory other users can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="dcp-access-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def describe_as_nobody(path: str, gid: int = NOBODY) -> str:
+    """Connect to ``path`` from a forked child running as uid 65534: the reply's type and
+    code, or the error connecting."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        outcome = "?"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(NOBODY)
+            reply = connect_and_describe(path)
+            outcome = f"{reply.type} {getattr(reply, 'code', '')}".strip()
+        except OSError as exc:
+            outcome = type(exc).__name__
+        finally:
+            os.write(write, outcome.encode())
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        assert ready, "the child did not answer within 30 s"
+        return os.read(read, 1000).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+@needs_root
+def test_unix_socket_refuses_other_users_by_mode_and_by_credentials(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+    open_dir: Path,
+) -> None:
+    path = str(open_dir / "m.sock")
+    manager = managers("--socket", path, "--group", "", "--tty-idle", "0")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert describe_as_nobody(path) == "PermissionError"  # the mode keeps it out
+    os.chmod(path, 0o666)  # an operator loosens the mode: the credentials still count
+    assert describe_as_nobody(path) == "error peer_not_allowed"
+    wait_for(lambda: manager.status()["unauthorized"] == 1, 10)
+    assert "uid 65534" in manager.log.read_text()
+    assert isinstance(connect_and_describe(path), p.Capabilities)  # root may
+
+
+@needs_root
+def test_unix_socket_admits_members_of_its_group(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+    open_dir: Path,
+) -> None:
+    path = str(open_dir / "m.sock")
+    managers("--socket", path, "--group", "nogroup", "--tty-idle", "0")
+    assert os.stat(path).st_gid == NOBODY  # nogroup
+    assert describe_as_nobody(path, gid=NOBODY) == "capabilities"
+
+
+def test_tcp_needs_the_secret(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+) -> None:
+    manager = managers("--listen", "127.0.0.1:0", "--tty-idle", "0")
+    assert manager.address.startswith("127.0.0.1:"), manager.first_line
+    assert stat.S_IMODE(manager.token_file.stat().st_mode) == 0o640
+    assert manager.token is not None and len(manager.token) >= 32
+    reply = connect_and_describe(manager.address)
+    assert isinstance(reply, p.Error) and reply.code == "token_required"
+    reply = connect_and_describe(manager.address, b"0" * len(manager.token))
+    assert isinstance(reply, p.Error) and reply.code == "token_invalid"
+    assert isinstance(connect_and_describe(manager.address, manager.token), p.Capabilities)
+    status = manager.status()
+    assert status["started"] == 1
+    wait_for(lambda: manager.status()["unauthorized"] == 2, 10)
+
+
+def test_tcp_without_a_private_token_file_does_not_start(tmp_path: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command("dcp-evaluator-manager"), "serve", "--socket", str(tmp_path / "s"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = serve("--listen", "127.0.0.1:0")
+    assert out.returncode == 2 and "--listen needs --token-file" in out.stderr
+    token = tmp_path / "token"
+    token.write_text("a" * 40)
+    token.chmod(0o644)
+    out = serve("--listen", "127.0.0.1:0", "--token-file", str(token))
+    assert out.returncode == 2 and "open to other users" in out.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or Hardening().target_ids() is not None,
+    reason="needs evaluators that would run as root (root, and no account they can drop to)",
+)
+def test_a_root_manager_offers_no_opencl_unless_told(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "m.sock")
+    manager = managers("--socket", path, "--tty-idle", "0")
+    reply = connect_and_describe(path)
+    assert isinstance(reply, p.Capabilities)
+    assert "opencl" not in reply.capabilities["runtimes"]
+    assert "as root" in reply.capabilities["withheld"]["opencl"]
+    assert "OpenCL is not offered" in manager.log.read_text()
+    # Asking for it anyway is refused by the evaluator itself.
+    source = b"__kernel void k(__global float *x) { x[0] = 1; }"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.settimeout(20)
+        sha = hashlib.sha256(source).hexdigest()
+        sock.sendall(p.frame(p.Assign(id=1, job="j", runtime="opencl", sha256=sha, module=source)))
+        decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
+        while (message := decoder.next_message()) is None:
+            decoder.receive_data(sock.recv(65536))
+    assert isinstance(message, p.Error) and message.code == "unsupported_runtime"
+    opted = managers("--socket", str(tmp_path / "n.sock"), "--opencl-as-root", "--tty-idle", "0")
+    reply = connect_and_describe(str(tmp_path / "n.sock"))
+    assert isinstance(reply, p.Capabilities) and "withheld" not in reply.capabilities
+    assert "OpenCL is not offered" not in opted.log.read_text()
