@@ -175,13 +175,31 @@ class WasmRuntime:
         """
         fuel = limits.fuel is not None
         compiled = self._cache[(sha256, fuel)]
-        engine = self._engine(fuel)
+        store = wasmtime.Store(self._engine(fuel))
+        try:
+            return self._run_in(store, compiled, argv, limits, datum)
+        finally:
+            # The store owns the slice's instance and linear memory (a reservation of about
+            # 4 GiB of address space). A trap keeps it alive: its traceback holds this frame,
+            # and wasmtime-py's enter_wasm frame holds the trap, a cycle that only the
+            # garbage collector breaks. Under the evaluator's RLIMIT_AS three such leftovers
+            # made every later slice, of any job, fail to reserve its memory. Closing the
+            # store frees it now, whatever the outcome; the Python objects left are small.
+            store.close()
+
+    def _run_in(
+        self,
+        store: wasmtime.Store,
+        compiled: _Compiled,
+        argv: tuple[str, ...],
+        limits: Limits,
+        datum: bytes,
+    ) -> tuple[bytes, Metrics]:
         stdin_fd = self._fds["stdin"]
         os.pwrite(stdin_fd, datum, 0)
         os.ftruncate(stdin_fd, len(datum))
         stdout_fd = self._fds["stdout"]
 
-        store = wasmtime.Store(engine)
         store.set_limits(memory_size=limits.memory_bytes)
         ticks = max(1, int(limits.wall_seconds / TICK))
         store.set_epoch_deadline(ticks)
