@@ -6,7 +6,9 @@ sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. L
 
 * wall clock: epoch interruption, a ticker thread advances the epoch every ``TICK`` seconds;
 * fuel (instructions), when the job asks for it (a second engine with fuel metering);
-* linear memory: ``Store.set_limits``; ``memory.grow`` fails past the cap;
+* memory: ``Store.set_limits`` caps the one linear memory, the tables (elements and count)
+  and the instances, all out of the job's ``memory_bytes`` (:class:`StoreBudget`); a module
+  that defines more than one memory or more than ``MAX_TABLES`` tables is refused;
 * output: stdout goes to an in-memory file under RLIMIT_FSIZE, so a flood stops at the cap + 1
   byte.
 
@@ -49,6 +51,54 @@ _FORBIDDEN_WASI = frozenset(
 )
 _STDERR_CAP = 64 * 1024
 _CACHE_ENTRIES = 32
+_PAGE = 65536
+
+#: What one table element costs: wasmtime 50 stores a funcref in 8 bytes and an externref in
+#: 4 (measured: RSS after growing a table by 8 million elements), so 8 is an upper bound.
+TABLE_ELEMENT_BYTES = 8
+#: Tables one module may define. Compiled C, C++, Rust, Zig and Go use one (the indirect
+#: function table); wasmtime counts each table against the per-table element limit, so
+#: every extra table allowed divides the tables' budget further.
+MAX_TABLES = 2
+#: Linear memories one module may define: each would get the whole cap from wasmtime's
+#: per-memory limit, so multi-memory modules are refused rather than let it multiply.
+MAX_MEMORIES = 1
+#: The tables' share of ``memory_bytes`` (1/16, at most 8 MiB); linear memory gets the rest.
+_TABLE_SHARE = 16
+_TABLE_BUDGET_MAX = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreBudget:
+    """How one slice's ``memory_bytes`` is divided between linear memory and tables.
+
+    wasmtime limits each memory and each table separately (``Store.set_limits``), so the cap
+    holds only when their number is bounded too: one memory, at most ``MAX_TABLES`` tables of
+    ``table_elements`` each, and one instance. Together they stay within ``memory_bytes``.
+    """
+
+    #: The most bytes the linear memory may grow to.
+    memory_bytes: int
+    #: The most elements any one table may grow to.
+    table_elements: int
+
+    @classmethod
+    def of(cls, limits: Limits) -> StoreBudget:
+        tables = min(limits.memory_bytes // _TABLE_SHARE, _TABLE_BUDGET_MAX)
+        per_table = tables // (MAX_TABLES * TABLE_ELEMENT_BYTES)
+        return cls(
+            memory_bytes=limits.memory_bytes - per_table * MAX_TABLES * TABLE_ELEMENT_BYTES,
+            table_elements=per_table,
+        )
+
+    def apply(self, store: wasmtime.Store) -> None:
+        store.set_limits(
+            memory_size=self.memory_bytes,
+            table_elements=self.table_elements,
+            instances=1,
+            tables=MAX_TABLES,
+            memories=MAX_MEMORIES,
+        )
 
 
 @dataclass
@@ -134,7 +184,9 @@ class WasmRuntime:
             raise SliceError(
                 ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)"
             )
-        self._cache[key] = _Compiled(module, self._linker(engine, module))
+        linker = self._linker(engine, module)
+        _check_counts(module_bytes)
+        self._cache[key] = _Compiled(module, linker)
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
@@ -200,7 +252,8 @@ class WasmRuntime:
         os.ftruncate(stdin_fd, len(datum))
         stdout_fd = self._fds["stdout"]
 
-        store.set_limits(memory_size=limits.memory_bytes)
+        budget = StoreBudget.of(limits)
+        budget.apply(store)
         ticks = max(1, int(limits.wall_seconds / TICK))
         store.set_epoch_deadline(ticks)
         if limits.fuel is not None:
@@ -234,14 +287,18 @@ class WasmRuntime:
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
         except wasmtime.Trap as exc:
-            raise self._classify_trap(exc, store, instance, limits) from None
+            raise self._classify_trap(exc, store, instance, limits, budget) from None
         except wasmtime.WasmtimeError as exc:
             # Instantiation failures (e.g. initial memory above the cap) land here.
             text = str(exc)
-            if "memory" in text and ("limit" in text or "minimum" in text or "grow" in text):
+            if ("memory" in text or "table" in text) and (
+                "limit" in text or "minimum" in text or "grow" in text
+            ):
                 raise SliceError(
                     ErrorCode.MEMORY_LIMIT,
-                    f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes",
+                    "instantiation needs more than the memory cap allows: "
+                    f"{_first_line(text)} (linear memory {budget.memory_bytes} bytes, "
+                    f"{budget.table_elements} elements a table, of {limits.memory_bytes})",
                 ) from None
             if "unknown import" in text:
                 raise SliceError(ErrorCode.FORBIDDEN_IMPORT, _first_line(text)) from None
@@ -257,11 +314,12 @@ class WasmRuntime:
                 f"output exceeded the cap of {limits.output_bytes} bytes",
             )
         if exit_code != 0:
-            if _memory_exhausted(store, instance, limits):
+            exhausted = _exhausted(store, instance, budget)
+            if exhausted is not None:
                 raise SliceError(
                     ErrorCode.MEMORY_LIMIT,
-                    f"exited with status {exit_code} after linear memory reached the cap of "
-                    f"{limits.memory_bytes} bytes",
+                    f"exited with status {exit_code} after {exhausted} reached its share of "
+                    f"the memory cap of {limits.memory_bytes} bytes",
                 )
             tail = _tail(self._fds["stderr"])
             raise SliceError(
@@ -279,6 +337,7 @@ class WasmRuntime:
         store: wasmtime.Store,
         instance: wasmtime.Instance | None,
         limits: Limits,
+        budget: StoreBudget,
     ) -> SliceError:
         if self._violation is not None:
             return SliceError(
@@ -300,10 +359,12 @@ class WasmRuntime:
             )
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
-        if _memory_exhausted(store, instance, limits):
+        exhausted = _exhausted(store, instance, budget)
+        if exhausted is not None:
             return SliceError(
                 ErrorCode.MEMORY_LIMIT,
-                f"trapped after linear memory reached the cap of {limits.memory_bytes} bytes",
+                f"trapped after {exhausted} reached its share of the memory cap of "
+                f"{limits.memory_bytes} bytes",
             )
         message = _first_line(exc.message)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
@@ -322,6 +383,8 @@ class WasmRuntime:
 
 
 #: One tiny module per wasm feature: the feature is offered when its module compiles.
+#: multi-memory is not among them: wasmtime compiles it, but the runtime refuses modules with
+#: more than one memory (``MAX_MEMORIES``), so it must not be offered.
 _FEATURE_PROBES = {
     "simd": "(module (func (result v128) (v128.const i32x4 0 0 0 0)))",
     "relaxed-simd": "(module (func (result v128) (i32x4.relaxed_trunc_f32x4_s"
@@ -332,7 +395,6 @@ _FEATURE_PROBES = {
     "reference-types": "(module (func (result externref) (ref.null extern)))",
     "tail-call": "(module (func $f (return_call $f)))",
     "threads": "(module (memory 1 1 shared) (func (drop (i32.atomic.load (i32.const 0)))))",
-    "multi-memory": "(module (memory 1) (memory 1))",
     "memory64": "(module (memory i64 1))",
     "exceptions": "(module (tag) (func (try_table)))",
 }
@@ -363,16 +425,63 @@ def _is_progress_type(func_type: wasmtime.FuncType | None) -> bool:
     )
 
 
-def _memory_exhausted(
-    store: wasmtime.Store, instance: wasmtime.Instance | None, limits: Limits
-) -> bool:
-    """True when the exported memory is within one page of the cap (a grow must have failed)."""
+def _exhausted(
+    store: wasmtime.Store, instance: wasmtime.Instance | None, budget: StoreBudget
+) -> str | None:
+    """Which exported memory or table is within a grow step of its limit (a grow must have
+    failed), or None. Tables and memories a module does not export cannot be seen: a trap
+    after their grow failed is reported as the trap."""
     if instance is None:
-        return False
-    memory = instance.exports(store).get("memory")
-    if not isinstance(memory, wasmtime.Memory):
-        return False
-    return memory.data_len(store) + 65536 > limits.memory_bytes
+        return None
+    for name, item in instance.exports(store).items():
+        if isinstance(item, wasmtime.Memory):
+            if item.data_len(store) + _PAGE > budget.memory_bytes:
+                return f"linear memory {name!r}"
+        elif isinstance(item, wasmtime.Table):
+            # One page's worth of elements, as for memories: a grow step of a table is
+            # usually one element, but a loop may grow by more.
+            if item.size(store) + _PAGE // TABLE_ELEMENT_BYTES > budget.table_elements:
+                return f"table {name!r}"
+    return None
+
+
+def _check_counts(module_bytes: bytes) -> None:
+    """Refuse modules that define more memories or tables than one store may hold.
+
+    wasmtime-py does not list a module's own (not exported) memories and tables, so they are
+    counted in the binary: sections 4 (tables) and 5 (memories) each open with their count.
+    Imported memories and tables need no count: the linker refuses them.
+
+    Raises:
+        SliceError: MEMORY_LIMIT, naming the count and the most allowed.
+    """
+    counts = {4: 0, 5: 0}
+    offset = 8  # the magic number and the version; wasmtime has validated the rest
+    while offset < len(module_bytes):
+        section = module_bytes[offset]
+        size, offset = _leb128(module_bytes, offset + 1)
+        if section in counts:
+            counts[section], _ = _leb128(module_bytes, offset)
+        offset += size
+    for section, what, most in ((5, "linear memories", MAX_MEMORIES), (4, "tables", MAX_TABLES)):
+        if counts[section] > most:
+            raise SliceError(
+                ErrorCode.MEMORY_LIMIT,
+                f"module defines {counts[section]} {what}; the sandbox allows {most}, "
+                "so that the memory cap holds for all of them together",
+            )
+
+
+def _leb128(data: bytes, offset: int) -> tuple[int, int]:
+    """An unsigned LEB128 number at ``offset``: (value, offset after it)."""
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, offset
+        shift += 7
 
 
 def _first_line(text: str) -> str:
