@@ -14,7 +14,9 @@ sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. L
 * output: stdout goes to an in-memory file under RLIMIT_FSIZE, so a flood stops at the cap + 1
   byte.
 
-Compiled modules are cached in memory by (sha256, engine).
+Each slice runs in a Store of its own, closed when the slice ends, whatever the outcome.
+Compiled modules are cached in memory by (sha256, engine). docs/sandbox.md lists every limit,
+who enforces it and the name of each refusal.
 """
 
 from __future__ import annotations
