@@ -4,21 +4,29 @@ A work function is a WASI command (``_start``). The slice datum is its stdin, it
 result, job arguments are its argv. It gets no preopened directory, an empty environment and no
 sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. Limits:
 
-* wall clock: epoch interruption, a ticker thread advances the epoch every ``TICK`` seconds;
+* wall clock: epoch interruption, with the epoch kept in step with the monotonic clock
+  (:class:`EpochClock`), and our own ``poll_oneoff``, which sleeps at most until the slice's
+  deadline: a slice blocked in a host call cannot be interrupted by the epoch;
 * fuel (instructions), when the job asks for it (a second engine with fuel metering);
-* linear memory: ``Store.set_limits``; ``memory.grow`` fails past the cap;
+* memory: ``Store.set_limits`` caps the one linear memory, the tables (elements and count)
+  and the instances, all out of the job's ``memory_bytes`` (:class:`StoreBudget`); a module
+  that defines more than one memory or more than ``MAX_TABLES`` tables is refused;
 * output: stdout goes to an in-memory file under RLIMIT_FSIZE, so a flood stops at the cap + 1
   byte.
 
-Compiled modules are cached in memory by (sha256, engine).
+Each slice runs in a Store of its own, closed when the slice ends, whatever the outcome.
+Compiled modules are cached in memory by (sha256, engine). docs/sandbox.md lists every limit,
+who enforces it and the name of each refusal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import resource
 import signal
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +57,111 @@ _FORBIDDEN_WASI = frozenset(
 )
 _STDERR_CAP = 64 * 1024
 _CACHE_ENTRIES = 32
+_PAGE = 65536
+
+# WASI preview1 (wasi_snapshot_preview1) poll_oneoff ABI.
+#: subscription, 48 bytes: userdata u64, tag u8 (eventtype), then at 16 the union: a clock
+#: (id u32, timeout u64 at 24, precision u64 at 32, flags u16 at 40) or an fd (u32 at 16).
+_SUBSCRIPTION = struct.Struct("<QB7xI4xQQH6x")
+#: event, 32 bytes: userdata u64, error u16 (errno), type u8, then at 16 fd_readwrite:
+#: nbytes u64, flags u16.
+_EVENT = struct.Struct("<QHB5xQH6x")
+_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
+_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
+_SUBCLOCKFLAGS_ABSTIME = 1
+_ERRNO_SUCCESS, _ERRNO_BADF, _ERRNO_FAULT, _ERRNO_INVAL = 0, 8, 21, 28
+
+#: What one table element costs: wasmtime 50 stores a funcref in 8 bytes and an externref in
+#: 4 (measured: RSS after growing a table by 8 million elements), so 8 is an upper bound.
+TABLE_ELEMENT_BYTES = 8
+#: Tables one module may define. Compiled C, C++, Rust, Zig and Go use one (the indirect
+#: function table); wasmtime counts each table against the per-table element limit, so
+#: every extra table allowed divides the tables' budget further.
+MAX_TABLES = 2
+#: Linear memories one module may define: each would get the whole cap from wasmtime's
+#: per-memory limit, so multi-memory modules are refused rather than let it multiply.
+MAX_MEMORIES = 1
+#: The tables' share of ``memory_bytes`` (1/16, at most 8 MiB); linear memory gets the rest.
+_TABLE_SHARE = 16
+_TABLE_BUDGET_MAX = 8 * 1024 * 1024
+
+
+class EpochClock:
+    """Advances the epoch of every engine in step with the monotonic clock.
+
+    Epoch ``n`` begins at ``start + n * TICK``. The ticker thread sleeps until the next tick
+    is due and then brings every engine up to the count due by now: a thread that wakes late
+    (on a loaded machine it did, every tick, so slices overran their wall clock 1.3-2.1x)
+    catches up instead of losing the time. Deadlines are set in ticks still to come, under
+    the same lock, so a late ticker never makes a deadline early either.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: list[wasmtime.Engine] = []
+        self._start = time.monotonic()
+        self._done = 0  # ticks applied to every engine so far
+        self._thread: threading.Thread | None = None
+
+    def add(self, engine: wasmtime.Engine) -> None:
+        """Drive ``engine``'s epoch from now on (starts the ticker thread on first use)."""
+        with self._lock:
+            self._engines.append(engine)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._tick, name="epoch-ticker")
+                self._thread.daemon = True
+                self._thread.start()
+
+    def set_deadline(self, store: wasmtime.Store, deadline: float) -> None:
+        """Make ``store`` trap with an interrupt once the monotonic clock reaches ``deadline``
+        (to within a tick and the ticker's wake-up latency, never before it)."""
+        with self._lock:
+            due = math.ceil((deadline - self._start) / TICK)
+            store.set_epoch_deadline(max(1, due - self._done))
+
+    def _tick(self) -> None:
+        while True:
+            with self._lock:
+                due = int((time.monotonic() - self._start) / TICK)
+                for engine in self._engines:
+                    for _ in range(due - self._done):
+                        engine.increment_epoch()
+                self._done = max(self._done, due)
+                next_tick = self._start + (self._done + 1) * TICK
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+
+
+@dataclass(frozen=True)
+class StoreBudget:
+    """How one slice's ``memory_bytes`` is divided between linear memory and tables.
+
+    wasmtime limits each memory and each table separately (``Store.set_limits``), so the cap
+    holds only when their number is bounded too: one memory, at most ``MAX_TABLES`` tables of
+    ``table_elements`` each, and one instance. Together they stay within ``memory_bytes``.
+    """
+
+    #: The most bytes the linear memory may grow to.
+    memory_bytes: int
+    #: The most elements any one table may grow to.
+    table_elements: int
+
+    @classmethod
+    def of(cls, limits: Limits) -> StoreBudget:
+        tables = min(limits.memory_bytes // _TABLE_SHARE, _TABLE_BUDGET_MAX)
+        per_table = tables // (MAX_TABLES * TABLE_ELEMENT_BYTES)
+        return cls(
+            memory_bytes=limits.memory_bytes - per_table * MAX_TABLES * TABLE_ELEMENT_BYTES,
+            table_elements=per_table,
+        )
+
+    def apply(self, store: wasmtime.Store) -> None:
+        store.set_limits(
+            memory_size=self.memory_bytes,
+            table_elements=self.table_elements,
+            instances=1,
+            tables=MAX_TABLES,
+            memories=MAX_MEMORIES,
+        )
 
 
 @dataclass
@@ -65,8 +178,15 @@ class WasmRuntime:
         self._progress = progress or (lambda _f: None)
         self._engines: dict[bool, wasmtime.Engine] = {}
         self._cache: OrderedDict[tuple[str, bool], _Compiled] = OrderedDict()
-        self._ticker_started = False
-        self._violation: str | None = None
+        self._clock = EpochClock()
+        #: Set by a host function that ends the slice (a forbidden call, the wall clock
+        #: reached while sleeping): it names the reason better than the trap it raises.
+        self._host_error: SliceError | None = None
+        #: The running slice's deadline and the origin of its WASI monotonic clock (which
+        #: counts from its WASI context's creation), both by time.monotonic_ns().
+        self._deadline_ns = 0
+        self._wasi_origin_ns = 0
+        self._wall_seconds = 0.0
         # A write past RLIMIT_FSIZE must fail with EFBIG, not kill the evaluator.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         # The slice's stdin, stdout and stderr are in-memory files (memfd), handed to WASI by
@@ -87,21 +207,8 @@ class WasmRuntime:
             config.consume_fuel = fuel
             config.cranelift_opt_level = "speed"
             engine = self._engines[fuel] = wasmtime.Engine(config)
-            self._start_ticker()
+            self._clock.add(engine)
         return engine
-
-    def _start_ticker(self) -> None:
-        if self._ticker_started:
-            return
-        self._ticker_started = True
-
-        def tick() -> None:
-            while True:
-                time.sleep(TICK)
-                for engine in list(self._engines.values()):
-                    engine.increment_epoch()
-
-        threading.Thread(target=tick, name="epoch-ticker", daemon=True).start()
 
     def has(self, sha256: str, limits: Limits) -> bool:
         return (sha256, limits.fuel is not None) in self._cache
@@ -134,7 +241,9 @@ class WasmRuntime:
             raise SliceError(
                 ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)"
             )
-        self._cache[key] = _Compiled(module, self._linker(engine, module))
+        linker = self._linker(engine, module)
+        _check_counts(module_bytes)
+        self._cache[key] = _Compiled(module, linker)
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
@@ -153,6 +262,16 @@ class WasmRuntime:
             if imp.module == _WASI and func_type is not None:
                 if name in _FORBIDDEN_WASI:
                     linker.define_func(imp.module, name, func_type, self._forbid(name))
+                elif name == "poll_oneoff":
+                    # wasmtime's own blocks in the host, where the epoch cannot interrupt it.
+                    if not _has_type(func_type, ["i32"] * 4, ["i32"]):
+                        raise SliceError(
+                            ErrorCode.FORBIDDEN_IMPORT,
+                            f"module imports {_WASI}.poll_oneoff with the wrong type",
+                        )
+                    linker.define_func(
+                        imp.module, name, func_type, self._poll_oneoff, access_caller=True
+                    )
             elif imp.module == "dcp" and name == "progress" and _is_progress_type(func_type):
                 assert func_type is not None
                 linker.define_func(imp.module, name, func_type, self._on_progress)
@@ -175,16 +294,37 @@ class WasmRuntime:
         """
         fuel = limits.fuel is not None
         compiled = self._cache[(sha256, fuel)]
-        engine = self._engine(fuel)
+        store = wasmtime.Store(self._engine(fuel))
+        try:
+            return self._run_in(store, compiled, argv, limits, datum)
+        finally:
+            # The store owns the slice's instance and linear memory (a reservation of about
+            # 4 GiB of address space). A trap keeps it alive: its traceback holds this frame,
+            # and wasmtime-py's enter_wasm frame holds the trap, a cycle that only the
+            # garbage collector breaks. Under the evaluator's RLIMIT_AS three such leftovers
+            # made every later slice, of any job, fail to reserve its memory. Closing the
+            # store frees it now, whatever the outcome; the Python objects left are small.
+            store.close()
+
+    def _run_in(
+        self,
+        store: wasmtime.Store,
+        compiled: _Compiled,
+        argv: tuple[str, ...],
+        limits: Limits,
+        datum: bytes,
+    ) -> tuple[bytes, Metrics]:
         stdin_fd = self._fds["stdin"]
         os.pwrite(stdin_fd, datum, 0)
         os.ftruncate(stdin_fd, len(datum))
         stdout_fd = self._fds["stdout"]
 
-        store = wasmtime.Store(engine)
-        store.set_limits(memory_size=limits.memory_bytes)
-        ticks = max(1, int(limits.wall_seconds / TICK))
-        store.set_epoch_deadline(ticks)
+        budget = StoreBudget.of(limits)
+        budget.apply(store)
+        deadline = time.monotonic() + limits.wall_seconds
+        self._clock.set_deadline(store, deadline)
+        self._deadline_ns = int(deadline * 1e9)
+        self._wall_seconds = limits.wall_seconds
         if limits.fuel is not None:
             store.set_fuel(limits.fuel)
         wasi = wasmtime.WasiConfig()
@@ -193,8 +333,11 @@ class WasmRuntime:
         wasi.stdout_file = self._paths["stdout"]  # opened truncating
         wasi.stderr_file = self._paths["stderr"]
         store.set_wasi(wasi)
+        # Taken after the context exists, so that a sleep until an absolute WASI monotonic
+        # time never ends before that time by the module's clock.
+        self._wasi_origin_ns = time.monotonic_ns()
 
-        self._violation = None
+        self._host_error = None
 
         cap = limits.output_bytes + 1
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -216,14 +359,18 @@ class WasmRuntime:
         except wasmtime.ExitTrap as exc:
             exit_code = exc.code
         except wasmtime.Trap as exc:
-            raise self._classify_trap(exc, store, instance, limits) from None
+            raise self._classify_trap(exc, store, instance, limits, budget) from None
         except wasmtime.WasmtimeError as exc:
             # Instantiation failures (e.g. initial memory above the cap) land here.
             text = str(exc)
-            if "memory" in text and ("limit" in text or "minimum" in text or "grow" in text):
+            if ("memory" in text or "table" in text) and (
+                "limit" in text or "minimum" in text or "grow" in text
+            ):
                 raise SliceError(
                     ErrorCode.MEMORY_LIMIT,
-                    f"instantiation needs more memory than the cap of {limits.memory_bytes} bytes",
+                    "instantiation needs more than the memory cap allows: "
+                    f"{_first_line(text)} (linear memory {budget.memory_bytes} bytes, "
+                    f"{budget.table_elements} elements a table, of {limits.memory_bytes})",
                 ) from None
             if "unknown import" in text:
                 raise SliceError(ErrorCode.FORBIDDEN_IMPORT, _first_line(text)) from None
@@ -239,11 +386,12 @@ class WasmRuntime:
                 f"output exceeded the cap of {limits.output_bytes} bytes",
             )
         if exit_code != 0:
-            if _memory_exhausted(store, instance, limits):
+            exhausted = _exhausted(store, instance, budget)
+            if exhausted is not None:
                 raise SliceError(
                     ErrorCode.MEMORY_LIMIT,
-                    f"exited with status {exit_code} after linear memory reached the cap of "
-                    f"{limits.memory_bytes} bytes",
+                    f"exited with status {exit_code} after {exhausted} reached its share of "
+                    f"the memory cap of {limits.memory_bytes} bytes",
                 )
             tail = _tail(self._fds["stderr"])
             raise SliceError(
@@ -261,12 +409,10 @@ class WasmRuntime:
         store: wasmtime.Store,
         instance: wasmtime.Instance | None,
         limits: Limits,
+        budget: StoreBudget,
     ) -> SliceError:
-        if self._violation is not None:
-            return SliceError(
-                ErrorCode.SANDBOX_VIOLATION,
-                f"the work function called {self._violation}, which the sandbox forbids",
-            )
+        if self._host_error is not None:
+            return self._host_error
         # A limit that was hit explains the trap better than the trap itself: a flood that
         # ran into the wall clock is reported as a flood.
         if os.fstat(self._fds["stdout"]).st_size > limits.output_bytes:
@@ -282,10 +428,12 @@ class WasmRuntime:
             )
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
-        if _memory_exhausted(store, instance, limits):
+        exhausted = _exhausted(store, instance, budget)
+        if exhausted is not None:
             return SliceError(
                 ErrorCode.MEMORY_LIMIT,
-                f"trapped after linear memory reached the cap of {limits.memory_bytes} bytes",
+                f"trapped after {exhausted} reached its share of the memory cap of "
+                f"{limits.memory_bytes} bytes",
             )
         message = _first_line(exc.message)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
@@ -294,16 +442,90 @@ class WasmRuntime:
 
     def _forbid(self, name: str) -> Callable[..., object]:
         def forbidden(*_args: object) -> object:
-            self._violation = name
+            self._host_error = SliceError(
+                ErrorCode.SANDBOX_VIOLATION,
+                f"the work function called {name}, which the sandbox forbids",
+            )
             raise wasmtime.Trap(f"sandbox violation: {name}")
 
         return forbidden
+
+    def _poll_oneoff(
+        self, caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents_ptr: int
+    ) -> int:
+        """WASI ``poll_oneoff``, bounded by the slice's wall clock.
+
+        As wasmtime's: stdin (read) and stdout, stderr (write) are always ready (they are
+        files), with ``nbytes`` 1; another descriptor fails the call with ``badf``; a clock
+        other than realtime or monotonic, or an unknown event type, with ``inval``. With no
+        descriptor ready it sleeps until the earliest clock subscription, unless the slice's
+        deadline comes first: then it sleeps until the deadline and ends the slice with
+        ``wasm_timeout``.
+        """
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise wasmtime.Trap("poll_oneoff: the module exports no memory named 'memory'")
+        if count == 0:
+            return _ERRNO_INVAL
+        size = memory.data_len(caller)
+        if (
+            in_ptr + count * _SUBSCRIPTION.size > size
+            or out_ptr + count * _EVENT.size > size
+            or nevents_ptr + 4 > size
+        ):
+            return _ERRNO_FAULT
+        subscriptions = memory.read(caller, in_ptr, in_ptr + count * _SUBSCRIPTION.size)
+        now = time.monotonic_ns()
+        ready: list[bytes] = []
+        clocks: list[tuple[int, int]] = []  # (deadline by time.monotonic_ns(), userdata)
+        for index in range(count):
+            userdata, tag, number, timeout, _precision, flags = _SUBSCRIPTION.unpack_from(
+                subscriptions, index * _SUBSCRIPTION.size
+            )
+            if tag == _EVENTTYPE_CLOCK:
+                absolute = flags & _SUBCLOCKFLAGS_ABSTIME
+                if number == _CLOCK_MONOTONIC:
+                    base = self._wasi_origin_ns if absolute else now
+                elif number == _CLOCK_REALTIME:
+                    base = now - time.time_ns() if absolute else now
+                else:
+                    return _ERRNO_INVAL
+                clocks.append((base + timeout, userdata))
+            elif tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
+                readable = tag == _EVENTTYPE_FD_READ and number == 0
+                if not (readable or (tag == _EVENTTYPE_FD_WRITE and number in (1, 2))):
+                    return _ERRNO_BADF
+                ready.append(_EVENT.pack(userdata, _ERRNO_SUCCESS, tag, 1, 0))
+            else:
+                return _ERRNO_INVAL
+        if not ready:
+            wake = min(deadline for deadline, _ in clocks)
+            if wake > self._deadline_ns:
+                _sleep_until(self._deadline_ns)
+                self._host_error = SliceError(
+                    ErrorCode.WASM_TIMEOUT,
+                    f"exceeded the wall-clock limit of {self._wall_seconds:g} s "
+                    "(sleeping in poll_oneoff)",
+                )
+                raise wasmtime.Trap("wall-clock limit reached in poll_oneoff")
+            _sleep_until(wake)
+            now = time.monotonic_ns()
+        ready += [
+            _EVENT.pack(userdata, _ERRNO_SUCCESS, _EVENTTYPE_CLOCK, 0, 0)
+            for deadline, userdata in clocks
+            if deadline <= now
+        ]
+        memory.write(caller, b"".join(ready), out_ptr)
+        memory.write(caller, struct.pack("<I", len(ready)), nevents_ptr)
+        return _ERRNO_SUCCESS
 
     def _on_progress(self, fraction: float) -> None:
         self._progress(float(fraction))
 
 
 #: One tiny module per wasm feature: the feature is offered when its module compiles.
+#: multi-memory is not among them: wasmtime compiles it, but the runtime refuses modules with
+#: more than one memory (``MAX_MEMORIES``), so it must not be offered.
 _FEATURE_PROBES = {
     "simd": "(module (func (result v128) (v128.const i32x4 0 0 0 0)))",
     "relaxed-simd": "(module (func (result v128) (i32x4.relaxed_trunc_f32x4_s"
@@ -314,7 +536,6 @@ _FEATURE_PROBES = {
     "reference-types": "(module (func (result externref) (ref.null extern)))",
     "tail-call": "(module (func $f (return_call $f)))",
     "threads": "(module (memory 1 1 shared) (func (drop (i32.atomic.load (i32.const 0)))))",
-    "multi-memory": "(module (memory 1) (memory 1))",
     "memory64": "(module (memory i64 1))",
     "exceptions": "(module (tag) (func (try_table)))",
 }
@@ -338,23 +559,80 @@ def probe_features() -> list[str]:
 
 def _is_progress_type(func_type: wasmtime.FuncType | None) -> bool:
     """``dcp.progress`` must be ``(f64) -> ()``."""
+    return _has_type(func_type, ["f64"], [])
+
+
+def _has_type(func_type: wasmtime.FuncType | None, params: list[str], results: list[str]) -> bool:
     return (
         func_type is not None
-        and [str(t) for t in func_type.params] == ["f64"]
-        and not func_type.results
+        and [str(t) for t in func_type.params] == params
+        and [str(t) for t in func_type.results] == results
     )
 
 
-def _memory_exhausted(
-    store: wasmtime.Store, instance: wasmtime.Instance | None, limits: Limits
-) -> bool:
-    """True when the exported memory is within one page of the cap (a grow must have failed)."""
+def _sleep_until(deadline_ns: int) -> None:
+    """Sleep until time.monotonic_ns() reaches ``deadline_ns`` (the GIL is released)."""
+    while (left := deadline_ns - time.monotonic_ns()) > 0:
+        time.sleep(left / 1e9)
+
+
+def _exhausted(
+    store: wasmtime.Store, instance: wasmtime.Instance | None, budget: StoreBudget
+) -> str | None:
+    """Which exported memory or table is within a grow step of its limit (a grow must have
+    failed), or None. Tables and memories a module does not export cannot be seen: a trap
+    after their grow failed is reported as the trap."""
     if instance is None:
-        return False
-    memory = instance.exports(store).get("memory")
-    if not isinstance(memory, wasmtime.Memory):
-        return False
-    return memory.data_len(store) + 65536 > limits.memory_bytes
+        return None
+    for name, item in instance.exports(store).items():
+        if isinstance(item, wasmtime.Memory):
+            if item.data_len(store) + _PAGE > budget.memory_bytes:
+                return f"linear memory {name!r}"
+        elif isinstance(item, wasmtime.Table):
+            # One page's worth of elements, as for memories: a grow step of a table is
+            # usually one element, but a loop may grow by more.
+            if item.size(store) + _PAGE // TABLE_ELEMENT_BYTES > budget.table_elements:
+                return f"table {name!r}"
+    return None
+
+
+def _check_counts(module_bytes: bytes) -> None:
+    """Refuse modules that define more memories or tables than one store may hold.
+
+    wasmtime-py does not list a module's own (not exported) memories and tables, so they are
+    counted in the binary: sections 4 (tables) and 5 (memories) each open with their count.
+    Imported memories and tables need no count: the linker refuses them.
+
+    Raises:
+        SliceError: MEMORY_LIMIT, naming the count and the most allowed.
+    """
+    counts = {4: 0, 5: 0}
+    offset = 8  # the magic number and the version; wasmtime has validated the rest
+    while offset < len(module_bytes):
+        section = module_bytes[offset]
+        size, offset = _leb128(module_bytes, offset + 1)
+        if section in counts:
+            counts[section], _ = _leb128(module_bytes, offset)
+        offset += size
+    for section, what, most in ((5, "linear memories", MAX_MEMORIES), (4, "tables", MAX_TABLES)):
+        if counts[section] > most:
+            raise SliceError(
+                ErrorCode.MEMORY_LIMIT,
+                f"module defines {counts[section]} {what}; the sandbox allows {most}, "
+                "so that the memory cap holds for all of them together",
+            )
+
+
+def _leb128(data: bytes, offset: int) -> tuple[int, int]:
+    """An unsigned LEB128 number at ``offset``: (value, offset after it)."""
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, offset
+        shift += 7
 
 
 def _first_line(text: str) -> str:

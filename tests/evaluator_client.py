@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 from dcp_worker import protocol as p
 
 
 class EvaluatorClient:
-    def __init__(self, cwd: str = "/") -> None:
+    def __init__(self, preexec_fn: Callable[[], None] | None = None, cwd: str = "/") -> None:
+        """Start an evaluator in ``cwd``; ``preexec_fn`` runs in the child before exec
+        (rlimits, nice)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "evaluator", "--stdio"],
             stdin=subprocess.PIPE,
@@ -18,6 +21,7 @@ class EvaluatorClient:
             stderr=subprocess.PIPE,
             env={},
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
         self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
         self._id = 0

@@ -53,6 +53,36 @@ HOSTILE = {
         {"memory_bytes": 16 * 1024 * 1024},
         "memory_limit",
     ),
+    # Tables are memory too: 8 bytes an element, uncapped they reached 550 MiB of RSS under a
+    # 16 MiB cap. Growing one element at a time keeps the uncapped case slow enough to stop.
+    "table_grow_forever": (
+        command(
+            "(loop (br_if 0 (i32.ne (table.grow $t (ref.null func) (i32.const 1))"
+            " (i32.const -1)))) unreachable",
+            extra='(table $t (export "table") 1 funcref)',
+        ),
+        {"memory_bytes": 16 * 1024 * 1024, "wall_seconds": 2},
+        "memory_limit",
+    ),
+    "initial_table_above_cap": (
+        command("nop", extra="(table 10000000 funcref)"),
+        {"memory_bytes": 16 * 1024 * 1024},
+        "memory_limit",
+    ),
+    # Each memory would get the whole cap: three of 32 MiB ran under a 32 MiB cap.
+    "three_memories": (
+        command(
+            "(i32.store $b (i32.const 0) (i32.const 1)) (i32.store $c (i32.const 0) (i32.const 1))",
+            memory='(memory (export "memory") 512) (memory $b 512) (memory $c 512)',
+        ),
+        {"memory_bytes": 32 * 1024 * 1024},
+        "memory_limit",
+    ),
+    "many_tables": (
+        command("nop", extra="(table 1 funcref) (table 1 funcref) (table 1 funcref)"),
+        {},
+        "memory_limit",
+    ),
     "stdout_flood": (
         command(
             # iovec at 0: buffer at 16, 65536 bytes; write it forever, ignoring errors.
