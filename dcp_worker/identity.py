@@ -20,7 +20,7 @@ from typing import Any
 
 import coincurve
 
-from .protocol import signing
+from .protocol import nesting, signing
 
 __all__ = [
     "Identity",
@@ -96,7 +96,9 @@ def _read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise WalletError(f"cannot read keystore {path}: {exc.strerror}") from None
     try:
-        data = json.loads(raw)
+        data = nesting.loads(raw)
+    except nesting.NestingTooDeep as exc:
+        raise KeystoreFormatError(f"{path}: the keystore {exc}") from None
     except ValueError:
         raise KeystoreFormatError(f"{path} is not a JSON keystore") from None
     if not isinstance(data, dict):
