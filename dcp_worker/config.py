@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .protocol import InvalidMessage, Wage, policy
+from .protocol import InvalidMessage, Wage, nesting, policy
 
 __all__ = [
     "ConfigError",
@@ -400,9 +400,12 @@ def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
+        nesting.check_toml(text)  # tomllib recurses once per level
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (nesting.NestingTooDeep, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     out = {}
     for key, value in data.items():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .logs import RecentLogs
+from .protocol import nesting
 
 __all__ = ["ControlError", "ControlServer", "ControlClient", "MAX_LINE"]
 
@@ -99,8 +100,10 @@ class ControlServer:
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
+            request = nesting.loads(line)
             cmd = request["cmd"]
+        except nesting.NestingTooDeep as exc:
+            return {"ok": False, "error": f"refused: the line {exc}"}
         except (ValueError, TypeError, KeyError):
             return {"ok": False, "error": 'expected a JSON object with "cmd"'}
         if cmd == "status":
@@ -188,7 +191,12 @@ class ControlClient:
             raise ControlError(f"the worker closed its control socket: {exc}") from None
         if not line:
             raise ControlError("the worker closed its control socket")
-        reply: dict[str, Any] = json.loads(line)
+        try:
+            reply = nesting.loads(line)
+        except ValueError as exc:  # NestingTooDeep included
+            raise ControlError(f"the worker's reply is not JSON: {exc}") from None
+        if not isinstance(reply, dict):
+            raise ControlError("the worker's reply is not a JSON object")
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error")))
         return reply

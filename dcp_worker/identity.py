@@ -1,6 +1,6 @@
 """Keys on disk: Ethereum V3 keystores (Web3 Secret Storage), and the identity that signs.
 
-Exception tree::
+The format and its errors are :mod:`dcp_worker.keystore` (re-exported here)::
 
     WalletError                 anything wrong with a keystore or a passphrase
     ├── KeystoreFormatError     not a V3 keystore we can read (names the field)
@@ -20,6 +20,8 @@ from typing import Any
 
 import coincurve
 
+from . import keystore
+from .keystore import KeystoreExists, KeystoreFormatError, WalletError, WrongPassphrase
 from .protocol import signing
 
 __all__ = [
@@ -36,23 +38,7 @@ __all__ = [
 ]
 
 #: scrypt cost of new keystores (geth's "standard" setting). Tests lower it for speed.
-SCRYPT_N = 262144
-
-
-class WalletError(Exception):
-    """Root of keystore errors; ``str()`` is a message fit for an operator."""
-
-
-class KeystoreFormatError(WalletError):
-    """The file is not a readable V3 keystore."""
-
-
-class WrongPassphrase(WalletError):
-    """The passphrase does not open this keystore."""
-
-
-class KeystoreExists(WalletError):
-    """The output path already exists."""
+SCRYPT_N = keystore.SCRYPT_N
 
 
 @dataclass(frozen=True)
@@ -96,27 +82,9 @@ def _read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise WalletError(f"cannot read keystore {path}: {exc.strerror}") from None
     try:
-        data = json.loads(raw)
-    except ValueError:
-        raise KeystoreFormatError(f"{path} is not a JSON keystore") from None
-    if not isinstance(data, dict):
-        raise KeystoreFormatError(f"{path} is not a JSON keystore object")
-    # Some tools write "Crypto" (capitalised), as geth once did; the spec's key is "crypto".
-    if "Crypto" in data and "crypto" not in data:
-        data["crypto"] = data.pop("Crypto")
-    if data.get("version") != 3:
-        raise KeystoreFormatError(f"{path}: only version 3 keystores are supported")
-    crypto = data.get("crypto")
-    if not isinstance(crypto, dict):
-        raise KeystoreFormatError(f"{path}: missing 'crypto' section")
-    for key in ("cipher", "ciphertext", "kdf", "kdfparams", "mac"):
-        if key not in crypto:
-            raise KeystoreFormatError(f"{path}: missing crypto.{key}")
-    if crypto["cipher"] != "aes-128-ctr":
-        raise KeystoreFormatError(f"{path}: unsupported cipher {crypto['cipher']!r}")
-    if crypto["kdf"] not in ("scrypt", "pbkdf2"):
-        raise KeystoreFormatError(f"{path}: unsupported kdf {crypto['kdf']!r}")
-    return data
+        return keystore.parse(raw)
+    except KeystoreFormatError as exc:
+        raise KeystoreFormatError(f"{path}: {exc}") from None
 
 
 def keystore_address(path: str | os.PathLike[str]) -> str | None:
@@ -138,18 +106,13 @@ def load_keystore(path: str | os.PathLike[str], passphrase: bytes) -> Identity:
         KeystoreFormatError: the file is not a V3 keystore.
         WalletError: the file cannot be read.
     """
-    # Imported here: eth_keyfile pulls in BLS code and costs ~0.3 s at start-up.
-    from eth_keyfile.keyfile import decode_keyfile_json
-
     data = _read_json(path)
     try:
-        key = decode_keyfile_json(data, passphrase)
-    except ValueError as exc:
-        if "MAC mismatch" in str(exc):
-            raise WrongPassphrase(f"wrong passphrase for keystore {path}") from None
+        key = keystore.decrypt(data, passphrase)
+    except WrongPassphrase:
+        raise WrongPassphrase(f"wrong passphrase for keystore {path}") from None
+    except KeystoreFormatError as exc:
         raise KeystoreFormatError(f"{path}: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise KeystoreFormatError(f"{path}: malformed keystore ({exc})") from None
     identity = Identity.from_private_key(bytes(key))
     declared = data.get("address")
     if (
@@ -174,19 +137,14 @@ def create_keystore(
         private_key: import this key; a fresh random key when None.
         kdf: "scrypt" (default) or "pbkdf2".
         iterations: scrypt n / pbkdf2 c; defaults to :data:`SCRYPT_N` / 262144.
+
+    Raises:
+        KeystoreExists: ``path`` exists (it is left as it was).
+        WalletError: an unsupported kdf or cost, or ``path`` cannot be written.
     """
     identity = Identity.from_private_key(private_key if private_key is not None else os.urandom(32))
-    if iterations is None:
-        iterations = SCRYPT_N
-    from eth_keyfile.keyfile import create_keyfile_json
-
-    if kdf not in ("scrypt", "pbkdf2"):
-        raise WalletError(f"unsupported kdf {kdf!r}: use scrypt or pbkdf2")
-    document = create_keyfile_json(
-        identity.private_key,
-        passphrase,
-        kdf="scrypt" if kdf == "scrypt" else "pbkdf2",
-        iterations=iterations,
+    document = keystore.encrypt(
+        identity.private_key, passphrase, identity.address, kdf=kdf, iterations=iterations
     )
     body = json.dumps(document, indent=2).encode() + b"\n"
     target = Path(path)

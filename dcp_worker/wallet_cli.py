@@ -50,7 +50,7 @@ _iterations = click.option(
     "--kdf-iterations",
     type=click.IntRange(min=2),
     default=None,
-    help="scrypt n / pbkdf2 c (default 262144). Lower only for tests.",
+    help="scrypt n (a power of 2) / pbkdf2 c (default 262144). Lower only for tests.",
 )
 
 

@@ -25,7 +25,6 @@ cannot be interrupted: the worker enforces the wall clock by killing the evaluat
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dcp_worker.protocol import ErrorCode, Limits, Metrics
+from dcp_worker.protocol import ErrorCode, Limits, Metrics, nesting
 
 from .errors import SliceError
 from .scratch import private_dir
@@ -263,7 +262,9 @@ class OpenCLRuntime:
             nonlocal doc
             if doc is None:
                 try:
-                    doc = json.loads(datum)
+                    doc = nesting.loads(datum)  # the job owner's bytes
+                except nesting.NestingTooDeep as exc:
+                    raise SliceError(ErrorCode.DATUM_INVALID, f"the datum {exc}") from None
                 except ValueError:
                     doc = None
                 if not isinstance(doc, dict):

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from dcp_worker.identity import Identity
-from dcp_worker.protocol import signing
+from dcp_worker.protocol import nesting, signing
 
 from .jobdoc import load_job_file
 
@@ -75,7 +75,13 @@ class ComputeClient:
         except httpx.HTTPError as exc:
             raise ComputeError(f"cannot reach the scheduler at {self.base}: {exc}") from None
         try:
-            body = response.json()
+            body = nesting.loads(response.content) if response.content else {}
+        except nesting.NestingTooDeep as exc:
+            raise ComputeError(
+                f"{method} {path}: the scheduler's reply {exc}",
+                response.status_code,
+                exc.code.value,
+            ) from None
         except ValueError:
             body = {}
         if response.status_code >= 400:

@@ -18,15 +18,25 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from dcp_worker.protocol import InvalidMessage, Limits
+from dcp_worker.protocol import InvalidMessage, Limits, nesting
 from dcp_worker.protocol.policy import validate_requirements
 from evaluator.opencl import validate_config
 
 from .store import NewJob, to_micro
 
-__all__ = ["JobFileError", "load_job_file", "parse_document", "RUNTIMES", "MAX_SLICES"]
+__all__ = [
+    "JobFileError",
+    "load_job_file",
+    "parse_document",
+    "RUNTIMES",
+    "MAX_SLICES",
+    "MAX_JOB_NESTING",
+]
 
 RUNTIMES = ("wasm", "opencl")
+#: Job files and documents nest at most half as deep as a frame may: the frames that carry a
+#: job's parts (work, assign) add a few levels of their own around them.
+MAX_JOB_NESTING = nesting.MAX_NESTING // 2
 MAX_SLICES = 1_000_000
 MAX_ATTEMPTS = 10
 _JOB_KEYS = {
@@ -77,10 +87,14 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     """
     path = Path(path)
     try:
-        spec = tomllib.loads(path.read_text())
+        source = path.read_text()
+        nesting.check_toml(source, MAX_JOB_NESTING)
+        spec = tomllib.loads(source)
     except OSError as exc:
         raise JobFileError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except UnicodeDecodeError:
+        raise JobFileError(f"{path}: not UTF-8 text") from None
+    except (nesting.NestingTooDeep, tomllib.TOMLDecodeError) as exc:
         raise JobFileError(f"{path}: {exc}") from None
     unknown = set(spec) - _JOB_KEYS
     if unknown:
@@ -147,7 +161,9 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         JobFileError: naming the field at fault.
     """
     try:
-        doc = json.loads(body)
+        doc = nesting.loads(body, MAX_JOB_NESTING)
+    except nesting.NestingTooDeep as exc:
+        raise JobFileError(f"the job document {exc}") from None
     except ValueError:
         raise JobFileError("the job document is not JSON") from None
     if not isinstance(doc, dict):

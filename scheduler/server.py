@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -50,6 +49,7 @@ from dcp_worker.protocol import (
     Work,
     decode,
     encode,
+    nesting,
     policy,
     signing,
 )
@@ -126,9 +126,9 @@ def _item_ack(reply: Message) -> ItemAck:
 def _peek_id(data: str | bytes) -> int | None:
     """The request id of a frame that failed to parse, if one can be read."""
     try:
-        obj = json.loads(data)
+        obj = nesting.loads(data)  # the frame may be the one too deep to decode
         value = obj.get("id") if isinstance(obj, dict) else None
-    except ValueError:
+    except ValueError:  # NestingTooDeep included
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

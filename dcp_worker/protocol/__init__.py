@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # ``signing`` is imported where it is used (``from dcp_worker.protocol import signing``): it
 # pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
-from . import policy
+from . import nesting, policy
 from .codec import MAX_FRAME_BYTES, PROTOCOL_VERSION, StreamDecoder, decode, encode, frame
 from .errors import (
     ErrorCode,
@@ -21,10 +21,12 @@ from .errors import (
 )
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
+from .nesting import MAX_NESTING, NestingTooDeep
 from .states import IllegalTransition, SliceEvent, SliceState, transition
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "MAX_NESTING",
     "PROTOCOL_VERSION",
     "StreamDecoder",
     "decode",
@@ -34,6 +36,7 @@ __all__ = [
     "FrameError",
     "FrameTooLarge",
     "InvalidMessage",
+    "NestingTooDeep",
     "ProtocolError",
     "UnknownMessage",
     "UnsupportedVersion",
@@ -41,6 +44,7 @@ __all__ = [
     "SliceEvent",
     "SliceState",
     "transition",
+    "nesting",
     "policy",
     *_messages_all,
 ]

@@ -6,6 +6,8 @@ A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
 * On the evaluator's pipes each frame is preceded by its length as a 4-byte big-endian
   unsigned integer. :class:`StreamDecoder` turns a byte stream into messages however the
   bytes arrive (one at a time or many frames at once).
+* A frame nests at most :data:`MAX_NESTING` levels of arrays and objects; a deeper one is
+  refused before it is decoded (:mod:`.nesting`), so no decoder recursion depends on a peer.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from collections.abc import Mapping
 
 from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
 from .messages import Message, from_wire, to_wire
+from .nesting import MAX_NESTING, check_json
 
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
+    "MAX_NESTING",
     "encode",
     "decode",
     "frame",
@@ -49,6 +53,8 @@ def decode(
 
     Raises:
         FrameTooLarge: ``data`` exceeds ``max_bytes``.
+        NestingTooDeep: arrays and objects nest deeper than :data:`MAX_NESTING` (checked
+            before decoding; a :class:`FrameError`).
         FrameError: not a UTF-8 JSON object.
         UnsupportedVersion: ``v`` is not :data:`PROTOCOL_VERSION`.
         UnknownMessage: ``type`` is not in ``registry``.
@@ -56,6 +62,7 @@ def decode(
     """
     if len(data) > max_bytes:
         raise FrameTooLarge(len(data), max_bytes)
+    check_json(data, MAX_NESTING, "frame")
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -1,0 +1,184 @@
+"""The nesting bound: how deep untrusted JSON (and TOML) may nest, checked before decoding.
+
+Python's decoders recurse once per level of arrays and objects (``json``'s C scanner and
+``tomllib`` alike). Past the interpreter's recursion limit that is a RecursionError that the
+callers' ``except ValueError`` does not catch; with a raised limit it is a C stack overflow
+that kills the process. So every decoder of bytes from outside (frames on both channels, the
+control socket, compute API bodies and replies, job files and documents, configuration files,
+keystores) first checks the depth with a linear scan that counts ``[`` and ``{`` outside
+strings, honouring escapes, and refuses anything deeper than :data:`MAX_NESTING`.
+
+The scan never decodes. On UTF-8 bytes every byte below 0x80 is the ASCII character it looks
+like, so it works on bytes; other encodings that ``json.loads`` accepts are converted first.
+The depth it measures is the largest count of open brackets not yet closed at any point,
+which is the nesting depth of a valid document and at least the depth any parser reaches on
+invalid text (a parser stops at the first error; the scan goes on).
+
+Cost, in the common cases: when the whole input holds no more than :data:`MAX_NESTING`
+brackets it is two ``bytes.count`` calls; otherwise strings are cut out with one regular
+expression, everything but brackets is deleted with ``bytes.translate``, and innermost ``[]``
+pairs are removed with ``bytes.replace``, one level per pass, at most :data:`MAX_NESTING`
+passes. docs/protocol.md section 1 has measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+from typing import Any
+
+from .errors import FrameError
+
+__all__ = [
+    "MAX_NESTING",
+    "NestingTooDeep",
+    "check_json",
+    "check_toml",
+    "json_depth_exceeds",
+    "loads",
+]
+
+#: The deepest nesting of arrays and objects accepted from outside, on every channel. Our own
+#: frames nest at most 7 deep; job documents are held to half of this (scheduler.jobdoc), so
+#: that the frames that carry their parts stay within it.
+MAX_NESTING = 64
+
+
+class NestingTooDeep(FrameError, ValueError):
+    """Arrays and objects nest deeper than the bound; refused before decoding.
+
+    A :class:`FrameError` (so a frame gets ``malformed_frame``), and a ValueError, so that a
+    caller that handles ``json.loads``'s errors handles this one too.
+    """
+
+    def __init__(self, limit: int, subject: str = "") -> None:
+        message = f"nests deeper than {limit} levels of arrays and objects"
+        super().__init__(f"{subject} {message}" if subject else message)
+        self.limit = limit
+
+
+# TOML's strings and comments, longest delimiters first (TOML 1.0, section "String").
+_TOML_SKIP = re.compile(
+    r'"""(?:[^"\\]|\\[\s\S]|"(?!""))*(?:"{3,5}|\Z)'
+    r"|'''[\s\S]*?(?:'{3,5}|\Z)"
+    r'|"(?:[^"\\\n]|\\.)*"?'
+    r"|'[^'\n]*'?"
+    r"|#[^\n]*"
+)
+# ``translate(_FOLD, _NOT_KEPT)`` deletes every byte but brackets and quotes, and folds { } into
+# [ ]; ``translate(_FOLD, _NOT_BRACKETS)`` keeps only the brackets.
+_FOLD = bytes.maketrans(b"{}", b"[]")
+_NOT_KEPT = bytes(b for b in range(256) if b not in b'[]{}"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_RUNS = re.compile(rb"\[+|\]+")
+
+
+def _utf8(data: bytes | bytearray | str) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8", "surrogatepass")
+    raw = bytes(data)
+    encoding = json.detect_encoding(raw)
+    if encoding in ("utf-8", "utf-8-sig"):
+        return raw
+    try:  # UTF-16 or UTF-32, as json.loads would read it
+        return raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+    except UnicodeError:
+        return raw  # json.loads refuses it before parsing anything
+
+
+def _max_depth(brackets: bytes) -> int:
+    """The most opens not yet closed at any point of a string of ``[`` and ``]``; one step
+    per run of equal brackets."""
+    lengths = list(map(len, _RUNS.findall(brackets)))
+    closing = slice(0 if brackets[:1] == b"]" else 1, None, 2)  # runs alternate
+    lengths[closing] = [-n for n in lengths[closing]]
+    return max(accumulate(lengths, initial=0))
+
+
+def _brackets_depth_exceeds(brackets: bytes, limit: int) -> bool:
+    """Whether a string of ``[`` and ``]`` opens more than ``limit`` at some point.
+
+    Runs of equal brackets are walked in Python when they are long (few of them); while they
+    are short, passes of ``bytes.replace`` remove the innermost pairs first. A pass lowers
+    every balanced part by one level and lowers the depth anywhere by at most one, so the
+    depth is at most the remainder's plus the passes (exactly that for balanced input).
+    Short runs mean many innermost pairs, so each pass shortens the string by at least an
+    eighth: the passes cost a few scans of the input in all, and there are at most ``limit``.
+    """
+    if brackets.count(b"[") <= limit:
+        return False
+    if b"[" * (limit + 1) in brackets:
+        return True  # the usual attack, one run of opens: one scan
+    passes = 0
+    while True:
+        leaves = brackets.count(b"[]")
+        if leaves == 0 or (leaves + brackets.count(b"][")) * 8 < len(brackets):
+            return _max_depth(brackets) + passes > limit
+        if passes == limit:
+            return True  # a balanced part is still there after ``limit`` levels
+        brackets = brackets.replace(b"[]", b"")
+        passes += 1
+
+
+def json_depth_exceeds(data: bytes | bytearray | str, limit: int = MAX_NESTING) -> bool:
+    """Whether JSON text ``data`` nests arrays and objects deeper than ``limit``."""
+    # Fast path. In any encoding json.loads reads, a bracket has at least one byte of its value.
+    if isinstance(data, str):
+        brackets = data.count("[") + data.count("{")
+    else:
+        brackets = data.count(b"[") + data.count(b"{")
+    if brackets <= limit:
+        return False
+    raw = _utf8(data)
+    if b"\\" in raw:
+        # Escaped backslashes first (left to right, as a parser pairs them), then escaped
+        # quotes: every quote left opens or closes a string. A backslash outside a string
+        # is an error a parser stops at, so what this does after one does not matter.
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = raw.translate(_FOLD, _NOT_KEPT)  # brackets (folded to [ ]) and quotes
+    if b'"' in kept:
+        # An adjacent pair of quotes is an empty string, or the end of one string and the
+        # start of the next with no bracket between: either way dropping it moves no
+        # bracket into or out of a string. Then every other segment is outside strings
+        # (an unterminated string runs to the end, as a parser reads it).
+        kept = kept.replace(b'""', b"")
+        if b'"' in kept:
+            kept = b"".join(kept.split(b'"')[::2])
+    return _brackets_depth_exceeds(kept, limit)
+
+
+def check_json(data: bytes | bytearray | str, limit: int = MAX_NESTING, subject: str = "") -> None:
+    """Refuse JSON text that nests deeper than ``limit``; decodes nothing. ``subject`` starts
+    the error's message ("frame", "the job document").
+
+    Raises:
+        NestingTooDeep: it does.
+    """
+    if json_depth_exceeds(data, limit):
+        raise NestingTooDeep(limit, subject)
+
+
+def check_toml(text: str, limit: int = MAX_NESTING) -> None:
+    """Refuse TOML text whose arrays and inline tables nest deeper than ``limit`` (a table
+    header ``[[a]]`` counts as 2 while it is read); decodes nothing.
+
+    Raises:
+        NestingTooDeep: it does.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return
+    outside = _TOML_SKIP.sub("", text).encode("utf-8", "surrogatepass")
+    if _brackets_depth_exceeds(outside.translate(_FOLD, _NOT_BRACKETS), limit):
+        raise NestingTooDeep(limit)
+
+
+def loads(data: bytes | bytearray | str, limit: int = MAX_NESTING) -> Any:
+    """``json.loads`` after :func:`check_json`.
+
+    Raises:
+        NestingTooDeep: deeper than ``limit``.
+        ValueError: not JSON (``json.JSONDecodeError``, UnicodeDecodeError).
+    """
+    check_json(data, limit)
+    return json.loads(data)

@@ -1,0 +1,279 @@
+"""Deeply nested JSON (and TOML) from every untrusted source: refused with the channel's error
+before any decoder recurses, and the process that got it keeps serving.
+
+A frame of 200,000 nested arrays is 400 KB, well under every size limit. Decoded as it is, it
+overflows the C stack when the recursion limit has been raised (a worker once died by SIGSEGV
+on it as the first frame of a session), and raises RecursionError past the handlers when not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from dcp_worker import protocol as p
+from dcp_worker.config import ConfigError, load_config
+from dcp_worker.protocol import signing
+from scheduler.client import ComputeClient, ComputeError
+from scheduler.jobdoc import JobFileError, load_job_file
+
+from ..conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+from ..test_scheduler_session import _open, _recv
+
+LEVELS = 200_000
+DEEP = "[" * LEVELS + "]" * LEVELS
+
+
+class NestingScheduler:
+    """A websocket server on loopback that sends the deep frame: as the very first frame of
+    every connection (``first``), or right after a normal handshake (``session``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.connections = 0
+        self.after_deep: list[p.Message] = []  # what the worker sent after the deep frame
+        self.ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),))
+        self._thread.start()
+        assert self.ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve(self._session, "127.0.0.1", 0, compression=None, max_size=None) as server:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.ready.set()
+            await self._stop.wait()
+
+    async def _session(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        try:
+            if self.mode == "first":
+                await ws.send(DEEP)
+                async for _ in ws:
+                    pass
+                return
+            await ws.send(p.encode(p.Hello(protocol=1, challenge="ab" * 32, server="n")).decode())
+            auth = p.decode(await ws.recv(), p.SCHEDULER_MESSAGES)
+            assert isinstance(auth, p.Auth)
+            welcome = p.Welcome(
+                re=auth.id,
+                session="s",
+                address=auth.address,
+                heartbeat_interval=1,
+                lease_timeout=30,
+                max_result_bytes=1 << 20,
+            )
+            await ws.send(p.encode(welcome).decode())
+            await ws.send(DEEP)
+            async for frame in ws:
+                message = p.decode(frame, p.SCHEDULER_MESSAGES)
+                self.after_deep.append(message)
+                if isinstance(message, p.Fetch):
+                    await asyncio.sleep(0.2)  # pace the worker's polling, not a wait
+                    await ws.send(p.encode(p.Work(re=message.id)).decode())
+                elif isinstance(message, p.Heartbeat):
+                    await ws.send(p.encode(p.HeartbeatAck(re=message.id, deadline=1e12)).decode())
+        except websockets.ConnectionClosed:
+            pass
+
+    def close(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def nesting_scheduler() -> Iterator[Callable[[str], NestingScheduler]]:
+    started: list[NestingScheduler] = []
+
+    def start(mode: str) -> NestingScheduler:
+        started.append(NestingScheduler(mode))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_worker_survives_a_deep_first_frame_and_reconnects(
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+    nesting_scheduler: Callable[[str], NestingScheduler],
+) -> None:
+    fake = nesting_scheduler("first")
+    worker = workers(fake.url, make_keystore("w"), 1)
+    wait_for(lambda: fake.connections >= 2 or worker.proc.poll() is not None, 60)
+    assert worker.proc.poll() is None, f"the worker died: {worker.proc.returncode}"
+    assert worker.stop() == 0
+    assert "nests deeper than 64 levels" in worker.output()
+
+
+def _control_lines(sock: Path, data: bytes, n: int) -> list[dict[str, object]]:
+    directory = os.open(sock.parent, os.O_PATH)  # the state path may exceed sun_path
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(f"/proc/self/fd/{directory}/{sock.name}")
+            s.sendall(data)
+            received = b""
+            while received.count(b"\n") < n:
+                chunk = s.recv(65536)
+                assert chunk, "the control socket closed early"
+                received += chunk
+    finally:
+        os.close(directory)
+    return [json.loads(line) for line in received.split(b"\n")[:n]]
+
+
+def test_worker_survives_a_deep_frame_in_session_and_on_its_control_socket(
+    tmp_path: Path,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+    nesting_scheduler: Callable[[str], NestingScheduler],
+) -> None:
+    fake = nesting_scheduler("session")
+    state = tmp_path / "state"
+    worker = workers(fake.url, make_keystore("w"), 1, state_dir=state)
+    wait_for(lambda: bool(fake.after_deep) or worker.proc.poll() is not None, 60)
+    assert worker.proc.poll() is None, f"the worker died: {worker.proc.returncode}"
+    assert "scheduler sent a bad frame" in worker.output()
+
+    sock = state / "control.sock"
+    wait_for(sock.exists, 30)
+    deep_line = ('{"cmd": ' + DEEP + "}\n").encode()
+    refused, status = _control_lines(sock, deep_line + b'{"cmd": "status"}\n', 2)
+    assert refused["ok"] is False and "nests deeper than 64 levels" in str(refused["error"])
+    assert status["ok"] is True
+    assert worker.proc.poll() is None
+    assert worker.stop() == 0
+    assert fake.connections == 1  # the session itself survived
+
+
+def test_scheduler_answers_deep_frames_with_malformed_frame_and_keeps_serving(
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    keystore = make_keystore("worker")
+
+    async def main() -> None:
+        async with connect(scheduler.ws_url, compression=None, max_size=None) as ws:
+            assert isinstance(await _recv(ws), p.Hello)
+            await ws.send(DEEP)  # before auth
+            reply = await _recv(ws)
+            assert isinstance(reply, p.Error), reply
+            assert (reply.re, reply.code) == (None, "malformed_frame")
+            assert "nests deeper than 64 levels" in reply.message
+        ws = await _open(scheduler.ws_url, keystore)
+        await ws.send('{"v": 1, "type": "fetch", "id": 5, "x": ' + DEEP + "}")  # in session
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Error) and reply.code == "malformed_frame"
+        await ws.send(p.encode(p.Fetch(id=6, max_slices=1)).decode())
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Work) and reply.re == 6
+        await ws.close()
+
+    asyncio.run(main())
+    assert scheduler.proc.poll() is None
+
+
+def test_compute_api_answers_a_deep_body_with_400_and_keeps_serving(
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    owner = make_keystore("owner").identity
+    body = ('{"name": ' + DEEP + "}").encode()
+    response = httpx.post(
+        scheduler.url + "/api/v1/jobs",
+        content=body,
+        headers={
+            "Content-Type": "application/json",
+            "X-DCP-Owner": owner.address,
+            "X-DCP-Signature": owner.sign(signing.deploy_payload(body)),
+        },
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_message"
+    assert "nests deeper than" in error["message"]
+    assert httpx.get(scheduler.url + "/api/v1/status", timeout=30).status_code == 200
+
+
+class _DeepHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = ('{"jobs": ' + DEEP + "}").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_compute_client_refuses_a_deep_reply() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DeepHandler)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with ComputeClient(f"http://127.0.0.1:{server.server_address[1]}") as client:
+            with pytest.raises(ComputeError, match="nests deeper than 64 levels"):
+                client.status("a" * 32)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sandboxes = " + "[" * 5000 + "]" * 5000 + "\n",
+        "sandboxes = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
+    ],
+    ids=["arrays", "inline-tables"],
+)
+def test_config_files_nested_too_deep_are_named(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"w\.toml: nests deeper than 64 levels"):
+        load_config(path, {})
+    out = subprocess.run(
+        [command("dcp-worker"), "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "nests deeper than 64 levels" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_job_files_nested_too_deep_are_named(tmp_path: Path) -> None:
+    (tmp_path / "m.wasm").write_bytes(b"\0asm\1\0\0\0")
+    path = tmp_path / "job.toml"
+    path.write_text('module = "m.wasm"\nargv = ' + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(JobFileError, match=r"job\.toml: nests deeper than 32 levels"):
+        load_job_file(path)
+
+
+def test_keystores_nested_too_deep_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text('{"version": 3, "crypto": ' + DEEP + "}")
+    out = subprocess.run(
+        [command("dcp-wallet"), "show", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "nests deeper than 64 levels" in out.stderr and "Traceback" not in out.stderr
