@@ -117,10 +117,10 @@ class Sandbox:
         self.token_file = token_file
         #: The worker's settings per runtime, sent with each assignment (e.g. banned devices).
         self.runtime_options = runtime_options or {}
-        self.command = command or default_evaluator_command()
+        self.hardening = hardening or Hardening()
+        self.command = command or evaluator_command(runs_as=self.hardening.runs_as())
         self.slices_per_evaluator = slices_per_evaluator
         self.endpoint = endpoint
-        self.hardening = hardening or Hardening()
         self.state = SandboxState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None

@@ -249,6 +249,7 @@ class Supervisor:
         self._opencl_slots = asyncio.Semaphore(max(1, config.opencl_slots))
         self._outbox_failing = False  # the last commit failed (a full disk): do not fetch
         self._opencl_used: collections.deque[tuple[float, float]] = collections.deque()
+        # Until the evaluator says which user it runs as: a guess for evaluators started here.
         local_root = (
             not config.evaluator
             and os.geteuid() == 0
@@ -417,6 +418,10 @@ class Supervisor:
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
+        uid = self._capabilities.get("uid")
+        if isinstance(uid, int) and not isinstance(uid, bool):
+            # Measured by the evaluator, here or behind a manager (whose own rule may differ).
+            self._opencl_privileged = uid == 0 and not self.config.opencl_as_root
         for runtime, why in self._capabilities.get("withheld", {}).items():
             log.warning("the evaluator manager does not offer %s: %s", runtime, why)
         if self._opencl_privileged and "opencl" in self._capabilities.get("runtimes", {}):

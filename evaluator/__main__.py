@@ -24,11 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REASON",
         help="offer and run no OpenCL; describe says this reason",
     )
+    parser.add_argument(
+        "--runs-as",
+        metavar="UID",
+        type=int,
+        help="the user this evaluator runs as, seen by whoever started it (describe says it)",
+    )
     args = parser.parse_args(argv)
     os.umask(0o077)
     from .process import serve_stdio
 
-    return serve_stdio(args.withhold_opencl)
+    return serve_stdio(args.withhold_opencl, args.runs_as)
 
 
 if __name__ == "__main__":

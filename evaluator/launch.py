@@ -76,6 +76,12 @@ class Hardening:
             return None
         return entry.pw_uid, entry.pw_gid
 
+    def runs_as(self) -> int:
+        """The user an evaluator started with these settings runs as, seen from here (inside
+        its user namespace it cannot tell: an unmapped id reads as the overflow id)."""
+        ids = self.target_ids()
+        return ids[0] if ids is not None else os.geteuid()
+
     def preexec(self, parent_pid: int | None = None) -> None:
         """Runs in the child after fork, before exec. Must not raise for a missing layer.
 
@@ -146,12 +152,15 @@ def _runnable_by_others() -> bool:
     return True
 
 
-def evaluator_command(withhold_opencl: str | None = None) -> list[str]:
+def evaluator_command(withhold_opencl: str | None = None, runs_as: int | None = None) -> list[str]:
     """The evaluator, run by this interpreter in isolated mode (no user site, no env vars);
-    ``withhold_opencl``: it offers and runs no OpenCL, and says this reason in describe."""
+    ``withhold_opencl``: it offers and runs no OpenCL, and says this reason in describe;
+    ``runs_as``: the user it runs as (:meth:`Hardening.runs_as`), which describe reports."""
     command = [sys.executable, "-I", "-m", "evaluator", "--stdio"]
     if withhold_opencl is not None:
         command += ["--withhold-opencl", withhold_opencl]
+    if runs_as is not None:
+        command += ["--runs-as", str(runs_as)]
     return command
 
 

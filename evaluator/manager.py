@@ -321,8 +321,12 @@ class Manager:
         command: list[str] | None = None,
         access: Access | None = None,
         opencl_as_root: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` is what the policies read (terminal idle times are wall-clock times);
+        tests pass their own instead of depending on how fast the machine is."""
         self.policy = policy
+        self.clock = clock
         self.rate = rate
         self.hardening = hardening or Hardening()
         self.status_path = status_path
@@ -331,7 +335,9 @@ class Manager:
         self.access = access or Access()
         #: Why evaluators offer no OpenCL (None: they may).
         self.opencl_withheld = opencl_withheld(self.hardening, opencl_as_root)
-        self.command = command or evaluator_command(withhold_opencl=self.opencl_withheld)
+        self.command = command or evaluator_command(
+            withhold_opencl=self.opencl_withheld, runs_as=self.hardening.runs_as()
+        )
         self.operator = next((m for m in policy.monitors if isinstance(m, OperatorMonitor)), None)
         self.holds: list[Hold] = []
         self.counters = Counters()
@@ -358,7 +364,7 @@ class Manager:
         log.info("listening on %s", ", ".join(self.listening))
         if self.opencl_withheld is not None:
             log.warning("OpenCL is not offered: %s", self.opencl_withheld)
-        self.holds = self.policy.holds(time.time())
+        self.holds = self.policy.holds(self.clock())
         self._write_status()
         if on_ready is not None:
             on_ready()
@@ -402,7 +408,7 @@ class Manager:
             await asyncio.sleep(self.poll_seconds)
 
     async def _poll_once(self) -> None:
-        holds = self.policy.holds(time.time())
+        holds = self.policy.holds(self.clock())
         if [h.reason for h in holds] != [h.reason for h in self.holds]:
             if holds:
                 log.warning("work held: %s", "; ".join(h.detail for h in holds))
@@ -445,7 +451,7 @@ class Manager:
             await _refuse(reader, writer, code, message)
             self._write_status()
             return
-        now = time.time()
+        now = self.clock()
         hold = self.holds[0] if self.holds else None
         if hold is None and self.rate is not None:
             hold = self.rate.record(now)

@@ -105,8 +105,15 @@ class Evaluator:
     """Serves the framed protocol on a pair of binary streams."""
 
     def __init__(
-        self, stdin: BinaryIO, stdout: BinaryIO, withhold_opencl: str | None = None
+        self,
+        stdin: BinaryIO,
+        stdout: BinaryIO,
+        withhold_opencl: str | None = None,
+        runs_as: int | None = None,
     ) -> None:
+        #: Who runs the work (as its starter sees it): describe says it, and the worker applies
+        #: its "no OpenCL as root" rule to it, whether it or a manager started the evaluator.
+        self._uid = runs_as if runs_as is not None else os.geteuid()
         #: Why this evaluator offers no OpenCL (its manager's rule), or None.
         self._opencl_withheld = withhold_opencl
         self._in = stdin
@@ -198,7 +205,7 @@ class Evaluator:
                 caps = capabilities(self._opencl.describe())
             else:
                 caps = {**capabilities(None), "withheld": {"opencl": self._opencl_withheld}}
-            self.send(Capabilities(re=message.id, capabilities=caps))
+            self.send(Capabilities(re=message.id, capabilities={**caps, "uid": self._uid}))
         elif isinstance(message, Assign):
             self._assign(message)
         elif isinstance(message, RunSlice):
@@ -295,7 +302,7 @@ class Evaluator:
         self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True)
 
 
-def serve_stdio(withhold_opencl: str | None = None) -> int:
+def serve_stdio(withhold_opencl: str | None = None, runs_as: int | None = None) -> int:
     """Run the evaluator on this process's stdin/stdout in a private working directory
     (``withhold_opencl``: offer no OpenCL, for this reason)."""
     logging.basicConfig(
@@ -311,7 +318,7 @@ def serve_stdio(withhold_opencl: str | None = None) -> int:
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.
     sys.stdout = sys.stderr
     try:
-        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl).serve()
+        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl, runs_as).serve()
     except BrokenPipeError:
         return EXIT_OK
     finally:

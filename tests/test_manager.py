@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,9 @@ import wasmtime
 
 from dcp_worker import protocol as p
 from dcp_worker.sandbox import Sandbox
-from evaluator.launch import Hardening, _runnable_by_others, probe_layers
+from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, probe_layers
+from evaluator.manager import Access, Manager, bind_unix
+from evaluator.monitors import Policy, RateMonitor
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
 
@@ -241,11 +244,36 @@ def test_high_load_refuses_new_evaluators_and_says_why(
     assert manager.status()["refused"] == 1
 
 
-def test_connection_rate(managers: Callable[..., ManagerProcess]) -> None:
-    manager = managers("--listen", "127.0.0.1:0", "--max-rate", "2", "--tty-idle", "0")
-    replies = [connect_and_describe(manager.address, manager.token) for _ in range(3)]
-    assert [type(r).__name__ for r in replies[:2]] == ["Capabilities", "Capabilities"]
-    assert isinstance(replies[2], p.Error) and "connection_rate" in replies[2].message
+def test_connection_rate(tmp_path: Path) -> None:
+    """The rate limit counts connections by the manager's clock (here the test's own), not by
+    how fast this machine happens to be."""
+    now = [100.0]
+    manager = Manager(
+        Policy([]),
+        rate=RateMonitor(2),
+        command=evaluator_command(),
+        access=Access(group=None),
+        clock=lambda: now[0],
+    )
+    path = str(tmp_path / "m.sock")
+    sock = bind_unix(path)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(manager.serve([sock], on_ready=ready.set),)
+    )
+    thread.start()
+    try:
+        assert ready.wait(30)
+        replies = [connect_and_describe(path) for _ in range(3)]  # all at the same instant
+        assert [type(r).__name__ for r in replies[:2]] == ["Capabilities", "Capabilities"]
+        assert isinstance(replies[2], p.Error) and "connection_rate" in replies[2].message
+        now[0] += 1.5  # the window moved on
+        assert isinstance(connect_and_describe(path), p.Capabilities)
+    finally:
+        loop.call_soon_threadsafe(manager.stop)
+        thread.join(30)
+        loop.close()
 
 
 def test_operator_signals(managers: Callable[..., ManagerProcess]) -> None:

@@ -17,9 +17,12 @@ import pytest
 
 from dcp_worker import protocol as p
 from evaluator.launch import Hardening
+from scheduler.client import ComputeClient
 
-from .conftest import command, wait_for
+from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 from .test_manager import ManagerProcess, connect_and_describe, managers  # noqa: F401
+from .test_opencl import OPENCL
+from .test_pipeline import counts
 
 NOBODY = 65534
 
@@ -157,3 +160,29 @@ def test_a_root_manager_offers_no_opencl_unless_told(
     reply = connect_and_describe(str(tmp_path / "n.sock"))
     assert isinstance(reply, p.Capabilities) and "withheld" not in reply.capabilities
     assert "OpenCL is not offered" not in opted.log.read_text()
+
+
+def test_a_worker_behind_a_manager_keeps_its_own_opencl_rule(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    """A manager told --opencl-as-root offers OpenCL from root evaluators; a worker whose own
+    configuration does not allow that still offers only wasm, and runs no kernel."""
+    if os.geteuid() != 0 or Hardening().target_ids() is not None:
+        pytest.skip("needs evaluators that run as root (no account to drop to)")
+    path = str(tmp_path / "m.sock")
+    managers("--socket", path, "--opencl-as-root", "--tty-idle", "0")
+    reply = connect_and_describe(path)
+    assert isinstance(reply, p.Capabilities) and "opencl" in reply.capabilities["runtimes"]
+    assert reply.capabilities["uid"] == 0
+    worker = workers(scheduler.url, make_keystore("w"), 1, "--evaluator", path)
+    with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+        job = client.deploy(OPENCL / "matmul.toml")
+        wait_for(lambda: "OpenCL is not offered" in worker.output(), 30)
+        wait_for(lambda: "requirement_unmet" in worker.output(), 30)
+        assert counts(scheduler.db, job) == {"queued": 4}
+    assert worker.stop() == 0
+    assert "running slice" not in worker.output()
