@@ -190,8 +190,11 @@ def parse_window(text: str) -> tuple[int, int]:
 
     def minutes(hhmm: str) -> int:
         hh, _, mm = hhmm.strip().partition(":")
-        value = int(hh) * 60 + int(mm or 0)
-        if not 0 <= value <= 24 * 60:
+        if not (hh.isdigit() and (mm == "" or mm.isdigit())):
+            raise ValueError(f"{hhmm!r} is not a time of day")
+        hours, mins = int(hh), int(mm or 0)
+        value = hours * 60 + mins
+        if mins > 59 or not 0 <= value <= 24 * 60:
             raise ValueError(f"{hhmm!r} is not a time of day")
         return value
 

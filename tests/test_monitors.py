@@ -93,9 +93,11 @@ def test_hours(window: str, minute: int, inside: bool) -> None:
     assert (monitor.check(0) is None) == inside
 
 
-@pytest.mark.parametrize("bad", ["9-", "nine-ten", "25:00-26:00", "0900"])
+@pytest.mark.parametrize(
+    "bad", ["9-", "nine-ten", "25:00-26:00", "0900", "09:75-10:00", "09:-5-10:00", "-1:00-2:00"]
+)
 def test_bad_windows(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not (HH:MM-HH:MM|a time of day)"):
         parse_window(bad)
 
 

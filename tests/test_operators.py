@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,14 +64,31 @@ def test_control_socket_status_pause_resume_stop(
     assert json.loads(ctl(sock, "status", "--json").stdout)["state"] == "paused"
     with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
         job = client.deploy(job_file(tmp_path, "echo", ECHO, ["a", "b"]))
-        # A long poll parked before the pause is woken by the deploy: its slices go straight
-        # back. Wait for that (the job is untouched again) rather than for a fixed time.
-        wait_for(lambda: client.status(job)["counts"].get("queued") == 2, 30)
+
+        def while_paused() -> str:
+            log = worker.output()
+            start = log.index("paused: no new slices until resumed\n")
+            end = log.find("WARNING resumed\n", start)
+            return log[start : end if end >= 0 else len(log)]
+
+        # The long poll parked before the pause ends: woken by the deploy, its slices go
+        # straight back (or, had it just expired, it came back empty). Either way the
+        # worker's last chance to take the job while paused has passed.
+        wait_for(
+            lambda: (
+                '"status":"returned 2"' in while_paused()
+                or re.search(r'< TEXT \'\{"type":"work","re":\d+,"slices":\[\]', while_paused())
+                is not None
+            ),
+            30,
+        )
+        assert client.status(job)["counts"] == {"queued": 2}
         assert ctl(sock, "resume").returncode == 0
         assert [r.state for r in client.results(job, wait=True, timeout=30)] == ["done"] * 2
-    log = worker.output()
-    paused = log[log.index("paused: no new slices") : log.index("resumed")]
-    assert "fetched" not in paused and "running slice" not in paused  # nothing ran while paused
+    paused = while_paused()
+    assert "resumed" not in paused.partition("\n")[2]  # the window ends at the resume
+    # Nothing fetched, nothing ran while paused.
+    assert '> TEXT \'{"type":"fetch"' not in paused and "running slice" not in paused
 
     # Someone else's lines: clear refusals, and the socket keeps serving.
     directory = os.open(sock.parent, os.O_PATH)
@@ -141,7 +159,8 @@ def test_sd_notify_ready_status_watchdog_stopping(
             messages.append(sd.recv(4096).decode())
         ready = next(m for m in messages if "READY=1" in m)
         assert "connected to" in worker.output()  # READY only once connected
-        assert "STATUS=fetching" in ready or "STATUS=" in "".join(messages)
+        # READY comes with the first status line: the worker's state and its counts.
+        assert re.search(r"^STATUS=(fetching|working): \d+ running, \d+ done", ready, re.M), ready
         pings = time.monotonic()
         watchdogs = 0
         while time.monotonic() - pings < 1.0:

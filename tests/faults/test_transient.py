@@ -44,7 +44,9 @@ def test_submission_refused_for_now_is_retried(
                 lock.close()
             results = list(client.results(job, wait=True, timeout=60))
         assert [r.state for r in results] == ["done"] * 3
-        assert "session lost" not in worker.output()  # retried on the same session
+        # Retried on the same session: one connection, never dropped.
+        assert worker.output().count("connected to") == 1
+        assert "disconnected from the scheduler" not in worker.output()
     finally:
         assert worker.stop() == 0
         scheduler.stop()
