@@ -58,6 +58,9 @@ _FORBIDDEN_WASI = frozenset(
 _STDERR_CAP = 64 * 1024
 _CACHE_ENTRIES = 32
 _PAGE = 65536
+#: More subscriptions in one poll_oneoff call are refused (EINVAL): only stdin, stdout,
+#: stderr and clocks can be polled, and parsing them is not interruptible.
+_MAX_SUBSCRIPTIONS = 4096
 
 # WASI preview1 (wasi_snapshot_preview1) poll_oneoff ABI.
 #: subscription, 48 bytes: userdata u64, tag u8 (eventtype), then at 16 the union: a clock
@@ -465,7 +468,12 @@ class WasmRuntime:
         memory = caller.get("memory")
         if not isinstance(memory, wasmtime.Memory):
             raise wasmtime.Trap("poll_oneoff: the module exports no memory named 'memory'")
-        if count == 0:
+        # The ABI's pointers and count are u32 (wasmtime hands i32s over signed).
+        in_ptr, out_ptr, count, nevents_ptr = (
+            v & 0xFFFFFFFF for v in (in_ptr, out_ptr, count, nevents_ptr)
+        )
+        # Each subscription is parsed here, outside the epoch's reach: bound the work.
+        if count == 0 or count > _MAX_SUBSCRIPTIONS:
             return _ERRNO_INVAL
         size = memory.data_len(caller)
         if (

@@ -238,3 +238,28 @@ def test_a_looping_slice_ends_at_its_wall_clock_on_a_loaded_machine(wall: float)
         assert isinstance(reply, p.Error) and reply.code == "wasm_timeout", reply
     took = [round(t, 3) for _, t in outcomes]
     assert max(took) <= allowed(wall), f"answered after {took} s for a {wall} s limit"
+
+
+@pytest.mark.parametrize(("count", "pages"), [(-1, 1), (-48, 1), (5000, 8)])
+def test_a_poll_with_a_hostile_count_is_refused(
+    evaluator: EvaluatorClient, count: int, pages: int
+) -> None:
+    # The count is a u32: "negative" ones are huge; a count the memory holds but no program
+    # needs would be parsed outside the epoch's reach. Both fail the call; the slice goes on.
+    module = bytes(
+        wasmtime.wat2wasm(f"""(module
+        (import "{WASI}" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+        (import "{WASI}" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") {pages})
+        (func (export "_start")
+          (i32.store (i32.const 16) (call $poll (i32.const 64) (i32.const 64)
+                                                (i32.const {count}) (i32.const 20)))
+          (i32.store (i32.const 0) (i32.const 16))
+          (i32.store (i32.const 4) (i32.const 4))
+          (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""")
+    )
+    reply, _ = run_poll(evaluator, module)
+    assert isinstance(reply, p.SliceDone), reply
+    assert struct.unpack("<I", reply.result)[0] in (ERRNO_INVAL, 21)  # inval or fault
+    # The evaluator still serves the next slice.
+    assert isinstance(evaluator.run(b"again"), p.SliceDone)
