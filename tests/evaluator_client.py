@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import sys
@@ -82,4 +83,6 @@ class EvaluatorClient:
         finally:
             for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
                 if stream is not None:
-                    stream.close()
+                    # A request written to an evaluator that died meanwhile is still buffered.
+                    with contextlib.suppress(BrokenPipeError):
+                        stream.close()

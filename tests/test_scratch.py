@@ -22,6 +22,7 @@ def test_a_killed_evaluator_leaves_its_scratch_in_its_sandbox_directory(tmp_path
         assert cwd.stat().st_mode & 0o777 == 0o700
     finally:
         client.proc.kill()
+        client.proc.wait(10)
         client.close()
     assert [d.name for d in sandbox.iterdir()] == [cwd.name]  # the worker's rmtree takes it
 
