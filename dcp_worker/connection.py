@@ -77,8 +77,11 @@ class Session:
                 try:
                     message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
                 except ProtocolError as exc:
-                    log.warning("scheduler sent a bad frame: %s", exc.message)
-                    continue
+                    # A reply we cannot read leaves its request unanswered for good: end the
+                    # session (its requests fail, the worker reconnects with backoff).
+                    log.warning("scheduler sent a bad frame: %s; closing the session", exc.message)
+                    await self.ws.close(1002, f"bad frame: {exc.code.value}"[:120])
+                    break
                 re = getattr(message, "re", None)
                 future = self._pending.pop(re, None) if isinstance(re, int) else None
                 if future is not None and not future.done():

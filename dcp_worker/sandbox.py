@@ -16,6 +16,8 @@ import functools
 import logging
 import os
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import Callable
 from enum import StrEnum
@@ -75,7 +77,19 @@ async def _connect(
         if token:
             writer.write(TOKEN_PREFIX + token + b"\n")
         return reader, writer
-    return await asyncio.open_unix_connection(endpoint.removeprefix("unix:"))
+    path = endpoint.removeprefix("unix:")
+    reader, writer = await asyncio.open_unix_connection(path)
+    # Whoever serves the socket runs our slices and sees their data: only root (the packaged
+    # manager) or this worker's own user. A default path in /tmp could be anyone's.
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (0, os.geteuid()):
+        writer.close()
+        raise PermissionError(
+            f"{path} is served by uid {uid} (pid {pid}), not root or this worker's user"
+        )
+    return reader, writer
 
 
 def _read_token(path: str) -> bytes:

@@ -20,6 +20,8 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -78,6 +80,7 @@ _OUTBOX_RETRY = 2.0
 _CLOSE_SECONDS = 2.0
 _CLOSE_RESERVE = 5.0  # evaluators 2 s + session 2 s + the last commit
 _JOB_CACHE = 16
+_SPEC_PRINTS = 4096
 _BATCH_SHORT = 0.02  # slices shorter than this (evaluator wall time) are batched
 _BATCH_WORK = 0.05  # ... about this much work per evaluator request
 _BATCH_MAX = 32
@@ -224,6 +227,11 @@ class Supervisor:
             for i in range(config.effective_sandboxes)
         ]
         self._jobs: OrderedDict[str, JobSpec] = OrderedDict()
+        #: Job -> a fingerprint of the first spec the scheduler sent for it (kept after the
+        #: spec itself is dropped from the cache): a job's spec never changes.
+        self._prints: OrderedDict[str, str] = OrderedDict()
+        #: Jobs whose spec the scheduler changed: their slices are refused.
+        self._changed: set[str] = set()
         self._queue = _SliceQueue()
         #: Job -> a moving average of its slices' evaluator wall time (sizes batches).
         self._walls: dict[str, float] = {}
@@ -645,6 +653,8 @@ class Supervisor:
             if not isinstance(reply, Work):
                 raise SessionError(f"the scheduler answered a fetch with {reply.type}")
             for job in reply.jobs:
+                if self._spec_changed(job):
+                    continue  # the first spec stays; the job's slices are refused
                 self._jobs[job.job] = job
             for why in reply.skipped:
                 if (why.subject, why.code) not in self._reported:
@@ -866,16 +876,15 @@ class Supervisor:
                 if held.lost:
                     self._held.pop(_key(lease), None)
                     continue
-                if job is not None:
-                    why = self._slice_refusal(job, held)
-                    if why is not None:
-                        # Never trust the scheduler alone: this slice reaches no evaluator.
-                        self._held.pop(_key(lease), None)
-                        self._capacity.set()
-                        await self._refuse(lease, why)
-                        continue
+                why = self._slice_refusal(job, held)
+                if why is not None:
+                    # Never trust the scheduler alone: this slice reaches no evaluator.
+                    self._held.pop(_key(lease), None)
+                    self._capacity.set()
+                    await self._refuse(lease, why)
+                    continue
                 runnable.append(held)
-            if runnable:
+            if runnable and job is not None:
                 await self._run(sandbox, job, runnable)
 
     def _batch_size(self, first: _Held) -> int:
@@ -889,11 +898,11 @@ class Supervisor:
         fair = -(-(self._queue.qsize() + 1) // len(self.sandboxes))
         return max(1, min(_BATCH_MAX, int(_BATCH_WORK / max(wall, 1e-5)), fair))
 
-    async def _run(self, sandbox: Sandbox, job: JobSpec | None, batch: list[_Held]) -> None:
+    async def _run(self, sandbox: Sandbox, job: JobSpec, batch: list[_Held]) -> None:
         first = batch[0].lease
         self._running += len(batch)
         self._activity[sandbox.index] = _Activity(
-            first.job, job.name if job else "", first.slice, time.monotonic(), batch[0]
+            first.job, job.name, first.slice, time.monotonic(), batch[0]
         )
         log.debug(
             "running slice %s/%d (attempt %d)%s",
@@ -905,32 +914,22 @@ class Supervisor:
         )
         try:
             outcomes: list[tuple[bytes, Metrics] | SliceFailure]
-            if job is None:
-                failure = SliceFailure(
-                    ErrorCode.UNKNOWN_SLICE.value,
-                    f"the scheduler sent no spec for job {first.job}",
-                )
-                outcomes = [failure] * len(batch)
-                extra = 0.0
-            else:
-                limits = self._clamp(job.limits)
+            limits = self._clamp(job.limits)
 
-                def progress(index: int, fraction: float) -> None:
-                    batch[index].progress = fraction
+            def progress(index: int, fraction: float) -> None:
+                batch[index].progress = fraction
 
-                items = [(held.lease.slice, held.lease.datum) for held in batch]
-                started = time.monotonic()
-                if job.runtime == "opencl":
-                    async with self._opencl_slots:
-                        outcomes = await sandbox.run_batch(job, limits, items, progress)
-                else:
+            items = [(held.lease.slice, held.lease.datum) for held in batch]
+            started = time.monotonic()
+            if job.runtime == "opencl":
+                async with self._opencl_slots:
                     outcomes = await sandbox.run_batch(job, limits, items, progress)
-                elapsed = time.monotonic() - started
-                # Each slice is charged its evaluator time plus an equal share of the round trip.
-                inside = sum(
-                    o[1].wall_seconds for o in outcomes if not isinstance(o, BaseException)
-                )
-                extra = max(0.0, elapsed - inside) / len(batch)
+            else:
+                outcomes = await sandbox.run_batch(job, limits, items, progress)
+            elapsed = time.monotonic() - started
+            # Each slice is charged its evaluator time plus an equal share of the round trip.
+            inside = sum(o[1].wall_seconds for o in outcomes if not isinstance(o, BaseException))
+            extra = max(0.0, elapsed - inside) / len(batch)
             for held, outcome in zip(batch, outcomes, strict=True):
                 await self._settle(held.lease, outcome, extra)
         finally:
@@ -1022,10 +1021,43 @@ class Supervisor:
         used = sum(seconds for _t, seconds in self._opencl_used)
         return used >= self.config.opencl_share * _OPENCL_WINDOW
 
-    def _slice_refusal(self, job: JobSpec, held: _Held) -> Refusal | None:
+    def _spec_changed(self, job: JobSpec) -> bool:
+        """Whether the scheduler sent a different spec for a job it described before (the
+        owner, group, runtime or module a slice is checked against would change under it)."""
+        fields = {k: v for k, v in dataclasses.asdict(job).items() if k != "module"}
+        digest = hashlib.sha256(
+            json.dumps(fields, sort_keys=True, default=repr).encode()
+        ).hexdigest()
+        first = self._prints.setdefault(job.job, digest)
+        self._prints.move_to_end(job.job)
+        while len(self._prints) > _SPEC_PRINTS:
+            self._prints.popitem(last=False)
+        if first == digest:
+            return False
+        if job.job not in self._changed:
+            log.warning(
+                "the scheduler changed the spec of job %s; refusing its slices (%s)",
+                job.job,
+                ErrorCode.JOB_SPEC_CHANGED.value,
+            )
+        self._changed.add(job.job)
+        return True
+
+    def _slice_refusal(self, job: JobSpec | None, held: _Held) -> Refusal | None:
         """Why this slice must not run: checked against what the fetch that leased it offered
         (the scheduler may have ignored it) and against the terms now (a job declined since,
         an OpenCL budget used up). The wage is judged by the worker's own measurements."""
+        lease = held.lease
+        if job is None:
+            return Refusal(
+                lease.job, ErrorCode.UNKNOWN_SLICE.value, "the scheduler sent no spec for the job"
+            )
+        if job.job in self._changed:
+            return Refusal(
+                job.job,
+                ErrorCode.JOB_SPEC_CHANGED.value,
+                "the scheduler sent another spec for this job than before",
+            )
         cost = self._mean_cost(job.job)
         for terms in (held.offered, self._worker_terms()):
             why = policy.slice_refusal(job, held.lease, terms, cost)

@@ -32,6 +32,7 @@ import secrets
 import signal
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -160,6 +161,7 @@ def read_token(path: Path, group: str | None = None) -> bytes:
         raise ManagerError(f"cannot create the token file {path}: {exc.strerror}") from None
     else:
         with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o640)  # whatever the umask: its group's workers read it
             out.write(secrets.token_hex(32) + "\n")
         gid = _group_id(group)
         if gid is not None:
@@ -566,12 +568,23 @@ class Manager:
     def _write_status(self) -> None:
         if self.status_path is None:
             return
-        tmp = self.status_path.with_suffix(".tmp")
+        # A fresh file of our own (O_EXCL, random name), renamed over the status file: the
+        # default lives in /tmp, where a fixed temporary name could be a planted symlink.
+        directory, name = self.status_path.parent, self.status_path.name
         try:
-            tmp.write_text(json.dumps(self.status()))
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.status_path, exc)
+            return
+        try:
+            with os.fdopen(fd, "w") as out:
+                os.fchmod(out.fileno(), 0o644)  # status and reasons: for anyone to read
+                out.write(json.dumps(self.status()))
             os.replace(tmp, self.status_path)
         except OSError as exc:
             log.warning("cannot write the status file %s: %s", self.status_path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 class _Stopped(Exception):

@@ -75,6 +75,7 @@ _status = click.option(
 def main(ctx: click.Context) -> None:
     """Start sandboxed evaluators on demand for dcp-worker (one per connection), and stop or
     refuse them when the machine is busy. Without a command: `serve`."""
+    os.umask(0o077)  # what it creates is its own; the socket, token and status say otherwise
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 

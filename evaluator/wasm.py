@@ -21,6 +21,7 @@ who enforces it and the name of each refusal.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -32,6 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import wasmtime
 
@@ -273,11 +275,15 @@ class WasmRuntime:
                             f"module imports {_WASI}.poll_oneoff with the wrong type",
                         )
                     linker.define_func(
-                        imp.module, name, func_type, self._poll_oneoff, access_caller=True
+                        imp.module,
+                        name,
+                        func_type,
+                        _trapping(self._poll_oneoff),
+                        access_caller=True,
                     )
             elif imp.module == "dcp" and name == "progress" and _is_progress_type(func_type):
                 assert func_type is not None
-                linker.define_func(imp.module, name, func_type, self._on_progress)
+                linker.define_func(imp.module, name, func_type, _trapping(self._on_progress))
             else:
                 raise SliceError(
                     ErrorCode.FORBIDDEN_IMPORT,
@@ -563,6 +569,23 @@ def probe_features() -> list[str]:
             continue
         offered.append(name)
     return offered
+
+
+def _trapping(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a host function whose unexpected Python error ends the slice as a trap:
+    wasmtime-py lets such an error out of the call that entered wasm, which would end the
+    evaluator (a hostile module must not be able to choose that)."""
+
+    @functools.wraps(fn)
+    def host(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except wasmtime.Trap:
+            raise
+        except Exception as exc:
+            raise wasmtime.Trap(f"{fn.__name__}: {type(exc).__name__}: {exc}") from None
+
+    return host
 
 
 def _is_progress_type(func_type: wasmtime.FuncType | None) -> bool:

@@ -4,8 +4,11 @@ TCP clients by a secret token; and no OpenCL from evaluators that would run it a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
+import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -186,3 +189,76 @@ def test_a_worker_behind_a_manager_keeps_its_own_opencl_rule(
         assert counts(scheduler.db, job) == {"queued": 4}
     assert worker.stop() == 0
     assert "running slice" not in worker.output()
+
+
+def test_the_status_file_is_never_written_through_a_planted_link(
+    managers: Callable[..., ManagerProcess],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The default status file lives in /tmp: a temporary file beside it with a fixed name
+    could be another user's symlink to a file of root's."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    status = shared / "manager.json"
+    for name in ("manager.tmp", "manager.json.tmp", ".manager.json.tmp"):
+        (shared / name).symlink_to(victim)
+    manager = managers(
+        "--socket", str(tmp_path / "m.sock"), "--status-file", str(status), "--tty-idle", "0"
+    )
+    wait_for(lambda: status.exists() and not status.is_symlink(), 30)
+    assert victim.read_text() == "root's own file\n"
+    assert stat.S_IMODE(status.stat().st_mode) == 0o644
+    assert json.loads(status.read_text())["pid"] == manager.proc.pid
+
+
+def test_the_worker_refuses_a_socket_served_by_another_user(tmp_path: Path) -> None:
+    """A worker reaching evaluators by a path (a default in /tmp, say) checks who serves it:
+    another user's fake manager would see every slice and could answer anything."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to serve the socket as another user")
+    import asyncio
+
+    from dcp_worker.sandbox import Sandbox, SliceFailure
+
+    shared = Path(tempfile.mkdtemp())  # pytest's own directories are root's alone
+    shared.chmod(0o1777)
+    path = shared / "fake-manager.sock"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()  # the interpreter lives under /root: nobody could not exec it again
+    if pid == 0:
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(path))
+            listener.listen()
+            os.chmod(path, 0o666)
+            os.write(ready_w, b"1")
+            while True:
+                listener.accept()[0].recv(1)
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+
+        async def describe() -> str:
+            sandbox = Sandbox(0, None, 10, endpoint=str(path))
+            try:
+                await sandbox.describe()
+            except SliceFailure as exc:
+                return exc.message
+            finally:
+                await sandbox.stop()
+            return "described"
+
+        message = asyncio.run(describe())
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(shared, ignore_errors=True)
+    assert f"is served by uid {NOBODY}" in message

@@ -105,9 +105,22 @@ class RogueScheduler:
     """A scheduler that lies on purpose: whatever the worker's fetch offered, it leases one
     slice of ``spec`` at ``offer`` and records what the worker does with it."""
 
-    def __init__(self, spec: p.JobSpec, offer: float = 1.0) -> None:
+    def __init__(
+        self,
+        spec: p.JobSpec,
+        offer: float = 1.0,
+        then: p.JobSpec | None = None,
+        tamper: Callable[[str], str] | None = None,
+        send_spec: bool = True,
+    ) -> None:
+        """``then``: a second fetch gets slice 1 with this spec (for the same job id);
+        ``tamper``: rewrites the first work frame's text (what no honest encoder sends);
+        ``send_spec``: False leases the slice without ever sending its job's spec."""
+        self.send_spec = send_spec
         self.spec = spec
         self.offer = offer
+        self.then = then
+        self.tamper = tamper or (lambda text: text)
         self.returned: list[p.Return] = []
         self.results: list[p.ResultItem] = []
         self.failed: list[p.SliceFailed] = []
@@ -141,22 +154,30 @@ class RogueScheduler:
                 )
             ).decode()
         )
-        sent = False
+        fetches = 0
         polls: list[asyncio.Task[None]] = []
         try:
             async for frame in ws:
                 message = p.decode(frame, p.SCHEDULER_MESSAGES)
                 reply: p.Message
                 if isinstance(message, p.Fetch):
-                    if sent:  # nothing more: a long poll, answered empty in the background
-                        polls.append(asyncio.create_task(self._empty(ws, message)))
-                        continue
-                    else:
-                        sent = True
+                    fetches += 1
+                    if fetches == 1:
                         lease = p.SliceLease(
                             self.spec.job, 0, "t" * 32, 1, 1e12, b"secret", offer=self.offer
                         )
-                        reply = p.Work(re=message.id, slices=(lease,), jobs=(self.spec,))
+                        specs = (self.spec,) if self.send_spec else ()
+                        work = p.Work(re=message.id, slices=(lease,), jobs=specs)
+                        await ws.send(self.tamper(p.encode(work).decode()))
+                        continue
+                    if fetches == 2 and self.then is not None:
+                        lease = p.SliceLease(
+                            self.then.job, 1, "u" * 32, 1, 1e12, b"secret", offer=self.offer
+                        )
+                        reply = p.Work(re=message.id, slices=(lease,), jobs=(self.then,))
+                    else:  # nothing more: a long poll, answered empty in the background
+                        polls.append(asyncio.create_task(self._empty(ws, message)))
+                        continue
                 elif isinstance(message, p.Heartbeat):
                     reply = p.HeartbeatAck(re=message.id, deadline=1e12)
                 elif isinstance(message, p.Results):
@@ -287,6 +308,59 @@ def test_worker_checks_every_slice_against_what_it_offered(
     log = worker.output()
     if code is not None:
         assert f"refusing slice {spec.job}/0: {code}" in log
+        assert "running slice" not in log  # it never reached an evaluator
+
+
+@pytest.mark.parametrize(
+    ("rogue_args", "expected"),
+    [
+        # Numbers JSON does not have: the whole frame is refused, and the session with it.
+        ({"tamper": lambda t: t.replace('"offer":1.0', '"offer":NaN')}, "bad frame"),
+        ({"tamper": lambda t: t.replace('"offer":1.0', '"offer":1e400')}, "bad frame"),
+        ({"tamper": lambda t: t.replace('"offer":1.0', '"offer":-1.0')}, "bad frame"),
+        ({"send_spec": False}, "unknown_slice"),
+        ({"then": _spec(owner="0x" + "11" * 20)}, "job_spec_changed"),
+        ({"then": _spec(group="lab")}, "job_spec_changed"),
+    ],
+    ids=["nan-offer", "infinite-offer", "negative-offer", "no-spec", "owner-swap", "group-swap"],
+)
+def test_worker_refuses_lies_about_a_job(
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+    rogue_args: dict[str, object],
+    expected: str,
+) -> None:
+    # A minimum wage any finite offer of 1 meets: only a lie could get past it.
+    rogue = RogueScheduler(_spec(), 1.0, **rogue_args)  # type: ignore[arg-type]
+    try:
+        worker = workers(
+            f"http://127.0.0.1:{rogue.port}",
+            make_keystore("w"),
+            1,
+            "--min-wage",
+            "0,0,1000,0",
+            "--join",
+            "lab,s3cret",
+        )
+        if expected == "bad frame":
+            wait_for(lambda: "scheduler sent a bad frame" in worker.output(), 30)
+            assert not rogue.returned and not rogue.results and not rogue.failed
+        elif "then" in rogue_args:  # slice 0 under the first spec, slice 1 under another
+            wait_for(lambda: bool(rogue.returned), 30)
+            assert [(r.job, r.slice) for r in rogue.results] == [(_spec().job, 0)]
+            (returned,) = rogue.returned
+            assert returned.code == expected and [r.slice for r in returned.leases] == [1]
+        else:
+            wait_for(lambda: bool(rogue.returned), 30)
+            (returned,) = rogue.returned
+            assert returned.code == expected and not rogue.results and not rogue.failed
+        assert worker.stop() == 0
+    finally:
+        rogue.close()
+    log = worker.output()
+    if "then" in rogue_args:
+        assert f"running slice {_spec().job}/1" not in log  # the changed job reached nothing
+    else:
         assert "running slice" not in log  # it never reached an evaluator
 
 

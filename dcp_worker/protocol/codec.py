@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
 from .messages import Message, from_wire, to_wire
-from .nesting import MAX_NESTING, check_json
+from .nesting import MAX_NESTING, check_json, strict_loads
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -64,7 +64,7 @@ def decode(
         raise FrameTooLarge(len(data), max_bytes)
     check_json(data, MAX_NESTING, "frame")
     try:
-        obj = json.loads(data)
+        obj = strict_loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError(f"frame is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -4,7 +4,8 @@ Exception tree::
 
     ProtocolError                  something on the wire is wrong
     ├── FrameError                 not a frame we can read at all (bad JSON, bad length prefix)
-    │   └── FrameTooLarge          larger than the maximum frame size
+    │   ├── FrameTooLarge          larger than the maximum frame size
+    │   └── NestingTooDeep         arrays and objects nested past MAX_NESTING (nesting.py)
     ├── UnknownMessage             well-formed, but the message type is not in the registry
     └── InvalidMessage             known type, but a field is missing, extra or of the wrong type
 
@@ -58,6 +59,7 @@ class ErrorCode(StrEnum):
     WAGE_BELOW_MINIMUM = "wage_below_minimum"
     JOB_NOT_ALLOWED = "job_not_allowed"
     OWNER_NOT_ALLOWED = "owner_not_allowed"
+    JOB_SPEC_CHANGED = "job_spec_changed"
     RESULT_REJECTED = "result_rejected"
     VERIFIER_FAILED = "verifier_failed"
     INSUFFICIENT_FUNDS = "insufficient_funds"

@@ -217,6 +217,8 @@ class SliceLease:
         _check(self.slice >= 0, "slice must be >= 0")
         _check(self.attempt >= 1, "attempt must be >= 1")
         _check(bool(self.token), "token must not be empty")
+        _check(math.isfinite(self.offer) and self.offer >= 0, "offer must be a number >= 0")
+        _check(math.isfinite(self.deadline), "deadline must be a finite time")
 
 
 @dataclass(frozen=True)
