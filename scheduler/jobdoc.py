@@ -136,7 +136,8 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         "runtime": spec.get("runtime", "wasm"),
         "module": base64.b64encode(module).decode(),
         "argv": spec.get("argv", []),
-        "offer": spec.get("offer", 0),
+        # Checked here too: TOML has nan and inf, which a JSON document cannot carry.
+        "offer": _offer(spec.get("offer", 0)),
         "limits": spec.get("limits", {}),
         "max_attempts": spec.get("max_attempts", 2),
         "group": spec.get("group", ""),
@@ -154,6 +155,22 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     return body
 
 
+def _offer(offer: Any) -> float:
+    """The offer, checked.
+
+    Raises:
+        JobFileError: not a finite number of credits in range.
+    """
+    if (
+        isinstance(offer, bool)
+        or not isinstance(offer, (int, float))
+        or not math.isfinite(offer)
+        or not 0 <= offer <= MAX_OFFER
+    ):
+        raise JobFileError(f"offer must be a number of credits per slice, 0..{MAX_OFFER:g}")
+    return offer
+
+
 def parse_document(body: bytes, owner: str) -> NewJob:
     """Validate a job document's bytes.
 
@@ -164,8 +181,8 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         doc = nesting.loads(body, MAX_JOB_NESTING)
     except nesting.NestingTooDeep as exc:
         raise JobFileError(f"the job document {exc}") from None
-    except ValueError:
-        raise JobFileError("the job document is not JSON") from None
+    except ValueError as exc:
+        raise JobFileError(f"the job document is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise JobFileError("the job document is not an object")
     allowed = {
@@ -196,14 +213,7 @@ def parse_document(body: bytes, owner: str) -> NewJob:
     argv = doc.get("argv", [])
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise JobFileError("argv must be a list of strings")
-    offer = doc.get("offer", 0)
-    if (
-        isinstance(offer, bool)
-        or not isinstance(offer, (int, float))
-        or not math.isfinite(offer)
-        or not 0 <= offer <= MAX_OFFER
-    ):
-        raise JobFileError(f"offer must be a number of credits per slice, 0..{MAX_OFFER:g}")
+    offer = _offer(doc.get("offer", 0))
     group = doc.get("group", "")
     if not isinstance(group, str) or len(group) > 200:
         raise JobFileError("group must be a join key (a string), or empty for the public group")

@@ -257,11 +257,15 @@ def test_connection_rate(tmp_path: Path) -> None:
     )
     path = str(tmp_path / "m.sock")
     sock = bind_unix(path)
-    loop = asyncio.new_event_loop()
     ready = threading.Event()
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(manager.serve([sock], on_ready=ready.set),)
-    )
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await manager.serve([sock], on_ready=ready.set)
+
+    # asyncio.run ends every connection handler before it closes its loop.
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
     thread.start()
     try:
         assert ready.wait(30)
@@ -271,9 +275,9 @@ def test_connection_rate(tmp_path: Path) -> None:
         now[0] += 1.5  # the window moved on
         assert isinstance(connect_and_describe(path), p.Capabilities)
     finally:
-        loop.call_soon_threadsafe(manager.stop)
+        if loops:
+            loops[0].call_soon_threadsafe(manager.stop)
         thread.join(30)
-        loop.close()
 
 
 def test_operator_signals(managers: Callable[..., ManagerProcess]) -> None:

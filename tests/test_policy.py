@@ -346,7 +346,7 @@ def test_worker_refuses_lies_about_a_job(
             wait_for(lambda: "scheduler sent a bad frame" in worker.output(), 30)
             assert not rogue.returned and not rogue.results and not rogue.failed
         elif "then" in rogue_args:  # slice 0 under the first spec, slice 1 under another
-            wait_for(lambda: bool(rogue.returned), 30)
+            wait_for(lambda: bool(rogue.returned and rogue.results), 30)
             assert [(r.job, r.slice) for r in rogue.results] == [(_spec().job, 0)]
             (returned,) = rogue.returned
             assert returned.code == expected and [r.slice for r in returned.leases] == [1]
