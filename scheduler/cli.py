@@ -92,6 +92,34 @@ def main(verbose: int) -> None:
     help="Wall-clock limit of a job's verifier on one result.",
 )
 @click.option(
+    "--verifier-sandboxes",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Evaluator processes that run verifiers; 0: half the CPUs.",
+)
+@click.option(
+    "--verifications-per-session",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Results of one worker session verified at once; the rest wait their turn.",
+)
+@click.option(
+    "--metrics-slack-seconds",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="How far a result's wall time may exceed its lease's age (and CPU/GPU time their bound).",
+)
+@click.option(
+    "--metrics-parallelism",
+    type=click.FloatRange(min=1.0),
+    default=64.0,
+    show_default=True,
+    help="CPU (or GPU) seconds one wall second of a result may hold.",
+)
+@click.option(
     "--db-busy-timeout",
     type=click.FloatRange(min=0.0),
     default=1.0,
@@ -112,6 +140,10 @@ def serve(
     lease_timeout: float,
     heartbeat_interval: float,
     verifier_wall_seconds: float,
+    verifier_sandboxes: int,
+    verifications_per_session: int,
+    metrics_slack_seconds: float,
+    metrics_parallelism: float,
     job_lifetime: float,
     db_busy_timeout: float,
     name: str,
@@ -124,6 +156,10 @@ def serve(
         lease_timeout=lease_timeout,
         heartbeat_interval=heartbeat_interval,
         verifier_wall_seconds=verifier_wall_seconds,
+        verifier_sandboxes=verifier_sandboxes,
+        verifications_per_session=verifications_per_session,
+        metrics_slack_seconds=metrics_slack_seconds,
+        metrics_parallelism=metrics_parallelism,
         job_lifetime=job_lifetime * 3600,
     )
     try:

@@ -57,9 +57,11 @@ from dcp_worker.protocol import Hello as HelloMsg
 from dcp_worker.protocol.policy import JobTerms, WorkerTerms
 
 from .jobdoc import JobFileError, parse_document
+from .plausibility import MetricsRules
 from .store import (
     InsufficientFunds,
     JobRecord,
+    ResultLease,
     SliceRecord,
     Store,
     StoreError,
@@ -87,6 +89,15 @@ class SchedulerConfig:
     max_result_bytes: int = 16 * 1024 * 1024
     expiry_interval: float = 1.0
     verifier_wall_seconds: float = 10.0
+    #: Evaluator processes that run verifiers; 0: half the CPUs.
+    verifier_sandboxes: int = 0
+    #: At most this many of one session's results are verified at once; the rest wait their
+    #: turn, and a free sandbox goes to the session served least recently.
+    verifications_per_session: int = 2
+    #: Result metrics must be plausible (scheduler/plausibility.py): wall time within the
+    #: lease's age plus the slack; CPU and GPU time within wall time x parallelism plus it.
+    metrics_slack_seconds: float = 1.0
+    metrics_parallelism: float = 64.0
     #: Finished and cancelled jobs are removed this long after they end (damocles: 25 h).
     job_lifetime: float = 25 * 3600.0
     gc_interval: float = 60.0
@@ -142,8 +153,17 @@ class Scheduler:
         self._jobs: OrderedDict[str, _JobInfo] = OrderedDict()
         self._sockets: set[web.WebSocketResponse] = set()
         self.verifiers = VerifierPool(
-            limits=replace(VERIFIER_LIMITS, wall_seconds=self.config.verifier_wall_seconds)
+            size=self.config.verifier_sandboxes or None,
+            limits=replace(VERIFIER_LIMITS, wall_seconds=self.config.verifier_wall_seconds),
+            per_owner=self.config.verifications_per_session,
         )
+        self._rules = MetricsRules(
+            slack_seconds=self.config.metrics_slack_seconds,
+            parallelism=self.config.metrics_parallelism,
+        )
+        #: Results whose verifier is running or waiting, by (job, slice, token): a resubmission
+        #: waits for that verdict instead of running the verifier again.
+        self._verifying: dict[tuple[str, int, str], asyncio.Event] = {}
         self._work_event = asyncio.Event()
         self._results_event = asyncio.Event()
         self.sessions = 0
@@ -498,25 +518,65 @@ class Scheduler:
             self._jobs.popitem(last=False)
         return info
 
-    def _result(
-        self, session: _Session, message: Result, now: float
-    ) -> Message | Coroutine[Any, Any, None]:
-        if len(message.result) > self.config.max_result_bytes:
+    def _admit(
+        self, session: _Session, item: Result | ResultItem, now: float
+    ) -> ResultLease | Error:
+        """The cheap checks of a result, in order: size, lease (token and holder), signature,
+        metrics (docs/protocol.md section 3, "Result acceptance"). Nothing here runs a
+        verifier. Returns the result's lease, or the refusal to answer (``re`` unset)."""
+        if len(item.result) > self.config.max_result_bytes:
             return Error(
-                re=message.id,
+                re=None,
                 code=ErrorCode.RESULT_TOO_LARGE.value,
                 message=f"results are limited to {self.config.max_result_bytes} bytes",
             )
+        try:
+            lease = self.store.result_lease(item.job, item.slice, item.token, session.address)
+        except StoreError as exc:
+            return Error(re=None, code=exc.code.value, message=str(exc))
         payload = signing.result_payload(
-            message.job, message.slice, message.token, message.result, message.payment_address
+            item.job, item.slice, item.token, item.result, item.payment_address
         )
-        if not signing.verify(payload, message.signature, session.address):
+        if not signing.verify(payload, item.signature, session.address):
             return Error(
-                re=message.id,
+                re=None,
                 code=ErrorCode.BAD_SIGNATURE.value,
                 message="the result is not signed by this session's identity",
             )
-        if self._job(message.job).has_verifier:
+        if lease.state == "done":
+            return lease  # a resubmission of the accepted result: acceptance says duplicate
+        problem = self._rules.problem(item.metrics, lease, len(item.result), now)
+        if problem is None:
+            return lease
+        return self._reject(session, item, ErrorCode.METRICS_IMPLAUSIBLE.value, problem, now)
+
+    def _reject(
+        self, session: _Session, item: Result | ResultItem, code: str, why: str, now: float
+    ) -> Error:
+        """Refuse a result as the verifier's rejection does: unpaid, counted against the
+        worker, the slice queued again for other workers (or failed after its attempts)."""
+        try:
+            state = self.store.reject_result(
+                item.job, item.slice, item.token, session.address, code, why, now
+            )
+        except StoreError as exc:
+            return Error(re=None, code=exc.code.value, message=str(exc))
+        log.warning(
+            "result %s/%d from %s rejected: %s %s", item.job, item.slice, session.address, code, why
+        )
+        if state == "queued":
+            self._wake()
+        else:
+            self._results_changed()
+        return Error(re=None, code=code, message=why)
+
+    def _result(
+        self, session: _Session, message: Result, now: float
+    ) -> Message | Coroutine[Any, Any, None]:
+        admitted = self._admit(session, message, now)
+        if isinstance(admitted, Error):
+            return replace(admitted, re=message.id)
+        if admitted.state != "done" and self._job(message.job).has_verifier:
             return self._verify_then_accept(session, message)
         return self._accept(session, message, message.id, now)
 
@@ -546,24 +606,13 @@ class Scheduler:
         plain: list[int] = []
         checked: list[int] = []
         for i, item in enumerate(message.results):
-            if len(item.result) > self.config.max_result_bytes:
-                acks[i] = ItemAck(
-                    "refused",
-                    code=ErrorCode.RESULT_TOO_LARGE.value,
-                    message=f"results are limited to {self.config.max_result_bytes} bytes",
-                )
-                continue
-            payload = signing.result_payload(
-                item.job, item.slice, item.token, item.result, item.payment_address
-            )
-            if not signing.verify(payload, item.signature, session.address):
-                acks[i] = ItemAck(
-                    "refused",
-                    code=ErrorCode.BAD_SIGNATURE.value,
-                    message="the result is not signed by this session's identity",
-                )
-                continue
-            (checked if self._job(item.job).has_verifier else plain).append(i)
+            admitted = self._admit(session, item, now)
+            if isinstance(admitted, Error):
+                acks[i] = _item_ack(admitted)
+            elif admitted.state != "done" and self._job(item.job).has_verifier:
+                checked.append(i)
+            else:
+                plain.append(i)
         if plain:
             rows = [
                 (
@@ -611,51 +660,50 @@ class Scheduler:
         await session.send(await self._checked(session, message, message.id))
 
     async def _checked(self, session: _Session, message: Result | ResultItem, rid: int) -> Message:
-        """Run the job's verifier on a result, then accept or reject it; the reply."""
+        """Run the job's verifier on an admitted result, then accept or reject it; the reply.
+        One verification per lease at a time: a resubmission meanwhile gets the answer
+        acceptance gives once the first verdict is in (``duplicate`` or ``stale_lease``)."""
+        key = (message.job, message.slice, message.token)
         try:
-            verifier = self.store.job_verifier(message.job)
-            argv = self._job(message.job).spec.argv
-            datum = self.store.datum(message.job, message.slice)
-            assert verifier is not None
-            # The worker stopped heartbeating this slice when it finished it: keep the lease
-            # alive while its result is checked.
-            hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
-            self.store.heartbeat(
-                session.address,
-                [LeaseRef(message.job, message.slice, message.token)],
-                time.time(),
-                hold,
-            )
-            verdict = await self.verifiers.verify(
-                message.job, verifier, argv, datum, message.result
-            )
-            if verdict.ok:
-                reply = self._accept(session, message, rid, time.time())
-            else:
-                state = self.store.reject_result(
-                    message.job,
-                    message.slice,
-                    message.token,
-                    session.address,
-                    verdict.code,
-                    verdict.message,
-                    time.time(),
+            while (running := self._verifying.get(key)) is not None:
+                await running.wait()
+                lease = self.store.result_lease(
+                    message.job, message.slice, message.token, session.address
                 )
-                log.warning(
-                    "result %s/%d from %s rejected: %s",
-                    message.job,
-                    message.slice,
-                    session.address,
-                    verdict.message,
-                )
-                if state == "queued":
-                    self._wake()
-                else:
-                    self._results_changed()
-                reply = Error(re=rid, code=verdict.code, message=verdict.message)
+                if lease.state == "done":
+                    return self._accept(session, message, rid, time.time())
+            done = self._verifying[key] = asyncio.Event()
+            try:
+                return await self._verify(session, message, rid)
+            finally:
+                del self._verifying[key]
+                done.set()
         except StoreError as exc:
-            reply = Error(re=rid, code=exc.code.value, message=str(exc))
-        return reply
+            return Error(re=rid, code=exc.code.value, message=str(exc))
+
+    async def _verify(self, session: _Session, message: Result | ResultItem, rid: int) -> Message:
+        verifier = self.store.job_verifier(message.job)
+        argv = self._job(message.job).spec.argv
+        datum = self.store.datum(message.job, message.slice)
+        assert verifier is not None
+        ref = LeaseRef(message.job, message.slice, message.token)
+        # The worker stopped heartbeating this slice when it finished it: keep the lease alive
+        # while its result waits for a sandbox and while it is checked.
+        hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
+        self.store.heartbeat(session.address, [ref], time.time(), hold)
+
+        def started() -> None:
+            # Its turn came: still the current lease? (else StaleLease, and nothing runs)
+            self.store.result_lease(message.job, message.slice, message.token, session.address)
+            self.store.heartbeat(session.address, [ref], time.time(), hold)
+
+        verdict = await self.verifiers.verify(
+            message.job, verifier, argv, datum, message.result, owner=session.id, started=started
+        )
+        if verdict.ok:
+            return self._accept(session, message, rid, time.time())
+        error = self._reject(session, message, verdict.code, verdict.message, time.time())
+        return replace(error, re=rid)
 
     # ------------------------------------------------------------------ compute API
 

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import sqlite3
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,6 +40,7 @@ from .store import (
     LedgerEntry,
     NewJob,
     RefusalRecord,
+    ResultLease,
     SliceRecord,
     StaleLease,
     StoreError,
@@ -47,7 +49,7 @@ from .store import (
     WorkerRecord,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -73,13 +75,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     max_attempts INTEGER NOT NULL,
     created REAL NOT NULL,
     finished REAL,
-    -- sums over accepted slices, for the measured cost per slice (minimum wage)
+    -- the measured cost per slice (minimum wage): accepted slices, and for each field the
+    -- lower median over job_costs' workers of each worker's mean (set on each acceptance)
     cost_n INTEGER NOT NULL DEFAULT 0,
     cost_cpu REAL NOT NULL DEFAULT 0,
     cost_gpu REAL NOT NULL DEFAULT 0,
     cost_in INTEGER NOT NULL DEFAULT 0,
     cost_out INTEGER NOT NULL DEFAULT 0
 );
+-- sums of the metrics of each worker's accepted slices of a job
+CREATE TABLE IF NOT EXISTS job_costs (
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    worker TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    cpu REAL NOT NULL,
+    gpu REAL NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    PRIMARY KEY (job, worker)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slices (
     job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -89,6 +103,7 @@ CREATE TABLE IF NOT EXISTS slices (
     token TEXT,
     worker TEXT,
     deadline REAL,
+    leased_at REAL,
     progress REAL,
     result BLOB,
     signature TEXT,
@@ -352,14 +367,10 @@ class SQLiteStore:
     )
 
     def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
-        n = row[17]
         cost = None
-        if n:
+        if row[17]:
             cost = Metrics(
-                cpu_seconds=row[18] / n,
-                gpu_seconds=row[19] / n,
-                bytes_in=row[20] // n,
-                bytes_out=row[21] // n,
+                cpu_seconds=row[18], gpu_seconds=row[19], bytes_in=row[20], bytes_out=row[21]
             )
         return JobRecord(
             id=row[0],
@@ -513,13 +524,13 @@ class SQLiteStore:
                 )
                 for idx, attempts, datum in rows:
                     token = secrets.token_hex(16)
-                    updates.append((new_state, token, worker, deadline, job_id, idx))
+                    updates.append((new_state, token, worker, deadline, now, job_id, idx))
                     leases.append(
                         Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
                     )
             db.executemany(
-                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, attempts=attempts+1,"
-                " progress=NULL WHERE job=? AND idx=?",
+                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?,"
+                " attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
                 updates,
             )
         return leases
@@ -585,6 +596,29 @@ class SQLiteStore:
             (earned, now, worker.lower()),
         )
 
+    def result_lease(self, job_id: str, slice_: int, token: str, worker: str) -> ResultLease:
+        """The lease a result names, fenced as acceptance fences it; no transaction (it only
+        reads, and acceptance fences again: a token names one lease, never another)."""
+        row = self._db.execute(
+            "SELECT state, token, worker, leased_at, length(datum) FROM slices"
+            " WHERE job=? AND idx=?",
+            (job_id, slice_),
+        ).fetchone()
+        if row is None:
+            raise UnknownSlice(f"no slice {job_id}/{slice_}")
+        state, current, holder, leased_at, datum_bytes = row
+        if current != token or (holder or "").lower() != worker.lower():
+            raise StaleLease(
+                f"slice {job_id}/{slice_}: lease {token[:8]}... is not the current lease"
+            )
+        state = SliceState(state)
+        if state is not SliceState.DONE:
+            try:
+                transition(state, SliceEvent.ACCEPT)
+            except IllegalTransition:
+                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+        return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
+
     def accept_result(
         self,
         job_id: str,
@@ -616,6 +650,7 @@ class SQLiteStore:
         batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
         changes nothing, the others are accepted."""
         outcomes: list[tuple[str, int] | StoreError] = []
+        priced: set[str] = set()
         with self._tx() as db:
             for item in items:
                 db.execute("SAVEPOINT item")
@@ -631,8 +666,31 @@ class SQLiteStore:
                     outcomes.append(outcome)
                     if outcome[0] == "accepted":
                         self._settle(db, job_id, now)  # one slice of its job is final
+                        priced.add(job_id)
                 db.execute("RELEASE item")
+            for job_id in priced:  # once per job and batch: it reads the job's workers
+                self._price(db, job_id)
         return outcomes
+
+    def _price(self, db: sqlite3.Connection, job_id: str) -> None:
+        """Set the job's cost per slice from its workers' sums: for each field the lower
+        median of the per-worker means. One worker (or fewer than half of them) claiming
+        1e300 CPU seconds cannot price the job out; with two workers the lower one counts,
+        as a job mispriced low is declined by workers that measure it, one priced high is
+        never run at all."""
+        rows = db.execute(
+            "SELECT n, cpu, gpu, bytes_in, bytes_out FROM job_costs WHERE job=?", (job_id,)
+        ).fetchall()
+        if not rows:
+            return
+        cpu = statistics.median_low(c / n for n, c, _g, _i, _o in rows)
+        gpu = statistics.median_low(g / n for n, _c, g, _i, _o in rows)
+        bytes_in = statistics.median_low(i // n for n, _c, _g, i, _o in rows)
+        bytes_out = statistics.median_low(o // n for n, _c, _g, _i, o in rows)
+        db.execute(
+            "UPDATE jobs SET cost_cpu=?, cost_gpu=?, cost_in=?, cost_out=? WHERE id=?",
+            (cpu, gpu, bytes_in, bytes_out, job_id),
+        )
 
     def _accept(
         self,
@@ -668,16 +726,18 @@ class SQLiteStore:
                 slice_,
             ),
         )
+        db.execute("UPDATE jobs SET cost_n = cost_n + 1 WHERE id=?", (job_id,))
         db.execute(
-            "UPDATE jobs SET cost_n = cost_n + 1, cost_cpu = cost_cpu + ?,"
-            " cost_gpu = cost_gpu + ?, cost_in = cost_in + ?, cost_out = cost_out + ?"
-            " WHERE id=?",
+            "INSERT INTO job_costs VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT(job, worker) DO UPDATE"
+            " SET n = n + 1, cpu = cpu + excluded.cpu, gpu = gpu + excluded.gpu,"
+            " bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out",
             (
+                job_id,
+                worker.lower(),
                 metrics.cpu_seconds,
                 metrics.gpu_seconds,
                 metrics.bytes_in,
                 metrics.bytes_out,
-                job_id,
             ),
         )
         self._move(db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_)
@@ -735,8 +795,9 @@ class SQLiteStore:
         message: str,
         now: float,
     ) -> str:
-        """The result failed verification: not paid, the slice goes back to the queue (or
-        fails once its attempts are used), and the worker's record shows it."""
+        """The result failed verification (or its metrics are implausible): not paid, the
+        slice goes back to the queue (or fails once its attempts are used), the worker's record
+        shows it, and the lease's token ends."""
         with self._tx() as db:
             state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
             if state is not SliceState.LEASED and state is not SliceState.QUEUED:
@@ -755,8 +816,10 @@ class SQLiteStore:
                     message[:2000],
                     now,
                 )
+            # The token dies with the rejection: a resubmission under it is stale_lease and
+            # costs no second verifier run.
             db.execute(
-                "UPDATE slices SET rejected_by=? WHERE job=? AND idx=?",
+                "UPDATE slices SET rejected_by=?, token=NULL WHERE job=? AND idx=?",
                 (worker.lower(), job_id, slice_),
             )
             self._count(db, worker, "rejected", now)

@@ -102,6 +102,20 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class ResultLease:
+    """What acceptance needs to know of the lease a result names, read before any verifier
+    runs: its slice's state (``leased``; ``queued`` when it expired and no other lease was
+    issued since; ``done`` when this result was accepted before), when it was granted (Unix
+    time; None for a lease granted before schema 4) and the size of the datum it carried."""
+
+    job: str
+    slice: int
+    state: str
+    leased_at: float | None
+    datum_bytes: int
+
+
+@dataclass(frozen=True)
 class JobRecord:
     id: str
     owner: str
@@ -121,7 +135,9 @@ class JobRecord:
     config: dict[str, Any] = field(default_factory=dict)
     has_verifier: bool = False
     escrow_micro: int = 0
-    #: Mean measured cost of an accepted slice, None before the first one.
+    #: Measured cost of an accepted slice, None before the first one: for each field the
+    #: (lower) median over the distinct workers of each worker's mean, so that no one worker
+    #: moves it far (docs/protocol.md section 7, "Minimum wage").
     cost: Metrics | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -220,6 +236,16 @@ class Store(Protocol):
     def heartbeat(
         self, worker: str, refs: list[LeaseRef], now: float, timeout: float
     ) -> list[LeaseRef]: ...
+    def result_lease(self, job_id: str, slice_: int, token: str, worker: str) -> ResultLease:
+        """The lease a result from ``worker`` names, if a result under it can be accepted.
+
+        Raises:
+            StaleLease: ``token`` is not the slice's current lease, ``worker`` does not hold
+                it, or the slice is final otherwise than by this lease's accepted result.
+            UnknownSlice: no such slice.
+        """
+        ...
+
     def accept_result(
         self,
         job_id: str,

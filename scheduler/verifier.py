@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dcp_worker.protocol import ErrorCode, JobSpec, Limits
@@ -33,24 +35,61 @@ class Verdict:
     message: str = ""
 
 
-class VerifierPool:
-    """A few warm evaluator processes, lent to one verification at a time."""
+@dataclass(frozen=True)
+class VerifierStatistics:
+    """A snapshot of the pool: verifier runs started since it was made, runs now in progress,
+    and verifications waiting for a sandbox."""
 
-    def __init__(self, size: int | None = None, limits: Limits = VERIFIER_LIMITS) -> None:
+    runs: int
+    running: int
+    waiting: int
+
+
+class VerifierPool:
+    """A few warm evaluator processes, lent to one verification at a time.
+
+    Sandboxes are lent fairly: each owner (a worker session) has at most ``per_owner``
+    verifications running, and a free sandbox goes to the waiting owner served least
+    recently, so one session's queue of results never delays another session's by more than
+    one run per sandbox.
+    """
+
+    def __init__(
+        self, size: int | None = None, limits: Limits = VERIFIER_LIMITS, per_owner: int = 2
+    ) -> None:
         self.size = size or max(1, (os.cpu_count() or 2) // 2)
         self.limits = limits
-        self._idle: asyncio.Queue[Sandbox] | None = None
+        self.per_owner = max(1, per_owner)
+        self._idle: list[Sandbox] | None = None
         self._all: list[Sandbox] = []
+        self._running: Counter[str] = Counter()
+        self._waiting: dict[str, deque[asyncio.Future[Sandbox]]] = {}
+        #: Owners with running or waiting verifications, least recently served first.
+        self._turns: OrderedDict[str, None] = OrderedDict()
+        self._runs = 0
+
+    def statistics(self) -> VerifierStatistics:
+        return VerifierStatistics(
+            runs=self._runs,
+            running=sum(self._running.values()),
+            waiting=sum(len(q) for q in self._waiting.values()),
+        )
 
     async def verify(
-        self, job: str, verifier: bytes, argv: tuple[str, ...], datum: bytes, result: bytes
+        self,
+        job: str,
+        verifier: bytes,
+        argv: tuple[str, ...],
+        datum: bytes,
+        result: bytes,
+        owner: str = "",
+        started: Callable[[], object] | None = None,
     ) -> Verdict:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for i in range(self.size):
-                sandbox = Sandbox(1000 + i)
-                self._all.append(sandbox)
-                self._idle.put_nowait(sandbox)
+        """Run ``verifier`` on one result once ``owner`` has its turn at a sandbox.
+
+        ``started`` is called when the sandbox is lent, before the run: an exception from it
+        ends the verification unrun (the result's lease went stale while it waited).
+        """
         spec = JobSpec(
             job=f"verify:{job}",
             runtime="wasm",
@@ -58,8 +97,11 @@ class VerifierPool:
             sha256=hashlib.sha256(verifier).hexdigest(),
             argv=(str(len(datum)), *argv),
         )
-        sandbox = await self._idle.get()
+        sandbox = await self._acquire(owner)
         try:
+            if started is not None:
+                started()
+            self._runs += 1
             await sandbox.run(spec, self.limits, datum + result, 0)
         except SliceFailure as exc:
             if exc.code == ErrorCode.WASM_EXIT.value:
@@ -75,8 +117,74 @@ class VerifierPool:
                 f"the job's verifier failed: {exc.code}: {exc.message}",
             )
         finally:
-            self._idle.put_nowait(sandbox)
+            self._release(owner, sandbox)
         return Verdict(True)
+
+    async def _acquire(self, owner: str) -> Sandbox:
+        if self._idle is None:
+            self._idle = []
+            for i in range(self.size):
+                sandbox = Sandbox(1000 + i)
+                self._all.append(sandbox)
+                self._idle.append(sandbox)
+        if owner not in self._turns:
+            self._turns[owner] = None
+            self._turns.move_to_end(owner, last=False)  # never served: first in turn
+        if self._idle and self._running[owner] < self.per_owner and not self._waiting.get(owner):
+            return self._lend(owner, self._idle.pop())
+        waiter: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(owner, deque()).append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(owner, waiter.result())  # lent, but its taker is gone
+            else:
+                queue = self._waiting.get(owner)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._waiting[owner]
+                self._forget(owner)
+            raise
+
+    def _lend(self, owner: str, sandbox: Sandbox) -> Sandbox:
+        self._running[owner] += 1
+        self._turns.move_to_end(owner)
+        return sandbox
+
+    def _release(self, owner: str, sandbox: Sandbox) -> None:
+        assert self._idle is not None
+        self._running[owner] -= 1
+        if self._running[owner] <= 0:
+            del self._running[owner]
+        self._idle.append(sandbox)
+        self._forget(owner)
+        # Hand free sandboxes to waiting owners, least recently served first.
+        while self._idle:
+            taker = next(
+                (
+                    o
+                    for o in self._turns
+                    if self._waiting.get(o) and self._running[o] < self.per_owner
+                ),
+                None,
+            )
+            if taker is None:
+                return
+            queue = self._waiting[taker]
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[taker]
+            if waiter.done():  # cancelled; its task has not yet run to take itself out
+                self._forget(taker)
+                continue
+            waiter.set_result(self._lend(taker, self._idle.pop()))
+
+    def _forget(self, owner: str) -> None:
+        if owner in self._turns and not self._running[owner] and not self._waiting.get(owner):
+            del self._turns[owner]
+            self._running.pop(owner, None)
 
     async def close(self) -> None:
         for sandbox in self._all:

@@ -478,6 +478,7 @@ def test_wrong_results_earn_nothing_and_the_job_completes(
                             result=wrong,
                             payment_address=cheat.identity.address,
                             signature=sig,
+                            metrics=p.Metrics(bytes_in=len(lease.datum), bytes_out=len(wrong)),
                         )
                     ).decode()
                 )

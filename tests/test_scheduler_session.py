@@ -148,6 +148,7 @@ def test_results_need_the_sessions_signature_and_the_current_token(
                     result=data,
                     payment_address=pay,
                     signature=sig,
+                    metrics=p.Metrics(bytes_in=len(lease.datum), bytes_out=len(data)),
                 )
             ).decode()
 

@@ -62,6 +62,7 @@ class ErrorCode(StrEnum):
     JOB_SPEC_CHANGED = "job_spec_changed"
     RESULT_REJECTED = "result_rejected"
     VERIFIER_FAILED = "verifier_failed"
+    METRICS_IMPLAUSIBLE = "metrics_implausible"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     # The opencl runtime.
     OPENCL_UNAVAILABLE = "opencl_unavailable"

@@ -126,6 +126,13 @@ class Metrics:
     bytes_out: int = 0
     gpu_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        # A NaN or an infinity here reached a job's cost and the compute API's JSON; a
+        # negative count lowered it. Plausibility against a lease is the scheduler's check.
+        for name in ("wall_seconds", "cpu_seconds", "gpu_seconds", "bytes_in", "bytes_out"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"metrics.{name} must be a number >= 0")
+
 
 @dataclass(frozen=True)
 class Wage:

@@ -1,0 +1,345 @@
+"""Result acceptance under hostile traffic: the cheap checks come before any verifier, verifier
+sandboxes are shared fairly between sessions, and result metrics must be plausible.
+
+The scheduler runs in-process (its app on a loopback port 0), so that a test can read its
+verifier pool's statistics; the clients are raw websockets as in test_scheduler_session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import secrets
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import websockets
+from aiohttp import web
+
+from dcp_worker import protocol as p
+from dcp_worker.protocol import signing
+from scheduler.server import Scheduler, SchedulerConfig
+from scheduler.sqlite_store import SQLiteStore
+from scheduler.store import NewJob, StaleLease
+
+from .conftest import EXAMPLES, Keystore
+from .test_scheduler_session import _open, _recv
+
+SLOWCHECK = Path(__file__).parent / "wasm" / "slowcheck.c"
+ECHO = (EXAMPLES / "echo" / "echo.wasm").read_bytes()
+Client = websockets.asyncio.client.ClientConnection
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    store: SQLiteStore, config: SchedulerConfig
+) -> AsyncIterator[tuple[Scheduler, str]]:
+    """The scheduler's app on 127.0.0.1:0: (the scheduler, its base URL)."""
+    scheduler = Scheduler(store, config)
+    runner = web.AppRunner(scheduler.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield scheduler, f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def deploy(
+    store: SQLiteStore,
+    data: list[bytes],
+    verifier: bytes | None = None,
+    argv: tuple[str, ...] = (),
+    max_attempts: int = 2,
+) -> str:
+    return store.create_job(
+        NewJob(
+            owner="0x" + "11" * 20,
+            name="echo",
+            runtime="wasm",
+            module=ECHO,
+            module_sha256=hashlib.sha256(ECHO).hexdigest(),
+            argv=argv,
+            limits=p.Limits(),
+            offer_micro=0,
+            data=tuple(data),
+            payload_sha256=secrets.token_hex(32),
+            max_attempts=max_attempts,
+            verifier=verifier,
+        ),
+        time.time(),
+    )
+
+
+def result_frame(
+    keystore: Keystore,
+    rid: int,
+    job: str,
+    slice_: int,
+    token: str,
+    data: bytes,
+    metrics: p.Metrics | None = None,
+    datum_bytes: int = 1,
+) -> str:
+    pay = keystore.identity.address
+    sig = keystore.identity.sign(signing.result_payload(job, slice_, token, data, pay))
+    if metrics is None:
+        metrics = p.Metrics(bytes_in=datum_bytes, bytes_out=len(data))
+    return p.encode(
+        p.Result(
+            id=rid,
+            job=job,
+            slice=slice_,
+            token=token,
+            result=data,
+            payment_address=pay,
+            signature=sig,
+            metrics=metrics,
+        )
+    ).decode()
+
+
+async def fetch(ws: Client, rid: int, max_slices: int, **extra: object) -> p.Work:
+    await ws.send(p.encode(p.Fetch(id=rid, max_slices=max_slices, **extra)).decode())  # type: ignore[arg-type]
+    work = await _recv(ws)
+    assert isinstance(work, p.Work), work
+    return work
+
+
+async def verified_ack_delay(ws: Client, keystore: Keystore, job: str, rid: int) -> float:
+    """Lease one slice of ``job`` and send its right result: seconds until it is accepted."""
+    (lease,) = (await fetch(ws, rid, 1)).slices
+    started = time.monotonic()
+    await ws.send(result_frame(keystore, rid + 1, job, lease.slice, lease.token, lease.datum))
+    reply = await asyncio.wait_for(ws.recv(), 120)
+    delay = time.monotonic() - started
+    assert p.decode(reply, p.SCHEDULER_MESSAGES) == p.Ack(re=rid + 1, status="accepted")
+    return delay
+
+
+def test_forged_results_run_no_verifier_and_delay_no_honest_result(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], zig_build: Callable[[Path], bytes]
+) -> None:
+    """A fresh identity holding no lease floods 60 results under forged tokens for a job whose
+    verifier takes 300 ms: every one is stale_lease without a verifier run, and an honest
+    worker's verified result sent behind the flood waits for its own verifier run only."""
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"a"] * 4, zig_build(SLOWCHECK), argv=("300",))
+    honest, hostile = make_keystore("honest"), make_keystore("hostile")
+    config = SchedulerConfig(verifier_sandboxes=1, verifier_wall_seconds=30)
+
+    async def main() -> tuple[float, float, list[str], int]:
+        async with serving(store, config) as (scheduler, url):
+            ws = await _open(url.replace("http", "ws") + "/worker", honest)
+            alone = await verified_ack_delay(ws, honest, job, 10)
+            flood = await _open(url.replace("http", "ws") + "/worker", hostile)
+            for i in range(60):
+                await flood.send(
+                    result_frame(hostile, 100 + i, job, i % 4, secrets.token_hex(16), b"a")
+                )
+            under_flood = await verified_ack_delay(ws, honest, job, 20)
+            codes = []
+            for _ in range(60):
+                reply = await _recv(flood)
+                assert isinstance(reply, p.Error)
+                codes.append(reply.code)
+            runs = scheduler.verifiers.statistics().runs
+            await ws.close()
+            await flood.close()
+        return alone, under_flood, codes, runs
+
+    alone, under_flood, codes, runs = asyncio.run(main())
+    store.close()
+    assert codes == ["stale_lease"] * 60
+    # Broken, each forged result costs a 300 ms verifier run first: 60 runs on one sandbox
+    # ahead of the honest one (18 s); fixed, the honest result waits for its own run only.
+    assert under_flood < 3 * alone + 1, (alone, under_flood)
+    assert runs == 2  # the honest worker's two results; none for the forged ones
+
+
+def test_one_sessions_verifications_do_not_delay_anothers(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], zig_build: Callable[[Path], bytes]
+) -> None:
+    """A session holding 8 real leases sends 8 wrong results (300 ms of verifier each, one
+    sandbox); an honest session's result sent behind them is verified next, not ninth."""
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"a"] * 9, zig_build(SLOWCHECK), argv=("300",))
+    honest, hostile = make_keystore("honest"), make_keystore("hostile")
+    config = SchedulerConfig(
+        verifier_sandboxes=1, verifications_per_session=1, verifier_wall_seconds=30
+    )
+
+    async def main() -> tuple[list[str], int]:
+        async with serving(store, config) as (scheduler, url):
+            flood = await _open(url.replace("http", "ws") + "/worker", hostile)
+            ws = await _open(url.replace("http", "ws") + "/worker", honest)
+            leases = (await fetch(flood, 2, 8)).slices
+            (mine,) = (await fetch(ws, 2, 1)).slices
+            for i, lease in enumerate(leases):
+                await flood.send(result_frame(hostile, 10 + i, job, lease.slice, lease.token, b"b"))
+            # A condition on a snapshot, polled (the pool has no event for it): all 8 are in.
+            while scheduler.verifiers.statistics().waiting < 7:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await ws.send(result_frame(honest, 3, job, mine.slice, mine.token, mine.datum))
+            order: list[str] = []
+
+            async def collect(name: str, conn: Client, n: int) -> None:
+                for _ in range(n):
+                    reply = await asyncio.wait_for(conn.recv(), 60)
+                    order.append(f"{name}:{p.decode(reply, p.SCHEDULER_MESSAGES).type}")
+
+            await asyncio.gather(collect("hostile", flood, 8), collect("honest", ws, 1))
+            await ws.close()
+            await flood.close()
+            return order, scheduler.verifiers.statistics().runs
+
+    order, runs = asyncio.run(main())
+    store.close()
+    assert order.count("hostile:error") == 8 and runs == 9
+    # At most the hostile session's one running verification finishes first; broken (one
+    # FIFO queue), all eight did.
+    assert order.index("honest:ack") <= 1, order
+
+
+def test_a_result_resent_while_it_is_verified_runs_the_verifier_once(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], zig_build: Callable[[Path], bytes]
+) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"a"], zig_build(SLOWCHECK), argv=("300",))
+    worker = make_keystore("worker")
+
+    async def main() -> tuple[list[p.Message], int]:
+        async with serving(store, SchedulerConfig(verifier_wall_seconds=30)) as (scheduler, url):
+            ws = await _open(url.replace("http", "ws") + "/worker", worker)
+            (lease,) = (await fetch(ws, 2, 1)).slices
+            for rid in (3, 4, 5):
+                await ws.send(result_frame(worker, rid, job, 0, lease.token, b"a"))
+            replies = sorted([await _recv(ws) for _ in range(3)], key=lambda m: m.re)  # type: ignore[attr-defined]
+            await ws.close()
+            return replies, scheduler.verifiers.statistics().runs
+
+    replies, runs = asyncio.run(main())
+    store.close()
+    assert replies == [
+        p.Ack(re=3, status="accepted"),
+        p.Ack(re=4, status="duplicate"),
+        p.Ack(re=5, status="duplicate"),
+    ]
+    assert runs == 1
+
+
+def test_metrics_must_be_finite_and_not_negative() -> None:
+    for bad in ({"cpu_seconds": math.inf}, {"wall_seconds": math.nan}, {"bytes_in": -5}):
+        with pytest.raises(p.InvalidMessage):
+            p.Metrics(**bad)  # type: ignore[arg-type]
+    frame = json.loads(
+        p.encode(p.Result(1, "j", 0, "t", b"r", "0x" + "22" * 20, "ab" * 65)).decode()
+    )
+    frame["metrics"] = {"bytes_in": -5}
+    with pytest.raises(p.InvalidMessage):
+        p.decode(json.dumps(frame), p.SCHEDULER_MESSAGES)
+
+
+def test_implausible_metrics_are_refused_and_counted_against_the_worker(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """A result claiming 1e300 CPU seconds, more wall time than its lease is old, or byte
+    counts that are not its datum's and its own is refused (metrics_implausible): not paid,
+    the slice goes to another worker, the worker's record shows it; the job's cost is not
+    moved, so honest workers with a minimum wage still run it."""
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"a"] * 5, max_attempts=3)
+    liar, honest = make_keystore("liar"), make_keystore("honest")
+    lies = [
+        p.Metrics(wall_seconds=1.0, cpu_seconds=1e300, bytes_in=1, bytes_out=1),
+        p.Metrics(wall_seconds=3600.0, cpu_seconds=1.0, bytes_in=1, bytes_out=1),
+        p.Metrics(bytes_in=0, bytes_out=1),
+        p.Metrics(bytes_in=1, bytes_out=5000),
+        p.Metrics(wall_seconds=0.01, gpu_seconds=100.0, bytes_in=1, bytes_out=1),
+    ]
+
+    async def main() -> tuple[list[p.Message], p.Work, dict[str, object]]:
+        async with serving(store, SchedulerConfig()) as (_scheduler, url):
+            ws = await _open(url.replace("http", "ws") + "/worker", liar)
+            leases = (await fetch(ws, 2, 5)).slices
+            replies = []
+            for i, (lease, metrics) in enumerate(zip(leases, lies, strict=True)):
+                await ws.send(
+                    result_frame(liar, 10 + i, job, lease.slice, lease.token, b"a", metrics)
+                )
+                replies.append(await _recv(ws))
+            # A resubmission under a rejected lease is stale: it is never paid later.
+            await ws.send(result_frame(liar, 20, job, leases[0].slice, leases[0].token, b"a"))
+            replies.append(await _recv(ws))
+            assert (await fetch(ws, 3, 5)).slices == ()  # not leased again to the liar
+            other = await _open(url.replace("http", "ws") + "/worker", honest)
+            wage = p.Wage(cpu_hour=1.0)
+            work = await fetch(other, 2, 5, min_wage=wage)
+            for i, lease in enumerate(work.slices):
+                metrics = p.Metrics(wall_seconds=0.0, cpu_seconds=0.0, bytes_in=1, bytes_out=1)
+                await other.send(
+                    result_frame(honest, 10 + i, job, lease.slice, lease.token, b"a", metrics)
+                )
+                assert isinstance(await _recv(other), p.Ack)
+            loop = asyncio.get_running_loop()
+            status = await loop.run_in_executor(
+                None, lambda: json.loads(urllib.request.urlopen(f"{url}/api/v1/jobs/{job}").read())
+            )
+            await ws.close()
+            await other.close()
+            return replies, work, status
+
+    replies, work, status = asyncio.run(main())
+    assert [(r.type, getattr(r, "code", "")) for r in replies] == [
+        ("error", "metrics_implausible")
+    ] * 5 + [("error", "stale_lease")]
+    assert len(work.slices) == 5 and work.skipped == ()
+    assert status["counts"] == {"done": 5}
+    assert status["refusals"] == {"metrics_implausible": 5}
+    (record,) = [w for w in store.workers() if w.address == liar.identity.address.lower()]
+    assert (record.accepted, record.rejected, record.earned_micro) == (0, 5, 0)
+    store.close()
+
+
+def test_result_lease_fences_before_any_verifier(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"abc"])
+    worker = "0x" + "33" * 20
+    (lease,) = store.lease(worker, 1, 100.0, 15.0)
+    found = store.result_lease(job, 0, lease.token, worker)
+    assert (found.state, found.leased_at, found.datum_bytes) == ("leased", 100.0, 3)
+    with pytest.raises(StaleLease):
+        store.result_lease(job, 0, "f" * 32, worker)
+    with pytest.raises(StaleLease):
+        store.result_lease(job, 0, lease.token, "0x" + "44" * 20)
+    metrics = p.Metrics(bytes_in=3, bytes_out=1)
+    store.accept_result(job, 0, lease.token, worker, b"r", worker, "00" * 65, metrics, 101.0)
+    assert store.result_lease(job, 0, lease.token, worker).state == "done"
+    store.close()
+
+
+def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(tmp_path: Path) -> None:
+    """Four honest workers measure 1 CPU second per slice, one claims 10^6 on each of its
+    (more numerous) slices: the cost stays 1 s. A mean over slices made it 600,000 s."""
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"x"] * 10)
+    honest = [f"0x{i:040x}" for i in range(1, 5)]
+    liar = "0x" + "ee" * 20
+    for worker, n, cpu in [*((w, 1, 1.0) for w in honest), (liar, 6, 1e6)]:
+        rows = [
+            (job, lease.slice, lease.token, b"x", worker, "00" * 65, p.Metrics(1.0, cpu, 1, 1))
+            for lease in store.lease(worker, n, 1.0, 15.0)
+        ]
+        assert [o for o in store.accept_results(worker, rows, 2.0)] == [("accepted", 0)] * n
+    cost = store.job(job).cost
+    assert cost is not None
+    assert (cost.cpu_seconds, cost.bytes_in, cost.bytes_out) == (1.0, 1, 1)
+    store.close()
