@@ -1,16 +1,23 @@
-"""The compute API's Python client: deploy, status, results, cancel.
+"""The compute API's Python client: deploy, status, results, cancel, read tokens.
 
 client = ComputeClient("http://127.0.0.1:8500", identity)
 job = client.deploy("examples/hash-puzzle/job.toml")
 for r in client.results(job, wait=True):
     print(r.slice, r.result)
+
+With an identity every request is signed (fresh timestamp, new nonce: docs/protocol.md
+section 6); without one, a read token the job's owner issued reads that job:
+
+reader = ComputeClient("http://127.0.0.1:8500", token=client.issue_token(job).token)
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,7 @@ from dcp_worker.protocol import nesting, signing
 
 from .jobdoc import load_job_file
 
-__all__ = ["ComputeClient", "ComputeError", "SliceResult", "http_base"]
+__all__ = ["ComputeClient", "ComputeError", "ReadToken", "SliceResult", "http_base"]
 
 
 class ComputeError(Exception):
@@ -43,6 +50,16 @@ class SliceResult:
     error: dict[str, str] | None
 
 
+@dataclass(frozen=True)
+class ReadToken:
+    """A bearer token that reads one job; ``token_id`` revokes it, ``expires`` is Unix s."""
+
+    job: str
+    token: str
+    token_id: str
+    expires: float
+
+
 def http_base(url: str) -> str:
     """``http(s)://host:port`` for a scheduler URL given as http(s):// or ws(s)://."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -53,11 +70,26 @@ def http_base(url: str) -> str:
 
 
 class ComputeClient:
+    """A client of one scheduler's compute API.
+
+    Args:
+        identity: the job owner's key; every request is then signed.
+        token: a read token (used when there is no identity): reads the job it was issued for.
+        clock: Unix seconds for the signed timestamps (tests inject a skewed one).
+    """
+
     def __init__(
-        self, scheduler: str, identity: Identity | None = None, timeout: float = 60.0
+        self,
+        scheduler: str,
+        identity: Identity | None = None,
+        timeout: float = 60.0,
+        token: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.base = http_base(scheduler)
         self.identity = identity
+        self.token = token
+        self._clock = clock
         self._http = httpx.Client(base_url=self.base + "/api/v1", timeout=timeout)
 
     def close(self) -> None:
@@ -69,9 +101,33 @@ class ComputeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _authorize(self, request: httpx.Request) -> None:
+        """Sign ``request`` as built (its method, Host, path, query and body), or give it the
+        read token; with neither it goes anonymous and the scheduler decides."""
+        if self.identity is not None:
+            timestamp, nonce = int(self._clock()), secrets.token_hex(16)
+            payload = signing.owner_request_payload(
+                request.method,
+                request.headers["Host"],
+                request.url.path,
+                request.url.params.multi_items(),
+                request.content,
+                timestamp,
+                nonce,
+                self.identity.address,
+            )
+            request.headers["X-DCP-Owner"] = self.identity.address
+            request.headers["X-DCP-Timestamp"] = str(timestamp)
+            request.headers["X-DCP-Nonce"] = nonce
+            request.headers["X-DCP-Signature"] = self.identity.sign(payload)
+        elif self.token is not None:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = self._http.request(method, path, **kwargs)
+            request = self._http.build_request(method, path, **kwargs)
+            self._authorize(request)
+            response = self._http.send(request)
         except httpx.HTTPError as exc:
             raise ComputeError(f"cannot reach the scheduler at {self.base}: {exc}") from None
         try:
@@ -86,11 +142,12 @@ class ComputeClient:
             body = {}
         if response.status_code >= 400:
             error = body.get("error", {}) if isinstance(body, dict) else {}
+            code = error.get("code", "")
             raise ComputeError(
                 f"{method} {path}: {response.status_code} "
-                f"{error.get('message', response.reason_phrase)}",
+                f"{error.get('message', response.reason_phrase)}" + (f" ({code})" if code else ""),
                 response.status_code,
-                error.get("code", ""),
+                code,
             )
         return body
 
@@ -104,17 +161,11 @@ class ComputeClient:
         return self.deploy_document(load_job_file(job_file))
 
     def deploy_document(self, body: bytes) -> str:
-        identity = self._need_identity()
-        signature = identity.sign(signing.deploy_payload(body))
+        """Deploy a job document (its exact bytes). Sending the same document again, in a new
+        signed request, returns the same job: a retry after a lost reply charges nothing."""
+        self._need_identity()
         reply = self._request(
-            "POST",
-            "/jobs",
-            content=body,
-            headers={
-                "Content-Type": "application/json",
-                "X-DCP-Owner": identity.address,
-                "X-DCP-Signature": signature,
-            },
+            "POST", "/jobs", content=body, headers={"Content-Type": "application/json"}
         )
         return str(reply["job"])
 
@@ -124,19 +175,38 @@ class ComputeClient:
             address = self._need_identity().address
         return dict(self._request("GET", f"/accounts/{address}"))
 
+    def jobs(self) -> list[dict[str, Any]]:
+        """With an identity, its jobs in full; without, what anyone sees of the active public
+        jobs (runtime, offer, limits, requirements, slice counts: no ids, no owners)."""
+        return list(self._request("GET", "/jobs")["jobs"])
+
     def status(self, job: str) -> dict[str, Any]:
+        """A job's spec and state (signed by its owner, or with a read token for it)."""
         return dict(self._request("GET", f"/jobs/{job}"))
 
     def cancel(self, job: str) -> int:
-        identity = self._need_identity()
-        now = int(time.time())
-        signature = identity.sign(signing.owner_action_payload("cancel", job, now))
+        self._need_identity()
+        reply = self._request("POST", f"/jobs/{job}/cancel")
+        return int(reply["cancelled_slices"])
+
+    def issue_token(self, job: str, ttl: float | None = None) -> ReadToken:
+        """A read token for ``job`` (this client's identity must own it), valid ``ttl``
+        seconds (default: the scheduler's, 24 h)."""
+        self._need_identity()
+        body = b"" if ttl is None else json.dumps({"ttl": ttl}).encode()
         reply = self._request(
             "POST",
-            f"/jobs/{job}/cancel",
-            headers={"X-DCP-Signature": signature, "X-DCP-Timestamp": str(now)},
+            f"/jobs/{job}/tokens",
+            content=body,
+            headers={"Content-Type": "application/json"} if body else {},
         )
-        return int(reply["cancelled_slices"])
+        return ReadToken(
+            str(reply["job"]), str(reply["token"]), str(reply["token_id"]), reply["expires"]
+        )
+
+    def revoke_token(self, job: str, token_id: str) -> None:
+        self._need_identity()
+        self._request("DELETE", f"/jobs/{job}/tokens/{token_id}")
 
     def results(
         self, job: str, wait: bool = False, poll: float = 10.0, timeout: float | None = None

@@ -56,6 +56,25 @@ _identity_opt = click.option(
     help="Keystore of the job owner (signs the request).",
 )
 _pass_opt = click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False))
+_token_opt = click.option(
+    "--token",
+    envvar="DCP_READ_TOKEN",
+    help="A read token for the job (from `dcp-compute token`), instead of --identity. "
+    "Other users can see command lines: prefer the DCP_READ_TOKEN variable.",
+)
+
+
+def _reader(
+    scheduler: str, identity: str | None, passphrase_file: str | None, token: str | None
+) -> ComputeClient:
+    """A client that reads a job: signed with --identity, or with a read token."""
+    if identity is None and token is None:
+        # Sent anyway: the scheduler answers why (unauthenticated), and a public listing
+        # needs neither.
+        return ComputeClient(scheduler)
+    if identity is not None and token is not None:
+        raise click.UsageError("give --identity or --token, not both")
+    return ComputeClient(scheduler, _identity(identity, passphrase_file), token=token)
 
 
 @main.command(cls=_Command)
@@ -96,10 +115,19 @@ def account(scheduler: str, address: str | None, identity: str | None) -> None:
 
 @main.command(cls=_Command)
 @click.argument("job")
+@_identity_opt
+@_pass_opt
+@_token_opt
 @click.pass_obj
-def status(scheduler: str, job: str) -> None:
-    """Print a job's state and slice counts as JSON."""
-    with ComputeClient(scheduler) as client:
+def status(
+    scheduler: str,
+    job: str,
+    identity: str | None,
+    passphrase_file: str | None,
+    token: str | None,
+) -> None:
+    """Print a job's state and slice counts as JSON (its owner's --identity, or --token)."""
+    with _reader(scheduler, identity, passphrase_file, token) as client:
         click.echo(json.dumps(client.status(job), indent=2))
 
 
@@ -107,11 +135,23 @@ def status(scheduler: str, job: str) -> None:
 @click.argument("job")
 @click.option("--wait", is_flag=True, help="Wait until every slice is final.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many s.")
+@_identity_opt
+@_pass_opt
+@_token_opt
 @click.pass_obj
-def results(scheduler: str, job: str, wait: bool, timeout: float | None) -> None:
-    """Print results in slice order, one JSON object per line."""
+def results(
+    scheduler: str,
+    job: str,
+    wait: bool,
+    timeout: float | None,
+    identity: str | None,
+    passphrase_file: str | None,
+    token: str | None,
+) -> None:
+    """Print results in slice order, one JSON object per line (its owner's --identity, or
+    --token)."""
     incomplete = False
-    with ComputeClient(scheduler) as client:
+    with _reader(scheduler, identity, passphrase_file, token) as client:
         for r in client.results(job, wait=wait, timeout=timeout):
             row: dict[str, object] = {"slice": r.slice, "state": r.state}
             if r.result is not None:
@@ -140,3 +180,40 @@ def cancel(scheduler: str, job: str, identity: str | None, passphrase_file: str 
     """Cancel a job you own."""
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
         click.echo(f"cancelled {client.cancel(job)} slice(s)")
+
+
+@main.command(cls=_Command)
+@click.argument("job")
+@_identity_opt
+@_pass_opt
+@click.option("--ttl", type=float, default=None, help="Seconds the token lives (default 24 h).")
+@click.pass_obj
+def token(
+    scheduler: str, job: str, identity: str | None, passphrase_file: str | None, ttl: float | None
+) -> None:
+    """Issue a read token for a job you own: prints the token (stdout), and its id and expiry
+    (stderr). Whoever holds it reads the job's spec, status and results, until it expires or
+    `dcp-compute revoke-token` revokes it."""
+    if identity is None:
+        raise click.UsageError("tokens are issued by the job's owner: give --identity")
+    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+        issued = client.issue_token(job, ttl)
+    click.echo(issued.token)
+    click.echo(f"token id {issued.token_id} expires at {issued.expires:.0f}", err=True)
+
+
+@main.command("revoke-token", cls=_Command)
+@click.argument("job")
+@click.argument("token_id")
+@_identity_opt
+@_pass_opt
+@click.pass_obj
+def revoke_token(
+    scheduler: str, job: str, token_id: str, identity: str | None, passphrase_file: str | None
+) -> None:
+    """Revoke a read token (by the id `dcp-compute token` printed) of a job you own."""
+    if identity is None:
+        raise click.UsageError("tokens are revoked by the job's owner: give --identity")
+    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+        client.revoke_token(job, token_id)
+    click.echo(f"revoked {token_id}")

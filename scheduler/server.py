@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -76,7 +79,16 @@ API = "/api/v1"
 #: Frames above this get a ``frame_too_large`` error; aiohttp closes the socket (1009) at twice it.
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 MAX_DEPLOY_BYTES = 256 * 1024 * 1024
-OWNER_ACTION_WINDOW = 300.0
+#: A signed owner request is accepted this many seconds either side of the scheduler's clock.
+REQUEST_WINDOW = 300.0
+#: A spent nonce is remembered this long after its request's window closed (clock slack).
+NONCE_MARGIN = 60.0
+#: Read tokens live this long unless the owner asks for less (or more, up to the maximum).
+READ_TOKEN_TTL = 24 * 3600.0
+MAX_READ_TOKEN_TTL = 30 * 24 * 3600.0
+READ_TOKEN_PREFIX = "dcp-rt-"
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 #: The longest a fetch may be parked waiting for work (the worker asks for less).
 MAX_FETCH_WAIT = 30.0
 
@@ -144,11 +156,46 @@ def _peek_id(data: str | bytes) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class _Refused(Exception):
+    """A compute API request refused: ``status`` and ``code`` go into the error reply."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+_S = TypeVar("_S")
+_ApiHandler = Callable[[_S, web.Request], Coroutine[Any, Any, web.Response]]
+
+
+def _answers_refusals(handler: _ApiHandler[_S]) -> _ApiHandler[_S]:
+    """Answer a :class:`_Refused` raised by a compute API handler with its error reply."""
+
+    @functools.wraps(handler)
+    async def answer(self: _S, request: web.Request) -> web.Response:
+        try:
+            return await handler(self, request)
+        except _Refused as exc:
+            return _error(exc.status, exc.code, exc.message)
+
+    return answer
+
+
 class Scheduler:
     """Owns the store and serves sessions and the compute API."""
 
-    def __init__(self, store: Store, config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: SchedulerConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock``: the compute API's clock (Unix seconds) for request freshness and read
+        token expiry; tests inject one."""
         self.store = store
+        self.clock = clock
         self.config = config or SchedulerConfig()
         self._jobs: OrderedDict[str, _JobInfo] = OrderedDict()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -179,6 +226,8 @@ class Scheduler:
         app.router.add_get(f"{API}/jobs/{{job}}", self.api_job)
         app.router.add_get(f"{API}/jobs/{{job}}/results", self.api_results)
         app.router.add_post(f"{API}/jobs/{{job}}/cancel", self.api_cancel)
+        app.router.add_post(f"{API}/jobs/{{job}}/tokens", self.api_issue_token)
+        app.router.add_delete(f"{API}/jobs/{{job}}/tokens/{{token}}", self.api_revoke_token)
         app.router.add_get(f"{API}/accounts/{{address}}", self.api_account)
         app.cleanup_ctx.append(self._expiry_ctx)
         app.on_shutdown.append(self._close_sessions)
@@ -712,14 +761,109 @@ class Scheduler:
             {"server": self.config.name, "protocol": PROTOCOL_VERSION, "sessions": self.sessions}
         )
 
-    async def api_deploy(self, request: web.Request) -> web.Response:
-        owner = request.headers.get("X-DCP-Owner", "")
-        signature = request.headers.get("X-DCP-Signature", "")
-        body = await request.read()
-        if not signing.verify(signing.deploy_payload(body), signature, owner):
-            return _error(401, ErrorCode.BAD_SIGNATURE, "the deploy is not signed by X-DCP-Owner")
+    async def _signer(self, request: web.Request) -> str | None:
+        """The address that signed this request (verified, fresh, its nonce now spent), or
+        None when it carries no signature.
+
+        Raises:
+            _Refused: the signature headers are malformed, stale, wrong or replayed.
+        """
+        signature = request.headers.get("X-DCP-Signature")
+        if signature is None:
+            return None
+        stamp = request.headers.get("X-DCP-Timestamp", "")
+        nonce = request.headers.get("X-DCP-Nonce", "")
+        if not _TIMESTAMP.fullmatch(stamp) or not _NONCE.fullmatch(nonce):
+            raise _Refused(
+                400,
+                ErrorCode.INVALID_MESSAGE,
+                "a signed request needs X-DCP-Timestamp (Unix seconds) and X-DCP-Nonce "
+                "(32 lowercase hex digits)",
+            )
         try:
-            job = parse_document(body, signing.checksum(owner))
+            address = signing.checksum(request.headers.get("X-DCP-Owner", ""))
+        except ValueError:
+            raise _Refused(
+                400, ErrorCode.INVALID_MESSAGE, "X-DCP-Owner is not an address"
+            ) from None
+        timestamp, now = int(stamp), self.clock()
+        if abs(now - timestamp) > REQUEST_WINDOW:
+            raise _Refused(
+                401,
+                ErrorCode.STALE_REQUEST,
+                f"signed at {timestamp}, the scheduler's clock reads {now:.0f}: more than "
+                f"{REQUEST_WINDOW:g} s apart",
+            )
+        body = await request.read()
+        payload = signing.owner_request_payload(
+            request.method,
+            request.host,
+            request.path,
+            request.query.items(),
+            body,
+            timestamp,
+            nonce,
+            address,
+        )
+        if not signing.verify(payload, signature, address):
+            raise _Refused(401, ErrorCode.BAD_SIGNATURE, "the request is not signed by X-DCP-Owner")
+        try:
+            fresh = self.store.use_nonce(
+                address, nonce, now, timestamp + REQUEST_WINDOW + NONCE_MARGIN
+            )
+        except StoreError as exc:
+            raise _Refused(503, ErrorCode.INTERNAL, str(exc)) from None
+        if not fresh:
+            raise _Refused(409, ErrorCode.REPLAYED_REQUEST, "this request was made before")
+        return address
+
+    def _owner_of(self, job_id: str) -> str:
+        try:
+            return self.store.job(job_id, counts=False).owner
+        except UnknownJob as exc:
+            raise _Refused(404, ErrorCode.UNKNOWN_SLICE, str(exc)) from None
+
+    async def _check_owner(self, request: web.Request, job_id: str) -> str:
+        """Acting on a job (cancel, tokens) needs its owner's signature; returns the owner."""
+        signer = await self._signer(request)
+        if signer is None:
+            raise _Refused(401, ErrorCode.UNAUTHENTICATED, "this request must be signed")
+        owner = self._owner_of(job_id)
+        if signer != owner:
+            raise _Refused(403, ErrorCode.NOT_OWNER, f"{signer} does not own job {job_id}")
+        return owner
+
+    async def _check_reader(self, request: web.Request, job_id: str) -> None:
+        """Reading a job (spec, status, results) needs its owner's signature or a read token
+        for that job."""
+        if "X-DCP-Signature" in request.headers:
+            await self._check_owner(request, job_id)
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Refused(
+                401,
+                ErrorCode.UNAUTHENTICATED,
+                "reading a job needs its owner's signature or a read token",
+            )
+        record = self.store.read_token(_token_sha256(token.strip()))
+        if record is None:
+            raise _Refused(401, ErrorCode.READ_TOKEN_INVALID, "no such read token")
+        if record.revoked is not None:
+            raise _Refused(401, ErrorCode.READ_TOKEN_REVOKED, "the read token was revoked")
+        if self.clock() >= record.expires:
+            raise _Refused(401, ErrorCode.READ_TOKEN_EXPIRED, "the read token has expired")
+        if record.job != job_id:
+            raise _Refused(403, ErrorCode.READ_TOKEN_WRONG_JOB, "the read token is for another job")
+
+    @_answers_refusals
+    async def api_deploy(self, request: web.Request) -> web.Response:
+        owner = await self._signer(request)
+        if owner is None:
+            return _error(401, ErrorCode.UNAUTHENTICATED, "a deploy must be signed by its owner")
+        body = await request.read()
+        try:
+            job = parse_document(body, owner)
         except JobFileError as exc:
             return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
         try:
@@ -730,11 +874,21 @@ class Scheduler:
         log.info("job %s deployed by %s: %s, %d slices", job_id, job.owner, job.name, len(job.data))
         return web.json_response({"job": job_id, "slices": len(job.data)}, status=201)
 
+    @_answers_refusals
     async def api_list(self, request: web.Request) -> web.Response:
-        return web.json_response({"jobs": [_job_json(j) for j in self.store.list_jobs()]})
+        """Signed: the signer's jobs, in full. Anonymous: what a worker weighs of the active
+        public jobs, and nothing else (no id, name, owner, argv or results)."""
+        signer = await self._signer(request)
+        jobs = self.store.list_jobs()
+        if signer is not None:
+            return web.json_response({"jobs": [_job_json(j) for j in jobs if j.owner == signer]})
+        market = [_market_json(j) for j in jobs if j.state == "active" and not j.group]
+        return web.json_response({"jobs": market})
 
+    @_answers_refusals
     async def api_job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
+        await self._check_reader(request, job_id)
         try:
             out = _job_json(self.store.job(job_id))
         except UnknownJob as exc:
@@ -755,6 +909,7 @@ class Scheduler:
             {"address": address, "balance": credits(micro), "balance_micro": micro}
         )
 
+    @_answers_refusals
     async def api_results(self, request: web.Request) -> web.Response:
         """Final slices after ``after``, in order, up to the first one not final yet. With
         ``wait`` (seconds, at most 30), an empty answer for an active job is held until one
@@ -766,6 +921,7 @@ class Scheduler:
             wait = min(MAX_FETCH_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             return _error(400, ErrorCode.INVALID_MESSAGE, "after, limit and wait are numbers")
+        await self._check_reader(request, job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -788,24 +944,71 @@ class Scheduler:
         self._results_event.set()
         self._results_event = asyncio.Event()
 
+    @_answers_refusals
     async def api_cancel(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
-        try:
-            timestamp = int(request.headers.get("X-DCP-Timestamp", ""))
-        except ValueError:
-            return _error(400, ErrorCode.INVALID_MESSAGE, "X-DCP-Timestamp is required")
-        if abs(time.time() - timestamp) > OWNER_ACTION_WINDOW:
-            return _error(401, ErrorCode.BAD_SIGNATURE, "the signed timestamp is too old or new")
-        try:
-            record = self.store.job(job_id)
-        except UnknownJob as exc:
-            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
-        payload = signing.owner_action_payload("cancel", job_id, timestamp)
-        if not signing.verify(payload, request.headers.get("X-DCP-Signature", ""), record.owner):
-            return _error(403, ErrorCode.BAD_SIGNATURE, "only the job's owner may cancel it")
+        await self._check_owner(request, job_id)
         n = self.store.cancel_job(job_id, time.time())
         self._results_changed()
         return web.json_response({"job": job_id, "cancelled_slices": n})
+
+    @_answers_refusals
+    async def api_issue_token(self, request: web.Request) -> web.Response:
+        """A read token for one job: its owner hands it to whoever may read the job."""
+        job_id = request.match_info["job"]
+        await self._check_owner(request, job_id)
+        ttl = _token_ttl(await request.read())
+        token = READ_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock()
+        try:
+            record = self.store.create_read_token(job_id, _token_sha256(token), now, now + ttl)
+        except UnknownJob as exc:
+            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        log.info("read token %s issued for job %s, expires in %g s", record.id, job_id, ttl)
+        return web.json_response(
+            {"job": job_id, "token": token, "token_id": record.id, "expires": record.expires},
+            status=201,
+        )
+
+    @_answers_refusals
+    async def api_revoke_token(self, request: web.Request) -> web.Response:
+        job_id, token_id = request.match_info["job"], request.match_info["token"]
+        await self._check_owner(request, job_id)
+        if not self.store.revoke_read_token(job_id, token_id, self.clock()):
+            return _error(
+                404, ErrorCode.READ_TOKEN_INVALID, f"job {job_id} has no token {token_id}"
+            )
+        log.info("read token %s of job %s revoked", token_id, job_id)
+        return web.json_response({"job": job_id, "token_id": token_id, "revoked": True})
+
+
+def _token_sha256(token: str) -> str:
+    # Tokens are 256 random bits: a fast hash is enough to keep the database from holding them.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token_ttl(body: bytes) -> float:
+    """The lifetime a token request asks for: ``{"ttl": seconds}``, or the default."""
+    if not body:
+        return READ_TOKEN_TTL
+    try:
+        doc = nesting.loads(body)
+    except ValueError:
+        raise _Refused(400, ErrorCode.INVALID_MESSAGE, "the body is not JSON") from None
+    ttl = doc.get("ttl", READ_TOKEN_TTL) if isinstance(doc, dict) else None
+    if (
+        not isinstance(doc, dict)
+        or set(doc) - {"ttl"}
+        or isinstance(ttl, bool)
+        or not isinstance(ttl, (int, float))
+        or not 1 <= ttl <= MAX_READ_TOKEN_TTL
+    ):
+        raise _Refused(
+            400,
+            ErrorCode.INVALID_MESSAGE,
+            f'the body is {{"ttl": seconds}}, 1 to {MAX_READ_TOKEN_TTL:g}',
+        )
+    return float(ttl)
 
 
 def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> web.Response:
@@ -863,6 +1066,20 @@ def _job_json(job: JobRecord) -> dict[str, Any]:
         "slices": job.total,
         "max_attempts": job.max_attempts,
         "counts": job.counts,
+    }
+
+
+def _market_json(job: JobRecord) -> dict[str, Any]:
+    """What anyone may see of an active public job: what a worker weighs before it takes a
+    slice. Nothing names the job or its owner; the job's id comes only with a lease."""
+    return {
+        "runtime": job.runtime,
+        "offer": credits(job.offer_micro),
+        "limits": asdict(job.limits),
+        "requirements": job.requirements,
+        "effective_wage": _effective_wage(credits(job.offer_micro), job.cost),
+        "slices": job.total,
+        "queued": job.counts.get("queued", 0),
     }
 
 

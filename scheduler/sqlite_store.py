@@ -39,6 +39,7 @@ from .store import (
     Lease,
     LedgerEntry,
     NewJob,
+    ReadTokenRecord,
     RefusalRecord,
     ResultLease,
     SliceRecord,
@@ -157,6 +158,24 @@ CREATE TABLE IF NOT EXISTS refusals (
     last REAL NOT NULL,
     PRIMARY KEY (job, worker, code)
 );
+-- Nonces of signed owner requests, kept past the freshness window (then removed), so a
+-- request is accepted once. New tables only: a schema-3 database gains them on opening.
+CREATE TABLE IF NOT EXISTS request_nonces (
+    address TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    keep_until REAL NOT NULL,
+    PRIMARY KEY (address, nonce)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS request_nonces_by_age ON request_nonces (keep_until);
+CREATE TABLE IF NOT EXISTS read_tokens (
+    id TEXT PRIMARY KEY,
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    revoked REAL
+);
+CREATE INDEX IF NOT EXISTS read_tokens_by_job ON read_tokens (job);
 """
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 
@@ -1003,6 +1022,47 @@ class SQLiteStore:
                 continue  # removed meanwhile by an admin command
             removed.append(job_id)
         return removed
+
+    # ------------------------------------------------------------------ owner requests
+
+    def use_nonce(self, address: str, nonce: str, now: float, keep_until: float) -> bool:
+        with self._tx() as db:
+            db.execute("DELETE FROM request_nonces WHERE keep_until < ?", (now,))
+            cur = db.execute(
+                "INSERT INTO request_nonces VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (address.lower(), nonce, keep_until),
+            )
+            return cur.rowcount == 1
+
+    _TOKEN_COLUMNS = "id, job, created, expires, revoked"
+
+    def create_read_token(
+        self, job_id: str, token_sha256: str, now: float, expires: float
+    ) -> ReadTokenRecord:
+        token_id = secrets.token_hex(8)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is None:
+                raise UnknownJob(f"no job {job_id}")
+            db.execute(
+                "INSERT INTO read_tokens VALUES (?, ?, ?, ?, ?, NULL)",
+                (token_id, job_id, token_sha256, now, expires),
+            )
+        return ReadTokenRecord(token_id, job_id, now, expires, None)
+
+    def read_token(self, token_sha256: str) -> ReadTokenRecord | None:
+        row = self._db.execute(
+            f"SELECT {self._TOKEN_COLUMNS} FROM read_tokens WHERE token_sha256=?",
+            (token_sha256,),
+        ).fetchone()
+        return None if row is None else ReadTokenRecord(*row)
+
+    def revoke_read_token(self, job_id: str, token_id: str, now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE read_tokens SET revoked = coalesce(revoked, ?) WHERE id=? AND job=?",
+                (now, token_id, job_id),
+            )
+            return cur.rowcount == 1
 
     # ------------------------------------------------------------------ groups, workers
 

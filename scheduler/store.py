@@ -180,6 +180,17 @@ class GroupRecord:
 
 
 @dataclass(frozen=True)
+class ReadTokenRecord:
+    """A read token the owner of ``job`` issued; only its SHA-256 is stored."""
+
+    id: str
+    job: str
+    created: float
+    expires: float
+    revoked: float | None
+
+
+@dataclass(frozen=True)
 class WorkerRecord:
     address: str
     first_seen: float
@@ -303,6 +314,23 @@ class Store(Protocol):
     def balance(self, address: str) -> int: ...
     def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]: ...
     def totals(self) -> dict[str, int]: ...
+
+    # owner requests: nonces, read tokens
+    def use_nonce(self, address: str, nonce: str, now: float, keep_until: float) -> bool:
+        """Spend ``nonce`` of ``address``: False if it was spent before and is still
+        remembered. It is remembered until ``keep_until``; nonces past theirs are removed."""
+        ...
+
+    def create_read_token(
+        self, job_id: str, token_sha256: str, now: float, expires: float
+    ) -> ReadTokenRecord:
+        """Store a read token for ``job_id`` by its hash. Raises UnknownJob."""
+        ...
+
+    def read_token(self, token_sha256: str) -> ReadTokenRecord | None: ...
+    def revoke_read_token(self, job_id: str, token_id: str, now: float) -> bool:
+        """Revoke a token of ``job_id``; False if it has no such token."""
+        ...
 
     # groups, workers, refusals
     def create_group(self, name: str, join_key: str, join_hash: str, now: float) -> None: ...

@@ -92,6 +92,7 @@ def test_results_cli_prints_json_lines_in_order(
     )
     assert deployed.returncode == 0, deployed.stderr
     job = deployed.stdout.strip()
+    signed = ["--identity", str(owner.path), "--passphrase-file", str(owner.passphrase_file)]
     out = subprocess.run(
         [
             command("dcp-compute"),
@@ -102,6 +103,7 @@ def test_results_cli_prints_json_lines_in_order(
             "--wait",
             "--timeout",
             "60",
+            *signed,
         ],
         capture_output=True,
         text=True,
@@ -110,7 +112,7 @@ def test_results_cli_prints_json_lines_in_order(
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["slice"], r["result"]) for r in rows] == [(0, "a"), (1, "b"), (2, "c")]
     status = subprocess.run(
-        [command("dcp-compute"), "--scheduler", scheduler.url, "status", job],
+        [command("dcp-compute"), "--scheduler", scheduler.url, "status", job, *signed],
         capture_output=True,
         text=True,
     )

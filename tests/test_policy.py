@@ -584,7 +584,17 @@ def test_deploys_need_funds_and_books_balance(
     assert (
         json.loads(
             subprocess.run(
-                [command("dcp-compute"), "--scheduler", scheduler.url, "status", paid],
+                [
+                    command("dcp-compute"),
+                    "--scheduler",
+                    scheduler.url,
+                    "status",
+                    paid,
+                    "--identity",
+                    str(owner.path),
+                    "--passphrase-file",
+                    str(owner.passphrase_file),
+                ],
                 capture_output=True,
                 text=True,
             ).stdout

@@ -165,7 +165,7 @@ def test_results_need_the_sessions_signature_and_the_current_token(
         await ws.close()
 
     asyncio.run(main())
-    with ComputeClient(scheduler.url) as client:
+    with ComputeClient(scheduler.url, owner.identity) as client:
         (r,) = client.results(job)
     assert r.result == b"a"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,31 @@ def test_finished_jobs_are_collected_after_their_lifetime(store: Store) -> None:
     assert store.collect_garbage(100.0, 200.0) == []
     assert sorted(store.collect_garbage(300.0, 200.0)) == sorted([done, cancelled])
     assert [j.id for j in store.list_jobs()] == [active]
+
+
+def test_a_nonce_is_spent_once_and_forgotten_after_it_is_kept(store: Store) -> None:
+    assert store.use_nonce(W1, "ab" * 16, now=1000.0, keep_until=1360.0)
+    assert not store.use_nonce(W1, "ab" * 16, now=1001.0, keep_until=1361.0)
+    assert not store.use_nonce(W1.upper().replace("0X", "0x"), "ab" * 16, 1359.0, 1719.0)
+    assert store.use_nonce(W2, "ab" * 16, now=1001.0, keep_until=1361.0)  # per signer
+    # Past keep_until the row is collected: the scheduler's window refuses the request by
+    # its timestamp by then, so forgetting the nonce lets nothing through.
+    assert store.use_nonce(W1, "cd" * 16, now=1400.0, keep_until=1760.0)
+    assert store.use_nonce(W1, "ab" * 16, now=1400.0, keep_until=1760.0)
+
+
+def test_read_tokens_are_stored_by_hash_revocable_and_go_with_their_job(store: Store) -> None:
+    job = store.create_job(new_job(), 1.0)
+    other = store.create_job(new_job(tag="b"), 1.0)
+    record = store.create_read_token(job, "h1", now=10.0, expires=20.0)
+    assert store.read_token("h1") == record and record.job == job and record.revoked is None
+    assert store.read_token("h2") is None
+    with pytest.raises(UnknownJob):
+        store.create_read_token("f" * 32, "h3", 10.0, 20.0)
+    assert not store.revoke_read_token(other, record.id, 11.0)  # not that job's token
+    assert store.revoke_read_token(job, record.id, 12.0)
+    assert store.revoke_read_token(job, record.id, 13.0)  # again: still revoked at 12
+    assert store.read_token("h1") == replace(record, revoked=12.0)
+    store.create_read_token(job, "h4", 10.0, 20.0)
+    store.remove_job(job)
+    assert store.read_token("h4") is None and store.read_token("h1") is None

@@ -64,6 +64,15 @@ class ErrorCode(StrEnum):
     VERIFIER_FAILED = "verifier_failed"
     METRICS_IMPLAUSIBLE = "metrics_implausible"
     INSUFFICIENT_FUNDS = "insufficient_funds"
+    # The compute API: who may act on a job or read it (docs/protocol.md section 6).
+    UNAUTHENTICATED = "unauthenticated"
+    STALE_REQUEST = "stale_request"
+    REPLAYED_REQUEST = "replayed_request"
+    NOT_OWNER = "not_owner"
+    READ_TOKEN_INVALID = "read_token_invalid"
+    READ_TOKEN_EXPIRED = "read_token_expired"
+    READ_TOKEN_REVOKED = "read_token_revoked"
+    READ_TOKEN_WRONG_JOB = "read_token_wrong_job"
     # The opencl runtime.
     OPENCL_UNAVAILABLE = "opencl_unavailable"
     OPENCL_BUILD_FAILED = "opencl_build_failed"

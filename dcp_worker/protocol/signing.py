@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+from collections.abc import Iterable
 
 import coincurve
 from eth_hash.auto import keccak
@@ -22,6 +23,7 @@ __all__ = [
     "result_payload",
     "deploy_payload",
     "owner_action_payload",
+    "owner_request_payload",
     "sign",
     "recover",
     "verify",
@@ -33,6 +35,7 @@ SESSION_DOMAIN = b"dcp-session-v1"
 RESULT_DOMAIN = b"dcp-result-v1"
 DEPLOY_DOMAIN = b"dcp-deploy-v1"
 OWNER_ACTION_DOMAIN = b"dcp-owner-action-v1"
+OWNER_REQUEST_DOMAIN = b"dcp-owner-request-v1"
 
 
 def _field(value: bytes) -> bytes:
@@ -69,6 +72,44 @@ def owner_action_payload(action: str, job: str, timestamp: int) -> bytes:
     """What a job owner signs to act on a job (e.g. cancel); the timestamp bounds replay."""
     return _payload(
         OWNER_ACTION_DOMAIN, action.encode(), job.encode(), struct.pack(">Q", timestamp)
+    )
+
+
+def owner_request_payload(
+    method: str,
+    host: str,
+    path: str,
+    query: Iterable[tuple[str, str]],
+    body: bytes,
+    timestamp: int,
+    nonce: str,
+    address: str,
+) -> bytes:
+    """What a job owner signs for one compute API request (deploy, cancel, reads, tokens).
+
+    Args:
+        method: the HTTP method (upper-cased here).
+        host: the ``Host`` header sent (lower-cased here): a request signed for one scheduler
+            is refused by another.
+        path: the decoded URL path, e.g. ``/api/v1/jobs/<id>/results``.
+        query: the decoded query parameters; signed sorted, so their order on the wire does
+            not matter, and each as a (name, value) pair of fields.
+        body: the exact body bytes (empty for GET); it enters by its SHA-256.
+        timestamp: Unix seconds; the scheduler refuses it outside its window.
+        nonce: the request's nonce as sent; the scheduler refuses it a second time.
+        address: the signer's address (lower-cased here).
+    """
+    pairs = b"".join(_field(k.encode()) + _field(v.encode()) for k, v in sorted(query))
+    return _payload(
+        OWNER_REQUEST_DOMAIN,
+        method.upper().encode(),
+        host.lower().encode(),
+        path.encode(),
+        pairs,
+        hashlib.sha256(body).digest(),
+        struct.pack(">Q", timestamp),
+        nonce.encode(),
+        address.lower().encode(),
     )
 
 

@@ -41,7 +41,8 @@ values = ["one", "two", "three", "four"]
 JOB
 JOB=$(dcp-compute --scheduler http://127.0.0.1:$PORT deploy --identity "$WORK/owner.json" \
     --passphrase-file "$WORK/pw" "$WORK/job.toml")
-timeout 120 dcp-compute --scheduler http://127.0.0.1:$PORT results --wait "$JOB" > "$WORK/results"
+timeout 120 dcp-compute --scheduler http://127.0.0.1:$PORT results --wait "$JOB" \
+    --identity "$WORK/owner.json" --passphrase-file "$WORK/pw" > "$WORK/results"
 DONE=$(grep -c '"state": "done"' "$WORK/results" || true)
 setpriv --reuid dcp --regid dcp --init-groups dcp-worker status --socket "$WORK/state/control.sock"
 kill -TERM $WORKER  # (a background job of sh ignores SIGINT; TERM is the same graceful stop)

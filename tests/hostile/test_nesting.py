@@ -26,7 +26,6 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from dcp_worker import protocol as p
 from dcp_worker.config import ConfigError, load_config
-from dcp_worker.protocol import signing
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.jobdoc import JobFileError, load_job_file
 
@@ -199,20 +198,10 @@ def test_compute_api_answers_a_deep_body_with_400_and_keeps_serving(
 ) -> None:
     owner = make_keystore("owner").identity
     body = ('{"name": ' + DEEP + "}").encode()
-    response = httpx.post(
-        scheduler.url + "/api/v1/jobs",
-        content=body,
-        headers={
-            "Content-Type": "application/json",
-            "X-DCP-Owner": owner.address,
-            "X-DCP-Signature": owner.sign(signing.deploy_payload(body)),
-        },
-        timeout=30,
-    )
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["code"] == "invalid_message"
-    assert "nests deeper than" in error["message"]
+    with ComputeClient(scheduler.url, owner) as client, pytest.raises(ComputeError) as info:
+        client.deploy_document(body)
+    assert (info.value.status, info.value.code) == (400, "invalid_message")
+    assert "nests deeper than" in str(info.value)
     assert httpx.get(scheduler.url + "/api/v1/status", timeout=30).status_code == 200
 
 
