@@ -14,7 +14,6 @@ import json
 import math
 import secrets
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from dcp_worker import protocol as p
 from dcp_worker.protocol import signing
+from scheduler.client import ComputeClient
 from scheduler.server import Scheduler, SchedulerConfig
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import NewJob, StaleLease
@@ -59,10 +59,11 @@ def deploy(
     verifier: bytes | None = None,
     argv: tuple[str, ...] = (),
     max_attempts: int = 2,
+    owner: str = "0x" + "11" * 20,
 ) -> str:
     return store.create_job(
         NewJob(
-            owner="0x" + "11" * 20,
+            owner=owner,
             name="echo",
             runtime="wasm",
             module=ECHO,
@@ -256,7 +257,8 @@ def test_implausible_metrics_are_refused_and_counted_against_the_worker(
     the slice goes to another worker, the worker's record shows it; the job's cost is not
     moved, so honest workers with a minimum wage still run it."""
     store = SQLiteStore(tmp_path / "s.db")
-    job = deploy(store, [b"a"] * 5, max_attempts=3)
+    owner = make_keystore("owner")
+    job = deploy(store, [b"a"] * 5, max_attempts=3, owner=owner.identity.address)
     liar, honest = make_keystore("liar"), make_keystore("honest")
     lies = [
         p.Metrics(wall_seconds=1.0, cpu_seconds=1e300, bytes_in=1, bytes_out=1),
@@ -290,9 +292,12 @@ def test_implausible_metrics_are_refused_and_counted_against_the_worker(
                 )
                 assert isinstance(await _recv(other), p.Ack)
             loop = asyncio.get_running_loop()
-            status = await loop.run_in_executor(
-                None, lambda: json.loads(urllib.request.urlopen(f"{url}/api/v1/jobs/{job}").read())
-            )
+
+            def read_status() -> dict[str, object]:  # as its owner (reads are signed)
+                with ComputeClient(url, owner.identity) as client:
+                    return client.status(job)
+
+            status = await loop.run_in_executor(None, read_status)
             await ws.close()
             await other.close()
             return replies, work, status
