@@ -18,9 +18,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from . import __version__
 from .identity import Identity
 from .protocol import (
+    MAX_FRAME_BYTES,
     SCHEDULER_MESSAGES,
     Auth,
     Error,
+    ErrorCode,
     GroupProof,
     Hello,
     Message,
@@ -35,8 +37,6 @@ from .protocol import (
 __all__ = ["Session", "SessionError", "open_session", "websocket_url"]
 
 log = logging.getLogger("dcp.worker.connection")
-
-MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
 class SessionError(Exception):
@@ -60,9 +60,15 @@ def websocket_url(scheduler: str) -> str:
 
 
 class Session:
+    """An authenticated session. Its frames, both ways, are at most the ``max_frame_bytes``
+    the scheduler announced in ``welcome``."""
+
     def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
         self.ws = ws
         self.welcome = welcome
+        #: The largest frame either side sends on this session.
+        self.max_frame_bytes = welcome.max_frame_bytes
+        ws.protocol.max_message_size = self.max_frame_bytes
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -75,7 +81,7 @@ class Session:
         try:
             async for data in self.ws:
                 try:
-                    message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+                    message = decode(data, SCHEDULER_MESSAGES, self.max_frame_bytes)
                 except ProtocolError as exc:
                     # A reply we cannot read leaves its request unanswered for good: end the
                     # session (its requests fail, the worker reconnects with backoff).
@@ -98,7 +104,9 @@ class Session:
             self._pending.clear()
 
     async def request(self, build: Callable[[int], Message]) -> Message:
-        """Send ``build(request_id)`` and await the reply that names that id.
+        """Send ``build(request_id)`` and await the reply that names that id. A request whose
+        frame exceeds ``max_frame_bytes`` is not sent: its reply is a local ``error``
+        ``frame_too_large``, as the scheduler would have answered.
 
         Raises:
             SessionError: the connection closed before the reply came.
@@ -108,10 +116,19 @@ class Session:
         message = build(rid)
         if self.closed.is_set():
             raise SessionError("the connection to the scheduler is closed")
+        data = encode(message)
+        if len(data) > self.max_frame_bytes:
+            log.warning("%s frame of %d bytes not sent: above the limit", message.type, len(data))
+            return Error(
+                re=rid,
+                code=ErrorCode.FRAME_TOO_LARGE.value,
+                message=f"frame of {len(data)} bytes exceeds the limit of "
+                f"{self.max_frame_bytes} bytes (not sent)",
+            )
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            await self.ws.send(encode(message).decode())
+            await self.ws.send(data.decode())
         except websockets.ConnectionClosed as exc:
             self._pending.pop(rid, None)
             raise SessionError(f"the connection to the scheduler closed: {exc}") from None

@@ -59,6 +59,8 @@ from .protocol import (
     SliceLease,
     Work,
     policy,
+    result_item_bytes,
+    results_frame_bytes,
     signing,
 )
 from .protocol.policy import WorkerTerms
@@ -68,7 +70,7 @@ __all__ = ["Supervisor", "Statistics"]
 
 log = logging.getLogger("dcp.worker")
 
-_SUBMIT_WINDOW = 8  # result frames in flight (each carries up to 256 results)
+_SUBMIT_WINDOW = 8  # result frames in flight (each up to 256 results, max_frame_bytes)
 _IDLE_POLL = 1.0
 #: How long the scheduler may hold an empty fetch (long poll) before answering.
 _LONG_POLL = 10.0
@@ -95,7 +97,17 @@ _FINAL_REFUSALS = {
     ErrorCode.UNKNOWN_SLICE.value,
     ErrorCode.BAD_SIGNATURE.value,
     ErrorCode.RESULT_TOO_LARGE.value,
+    ErrorCode.METRICS_IMPLAUSIBLE.value,
 }
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A result from the outbox as it goes in a ``results`` frame, with the bytes it takes."""
+
+    pending: PendingResult
+    item: ResultItem
+    size: int
 
 
 @dataclass(frozen=True)
@@ -725,69 +737,96 @@ class Supervisor:
         self, session: Session, queue: asyncio.Queue[PendingResult], tg: asyncio.TaskGroup
     ) -> None:
         # Up to _SUBMIT_WINDOW frames in flight; results that queue up meanwhile go together
-        # in the next frame (one round trip and one scheduler transaction for many).
+        # in the next frame (one round trip and one scheduler transaction for many), as many
+        # as fit in the session's max_frame_bytes (a result that does not waits for the next).
         window = asyncio.Semaphore(_SUBMIT_WINDOW)
+        limit = session.max_frame_bytes
+        next_up: _Outgoing | None = None
         while True:
-            item = await queue.get()
-            await window.acquire()
-            batch: dict[tuple[str, int, str], PendingResult] = {}
-            while True:
-                if item.key not in self._inflight:
-                    batch[item.key] = item
-                if len(batch) >= MAX_RESULTS_PER_FRAME or queue.empty():
-                    break
-                item = queue.get_nowait()
-            if not batch:
-                window.release()
+            first = next_up or self._outgoing(session, await queue.get())
+            next_up = None
+            if first is None:
                 continue
-            self._inflight.update(batch)
-            tg.create_task(self._submit(session, list(batch.values()), window))
+            await window.acquire()
+            batch, size, keys = [first], first.size, {first.pending.key}
+            while len(batch) < MAX_RESULTS_PER_FRAME and not queue.empty():
+                more = self._outgoing(session, queue.get_nowait())
+                if more is None or more.pending.key in keys:
+                    continue
+                if results_frame_bytes(size + more.size, len(batch) + 1) > limit:
+                    next_up = more
+                    break
+                batch.append(more)
+                size += more.size
+                keys.add(more.pending.key)
+            self._inflight.update(keys)
+            tg.create_task(self._submit(session, batch, window))
+
+    def _outgoing(self, session: Session, pending: PendingResult) -> _Outgoing | None:
+        """``pending`` as it will go in a ``results`` frame, with its size; None when it is
+        in flight already, or can never go on this session's frames (dropped from the
+        outbox as ``result_too_large``, as the scheduler would refuse it)."""
+        if pending.key in self._inflight:
+            return None
+        item = ResultItem(
+            job=pending.job,
+            slice=pending.slice,
+            token=pending.token,
+            result=pending.result,
+            payment_address=pending.payment_address,
+            signature=pending.signature,
+            metrics=pending.metrics,
+        )
+        size = result_item_bytes(item)
+        limit = session.welcome.max_result_bytes
+        if len(pending.result) > limit:
+            why = f"{len(pending.result)} bytes, above max_result_bytes {limit} (not sent)"
+        elif results_frame_bytes(size, 1) > session.max_frame_bytes:
+            why = f"a frame of {results_frame_bytes(size, 1)} bytes, above max_frame_bytes"
+        else:
+            return _Outgoing(pending, item, size)
+        self._drop_refused(pending, ErrorCode.RESULT_TOO_LARGE.value, why)
+        self._persist_wanted.set()
+        return None
+
+    def _drop_refused(self, item: PendingResult, code: str, message: str) -> None:
+        """A result that can never be accepted leaves the outbox (at the next commit)."""
+        self._counters.refused += 1
+        self._counters.reasons["result_refused", code] += 1
+        log.warning(
+            "result %s/%d refused: %s %s",
+            item.job,
+            item.slice,
+            code,
+            message,
+            extra=_fields(item.job, item.slice, code),
+        )
+        self._retries.pop(item.key, None)
+        self._acked.append(item.key)
 
     async def _submit(
-        self, session: Session, batch: list[PendingResult], window: asyncio.Semaphore
+        self, session: Session, batch: list[_Outgoing], window: asyncio.Semaphore
     ) -> None:
         try:
             reply = await session.request(
-                lambda rid: Results(
-                    id=rid,
-                    results=tuple(
-                        ResultItem(
-                            job=item.job,
-                            slice=item.slice,
-                            token=item.token,
-                            result=item.result,
-                            payment_address=item.payment_address,
-                            signature=item.signature,
-                            metrics=item.metrics,
-                        )
-                        for item in batch
-                    ),
-                )
+                lambda rid: Results(id=rid, results=tuple(out.item for out in batch))
             )
         finally:
             window.release()
-            self._inflight.difference_update(item.key for item in batch)
+            self._inflight.difference_update(out.pending.key for out in batch)
         if isinstance(reply, ResultsAck) and len(reply.acks) == len(batch):
             acks = list(reply.acks)
         else:  # the whole frame was refused (e.g. internal): every result waits and goes again
             code = getattr(reply, "code", reply.type)
             acks = [ItemAck("retry", code=code, message=getattr(reply, "message", ""))] * len(batch)
-        for item, ack in zip(batch, acks, strict=True):
+        for item, ack in zip((out.pending for out in batch), acks, strict=True):
             if ack.status in ("accepted", "duplicate"):
                 self._counters.accepted += 1
                 self._counters.credits += ack.credited
                 log.debug("result %s/%d %s", item.job, item.slice, ack.status)
             elif ack.status == "refused" and ack.code in _FINAL_REFUSALS:
-                self._counters.refused += 1
-                self._counters.reasons["result_refused", ack.code] += 1
-                log.warning(
-                    "result %s/%d refused: %s %s",
-                    item.job,
-                    item.slice,
-                    ack.code,
-                    ack.message,
-                    extra=_fields(item.job, item.slice, ack.code),
-                )
+                self._drop_refused(item, ack.code, ack.message)
+                continue
             else:
                 # Not taken for now (the scheduler's database is busy, say): it stays in the
                 # outbox and goes again on this session after a backoff, or on the next one.

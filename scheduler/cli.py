@@ -16,7 +16,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from dcp_worker.protocol import policy, signing
+from dcp_worker.protocol import MAX_FRAME_BYTES, policy, signing
 
 from .server import Scheduler, SchedulerConfig
 from .sqlite_store import SQLiteStore
@@ -134,6 +134,21 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Server name bound into session challenges.",
 )
+@click.option(
+    "--max-result-bytes",
+    type=click.IntRange(min=1),
+    default=SchedulerConfig.max_result_bytes,
+    show_default=True,
+    help="The largest result accepted (announced to workers in welcome).",
+)
+@click.option(
+    "--max-frame-bytes",
+    type=click.IntRange(1, MAX_FRAME_BYTES),
+    default=MAX_FRAME_BYTES,
+    show_default=True,
+    help="The largest websocket frame of a session (announced in welcome); it must carry one "
+    "result of --max-result-bytes in base64 and 4 KiB more.",
+)
 def serve(
     db: str,
     listen: str,
@@ -147,21 +162,28 @@ def serve(
     job_lifetime: float,
     db_busy_timeout: float,
     name: str,
+    max_result_bytes: int,
+    max_frame_bytes: int,
 ) -> None:
     """Serve workers and the compute API until SIGINT or SIGTERM."""
     host, port = _parse_listen(listen)
+    try:
+        config = SchedulerConfig(
+            name=name,
+            lease_timeout=lease_timeout,
+            heartbeat_interval=heartbeat_interval,
+            verifier_wall_seconds=verifier_wall_seconds,
+            verifier_sandboxes=verifier_sandboxes,
+            verifications_per_session=verifications_per_session,
+            metrics_slack_seconds=metrics_slack_seconds,
+            metrics_parallelism=metrics_parallelism,
+            job_lifetime=job_lifetime * 3600,
+            max_result_bytes=max_result_bytes,
+            max_frame_bytes=max_frame_bytes,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     store = _open(db, db_busy_timeout)
-    config = SchedulerConfig(
-        name=name,
-        lease_timeout=lease_timeout,
-        heartbeat_interval=heartbeat_interval,
-        verifier_wall_seconds=verifier_wall_seconds,
-        verifier_sandboxes=verifier_sandboxes,
-        verifications_per_session=verifications_per_session,
-        metrics_slack_seconds=metrics_slack_seconds,
-        metrics_parallelism=metrics_parallelism,
-        job_lifetime=job_lifetime * 3600,
-    )
     try:
         asyncio.run(_serve(Scheduler(store, config), host, port))
     finally:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from aiohttp import WSMsgType, web
 
 from dcp_worker.protocol import (
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     SCHEDULER_MESSAGES,
     Ack,
@@ -32,6 +33,7 @@ from dcp_worker.protocol import (
     Error,
     ErrorCode,
     Fetch,
+    FrameTooLarge,
     Heartbeat,
     HeartbeatAck,
     ItemAck,
@@ -52,9 +54,12 @@ from dcp_worker.protocol import (
     Work,
     decode,
     encode,
+    encode_json,
+    limits,
     nesting,
     policy,
     signing,
+    to_wire,
 )
 from dcp_worker.protocol import Hello as HelloMsg
 from dcp_worker.protocol.policy import JobTerms, WorkerTerms
@@ -76,8 +81,9 @@ from .verifier import VERIFIER_LIMITS, VerifierPool
 log = logging.getLogger("dcp.scheduler")
 
 API = "/api/v1"
-#: Frames above this get a ``frame_too_large`` error; aiohttp closes the socket (1009) at twice it.
-MAX_FRAME_BYTES = 32 * 1024 * 1024
+# Frames above the session's ``max_frame_bytes`` (announced in ``welcome``; the protocol's
+# MAX_FRAME_BYTES at most) get a ``frame_too_large`` error; aiohttp closes the socket (1009)
+# above twice MAX_FRAME_BYTES.
 MAX_DEPLOY_BYTES = 256 * 1024 * 1024
 #: A signed owner request is accepted this many seconds either side of the scheduler's clock.
 REQUEST_WINDOW = 300.0
@@ -99,6 +105,9 @@ class SchedulerConfig:
     heartbeat_interval: float = 3.0
     lease_timeout: float = 15.0
     max_result_bytes: int = 16 * 1024 * 1024
+    #: The largest frame of a session, announced in ``welcome``: at most MAX_FRAME_BYTES,
+    #: and room for one result of ``max_result_bytes`` (limits.result_frame_bytes).
+    max_frame_bytes: int = MAX_FRAME_BYTES
     expiry_interval: float = 1.0
     verifier_wall_seconds: float = 10.0
     #: Evaluator processes that run verifiers; 0: half the CPUs.
@@ -113,6 +122,22 @@ class SchedulerConfig:
     #: Finished and cancelled jobs are removed this long after they end (damocles: 25 h).
     job_lifetime: float = 25 * 3600.0
     gc_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be within 1..{MAX_FRAME_BYTES}")
+        if not 1 <= self.max_result_bytes or (
+            limits.result_frame_bytes(self.max_result_bytes) > self.max_frame_bytes
+        ):
+            raise ValueError(
+                f"max_result_bytes must be >= 1 and leave a frame of max_frame_bytes room for"
+                f" one result: at most {_largest_result(self.max_frame_bytes)} here"
+            )
+
+
+def _largest_result(max_frame_bytes: int) -> int:
+    """The largest ``max_result_bytes`` that a frame limit carries."""
+    return max(0, (max_frame_bytes - limits.RESULT_FIELDS_BYTES) // 4 * 3)
 
 
 @dataclass
@@ -146,14 +171,24 @@ def _item_ack(reply: Message) -> ItemAck:
     return ItemAck("retry", code=ErrorCode.INTERNAL.value, message=f"unexpected {reply.type}")
 
 
-def _peek_id(data: str | bytes) -> int | None:
-    """The request id of a frame that failed to parse, if one can be read."""
+def _spec_bytes(spec: JobSpec) -> int:
+    """What ``spec`` takes in a ``work`` frame (exact: base64 needs no escapes)."""
+    return len(encode_json(to_wire(replace(spec, module=b"")))) + 4 * -(-len(spec.module) // 3) + 1
+
+
+def _peek_id(data: str | bytes, error: ProtocolError) -> int | None:
+    """The request id of a frame that failed to parse, if one can be read and is in range
+    (an error's ``re`` must be one the worker can decode)."""
+    if isinstance(error, FrameTooLarge):
+        return None  # never parse what is refused for its size
     try:
         obj = nesting.loads(data)  # the frame may be the one too deep to decode
         value = obj.get("id") if isinstance(obj, dict) else None
     except ValueError:  # NestingTooDeep included
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if type(value) is not int or not 0 <= value <= limits.MAX_UINT64:
+        return None
+    return value
 
 
 class _Refused(Exception):
@@ -359,12 +394,16 @@ class Scheduler:
     def _receive(
         self, session: _Session, challenge: str, data: str | bytes
     ) -> tuple[Message | Coroutine[Any, Any, None] | None, bool]:
-        """Handle one frame; returns (a reply or a coroutine that will send it, close)."""
+        """Handle one frame; returns (a reply or a coroutine that will send it, close).
+
+        Every frame gets an answer: a malformed one its error (the field and why), and a
+        fault of ours ``internal`` (logged), never an exception that ends the session.
+        """
         try:
-            message = decode(data, SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+            message = decode(data, SCHEDULER_MESSAGES, self.config.max_frame_bytes)
         except ProtocolError as exc:
             log.warning("session %s: %s", session.id, exc.message)
-            return Error(re=_peek_id(data), code=exc.code.value, message=exc.message), False
+            return Error(re=_peek_id(data, exc), code=exc.code.value, message=exc.message), False
         rid = getattr(message, "id", None)
         if not session.address:
             if not isinstance(message, Auth):
@@ -378,6 +417,11 @@ class Scheduler:
             return self._dispatch(session, message), False
         except StoreError as exc:
             return Error(re=rid, code=exc.code.value, message=str(exc)), False
+        except Exception:
+            log.exception("session %s: %s %s failed", session.id, message.type, rid)
+            return Error(
+                re=rid, code=ErrorCode.INTERNAL.value, message=f"{message.type} failed here"
+            ), False
 
     def _auth(self, session: _Session, challenge: str, message: Auth) -> tuple[Message, bool]:
         payload = signing.session_payload(challenge, self.config.name, message.address)
@@ -426,6 +470,7 @@ class Scheduler:
             max_result_bytes=self.config.max_result_bytes,
             groups=tuple(sorted(joined)),
             refused=tuple(refused),
+            max_frame_bytes=self.config.max_frame_bytes,
         ), False
 
     def _dispatch(self, session: _Session, message: Message) -> Message | Coroutine[Any, Any, None]:
@@ -523,22 +568,65 @@ class Scheduler:
             session.address, message.max_slices, now, self.config.lease_timeout, eligible
         )
         known = set(message.known_jobs)
-        jobs = [
-            self._job(job_id).spec
+        slices = [
+            SliceLease(
+                x.job, x.slice, x.token, x.attempt, x.deadline, x.datum, credits(x.offer_micro)
+            )
+            for x in leases
+        ]
+        jobs = {
+            job_id: self._job(job_id).spec
             for job_id in dict.fromkeys(lease.job for lease in leases)
             if job_id not in known
-        ]
-        return Work(
-            re=message.id,
-            slices=tuple(
-                SliceLease(
-                    x.job, x.slice, x.token, x.attempt, x.deadline, x.datum, credits(x.offer_micro)
-                )
-                for x in leases
-            ),
-            jobs=tuple(jobs),
-            skipped=tuple(skipped),
+        }
+        kept, specs = self._fit_frame(session, slices, jobs, skipped)
+        return Work(re=message.id, slices=kept, jobs=specs, skipped=tuple(skipped))
+
+    def _fit_frame(
+        self,
+        session: _Session,
+        slices: list[SliceLease],
+        jobs: dict[str, JobSpec],
+        skipped: list[Refusal],
+    ) -> tuple[tuple[SliceLease, ...], tuple[JobSpec, ...]]:
+        """The leading slices (and their jobs' specs) whose ``work`` frame fits in the
+        session's ``max_frame_bytes``; the others are returned at once (no attempt spent)."""
+        limit = self.config.max_frame_bytes
+        # Cheap bound first: base64 of the datums and modules, and room for everything else.
+        rough = sum(4 * (len(x.datum) + 2) // 3 + limits.RESULT_FIELDS_BYTES for x in slices)
+        rough += sum(
+            4 * (len(j.module) + 2) // 3 + len(encode_json(j.config)) for j in jobs.values()
         )
+        rough += sum(len(encode_json(j.requirements)) + 4096 for j in jobs.values())
+        rough += len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        if rough <= limit:
+            return tuple(slices), tuple(jobs.values())
+        size = len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        kept: list[SliceLease] = []
+        specs: dict[str, JobSpec] = {}
+        for lease in slices:
+            more = len(encode_json(to_wire(lease))) + 1
+            spec = jobs.get(lease.job) if lease.job not in specs else None
+            if spec is not None:
+                more += _spec_bytes(spec)
+            if size + more > limit:
+                break
+            size += more
+            kept.append(lease)
+            if spec is not None:
+                specs[lease.job] = spec
+        rest = slices[len(kept) :]
+        if rest:
+            refs = [(x.job, x.slice, x.token) for x in rest]
+            self.store.return_slices(session.address, refs)
+            if not kept:
+                log.error(
+                    "slice %s/%d does not fit in a frame of %d bytes: not sent",
+                    rest[0].job,
+                    rest[0].slice,
+                    limit,
+                )
+        return tuple(kept), tuple(specs.values())
 
     def _job(self, job_id: str) -> _JobInfo:
         """A job's spec (module included) from a small cache: every worker's first fetch of a

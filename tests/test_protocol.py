@@ -317,3 +317,196 @@ def test_results_frames_are_bounded_and_checked() -> None:
         p.ResultItem("j", 0, "t", b"", ADDR, "zz")
     with pytest.raises(p.InvalidMessage, match="status"):
         p.ItemAck("maybe")
+
+
+def _wire(message: p.Message, **changes: object) -> str:
+    """``message``'s frame with fields replaced by raw JSON values (out of range, say)."""
+    data = json.loads(p.encode(message))
+    for path, value in changes.items():
+        node = data
+        *parents, last = path.split("__")
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[int(last) if last.isdigit() else last] = value
+    return json.dumps(data)
+
+
+_BY_TYPE = {m.type: m for m in reversed(MESSAGES)}
+#: (message type, field path, value, where the error must point): every numeric field of
+#: every message, out of its documented range (docs/protocol.md section 1, "Numbers").
+OUT_OF_RANGE = [
+    ("hello", "protocol", -1, "hello.protocol"),
+    ("hello", "protocol", 2**32, "hello.protocol"),
+    ("auth", "id", -1, "auth.id"),
+    ("auth", "id", 2**64, "auth.id"),
+    ("welcome", "re", 2**64, "welcome.re"),
+    ("welcome", "max_result_bytes", 0, "welcome.max_result_bytes"),
+    ("welcome", "max_result_bytes", p.MAX_FRAME_BYTES + 1, "welcome.max_result_bytes"),
+    ("welcome", "max_frame_bytes", p.MAX_FRAME_BYTES + 1, "welcome.max_frame_bytes"),
+    ("welcome", "max_frame_bytes", 1024, "welcome: max_frame_bytes"),  # no room for one result
+    ("welcome", "heartbeat_interval", -1.0, "welcome.heartbeat_interval"),
+    ("welcome", "lease_timeout", 0, "welcome: lease_timeout"),
+    ("fetch", "id", 2**64, "fetch.id"),
+    ("fetch", "max_slices", 2**64, "fetch.max_slices"),
+    ("fetch", "wait_seconds", 10**400, "fetch.wait_seconds"),  # float() would overflow
+    ("fetch", "min_wage", {"cpu_hour": -1}, "fetch.min_wage.cpu_hour"),
+    ("fetch", "declined", [{"job": "j", "offer": -0.5}], "fetch.declined[0].offer"),
+    ("work", "re", -1, "work.re"),
+    ("work", "slices__0__slice", -1, "work.slices[0].slice"),
+    ("work", "slices__0__slice", 2**63, "work.slices[0].slice"),
+    ("work", "slices__0__attempt", 0, "work.slices[0].attempt"),
+    ("work", "slices__0__deadline", -5.0, "work.slices[0].deadline"),
+    ("work", "slices__0__offer", -1, "work.slices[0].offer"),
+    ("work", "jobs__0__limits__memory_bytes", 2**64, "work.jobs[0].limits.memory_bytes"),
+    ("work", "jobs__0__limits__fuel", -1, "work.jobs[0].limits.fuel"),
+    ("heartbeat", "id", 2**64, "heartbeat.id"),
+    ("heartbeat", "leases__0__slice", 2**64, "heartbeat.leases[0].slice"),
+    ("heartbeat", "leases__0__progress", 1.5, "heartbeat.leases[0].progress"),
+    ("heartbeat_ack", "deadline", -1, "heartbeat_ack.deadline"),
+    ("heartbeat_ack", "lost__0__slice", -1, "heartbeat_ack.lost[0].slice"),
+    ("result", "slice", -1, "result.slice"),
+    ("result", "slice", 2**64, "result.slice"),
+    ("result", "metrics__bytes_in", -1, "result.metrics.bytes_in"),
+    ("result", "metrics__bytes_out", 2**63, "result.metrics.bytes_out"),
+    ("result", "metrics__cpu_seconds", -1.0, "result.metrics.cpu_seconds"),
+    ("results", "id", 2**64, "results.id"),
+    ("results", "results__1__slice", -1, "results.results[1].slice"),
+    ("results", "results__0__metrics__wall_seconds", -2, "results.results[0].metrics.wall_seconds"),
+    ("results_ack", "acks__0__credited", -1, "results_ack.acks[0].credited"),
+    ("slice_failed", "slice", 2**64, "slice_failed.slice"),
+    ("return", "leases__0__slice", -1, "return.leases[0].slice"),
+    ("ack", "credited", -0.5, "ack.credited"),
+    ("error", "re", -1, "error.re"),
+    ("describe", "id", -1, "describe.id"),
+    ("capabilities", "re", 2**64, "capabilities.re"),
+    ("assign", "limits", {"output_bytes": 2**64}, "assign.limits.output_bytes"),
+    ("slice", "slice", -1, "slice.slice"),
+    ("progress", "fraction", -0.1, "progress.fraction"),
+    ("slice_done", "metrics", {"bytes_out": -1}, "slice_done.metrics.bytes_out"),
+    ("die", "id", 2**64, "die.id"),
+    ("work", "jobs__0__limits__wall_seconds", -1, "work.jobs[0].limits.wall_seconds"),
+    ("result", "metrics__gpu_seconds", -1, "result.metrics.gpu_seconds"),
+    ("fetch", "min_wage", {"gpu_hour": -1}, "fetch.min_wage.gpu_hour"),
+    ("fetch", "min_wage", {"mb_in": -1e300}, "fetch.min_wage.mb_in"),
+    ("fetch", "min_wage", {"mb_out": -1}, "fetch.min_wage.mb_out"),
+    ("ack", "re", -1, "ack.re"),
+    ("assign", "id", 2**64, "assign.id"),
+    ("heartbeat_ack", "re", -1, "heartbeat_ack.re"),
+    ("progress", "re", -1, "progress.re"),
+    ("result", "id", 2**64, "result.id"),
+    ("results_ack", "re", 2**64, "results_ack.re"),
+    ("return", "id", -1, "return.id"),
+    ("slice", "id", 2**64, "slice.id"),
+    ("slice_done", "re", -1, "slice_done.re"),
+    ("slice_failed", "id", -1, "slice_failed.id"),
+]
+
+
+@pytest.mark.parametrize(("type_", "path", "value", "where"), OUT_OF_RANGE)
+def test_numbers_out_of_range_are_refused_naming_the_field(
+    type_: str, path: str, value: object, where: str
+) -> None:
+    message = _BY_TYPE[type_]
+    with pytest.raises(p.InvalidMessage) as caught:
+        p.decode(_wire(message, **{path: value}), registry_of(message))
+    assert where in caught.value.message
+    assert caught.value.code == "invalid_message"
+
+
+def test_the_ends_of_the_ranges_are_accepted() -> None:
+    result = _BY_TYPE["result"]
+    for slice_ in (0, 2**63 - 1):
+        decoded = p.decode(_wire(result, slice=slice_, id=2**64 - 1), p.SCHEDULER_MESSAGES)
+        assert isinstance(decoded, p.Result) and decoded.slice == slice_
+    work = p.decode(_wire(_BY_TYPE["work"], slices__0__offer=10**300), p.SCHEDULER_MESSAGES)
+    assert isinstance(work, p.Work) and work.slices[0].offer == 1e300
+
+
+def _records(tp: object) -> list[type]:
+    import dataclasses
+    import typing
+
+    args = [tp, *typing.get_args(tp)]
+    args += [a for arg in args for a in typing.get_args(arg)]
+    return [a for a in args if isinstance(a, type) and dataclasses.is_dataclass(a)]
+
+
+def _numeric(tp: object) -> bool:
+    import typing
+
+    args = {tp, *typing.get_args(tp)}
+    return int in args or float in args
+
+
+def test_every_numeric_field_has_an_out_of_range_case() -> None:
+    """The table above names every int and float field of every message type, and every
+    numeric field of every record class (a record's fields are checked by one plan wherever
+    the record appears)."""
+    import re
+    import typing
+
+    covered_top: set[tuple[str, str]] = set()
+    covered_fields: set[tuple[type, str]] = set()
+    registry = {**p.SCHEDULER_MESSAGES, **p.EVALUATOR_MESSAGES}
+    for type_, *_x, where in OUT_OF_RANGE:
+        parts = re.sub(r"\[\d+\]", "", where).replace(": ", ".").split(".")
+        cls: type = registry[type_]
+        covered_top.add((type_, parts[1]))
+        for part in parts[1:]:
+            covered_fields.add((cls, part))
+            inner = _records(typing.get_type_hints(cls)[part])
+            if not inner:
+                break
+            cls = inner[0]
+    missing = []
+    seen: set[type] = set()
+    todo: list[type] = []
+    for type_, cls in registry.items():
+        for name, tp in typing.get_type_hints(cls).items():
+            if _numeric(tp) and (cls, name) not in covered_fields:
+                missing.append(f"{type_}.{name}")
+            if (
+                _records(tp)
+                and any(
+                    _numeric(t) for r in _records(tp) for t in typing.get_type_hints(r).values()
+                )
+                and (type_, name) not in covered_top
+            ):
+                missing.append(f"{type_}.{name} (a record with numbers)")
+            todo += _records(tp)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, tp in typing.get_type_hints(cls).items():
+            if _numeric(tp) and (cls, name) not in covered_fields:
+                missing.append(f"{cls.__name__}.{name}")
+            todo += _records(tp)
+    assert not missing, sorted(missing)
+
+
+def test_result_item_bytes_is_exact_and_frames_stay_under_their_bound() -> None:
+    items = [
+        p.ResultItem("job", 0, "tok", b"", ADDR, SIG),
+        p.ResultItem('j\u00e9"b', 2**63 - 1, "t" * 40, b"\x00" * 1000, ADDR, SIG),
+        p.ResultItem("j", 5, "t", b"abcd", ADDR, SIG, p.Metrics(1.25, 0.5, 3, 2**63 - 1, 1e-9)),
+    ]
+    for n in (1, 2, 3):
+        for rid in (0, 7, 2**64 - 1):
+            frame = p.encode(p.Results(id=rid, results=tuple(items[:n])))
+            bound = p.results_frame_bytes(sum(map(p.result_item_bytes, items[:n])), n)
+            assert len(frame) <= bound
+            assert bound - len(frame) == 20 - len(str(rid))  # exact but for the id's digits
+    # One result of max_result_bytes always fits in the frame a Welcome may announce.
+    for size in (1, 2, 3, 1000, 16 * 1024 * 1024):
+        item = p.ResultItem("j" * 64, 2**63 - 1, "t" * 64, b"\xff" * size, ADDR, SIG)
+        need = p.results_frame_bytes(p.result_item_bytes(item), 1)
+        assert need <= p.limits.result_frame_bytes(size)
+
+
+def test_one_frame_limit_announced_in_welcome() -> None:
+    welcome = _BY_TYPE["welcome"]
+    assert isinstance(welcome, p.Welcome) and welcome.max_frame_bytes == p.MAX_FRAME_BYTES
+    smaller = p.decode(_wire(welcome, max_frame_bytes=70000), p.SCHEDULER_MESSAGES)
+    assert isinstance(smaller, p.Welcome) and smaller.max_frame_bytes == 70000

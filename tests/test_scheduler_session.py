@@ -54,13 +54,103 @@ def test_malformed_frames_get_named_errors_and_the_session_survives(
                 "unsupported_version",
             ),
             (p.encode(p.Ack(re=1)).decode(), None, "unexpected_message"),
-            ("x" * (33 * 1024 * 1024), None, "frame_too_large"),
+            ("x" * (p.MAX_FRAME_BYTES + 1), None, "frame_too_large"),
         ]
         for frame, re, code in cases:
             await ws.send(frame)
             reply = await _recv(ws)
             assert isinstance(reply, p.Error), reply
             assert (reply.re, reply.code) == (re, code)
+        await ws.send(p.encode(p.Fetch(id=10, max_slices=1)).decode())
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Work) and reply.re == 10
+        await ws.close()
+
+    asyncio.run(main())
+
+
+def test_out_of_range_numbers_get_named_errors_and_the_session_survives(
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """slice -1 and 2**64 ended the session with no reply (OverflowError, struct.error);
+    every numeric field is range-checked at decode, and the reply names the field."""
+    keystore = make_keystore("worker")
+    address = keystore.identity.address
+    sig = "00" * 65
+    result = {
+        "v": 1,
+        "type": "result",
+        "id": 3,
+        "job": "j",
+        "slice": 0,
+        "token": "t",
+        "result": "",
+        "payment_address": address,
+        "signature": sig,
+    }
+
+    async def main() -> None:
+        ws = await _open(scheduler.ws_url, keystore)
+        cases = [
+            ({**result, "slice": -1}, 3, "result.slice: must be an integer within 0.."),
+            ({**result, "slice": 2**64}, 3, "result.slice: must be an integer within 0.."),
+            ({**result, "metrics": {"bytes_in": -1}}, 3, "result.metrics.bytes_in"),
+            ({**result, "id": 2**64}, None, "result.id: must be an integer within 0.."),
+            (
+                {"v": 1, "type": "results", "id": 4, "results": [{**result, "slice": 2**64}]},
+                4,
+                "results.results[0]",
+            ),
+            (
+                {
+                    "v": 1,
+                    "type": "heartbeat",
+                    "id": 5,
+                    "leases": [{"job": "j", "slice": -1, "token": "t"}],
+                },
+                5,
+                "heartbeat.leases[0].slice",
+            ),
+            (
+                {
+                    "v": 1,
+                    "type": "slice_failed",
+                    "id": 6,
+                    "job": "j",
+                    "slice": 2**64,
+                    "token": "t",
+                    "code": "x",
+                },
+                6,
+                "slice_failed.slice",
+            ),
+            (
+                {
+                    "v": 1,
+                    "type": "return",
+                    "id": 7,
+                    "leases": [{"job": "j", "slice": 2**64, "token": "t"}],
+                },
+                7,
+                "return.leases[0].slice",
+            ),
+            (
+                {"v": 1, "type": "fetch", "id": 8, "max_slices": 1, "wait_seconds": 10**400},
+                8,
+                "fetch.wait_seconds",
+            ),
+        ]
+        for frame, re, why in cases:
+            await ws.send(json.dumps(frame))
+            reply = await _recv(ws)
+            assert isinstance(reply, p.Error), (frame, reply)
+            assert (reply.re, reply.code) == (re, "invalid_message"), reply
+            assert why in reply.message, reply
+        # 100,000 levels deep: refused before decoding, the session goes on.
+        await ws.send("[" * 100_000 + "]" * 100_000)
+        reply = await _recv(ws)
+        assert isinstance(reply, p.Error) and reply.code == "malformed_frame"
+        assert "nests deeper than 64" in reply.message
         await ws.send(p.encode(p.Fetch(id=10, max_slices=1)).decode())
         reply = await _recv(ws)
         assert isinstance(reply, p.Work) and reply.re == 10

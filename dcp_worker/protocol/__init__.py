@@ -8,8 +8,17 @@ from __future__ import annotations
 
 # ``signing`` is imported where it is used (``from dcp_worker.protocol import signing``): it
 # pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
-from . import nesting, policy
-from .codec import MAX_FRAME_BYTES, PROTOCOL_VERSION, StreamDecoder, decode, encode, frame
+from . import limits, nesting, policy
+from .codec import (
+    PROTOCOL_VERSION,
+    StreamDecoder,
+    decode,
+    encode,
+    encode_json,
+    frame,
+    result_item_bytes,
+    results_frame_bytes,
+)
 from .errors import (
     ErrorCode,
     FrameError,
@@ -19,6 +28,7 @@ from .errors import (
     UnknownMessage,
     UnsupportedVersion,
 )
+from .limits import MAX_FRAME_BYTES, RESULT_FIELDS_BYTES, Range
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
 from .nesting import MAX_NESTING, NestingTooDeep
@@ -32,6 +42,12 @@ __all__ = [
     "decode",
     "encode",
     "frame",
+    "encode_json",
+    "result_item_bytes",
+    "results_frame_bytes",
+    "RESULT_FIELDS_BYTES",
+    "Range",
+    "limits",
     "ErrorCode",
     "FrameError",
     "FrameTooLarge",

@@ -8,6 +8,9 @@ A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
   bytes arrive (one at a time or many frames at once).
 * A frame nests at most :data:`MAX_NESTING` levels of arrays and objects; a deeper one is
   refused before it is decoded (:mod:`.nesting`), so no decoder recursion depends on a peer.
+* A frame is at most :data:`~.limits.MAX_FRAME_BYTES` (or the smaller ``max_frame_bytes`` a
+  scheduler announces): :func:`result_item_bytes` and :func:`results_frame_bytes` let a sender
+  pack ``results`` frames by their exact encoded size.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections import deque
 from collections.abc import Mapping
 
 from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
-from .messages import Message, from_wire, to_wire
+from .limits import MAX_FRAME_BYTES, MAX_UINT64
+from .messages import Message, ResultItem, Results, from_wire, to_wire
 from .nesting import MAX_NESTING, check_json, strict_loads
 
 __all__ = [
@@ -26,22 +30,55 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_NESTING",
     "encode",
+    "encode_json",
     "decode",
     "frame",
+    "result_item_bytes",
+    "results_frame_bytes",
     "StreamDecoder",
 ]
 
 PROTOCOL_VERSION = 1
-#: Default maximum frame size on both channels (job modules and results travel in frames).
-MAX_FRAME_BYTES = 64 * 1024 * 1024
 _PREFIX = struct.Struct(">I")
+
+
+def encode_json(data: object) -> bytes:
+    """JSON data as frames encode it (compact, ASCII, no NaN): its size is its size in a
+    frame."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+_dumps = encode_json
 
 
 def encode(message: Message) -> bytes:
     """Serialize ``message`` to one frame's bytes (no length prefix)."""
     data = to_wire(message)
     data["v"] = PROTOCOL_VERSION
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    return _dumps(data)
+
+
+def result_item_bytes(item: ResultItem) -> int:
+    """The exact bytes ``item`` takes inside a ``results`` frame, without encoding its result
+    (base64 needs no JSON escapes, so its length is known from the result's)."""
+    data = to_wire(item)
+    data["result"] = ""
+    return len(_dumps(data)) + 4 * -(-len(item.result) // 3)
+
+
+def _results_frame_base() -> int:
+    item = ResultItem("", 0, "", b"", "0x" + "0" * 40, "0" * 130)
+    return len(encode(Results(id=MAX_UINT64, results=(item,)))) - result_item_bytes(item)
+
+
+#: A ``results`` frame's bytes beside its results, with the longest id.
+_RESULTS_FRAME_BASE = _results_frame_base()
+
+
+def results_frame_bytes(item_bytes: int, count: int) -> int:
+    """The most bytes a ``results`` frame of ``count`` results whose
+    :func:`result_item_bytes` add up to ``item_bytes`` encodes to (exact but for the id)."""
+    return _RESULTS_FRAME_BASE + item_bytes + max(0, count - 1)
 
 
 def decode(

@@ -7,6 +7,11 @@ Two channels share this vocabulary (see docs/protocol.md):
 
 Requests carry ``id`` (chosen by the sender, unique per connection); replies carry ``re``, the id
 they answer. Fields of type ``bytes`` travel as standard base64 strings.
+
+Numbers are range-checked when decoded (:func:`from_wire`): an integer field accepts
+0..2**64-1 and a number field 0..MAX_NUMBER unless its type says less (``Annotated`` with a
+:class:`~.limits.Range`: :data:`SliceIndex`, :data:`Attempt`, :data:`Fraction`, ...). No field
+of version 1 is negative.
 """
 
 from __future__ import annotations
@@ -18,9 +23,19 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, TypeVar, Union, get_args, get_origin
 
 from .errors import InvalidMessage
+from .limits import (
+    MAX_FRAME_BYTES,
+    MAX_INT64,
+    MAX_NUMBER,
+    MAX_RESULTS_PER_FRAME,
+    MAX_UINT32,
+    MAX_UINT64,
+    Range,
+    result_frame_bytes,
+)
 
 __all__ = [
     "Message",
@@ -46,6 +61,9 @@ __all__ = [
     "ItemAck",
     "ResultsAck",
     "MAX_RESULTS_PER_FRAME",
+    "SliceIndex",
+    "Attempt",
+    "Fraction",
     "SliceFailed",
     "Return",
     "Ack",
@@ -64,6 +82,19 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: A slice's index: the store keeps it as a signed 64-bit integer.
+SliceIndex = Annotated[int, Range(0, MAX_INT64)]
+#: A count the scheduler stores (SQLite integers are signed 64-bit).
+Count = Annotated[int, Range(0, MAX_INT64)]
+#: A lease's attempt number.
+Attempt = Annotated[int, Range(1, MAX_UINT32)]
+#: A fraction of work done.
+Fraction = Annotated[float, Range(0.0, 1.0)]
+#: A protocol version.
+Version = Annotated[int, Range(0, MAX_UINT32)]
+#: A size announced in ``welcome``: at most the protocol's frame limit.
+FrameSize = Annotated[int, Range(1, MAX_FRAME_BYTES)]
 
 _ADDRESS_LEN = 42
 
@@ -122,8 +153,8 @@ class Metrics:
 
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_in: Count = 0
+    bytes_out: Count = 0
     gpu_seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -212,9 +243,9 @@ class SliceLease:
     """One leased slice: the lease token fences out superseded holders."""
 
     job: str
-    slice: int
+    slice: SliceIndex
     token: str
-    attempt: int
+    attempt: Attempt
     deadline: float
     datum: bytes
     #: Credits the job pays for this slice now.
@@ -233,9 +264,9 @@ class LeaseRef:
     """Names a lease without its payload (heartbeats, returns, lost leases)."""
 
     job: str
-    slice: int
+    slice: SliceIndex
     token: str
-    progress: float | None = None
+    progress: Fraction | None = None
 
 
 # --------------------------------------------------------------------------- base
@@ -256,7 +287,7 @@ class Hello(Message):
     """Scheduler -> worker, first frame: the protocol version and a fresh session challenge."""
 
     type: ClassVar[str] = "hello"
-    protocol: int
+    protocol: Version
     challenge: str
     server: str = ""
 
@@ -296,10 +327,21 @@ class Welcome(Message):
     address: str
     heartbeat_interval: float
     lease_timeout: float
-    max_result_bytes: int
+    max_result_bytes: FrameSize
     #: Join keys whose proofs were accepted, and the groups refused (with why).
     groups: tuple[str, ...] = ()
     refused: tuple[Refusal, ...] = ()
+    #: The largest frame either side may send on this session (at most MAX_FRAME_BYTES).
+    max_frame_bytes: FrameSize = MAX_FRAME_BYTES
+
+    def __post_init__(self) -> None:
+        _check(self.heartbeat_interval > 0, "heartbeat_interval must be > 0")
+        _check(self.lease_timeout > 0, "lease_timeout must be > 0")
+        _check(
+            result_frame_bytes(self.max_result_bytes) <= self.max_frame_bytes,
+            f"max_frame_bytes {self.max_frame_bytes} cannot carry a result of max_result_bytes"
+            f" ({result_frame_bytes(self.max_result_bytes)} bytes needed)",
+        )
 
 
 @dataclass(frozen=True)
@@ -364,7 +406,7 @@ class Result(Message):
     type: ClassVar[str] = "result"
     id: int
     job: str
-    slice: int
+    slice: SliceIndex
     token: str
     result: bytes
     payment_address: str
@@ -380,7 +422,7 @@ class ResultItem:
     """One signed result inside ``results`` (the fields of ``result`` without an id)."""
 
     job: str
-    slice: int
+    slice: SliceIndex
     token: str
     result: bytes
     payment_address: str
@@ -389,9 +431,6 @@ class ResultItem:
 
     def __post_init__(self) -> None:
         _check_signed(self.payment_address, self.signature)
-
-
-MAX_RESULTS_PER_FRAME = 256
 
 
 @dataclass(frozen=True)
@@ -444,7 +483,7 @@ class SliceFailed(Message):
     type: ClassVar[str] = "slice_failed"
     id: int
     job: str
-    slice: int
+    slice: SliceIndex
     token: str
     code: str
     message: str = ""
@@ -528,7 +567,7 @@ class RunSlice(Message):
 
     type: ClassVar[str] = "slice"
     id: int
-    slice: int
+    slice: SliceIndex
     datum: bytes
 
 
@@ -538,10 +577,10 @@ class Progress(Message):
 
     type: ClassVar[str] = "progress"
     re: int
-    fraction: float
+    fraction: Fraction
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.fraction), "fraction must be finite")
+        _check(0.0 <= self.fraction <= 1.0, "fraction must be within 0..1")
 
 
 @dataclass(frozen=True)
@@ -699,10 +738,11 @@ def _plan(cls: type) -> _Converter:
 
 def _compile_dataclass(cls: type) -> _Converter:
     hints = _hints(cls)
+    ranged = typing.get_type_hints(cls, include_extras=True)  # with the fields' Ranges
     fields_ = [
         (
             f.name,
-            _compile(hints[f.name]),
+            _compile(ranged[f.name]),
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
             _nests(hints[f.name]),
         )
@@ -741,8 +781,50 @@ def _flat_args(tp: Any) -> tuple[Any, ...]:
     return tuple(a for arg in get_args(tp) for a in get_args(arg))
 
 
+#: The ranges of numeric fields whose type names none (docs/protocol.md section 1).
+_INTEGERS = Range(0, MAX_UINT64)
+_NUMBERS = Range(0.0, MAX_NUMBER)
+
+
+def _integer(bounds: Range) -> _Converter:
+    low, high = bounds.low, bounds.high
+    why = f"must be an integer within {bounds}"
+
+    def integer(value: Any, _where: str) -> Any:
+        if type(value) is not int:
+            raise _Bad("expected an integer")
+        if not low <= value <= high:
+            raise _Bad(why)
+        return value
+
+    return integer
+
+
+def _number(bounds: Range) -> _Converter:
+    low, high = bounds.low, bounds.high
+    why = f"must be a number within {bounds}"
+
+    def number(value: Any, _where: str) -> Any:
+        # An integer is compared before it is converted: float(10**400) raises OverflowError.
+        if type(value) is not float and type(value) is not int:
+            raise _Bad("expected a number")
+        if not low <= value <= high:
+            raise _Bad(why)
+        return float(value)
+
+    return number
+
+
 def _compile(tp: Any) -> _Converter:
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        bounds = next((x for x in extras if isinstance(x, Range)), None)
+        if bounds is not None and base is int:
+            return _integer(bounds)
+        if bounds is not None and base is float:
+            return _number(bounds)
+        return _compile(base)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         nullable = type(None) in args
@@ -768,23 +850,9 @@ def _compile(tp: Any) -> _Converter:
 
         return boolean
     if tp is int:
-
-        def integer(value: Any, _where: str) -> Any:
-            if type(value) is not int:
-                raise _Bad("expected an integer")
-            return value
-
-        return integer
+        return _integer(_INTEGERS)
     if tp is float:
-
-        def number(value: Any, _where: str) -> Any:
-            if type(value) is float:
-                return value
-            if type(value) is not int:
-                raise _Bad("expected a number")
-            return float(value)
-
-        return number
+        return _number(_NUMBERS)
     if tp is str:
 
         def string(value: Any, _where: str) -> Any:
