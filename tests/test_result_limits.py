@@ -134,7 +134,7 @@ def test_an_outbox_of_results_near_the_limit_goes_in_frames_under_it(
                         result,
                         identity.sign(payload),
                         identity.address,
-                        p.Metrics(),
+                        p.Metrics(bytes_in=len(lease.datum), bytes_out=len(result)),
                     )
                 )
             outbox.commit(puts, [])
