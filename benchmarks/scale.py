@@ -13,7 +13,17 @@ seconds (uniform in [C/2, 3C/2], as a real slice takes time to compute) before s
 this is the latency a volunteer sees when the scheduler is not the bottleneck. The simulated
 workers run in one client process sharing the machine with the scheduler.
 
+``--hostile H`` (issue 14): each load is measured twice on the same honest sessions, first alone,
+then while H hostile clients run in a second process from another loopback address (127.0.0.2),
+one fifth of each kind: websockets that never authenticate, half-sent HTTP requests (request line
+or body), forged results (bad signatures and stale tokens) from authenticated sessions, floods of
+fetches that can lease nothing and heartbeats of leases they do not hold, and malformed frames
+before auth. Each flooding client sends at most ``--hostile-rate`` frames a second, waiting for
+each reply. The figures compare the honest workers' p99 lease latency and results/s with and
+without them; the scheduler runs with short deadlines (2 s) so the closes happen in the window.
+
     python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--seconds S]
+        [--hostile 100] [--hostile-rate 20] [--hostile-kinds idle,half_http,forged,flood,malformed]
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -32,8 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import websockets  # noqa: E402
 from common import ROOT, report  # noqa: E402
+from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
+from dcp_worker import protocol as p  # noqa: E402
 from dcp_worker.connection import Session, SessionError, open_session  # noqa: E402
 from dcp_worker.identity import Identity, create_keystore  # noqa: E402
 from dcp_worker.protocol import Fetch, Result, Work, signing  # noqa: E402
@@ -42,6 +56,22 @@ from scheduler.local import LocalScheduler  # noqa: E402
 
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"
 CAPABILITIES = {"runtimes": {"wasm": {}}}
+#: Honest logins at once: they come from one address here, which the scheduler limits (32).
+LOGINS_AT_ONCE = 16
+HOSTILE_ADDRESS = "127.0.0.2"
+#: A flooding fetch names no runtime, so it leases nothing (capabilities {} would mean "don't
+#: care" and lease, hoarding slices: another attack, see docs/performance.md).
+NO_RUNTIME: dict[str, object] = {"runtimes": {}}
+HOSTILE_KINDS = ("idle", "half_http", "forged", "flood", "malformed")
+#: The scheduler's deadlines in the hostile mode (seconds), short enough to act in the window.
+HOSTILE_DEADLINES = [
+    "--auth-timeout",
+    "2",
+    "--http-header-timeout",
+    "2",
+    "--http-body-timeout",
+    "2",
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,8 +86,13 @@ async def one_worker(
     compute: float,
     latencies: list[float],
     done: list[int],
+    logins: Logins,
 ) -> None:
-    session: Session = await open_session(url, identity, identity.address, timeout=60)
+    async with logins.at_once:
+        try:
+            session: Session = await open_session(url, identity, identity.address, timeout=60)
+        finally:
+            logins.one_done()
     known: tuple[str, ...] = ()
     try:
         while time.monotonic() < deadline:
@@ -94,34 +129,278 @@ async def one_worker(
         await session.close()
 
 
-async def run_workers(url: str, n: int, compute: float, seconds: float) -> dict[str, float]:
+class Logins:
+    """The honest login ramp: a few at once, and an event when all are through."""
+
+    def __init__(self, n: int) -> None:
+        self.at_once = asyncio.Semaphore(LOGINS_AT_ONCE)
+        self.left = n
+        self.done = asyncio.Event()
+
+    def one_done(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
+
+
+async def run_workers(
+    url: str,
+    n: int,
+    compute: float,
+    seconds: float,
+    hostile: int = 0,
+    rate: float = 20.0,
+    job: str = "",
+    kinds: tuple[str, ...] = HOSTILE_KINDS,
+) -> dict[str, object]:
     identities = [Identity.from_private_key(os.urandom(32)) for _ in range(n)]
     latencies: list[float] = []
     done = [0]
+    logins = Logins(n)
     # Connect them all first (a login storm is its own test), then measure a steady run.
     deadline = time.monotonic() + 3600
     tasks = []
     for identity in identities:
         tasks.append(
-            asyncio.create_task(one_worker(url, identity, deadline, compute, latencies, done))
+            asyncio.create_task(
+                one_worker(url, identity, deadline, compute, latencies, done, logins)
+            )
         )
         await asyncio.sleep(0)
     await asyncio.sleep(min(5.0, 0.01 * n) + 2 * compute)
-    latencies.clear()
-    done[0] = 0
-    started = time.monotonic()
-    await asyncio.sleep(seconds)
-    elapsed = time.monotonic() - started
-    count, sample = done[0], list(latencies)
+    await asyncio.wait_for(logins.done.wait(), 300)
+    await asyncio.sleep(0.5 + 2 * compute)
+
+    async def window() -> dict[str, float]:
+        latencies.clear()
+        done[0] = 0
+        started = time.monotonic()
+        await asyncio.sleep(seconds)
+        elapsed = time.monotonic() - started
+        count, sample = done[0], list(latencies)
+        return {
+            "results_per_s": round(count / elapsed, 1),
+            "lease_p50_ms": round(1000 * percentile(sample, 0.5), 2),
+            "lease_p99_ms": round(1000 * percentile(sample, 0.99), 2),
+            "leases": len(sample),
+        }
+
+    figures: dict[str, object] = {**await window()}
+    if hostile:
+        alone = figures
+        swarm = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--swarm",
+            url,
+            "--job",
+            job,
+            "--hostile",
+            str(hostile),
+            "--hostile-rate",
+            str(rate),
+            "--hostile-kinds",
+            ",".join(kinds),
+            "--seconds",
+            str(seconds + 4),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert swarm.stdout is not None
+        await swarm.stdout.readline()  # "ready": every hostile client started
+        await asyncio.sleep(1.0)
+        attacked = await window()
+        out, _ = await swarm.communicate()
+        figures = {
+            "honest_alone": alone,
+            "with_hostile": attacked,
+            "hostile": json.loads(out.decode().strip().splitlines()[-1]),
+            "p99_ratio": round(attacked["lease_p99_ms"] / alone["lease_p99_ms"], 2),
+            "results_ratio": round(attacked["results_per_s"] / alone["results_per_s"], 3),
+        }
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {
-        "results_per_s": round(count / elapsed, 1),
-        "lease_p50_ms": round(1000 * percentile(sample, 0.5), 2),
-        "lease_p99_ms": round(1000 * percentile(sample, 0.99), 2),
-        "leases": len(sample),
-    }
+    return figures
+
+
+# ---------------------------------------------------------------------------- hostile clients
+
+
+class Swarm:
+    """Counters of what the hostile clients sent and what the scheduler did to them."""
+
+    def __init__(self, url: str, rate: float, until: float) -> None:
+        self.ws_url = url.replace("http://", "ws://") + "/worker"
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.interval = 1.0 / rate
+        self.until = until
+        self.counts: dict[str, int] = {}
+        self.job = ""
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    async def connect(self) -> tuple[ClientConnection, p.Hello] | None:
+        """A websocket from the hostile address and its hello, or None (refused)."""
+        try:
+            ws = await connect(
+                self.ws_url,
+                compression=None,
+                max_size=None,
+                local_addr=(HOSTILE_ADDRESS, 0),
+                close_timeout=1,
+            )
+        except websockets.InvalidStatus as exc:
+            self.count(f"refused_{exc.response.status_code}")
+            await asyncio.sleep(0.1)
+            return None
+        except OSError:
+            self.count("connect_failed")
+            await asyncio.sleep(0.1)
+            return None
+        self.count("ws_opened")
+        try:
+            hello = p.decode(await ws.recv(), p.SCHEDULER_MESSAGES)
+        except websockets.ConnectionClosed as exc:
+            self.closed(exc)
+            return None
+        assert isinstance(hello, p.Hello)
+        return ws, hello
+
+    def closed(self, exc: websockets.ConnectionClosed) -> None:
+        code = exc.rcvd.code if exc.rcvd is not None else "none"
+        self.count(f"ws_closed_{code}")
+
+    async def login(self, ws: ClientConnection, identity: Identity, hello: p.Hello) -> None:
+        sig = identity.sign(
+            signing.session_payload(hello.challenge, hello.server, identity.address)
+        )
+        await ws.send(
+            p.encode(
+                p.Auth(
+                    id=0, address=identity.address, signature=sig, payment_address=identity.address
+                )
+            ).decode()
+        )
+        await ws.recv()
+
+    async def idle(self) -> None:
+        while time.monotonic() < self.until:
+            opened = await self.connect()
+            if opened is None:
+                continue
+            try:
+                await opened[0].recv()
+            except websockets.ConnectionClosed as exc:
+                self.closed(exc)
+
+    async def half_http(self, n: int) -> None:
+        partial = (
+            b"GET /api/v1/sta"
+            if n % 2
+            else b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        while time.monotonic() < self.until:
+            try:
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, local_addr=(HOSTILE_ADDRESS, 0)
+                )
+            except OSError:
+                self.count("connect_failed")
+                await asyncio.sleep(0.1)
+                continue
+            writer.write(partial)
+            reply = await reader.read()  # to the close
+            self.count("http_closed_" + (reply[9:12].decode() if reply else "silently"))
+            writer.close()
+
+    async def paced(self, ws: ClientConnection, frames: list[str], what: str) -> None:
+        """Send ``frames`` in turn, one reply awaited each, at most one per interval."""
+        i = 0
+        while time.monotonic() < self.until:
+            started = time.monotonic()
+            await ws.send(frames[i % len(frames)])
+            await ws.recv()
+            self.count(what)
+            i += 1
+            await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
+
+    async def authenticated(self, kind: str) -> None:
+        identity = Identity.from_private_key(os.urandom(32))
+        other = Identity.from_private_key(os.urandom(32))
+        while time.monotonic() < self.until:
+            opened = await self.connect()
+            if opened is None:
+                continue
+            ws, hello = opened
+            try:
+                await self.login(ws, identity, hello)
+                if kind == "forged":
+                    frames = []
+                    for i in range(64):
+                        token = os.urandom(16).hex()
+                        signer = other if i % 2 else identity  # bad signature / stale token
+                        payload = signing.result_payload(self.job, i, token, b"x", identity.address)
+                        result = p.Result(
+                            id=i + 1,
+                            job=self.job,
+                            slice=i,
+                            token=token,
+                            result=b"x",
+                            payment_address=identity.address,
+                            signature=signer.sign(payload),
+                        )
+                        frames.append(p.encode(result).decode())
+                    await self.paced(ws, frames, "forged_results")
+                else:
+                    bogus = (p.LeaseRef(self.job or "nojob", 0, "00" * 16),)
+                    frames = [
+                        p.encode(p.Fetch(id=1, max_slices=64, capabilities=NO_RUNTIME)).decode(),
+                        p.encode(p.Heartbeat(id=2, leases=bogus)).decode(),
+                    ]
+                    await self.paced(ws, frames, "flood_frames")
+            except websockets.ConnectionClosed as exc:
+                self.closed(exc)
+
+    async def malformed(self) -> None:
+        frames = ["{nope", "[" * 5000 + "]" * 5000, json.dumps({"v": 1, "type": "teleport"})]
+        while time.monotonic() < self.until:
+            opened = await self.connect()
+            if opened is None:
+                continue
+            try:
+                await self.paced(opened[0], frames, "malformed_frames")
+            except websockets.ConnectionClosed as exc:
+                self.closed(exc)
+
+
+async def run_swarm(
+    url: str, job: str, hostile: int, rate: float, seconds: float, kinds: tuple[str, ...]
+) -> dict[str, float]:
+    swarm = Swarm(url, rate, time.monotonic() + seconds)
+    swarm.job = job  # the forged results name the real job: the costly path
+    runs = []
+    for i in range(hostile):
+        kind = kinds[i % len(kinds)]
+        if kind == "idle":
+            runs.append(swarm.idle())
+        elif kind == "half_http":
+            runs.append(swarm.half_http(i))
+        elif kind == "malformed":
+            runs.append(swarm.malformed())
+        else:
+            runs.append(swarm.authenticated(kind))
+    print("ready", flush=True)
+    try:
+        async with asyncio.timeout(seconds + 15):
+            await asyncio.gather(*runs, return_exceptions=True)
+    except TimeoutError:
+        pass
+    figures: dict[str, float] = dict(sorted(swarm.counts.items()))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)  # the hostile process's own
+    return figures
 
 
 def main() -> None:
@@ -132,30 +411,71 @@ def main() -> None:
         "--compute", default="0,1", help="seconds each worker holds a slice (0: saturate)"
     )
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--hostile", type=int, default=0, help="hostile clients (issue 14)")
+    parser.add_argument(
+        "--hostile-rate", type=float, default=20.0, help="frames/s of each flooding client"
+    )
+    parser.add_argument(
+        "--hostile-kinds",
+        default=",".join(HOSTILE_KINDS),
+        help="the hostile kinds, shared out in turn (default: all)",
+    )
+    parser.add_argument("--swarm", metavar="URL", help=argparse.SUPPRESS)  # the hostile process
+    parser.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.swarm:
+        counts_ = asyncio.run(
+            run_swarm(
+                args.swarm,
+                args.job,
+                args.hostile,
+                args.hostile_rate,
+                args.seconds,
+                tuple(args.hostile_kinds.split(",")),
+            )
+        )
+        print(json.dumps(counts_))
+        return
     counts = [int(n) for n in args.workers.split(",")]
     computes = [float(c) for c in args.compute.split(",")]
     if args.quick:
         counts, computes, args.seconds = [5, 20], [0.0, 0.2], 2.0
+        if args.hostile:
+            counts, computes = [20], [0.2]
     figures: dict[str, object] = {"seconds": args.seconds}
+    kinds = tuple(args.hostile_kinds.split(","))
+    if not set(kinds) <= set(HOSTILE_KINDS):
+        parser.error(f"--hostile-kinds: choose among {','.join(HOSTILE_KINDS)}")
+    if args.hostile:
+        figures.update(hostile=args.hostile, hostile_rate=args.hostile_rate, kinds=list(kinds))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
-        scheduler = LocalScheduler(work / "s.db", "--lease-timeout", "60")
+        extra = HOSTILE_DEADLINES if args.hostile else []
+        scheduler = LocalScheduler(work / "s.db", "--lease-timeout", "60", *extra)
         try:
             with ComputeClient(scheduler.url, owner) as client:
                 values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
                 job_toml = work / "job.toml"
                 job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
-                client.deploy(job_toml)
+                job = client.deploy(job_toml)
             for n in counts:
                 for compute in computes:
                     figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
-                        run_workers(scheduler.url, n, compute, args.seconds)
+                        run_workers(
+                            scheduler.url,
+                            n,
+                            compute,
+                            args.seconds,
+                            args.hostile,
+                            args.hostile_rate,
+                            job,
+                            kinds,
+                        )
                     )
         finally:
             scheduler.stop(30)
-    report("scale", figures, save=not args.quick)
+    report("scale_hostile" if args.hostile else "scale", figures, save=not args.quick)
 
 
 if __name__ == "__main__":

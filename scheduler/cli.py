@@ -18,6 +18,7 @@ from aiohttp import web
 
 from dcp_worker.protocol import MAX_FRAME_BYTES, policy, signing
 
+from .limits import ConnectionLimits
 from .server import Scheduler, SchedulerConfig
 from .sqlite_store import SQLiteStore
 from .store import StoreError, credits, to_micro
@@ -129,6 +130,44 @@ def main(verbose: int) -> None:
     "meanwhile, so keep it short.",
 )
 @click.option(
+    "--auth-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a worker websocket has from its upgrade to an accepted auth; then it is "
+    "closed (4008 auth_timeout).",
+)
+@click.option(
+    "--max-unauthenticated-per-address",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Unauthenticated connections (HTTP requests being served, websockets before auth) "
+    "one remote address may hold; more are refused at once (503).",
+)
+@click.option(
+    "--max-unauthenticated",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Unauthenticated connections from all addresses together; more are refused (503).",
+)
+@click.option(
+    "--http-header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection has to send a whole request line and headers (and the most a "
+    "keep-alive connection may idle between requests); then it is closed.",
+)
+@click.option(
+    "--http-body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request has to send its whole body; then it is refused (408) and closed.",
+)
+@click.option(
     "--name",
     default="dcp-scheduler",
     show_default=True,
@@ -161,6 +200,11 @@ def serve(
     metrics_parallelism: float,
     job_lifetime: float,
     db_busy_timeout: float,
+    auth_timeout: float,
+    max_unauthenticated_per_address: int,
+    max_unauthenticated: int,
+    http_header_timeout: float,
+    http_body_timeout: float,
     name: str,
     max_result_bytes: int,
     max_frame_bytes: int,
@@ -180,6 +224,13 @@ def serve(
             job_lifetime=job_lifetime * 3600,
             max_result_bytes=max_result_bytes,
             max_frame_bytes=max_frame_bytes,
+            limits=ConnectionLimits(
+                per_address=max_unauthenticated_per_address,
+                total=max_unauthenticated,
+                auth_timeout=auth_timeout,
+            ),
+            http_header_timeout=http_header_timeout,
+            http_body_timeout=http_body_timeout,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -192,7 +243,11 @@ def serve(
 
 async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
     runner = web.AppRunner(
-        scheduler.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS
+        scheduler.app(),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+        **scheduler.runner_options(),
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

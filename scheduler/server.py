@@ -65,6 +65,7 @@ from dcp_worker.protocol import Hello as HelloMsg
 from dcp_worker.protocol.policy import JobTerms, WorkerTerms
 
 from .jobdoc import JobFileError, parse_document
+from .limits import ConnectionLimits, ConnectionRefusal, Ticket, UnauthenticatedConnections
 from .plausibility import MetricsRules
 from .store import (
     InsufficientFunds,
@@ -97,6 +98,12 @@ _NONCE = re.compile(r"[0-9a-f]{32}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 #: The longest a fetch may be parked waiting for work (the worker asks for less).
 MAX_FETCH_WAIT = 30.0
+#: The websocket close code of a session that did not authenticate in time.
+CLOSE_AUTH_TIMEOUT = 4008
+#: Seconds an overdue session's close handshake may take before its socket is dropped.
+CLOSE_GRACE = 1.0
+#: Where a request's connection ticket (scheduler.limits) is kept on the request.
+TICKET = "dcp.ticket"
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,13 @@ class SchedulerConfig:
     #: Finished and cancelled jobs are removed this long after they end (damocles: 25 h).
     job_lifetime: float = 25 * 3600.0
     gc_interval: float = 60.0
+    #: Unauthenticated connections: per address, in total, and the websocket auth deadline.
+    limits: ConnectionLimits = ConnectionLimits()
+    #: Seconds a connection has to send a complete request line and headers (also the idle
+    #: limit of a keep-alive connection between requests): aiohttp's ``keepalive_timeout``.
+    http_header_timeout: float = 10.0
+    #: Seconds a request has to send its whole body once its headers are in.
+    http_body_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
@@ -249,11 +263,14 @@ class Scheduler:
         self._work_event = asyncio.Event()
         self._results_event = asyncio.Event()
         self.sessions = 0
+        self.limiter = UnauthenticatedConnections(self.config.limits)
+        #: Websockets that hold a ticket, by its serial, until their auth is accepted.
+        self._unauthenticated: dict[int, web.WebSocketResponse] = {}
 
     # ------------------------------------------------------------------ app
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_DEPLOY_BYTES)
+        app = web.Application(client_max_size=MAX_DEPLOY_BYTES, middlewares=[self._admit_connection])
         app.router.add_get("/worker", self.worker_session)
         app.router.add_get(f"{API}/status", self.api_status)
         app.router.add_post(f"{API}/jobs", self.api_deploy)
@@ -265,8 +282,74 @@ class Scheduler:
         app.router.add_delete(f"{API}/jobs/{{job}}/tokens/{{token}}", self.api_revoke_token)
         app.router.add_get(f"{API}/accounts/{{address}}", self.api_account)
         app.cleanup_ctx.append(self._expiry_ctx)
+        app.cleanup_ctx.append(self._auth_deadline_ctx)
         app.on_shutdown.append(self._close_sessions)
         return app
+
+    def runner_options(self) -> dict[str, Any]:
+        """aiohttp server settings that belong to this configuration (``web.AppRunner``)."""
+        # keepalive_timeout runs from the accept: a connection whose request line and headers
+        # are not all in by then is closed (aiohttp has no separate header timeout).
+        return {"keepalive_timeout": self.config.http_header_timeout}
+
+    @web.middleware
+    async def _admit_connection(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every request holds a ticket of the unauthenticated-connection limits while it is
+        served (a worker websocket until its auth is accepted); over a limit it is refused at
+        once (503, named); its body must arrive within the body timeout (408, named)."""
+        address = request.remote or ""
+        ticket = self.limiter.admit(address, websocket=request.path == "/worker")
+        if isinstance(ticket, ConnectionRefusal):
+            log.info("refused a connection from %s: %s", address, ticket.value)
+            return _refusal(503, ticket, "too many unauthenticated connections; retry later")
+        request[TICKET] = ticket
+        try:
+            if request.body_exists:
+                try:
+                    async with asyncio.timeout(self.config.http_body_timeout):
+                        await request.read()  # kept by aiohttp: the handler's read() returns it
+                except TimeoutError:
+                    log.info(
+                        "closed a request from %s: %s", address, ConnectionRefusal.BODY_TIMEOUT
+                    )
+                    return _refusal(
+                        408,
+                        ConnectionRefusal.BODY_TIMEOUT,
+                        f"the body did not arrive within {self.config.http_body_timeout:g} s",
+                    )
+            return await handler(request)
+        finally:
+            self._unauthenticated.pop(ticket.serial, None)
+            self.limiter.release(ticket)
+
+    async def _auth_deadline_ctx(self, app: web.Application) -> Any:
+        task = asyncio.create_task(self._close_overdue_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _close_overdue_forever(self) -> None:
+        """Close the websockets that did not authenticate by their deadline (4008)."""
+        interval = min(1.0, self.config.limits.auth_timeout / 4)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await asyncio.sleep(interval)
+                for ticket in self.limiter.overdue():
+                    ws = self._unauthenticated.pop(ticket.serial, None)
+                    if ws is not None:
+                        tg.create_task(self._close_overdue(ws, ticket))
+
+    async def _close_overdue(self, ws: web.WebSocketResponse, ticket: Ticket) -> None:
+        log.info("closing a session from %s: %s", ticket.address, ConnectionRefusal.AUTH_TIMEOUT)
+        reason = ConnectionRefusal.AUTH_TIMEOUT.value.encode()
+        # A peer that never answers the close frame is dropped after CLOSE_GRACE (aiohttp
+        # closes the transport when its close is cancelled).
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            async with asyncio.timeout(CLOSE_GRACE):
+                await ws.close(code=CLOSE_AUTH_TIMEOUT, message=reason)
 
     async def _close_sessions(self, app: web.Application) -> None:
         """Shutting down: close every worker session (1001, going away); workers reconnect
@@ -321,8 +404,14 @@ class Scheduler:
         ws = web.WebSocketResponse(max_msg_size=2 * MAX_FRAME_BYTES, compress=False)
         await ws.prepare(request)
         send_lock = asyncio.Lock()
+        ticket: Ticket | None = request.get(TICKET)
+        if ticket is not None:  # the auth deadline runs until welcome (see _admit_connection)
+            self._unauthenticated[ticket.serial] = ws
 
         async def send(message: Message) -> None:
+            if ticket is not None and isinstance(message, Welcome):
+                self._unauthenticated.pop(ticket.serial, None)
+                self.limiter.release(ticket)
             async with send_lock:
                 await ws.send_str(encode(message).decode())
 
@@ -1097,6 +1186,16 @@ def _token_ttl(body: bytes) -> float:
             f'the body is {{"ttl": seconds}}, 1 to {MAX_READ_TOKEN_TTL:g}',
         )
     return float(ttl)
+
+
+def _refusal(status: int, reason: ConnectionRefusal, message: str) -> web.Response:
+    """A named refusal of a connection: the response closes it."""
+    response = web.json_response(
+        {"error": {"code": reason.value, "message": message}}, status=status
+    )
+    response.headers["Retry-After"] = "1"
+    response.force_close()
+    return response
 
 
 def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> web.Response:
