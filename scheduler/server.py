@@ -270,7 +270,9 @@ class Scheduler:
     # ------------------------------------------------------------------ app
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_DEPLOY_BYTES, middlewares=[self._admit_connection])
+        app = web.Application(
+            client_max_size=MAX_DEPLOY_BYTES, middlewares=[self._admit_connection]
+        )
         app.router.add_get("/worker", self.worker_session)
         app.router.add_get(f"{API}/status", self.api_status)
         app.router.add_post(f"{API}/jobs", self.api_deploy)
