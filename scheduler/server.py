@@ -103,7 +103,7 @@ CLOSE_AUTH_TIMEOUT = 4008
 #: Seconds an overdue session's close handshake may take before its socket is dropped.
 CLOSE_GRACE = 1.0
 #: Where a request's connection ticket (scheduler.limits) is kept on the request.
-TICKET = "dcp.ticket"
+TICKET = web.RequestKey("dcp.ticket", Ticket)
 
 
 @dataclass(frozen=True)
