@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection
 
+from dcp_worker import protocol as p
 from dcp_worker.identity import Identity, create_keystore
 from scheduler.local import LocalScheduler
 
@@ -62,6 +67,27 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02
+) -> None:
+    """:func:`wait_for` inside an event loop: the loop runs while ``predicate`` is polled."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def answer_empty(ws: ServerConnection, fetch: p.Fetch) -> None:
+    """Answer ``fetch`` as a scheduler without work does: a long poll, held until its
+    ``wait_seconds`` are over, and never answered if the session closes first."""
+    try:
+        await asyncio.wait_for(ws.wait_closed(), fetch.wait_seconds)
+    except TimeoutError:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(p.encode(p.Work(re=fetch.id)).decode())
 
 
 class SchedulerProcess(LocalScheduler):

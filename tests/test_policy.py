@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import subprocess
@@ -21,7 +20,15 @@ from dcp_worker.protocol import signing
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.sqlite_store import SQLiteStore
 
-from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+from .conftest import (
+    EXAMPLES,
+    Keystore,
+    SchedulerProcess,
+    WorkerProcess,
+    answer_empty,
+    command,
+    wait_for,
+)
 from .test_pipeline import ECHO, PUZZLE, counts, job_file
 from .test_scheduler_session import _open, _recv
 
@@ -176,7 +183,7 @@ class RogueScheduler:
                         )
                         reply = p.Work(re=message.id, slices=(lease,), jobs=(self.then,))
                     else:  # nothing more: a long poll, answered empty in the background
-                        polls.append(asyncio.create_task(self._empty(ws, message)))
+                        polls.append(asyncio.create_task(answer_empty(ws, message)))
                         continue
                 elif isinstance(message, p.Heartbeat):
                     reply = p.HeartbeatAck(re=message.id, deadline=1e12)
@@ -196,12 +203,6 @@ class RogueScheduler:
         finally:
             for poll in polls:
                 poll.cancel()
-
-    @staticmethod
-    async def _empty(ws: ServerConnection, fetch: p.Fetch) -> None:
-        await asyncio.sleep(min(fetch.wait_seconds, 1.0))
-        with contextlib.suppress(websockets.ConnectionClosed):
-            await ws.send(p.encode(p.Work(re=fetch.id)).decode())
 
     def close(self) -> None:
         assert self._stop is not None

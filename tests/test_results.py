@@ -28,7 +28,7 @@ from scheduler.server import Scheduler, SchedulerConfig
 from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import NewJob, StaleLease
 
-from .conftest import EXAMPLES, Keystore
+from .conftest import EXAMPLES, Keystore, wait_until
 from .test_scheduler_session import _open, _recv
 
 SLOWCHECK = Path(__file__).parent / "wasm" / "slowcheck.c"
@@ -187,8 +187,7 @@ def test_one_sessions_verifications_do_not_delay_anothers(
             for i, lease in enumerate(leases):
                 await flood.send(result_frame(hostile, 10 + i, job, lease.slice, lease.token, b"b"))
             # A condition on a snapshot, polled (the pool has no event for it): all 8 are in.
-            while scheduler.verifiers.statistics().waiting < 7:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: scheduler.verifiers.statistics().waiting >= 7)
             await ws.send(result_frame(honest, 3, job, mine.slice, mine.token, mine.datum))
             order: list[str] = []
 

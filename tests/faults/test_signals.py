@@ -12,7 +12,7 @@ import pytest
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
 
-from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for
+from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for, wait_until
 from ..test_pipeline import PUZZLE, counts, job_file
 
 
@@ -134,10 +134,7 @@ def test_a_stop_while_the_evaluator_starts_is_prompt(tmp_path: Path) -> None:
 
     async def go() -> tuple[bool, float]:
         task = asyncio.create_task(supervisor.run())
-        deadline = time.monotonic() + 20
-        while not starting():
-            assert time.monotonic() < deadline, "the evaluator did not start"
-            await asyncio.sleep(0.02)
+        await wait_until(starting, 20)
         started = time.monotonic()
         supervisor.stop()
         clean = await asyncio.wait_for(task, 20)

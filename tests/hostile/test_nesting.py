@@ -29,7 +29,14 @@ from dcp_worker.config import ConfigError, load_config
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.jobdoc import JobFileError, load_job_file
 
-from ..conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
+from ..conftest import (
+    Keystore,
+    SchedulerProcess,
+    WorkerProcess,
+    answer_empty,
+    command,
+    wait_for,
+)
 from ..test_scheduler_session import _open, _recv
 
 LEVELS = 200_000
@@ -61,6 +68,7 @@ class NestingScheduler:
 
     async def _session(self, ws: ServerConnection) -> None:
         self.connections += 1
+        polls: list[asyncio.Task[None]] = []
         try:
             if self.mode == "first":
                 await ws.send(DEEP)
@@ -83,13 +91,15 @@ class NestingScheduler:
             async for frame in ws:
                 message = p.decode(frame, p.SCHEDULER_MESSAGES)
                 self.after_deep.append(message)
-                if isinstance(message, p.Fetch):
-                    await asyncio.sleep(0.2)  # pace the worker's polling, not a wait
-                    await ws.send(p.encode(p.Work(re=message.id)).decode())
+                if isinstance(message, p.Fetch):  # no work: a long poll
+                    polls.append(asyncio.create_task(answer_empty(ws, message)))
                 elif isinstance(message, p.Heartbeat):
                     await ws.send(p.encode(p.HeartbeatAck(re=message.id, deadline=1e12)).decode())
         except websockets.ConnectionClosed:
             pass
+        finally:
+            for poll in polls:
+                poll.cancel()
 
     def close(self) -> None:
         assert self._stop is not None
