@@ -910,12 +910,15 @@ class Supervisor:
             if job is not None:
                 self._jobs.move_to_end(job.job)
             runnable = []
+            # Once per batch: the terms now and the job's measured cost are the same for each.
+            terms = self._worker_terms()
+            cost = None if job is None else self._mean_cost(job.job)
             for held in batch:
                 lease = held.lease
                 if held.lost:
                     self._held.pop(_key(lease), None)
                     continue
-                why = self._slice_refusal(job, held)
+                why = self._slice_refusal(job, held, terms, cost)
                 if why is not None:
                     # Never trust the scheduler alone: this slice reaches no evaluator.
                     self._held.pop(_key(lease), None)
@@ -1082,10 +1085,13 @@ class Supervisor:
         self._changed.add(job.job)
         return True
 
-    def _slice_refusal(self, job: JobSpec | None, held: _Held) -> Refusal | None:
+    def _slice_refusal(
+        self, job: JobSpec | None, held: _Held, now: WorkerTerms, cost: Metrics | None
+    ) -> Refusal | None:
         """Why this slice must not run: checked against what the fetch that leased it offered
-        (the scheduler may have ignored it) and against the terms now (a job declined since,
-        an OpenCL budget used up). The wage is judged by the worker's own measurements."""
+        (the scheduler may have ignored it) and against the terms ``now`` (a job declined
+        since, an OpenCL budget used up). The wage is judged by the worker's own measurements
+        (``cost``)."""
         lease = held.lease
         if job is None:
             return Refusal(
@@ -1097,9 +1103,8 @@ class Supervisor:
                 ErrorCode.JOB_SPEC_CHANGED.value,
                 "the scheduler sent another spec for this job than before",
             )
-        cost = self._mean_cost(job.job)
-        for terms in (held.offered, self._worker_terms()):
-            why = policy.slice_refusal(job, held.lease, terms, cost)
+        for terms in (held.offered, now):
+            why = policy.slice_refusal(job, lease, terms, cost)
             if why is not None:
                 return why
         return None
