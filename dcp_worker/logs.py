@@ -49,9 +49,21 @@ def detect_outputs(
         return outputs
     if under_systemd(env):
         return ("journal",)
-    if tty if tty is not None else (sys.stdout.isatty() and sys.stdin.isatty()):
+    if tty if tty is not None else _terminal_is_ours():
         return ("dashboard",)
     return ("console",)
+
+
+def _terminal_is_ours() -> bool:
+    """A terminal on stdin and stdout, and this process in its foreground: a worker started
+    in the background (``dcp-worker ... &``) would be stopped by the terminal (SIGTTOU) the
+    moment a dashboard drew on it, so it logs to the console instead."""
+    if not (sys.stdout.isatty() and sys.stdin.isatty()):
+        return False
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False
 
 
 class ReopeningFileHandler(logging.FileHandler):
