@@ -48,17 +48,13 @@ from .protocol import (
     frame,
 )
 
-__all__ = ["Sandbox", "SandboxState", "SliceFailure", "default_evaluator_command"]
+__all__ = ["Sandbox", "SandboxState", "SliceFailure"]
 
 log = logging.getLogger("dcp.worker.sandbox")
 
 _MARGIN = 5.0
 _ASSIGN_TIMEOUT = 120.0
 _STDERR_LINES = 20
-
-
-def default_evaluator_command() -> list[str]:
-    return evaluator_command()
 
 
 async def _connect(
