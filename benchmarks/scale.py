@@ -50,7 +50,7 @@ from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from dcp_worker import protocol as p  # noqa: E402
 from dcp_worker.connection import Session, SessionError, open_session  # noqa: E402
 from dcp_worker.identity import Identity, create_keystore  # noqa: E402
-from dcp_worker.protocol import Fetch, Result, Work, signing  # noqa: E402
+from dcp_worker.protocol import Ack, Fetch, Metrics, Result, Work, signing  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 
@@ -106,12 +106,20 @@ async def one_worker(
             latencies.append(time.perf_counter() - started)
             known = tuple({*known, *(job.job for job in reply.jobs)})
             for lease in reply.slices:
+                held = time.monotonic()
                 if compute:
                     await asyncio.sleep(random.uniform(compute / 2, compute * 1.5))
+                # What an honest worker reports: the scheduler refuses metrics that contradict
+                # the lease (metrics_implausible), and a refused result is not a result.
+                metrics = Metrics(
+                    wall_seconds=time.monotonic() - held,
+                    bytes_in=len(lease.datum),
+                    bytes_out=len(lease.datum),
+                )
                 payload = signing.result_payload(
                     lease.job, lease.slice, lease.token, lease.datum, identity.address
                 )
-                await session.request(
+                ack = await session.request(
                     partial(
                         Result,
                         job=lease.job,
@@ -120,9 +128,13 @@ async def one_worker(
                         result=lease.datum,
                         payment_address=identity.address,
                         signature=identity.sign(payload),
+                        metrics=metrics,
                     )
                 )
-                done[0] += 1
+                if isinstance(ack, Ack) and ack.status == "accepted":
+                    done[0] += 1
+                else:
+                    done[1] += 1  # a refusal: counted, never as a result
     except SessionError:
         pass
     finally:
@@ -155,7 +167,7 @@ async def run_workers(
 ) -> dict[str, object]:
     identities = [Identity.from_private_key(os.urandom(32)) for _ in range(n)]
     latencies: list[float] = []
-    done = [0]
+    done = [0, 0]  # results accepted, results refused
     logins = Logins(n)
     # Connect them all first (a login storm is its own test), then measure a steady run.
     deadline = time.monotonic() + 3600
@@ -173,16 +185,17 @@ async def run_workers(
 
     async def window() -> dict[str, float]:
         latencies.clear()
-        done[0] = 0
+        done[0] = done[1] = 0
         started = time.monotonic()
         await asyncio.sleep(seconds)
         elapsed = time.monotonic() - started
-        count, sample = done[0], list(latencies)
+        count, refused, sample = done[0], done[1], list(latencies)
         return {
             "results_per_s": round(count / elapsed, 1),
             "lease_p50_ms": round(1000 * percentile(sample, 0.5), 2),
             "lease_p99_ms": round(1000 * percentile(sample, 0.99), 2),
             "leases": len(sample),
+            "refused": refused,
         }
 
     figures: dict[str, object] = {**await window()}

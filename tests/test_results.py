@@ -25,7 +25,7 @@ from dcp_worker import protocol as p
 from dcp_worker.protocol import signing
 from scheduler.client import ComputeClient
 from scheduler.server import Scheduler, SchedulerConfig
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.sqlite_store import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore
 from scheduler.store import NewJob, StaleLease
 
 from .conftest import EXAMPLES, Keystore, wait_until
@@ -346,4 +346,33 @@ def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(tmp_path: Path) -> None
     cost = store.job(job).cost
     assert cost is not None
     assert (cost.cpu_seconds, cost.bytes_in, cost.bytes_out) == (1.0, 1, 1)
+    store.close()
+
+
+def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_path: Path) -> None:
+    """Pricing reads one row per worker of the job: past PRICE_EXACT_WORKERS it is redone at
+    most once per PRICE_INTERVAL of the callers' clock, not on each acceptance (with 1,000
+    workers that re-read took over half of a saturated scheduler's time)."""
+    store = SQLiteStore(tmp_path / "s.db")
+    many = PRICE_EXACT_WORKERS + 1
+    job = deploy(store, [b"x"] * (3 * many + 1))
+
+    def accept(first: int, n: int, cpu: float, now: float) -> None:
+        for i in range(first, first + n):
+            worker = f"0x{i:040x}"
+            (lease,) = store.lease(worker, 1, now - 0.5, 15.0)
+            row = (job, lease.slice, lease.token, b"x", worker, "00" * 65, p.Metrics(1.0, cpu, 1, 1))
+            assert store.accept_results(worker, [row], now) == [("accepted", 0)]
+
+    def cpu() -> float:
+        cost = store.job(job).cost
+        assert cost is not None
+        return cost.cpu_seconds
+
+    accept(1, many, 1.0, now=10.0)  # priced on each: the last saw `many` workers
+    assert cpu() == 1.0
+    accept(many + 1, 2 * many, 9.0, now=10.0 + PRICE_INTERVAL / 2)
+    assert cpu() == 1.0  # not re-read yet: two thirds of the workers now say 9
+    accept(3 * many + 1, 1, 9.0, now=10.0 + PRICE_INTERVAL)
+    assert cpu() == 9.0  # the interval passed: priced from every worker again
     store.close()
