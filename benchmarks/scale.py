@@ -21,9 +21,12 @@ fetches that can lease nothing and heartbeats of leases they do not hold, and ma
 before auth. Each flooding client sends at most ``--hostile-rate`` frames a second, waiting for
 each reply. The figures compare the honest workers' p99 lease latency and results/s with and
 without them; the scheduler runs with short deadlines (2 s) so the closes happen in the window.
+``--control`` points the same hostile clients at a second scheduler on this machine: what the
+honest workers lose to sharing the two cores with the attackers' process, not to the attack.
 
     python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--seconds S]
         [--hostile 100] [--hostile-rate 20] [--hostile-kinds idle,half_http,forged,flood,malformed]
+        [--control]
 """
 
 from __future__ import annotations
@@ -164,6 +167,7 @@ async def run_workers(
     rate: float = 20.0,
     job: str = "",
     kinds: tuple[str, ...] = HOSTILE_KINDS,
+    target: str = "",
 ) -> dict[str, object]:
     identities = [Identity.from_private_key(os.urandom(32)) for _ in range(n)]
     latencies: list[float] = []
@@ -205,7 +209,7 @@ async def run_workers(
             sys.executable,
             __file__,
             "--swarm",
-            url,
+            target or url,
             "--job",
             job,
             "--hostile",
@@ -433,6 +437,12 @@ def main() -> None:
         default=",".join(HOSTILE_KINDS),
         help="the hostile kinds, shared out in turn (default: all)",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="the hostile clients attack a second scheduler on this machine instead: what the "
+        "honest figures lose to sharing the machine alone",
+    )
     parser.add_argument("--swarm", metavar="URL", help=argparse.SUPPRESS)  # the hostile process
     parser.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -461,17 +471,23 @@ def main() -> None:
         parser.error(f"--hostile-kinds: choose among {','.join(HOSTILE_KINDS)}")
     if args.hostile:
         figures.update(hostile=args.hostile, hostile_rate=args.hostile_rate, kinds=list(kinds))
+        figures["control"] = args.control
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
         extra = HOSTILE_DEADLINES if args.hostile else []
         scheduler = LocalScheduler(work / "s.db", "--lease-timeout", "60", *extra)
+        decoy = LocalScheduler(work / "decoy.db", *extra) if args.control else None
         try:
+            values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
+            job_toml = work / "job.toml"
+            job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
             with ComputeClient(scheduler.url, owner) as client:
-                values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
-                job_toml = work / "job.toml"
-                job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
                 job = client.deploy(job_toml)
+            target = ""
+            if decoy is not None:
+                with ComputeClient(decoy.url, owner) as client:
+                    job, target = client.deploy(job_toml), decoy.url
             for n in counts:
                 for compute in computes:
                     figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
@@ -484,11 +500,21 @@ def main() -> None:
                             args.hostile_rate,
                             job,
                             kinds,
+                            target,
                         )
                     )
         finally:
             scheduler.stop(30)
-    report("scale_hostile" if args.hostile else "scale", figures, save=not args.quick)
+            if decoy is not None:
+                decoy.stop(30)
+    name = (
+        "scale"
+        if not args.hostile
+        else "scale_hostile_control"
+        if args.control
+        else "scale_hostile"
+    )
+    report(name, figures, save=not args.quick)
 
 
 if __name__ == "__main__":

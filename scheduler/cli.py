@@ -18,7 +18,7 @@ from aiohttp import web
 
 from dcp_worker.protocol import MAX_FRAME_BYTES, policy, signing
 
-from .limits import ConnectionLimits
+from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
 from .sqlite_store import SQLiteStore
 from .store import StoreError, credits, to_micro
@@ -168,6 +168,21 @@ def main(verbose: int) -> None:
     help="Seconds a request has to send its whole body; then it is refused (408) and closed.",
 )
 @click.option(
+    "--refusal-burst",
+    type=click.IntRange(min=1),
+    default=RefusalLimits.burst,
+    show_default=True,
+    help="Refused frames (forged or stale results, heartbeats of leases not held, malformed "
+    "frames) a session may send at once; past it its frames are read at --refusal-rate.",
+)
+@click.option(
+    "--refusal-rate",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=RefusalLimits.rate,
+    show_default=True,
+    help="Refused frames per second a session may go on sending past --refusal-burst.",
+)
+@click.option(
     "--name",
     default="dcp-scheduler",
     show_default=True,
@@ -205,6 +220,8 @@ def serve(
     max_unauthenticated: int,
     http_header_timeout: float,
     http_body_timeout: float,
+    refusal_burst: int,
+    refusal_rate: float,
     name: str,
     max_result_bytes: int,
     max_frame_bytes: int,
@@ -231,6 +248,7 @@ def serve(
             ),
             http_header_timeout=http_header_timeout,
             http_body_timeout=http_body_timeout,
+            refusals=RefusalLimits(burst=refusal_burst, rate=refusal_rate),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -6,6 +6,11 @@ Every HTTP request (the compute API, and the upgrade of a worker websocket) take
 request gives its ticket back with its response. Over a limit a request is refused at once, with
 a named reason. The server turns :meth:`~UnauthenticatedConnections.overdue` into closes.
 
+Once authenticated (or not), a session that keeps sending frames the scheduler must refuse
+(forged results, heartbeats of leases it does not hold, malformed frames) spends a
+:class:`RefusalBudget`: past its burst, the server reads that session's next frame only when the
+budget allows, so one client cannot buy more of the scheduler with refusals than it earns.
+
 The clock is injected: tests drive it by hand; the server passes ``time.monotonic``.
 """
 
@@ -21,6 +26,8 @@ __all__ = [
     "ConnectionLimits",
     "ConnectionRefusal",
     "LimiterStatistics",
+    "RefusalBudget",
+    "RefusalLimits",
     "Ticket",
     "UnauthenticatedConnections",
 ]
@@ -157,3 +164,51 @@ class UnauthenticatedConnections:
     def _refuse(self, reason: ConnectionRefusal) -> ConnectionRefusal:
         self._refused[reason.value] += 1
         return reason
+
+
+@dataclass(frozen=True)
+class RefusalLimits:
+    """How many refused frames a session may send (docs/configuration.md, "Limits").
+
+    Attributes:
+        burst: refused frames a session may send at once before it is slowed. An honest
+            worker earns a few at most (results of leases that expired while it was offline
+            come in one ``results`` frame, and a frame counts once however many it refuses).
+        rate: refused frames per second a session may go on sending past its burst; the
+            server reads its next frame only when its budget allows.
+    """
+
+    burst: int = 32
+    rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.burst < 1:
+            raise ValueError("the refusal burst must be at least 1")
+        if not self.rate > 0:
+            raise ValueError("the refusal rate must be positive")
+
+
+class RefusalBudget:
+    """One session's token bucket of refused frames: ``burst`` tokens, refilled at ``rate``
+    a second. :meth:`charge` spends one and says how long to wait before reading the
+    session's next frame (0 while the bucket held a token)."""
+
+    def __init__(self, limits: RefusalLimits, now: float) -> None:
+        self.limits = limits
+        self._tokens = float(limits.burst)
+        self._stamp = now
+        #: Refused frames charged, and how many of them had to wait.
+        self.charged = 0
+        self.waited = 0
+
+    def charge(self, now: float) -> float:
+        """One refused frame at ``now``: the seconds to wait before the next frame is read."""
+        elapsed = max(0.0, now - self._stamp)  # a clock never runs back here, but be safe
+        self._stamp = max(self._stamp, now)
+        self._tokens = min(float(self.limits.burst), self._tokens + elapsed * self.limits.rate)
+        self._tokens -= 1.0
+        self.charged += 1
+        if self._tokens >= 0:
+            return 0.0
+        self.waited += 1
+        return -self._tokens / self.limits.rate

@@ -65,7 +65,14 @@ from dcp_worker.protocol import Hello as HelloMsg
 from dcp_worker.protocol.policy import JobTerms, WorkerTerms
 
 from .jobdoc import JobFileError, parse_document
-from .limits import ConnectionLimits, ConnectionRefusal, Ticket, UnauthenticatedConnections
+from .limits import (
+    ConnectionLimits,
+    ConnectionRefusal,
+    RefusalBudget,
+    RefusalLimits,
+    Ticket,
+    UnauthenticatedConnections,
+)
 from .plausibility import MetricsRules
 from .store import (
     InsufficientFunds,
@@ -104,6 +111,25 @@ CLOSE_AUTH_TIMEOUT = 4008
 CLOSE_GRACE = 1.0
 #: Where a request's connection ticket (scheduler.limits) is kept on the request.
 TICKET = web.RequestKey("dcp.ticket", Ticket)
+#: Error codes that refuse what a session sent (its fault, unlike ``internal``): a frame
+#: answered with one of them spends the session's refusal budget (scheduler.limits).
+REFUSING_CODES = frozenset(
+    code.value
+    for code in (
+        ErrorCode.MALFORMED_FRAME,
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.UNKNOWN_MESSAGE,
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.UNEXPECTED_MESSAGE,
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.BAD_SIGNATURE,
+        ErrorCode.STALE_LEASE,
+        ErrorCode.UNKNOWN_SLICE,
+        ErrorCode.RESULT_TOO_LARGE,
+        ErrorCode.METRICS_IMPLAUSIBLE,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +162,8 @@ class SchedulerConfig:
     http_header_timeout: float = 10.0
     #: Seconds a request has to send its whole body once its headers are in.
     http_body_timeout: float = 60.0
+    #: Refused frames a session may send at once, and per second past that burst.
+    refusals: RefusalLimits = RefusalLimits()
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
@@ -165,6 +193,8 @@ class _Session:
     leave_public_group: bool = False
     #: (job, code) refusals already reported on this session (each is reported once).
     reported: set[tuple[str, str]] = field(default_factory=set)
+    #: Its allowance of refused frames (set when the session opens).
+    refusals: RefusalBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +293,9 @@ class Scheduler:
         self._work_event = asyncio.Event()
         self._results_event = asyncio.Event()
         self.sessions = 0
+        #: Sessions waiting now because they spent their refusal budget.
+        self.throttled = 0
+        self._stopping = asyncio.Event()
         self.limiter = UnauthenticatedConnections(self.config.limits)
         #: Websockets that hold a ticket, by its serial, until their auth is accepted.
         self._unauthenticated: dict[int, web.WebSocketResponse] = {}
@@ -356,6 +389,7 @@ class Scheduler:
     async def _close_sessions(self, app: web.Application) -> None:
         """Shutting down: close every worker session (1001, going away); workers reconnect
         with backoff and resend what they hold."""
+        self._stopping.set()  # throttled sessions stop waiting
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"scheduler shutting down")
@@ -411,13 +445,22 @@ class Scheduler:
             self._unauthenticated[ticket.serial] = ws
 
         async def send(message: Message) -> None:
-            if ticket is not None and isinstance(message, Welcome):
-                self._unauthenticated.pop(ticket.serial, None)
-                self.limiter.release(ticket)
+            if isinstance(message, Welcome):
+                # An honest client sends one frame before welcome (auth): until then a session
+                # has a burst of one refusal; from now on the configured one.
+                session.refusals = RefusalBudget(self.config.refusals, loop.time())
+                if ticket is not None:
+                    self._unauthenticated.pop(ticket.serial, None)
+                    self.limiter.release(ticket)
             async with send_lock:
                 await ws.send_str(encode(message).decode())
 
-        session = _Session(id=secrets.token_hex(8), send=send)
+        loop = asyncio.get_running_loop()
+        session = _Session(
+            id=secrets.token_hex(8),
+            send=send,
+            refusals=RefusalBudget(replace(self.config.refusals, burst=1), loop.time()),
+        )
         self._sockets.add(ws)
         challenge = secrets.token_hex(32)
         self.sessions += 1
@@ -442,6 +485,8 @@ class Scheduler:
                     if close:
                         await ws.close(code=4001, message=b"authentication failed")
                         break
+                    if isinstance(reply, Message) and _refuses(reply):
+                        await self._throttle(session)
                 for task in tasks:
                     task.cancel()
         finally:
@@ -449,6 +494,29 @@ class Scheduler:
             self.sessions -= 1
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
         return ws
+
+    async def _throttle(self, session: _Session) -> None:
+        """The session's frame was refused: spend its budget, and past its burst wait before
+        its next frame is read (nothing of it is read meanwhile; other sessions go on)."""
+        budget = session.refusals
+        assert budget is not None
+        delay = budget.charge(asyncio.get_running_loop().time())
+        if delay <= 0:
+            return
+        if budget.waited == 1:
+            log.warning(
+                "session %s (%s): %d refused frames; reading its frames at %g a second",
+                session.id,
+                session.address or "unauthenticated",
+                budget.charged,
+                budget.limits.rate,
+            )
+        self.throttled += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        finally:
+            self.throttled -= 1
 
     def _wake(self) -> None:
         """Slices became available: wake every parked fetch."""
@@ -937,7 +1005,12 @@ class Scheduler:
 
     async def api_status(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"server": self.config.name, "protocol": PROTOCOL_VERSION, "sessions": self.sessions}
+            {
+                "server": self.config.name,
+                "protocol": PROTOCOL_VERSION,
+                "sessions": self.sessions,
+                "throttled_sessions": self.throttled,
+            }
         )
 
     async def _signer(self, request: web.Request) -> str | None:
@@ -1188,6 +1261,19 @@ def _token_ttl(body: bytes) -> float:
             f'the body is {{"ttl": seconds}}, 1 to {MAX_READ_TOKEN_TTL:g}',
         )
     return float(ttl)
+
+
+def _refuses(reply: Message) -> bool:
+    """Whether ``reply`` refuses what the session sent (it spends the refusal budget): an
+    error of REFUSING_CODES, a ``results_ack`` refusing any item so, or a heartbeat's lost
+    leases. A frame counts once however many items it refuses."""
+    if isinstance(reply, Error):
+        return reply.code in REFUSING_CODES
+    if isinstance(reply, ResultsAck):
+        return any(a.status == "refused" and a.code in REFUSING_CODES for a in reply.acks)
+    if isinstance(reply, HeartbeatAck):
+        return bool(reply.lost)
+    return False
 
 
 def _refusal(status: int, reason: ConnectionRefusal, message: str) -> web.Response:

@@ -361,7 +361,15 @@ def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_pat
         for i in range(first, first + n):
             worker = f"0x{i:040x}"
             (lease,) = store.lease(worker, 1, now - 0.5, 15.0)
-            row = (job, lease.slice, lease.token, b"x", worker, "00" * 65, p.Metrics(1.0, cpu, 1, 1))
+            row = (
+                job,
+                lease.slice,
+                lease.token,
+                b"x",
+                worker,
+                "00" * 65,
+                p.Metrics(1.0, cpu, 1, 1),
+            )
             assert store.accept_results(worker, [row], now) == [("accepted", 0)]
 
     def cpu() -> float:
