@@ -183,6 +183,14 @@ def main(verbose: int) -> None:
     help="Refused frames per second a session may go on sending past --refusal-burst.",
 )
 @click.option(
+    "--max-leases-per-worker",
+    type=click.IntRange(min=1),
+    default=SchedulerConfig.max_leases_per_worker,
+    show_default=True,
+    help="Leases one worker identity may hold at once; its fetches lease nothing more until "
+    "it returns results (or its leases expire).",
+)
+@click.option(
     "--name",
     default="dcp-scheduler",
     show_default=True,
@@ -222,6 +230,7 @@ def serve(
     http_body_timeout: float,
     refusal_burst: int,
     refusal_rate: float,
+    max_leases_per_worker: int,
     name: str,
     max_result_bytes: int,
     max_frame_bytes: int,
@@ -249,6 +258,7 @@ def serve(
             http_header_timeout=http_header_timeout,
             http_body_timeout=http_body_timeout,
             refusals=RefusalLimits(burst=refusal_burst, rate=refusal_rate),
+            max_leases_per_worker=max_leases_per_worker,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

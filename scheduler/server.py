@@ -164,8 +164,14 @@ class SchedulerConfig:
     http_body_timeout: float = 60.0
     #: Refused frames a session may send at once, and per second past that burst.
     refusals: RefusalLimits = RefusalLimits()
+    #: Leases one worker identity may hold at once (BOINC's "max tasks in progress"): a
+    #: session fetching with capabilities that fit everything would otherwise hold every
+    #: queued slice until its leases expired, again and again.
+    max_leases_per_worker: int = 4096
 
     def __post_init__(self) -> None:
+        if self.max_leases_per_worker < 1:
+            raise ValueError("max_leases_per_worker must be at least 1")
         if not 1 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be within 1..{MAX_FRAME_BYTES}")
         if not 1 <= self.max_result_bytes or (
@@ -724,7 +730,12 @@ class Scheduler:
     def _fetch(self, session: _Session, message: Fetch, now: float) -> Work:
         eligible, skipped = self._eligible(session, message)
         leases = self.store.lease(
-            session.address, message.max_slices, now, self.config.lease_timeout, eligible
+            session.address,
+            message.max_slices,
+            now,
+            self.config.lease_timeout,
+            eligible,
+            max_held=self.config.max_leases_per_worker,
         )
         known = set(message.known_jobs)
         slices = [

@@ -123,6 +123,8 @@ CREATE TABLE IF NOT EXISTS slices (
     PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS slices_by_state ON slices (state, job, idx);
+-- the slices one worker holds (lease's max_held)
+CREATE INDEX IF NOT EXISTS slices_by_worker ON slices (worker, state);
 CREATE TABLE IF NOT EXISTS accounts (
     address TEXT PRIMARY KEY,
     balance_micro INTEGER NOT NULL CHECK (balance_micro >= 0)
@@ -519,9 +521,11 @@ class SQLiteStore:
         now: float,
         timeout: float,
         jobs: list[str] | None = None,
+        max_held: int | None = None,
     ) -> list[Lease]:
         """Lease up to ``max_slices`` queued slices, oldest job first; only from ``jobs`` when
-        given; never a slice whose last result from this worker was rejected."""
+        given; never a slice whose last result from this worker was rejected; never so many
+        that ``worker`` would hold more than ``max_held`` leases at once."""
         if jobs is not None and not jobs:
             return []
         deadline = now + timeout
@@ -533,6 +537,13 @@ class SQLiteStore:
         new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
         updates = []
         with self._tx() as db:
+            if max_held is not None:
+                (held,) = db.execute(
+                    "SELECT count(*) FROM slices INDEXED BY slices_by_worker"
+                    " WHERE worker=? AND state='leased'",
+                    (worker,),
+                ).fetchone()
+                max_slices = min(max_slices, max_held - held)
             order = db.execute(
                 f"SELECT id, offer_micro FROM jobs WHERE state='active'{where} ORDER BY seq",
                 params,

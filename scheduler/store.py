@@ -243,6 +243,7 @@ class Store(Protocol):
         now: float,
         timeout: float,
         jobs: list[str] | None = None,
+        max_held: int | None = None,
     ) -> list[Lease]: ...
     def heartbeat(
         self, worker: str, refs: list[LeaseRef], now: float, timeout: float

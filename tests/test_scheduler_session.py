@@ -369,3 +369,40 @@ def test_group_proofs_forged_or_replayed_are_refused(
             ], name
 
     asyncio.run(main())
+
+
+def test_a_worker_identity_holds_at_most_max_leases_per_worker(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """A session asking for everything gets the cap, again for a second session of the same
+    identity, while another identity still gets work."""
+    job_toml = tmp_path / "echo.toml"
+    values = [f"v{i}" for i in range(6)]
+    job_toml.write_text(
+        f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n[inputs]\nvalues = {values!r}\n'.replace(
+            "'", '"'
+        )
+    )
+    hoarder, other = make_keystore("hoarder"), make_keystore("other")
+    with SchedulerProcess(tmp_path / "s.db", "--max-leases-per-worker", "2") as scheduler:
+        with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+            client.deploy(job_toml)
+
+        async def fetch(ws: websockets.asyncio.client.ClientConnection, rid: int) -> int:
+            await ws.send(p.encode(p.Fetch(id=rid, max_slices=64)).decode())
+            work = await _recv(ws)
+            assert isinstance(work, p.Work) and work.re == rid
+            return len(work.slices)
+
+        async def main() -> None:
+            first = await _open(scheduler.ws_url, hoarder)
+            second = await _open(scheduler.ws_url, hoarder)
+            assert await fetch(first, 2) == 2
+            assert await fetch(first, 3) == 0
+            assert await fetch(second, 2) == 0  # the cap is the identity's, not the session's
+            third = await _open(scheduler.ws_url, other)
+            assert await fetch(third, 2) == 2
+            for ws in (first, second, third):
+                await ws.close()
+
+        asyncio.run(main())

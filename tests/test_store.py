@@ -276,3 +276,17 @@ def test_read_tokens_are_stored_by_hash_revocable_and_go_with_their_job(store: S
     store.create_read_token(job, "h4", 10.0, 20.0)
     store.remove_job(job)
     assert store.read_token("h4") is None and store.read_token("h1") is None
+
+
+def test_a_worker_holds_at_most_max_held_leases_and_gets_more_as_it_returns_them(
+    store: Store,
+) -> None:
+    """BOINC's "max tasks in progress": a worker asking for everything held every queued
+    slice until its leases expired (100,000 in one benchmark run), starving the others."""
+    job = store.create_job(new_job(10), 0.0)
+    first = store.lease(W1, 64, 0.0, 10.0, max_held=4)
+    assert [lease.slice for lease in first] == [0, 1, 2, 3]
+    assert store.lease(W1, 64, 0.0, 10.0, max_held=4) == []  # it holds 4
+    assert [lease.slice for lease in store.lease(W2, 2, 0.0, 10.0, max_held=4)] == [4, 5]
+    assert accept(store, job, 0, first[0].token) == "accepted"
+    assert [lease.slice for lease in store.lease(W1, 64, 0.0, 10.0, max_held=4)] == [6]
