@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-SOURCES := dcp_worker evaluator scheduler tests examples benchmarks
+SOURCES := dcp_protocol dcp_keys dcp_worker evaluator scheduler tests examples benchmarks
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SOURCES)

@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ECHO, median, per_slice, pipeline, report, us  # noqa: E402
 
-from dcp_worker.identity import Identity  # noqa: E402
-from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
-from dcp_worker.protocol import (  # noqa: E402
+from dcp_keys.identity import Identity  # noqa: E402
+from dcp_protocol import (  # noqa: E402
     SCHEDULER_MESSAGES,
     JobSpec,
     Limits,
@@ -55,7 +54,8 @@ from dcp_worker.protocol import (  # noqa: E402
     encode,
     signing,
 )
-from dcp_worker.sandbox import Sandbox  # noqa: E402
+from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
+from evaluator.client import Sandbox  # noqa: E402
 from evaluator.wasm import WasmRuntime  # noqa: E402
 from scheduler.sqlite_store import SQLiteStore  # noqa: E402
 from scheduler.store import NewJob  # noqa: E402

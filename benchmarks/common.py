@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(ROOT))
 
-from dcp_worker.identity import create_keystore  # noqa: E402
+from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import ROOT, median, report  # noqa: E402
 
-from dcp_worker import protocol as p  # noqa: E402
+import dcp_protocol as p  # noqa: E402
 from tests.evaluator_client import EvaluatorClient  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "examples" / "opencl"))

@@ -1,6 +1,6 @@
 """Sandbox start: what a slice pays before it runs, from a cold process to a warm sandbox.
 
-Measured through the worker's own :class:`dcp_worker.sandbox.Sandbox` against real evaluator
+Measured through the worker's own :class:`evaluator.client.Sandbox` against real evaluator
 processes (``dcp-evaluator-start --stdio``, hardened as the worker starts them):
 
 * cold start: spawn an evaluator and get its ``describe`` reply (it probes the OpenCL devices);
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import ROOT, median, ms, per_slice, report, us  # noqa: E402
 
-from dcp_worker.protocol import JobSpec, Limits  # noqa: E402
-from dcp_worker.sandbox import Sandbox  # noqa: E402
+from dcp_protocol import JobSpec, Limits  # noqa: E402
+from evaluator.client import Sandbox  # noqa: E402
 from evaluator.wasm import WasmRuntime  # noqa: E402
 
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"

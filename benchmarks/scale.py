@@ -50,10 +50,10 @@ import websockets  # noqa: E402
 from common import ROOT, report  # noqa: E402
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
-from dcp_worker import protocol as p  # noqa: E402
+import dcp_protocol as p  # noqa: E402
+from dcp_keys.identity import Identity, create_keystore  # noqa: E402
+from dcp_protocol import Ack, Fetch, Metrics, Result, Work, signing  # noqa: E402
 from dcp_worker.connection import Session, SessionError, open_session  # noqa: E402
-from dcp_worker.identity import Identity, create_keystore  # noqa: E402
-from dcp_worker.protocol import Ack, Fetch, Metrics, Result, Work, signing  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 

@@ -12,30 +12,27 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from dcp_keys import identity as idmod
+
 from . import __version__
 from . import config as config_mod
-from . import identity as idmod
 from .config import ConfigError, GroupConfig, WorkerConfig
-from .control import ControlClient, ControlError, ControlServer
-from .logs import LogSetup, detect_outputs, setup_logging
+from .control import ControlClient, ControlError
+from .logs import detect_outputs, setup_logging
+from .notify import status_line
 from .outbox import OutboxError
-from .service import Notifier, status_line
+from .runtime import (
+    EXIT_CONFIG,
+    EXIT_IDENTITY,
+    serve,
+)
 from .supervisor import Supervisor
-
-EXIT_OK = 0
-EXIT_UNFLUSHED = 1
-EXIT_CONFIG = 2
-EXIT_IDENTITY = 3
-EXIT_REFUSED = 4
-EXIT_FORCED = 5
-EXIT_EVALUATOR = 6
 
 log = logging.getLogger("dcp.worker")
 
@@ -265,81 +262,6 @@ def _parse_cores(value: str) -> tuple[int | None, int | None]:
     if (cpus is None and gpus is None) or (cpus is not None and cpus < 1) or (gpus or 0) < 0:
         raise ConfigError(f"--cores {value!r}: at least 1 CPU, and 0 or more GPUs")
     return cpus, gpus
-
-
-async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True) -> int:
-    """Run ``supervisor`` with its control socket, systemd notifications and metrics; returns
-    the exit code. ``signals``: install the signal ladder (the dashboard handles its keys)."""
-    loop = asyncio.get_running_loop()
-    count = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal count
-        count += 1
-        if count == 1 and signum != signal.SIGQUIT:
-            log.warning("%s: graceful stop (send again to stop now)", signal.Signals(signum).name)
-            supervisor.stop()
-        elif count <= 2:
-            supervisor.stop_now()
-        else:
-            os._exit(EXIT_FORCED)
-
-    if signals:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
-            loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, logsetup.reopen)
-    control = ControlServer(
-        supervisor.config.control_path,
-        supervisor.snapshot,
-        {
-            "pause": supervisor.pause,
-            "resume": supervisor.resume,
-            "stop": supervisor.stop,
-            "stop_now": supervisor.stop_now,
-        },
-        logsetup.recent,
-    )
-    try:
-        await control.start()
-    except ControlError as exc:
-        log.error("%s", exc)
-        click.echo(f"dcp-worker: {exc}", err=True)
-        supervisor.outbox.close()
-        return EXIT_CONFIG
-    notifier = Notifier()
-    helpers = [asyncio.create_task(notifier.run(supervisor.snapshot))]
-    if supervisor.config.metrics:
-        from .metrics import serve_metrics
-
-        helpers.append(asyncio.create_task(serve_metrics(supervisor, supervisor.config.metrics)))
-    try:
-        clean = await supervisor.run()
-    finally:
-        notifier.send("STOPPING=1")
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
-        await control.close()
-    stats = supervisor.statistics()
-    log.warning(
-        "stopped: %d slice(s) done, %d failed, %d refused, %d result(s) accepted, "
-        "%.6f credits earned, %d in the outbox",
-        stats.slices_done,
-        stats.slices_failed,
-        stats.slices_declined,
-        stats.results_accepted,
-        stats.credits_earned,
-        stats.outbox,
-    )
-    if supervisor.evaluator_broken:
-        click.echo(f"dcp-worker: {supervisor.exit_reason}", err=True)
-        return EXIT_EVALUATOR
-    if supervisor.refused is not None:
-        click.echo(f"dcp-worker: {supervisor.exit_reason}", err=True)
-        return EXIT_REFUSED
-    if clean:
-        return EXIT_OK
-    return EXIT_FORCED if supervisor.stopped_now else EXIT_UNFLUSHED
 
 
 def _socket_path(ctx: click.Context, explicit: str | None) -> Path:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .protocol import InvalidMessage, Wage, nesting, policy
+from dcp_protocol import InvalidMessage, Wage, nesting, policy
 
 __all__ = [
     "ConfigError",

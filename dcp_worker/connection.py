@@ -15,9 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from . import __version__
-from .identity import Identity
-from .protocol import (
+from dcp_keys.identity import Identity
+from dcp_protocol import (
     MAX_FRAME_BYTES,
     SCHEDULER_MESSAGES,
     Auth,
@@ -33,6 +32,8 @@ from .protocol import (
     policy,
     signing,
 )
+
+from . import __version__
 
 __all__ = ["Session", "SessionError", "open_session", "websocket_url"]
 

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dcp_protocol import nesting
+
 from .logs import RecentLogs
-from .protocol import nesting
 
 __all__ = ["ControlError", "ControlServer", "ControlClient", "MAX_LINE"]
 

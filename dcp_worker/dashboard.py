@@ -28,7 +28,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, RichLog, Static
 
-from . import identity as idmod
+from dcp_keys import identity as idmod
+
 from .config import WorkerConfig
 from .control import ControlClient, ControlError
 from .logs import LogSetup, RecentLogs
@@ -203,8 +204,8 @@ class WorkerDashboard(App[int]):
         self.run_worker(self._local(), exclusive=True)
 
     async def _local(self) -> None:
-        from .cli import EXIT_CONFIG, EXIT_IDENTITY, serve
         from .outbox import OutboxError
+        from .runtime import EXIT_CONFIG, EXIT_IDENTITY, serve
         from .supervisor import Supervisor
 
         assert self.config is not None and self.logsetup is not None

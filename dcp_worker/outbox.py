@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .protocol import Metrics
+from dcp_protocol import Metrics
 
 __all__ = ["Outbox", "OutboxError", "PendingResult"]
 

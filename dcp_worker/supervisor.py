@@ -33,11 +33,8 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from .config import WorkerConfig
-from .connection import Session, SessionError, open_session
-from .identity import Identity
-from .outbox import Outbox, OutboxError, PendingResult
-from .protocol import (
+from dcp_keys.identity import Identity
+from dcp_protocol import (
     MAX_RESULTS_PER_FRAME,
     Decline,
     Error,
@@ -63,8 +60,12 @@ from .protocol import (
     results_frame_bytes,
     signing,
 )
-from .protocol.policy import WorkerTerms
-from .sandbox import Sandbox, SliceFailure
+from dcp_protocol.policy import WorkerTerms
+from evaluator.client import Sandbox, SliceFailure
+
+from .config import WorkerConfig
+from .connection import Session, SessionError, open_session
+from .outbox import Outbox, OutboxError, PendingResult
 
 __all__ = ["Supervisor", "Statistics"]
 
@@ -75,7 +76,7 @@ _IDLE_POLL = 1.0
 #: How long the scheduler may hold an empty fetch (long poll) before answering.
 _LONG_POLL = 10.0
 #: Codes of an evaluator manager that holds work (the machine is busy); not the slice's fault.
-HELD_CODES = frozenset({"machine_busy", "evaluator_preempted"})
+HELD_CODES = frozenset({ErrorCode.MACHINE_BUSY.value, ErrorCode.EVALUATOR_PREEMPTED.value})
 _HELD_BACKOFF = 5.0
 _OPENCL_WINDOW = 20 * 60.0
 _OUTBOX_RETRY = 2.0

@@ -8,7 +8,7 @@ Exception tree::
 
 from __future__ import annotations
 
-from dcp_worker.protocol import ErrorCode
+from dcp_protocol import ErrorCode
 
 
 class EvaluatorError(Exception):

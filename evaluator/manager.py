@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dcp_worker.protocol import Error, frame
+from dcp_protocol import Error, ErrorCode, frame
 
 from .launch import Hardening, evaluator_command
 from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
@@ -56,13 +56,13 @@ __all__ = [
 
 log = logging.getLogger("dcp.evaluator.manager")
 
-MACHINE_BUSY = "machine_busy"
-PREEMPTED = "evaluator_preempted"
+MACHINE_BUSY = ErrorCode.MACHINE_BUSY.value
+PREEMPTED = ErrorCode.EVALUATOR_PREEMPTED.value
 _GRACE = 2.0
 _REFUSE_LINGER = 5.0
-PEER_NOT_ALLOWED = "peer_not_allowed"
-TOKEN_REQUIRED = "token_required"
-TOKEN_INVALID = "token_invalid"
+PEER_NOT_ALLOWED = ErrorCode.PEER_NOT_ALLOWED.value
+TOKEN_REQUIRED = ErrorCode.TOKEN_REQUIRED.value
+TOKEN_INVALID = ErrorCode.TOKEN_INVALID.value
 #: What a TCP client sends first: this, the token, a newline.
 TOKEN_PREFIX = b"dcp-token "
 _TOKEN_SECONDS = 10.0
@@ -346,6 +346,7 @@ class Manager:
         self.listening: list[str] = []
         self._connections: set[_Connection] = set()
         self._stop = asyncio.Event()
+        self._polls: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ running
 
@@ -402,7 +403,15 @@ class Manager:
             self._poll_now()
 
     def _poll_now(self) -> None:
-        asyncio.get_running_loop().create_task(self._poll_once())
+        # Kept until done: the loop holds tasks weakly, and a failure must be logged.
+        task = asyncio.get_running_loop().create_task(self._poll_once())
+        self._polls.add(task)
+        task.add_done_callback(self._poll_done)
+
+    def _poll_done(self, task: asyncio.Task[None]) -> None:
+        self._polls.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a poll of the machine failed", exc_info=task.exception())
 
     async def _poll_forever(self) -> None:
         while True:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dcp_worker.protocol import ErrorCode, Limits, Metrics, nesting
+from dcp_protocol import ErrorCode, Limits, Metrics, nesting
 
 from .errors import SliceError
 from .scratch import private_dir

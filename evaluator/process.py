@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dcp_worker.protocol import (
+from dcp_protocol import (
     EVALUATOR_MESSAGES,
     Ack,
     Assign,

@@ -37,7 +37,7 @@ from typing import Any
 
 import wasmtime
 
-from dcp_worker.protocol import ErrorCode, Limits, Metrics
+from dcp_protocol import ErrorCode, Limits, Metrics
 
 from .errors import SliceError
 

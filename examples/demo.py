@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE / "hash-puzzle"))
 
 from check import check  # noqa: E402
 
-from dcp_worker.identity import load_keystore  # noqa: E402
+from dcp_keys.identity import load_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from dcp_worker.protocol import MAX_FRAME_BYTES, policy, signing
+from dcp_protocol import MAX_FRAME_BYTES, policy, signing
 
 from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from dcp_worker.identity import Identity
-from dcp_worker.protocol import nesting, signing
+from dcp_keys.identity import Identity
+from dcp_protocol import nesting, signing
 
 from .jobdoc import load_job_file
 

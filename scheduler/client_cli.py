@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from dcp_worker import identity as idmod
+from dcp_keys import identity as idmod
 
 from .client import ComputeClient, ComputeError
 from .jobdoc import JobFileError

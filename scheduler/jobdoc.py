@@ -18,8 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from dcp_worker.protocol import InvalidMessage, Limits, nesting
-from dcp_worker.protocol.policy import validate_requirements
+from dcp_protocol import InvalidMessage, Limits, nesting
+from dcp_protocol.policy import validate_requirements
 from evaluator.opencl import validate_config
 
 from .store import NewJob, to_micro

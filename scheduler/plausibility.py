@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcp_worker.protocol import Metrics
+from dcp_protocol import Metrics
 
 from .store import ResultLease
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from dcp_worker.protocol import (
+from dcp_protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     SCHEDULER_MESSAGES,
@@ -61,8 +61,8 @@ from dcp_worker.protocol import (
     signing,
     to_wire,
 )
-from dcp_worker.protocol import Hello as HelloMsg
-from dcp_worker.protocol.policy import JobTerms, WorkerTerms
+from dcp_protocol import Hello as HelloMsg
+from dcp_protocol.policy import JobTerms, WorkerTerms
 
 from .jobdoc import JobFileError, parse_document
 from .limits import (

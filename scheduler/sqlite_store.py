@@ -2,7 +2,7 @@
 
 Every public method is one ``BEGIN IMMEDIATE`` transaction, so leasing is atomic even with an
 admin command writing from another process. Slice state changes go through the table in
-:mod:`dcp_worker.protocol.states`; every movement of credits is a ledger row written in the
+:mod:`dcp_protocol.states`; every movement of credits is a ledger row written in the
 transaction of the change it pays for.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dcp_worker.protocol import (
+from dcp_protocol import (
     IllegalTransition,
     LeaseRef,
     Limits,
@@ -29,7 +29,7 @@ from dcp_worker.protocol import (
     SliceState,
     transition,
 )
-from dcp_worker.protocol.states import FINAL_STATES
+from dcp_protocol.states import FINAL_STATES
 
 from .store import (
     DuplicateGroup,

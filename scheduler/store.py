@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dcp_worker.protocol import ErrorCode, LeaseRef, Limits, Metrics
+from dcp_protocol import ErrorCode, LeaseRef, Limits, Metrics
 
 MICRO = 1_000_000
 

@@ -16,8 +16,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dcp_worker.protocol import ErrorCode, JobSpec, Limits
-from dcp_worker.sandbox import Sandbox, SliceFailure
+from dcp_protocol import ErrorCode, JobSpec, Limits
+from evaluator.client import Sandbox, SliceFailure
 
 log = logging.getLogger("dcp.scheduler.verifier")
 

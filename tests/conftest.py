@@ -17,8 +17,8 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection
 
-from dcp_worker import protocol as p
-from dcp_worker.identity import Identity, create_keystore
+import dcp_protocol as p
+from dcp_keys.identity import Identity, create_keystore
 from scheduler.local import LocalScheduler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 
 class EvaluatorClient:

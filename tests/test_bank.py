@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dcp_worker.protocol import Limits, Metrics
+from dcp_protocol import Limits, Metrics
 from scheduler import SQLiteStore, StaleLease, UnknownSlice
 from scheduler.store import MICRO, InsufficientFunds, NewJob
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dcp_worker.protocol import JobSpec, Limits
-from dcp_worker.sandbox import Sandbox, SliceFailure
+from dcp_protocol import JobSpec, Limits
+from evaluator.client import Sandbox, SliceFailure
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess

@@ -14,8 +14,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 
 from .conftest import Keystore, SchedulerProcess
 

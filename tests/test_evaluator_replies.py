@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from .evaluator_client import EvaluatorClient
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from .conftest import EXAMPLES
 from .evaluator_client import EvaluatorClient

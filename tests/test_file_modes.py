@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dcp_protocol import Metrics
 from dcp_worker.outbox import Outbox, PendingResult
-from dcp_worker.protocol import Metrics
 from scheduler.client import ComputeClient
 from scheduler.local import LocalScheduler
 

@@ -1,4 +1,4 @@
-"""dcp_worker.keystore: geth's test keystores, interop with eth-keyfile both ways (in a
+"""dcp_keys.keystore: geth's test keystores, interop with eth-keyfile both ways (in a
 subprocess: it imports py_ecc, which raises the recursion limit), and hostile parameters
 refused before any key derivation."""
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dcp_worker import identity as idmod
-from dcp_worker import keystore
+from dcp_keys import identity as idmod
+from dcp_keys import keystore
 
 # go-ethereum accounts/keystore/testdata: keystore/aaa and keystore/zzz (passphrase "foobar"),
 # very-light-scrypt.json (passphrase ""), and the short keys of v3_test_vector.json ("foo").

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import wasmtime
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from .conftest import ROOT, wait_for
 from .test_manager import ManagerProcess, managers  # noqa: F401  (the fixture)
@@ -72,8 +72,8 @@ def test_evaluator_dies_with_a_sigkilled_worker(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import asyncio, sys
-            from dcp_worker.protocol import JobSpec, Limits
-            from dcp_worker.sandbox import Sandbox
+            from dcp_protocol import JobSpec, Limits
+            from evaluator.client import Sandbox
 
             async def main():
                 sandbox = Sandbox(0)

@@ -23,8 +23,8 @@ import psutil
 import pytest
 import wasmtime
 
-from dcp_worker import protocol as p
-from dcp_worker.sandbox import Sandbox
+import dcp_protocol as p
+from evaluator.client import Sandbox
 from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, probe_layers
 from evaluator.manager import Access, Manager, bind_unix
 from evaluator.monitors import Policy, RateMonitor

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 from evaluator.launch import Hardening
 from scheduler.client import ComputeClient
 
@@ -221,7 +221,7 @@ def test_the_worker_refuses_a_socket_served_by_another_user(tmp_path: Path) -> N
         pytest.skip("needs root, to serve the socket as another user")
     import asyncio
 
-    from dcp_worker.sandbox import Sandbox, SliceFailure
+    from evaluator.client import Sandbox, SliceFailure
 
     shared = Path(tempfile.mkdtemp())  # pytest's own directories are root's alone
     shared.chmod(0o1777)

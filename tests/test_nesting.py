@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import nesting
+import dcp_protocol as p
+from dcp_protocol import nesting
 
 LIMIT = 8  # small, so that hypothesis reaches both sides of it
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import policy
+import dcp_protocol as p
+from dcp_protocol import policy
 from scheduler.client import ComputeClient
 from scheduler.jobdoc import JobFileError, load_job_file
 

@@ -15,8 +15,8 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.sqlite_store import SQLiteStore
 

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import Metrics, Wage, policy
-from dcp_worker.protocol.policy import JobTerms, WorkerTerms
+import dcp_protocol as p
+from dcp_protocol import Metrics, Wage, policy
+from dcp_protocol.policy import JobTerms, WorkerTerms
 
 CAPS = {"runtimes": {"wasm": {"features": ["simd"], "limits": ["fuel"]}}, "memory_bytes": 2**30}
 
@@ -102,8 +102,8 @@ def test_opencl_time_budget(tmp_path: object) -> None:
     import time
     from pathlib import Path
 
+    from dcp_keys.identity import Identity
     from dcp_worker.config import load_config
-    from dcp_worker.identity import Identity
     from dcp_worker.supervisor import Supervisor
 
     config = load_config(

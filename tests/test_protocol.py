@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import states
+import dcp_protocol as p
+from dcp_protocol import states
 
 ADDR = "0x" + "ab" * 20
 SIG = "cd" * 65

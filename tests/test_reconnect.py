@@ -10,10 +10,10 @@ from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
+from dcp_keys.identity import Identity
+from dcp_protocol import SliceLease
+from dcp_protocol.policy import WorkerTerms
 from dcp_worker.config import load_config
-from dcp_worker.identity import Identity
-from dcp_worker.protocol import SliceLease
-from dcp_worker.protocol.policy import WorkerTerms
 from dcp_worker.supervisor import Supervisor, _Held, backoff
 from scheduler.client import ComputeClient
 

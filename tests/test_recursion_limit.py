@@ -16,7 +16,7 @@ import pytest
 
 ENTRY_MODULES = [
     "dcp_worker.cli",
-    "dcp_worker.wallet_cli",
+    "dcp_keys.wallet_cli",
     "scheduler.cli",
     "scheduler.client_cli",
     "evaluator.manager_cli",
@@ -28,7 +28,7 @@ import importlib, json, sys, tempfile, os
 before = sys.getrecursionlimit()
 importlib.import_module(sys.argv[1])
 imported = sys.getrecursionlimit()
-from dcp_worker import identity
+from dcp_keys import identity
 path = os.path.join(tempfile.mkdtemp(), "k.json")
 identity.create_keystore(path, b"pw", iterations=1024)
 identity.load_keystore(path, b"pw")

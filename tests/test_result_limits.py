@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
+from dcp_protocol import signing
 from dcp_worker.outbox import Outbox, PendingResult
-from dcp_worker.protocol import signing
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for

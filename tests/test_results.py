@@ -21,8 +21,8 @@ import pytest
 import websockets
 from aiohttp import web
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 from scheduler.client import ComputeClient
 from scheduler.server import Scheduler, SchedulerConfig
 from scheduler.sqlite_store import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore

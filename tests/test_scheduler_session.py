@@ -10,8 +10,8 @@ from pathlib import Path
 import websockets
 from websockets.asyncio.client import connect
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 from scheduler.client import ComputeClient
 
 from .conftest import EXAMPLES, Keystore, SchedulerProcess
@@ -317,7 +317,7 @@ def test_long_poll_fetch_is_answered_when_work_arrives(
 def test_group_proofs_forged_or_replayed_are_refused(
     scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
 ) -> None:
-    from dcp_worker.protocol import policy
+    from dcp_protocol import policy
 
     from .test_policy import create_group
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from .evaluator_client import EvaluatorClient
 

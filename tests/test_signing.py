@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dcp_worker.protocol import signing
+from dcp_protocol import signing
 
 KEY = bytes.fromhex("7a28b5ba57c53603b0b07b56bba752f7784bf506fa95edc395f5cf6c7514fe9d")
 ADDR = signing.address_of(KEY)

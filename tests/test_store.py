@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dcp_worker.protocol import LeaseRef, Limits, Metrics
+from dcp_protocol import LeaseRef, Limits, Metrics
 from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice
 
 W1 = "0x" + "11" * 20

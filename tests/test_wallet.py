@@ -12,7 +12,7 @@ import pytest
 from Crypto.Cipher import AES
 from Crypto.Hash import keccak
 
-from dcp_worker import identity as idmod
+from dcp_keys import identity as idmod
 
 from .conftest import command
 

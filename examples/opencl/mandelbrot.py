@@ -108,7 +108,7 @@ def write_png(path: Path, rows: list[bytearray]) -> None:
 
 def main() -> int:
     sys.path.insert(0, str(HERE.parent.parent))
-    from dcp_worker.identity import load_keystore, read_passphrase_file
+    from dcp_keys.identity import load_keystore, read_passphrase_file
     from scheduler.client import ComputeClient
 
     parser = argparse.ArgumentParser(

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dcp_worker.identity import create_keystore  # noqa: E402
+from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 from scheduler.sqlite_store import SQLiteStore  # noqa: E402

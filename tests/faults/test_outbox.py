@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from dcp_protocol import Metrics
 from dcp_worker.outbox import Outbox, PendingResult
-from dcp_worker.protocol import Metrics
 
 ITEM = PendingResult("job", 3, "token", b"result", "ab" * 65, "0x" + "11" * 20, Metrics(1, 2, 3, 4))
 

@@ -120,8 +120,8 @@ def test_a_stop_while_the_evaluator_starts_is_prompt(tmp_path: Path) -> None:
 
     import psutil
 
+    from dcp_keys.identity import Identity
     from dcp_worker.config import load_config
-    from dcp_worker.identity import Identity
     from dcp_worker.supervisor import Supervisor
 
     config = load_config(None, {"state_dir": str(tmp_path), "sandboxes": 1})

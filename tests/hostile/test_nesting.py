@@ -24,7 +24,7 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 from dcp_worker.config import ConfigError, load_config
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.jobdoc import JobFileError, load_job_file

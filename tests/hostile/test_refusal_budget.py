@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 from scheduler.limits import RefusalBudget, RefusalLimits
 from scheduler.server import _refuses
 

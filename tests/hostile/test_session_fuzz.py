@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcp_worker import protocol as p
-from dcp_worker.protocol import signing
+import dcp_protocol as p
+from dcp_protocol import signing
 from scheduler.client import ComputeClient
 
 from ..conftest import Keystore, SchedulerProcess, command

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from ..conftest import EXAMPLES
 from ..evaluator_client import EvaluatorClient

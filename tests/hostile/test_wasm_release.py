@@ -14,7 +14,7 @@ import resource
 
 import wasmtime
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 from evaluator.launch import SandboxLimits
 
 from ..conftest import EXAMPLES

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import wasmtime
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from ..evaluator_client import EvaluatorClient
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import wasmtime
 
-from dcp_worker import protocol as p
+import dcp_protocol as p
 
 from ..conftest import wait_for
 from ..evaluator_client import EvaluatorClient

@@ -29,7 +29,7 @@ Exception tree::
     WalletError                 anything wrong with a keystore or a passphrase
     ├── KeystoreFormatError     not a V3 keystore we can read (names the field)
     ├── WrongPassphrase         the MAC does not match: wrong passphrase (or a tampered file)
-    └── KeystoreExists          refusing to overwrite a keystore (raised by dcp_worker.identity)
+    └── KeystoreExists          refusing to overwrite a keystore (raised by dcp_keys.identity)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from .protocol import nesting
+from dcp_protocol import nesting
 
 __all__ = [
     "WalletError",

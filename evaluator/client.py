@@ -24,10 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from evaluator.launch import Hardening, evaluator_command
-from evaluator.manager import TOKEN_PREFIX
-
-from .protocol import (
+from dcp_protocol import (
     EVALUATOR_MESSAGES,
     Ack,
     Assign,
@@ -47,6 +44,9 @@ from .protocol import (
     StreamDecoder,
     frame,
 )
+
+from .launch import Hardening, evaluator_command
+from .manager import TOKEN_PREFIX
 
 __all__ = ["Sandbox", "SandboxState", "SliceFailure"]
 

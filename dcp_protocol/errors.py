@@ -79,6 +79,12 @@ class ErrorCode(StrEnum):
     OPENCL_ERROR = "opencl_error"
     BUFFER_TOO_LARGE = "buffer_too_large"
     DATUM_INVALID = "datum_invalid"
+    # The evaluator manager's word on a connection (docs/sandbox.md, "Evaluator manager").
+    MACHINE_BUSY = "machine_busy"
+    EVALUATOR_PREEMPTED = "evaluator_preempted"
+    PEER_NOT_ALLOWED = "peer_not_allowed"
+    TOKEN_REQUIRED = "token_required"
+    TOKEN_INVALID = "token_invalid"
 
 
 class ProtocolError(Exception):

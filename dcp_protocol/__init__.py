@@ -6,7 +6,7 @@ evaluator wrap it in their own I/O. docs/protocol.md is the normative descriptio
 
 from __future__ import annotations
 
-# ``signing`` is imported where it is used (``from dcp_worker.protocol import signing``): it
+# ``signing`` is imported where it is used (``from dcp_protocol import signing``): it
 # pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
 from . import limits, nesting, policy
 from .codec import (

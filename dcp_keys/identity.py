@@ -1,6 +1,6 @@
 """Keys on disk: Ethereum V3 keystores (Web3 Secret Storage), and the identity that signs.
 
-The format and its errors are :mod:`dcp_worker.keystore` (re-exported here)::
+The format and its errors are :mod:`dcp_keys.keystore` (re-exported here)::
 
     WalletError                 anything wrong with a keystore or a passphrase
     ├── KeystoreFormatError     not a V3 keystore we can read (names the field)
@@ -20,9 +20,10 @@ from typing import Any
 
 import coincurve
 
+from dcp_protocol import signing
+
 from . import keystore
 from .keystore import KeystoreExists, KeystoreFormatError, WalletError, WrongPassphrase
-from .protocol import signing
 
 __all__ = [
     "Identity",
@@ -60,7 +61,7 @@ class Identity:
         return cls(private_key, signing.address_of(private_key), key)
 
     def sign(self, payload: bytes) -> str:
-        """Sign a canonical payload from :mod:`dcp_worker.protocol.signing`."""
+        """Sign a canonical payload from :mod:`dcp_protocol.signing`."""
         return signing.sign(self._key, payload)
 
     def __repr__(self) -> str:
