@@ -27,7 +27,7 @@ import dcp_protocol as p
 from evaluator.client import Sandbox
 from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, probe_layers
 from evaluator.manager import Access, Manager, bind_unix
-from evaluator.monitors import Policy, RateMonitor
+from evaluator.manager.monitors import Policy, RateMonitor
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluator.monitors import (
+from evaluator.manager.monitors import (
     BatteryMonitor,
     CpuMonitor,
     ExclusiveProgramMonitor,

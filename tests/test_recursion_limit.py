@@ -19,7 +19,7 @@ ENTRY_MODULES = [
     "dcp_keys.wallet_cli",
     "scheduler.cli",
     "scheduler.client_cli",
-    "evaluator.manager_cli",
+    "evaluator.manager.cli",
     "evaluator.__main__",
 ]
 

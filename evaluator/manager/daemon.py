@@ -8,7 +8,7 @@ peer's credentials (root, the manager's own user, or the group, ``dcp`` by defau
 secret the client sends first (``dcp-token <token>\n``, the token file's content). A refused
 connection gets an ``error`` frame naming why (``peer_not_allowed``, ``token_required``,
 ``token_invalid``). Each connection gets a fresh, hardened evaluator process whose
-stdin/stdout are piped to the connection. While a monitor holds (see :mod:`evaluator.monitors`)
+stdin/stdout are piped to the connection. While a monitor holds (see :mod:`.monitors`)
 new connections get an ``error`` frame ``machine_busy`` naming the reason, and, for the holds
 that say so, running evaluators are stopped (TERM, then KILL after a grace) and their
 connections get ``evaluator_preempted`` at the next frame boundary: the worker returns the slice
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from dcp_protocol import Error, ErrorCode, frame
 
-from .launch import Hardening, evaluator_command
+from ..launch import Hardening, evaluator_command
 from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
 
 __all__ = [

@@ -3,7 +3,7 @@
 A monitor's :meth:`check` returns a :class:`Hold` while the machine should not run work, or
 None. ``kill`` holds (a person is here, on battery, an exclusive program, outside the allowed
 hours, other programs busy, the operator) stop running evaluators; the others (load, connection
-rate) only refuse new ones. The manager (:mod:`evaluator.manager`) polls them; tests feed them
+rate) only refuse new ones. The manager (:mod:`.daemon`) polls them; tests feed them
 readings directly.
 """
 

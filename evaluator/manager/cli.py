@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from .launch import Hardening, probe_layers
-from .manager import (
+from ..launch import Hardening, probe_layers
+from .daemon import (
     Access,
     Manager,
     ManagerError,
