@@ -43,7 +43,7 @@ from typing import Any
 
 from eth_hash.auto import keccak
 
-from dcp_protocol import nesting
+from dcp_protocol import DcpError, nesting
 
 __all__ = [
     "WalletError",
@@ -83,7 +83,7 @@ _MAX_SALT = 1024
 _DKLEN = 32
 
 
-class WalletError(Exception):
+class WalletError(DcpError):
     """Root of keystore errors; ``str()`` is a message fit for an operator."""
 
 

@@ -20,6 +20,7 @@ from .codec import (
     results_frame_bytes,
 )
 from .errors import (
+    DcpError,
     ErrorCode,
     FrameError,
     FrameTooLarge,
@@ -35,6 +36,7 @@ from .nesting import MAX_NESTING, NestingTooDeep
 from .states import IllegalTransition, SliceEvent, SliceState, transition
 
 __all__ = [
+    "DcpError",
     "MAX_FRAME_BYTES",
     "MAX_NESTING",
     "PROTOCOL_VERSION",

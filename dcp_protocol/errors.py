@@ -1,8 +1,9 @@
-"""Errors and error codes of the wire protocol.
+"""Errors and error codes of the wire protocol, and the root of every exception of ours.
 
 Exception tree::
 
-    ProtocolError                  something on the wire is wrong
+    DcpError                       root of every exception our packages raise on purpose
+    ├── ProtocolError              something on the wire is wrong
     ├── FrameError                 not a frame we can read at all (bad JSON, bad length prefix)
     │   ├── FrameTooLarge          larger than the maximum frame size
     │   └── NestingTooDeep         arrays and objects nested past MAX_NESTING (nesting.py)
@@ -87,7 +88,14 @@ class ErrorCode(StrEnum):
     TOKEN_INVALID = "token_invalid"
 
 
-class ProtocolError(Exception):
+class DcpError(Exception):
+    """Root of every exception our packages raise on purpose: ``str()`` is a message fit for
+    an operator. A program's edge catches this one class to report a refusal by its reason;
+    anything else is a bug of ours. Subclasses that cross the wire carry an :class:`ErrorCode`
+    as ``code``."""
+
+
+class ProtocolError(DcpError):
     """Root of the protocol's exceptions; ``code`` names the reason on the wire."""
 
     code: ErrorCode = ErrorCode.INVALID_MESSAGE

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from .errors import DcpError
+
 __all__ = ["SliceState", "SliceEvent", "IllegalTransition", "SLICE_TRANSITIONS", "transition"]
 
 
@@ -37,7 +39,7 @@ class SliceEvent(StrEnum):
     RESET = "reset"
 
 
-class IllegalTransition(Exception):
+class IllegalTransition(DcpError):
     """``event`` is not allowed in ``state``."""
 
     def __init__(self, state: SliceState, event: SliceEvent) -> None:

@@ -2,16 +2,16 @@
 
 Exception tree::
 
-    EvaluatorError          root; carries the wire ErrorCode that names the reason
+    EvaluatorError          a DcpError; carries the wire ErrorCode that names the reason
     └── SliceError          this slice (or job assignment) failed; the evaluator carries on
 """
 
 from __future__ import annotations
 
-from dcp_protocol import ErrorCode
+from dcp_protocol import DcpError, ErrorCode
 
 
-class EvaluatorError(Exception):
+class EvaluatorError(DcpError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code

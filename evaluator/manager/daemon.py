@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dcp_protocol import Error, ErrorCode, frame
+from dcp_protocol import DcpError, Error, ErrorCode, frame
 
 from ..launch import Hardening, evaluator_command
 from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
@@ -70,7 +70,7 @@ _TOKEN_MAX = 256
 _TOKEN_MIN = 16
 
 
-class ManagerError(Exception):
+class ManagerError(DcpError):
     """The manager cannot start (an address it must not bind, a socket it cannot create)."""
 
 
