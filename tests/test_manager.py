@@ -27,7 +27,7 @@ import dcp_protocol as p
 from evaluator.client import Sandbox
 from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, probe_layers
 from evaluator.manager import Access, Manager, bind_unix
-from evaluator.manager.monitors import Policy, RateMonitor
+from evaluator.manager.monitors import BusyPolicy, RateMonitor
 from scheduler.client import ComputeClient
 from scheduler.sqlite_store import SQLiteStore
 
@@ -249,7 +249,7 @@ def test_connection_rate(tmp_path: Path) -> None:
     how fast this machine happens to be."""
     now = [100.0]
     manager = Manager(
-        Policy([]),
+        BusyPolicy([]),
         rate=RateMonitor(2),
         command=evaluator_command(),
         access=Access(group=None),

@@ -8,13 +8,13 @@ import pytest
 
 from evaluator.manager.monitors import (
     BatteryMonitor,
+    BusyPolicy,
     CpuMonitor,
     ExclusiveProgramMonitor,
     Hold,
     HoursMonitor,
     LoadMonitor,
     OperatorMonitor,
-    Policy,
     RateMonitor,
     ScreensaverMonitor,
     TtyMonitor,
@@ -113,7 +113,7 @@ def test_policy_collects_holds_and_survives_failing_readings() -> None:
     def broken() -> float:
         raise OSError("no /proc")
 
-    policy = Policy([LoadMonitor(1, broken), LoadMonitor(1, lambda: 5.0), OperatorMonitor()])
+    policy = BusyPolicy([LoadMonitor(1, broken), LoadMonitor(1, lambda: 5.0), OperatorMonitor()])
     assert [h.reason for h in policy.holds(0)] == ["load_high"]
 
 

@@ -27,12 +27,12 @@ from .daemon import (
 )
 from .monitors import (
     BatteryMonitor,
+    BusyPolicy,
     CpuMonitor,
     ExclusiveProgramMonitor,
     HoursMonitor,
     LoadMonitor,
     OperatorMonitor,
-    Policy,
     RateMonitor,
     ScreensaverMonitor,
     TtyMonitor,
@@ -273,7 +273,7 @@ def serve(
         sys.exit(EXIT_CONFIG)
     layers = probe_layers(hardening)
     manager = Manager(
-        Policy(monitors),
+        BusyPolicy(monitors),
         RateMonitor(max_rate),
         hardening,
         Path(status_file) if status_file else default_status_file(),

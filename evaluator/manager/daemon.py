@@ -41,7 +41,7 @@ from pathlib import Path
 from dcp_protocol import DcpError, Error, ErrorCode, frame
 
 from ..launch import Hardening, evaluator_command
-from .monitors import Hold, OperatorMonitor, Policy, RateMonitor
+from .monitors import BusyPolicy, Hold, OperatorMonitor, RateMonitor
 
 __all__ = [
     "Access",
@@ -314,7 +314,7 @@ class Counters:
 class Manager:
     def __init__(
         self,
-        policy: Policy,
+        policy: BusyPolicy,
         rate: RateMonitor | None = None,
         hardening: Hardening | None = None,
         status_path: Path | None = None,

@@ -28,7 +28,7 @@ __all__ = [
     "HoursMonitor",
     "CpuMonitor",
     "ScreensaverMonitor",
-    "Policy",
+    "BusyPolicy",
 ]
 
 
@@ -298,8 +298,9 @@ class CpuMonitor:
 
 
 @dataclass
-class Policy:
-    """Every monitor, polled together."""
+class BusyPolicy:
+    """When the machine is too busy for evaluators: every monitor, polled together (not to be
+    confused with the job policy of dcp_protocol.policy: who may run what, at what price)."""
 
     monitors: list[
         LoadMonitor
