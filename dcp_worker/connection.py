@@ -16,22 +16,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dcp_keys.identity import Identity
-from dcp_protocol import (
-    MAX_FRAME_BYTES,
-    SCHEDULER_MESSAGES,
-    Auth,
-    Error,
-    ErrorCode,
-    GroupProof,
-    Hello,
-    Message,
-    ProtocolError,
-    Welcome,
-    decode,
-    encode,
-    policy,
-    signing,
-)
+from dcp_protocol import MAX_FRAME_BYTES, Error, Message
+from dcp_protocol.session import Failed, Opened, Replied, Unsolicited, WorkerSession
 
 from . import __version__
 
@@ -61,16 +47,17 @@ def websocket_url(scheduler: str) -> str:
 
 
 class Session:
-    """An authenticated session. Its frames, both ways, are at most the ``max_frame_bytes``
-    the scheduler announced in ``welcome``."""
+    """An authenticated session: :class:`dcp_protocol.session.WorkerSession` (the protocol:
+    ids, reply matching, the frame limit announced in ``welcome``) run over a websocket."""
 
-    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+    def __init__(self, ws: ClientConnection, core: WorkerSession) -> None:
+        assert core.welcome is not None
         self.ws = ws
-        self.welcome = welcome
+        self.core = core
+        self.welcome = core.welcome
         #: The largest frame either side sends on this session.
-        self.max_frame_bytes = welcome.max_frame_bytes
+        self.max_frame_bytes = core.max_frame_bytes
         ws.protocol.max_message_size = self.max_frame_bytes
-        self._next_id = 1
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -81,23 +68,26 @@ class Session:
     async def _read(self) -> None:
         try:
             async for data in self.ws:
-                try:
-                    message = decode(data, SCHEDULER_MESSAGES, self.max_frame_bytes)
-                except ProtocolError as exc:
-                    # A reply we cannot read leaves its request unanswered for good: end the
-                    # session (its requests fail, the worker reconnects with backoff).
-                    log.warning("scheduler sent a bad frame: %s; closing the session", exc.message)
-                    await self.ws.close(1002, f"bad frame: {exc.code.value}"[:120])
-                    break
-                re = getattr(message, "re", None)
-                future = self._pending.pop(re, None) if isinstance(re, int) else None
-                if future is not None and not future.done():
-                    future.set_result(message)
-                elif isinstance(message, Error):
-                    log.warning("scheduler error: %s %s", message.code, message.message)
+                for event in self.core.receive(data):
+                    if isinstance(event, Replied):
+                        future = self._pending.pop(event.rid, None)
+                        if future is not None and not future.done():
+                            future.set_result(event.message)
+                    elif isinstance(event, Unsolicited):
+                        if isinstance(event.message, Error):
+                            log.warning(
+                                "scheduler error: %s %s", event.message.code, event.message.message
+                            )
+                    elif isinstance(event, Failed):
+                        # A reply we cannot read leaves its request unanswered for good: end
+                        # the session (its requests fail, the worker reconnects with backoff).
+                        log.warning("scheduler sent a %s; closing the session", event.reason)
+                        await self.ws.close(1002, f"bad frame: {event.code}"[:120])
+                        return
         except websockets.ConnectionClosed:
             pass
         finally:
+            self.core.connection_lost()
             self.closed.set()
             for future in self._pending.values():
                 if not future.done():
@@ -112,26 +102,19 @@ class Session:
         Raises:
             SessionError: the connection closed before the reply came.
         """
-        rid = self._next_id
-        self._next_id += 1
-        message = build(rid)
         if self.closed.is_set():
             raise SessionError("the connection to the scheduler is closed")
-        data = encode(message)
-        if len(data) > self.max_frame_bytes:
-            log.warning("%s frame of %d bytes not sent: above the limit", message.type, len(data))
-            return Error(
-                re=rid,
-                code=ErrorCode.FRAME_TOO_LARGE.value,
-                message=f"frame of {len(data)} bytes exceeds the limit of "
-                f"{self.max_frame_bytes} bytes (not sent)",
-            )
+        rid, data = self.core.request(build)
+        if isinstance(data, Error):
+            log.warning("frame not sent: %s", data.message)
+            return data
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
             await self.ws.send(data.decode())
         except websockets.ConnectionClosed as exc:
             self._pending.pop(rid, None)
+            self.core.forget(rid)
             raise SessionError(f"the connection to the scheduler closed: {exc}") from None
         return await future
 
@@ -157,6 +140,14 @@ async def open_session(
         SessionError: unreachable scheduler, protocol violation, or refused identity (fatal).
     """
     url = websocket_url(scheduler)
+    core = WorkerSession(
+        identity.address,
+        identity.sign,
+        payment_address,
+        agent=f"dcp-worker/{__version__}",
+        groups=groups,
+        leave_public_group=leave_public_group,
+    )
     try:
         async with asyncio.timeout(timeout):
             ws = await connect(
@@ -169,26 +160,12 @@ async def open_session(
                 ping_timeout=20,
             )
             try:
-                hello = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
-                if not isinstance(hello, Hello):
-                    raise SessionError(f"expected hello, got {hello.type}", "unexpected_message")
-                payload = signing.session_payload(hello.challenge, hello.server, identity.address)
-                auth = Auth(
-                    id=0,
-                    address=identity.address,
-                    signature=identity.sign(payload),
-                    payment_address=payment_address,
-                    agent=f"dcp-worker/{__version__}",
-                    groups=tuple(
-                        GroupProof(
-                            key, policy.group_proof(hash_, hello.challenge, identity.address)
-                        )
-                        for key, hash_ in sorted((groups or {}).items())
-                    ),
-                    leave_public_group=leave_public_group,
-                )
-                await ws.send(encode(auth).decode())
-                reply = decode(await ws.recv(), SCHEDULER_MESSAGES, MAX_FRAME_BYTES)
+                outcome: Opened | Failed | None = None
+                while outcome is None:
+                    events = core.receive(await ws.recv())
+                    for frame in core.data_to_send():
+                        await ws.send(frame.decode())
+                    outcome = next((e for e in events if isinstance(e, Opened | Failed)), None)
             except BaseException:
                 await ws.close()
                 raise
@@ -198,18 +175,9 @@ async def open_session(
         raise SessionError(f"cannot connect to {url}: {exc}") from None
     except websockets.ConnectionClosed as exc:
         raise SessionError(f"{url} closed the connection during the handshake: {exc}") from None
-    except ProtocolError as exc:
-        raise SessionError(f"{url} sent a bad frame: {exc.message}", exc.code.value) from None
-    if isinstance(reply, Error):
+    if isinstance(outcome, Failed):
         await ws.close()
-        raise SessionError(
-            f"the scheduler refused the session: {reply.code} {reply.message}",
-            reply.code,
-            fatal=reply.code == "auth_failed",
-        )
-    if not isinstance(reply, Welcome):
-        await ws.close()
-        raise SessionError(f"expected welcome, got {reply.type}", "unexpected_message")
-    session = Session(ws, reply)
+        raise SessionError(f"{url}: {outcome.reason}", outcome.code, fatal=outcome.fatal)
+    session = Session(ws, core)
     session.start()
     return session
