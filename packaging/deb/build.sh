@@ -19,7 +19,7 @@ mkdir -p "$STAGE/DEBIAN" "$STAGE/usr/share/dcp-worker/wheels" "$STAGE/usr/bin" \
 
 install -m 0644 packaging/systemd/dcp-worker.service packaging/systemd/dcp-evaluator-manager.service \
     packaging/systemd/dcp-evaluator-manager.socket "$STAGE/lib/systemd/system/"
-install -m 0644 packaging/etc/dcp-worker.toml "$STAGE/etc/dcp-worker/dcp-worker.toml"
+install -m 0644 etc/dcp-worker.toml "$STAGE/etc/dcp-worker/dcp-worker.toml"
 install -m 0644 dcp_worker/defaults.toml "$STAGE/usr/share/dcp-worker/defaults.toml"
 install -m 0644 README.md CHANGELOG.md docs/*.md "$STAGE/usr/share/doc/dcp-worker/"
 for cmd in dcp-worker dcp-wallet dcp-compute dcp-scheduler dcp-evaluator-start dcp-evaluator-manager; do
