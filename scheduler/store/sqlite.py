@@ -31,7 +31,7 @@ from dcp_protocol import (
 )
 from dcp_protocol.states import FINAL_STATES
 
-from .store import (
+from . import (
     DuplicateGroup,
     GroupRecord,
     InsufficientFunds,
@@ -42,6 +42,7 @@ from .store import (
     ReadTokenRecord,
     RefusalRecord,
     ResultLease,
+    ResultRow,
     SliceRecord,
     StaleLease,
     StoreError,
@@ -186,10 +187,6 @@ CREATE TABLE IF NOT EXISTS read_tokens (
 CREATE INDEX IF NOT EXISTS read_tokens_by_job ON read_tokens (job);
 """
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
-
-
-#: (job, slice, token, result, payment_address, signature, metrics) of one result.
-ResultRow = tuple[str, int, str, bytes, str, str, Metrics]
 
 
 class SQLiteStore:
@@ -657,32 +654,19 @@ class SQLiteStore:
                 raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
         return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
 
-    def accept_result(
-        self,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        result: bytes,
-        payment_address: str,
-        signature: str,
-        metrics: Metrics,
-        now: float,
-    ) -> tuple[str, int]:
-        """Accept a result once and pay its slice's offer to ``payment_address``.
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+        """Accept a result once and pay its slice's offer to its payment address.
 
         Returns:
             ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
         """
-        (outcome,) = self.accept_results(
-            worker, [(job_id, slice_, token, result, payment_address, signature, metrics)], now
-        )
+        (outcome,) = self.accept_results(worker, [row], now)
         if isinstance(outcome, StoreError):
             raise outcome
         return outcome
 
     def accept_results(
-        self, worker: str, items: list[ResultRow], now: float
+        self, worker: str, rows: list[ResultRow], now: float
     ) -> list[tuple[str, int] | StoreError]:
         """:meth:`accept_result` for many results in one transaction (one commit for a
         batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
@@ -690,21 +674,18 @@ class SQLiteStore:
         outcomes: list[tuple[str, int] | StoreError] = []
         priced: set[str] = set()
         with self._tx() as db:
-            for item in items:
+            for row in rows:
                 db.execute("SAVEPOINT item")
                 try:
-                    job_id, slice_, token, result, payment, signature, metrics = item
-                    outcome = self._accept(
-                        db, job_id, slice_, token, worker, result, payment, signature, metrics, now
-                    )
+                    outcome = self._accept(db, worker, row, now)
                 except StoreError as exc:
                     db.execute("ROLLBACK TO item")
                     outcomes.append(exc)
                 else:
                     outcomes.append(outcome)
                     if outcome[0] == "accepted":
-                        self._settle(db, job_id, now)  # one slice of its job is final
-                        priced.add(job_id)
+                        self._settle(db, row.job, now)  # one slice of its job is final
+                        priced.add(row.job)
                 db.execute("RELEASE item")
             for job_id in priced:  # once per job and batch at most: it reads the job's workers
                 if self._price_due(job_id, now):
@@ -740,19 +721,10 @@ class SQLiteStore:
         )
 
     def _accept(
-        self,
-        db: sqlite3.Connection,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        result: bytes,
-        payment_address: str,
-        signature: str,
-        metrics: Metrics,
-        now: float,
+        self, db: sqlite3.Connection, worker: str, row: ResultRow, now: float
     ) -> tuple[str, int]:
-        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, token, worker)
+        job_id, slice_, metrics = row.job, row.slice, row.metrics
+        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, row.token, worker)
         if state is SliceState.DONE:
             return "duplicate", 0  # resubmission of the accepted result: harmless
         try:
@@ -764,9 +736,9 @@ class SQLiteStore:
             " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
             (
                 new.value,
-                result,
-                signature,
-                payment_address,
+                row.result,
+                row.signature,
+                row.payment_address,
                 json.dumps(asdict(metrics)),
                 now,
                 job_id,
@@ -787,7 +759,9 @@ class SQLiteStore:
                 metrics.bytes_out,
             ),
         )
-        self._move(db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_)
+        self._move(
+            db, "payment", f"escrow:{job_id}", row.payment_address, offer, now, job_id, slice_
+        )
         self._count(db, worker, "accepted", now, earned=offer)
         return "accepted", offer
 
@@ -905,7 +879,7 @@ class SQLiteStore:
     def return_slices(
         self,
         worker: str,
-        refs: list[tuple[str, int, str]],
+        refs: list[LeaseRef],
         code: str = "",
         message: str = "",
         now: float = 0.0,
@@ -914,7 +888,8 @@ class SQLiteStore:
         refused them: the refusal is recorded for the job and the worker."""
         returned = 0
         with self._tx() as db:
-            for job_id, idx, token in refs:
+            for ref in refs:
+                job_id, idx = ref.job, ref.slice
                 try:
                     state, current, holder, attempts, max_attempts, _o, _w = self._current(
                         db, job_id, idx
@@ -923,7 +898,7 @@ class SQLiteStore:
                     continue
                 if (
                     state is SliceState.LEASED
-                    and current == token
+                    and current == ref.token
                     and (holder or "").lower() == worker.lower()
                 ):
                     self._release(
