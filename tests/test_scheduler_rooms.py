@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from scheduler.store.sqlite import SQLiteStore
 from scheduler.verifier import VerifierPool
 from scheduler.wakeups import Wakeups
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, ROOT
 
 ECHO = (EXAMPLES / "echo" / "echo.wasm").read_bytes()
 KEY = bytes.fromhex("11" * 32)
@@ -138,3 +140,15 @@ def test_acceptance_refuses_a_stale_token_and_accepts_the_current_one(rooms: Roo
     assert accepted == p.Ack(re=8, status="accepted", credited=0.0)
     duplicate = rooms.acceptance.result(WORKER, "s1", current, time.time())
     assert duplicate == p.Ack(re=8, status="duplicate", credited=0.0)
+
+
+def test_the_session_and_acceptance_rooms_import_no_http() -> None:
+    """Dispatch and acceptance are decisions over the store: aiohttp stays in server.py."""
+    probe = (
+        "import sys, scheduler.session, scheduler.acceptance;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'websockets')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
