@@ -38,6 +38,8 @@ from .store import ResultLease, ResultRow, Store, StoreError, credits
 from .verifier import VerifierPool
 from .wakeups import Wakeups
 
+__all__ = ["Acceptance", "Reply"]
+
 log = logging.getLogger("dcp.scheduler")
 
 #: A reply now, or one a verifier's verdict decides.

@@ -32,6 +32,15 @@ from .jobdoc import JobFileError, parse_document
 from .store import InsufficientFunds, JobRecord, SliceRecord, Store, StoreError, UnknownJob, credits
 from .wakeups import Wakeups
 
+__all__ = [
+    "MAX_READ_TOKEN_TTL",
+    "NONCE_MARGIN",
+    "READ_TOKEN_PREFIX",
+    "READ_TOKEN_TTL",
+    "REQUEST_WINDOW",
+    "ComputeApi",
+]
+
 log = logging.getLogger("dcp.scheduler")
 
 #: A signed owner request is accepted this many seconds either side of the scheduler's clock.

@@ -10,6 +10,8 @@ from dcp_protocol import MAX_FRAME_BYTES, limits
 
 from .limits import ConnectionLimits, RefusalLimits
 
+__all__ = ["MAX_FETCH_WAIT", "SchedulerConfig"]
+
 #: The longest a fetch may be parked waiting for work (the worker asks for less), and the
 #: longest a compute API read of results may wait for one more final slice.
 MAX_FETCH_WAIT = 30.0

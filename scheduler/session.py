@@ -60,6 +60,8 @@ from .specs import JobSpecs
 from .store import JobRecord, Store, StoreError, credits
 from .wakeups import Wakeups
 
+__all__ = ["Dispatcher", "Park", "Reply", "WorkerSession"]
+
 log = logging.getLogger("dcp.scheduler")
 
 

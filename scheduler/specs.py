@@ -14,6 +14,8 @@ from dcp_protocol import JobSpec
 
 from .store import Store
 
+__all__ = ["CACHED_JOBS", "JobInfo", "JobSpecs"]
+
 #: Jobs whose spec is kept; the least recently used goes first.
 CACHED_JOBS = 64
 

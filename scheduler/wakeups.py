@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+__all__ = ["Wakeups"]
+
 
 class Wakeups:
     """The two events the rooms set and the long polls wait on."""

@@ -2,8 +2,8 @@
 
 Every public method is one ``BEGIN IMMEDIATE`` transaction, so leasing is atomic even with an
 admin command writing from another process. Slice state changes go through the table in
-:mod:`dcp_protocol.states`; every movement of credits is a ledger row written in the
-transaction of the change it pays for.
+:mod:`dcp_protocol.states`; every movement of credits is a ledger row (scheduler/store/ledger.py)
+written in the transaction of the change it pays for.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from . import (
     UnknownSlice,
     WorkerRecord,
 )
+from . import ledger as _ledger
 
 SCHEMA_VERSION = 4
 #: A job's price reads one row per worker of the job (:meth:`SQLiteStore._price`). It is set on
@@ -247,95 +248,24 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
-    # ------------------------------------------------------------------ bank primitives
-
-    def _move(
-        self,
-        db: sqlite3.Connection,
-        kind: str,
-        debit: str,
-        credit: str,
-        amount: int,
-        now: float,
-        job: str | None = None,
-        slice_: int | None = None,
-    ) -> None:
-        """Move ``amount`` between accounts (or escrow) with its ledger row. Escrow balances
-        live on the job row; ``mint`` is the source of new credits."""
-        if amount <= 0:
-            return
-        for account, sign in ((debit, -1), (credit, 1)):
-            if account == "mint":
-                continue
-            if account.startswith("escrow:"):
-                db.execute(
-                    "UPDATE jobs SET escrow_micro = escrow_micro + ? WHERE id=?",
-                    (sign * amount, account.removeprefix("escrow:")),
-                )
-            elif sign > 0:
-                db.execute(
-                    "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
-                    " SET balance_micro = balance_micro + excluded.balance_micro",
-                    (account.lower(), amount),
-                )
-            else:  # the CHECK constraint refuses an overdraft, whatever the caller checked
-                cur = db.execute(
-                    "UPDATE accounts SET balance_micro = balance_micro - ? WHERE address=?",
-                    (amount, account.lower()),
-                )
-                if cur.rowcount != 1:
-                    raise StoreError(f"account {account} has no balance to debit")
-        db.execute(
-            "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (now, kind, debit.lower(), credit.lower(), amount, job, slice_),
-        )
-
-    def _balance(self, db: sqlite3.Connection, address: str) -> int:
-        row = db.execute(
-            "SELECT balance_micro FROM accounts WHERE address=?", (address.lower(),)
-        ).fetchone()
-        return int(row[0]) if row else 0
+    # ------------------------------------------------------------------ bank
 
     def mint(self, address: str, amount_micro: int, now: float) -> int:
         if amount_micro <= 0:
             raise StoreError("mint a positive amount")
         with self._tx() as db:
-            self._move(db, "mint", "mint", address, amount_micro, now)
-            return self._balance(db, address)
+            _ledger.move(db, "mint", "mint", address, amount_micro, now)
+            return _ledger.balance(db, address)
 
     def balance(self, address: str) -> int:
-        return self._balance(self._db, address)
+        return _ledger.balance(self._db, address)
 
     def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]:
-        if account is None:
-            rows = self._db.execute(
-                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
-            )
-        else:
-            rows = self._db.execute(
-                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
-                " WHERE debit=? OR credit=? ORDER BY seq LIMIT ?",
-                (account.lower(), account.lower(), limit),
-            )
-        return [LedgerEntry(*row) for row in rows]
+        return _ledger.entries(self._db, account, limit)
 
     def totals(self) -> dict[str, int]:
         """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
-        q = self._db.execute
-        by_kind = dict(q("SELECT kind, sum(amount_micro) FROM ledger GROUP BY kind").fetchall())
-        return {
-            "minted": int(by_kind.get("mint", 0)),
-            "accounts": int(
-                q("SELECT coalesce(sum(balance_micro), 0) FROM accounts").fetchone()[0]
-            ),
-            "escrow": int(q("SELECT coalesce(sum(escrow_micro), 0) FROM jobs").fetchone()[0]),
-            "escrowed": int(by_kind.get("escrow", 0)),
-            "paid": int(by_kind.get("payment", 0)),
-            "refunded": int(by_kind.get("refund", 0)),
-        }
+        return _ledger.totals(self._db)
 
     # ------------------------------------------------------------------ jobs
 
@@ -348,7 +278,7 @@ class SQLiteStore:
             ).fetchone()
             if existing:
                 return str(existing[0])  # a replayed deploy: the same job, not a second one
-            balance = self._balance(db, job.owner)
+            balance = _ledger.balance(db, job.owner)
             if balance < escrow:
                 raise InsufficientFunds(job.owner, escrow, balance)
             db.execute(
@@ -381,7 +311,7 @@ class SQLiteStore:
                 "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
                 ((job_id, i, datum) for i, datum in enumerate(job.data)),
             )
-            self._move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
+            _ledger.move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
             if not job.data:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
@@ -759,7 +689,7 @@ class SQLiteStore:
                 metrics.bytes_out,
             ),
         )
-        self._move(
+        _ledger.move(
             db, "payment", f"escrow:{job_id}", row.payment_address, offer, now, job_id, slice_
         )
         self._count(db, worker, "accepted", now, earned=offer)
@@ -975,7 +905,7 @@ class SQLiteStore:
         owner, escrow = db.execute(
             "SELECT owner, escrow_micro FROM jobs WHERE id=?", (job_id,)
         ).fetchone()
-        self._move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
+        _ledger.move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
 
     def cancel_job(self, job_id: str, now: float) -> int:
         """Cancel queued and leased slices and refund what is left in escrow."""
