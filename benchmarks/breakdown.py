@@ -57,8 +57,8 @@ from dcp_protocol import (  # noqa: E402
 from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
 from evaluator.client import Sandbox  # noqa: E402
 from evaluator.wasm import WasmRuntime  # noqa: E402
-from scheduler.sqlite_store import SQLiteStore  # noqa: E402
-from scheduler.store import NewJob  # noqa: E402
+from scheduler.store import NewJob, ResultRow  # noqa: E402
+from scheduler.store.sqlite import SQLiteStore  # noqa: E402
 
 BATCH = 64
 LIMITS = Limits()
@@ -118,7 +118,7 @@ class Steps:
             leases = self.store.lease(self.worker.address, BATCH, time.time(), 600, [self.job])
             figures["lease"].append((time.perf_counter() - started) / BATCH)
             rows = [
-                (x.job, x.slice, x.token, x.datum, self.worker.address, "00", METRICS)
+                ResultRow(x.job, x.slice, x.token, x.datum, self.worker.address, "00", METRICS)
                 for x in leases
             ]
             started = time.perf_counter()

@@ -15,9 +15,9 @@ _EXPORTS = {
     "StoreError": "store",
     "UnknownJob": "store",
     "UnknownSlice": "store",
-    "SQLiteStore": "sqlite_store",
+    "SQLiteStore": "store.sqlite",
     "Scheduler": "server",
-    "SchedulerConfig": "server",
+    "SchedulerConfig": "config",
     "ComputeClient": "client",
     "ComputeError": "client",
 }

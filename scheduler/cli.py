@@ -20,8 +20,8 @@ from dcp_protocol import MAX_FRAME_BYTES, policy, signing
 
 from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
-from .sqlite_store import SQLiteStore
 from .store import StoreError, credits, to_micro
+from .store.sqlite import SQLiteStore
 
 EXIT_OK = 0
 EXIT_STORE_ERROR = 2

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from dcp_protocol import Limits, Metrics
 from scheduler import SQLiteStore, StaleLease, UnknownSlice
-from scheduler.store import MICRO, InsufficientFunds, NewJob
+from scheduler.store import MICRO, InsufficientFunds, NewJob, ResultRow
 
 OWNERS = ["0x" + f"{i:02x}" * 20 for i in (1, 2)]
 WORKERS = ["0x" + f"{i:02x}" * 20 for i in (0xA1, 0xA2)]
@@ -65,20 +65,18 @@ def test_deploy_escrows_and_refuses_without_funds(tmp_path: Path) -> None:
     (lease,) = store.lease(WORKERS[0], 1, 0.0, 10.0)
     assert lease.offer_micro == 2 * MICRO
     status, paid = store.accept_result(
-        job_id,
-        lease.slice,
-        lease.token,
         WORKERS[0],
-        b"r",
-        WORKERS[1],
-        "00" * 65,
-        Metrics(cpu_seconds=2),
+        ResultRow(
+            job_id, lease.slice, lease.token, b"r", WORKERS[1], "00" * 65, Metrics(cpu_seconds=2)
+        ),
         1.0,
     )
     assert (status, paid) == ("accepted", 2 * MICRO)
     assert store.balance(WORKERS[1]) == 2 * MICRO  # the payment address, not the identity
     assert store.accept_result(
-        job_id, lease.slice, lease.token, WORKERS[0], b"r", WORKERS[1], "00" * 65, Metrics(), 2.0
+        WORKERS[0],
+        ResultRow(job_id, lease.slice, lease.token, b"r", WORKERS[1], "00" * 65, Metrics()),
+        2.0,
     ) == ("duplicate", 0)
     assert store.cancel_job(job_id, 3.0) == 3
     assert store.balance(OWNERS[0]) == 8 * MICRO
@@ -103,7 +101,7 @@ def test_rejected_result_is_not_paid_and_goes_back(tmp_path: Path) -> None:
     assert store.lease(WORKERS[0], 1, 2.0, 10.0) == []  # not back to the worker it fooled
     (again,) = store.lease(WORKERS[1], 1, 2.0, 10.0)
     assert store.accept_result(
-        job_id, 0, again.token, WORKERS[1], b"r", WORKERS[1], "00" * 65, Metrics(), 3.0
+        WORKERS[1], ResultRow(job_id, 0, again.token, b"r", WORKERS[1], "00" * 65, Metrics()), 3.0
     ) == ("accepted", MICRO)
     (cheat,) = [w for w in store.workers() if w.address == WORKERS[0]]
     assert (cheat.rejected, cheat.earned_micro) == (1, 0)
@@ -167,14 +165,16 @@ def test_credits_are_conserved_and_slices_paid_once(ops: list[tuple]) -> None:  
                     worker, lease = leases[op[1] % len(leases)]
                     if kind == "accept":
                         store.accept_result(
-                            lease.job,
-                            lease.slice,
-                            lease.token,
-                            worker,  # type: ignore[attr-defined]
-                            b"r",
                             worker,
-                            "00" * 65,
-                            Metrics(),
+                            ResultRow(
+                                lease.job,
+                                lease.slice,
+                                lease.token,
+                                b"r",
+                                worker,
+                                "00" * 65,
+                                Metrics(),
+                            ),
                             now,
                         )
                         accepted.append((worker, lease))
@@ -201,14 +201,10 @@ def test_credits_are_conserved_and_slices_paid_once(ops: list[tuple]) -> None:  
                 elif kind == "resubmit" and accepted:
                     worker, lease = accepted[op[1] % len(accepted)]
                     status, paid = store.accept_result(
-                        lease.job,
-                        lease.slice,
-                        lease.token,
                         worker,
-                        b"r",
-                        worker,  # type: ignore[attr-defined]
-                        "00" * 65,
-                        Metrics(),
+                        ResultRow(
+                            lease.job, lease.slice, lease.token, b"r", worker, "00" * 65, Metrics()
+                        ),
                         now,
                     )
                     assert (status, paid) == ("duplicate", 0)

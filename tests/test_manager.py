@@ -29,7 +29,7 @@ from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, 
 from evaluator.manager import Access, Manager, bind_unix
 from evaluator.manager.monitors import BusyPolicy, RateMonitor
 from scheduler.client import ComputeClient
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 from .test_pipeline import PUZZLE, job_file

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scheduler.client import ComputeClient
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 from .test_manager import ManagerProcess, managers  # noqa: F401  (the fixture)

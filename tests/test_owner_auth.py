@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from scheduler.client import ComputeClient, ComputeError
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 from .test_pipeline import ECHO, job_file

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.client import ComputeClient
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 

@@ -18,7 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 import dcp_protocol as p
 from dcp_protocol import signing
 from scheduler.client import ComputeClient, ComputeError
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import (
     EXAMPLES,

@@ -25,8 +25,8 @@ import dcp_protocol as p
 from dcp_protocol import signing
 from scheduler.client import ComputeClient
 from scheduler.server import Scheduler, SchedulerConfig
-from scheduler.sqlite_store import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore
-from scheduler.store import NewJob, StaleLease
+from scheduler.store import NewJob, ResultRow, StaleLease
+from scheduler.store.sqlite import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore
 
 from .conftest import EXAMPLES, Keystore, wait_until
 from .test_scheduler_session import _open, _recv
@@ -325,7 +325,9 @@ def test_result_lease_fences_before_any_verifier(tmp_path: Path) -> None:
     with pytest.raises(StaleLease):
         store.result_lease(job, 0, lease.token, "0x" + "44" * 20)
     metrics = p.Metrics(bytes_in=3, bytes_out=1)
-    store.accept_result(job, 0, lease.token, worker, b"r", worker, "00" * 65, metrics, 101.0)
+    store.accept_result(
+        worker, ResultRow(job, 0, lease.token, b"r", worker, "00" * 65, metrics), 101.0
+    )
     assert store.result_lease(job, 0, lease.token, worker).state == "done"
     store.close()
 
@@ -339,7 +341,9 @@ def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(tmp_path: Path) -> None
     liar = "0x" + "ee" * 20
     for worker, n, cpu in [*((w, 1, 1.0) for w in honest), (liar, 6, 1e6)]:
         rows = [
-            (job, lease.slice, lease.token, b"x", worker, "00" * 65, p.Metrics(1.0, cpu, 1, 1))
+            ResultRow(
+                job, lease.slice, lease.token, b"x", worker, "00" * 65, p.Metrics(1.0, cpu, 1, 1)
+            )
             for lease in store.lease(worker, n, 1.0, 15.0)
         ]
         assert [o for o in store.accept_results(worker, rows, 2.0)] == [("accepted", 0)] * n
@@ -361,7 +365,7 @@ def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_pat
         for i in range(first, first + n):
             worker = f"0x{i:040x}"
             (lease,) = store.lease(worker, 1, now - 0.5, 15.0)
-            row = (
+            row = ResultRow(
                 job,
                 lease.slice,
                 lease.token,

@@ -13,6 +13,7 @@ import pytest
 
 from dcp_protocol import LeaseRef, Limits, Metrics
 from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice
+from scheduler.store import ResultRow
 
 W1 = "0x" + "11" * 20
 W2 = "0x" + "22" * 20
@@ -44,7 +45,7 @@ def new_job(n: int = 3, attempts: int = 2, tag: str = "a", offer: int = 0) -> Ne
 
 def accept(store: Store, lease_job: str, idx: int, token: str, worker: str = W1) -> str:
     status, _paid = store.accept_result(
-        lease_job, idx, token, worker, b"r", PAY, "00" * 65, Metrics(), 1.0
+        worker, ResultRow(lease_job, idx, token, b"r", PAY, "00" * 65, Metrics()), 1.0
     )
     return status
 
@@ -82,8 +83,8 @@ def test_a_batch_of_results_is_one_transaction_with_outcomes_of_its_own(store: S
     leases = store.lease(W1, 4, 0.0, 10.0)
     assert accept(store, job, 0, leases[0].token) == "accepted"
 
-    def row(idx: int, token: str) -> tuple[str, int, str, bytes, str, str, Metrics]:
-        return (job, idx, token, b"r%d" % idx, PAY, "00" * 65, Metrics())
+    def row(idx: int, token: str) -> ResultRow:
+        return ResultRow(job, idx, token, b"r%d" % idx, PAY, "00" * 65, Metrics())
 
     outcomes = store.accept_results(
         W1,
@@ -188,8 +189,8 @@ def test_expiry_counts_as_an_attempt(store: Store) -> None:
 def test_return_refunds_the_attempt(store: Store) -> None:
     job = store.create_job(new_job(1, attempts=1), 0.0)
     (lease,) = store.lease(W1, 1, 0.0, 10.0)
-    assert store.return_slices(W2, [(job, 0, lease.token)]) == 0  # not W2's lease
-    assert store.return_slices(W1, [(job, 0, lease.token)]) == 1
+    assert store.return_slices(W2, [LeaseRef(job, 0, lease.token)]) == 0  # not W2's lease
+    assert store.return_slices(W1, [LeaseRef(job, 0, lease.token)]) == 1
     (again,) = store.lease(W1, 1, 1.0, 10.0)
     assert again.attempt == 1
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
-from scheduler.sqlite_store import SQLiteStore  # noqa: E402
+from scheduler.store.sqlite import SQLiteStore  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.client import ComputeClient
-from scheduler.sqlite_store import SQLiteStore
+from scheduler.store.sqlite import SQLiteStore
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for, wait_until
 from ..test_pipeline import PUZZLE, counts, job_file

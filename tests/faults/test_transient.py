@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scheduler.client import ComputeClient
-from scheduler.sqlite_store import SQLiteStore
 from scheduler.store import MICRO
+from scheduler.store.sqlite import SQLiteStore
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for
 from ..test_pipeline import PUZZLE, job_file

@@ -1,5 +1,5 @@
 """The scheduler's store interface: jobs, slices, leases, the bank, groups, workers.
-Backends implement :class:`Store` (scheduler/sqlite_store.py).
+Backends implement :class:`Store` (scheduler/store/sqlite.py).
 
 Exception tree::
 
@@ -116,6 +116,21 @@ class ResultLease:
 
 
 @dataclass(frozen=True)
+class ResultRow:
+    """One result as acceptance stores it: the lease it answers (job, slice, token), its
+    bytes, where its payment goes (a checksummed address), the worker's signature over them
+    and the worker's measurements. The same record goes from the session to the store."""
+
+    job: str
+    slice: int
+    token: str
+    result: bytes
+    payment_address: str
+    signature: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
 class JobRecord:
     id: str
     owner: str
@@ -213,7 +228,7 @@ class RefusalRecord:
 
 
 class Store(Protocol):
-    """What the scheduler needs from a backend. See scheduler/sqlite_store.py."""
+    """What the scheduler needs from a backend. See scheduler/store/sqlite.py."""
 
     # jobs
     def create_job(self, job: NewJob, now: float) -> str: ...
@@ -258,20 +273,9 @@ class Store(Protocol):
         """
         ...
 
-    def accept_result(
-        self,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        result: bytes,
-        payment_address: str,
-        signature: str,
-        metrics: Metrics,
-        now: float,
-    ) -> tuple[str, int]: ...
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]: ...
     def accept_results(
-        self, worker: str, items: list[tuple[str, int, str, bytes, str, str, Metrics]], now: float
+        self, worker: str, rows: list[ResultRow], now: float
     ) -> list[tuple[str, int] | StoreError]: ...
     def reject_result(
         self,
@@ -296,7 +300,7 @@ class Store(Protocol):
     def return_slices(
         self,
         worker: str,
-        refs: list[tuple[str, int, str]],
+        refs: list[LeaseRef],
         code: str = "",
         message: str = "",
         now: float = 0.0,

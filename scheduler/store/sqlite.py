@@ -2,8 +2,8 @@
 
 Every public method is one ``BEGIN IMMEDIATE`` transaction, so leasing is atomic even with an
 admin command writing from another process. Slice state changes go through the table in
-:mod:`dcp_protocol.states`; every movement of credits is a ledger row written in the
-transaction of the change it pays for.
+:mod:`dcp_protocol.states`; every movement of credits is a ledger row (scheduler/store/ledger.py)
+written in the transaction of the change it pays for.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dcp_protocol import (
 )
 from dcp_protocol.states import FINAL_STATES
 
-from .store import (
+from . import (
     DuplicateGroup,
     GroupRecord,
     InsufficientFunds,
@@ -42,6 +42,7 @@ from .store import (
     ReadTokenRecord,
     RefusalRecord,
     ResultLease,
+    ResultRow,
     SliceRecord,
     StaleLease,
     StoreError,
@@ -49,6 +50,7 @@ from .store import (
     UnknownSlice,
     WorkerRecord,
 )
+from . import ledger as _ledger
 
 SCHEMA_VERSION = 4
 #: A job's price reads one row per worker of the job (:meth:`SQLiteStore._price`). It is set on
@@ -188,10 +190,6 @@ CREATE INDEX IF NOT EXISTS read_tokens_by_job ON read_tokens (job);
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 
 
-#: (job, slice, token, result, payment_address, signature, metrics) of one result.
-ResultRow = tuple[str, int, str, bytes, str, str, Metrics]
-
-
 class SQLiteStore:
     """:class:`scheduler.store.Store` on one SQLite database file."""
 
@@ -250,95 +248,24 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
-    # ------------------------------------------------------------------ bank primitives
-
-    def _move(
-        self,
-        db: sqlite3.Connection,
-        kind: str,
-        debit: str,
-        credit: str,
-        amount: int,
-        now: float,
-        job: str | None = None,
-        slice_: int | None = None,
-    ) -> None:
-        """Move ``amount`` between accounts (or escrow) with its ledger row. Escrow balances
-        live on the job row; ``mint`` is the source of new credits."""
-        if amount <= 0:
-            return
-        for account, sign in ((debit, -1), (credit, 1)):
-            if account == "mint":
-                continue
-            if account.startswith("escrow:"):
-                db.execute(
-                    "UPDATE jobs SET escrow_micro = escrow_micro + ? WHERE id=?",
-                    (sign * amount, account.removeprefix("escrow:")),
-                )
-            elif sign > 0:
-                db.execute(
-                    "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
-                    " SET balance_micro = balance_micro + excluded.balance_micro",
-                    (account.lower(), amount),
-                )
-            else:  # the CHECK constraint refuses an overdraft, whatever the caller checked
-                cur = db.execute(
-                    "UPDATE accounts SET balance_micro = balance_micro - ? WHERE address=?",
-                    (amount, account.lower()),
-                )
-                if cur.rowcount != 1:
-                    raise StoreError(f"account {account} has no balance to debit")
-        db.execute(
-            "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (now, kind, debit.lower(), credit.lower(), amount, job, slice_),
-        )
-
-    def _balance(self, db: sqlite3.Connection, address: str) -> int:
-        row = db.execute(
-            "SELECT balance_micro FROM accounts WHERE address=?", (address.lower(),)
-        ).fetchone()
-        return int(row[0]) if row else 0
+    # ------------------------------------------------------------------ bank
 
     def mint(self, address: str, amount_micro: int, now: float) -> int:
         if amount_micro <= 0:
             raise StoreError("mint a positive amount")
         with self._tx() as db:
-            self._move(db, "mint", "mint", address, amount_micro, now)
-            return self._balance(db, address)
+            _ledger.move(db, "mint", "mint", address, amount_micro, now)
+            return _ledger.balance(db, address)
 
     def balance(self, address: str) -> int:
-        return self._balance(self._db, address)
+        return _ledger.balance(self._db, address)
 
     def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]:
-        if account is None:
-            rows = self._db.execute(
-                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
-            )
-        else:
-            rows = self._db.execute(
-                "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
-                " WHERE debit=? OR credit=? ORDER BY seq LIMIT ?",
-                (account.lower(), account.lower(), limit),
-            )
-        return [LedgerEntry(*row) for row in rows]
+        return _ledger.entries(self._db, account, limit)
 
     def totals(self) -> dict[str, int]:
         """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
-        q = self._db.execute
-        by_kind = dict(q("SELECT kind, sum(amount_micro) FROM ledger GROUP BY kind").fetchall())
-        return {
-            "minted": int(by_kind.get("mint", 0)),
-            "accounts": int(
-                q("SELECT coalesce(sum(balance_micro), 0) FROM accounts").fetchone()[0]
-            ),
-            "escrow": int(q("SELECT coalesce(sum(escrow_micro), 0) FROM jobs").fetchone()[0]),
-            "escrowed": int(by_kind.get("escrow", 0)),
-            "paid": int(by_kind.get("payment", 0)),
-            "refunded": int(by_kind.get("refund", 0)),
-        }
+        return _ledger.totals(self._db)
 
     # ------------------------------------------------------------------ jobs
 
@@ -351,7 +278,7 @@ class SQLiteStore:
             ).fetchone()
             if existing:
                 return str(existing[0])  # a replayed deploy: the same job, not a second one
-            balance = self._balance(db, job.owner)
+            balance = _ledger.balance(db, job.owner)
             if balance < escrow:
                 raise InsufficientFunds(job.owner, escrow, balance)
             db.execute(
@@ -384,7 +311,7 @@ class SQLiteStore:
                 "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
                 ((job_id, i, datum) for i, datum in enumerate(job.data)),
             )
-            self._move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
+            _ledger.move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
             if not job.data:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
@@ -657,32 +584,19 @@ class SQLiteStore:
                 raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
         return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
 
-    def accept_result(
-        self,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        result: bytes,
-        payment_address: str,
-        signature: str,
-        metrics: Metrics,
-        now: float,
-    ) -> tuple[str, int]:
-        """Accept a result once and pay its slice's offer to ``payment_address``.
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+        """Accept a result once and pay its slice's offer to its payment address.
 
         Returns:
             ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
         """
-        (outcome,) = self.accept_results(
-            worker, [(job_id, slice_, token, result, payment_address, signature, metrics)], now
-        )
+        (outcome,) = self.accept_results(worker, [row], now)
         if isinstance(outcome, StoreError):
             raise outcome
         return outcome
 
     def accept_results(
-        self, worker: str, items: list[ResultRow], now: float
+        self, worker: str, rows: list[ResultRow], now: float
     ) -> list[tuple[str, int] | StoreError]:
         """:meth:`accept_result` for many results in one transaction (one commit for a
         batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
@@ -690,21 +604,18 @@ class SQLiteStore:
         outcomes: list[tuple[str, int] | StoreError] = []
         priced: set[str] = set()
         with self._tx() as db:
-            for item in items:
+            for row in rows:
                 db.execute("SAVEPOINT item")
                 try:
-                    job_id, slice_, token, result, payment, signature, metrics = item
-                    outcome = self._accept(
-                        db, job_id, slice_, token, worker, result, payment, signature, metrics, now
-                    )
+                    outcome = self._accept(db, worker, row, now)
                 except StoreError as exc:
                     db.execute("ROLLBACK TO item")
                     outcomes.append(exc)
                 else:
                     outcomes.append(outcome)
                     if outcome[0] == "accepted":
-                        self._settle(db, job_id, now)  # one slice of its job is final
-                        priced.add(job_id)
+                        self._settle(db, row.job, now)  # one slice of its job is final
+                        priced.add(row.job)
                 db.execute("RELEASE item")
             for job_id in priced:  # once per job and batch at most: it reads the job's workers
                 if self._price_due(job_id, now):
@@ -740,19 +651,10 @@ class SQLiteStore:
         )
 
     def _accept(
-        self,
-        db: sqlite3.Connection,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        result: bytes,
-        payment_address: str,
-        signature: str,
-        metrics: Metrics,
-        now: float,
+        self, db: sqlite3.Connection, worker: str, row: ResultRow, now: float
     ) -> tuple[str, int]:
-        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, token, worker)
+        job_id, slice_, metrics = row.job, row.slice, row.metrics
+        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, row.token, worker)
         if state is SliceState.DONE:
             return "duplicate", 0  # resubmission of the accepted result: harmless
         try:
@@ -764,9 +666,9 @@ class SQLiteStore:
             " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
             (
                 new.value,
-                result,
-                signature,
-                payment_address,
+                row.result,
+                row.signature,
+                row.payment_address,
                 json.dumps(asdict(metrics)),
                 now,
                 job_id,
@@ -787,7 +689,9 @@ class SQLiteStore:
                 metrics.bytes_out,
             ),
         )
-        self._move(db, "payment", f"escrow:{job_id}", payment_address, offer, now, job_id, slice_)
+        _ledger.move(
+            db, "payment", f"escrow:{job_id}", row.payment_address, offer, now, job_id, slice_
+        )
         self._count(db, worker, "accepted", now, earned=offer)
         return "accepted", offer
 
@@ -905,7 +809,7 @@ class SQLiteStore:
     def return_slices(
         self,
         worker: str,
-        refs: list[tuple[str, int, str]],
+        refs: list[LeaseRef],
         code: str = "",
         message: str = "",
         now: float = 0.0,
@@ -914,7 +818,8 @@ class SQLiteStore:
         refused them: the refusal is recorded for the job and the worker."""
         returned = 0
         with self._tx() as db:
-            for job_id, idx, token in refs:
+            for ref in refs:
+                job_id, idx = ref.job, ref.slice
                 try:
                     state, current, holder, attempts, max_attempts, _o, _w = self._current(
                         db, job_id, idx
@@ -923,7 +828,7 @@ class SQLiteStore:
                     continue
                 if (
                     state is SliceState.LEASED
-                    and current == token
+                    and current == ref.token
                     and (holder or "").lower() == worker.lower()
                 ):
                     self._release(
@@ -1000,7 +905,7 @@ class SQLiteStore:
         owner, escrow = db.execute(
             "SELECT owner, escrow_micro FROM jobs WHERE id=?", (job_id,)
         ).fetchone()
-        self._move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
+        _ledger.move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
 
     def cancel_job(self, job_id: str, now: float) -> int:
         """Cancel queued and leased slices and refund what is left in escrow."""

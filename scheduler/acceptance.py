@@ -1,0 +1,245 @@
+"""Result acceptance: the checks a result passes before its slice is done and its offer paid,
+once for a single ``result`` and for each item of ``results`` (docs/protocol.md section 3,
+"Result acceptance").
+
+In order: size, lease (token and holder), signature, metrics; then the job's verifier, if it
+has one, in the sandboxes of scheduler/verifier.py; then the store accepts it, paying the
+offer, or rejects it, queueing the slice again. Nothing here touches a socket: a reply is a
+message, or a coroutine that returns one once a verifier has spoken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+
+from dcp_protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    ItemAck,
+    LeaseRef,
+    Message,
+    Result,
+    ResultItem,
+    Results,
+    ResultsAck,
+    signing,
+)
+
+from .config import SchedulerConfig
+from .plausibility import MetricsRules
+from .specs import JobSpecs
+from .store import ResultLease, ResultRow, Store, StoreError, credits
+from .verifier import VerifierPool
+from .wakeups import Wakeups
+
+__all__ = ["Acceptance", "Reply"]
+
+log = logging.getLogger("dcp.scheduler")
+
+#: A reply now, or one a verifier's verdict decides.
+Reply = Message | Coroutine[Any, Any, Message]
+
+
+def _item_ack(reply: Message) -> ItemAck:
+    """A single result's reply as an entry of ``results_ack``."""
+    if isinstance(reply, Ack):
+        return ItemAck(reply.status, reply.credited)
+    if isinstance(reply, Error):
+        status = "retry" if reply.code == ErrorCode.INTERNAL.value else "refused"
+        return ItemAck(status, code=reply.code, message=reply.message)
+    return ItemAck("retry", code=ErrorCode.INTERNAL.value, message=f"unexpected {reply.type}")
+
+
+class Acceptance:
+    """Checks, verifies and stores the results of every session.
+
+    ``worker`` in each call is the session's authenticated identity (it must hold the lease
+    and have signed the result); ``owner`` is the session's id, whose share of the verifier
+    sandboxes the result waits for.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: SchedulerConfig,
+        specs: JobSpecs,
+        verifiers: VerifierPool,
+        wakeups: Wakeups,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.specs = specs
+        self.verifiers = verifiers
+        self.wakeups = wakeups
+        self._rules = MetricsRules(
+            slack_seconds=config.metrics_slack_seconds, parallelism=config.metrics_parallelism
+        )
+        #: Results whose verifier is running or waiting, by lease: a resubmission waits for
+        #: that verdict instead of running the verifier again.
+        self._verifying: dict[LeaseRef, asyncio.Event] = {}
+
+    def result(self, worker: str, owner: str, message: Result, now: float) -> Reply:
+        """The reply to one ``result``."""
+        admitted = self._admit(worker, message, now)
+        if isinstance(admitted, Error):
+            return replace(admitted, re=message.id)
+        lease, row = admitted
+        if lease.state != "done" and self.specs.get(message.job).has_verifier:
+            return self._checked(worker, owner, row, message.id)
+        return self._accept(worker, row, message.id, now)
+
+    def results(self, worker: str, owner: str, message: Results, now: float) -> Reply:
+        """Many results, one transaction for those without a verifier; one reply."""
+        acks: list[ItemAck | None] = [None] * len(message.results)
+        plain: list[tuple[int, ResultRow]] = []
+        checked: list[tuple[int, ResultRow]] = []
+        for i, item in enumerate(message.results):
+            admitted = self._admit(worker, item, now)
+            if isinstance(admitted, Error):
+                acks[i] = _item_ack(admitted)
+                continue
+            lease, row = admitted
+            if lease.state != "done" and self.specs.get(item.job).has_verifier:
+                checked.append((i, row))
+            else:
+                plain.append((i, row))
+        if plain:
+            try:
+                outcomes = self.store.accept_results(worker, [row for _, row in plain], now)
+            except StoreError as exc:  # the whole transaction: nothing of it happened
+                for i, _ in plain:
+                    acks[i] = ItemAck("retry", code=exc.code.value, message=str(exc))
+            else:
+                for (i, _), outcome in zip(plain, outcomes, strict=True):
+                    if isinstance(outcome, StoreError):
+                        acks[i] = _item_ack(
+                            Error(re=None, code=outcome.code.value, message=str(outcome))
+                        )
+                    else:
+                        acks[i] = ItemAck(outcome[0], credits(outcome[1]))
+                if any(a is not None and a.status == "accepted" for a in acks):
+                    self.wakeups.wake_results()
+        if not checked:
+            return ResultsAck(re=message.id, acks=tuple(a for a in acks if a is not None))
+
+        async def verify_then_reply() -> Message:
+            replies = await asyncio.gather(
+                *(self._checked(worker, owner, row, message.id) for _, row in checked)
+            )
+            for (i, _), reply in zip(checked, replies, strict=True):
+                acks[i] = _item_ack(reply)
+            return ResultsAck(re=message.id, acks=tuple(a for a in acks if a is not None))
+
+        return verify_then_reply()
+
+    def _admit(
+        self, worker: str, item: Result | ResultItem, now: float
+    ) -> tuple[ResultLease, ResultRow] | Error:
+        """The cheap checks of a result, in order: size, lease (token and holder), signature,
+        metrics. Nothing here runs a verifier. Returns the result's lease and the row to
+        store, or the refusal to answer (``re`` unset)."""
+        if len(item.result) > self.config.max_result_bytes:
+            return Error(
+                re=None,
+                code=ErrorCode.RESULT_TOO_LARGE.value,
+                message=f"results are limited to {self.config.max_result_bytes} bytes",
+            )
+        try:
+            lease = self.store.result_lease(item.job, item.slice, item.token, worker)
+        except StoreError as exc:
+            return Error(re=None, code=exc.code.value, message=str(exc))
+        payload = signing.result_payload(
+            item.job, item.slice, item.token, item.result, item.payment_address
+        )
+        if not signing.verify(payload, item.signature, worker):
+            return Error(
+                re=None,
+                code=ErrorCode.BAD_SIGNATURE.value,
+                message="the result is not signed by this session's identity",
+            )
+        row = ResultRow(
+            job=item.job,
+            slice=item.slice,
+            token=item.token,
+            result=item.result,
+            payment_address=signing.checksum(item.payment_address),
+            signature=item.signature,
+            metrics=item.metrics,
+        )
+        if lease.state == "done":
+            return lease, row  # a resubmission of the accepted result: acceptance says duplicate
+        problem = self._rules.problem(item.metrics, lease, len(item.result), now)
+        if problem is None:
+            return lease, row
+        return self._reject(worker, row, ErrorCode.METRICS_IMPLAUSIBLE.value, problem, now)
+
+    def _reject(self, worker: str, row: ResultRow, code: str, why: str, now: float) -> Error:
+        """Refuse a result as the verifier's rejection does: unpaid, counted against the
+        worker, the slice queued again for other workers (or failed after its attempts)."""
+        try:
+            state = self.store.reject_result(row.job, row.slice, row.token, worker, code, why, now)
+        except StoreError as exc:
+            return Error(re=None, code=exc.code.value, message=str(exc))
+        log.warning("result %s/%d from %s rejected: %s %s", row.job, row.slice, worker, code, why)
+        if state == "queued":
+            self.wakeups.wake_work()
+        else:
+            self.wakeups.wake_results()
+        return Error(re=None, code=code, message=why)
+
+    def _accept(self, worker: str, row: ResultRow, rid: int, now: float) -> Message:
+        status, paid = self.store.accept_result(worker, row, now)
+        if status == "accepted":
+            self.wakeups.wake_results()
+        return Ack(re=rid, status=status, credited=credits(paid))
+
+    async def _checked(self, worker: str, owner: str, row: ResultRow, rid: int) -> Message:
+        """Run the job's verifier on an admitted result, then accept or reject it; the reply.
+        One verification per lease at a time: a resubmission meanwhile gets the answer
+        acceptance gives once the first verdict is in (``duplicate`` or ``stale_lease``)."""
+        ref = LeaseRef(row.job, row.slice, row.token)
+        try:
+            while (running := self._verifying.get(ref)) is not None:
+                await running.wait()
+                lease = self.store.result_lease(row.job, row.slice, row.token, worker)
+                if lease.state == "done":
+                    return self._accept(worker, row, rid, time.time())
+            done = self._verifying[ref] = asyncio.Event()
+            try:
+                return await self._verify(worker, owner, row, ref, rid)
+            finally:
+                del self._verifying[ref]
+                done.set()
+        except StoreError as exc:
+            return Error(re=rid, code=exc.code.value, message=str(exc))
+
+    async def _verify(
+        self, worker: str, owner: str, row: ResultRow, ref: LeaseRef, rid: int
+    ) -> Message:
+        verifier = self.store.job_verifier(row.job)
+        argv = self.specs.get(row.job).spec.argv
+        datum = self.store.datum(row.job, row.slice)
+        assert verifier is not None
+        # The worker stopped heartbeating this slice when it finished it: keep the lease alive
+        # while its result waits for a sandbox and while it is checked.
+        hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
+        self.store.heartbeat(worker, [ref], time.time(), hold)
+
+        def started() -> None:
+            # Its turn came: still the current lease? (else StaleLease, and nothing runs)
+            self.store.result_lease(row.job, row.slice, row.token, worker)
+            self.store.heartbeat(worker, [ref], time.time(), hold)
+
+        verdict = await self.verifiers.verify(
+            row.job, verifier, argv, datum, row.result, owner=owner, started=started
+        )
+        if verdict.ok:
+            return self._accept(worker, row, rid, time.time())
+        error = self._reject(worker, row, verdict.code, verdict.message, time.time())
+        return replace(error, re=rid)

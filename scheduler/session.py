@@ -1,0 +1,423 @@
+"""Worker sessions without the socket: a frame in, the reply out (docs/protocol.md).
+
+A session opens with a challenge (``hello``); the worker answers with a signed ``auth`` and
+is welcomed, then each request gets its answer, in order. A malformed frame gets an ``error``
+reply and the session carries on; a fault of ours is ``internal``, never an exception that
+ends the session.
+
+:class:`Dispatcher` decides every answer over the store; scheduler/server.py only moves the
+frames, parks long-poll fetches (:class:`Park`) and awaits the replies that wait for a
+verifier (results go to scheduler/acceptance.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+
+from dcp_protocol import (
+    PROTOCOL_VERSION,
+    SCHEDULER_MESSAGES,
+    Ack,
+    Auth,
+    Error,
+    ErrorCode,
+    Fetch,
+    FrameTooLarge,
+    Heartbeat,
+    HeartbeatAck,
+    JobSpec,
+    LeaseRef,
+    Message,
+    ProtocolError,
+    Refusal,
+    Result,
+    Results,
+    Return,
+    SliceFailed,
+    SliceLease,
+    Welcome,
+    Work,
+    decode,
+    encode,
+    encode_json,
+    limits,
+    nesting,
+    policy,
+    signing,
+    to_wire,
+)
+from dcp_protocol import Hello as HelloMsg
+from dcp_protocol.policy import JobTerms, WorkerTerms
+
+from .acceptance import Acceptance
+from .acceptance import Reply as AcceptanceReply
+from .config import SchedulerConfig
+from .specs import JobSpecs
+from .store import JobRecord, Store, StoreError, credits
+from .wakeups import Wakeups
+
+__all__ = ["Dispatcher", "Park", "Reply", "WorkerSession"]
+
+log = logging.getLogger("dcp.scheduler")
+
+
+@dataclass
+class WorkerSession:
+    """One worker connection as dispatch knows it: its challenge, and once authenticated, the
+    worker's identity, the groups it proved it belongs to and what it was already told."""
+
+    id: str
+    challenge: str
+    address: str = ""
+    payment_address: str = ""
+    parked: bool = False  # a long-poll fetch is waiting
+    groups: frozenset[str] = frozenset()
+    leave_public_group: bool = False
+    #: (job, code) refusals already reported on this session (each is reported once).
+    reported: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Park:
+    """Park this fetch until work may have come or its wait is over, then answer it with
+    :meth:`Dispatcher.fetch` (the session is marked ``parked`` until then)."""
+
+    fetch: Fetch
+
+
+#: What a frame gets: its reply now, a fetch to park, or a reply a verifier decides.
+Reply = Message | Park | AcceptanceReply
+
+
+def _spec_bytes(spec: JobSpec) -> int:
+    """What ``spec`` takes in a ``work`` frame (exact: base64 needs no escapes)."""
+    return len(encode_json(to_wire(replace(spec, module=b"")))) + 4 * -(-len(spec.module) // 3) + 1
+
+
+def _peek_id(data: str | bytes, error: ProtocolError) -> int | None:
+    """The request id of a frame that failed to parse, if one can be read and is in range
+    (an error's ``re`` must be one the worker can decode)."""
+    if isinstance(error, FrameTooLarge):
+        return None  # never parse what is refused for its size
+    try:
+        obj = nesting.loads(data)  # the frame may be the one too deep to decode
+        value = obj.get("id") if isinstance(obj, dict) else None
+    except ValueError:  # NestingTooDeep included
+        return None
+    if type(value) is not int or not 0 <= value <= limits.MAX_UINT64:
+        return None
+    return value
+
+
+def _terms(job: JobRecord) -> JobTerms:
+    return JobTerms(
+        job=job.id,
+        owner=job.owner,
+        runtime=job.runtime,
+        group=job.group,
+        requirements=job.requirements,
+        offer=credits(job.offer_micro),
+        cost=job.cost,
+    )
+
+
+def _ref(lease: SliceLease) -> LeaseRef:
+    return LeaseRef(lease.job, lease.slice, lease.token)
+
+
+class Dispatcher:
+    """Answers the frames of every worker session over one store: auth, fetch (eligibility,
+    leasing, fitting the ``work`` frame), heartbeat, results (through ``acceptance``), slice
+    failures and returns."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: SchedulerConfig,
+        specs: JobSpecs,
+        acceptance: Acceptance,
+        wakeups: Wakeups,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.specs = specs
+        self.acceptance = acceptance
+        self.wakeups = wakeups
+
+    def open(self) -> WorkerSession:
+        """A new session with its own id and challenge."""
+        return WorkerSession(id=secrets.token_hex(8), challenge=secrets.token_hex(32))
+
+    def hello(self, session: WorkerSession) -> HelloMsg:
+        """The session's first frame: the challenge its ``auth`` must sign."""
+        return HelloMsg(
+            protocol=PROTOCOL_VERSION, challenge=session.challenge, server=self.config.name
+        )
+
+    def receive(self, session: WorkerSession, data: str | bytes) -> tuple[Reply, bool]:
+        """Handle one frame; returns (its reply, whether to close the session).
+
+        Every frame gets an answer: a malformed one its error (the field and why), and a
+        fault of ours ``internal`` (logged), never an exception that ends the session.
+        """
+        try:
+            message = decode(data, SCHEDULER_MESSAGES, self.config.max_frame_bytes)
+        except ProtocolError as exc:
+            log.warning("session %s: %s", session.id, exc.message)
+            return Error(re=_peek_id(data, exc), code=exc.code.value, message=exc.message), False
+        rid = getattr(message, "id", None)
+        if not session.address:
+            if not isinstance(message, Auth):
+                return Error(
+                    re=rid,
+                    code=ErrorCode.AUTH_FAILED.value,
+                    message="the first message of a session must be auth",
+                ), True
+            return self.auth(session, message)
+        try:
+            return self.dispatch(session, message), False
+        except StoreError as exc:
+            return Error(re=rid, code=exc.code.value, message=str(exc)), False
+        except Exception:
+            log.exception("session %s: %s %s failed", session.id, message.type, rid)
+            return Error(
+                re=rid, code=ErrorCode.INTERNAL.value, message=f"{message.type} failed here"
+            ), False
+
+    def auth(self, session: WorkerSession, message: Auth) -> tuple[Message, bool]:
+        """Check the signed answer to the challenge and the group proofs; ``welcome`` or the
+        refusal that closes the session."""
+        payload = signing.session_payload(session.challenge, self.config.name, message.address)
+        if not signing.verify(payload, message.signature, message.address):
+            log.warning("session %s: bad challenge signature for %s", session.id, message.address)
+            return Error(
+                re=message.id,
+                code=ErrorCode.AUTH_FAILED.value,
+                message="the challenge signature does not match the address",
+            ), True
+        session.address = signing.checksum(message.address)
+        session.payment_address = signing.checksum(message.payment_address)
+        session.leave_public_group = message.leave_public_group
+        hashes = {g.join_key: g.join_hash for g in self.store.groups()}
+        joined, refused = set(), []
+        for proof in message.groups:
+            expected = hashes.get(proof.join_key)
+            if expected is not None and hmac.compare_digest(
+                proof.proof, policy.group_proof(expected, session.challenge, session.address)
+            ):
+                joined.add(proof.join_key)
+            else:
+                refused.append(
+                    Refusal(
+                        proof.join_key,
+                        ErrorCode.GROUP_PROOF_INVALID.value,
+                        "unknown join key or wrong proof",
+                    )
+                )
+        session.groups = frozenset(joined)
+        self.store.seen_worker(session.address, time.time())
+        log.info(
+            "session %s: worker %s (%s), groups %s%s",
+            session.id,
+            session.address,
+            message.agent,
+            sorted(joined) or "-",
+            ", left the public group" if message.leave_public_group else "",
+        )
+        return Welcome(
+            re=message.id,
+            session=session.id,
+            address=session.address,
+            heartbeat_interval=self.config.heartbeat_interval,
+            lease_timeout=self.config.lease_timeout,
+            max_result_bytes=self.config.max_result_bytes,
+            groups=tuple(sorted(joined)),
+            refused=tuple(refused),
+            max_frame_bytes=self.config.max_frame_bytes,
+        ), False
+
+    def dispatch(self, session: WorkerSession, message: Message) -> Reply:
+        """The reply to a decoded message of an authenticated session.
+
+        Raises:
+            StoreError: the store failed or refused; :meth:`receive` answers with its code.
+        """
+        now = time.time()
+        if isinstance(message, Fetch):
+            if message.wait_seconds > 0 and not session.parked:
+                session.parked = True
+                return Park(message)
+            return self.fetch(session, message, now)
+        if isinstance(message, Heartbeat):
+            lost = self.store.heartbeat(
+                session.address, list(message.leases), now, self.config.lease_timeout
+            )
+            return HeartbeatAck(
+                re=message.id, deadline=now + self.config.lease_timeout, lost=tuple(lost)
+            )
+        if isinstance(message, Result):
+            return self.acceptance.result(session.address, session.id, message, now)
+        if isinstance(message, Results):
+            return self.acceptance.results(session.address, session.id, message, now)
+        if isinstance(message, SliceFailed):
+            return self._slice_failed(session, message, now)
+        if isinstance(message, Return):
+            return self._return(session, message, now)
+        return Error(
+            re=getattr(message, "id", None),
+            code=ErrorCode.UNEXPECTED_MESSAGE.value,
+            message=f"a scheduler does not accept {message.type!r} here",
+        )
+
+    def _slice_failed(self, session: WorkerSession, message: SliceFailed, now: float) -> Message:
+        state = self.store.fail_slice(
+            message.job,
+            message.slice,
+            message.token,
+            session.address,
+            message.code,
+            message.message,
+            now,
+        )
+        log.info(
+            "slice %s/%d failed on %s: %s %s -> %s",
+            message.job,
+            message.slice,
+            session.address,
+            message.code,
+            message.message,
+            state,
+        )
+        if state == "queued":
+            self.wakeups.wake_work()
+        else:
+            self.wakeups.wake_results()
+        return Ack(re=message.id, status=state)
+
+    def _return(self, session: WorkerSession, message: Return, now: float) -> Message:
+        n = self.store.return_slices(
+            session.address, list(message.leases), message.code, message.message, now
+        )
+        if message.code:
+            log.warning(
+                "worker %s refused %d slice(s): %s %s",
+                session.address,
+                n,
+                message.code,
+                message.message,
+            )
+        if n:
+            self.wakeups.wake_work()
+        return Ack(re=message.id, status=f"returned {n}")
+
+    def eligible(self, session: WorkerSession, message: Fetch) -> tuple[list[str], list[Refusal]]:
+        """The active jobs this worker may be given, and the refusals to report for the rest."""
+        terms = WorkerTerms(
+            groups=session.groups,
+            leave_public_group=session.leave_public_group,
+            capabilities=message.capabilities,
+            min_wage=message.min_wage,
+            allowed_jobs=frozenset(message.allowed_jobs),
+            allowed_owners=frozenset(message.allowed_owners),
+            declined={d.job: d.offer for d in message.declined},
+        )
+        eligible, report = [], []
+        now = time.time()
+        for job in self.store.active_jobs():
+            why = policy.refusal(_terms(job), terms)
+            if why is None:
+                eligible.append(job.id)
+                continue
+            if (job.id, why.code) in session.reported:
+                continue
+            session.reported.add((job.id, why.code))
+            self.store.record_refusal(job.id, session.address, why.code, why.message, now)
+            private = job.group != policy.PUBLIC_GROUP and job.group not in session.groups
+            if not private:  # never tell a non-member that a private job exists
+                report.append(why)
+        return eligible, report
+
+    def fetch(self, session: WorkerSession, message: Fetch, now: float) -> Work:
+        """Lease what this worker may have, up to ``max_slices`` and its lease allowance; the
+        ``work`` reply (possibly empty).
+
+        Raises:
+            StoreError: the store failed.
+        """
+        eligible, skipped = self.eligible(session, message)
+        leases = self.store.lease(
+            session.address,
+            message.max_slices,
+            now,
+            self.config.lease_timeout,
+            eligible,
+            max_held=self.config.max_leases_per_worker,
+        )
+        known = set(message.known_jobs)
+        slices = [
+            SliceLease(
+                x.job, x.slice, x.token, x.attempt, x.deadline, x.datum, credits(x.offer_micro)
+            )
+            for x in leases
+        ]
+        jobs = {
+            job_id: self.specs.get(job_id).spec
+            for job_id in dict.fromkeys(lease.job for lease in leases)
+            if job_id not in known
+        }
+        kept, specs = self.fit_frame(session, slices, jobs, skipped)
+        return Work(re=message.id, slices=kept, jobs=specs, skipped=tuple(skipped))
+
+    def fit_frame(
+        self,
+        session: WorkerSession,
+        slices: list[SliceLease],
+        jobs: dict[str, JobSpec],
+        skipped: list[Refusal],
+    ) -> tuple[tuple[SliceLease, ...], tuple[JobSpec, ...]]:
+        """The leading slices (and their jobs' specs) whose ``work`` frame fits in the
+        session's ``max_frame_bytes``; the others are returned at once (no attempt spent)."""
+        limit = self.config.max_frame_bytes
+        # Cheap bound first: base64 of the datums and modules, and room for everything else.
+        rough = sum(4 * (len(x.datum) + 2) // 3 + limits.RESULT_FIELDS_BYTES for x in slices)
+        rough += sum(
+            4 * (len(j.module) + 2) // 3 + len(encode_json(j.config)) for j in jobs.values()
+        )
+        rough += sum(len(encode_json(j.requirements)) + 4096 for j in jobs.values())
+        rough += len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        if rough <= limit:
+            return tuple(slices), tuple(jobs.values())
+        size = len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        kept: list[SliceLease] = []
+        specs: dict[str, JobSpec] = {}
+        for lease in slices:
+            more = len(encode_json(to_wire(lease))) + 1
+            spec = jobs.get(lease.job) if lease.job not in specs else None
+            if spec is not None:
+                more += _spec_bytes(spec)
+            if size + more > limit:
+                break
+            size += more
+            kept.append(lease)
+            if spec is not None:
+                specs[lease.job] = spec
+        rest = slices[len(kept) :]
+        if rest:
+            self.store.return_slices(session.address, [_ref(x) for x in rest])
+            if not kept:
+                log.error(
+                    "slice %s/%d does not fit in a frame of %d bytes: not sent",
+                    rest[0].job,
+                    rest[0].slice,
+                    limit,
+                )
+        return tuple(kept), tuple(specs.values())
+
+    def return_unsent(self, session: WorkerSession, work: Work) -> int:
+        """Give back the slices of a ``work`` reply that could not be sent (the worker left):
+        at once, rather than letting them expire (which would cost them an attempt)."""
+        return self.store.return_slices(session.address, [_ref(x) for x in work.slices])

@@ -1,0 +1,96 @@
+"""The bank of the SQLite store: accounts, job escrows and the ledger, on one connection.
+
+Every movement of credits is :func:`move`, which writes its ledger row; the caller runs it in
+the transaction of the change it pays for (a deploy's escrow, a slice's payment, a refund), so
+no credit moves without its row and none is created or lost: minted = accounts + escrow.
+Amounts are micro-credits; accounts are keyed by lowercase address.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from . import LedgerEntry, StoreError
+
+__all__ = ["balance", "entries", "move", "totals"]
+
+
+def move(
+    db: sqlite3.Connection,
+    kind: str,
+    debit: str,
+    credit: str,
+    amount: int,
+    now: float,
+    job: str | None = None,
+    slice_: int | None = None,
+) -> None:
+    """Move ``amount`` between accounts (or escrow) with its ledger row. Escrow balances
+    live on the job row; ``mint`` is the source of new credits."""
+    if amount <= 0:
+        return
+    for account, sign in ((debit, -1), (credit, 1)):
+        if account == "mint":
+            continue
+        if account.startswith("escrow:"):
+            db.execute(
+                "UPDATE jobs SET escrow_micro = escrow_micro + ? WHERE id=?",
+                (sign * amount, account.removeprefix("escrow:")),
+            )
+        elif sign > 0:
+            db.execute(
+                "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
+                " SET balance_micro = balance_micro + excluded.balance_micro",
+                (account.lower(), amount),
+            )
+        else:  # the CHECK constraint refuses an overdraft, whatever the caller checked
+            cur = db.execute(
+                "UPDATE accounts SET balance_micro = balance_micro - ? WHERE address=?",
+                (amount, account.lower()),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"account {account} has no balance to debit")
+    db.execute(
+        "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (now, kind, debit.lower(), credit.lower(), amount, job, slice_),
+    )
+
+
+def balance(db: sqlite3.Connection, address: str) -> int:
+    """The balance of ``address`` (0 for an account never credited)."""
+    row = db.execute(
+        "SELECT balance_micro FROM accounts WHERE address=?", (address.lower(),)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def entries(db: sqlite3.Connection, account: str | None, limit: int) -> list[LedgerEntry]:
+    """The ledger in order, or the rows that debit or credit ``account``; at most ``limit``."""
+    if account is None:
+        rows = db.execute(
+            "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
+            " ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+    else:
+        rows = db.execute(
+            "SELECT seq, at, kind, debit, credit, amount_micro, job, slice FROM ledger"
+            " WHERE debit=? OR credit=? ORDER BY seq LIMIT ?",
+            (account.lower(), account.lower(), limit),
+        )
+    return [LedgerEntry(*row) for row in rows]
+
+
+def totals(db: sqlite3.Connection) -> dict[str, int]:
+    """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
+    q = db.execute
+    by_kind = dict(q("SELECT kind, sum(amount_micro) FROM ledger GROUP BY kind").fetchall())
+    return {
+        "minted": int(by_kind.get("mint", 0)),
+        "accounts": int(q("SELECT coalesce(sum(balance_micro), 0) FROM accounts").fetchone()[0]),
+        "escrow": int(q("SELECT coalesce(sum(escrow_micro), 0) FROM jobs").fetchone()[0]),
+        "escrowed": int(by_kind.get("escrow", 0)),
+        "paid": int(by_kind.get("payment", 0)),
+        "refunded": int(by_kind.get("refund", 0)),
+    }
