@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from dcp_protocol import ErrorCode, Metrics, nesting, signing
+from dcp_protocol import DcpError, ErrorCode, Metrics, nesting, signing
 
 from .config import MAX_FETCH_WAIT
 from .jobdoc import JobFileError, parse_document
@@ -55,7 +55,7 @@ _NONCE = re.compile(r"[0-9a-f]{32}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
-class _Refused(Exception):
+class _Refused(DcpError):
     """A compute API request refused: ``status`` and ``code`` go into the error reply."""
 
     def __init__(self, status: int, code: ErrorCode, message: str) -> None:

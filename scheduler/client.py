@@ -26,14 +26,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from dcp_keys.identity import Identity
-from dcp_protocol import nesting, signing
+from dcp_protocol import DcpError, nesting, signing
 
 from .jobdoc import load_job_file
 
 __all__ = ["ComputeClient", "ComputeError", "ReadToken", "SliceResult", "http_base"]
 
 
-class ComputeError(Exception):
+class ComputeError(DcpError):
     """The scheduler refused a request or could not be reached; ``code`` names why."""
 
     def __init__(self, message: str, status: int | None = None, code: str = "") -> None:

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import InvalidMessage, Limits, nesting
+from dcp_protocol import DcpError, InvalidMessage, Limits, nesting
 from dcp_protocol.policy import validate_requirements
 from evaluator.opencl import validate_config
 
@@ -58,7 +58,7 @@ MAX_OFFER = 1e9
 _INPUT_KEYS = {"file", "values"}
 
 
-class JobFileError(ValueError):
+class JobFileError(DcpError, ValueError):
     """The job file or document is wrong; the message names the key."""
 
 

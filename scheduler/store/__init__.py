@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dcp_protocol import ErrorCode, LeaseRef, Limits, Metrics
+from dcp_protocol import DcpError, ErrorCode, LeaseRef, Limits, Metrics
 
 MICRO = 1_000_000
 
@@ -38,7 +38,7 @@ def credits(micro: int) -> float:
     return micro / MICRO
 
 
-class StoreError(Exception):
+class StoreError(DcpError):
     code: ErrorCode = ErrorCode.INTERNAL
 
 
