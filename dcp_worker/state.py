@@ -59,6 +59,8 @@ __all__ = [
     "WorkerState",
     "HeldLease",
     "LeaseStage",
+    "LeaseEvent",
+    "LEASE_TRANSITIONS",
     "Blocked",
     "IllegalLeaseTransition",
     # events
