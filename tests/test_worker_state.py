@@ -335,3 +335,29 @@ def test_a_result_too_large_for_the_session_is_dropped() -> None:
     (remove,) = state.handle(ResultUnsendable(pending(0), "above max_result_bytes"))
     assert remove == RemoveFromOutbox((LeaseKey("j", 0, "t0"),))
     assert state.counters.reasons["result_refused", "result_too_large"] == 1
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("module", ["state.py", "result.py"])
+def test_the_state_does_no_io_and_reads_no_clock(module: str) -> None:
+    """Only the supervisor reaches sockets, processes, the disk and the clock."""
+    import ast
+    from pathlib import Path
+
+    import dcp_worker
+
+    forbidden = {"asyncio", "socket", "subprocess", "sqlite3", "time", "websockets", "aiohttp"}
+    io_modules = {"supervisor", "connection", "outbox", "control", "dashboard", "runtime"}
+    io_modules |= {"cli", "metrics", "notify", "logs", "evaluator"}
+    tree = ast.parse((Path(dcp_worker.__file__).parent / module).read_text())
+    for node in tree.body:  # the imports at run time (``if TYPE_CHECKING:`` is for mypy)
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in forbidden | io_modules, (module, name)
