@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .supervisor import FETCH_BUCKETS
+from .state import FETCH_BUCKETS
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

@@ -22,10 +22,12 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from dcp_protocol import Metrics
+
+from .result import LeaseKey, PendingResult
 
 __all__ = ["Outbox", "OutboxError", "PendingResult"]
 
@@ -43,21 +45,6 @@ def private_file(path: Path) -> None:
 
 class OutboxError(Exception):
     """The outbox cannot be opened or written; the message says which file and why."""
-
-
-@dataclass(frozen=True)
-class PendingResult:
-    job: str
-    slice: int
-    token: str
-    result: bytes
-    signature: str
-    payment_address: str
-    metrics: Metrics
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.job, self.slice, self.token)
 
 
 class Outbox:
@@ -138,7 +125,7 @@ class Outbox:
             raise
         return db
 
-    def commit(self, puts: list[PendingResult], removes: list[tuple[str, int, str]]) -> int:
+    def commit(self, puts: list[PendingResult], removes: list[LeaseKey]) -> int:
         """Store ``puts`` and delete ``removes`` in one transaction, fsynced before returning.
 
         Returns:
@@ -148,22 +135,25 @@ class Outbox:
             OutboxError: the transaction failed (nothing of it was applied).
         """
         rows = [
-            (
-                i.job,
-                i.slice,
-                i.token,
-                i.result,
-                i.signature,
-                i.payment_address,
-                json.dumps(asdict(i.metrics)),
-            )
+            {
+                "job": i.job,
+                "slice": i.slice,
+                "token": i.token,
+                "result": i.result,
+                "signature": i.signature,
+                "payment_address": i.payment_address,
+                "metrics": json.dumps(asdict(i.metrics)),
+            }
             for i in puts
         ]
         with self._mutex:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO outbox (job, slice, token, result, signature,"
+                    " payment_address, metrics) VALUES (:job, :slice, :token, :result,"
+                    " :signature, :payment_address, :metrics)",
+                    rows,
                 )
                 removed = 0
                 for key in removes:
@@ -181,18 +171,29 @@ class Outbox:
         """Store one result durably."""
         self.commit([item], [])
 
-    def remove(self, key: tuple[str, int, str]) -> None:
+    def remove(self, key: LeaseKey) -> None:
         self.commit([], [key])
 
     def pending(self) -> list[PendingResult]:
+        """Every result not yet acknowledged, in slice order."""
         with self._mutex:
-            rows = self._db.execute(
+            cursor = self._db.execute(
                 "SELECT job, slice, token, result, signature, payment_address, metrics FROM outbox"
                 " ORDER BY job, slice"
-            ).fetchall()
+            )
+            cursor.row_factory = sqlite3.Row
+            rows = cursor.fetchall()
         return [
-            PendingResult(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], Metrics(**json.loads(r[6])))
-            for r in rows
+            PendingResult(
+                job=row["job"],
+                slice=row["slice"],
+                token=row["token"],
+                result=bytes(row["result"]),
+                signature=row["signature"],
+                payment_address=row["payment_address"],
+                metrics=Metrics(**json.loads(row["metrics"])),
+            )
+            for row in rows
         ]
 
     def __len__(self) -> int:

@@ -1,10 +1,12 @@
-"""A sandbox: one evaluator process, reached over its stdin/stdout, and its lifecycle.
+"""A sandbox: one evaluator process, reached over its stdin/stdout (or one connection to the
+evaluator manager), and its lifecycle.
 
 The worker starts the evaluator with an empty environment, a private empty working directory,
-no inherited file descriptors and a core-size limit of 0. Requests go one at a time. The
-worker bounds each request by the job's wall-clock limit plus a margin and kills the process
-past it; an evaluator that dies returns its slice with a named reason and the next request
-starts a fresh one.
+no inherited file descriptors and a core-size limit of 0. One exchange at a time per sandbox:
+a batch of slices goes to the evaluator in one write and it answers each in turn, in order.
+Each reply must come within the job's wall-clock limit plus a margin of the one before, or
+the evaluator is killed; one that dies fails the slices it had not answered with a named
+reason, and the next batch starts a fresh one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import socket
 import struct
 import tempfile
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from dcp_protocol import (
 from .launch import Hardening, evaluator_command
 from .manager import TOKEN_PREFIX
 
-__all__ = ["Sandbox", "SandboxState", "SliceFailure"]
+__all__ = ["Sandbox", "SliceFailure"]
 
 log = logging.getLogger("dcp.worker.sandbox")
 
@@ -101,12 +102,6 @@ class SliceFailure(Exception):
         self.message = message
 
 
-class SandboxState(StrEnum):
-    STOPPED = "stopped"
-    IDLE = "idle"
-    BUSY = "busy"
-
-
 class Sandbox:
     """One evaluator: a child process started here (hardened by ``hardening``), or a
     connection to ``dcp-evaluator-manager`` (``endpoint`` = ``tcp://127.0.0.1:9000`` or a
@@ -131,7 +126,6 @@ class Sandbox:
         self.command = command or evaluator_command(runs_as=self.hardening.runs_as())
         self.slices_per_evaluator = slices_per_evaluator
         self.endpoint = endpoint
-        self.state = SandboxState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._stdin: asyncio.StreamWriter = None  # type: ignore[assignment]
@@ -164,7 +158,6 @@ class Sandbox:
                     f"cannot reach the evaluator manager at {self.endpoint}: {exc}",
                 ) from None
             self._stdin = writer
-            self.state = SandboxState.IDLE
             return
         self._workdir = tempfile.mkdtemp(prefix=f"dcp-sandbox-{self.index}-")
         ids = self.hardening.target_ids()
@@ -185,7 +178,6 @@ class Sandbox:
         self._reader = self._proc.stdout
         self._stdin = self._proc.stdin
         self._stderr_task = asyncio.create_task(self._pump_stderr(self._proc))
-        self.state = SandboxState.IDLE
         log.debug("sandbox %d: evaluator pid %d", self.index, self._proc.pid)
 
     async def _pump_stderr(self, proc: asyncio.subprocess.Process) -> None:
@@ -204,7 +196,6 @@ class Sandbox:
     async def stop(self, graceful: bool = True) -> None:
         proc, self._proc = self._proc, None
         reader, self._reader = self._reader, None
-        self.state = SandboxState.STOPPED
         self._assigned = None
         if self.endpoint is not None and reader is not None:
             # The manager kills the evaluator when its connection closes.
@@ -427,7 +418,6 @@ class Sandbox:
         if not self.running or self._slices_run >= self.slices_per_evaluator:
             await self.stop(graceful=True)
             await self.start()
-        self.state = SandboxState.BUSY
         replies: list[Message] = []
         outcomes: list[tuple[bytes, Metrics] | SliceFailure] = []
         try:
@@ -442,8 +432,6 @@ class Sandbox:
             failure = None
         finally:
             self._slices_run += len(items)
-            if self.running:
-                self.state = SandboxState.IDLE
         for reply in replies:
             if isinstance(reply, SliceDone):
                 outcomes.append((reply.result, reply.metrics))

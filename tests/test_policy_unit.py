@@ -98,35 +98,6 @@ def test_jobs_need_their_runtime() -> None:
     assert code(JobTerms("j", "0xo", "opencl"), wasm_only) == "requirement_unmet"
 
 
-def test_opencl_time_budget(tmp_path: object) -> None:
-    import time
-    from pathlib import Path
-
-    from dcp_keys.identity import Identity
-    from dcp_worker.config import load_config
-    from dcp_worker.supervisor import Supervisor
-
-    config = load_config(
-        None,
-        {
-            "opencl_share": 0.25,
-            "opencl_as_root": True,  # these tests run as root with no account to drop to
-            "state_dir": str(Path(str(tmp_path))),
-            "sandboxes": 1,
-        },
-    )
-    supervisor = Supervisor(config, Identity.from_private_key(b"\x01" * 32))
-    try:
-        supervisor._capabilities = {"runtimes": {"wasm": {}, "opencl": {}}}
-        assert "opencl" in supervisor._offered_capabilities()["runtimes"]
-        supervisor._opencl_used.append((time.monotonic(), 0.25 * 1200))  # a quarter of 20 min
-        assert set(supervisor._offered_capabilities()["runtimes"]) == {"wasm"}
-        supervisor._opencl_used[0] = (time.monotonic() - 1201, 300.0)  # the window moved on
-        assert "opencl" in supervisor._offered_capabilities()["runtimes"]
-    finally:
-        supervisor.outbox.close()
-
-
 def test_each_slice_is_checked_against_the_offered_terms() -> None:
     spec = p.JobSpec(job="j", runtime="opencl", module=b"", sha256="0" * 64, owner="0xo")
     lease = p.SliceLease("j", 0, "t", 1, 0.0, b"x" * 1000, offer=0.5)

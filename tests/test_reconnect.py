@@ -10,11 +10,7 @@ from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
-from dcp_keys.identity import Identity
-from dcp_protocol import SliceLease
-from dcp_protocol.policy import WorkerTerms
-from dcp_worker.config import load_config
-from dcp_worker.supervisor import Supervisor, _Held, backoff
+from dcp_worker.supervisor import backoff
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for
@@ -38,23 +34,6 @@ def test_backoff_stays_under_its_bound_while_it_holds() -> None:
     assert list(islice(delays, 8)) == [0.25, 0.5, 1, 2, 3.75, 3.75, 3.75, 3.75]
     bound[0] = float("inf")  # nothing waits any more: the usual cap again
     assert next(delays) == 30
-
-
-def test_reconnects_stay_within_the_lease_while_results_wait(tmp_path: Path) -> None:
-    config = load_config(None, {"state_dir": str(tmp_path), "sandboxes": 1})
-    supervisor = Supervisor(config, Identity.from_private_key(b"\x01" * 32))
-    try:
-        supervisor._lease_timeout = 15.0
-        assert supervisor._reconnect_bound() == float("inf")  # nothing waits
-        lease = SliceLease("j", 0, "t", 1, 0.0, b"")
-        supervisor._held[("j", 0, "t")] = _Held(lease, WorkerTerms())
-        assert supervisor._reconnect_bound() == 15.0 / 4
-        assert max(islice(supervisor._backoff(), 50)) <= 15.0 / 4
-        supervisor._held.clear()
-        supervisor._unsent = 3  # finished results in the outbox
-        assert supervisor._reconnect_bound() == 15.0 / 4
-    finally:
-        supervisor.outbox.close()
 
 
 def test_a_scheduler_down_longer_than_a_lease_loses_no_result(

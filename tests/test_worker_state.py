@@ -1,0 +1,363 @@
+"""The worker's decisions without processes or sockets: feed a WorkerState events, check the
+instructions it returns (as dask/distributed's ``test_worker_state_machine.py``)."""
+
+from __future__ import annotations
+
+import hashlib
+from itertools import islice
+
+import pytest
+
+from dcp_protocol import (
+    Error,
+    ItemAck,
+    JobSpec,
+    LeaseRef,
+    Limits,
+    Metrics,
+    Refusal,
+    ResultsAck,
+    SliceLease,
+    Wage,
+    Work,
+)
+from dcp_worker.config import WorkerConfig
+from dcp_worker.result import LeaseKey, PendingResult
+from dcp_worker.state import (
+    BatchEnded,
+    BatchFinished,
+    Blocked,
+    Connected,
+    Decline,
+    EvaluatorDescribed,
+    Fetch,
+    GraceStarted,
+    IllegalLeaseTransition,
+    KeepResult,
+    LeasesLost,
+    LeasesReturned,
+    LeaseStage,
+    MachineBusy,
+    MachineFree,
+    OpenClUsed,
+    OutboxFailed,
+    OutboxWritten,
+    Paused,
+    RemoveFromOutbox,
+    ReportFailure,
+    ResultsAnswered,
+    ResultUnsendable,
+    Resumed,
+    ReturnLeases,
+    Run,
+    SandboxFree,
+    SlicesLeased,
+    StopRequested,
+    SubmitLater,
+    WorkerState,
+)
+from dcp_worker.supervisor import backoff
+from evaluator.client import SliceFailure
+
+CAPS = {"runtimes": {"wasm": {}, "opencl": {}}}
+MODULE = b"\0asm"
+
+
+def spec(job: str = "j", runtime: str = "wasm", **kw: object) -> JobSpec:
+    return JobSpec(job, runtime, MODULE, hashlib.sha256(MODULE).hexdigest(), **kw)  # type: ignore[arg-type]
+
+
+def lease(i: int, job: str = "j", offer: float = 1.0) -> SliceLease:
+    return SliceLease(job, i, f"t{i}", 1, 0.0, b"%d" % i, offer=offer)
+
+
+def make(sandboxes: int = 2, **config: object) -> WorkerState:
+    state = WorkerState(WorkerConfig(**config), sandboxes, uniform=lambda _low, high: high)  # type: ignore[arg-type]
+    state.handle(EvaluatorDescribed(CAPS))
+    return state
+
+
+def fetch(state: WorkerState, now: float = 0.0) -> Fetch:
+    decision = state.next_fetch(now)
+    assert isinstance(decision, Fetch), decision
+    return decision
+
+
+def lease_slices(state: WorkerState, *leases: SliceLease, jobs: tuple[JobSpec, ...] = ()) -> list:  # type: ignore[type-arg]
+    work = Work(re=1, slices=leases, jobs=jobs)
+    return state.handle(SlicesLeased(work, state.worker_terms(0.0)))
+
+
+def done(wall: float = 0.001, cpu: float = 0.001) -> tuple[bytes, Metrics]:
+    return (b"ok", Metrics(cpu_seconds=cpu, wall_seconds=wall))
+
+
+def run_next(state: WorkerState, sandbox: int = 0, now: float = 0.0) -> list:  # type: ignore[type-arg]
+    return state.handle(SandboxFree(sandbox, now))
+
+
+def pending(i: int) -> PendingResult:
+    return PendingResult("j", i, f"t{i}", b"r", "ab" * 65, "0x" + "11" * 20, Metrics())
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def test_the_fetch_window_is_the_sandboxes_and_the_prefetch() -> None:
+    state = make(sandboxes=2)
+    first = fetch(state)
+    assert first.max_slices == 4  # auto prefetch: one more per sandbox
+    assert "opencl" in first.terms.capabilities["runtimes"]
+    assert lease_slices(state, lease(0), lease(1), lease(2), jobs=(spec(),)) == []
+    assert fetch(state).max_slices == 1
+    assert fetch(state).known_jobs == ("j",)  # its spec is not sent again
+    lease_slices(state, lease(3))
+    assert state.next_fetch(0.0) is Blocked.FULL
+
+
+def test_a_deep_window_is_refilled_in_chunks() -> None:
+    state = make(sandboxes=2, prefetch=10)
+    lease_slices(state, *(lease(i) for i in range(9)), jobs=(spec(),))
+    assert fetch(state).max_slices == 3  # a quarter of the window of 12
+    lease_slices(state, lease(9))
+    assert state.next_fetch(0.0) is Blocked.FULL  # 2 missing: wait for more to finish
+
+
+def test_short_slices_deepen_the_window_and_go_in_batches() -> None:
+    state = make(sandboxes=2)
+    lease_slices(state, lease(0), jobs=(spec(),))
+    (run,) = run_next(state)
+    assert isinstance(run, Run) and [h.lease.slice for h in run.batch] == [0]  # wall unknown
+    (keep,) = state.handle(BatchFinished(run.batch, [done()], 0.002, 1.0))
+    assert isinstance(keep, KeepResult) and keep.metrics.wall_seconds == pytest.approx(0.002)
+    state.handle(BatchEnded(0, run.batch))
+    # Known to be short: a batch per sandbox in flight, twice.
+    assert fetch(state).max_slices == 2 + 2 * 2 * 32
+    lease_slices(state, *(lease(i) for i in range(1, 11)))
+    (run,) = run_next(state)
+    # 50 ms of work would be 50 slices; a fair share of 10 over 2 sandboxes is 5.
+    assert isinstance(run, Run) and [h.lease.slice for h in run.batch] == [1, 2, 3, 4, 5]
+    assert state.running == 5 and len(state.queue) == 5
+    assert state.activity[0].slice == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "blocked"),
+    [
+        (Paused(), Blocked.PAUSED),
+        (StopRequested(), Blocked.STOPPING),
+        (MachineBusy("a person at the keyboard"), Blocked.MACHINE_BUSY),
+        (OutboxFailed("disk full"), Blocked.OUTBOX),
+    ],
+)
+def test_nothing_is_fetched_or_kept_while_blocked(event: object, blocked: Blocked) -> None:
+    state = make()
+    terms = fetch(state).terms
+    state.handle(event)  # type: ignore[arg-type]
+    assert state.next_fetch(0.0) is blocked
+    # A fetch parked meanwhile: its slices go straight back, never held (not for the outbox).
+    if blocked is not Blocked.OUTBOX:
+        (back,) = state.handle(SlicesLeased(Work(re=1, slices=(lease(0),)), terms))
+        assert isinstance(back, ReturnLeases) and back.leases[0].lease == lease(0)
+        assert state.held == {} and not state.queue
+
+
+def test_blocks_lift() -> None:
+    state = make()
+    state.handle(Paused())
+    state.handle(Resumed())
+    state.handle(MachineBusy("busy"))
+    assert state.phase(connected=True) == "held" and state.busy_reason == "busy"
+    state.handle(MachineFree())
+    state.handle(OutboxFailed("disk full"))
+    state.handle(OutboxWritten())
+    assert isinstance(state.next_fetch(0.0), Fetch)
+    assert state.phase(connected=True) == "fetching" and state.busy_reason == ""
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def test_a_lease_lost_while_queued_never_runs() -> None:
+    state = make()
+    lease_slices(state, lease(0), lease(1), jobs=(spec(),))
+    state.handle(LeasesLost((LeaseRef("j", 0, "t0"),)))
+    assert run_next(state) == []  # dropped, not declined: the scheduler gave it to another
+    assert [r.slice for r in state.heartbeat_refs()] == [1]
+
+
+def test_a_graceful_stop_returns_the_queue_and_holds_it_until_sent() -> None:
+    state = make(sandboxes=1)
+    lease_slices(state, lease(0), lease(1), jobs=(spec(),))
+    (run,) = run_next(state)
+    state.handle(StopRequested())
+    (back,) = state.handle(GraceStarted())
+    assert isinstance(back, ReturnLeases) and [h.lease.slice for h in back.leases] == [1]
+    # Still held: an immediate stop meanwhile returns it with the running one.
+    assert [r.slice for r in state.held_refs()] == [0, 1]
+    state.handle(LeasesReturned(back.leases))
+    assert [r.slice for r in state.held_refs()] == [0]
+    with pytest.raises(IllegalLeaseTransition):
+        state.handle(LeasesReturned(run.batch))  # a running lease is not being returned
+    state.handle(BatchEnded(0, run.batch))
+    assert state.held == {} and state.running == 0
+    assert run.batch[0].stage is LeaseStage.GONE
+
+
+def test_reconnects_stay_within_the_lease_while_slices_or_results_wait() -> None:
+    state = make()
+    state.handle(Connected(lease_timeout=15.0))
+    assert state.reconnect_bound(results_waiting=0) == float("inf")  # nothing waits
+    lease_slices(state, lease(0), jobs=(spec(),))
+    assert state.reconnect_bound(results_waiting=0) == 15.0 / 4
+    delays = backoff(30.0, bound=lambda: state.reconnect_bound(0))
+    assert max(islice(delays, 50)) <= 15.0 / 4
+    state.handle(StopRequested())
+    state.handle(LeasesReturned(state.handle(GraceStarted())[0].leases))  # type: ignore[attr-defined]
+    assert state.reconnect_bound(results_waiting=0) == float("inf")
+    assert state.reconnect_bound(results_waiting=3) == 15.0 / 4  # results in the outbox
+
+
+# --------------------------------------------------------------------------- declining
+
+
+def test_a_slice_without_a_spec_or_with_a_changed_one_is_declined() -> None:
+    state = make()
+    lease_slices(state, lease(0, job="nospec"))
+    assert run_next(state) == [
+        Decline(
+            lease(0, job="nospec"),
+            Refusal("nospec", "unknown_slice", "the scheduler sent no spec for the job"),
+        )
+    ]
+    lease_slices(state, lease(1), jobs=(spec(),))
+    lease_slices(state, lease(2), jobs=(spec(name="renamed"),))
+    declines = run_next(state) + run_next(state)
+    assert [d.why.code for d in declines] == ["job_spec_changed", "job_spec_changed"]
+    assert state.counters.declined_slices == 3
+    assert state.counters.reasons["slice_declined", "job_spec_changed"] == 2
+    assert state.held == {}
+
+
+def test_a_job_that_costs_more_than_it_pays_is_declined_from_then_on() -> None:
+    state = make(sandboxes=1, min_wage=Wage(cpu_hour=3600.0))  # 1 credit per CPU-second
+    lease_slices(state, lease(0, offer=0.5), lease(1, offer=0.5), jobs=(spec(),))
+    (run,) = run_next(state)
+    state.handle(BatchFinished(run.batch, [done(wall=0.5, cpu=2.0)], 0.5, 1.0))
+    state.handle(BatchEnded(0, run.batch))
+    assert state.worker_terms(1.0).declined == {"j": 0.5}  # the next fetch says so
+    (decline,) = run_next(state)
+    assert isinstance(decline, Decline) and decline.why.code == "wage_below_minimum"
+
+
+def test_each_slice_is_checked_against_the_terms_it_was_leased_under() -> None:
+    state = make(sandboxes=1, opencl_slots=0)  # --cores N,0: lend no GPU
+    assert "opencl" not in fetch(state).terms.capabilities["runtimes"]
+    lease_slices(state, lease(0, job="gpu"), jobs=(spec("gpu", "opencl"),))
+    (decline,) = run_next(state)  # the scheduler ignored what the fetch said
+    assert isinstance(decline, Decline) and decline.why.code == "requirement_unmet"
+
+
+def test_opencl_has_a_time_budget_in_a_20_minute_window() -> None:
+    state = make(opencl_share=0.25)
+    assert "opencl" in state.worker_terms(100.0).capabilities["runtimes"]
+    state.handle(OpenClUsed(at=100.0, seconds=0.25 * 1200))  # a quarter of 20 min
+    assert set(state.worker_terms(100.0).capabilities["runtimes"]) == {"wasm"}
+    assert "opencl" in state.worker_terms(1301.0).capabilities["runtimes"]  # it moved on
+
+
+def test_opencl_is_not_offered_when_kernels_would_run_as_root() -> None:
+    state = WorkerState(WorkerConfig(), 1)
+    state.handle(EvaluatorDescribed({**CAPS, "uid": 0}))
+    assert set(state.worker_terms(0.0).capabilities["runtimes"]) == {"wasm"}
+    state = WorkerState(WorkerConfig(opencl_as_root=True), 1)
+    state.handle(EvaluatorDescribed({**CAPS, "uid": 0}))
+    assert "opencl" in state.worker_terms(0.0).capabilities["runtimes"]
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def test_each_slice_of_a_batch_gets_its_own_outcome() -> None:
+    state = make(sandboxes=1, max_wall_seconds=10.0)
+    job = spec(limits=Limits(wall_seconds=60.0))
+    lease_slices(state, lease(0), lease(1), lease(2), jobs=(job,))
+    (run,) = run_next(state)
+    assert isinstance(run, Run) and run.limits.wall_seconds == 10.0  # clamped to the worker's
+    failure = SliceFailure("output_too_large", "too long")
+    busy = SliceFailure("machine_busy", "a person at the keyboard")
+    # Three singles in turn (nothing measured yet): one result, one failure, one busy machine.
+    outcomes = [done(wall=0.5), failure, busy]
+    kinds = []
+    for outcome in outcomes:
+        (instruction,) = state.handle(BatchFinished(run.batch, [outcome], 0.01, 1.0))
+        kinds.append(type(instruction))
+        state.handle(BatchEnded(0, run.batch))
+        if state.queue:
+            (run,) = run_next(state)
+    assert kinds == [KeepResult, ReportFailure, Decline]
+    assert (state.counters.done, state.counters.failed, state.counters.declined_slices) == (1, 1, 1)
+    assert state.next_fetch(2.0) is Blocked.MACHINE_BUSY and state.busy_reason.startswith(
+        "a person"
+    )
+    assert state.slices_per_minute(30.0) == 1 and state.slices_per_minute(100.0) == 0
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_results_answered_leave_the_outbox_or_go_again() -> None:
+    state = make()
+    items = (pending(0), pending(1), pending(2))
+    acks = ResultsAck(
+        re=1,
+        acks=(
+            ItemAck("accepted", credited=2.5),
+            ItemAck("refused", code="stale_lease", message="too late"),
+            ItemAck("retry", code="internal"),
+        ),
+    )
+    later, remove = state.handle(ResultsAnswered(items, acks))
+    assert remove == RemoveFromOutbox((LeaseKey("j", 0, "t0"), LeaseKey("j", 1, "t1")))
+    assert later == SubmitLater(items[2], 0.5)
+    assert (state.counters.accepted, state.counters.refused, state.counters.credits) == (1, 1, 2.5)
+    # Again and again: the delay doubles, up to 10 s.
+    delays = [
+        state.handle(ResultsAnswered(items[2:], Error(re=2, code="internal")))[0].delay  # type: ignore[attr-defined]
+        for _ in range(6)
+    ]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert state.counters.reasons["result_retried", "internal"] == 7
+
+
+def test_a_result_too_large_for_the_session_is_dropped() -> None:
+    state = make()
+    (remove,) = state.handle(ResultUnsendable(pending(0), "above max_result_bytes"))
+    assert remove == RemoveFromOutbox((LeaseKey("j", 0, "t0"),))
+    assert state.counters.reasons["result_refused", "result_too_large"] == 1
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("module", ["state.py", "result.py"])
+def test_the_state_does_no_io_and_reads_no_clock(module: str) -> None:
+    """Only the supervisor reaches sockets, processes, the disk and the clock."""
+    import ast
+    from pathlib import Path
+
+    import dcp_worker
+
+    forbidden = {"asyncio", "socket", "subprocess", "sqlite3", "time", "websockets", "aiohttp"}
+    io_modules = {"supervisor", "connection", "outbox", "control", "dashboard", "runtime"}
+    io_modules |= {"cli", "metrics", "notify", "logs", "evaluator"}
+    tree = ast.parse((Path(dcp_worker.__file__).parent / module).read_text())
+    for node in tree.body:  # the imports at run time (``if TYPE_CHECKING:`` is for mypy)
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in forbidden | io_modules, (module, name)
