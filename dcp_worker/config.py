@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import InvalidMessage, Wage, nesting, policy
+from dcp_protocol import DcpError, InvalidMessage, Wage, nesting, policy
 
 __all__ = [
     "ConfigError",
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(DcpError, ValueError):
     """Bad configuration; the message names the source and the key."""
 
 

@@ -16,7 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dcp_keys.identity import Identity
-from dcp_protocol import MAX_FRAME_BYTES, Error, Message
+from dcp_protocol import MAX_FRAME_BYTES, DcpError, Error, Message
 from dcp_protocol.session import Failed, Opened, Replied, Unsolicited, WorkerSession
 
 from . import __version__
@@ -26,7 +26,7 @@ __all__ = ["Session", "SessionError", "open_session", "websocket_url"]
 log = logging.getLogger("dcp.worker.connection")
 
 
-class SessionError(Exception):
+class SessionError(DcpError):
     """The session could not be opened or was lost; ``code`` names a protocol reason if any."""
 
     def __init__(self, message: str, code: str = "", fatal: bool = False) -> None:

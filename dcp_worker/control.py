@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import nesting
+from dcp_protocol import DcpError, nesting
 
 from .logs import RecentLogs
 
@@ -35,7 +35,7 @@ log = logging.getLogger("dcp.worker.control")
 MAX_LINE = 1 << 20
 
 
-class ControlError(Exception):
+class ControlError(DcpError):
     """The control socket cannot be reached, or it refused a command."""
 
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dcp_protocol import Metrics
+from dcp_protocol import DcpError, Metrics
 
 from .result import LeaseKey, PendingResult
 
@@ -43,7 +43,7 @@ def private_file(path: Path) -> None:
             os.chmod(f"{path}{suffix}", 0o600)
 
 
-class OutboxError(Exception):
+class OutboxError(DcpError):
     """The outbox cannot be opened or written; the message says which file and why."""
 
 

@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from dcp_protocol import (
+    DcpError,
     ErrorCode,
     ItemAck,
     JobSpec,
@@ -83,7 +84,6 @@ __all__ = [
     "SliceProgressed",
     "BatchFinished",
     "BatchEnded",
-    "OpenClUsed",
     "ResultsAnswered",
     "ResultUnsendable",
     # instructions
@@ -145,7 +145,7 @@ class LeaseEvent(StrEnum):
     RETURNED = "returned"
 
 
-class IllegalLeaseTransition(Exception):
+class IllegalLeaseTransition(DcpError):
     """``event`` is not allowed for a lease in ``stage``."""
 
     def __init__(self, stage: LeaseStage, event: LeaseEvent) -> None:
@@ -355,14 +355,6 @@ class BatchEnded(Event):
 
 
 @dataclass(frozen=True)
-class OpenClUsed(Event):
-    """OpenCL device time ``seconds`` used at ``at``: counted against ``opencl_share``."""
-
-    at: float
-    seconds: float
-
-
-@dataclass(frozen=True)
 class ResultsAnswered(Event):
     """The scheduler answered a ``results`` frame holding ``items`` (in order)."""
 
@@ -539,7 +531,6 @@ class WorkerState:
             SliceProgressed: self._on_slice_progressed,
             BatchFinished: self._on_batch_finished,
             BatchEnded: self._on_batch_ended,
-            OpenClUsed: self._on_opencl_used,
             ResultsAnswered: self._on_results_answered,
             ResultUnsendable: self._on_result_unsendable,
         }
@@ -663,10 +654,6 @@ class WorkerState:
             self._opencl_used.popleft()
         used = sum(seconds for _t, seconds in self._opencl_used)
         return used >= self.config.opencl_share * _OPENCL_WINDOW
-
-    def _on_opencl_used(self, event: OpenClUsed) -> list[Instruction]:
-        self._opencl_used.append((event.at, event.seconds))
-        return []
 
     # ------------------------------------------------------------------ session and stops
 
@@ -904,6 +891,10 @@ class WorkerState:
         return []
 
     def _on_batch_finished(self, event: BatchFinished) -> list[Instruction]:
+        job = self.jobs.get(event.batch[0].lease.job) if event.batch else None
+        if job is not None and job.runtime == "opencl":
+            # The batch held an OpenCL slot (the device) for its whole round trip.
+            self._opencl_used.append((event.now, event.elapsed))
         # Each slice is charged its evaluator time plus an equal share of the round trip.
         outcomes = event.outcomes
         inside = sum(o[1].wall_seconds for o in outcomes if isinstance(o, tuple))

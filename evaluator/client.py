@@ -30,6 +30,7 @@ from dcp_protocol import (
     Ack,
     Assign,
     Capabilities,
+    DcpError,
     Describe,
     Die,
     Error,
@@ -93,7 +94,7 @@ def _read_token(path: str) -> bytes:
     return Path(path).read_bytes().strip()
 
 
-class SliceFailure(Exception):
+class SliceFailure(DcpError):
     """A slice failed in the sandbox; ``code`` is the wire reason."""
 
     def __init__(self, code: str, message: str) -> None:

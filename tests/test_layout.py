@@ -131,3 +131,28 @@ def test_the_graph_sees_the_imports_it_checks() -> None:
     assert "dcp_protocol.errors" in GRAPH["dcp_protocol.codec"]
     assert "dcp_worker.config" in GRAPH["dcp_worker.cli"]  # ``from . import config``
     assert "evaluator.client" in GRAPH["scheduler.verifier"]
+
+
+def test_every_exception_of_ours_derives_from_dcp_error() -> None:
+    """One exception tree (dcp_protocol.errors): a program's edge catches DcpError to report a
+    refusal by its reason, and anything else is a bug. Private control-flow exceptions
+    (a leading underscore, never raised out of their module) are exempt."""
+    import importlib
+
+    from dcp_protocol import DcpError
+
+    loose = []
+    for name in MODULES:
+        if name.endswith("__main__"):
+            continue
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == name
+                and not attr.startswith("_")
+                and not issubclass(value, DcpError)
+            ):
+                loose.append(f"{name}.{attr}")
+    assert not loose, loose

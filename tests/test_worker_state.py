@@ -39,7 +39,6 @@ from dcp_worker.state import (
     LeaseStage,
     MachineBusy,
     MachineFree,
-    OpenClUsed,
     OutboxFailed,
     OutboxWritten,
     Paused,
@@ -258,14 +257,6 @@ def test_each_slice_is_checked_against_the_terms_it_was_leased_under() -> None:
     assert isinstance(decline, Decline) and decline.why.code == "requirement_unmet"
 
 
-def test_opencl_has_a_time_budget_in_a_20_minute_window() -> None:
-    state = make(opencl_share=0.25)
-    assert "opencl" in state.worker_terms(100.0).capabilities["runtimes"]
-    state.handle(OpenClUsed(at=100.0, seconds=0.25 * 1200))  # a quarter of 20 min
-    assert set(state.worker_terms(100.0).capabilities["runtimes"]) == {"wasm"}
-    assert "opencl" in state.worker_terms(1301.0).capabilities["runtimes"]  # it moved on
-
-
 def test_opencl_is_not_offered_when_kernels_would_run_as_root() -> None:
     state = WorkerState(WorkerConfig(), 1)
     state.handle(EvaluatorDescribed({**CAPS, "uid": 0}))
@@ -361,3 +352,23 @@ def test_the_state_does_no_io_and_reads_no_clock(module: str) -> None:
             continue
         for name in names:
             assert name.split(".")[0] not in forbidden | io_modules, (module, name)
+
+
+def test_an_opencl_batch_spends_the_opencl_budget_of_a_20_minute_window() -> None:
+    """The budget was only ever fed by tests: no batch the worker ran counted against it, so
+    ``opencl_share < 1`` never withheld OpenCL. A finished OpenCL batch now spends its time."""
+    state = make(sandboxes=1, opencl_share=0.25)
+    lease_slices(state, lease(0, job="gpu"), jobs=(spec("gpu", "opencl"),))
+    (run,) = run_next(state, now=10.0)
+    state.handle(BatchFinished(run.batch, [done(wall=300.0, cpu=1.0)], 300.0, 310.0))
+    state.handle(BatchEnded(0, run.batch))
+    assert "opencl" not in state.worker_terms(310.0).capabilities["runtimes"]
+    assert "opencl" in state.worker_terms(311.0 + 1200.0).capabilities["runtimes"]  # window passed
+
+
+def test_a_wasm_batch_spends_nothing_of_the_opencl_budget() -> None:
+    state = make(sandboxes=1, opencl_share=0.25)
+    lease_slices(state, lease(0), jobs=(spec(),))
+    (run,) = run_next(state, now=10.0)
+    state.handle(BatchFinished(run.batch, [done(wall=300.0, cpu=300.0)], 300.0, 310.0))
+    assert "opencl" in state.worker_terms(310.0).capabilities["runtimes"]
