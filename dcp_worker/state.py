@@ -901,10 +901,10 @@ class WorkerState:
         extra = max(0.0, event.elapsed - inside) / len(event.batch)
         out: list[Instruction] = []
         for held, outcome in zip(event.batch, outcomes, strict=True):
-            out.append(self._settle(held.lease, outcome, extra, event.now))
+            out.append(self._outcome(held.lease, outcome, extra, event.now))
         return out
 
-    def _settle(
+    def _outcome(
         self,
         lease: SliceLease,
         outcome: tuple[bytes, Metrics] | SliceFailure,

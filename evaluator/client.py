@@ -95,7 +95,11 @@ def _read_token(path: str) -> bytes:
 
 
 class SliceFailure(DcpError):
-    """A slice failed in the sandbox; ``code`` is the wire reason."""
+    """A slice failed in the sandbox, as its handle sees it; ``code`` is the wire reason.
+
+    One failure, one name per side: the evaluator raises :class:`evaluator.errors.SliceError`
+    inside its process and answers with the code; this handle returns (or raises) it as a
+    ``SliceFailure``; the worker reports it to the scheduler in a ``slice_failed`` message."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -537,7 +537,7 @@ class SQLiteStore:
             raise StaleLease(f"slice {job_id}/{idx}: lease {token[:8]}... is not the current lease")
         return state, attempts, max_attempts, offer
 
-    def _settle(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
+    def _slice_final(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
         """One slice of the job reached a final state: finish the job when none is left."""
         db.execute("UPDATE jobs SET remaining = remaining - 1 WHERE id=?", (job_id,))
         db.execute(
@@ -614,7 +614,7 @@ class SQLiteStore:
                 else:
                     outcomes.append(outcome)
                     if outcome[0] == "accepted":
-                        self._settle(db, row.job, now)  # one slice of its job is final
+                        self._slice_final(db, row.job, now)  # one slice of its job is final
                         priced.add(row.job)
                 db.execute("RELEASE item")
             for job_id in priced:  # once per job and batch at most: it reads the job's workers
@@ -724,7 +724,7 @@ class SQLiteStore:
             ),
         )
         if new is SliceState.FAILED:
-            self._settle(db, job_id, now)
+            self._slice_final(db, job_id, now)
         return new
 
     def _refusal(
