@@ -63,7 +63,7 @@ def test_worker_unit_is_notify_hardened_and_its_settings_are_valid() -> None:
     )
     socket_path = _unit(UNITS / "dcp-evaluator-manager.socket")["Socket"]["ListenStream"]
     config = resolve(
-        [ROOT / "packaging" / "etc" / "dcp-worker.toml"], env=env
+        [ROOT / "etc" / "dcp-worker.toml"], env=env
     ).config  # every variable is a known key with a valid value
     assert config.evaluator == socket_path
     assert config.output == ("journal",)
