@@ -13,9 +13,23 @@ rm -rf "$BUILD"
 mkdir -p "$STAGE/DEBIAN" "$STAGE/usr/share/dcp-worker/wheels" "$STAGE/usr/bin" \
     "$STAGE/lib/systemd/system" "$STAGE/etc/dcp-worker/conf.d" "$STAGE/usr/share/doc/dcp-worker"
 
-# Wheels for Debian's python3 (3.11, the same ABI as the interpreter building them).
-"$PY" -m pip wheel --quiet --disable-pip-version-check \
-    --wheel-dir "$STAGE/usr/share/dcp-worker/wheels" "$ROOT[systemd]"
+# Wheels: the project and its dependencies for the interpreter building them (3.11), then the
+# compiled dependencies again for every other python3 a supported distribution ships (Debian
+# 13 and Ubuntu 24.04: 3.12, 3.13), so that postinst finds its ABI's offline. systemd-python
+# is not among them: the package depends on the distribution's python3-systemd, which the
+# environment sees through --system-site-packages (it is built for that very interpreter).
+WHEELS=$STAGE/usr/share/dcp-worker/wheels
+"$PY" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WHEELS" "$ROOT"
+"$PY" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    > "$BUILD/requirements.txt"
+for version in 3.12 3.13; do
+    abi=cp$(echo "$version" | tr -d .)
+    "$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+        --python-version "$version" --implementation cp --abi "$abi" \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        --dest "$WHEELS" -r "$BUILD/requirements.txt"
+done
 
 install -m 0644 packaging/systemd/dcp-worker.service packaging/systemd/dcp-evaluator-manager.service \
     packaging/systemd/dcp-evaluator-manager.socket "$STAGE/lib/systemd/system/"

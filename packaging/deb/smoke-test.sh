@@ -14,6 +14,16 @@ getent passwd dcp >/dev/null
 test "$(stat -c %a:%U /etc/dcp-worker/identity.keystore)" = 600:dcp
 test "$(stat -c %a:%U /etc/dcp-worker/passphrase)" = 600:dcp
 test "$(stat -c %a:%U /var/lib/dcp-worker)" = 700:dcp
+# The wheels carried resolve offline for every python3 the package accepts (3.11-3.13), not
+# only for this one: postinst installs from them with no index.
+for version in 3.11 3.12 3.13; do
+    /opt/dcp-worker/venv/bin/python -m pip download --quiet --disable-pip-version-check \
+        --no-index --find-links /usr/share/dcp-worker/wheels --only-binary=:all: \
+        --python-version "$version" --implementation cp --abi "cp$(echo "$version" | tr -d .)" \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -d "$(mktemp -d)" dcp-worker >/dev/null
+done
 
 WORK=$(mktemp -d)
 trap 'kill $SCHED $WORKER 2>/dev/null || true; rm -rf "$WORK"' EXIT
