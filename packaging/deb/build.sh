@@ -36,6 +36,26 @@ install -m 0644 packaging/systemd/dcp-worker.service packaging/systemd/dcp-evalu
 install -m 0644 etc/dcp-worker.toml "$STAGE/etc/dcp-worker/dcp-worker.toml"
 install -m 0644 dcp_worker/defaults.toml "$STAGE/usr/share/dcp-worker/defaults.toml"
 install -m 0644 README.md CHANGELOG.md docs/*.md "$STAGE/usr/share/doc/dcp-worker/"
+install -D -m 0644 packaging/logrotate/dcp-worker "$STAGE/etc/logrotate.d/dcp-worker"
+# Man pages from each command's --help (help2man; .ci/run installs it).
+if ! command -v help2man >/dev/null; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "installing help2man (for the man pages)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q help2man >/dev/null
+    else
+        echo "build.sh: the man pages need help2man: apt-get install help2man" >&2
+        exit 1
+    fi
+fi
+mkdir -p "$STAGE/usr/share/man/man1"
+for cmd in dcp-worker:"lend this machine to a DCP scheduler" dcp-wallet:"manage DCP keystores" \
+    dcp-compute:"deploy DCP jobs and read their results" dcp-scheduler:"the reference DCP scheduler" \
+    dcp-evaluator-start:"one sandboxed DCP evaluator on stdin and stdout" \
+    dcp-evaluator-manager:"start DCP evaluators on demand, and stop them when the machine is busy"; do
+    name=${cmd%%:*}
+    help2man --no-info --no-discard-stderr --version-string "$VERSION" --name "${cmd#*:}" \
+        "$(dirname "$PY")/$name" | gzip -9n > "$STAGE/usr/share/man/man1/$name.1.gz"
+done
 for cmd in dcp-worker dcp-wallet dcp-compute dcp-scheduler dcp-evaluator-start dcp-evaluator-manager; do
     ln -s "/opt/dcp-worker/venv/bin/$cmd" "$STAGE/usr/bin/$cmd"
 done

@@ -7,7 +7,12 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 for cmd in dcp-worker dcp-wallet dcp-compute dcp-scheduler dcp-evaluator-start dcp-evaluator-manager; do
     "/usr/bin/$cmd" --help >/dev/null
+    zcat "/usr/share/man/man1/$cmd.1.gz" | grep -q "^\.SH NAME"  # its man page
 done
+test -f /etc/logrotate.d/dcp-worker
+if command -v logrotate >/dev/null; then
+    logrotate --debug /etc/logrotate.d/dcp-worker >/dev/null 2>&1
+fi
 systemd-analyze verify --man=no /lib/systemd/system/dcp-worker.service \
     /lib/systemd/system/dcp-evaluator-manager.socket /lib/systemd/system/dcp-evaluator-manager.service
 getent passwd dcp >/dev/null
