@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm bench soak deb clean
+.PHONY: demo test lint wasm bench soak deb systemd-check clean
 
 $(STAMP): pyproject.toml
 	packaging/system-deps.sh
@@ -45,6 +45,10 @@ soak: $(STAMP)
 ## The Debian package: dist/dcp-worker_<version>_amd64.deb (wheels, units, /etc config).
 deb: $(STAMP)
 	PY=$(PY) packaging/deb/build.sh
+
+## The .deb under a real systemd (PID 1 of a namespace over a debootstrap tree; root, ~3 min).
+systemd-check: deb
+	PY=$(PY) packaging/systemd/check-under-systemd.sh
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).
 wasm: $(STAMP)
