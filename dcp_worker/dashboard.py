@@ -113,6 +113,12 @@ class PassphraseScreen(ModalScreen[bytes]):
         self.dismiss(passphrase)
 
 
+def log_pane() -> RichLog:
+    """The log pane. ``min_width=1``: lines wrap at the pane's width; RichLog's default (78)
+    wrapped them at 78 columns in a narrower pane, and cut off the end of each wrapped line."""
+    return RichLog(id="log", wrap=True, markup=True, max_lines=2000, min_width=1)
+
+
 class SandboxRow(Horizontal):
     DEFAULT_CSS = """
     SandboxRow { height: 1; }
@@ -143,6 +149,9 @@ class SandboxRow(Horizontal):
 
 class WorkerDashboard(App[int]):
     TITLE = "dcp-worker"
+    #: Textual's command palette (ctrl+p, and its hint in the footer) offers Textual's own
+    #: commands (themes, screenshots, quit), none of the worker's: the keys below are ours.
+    ENABLE_COMMAND_PALETTE = False
     CSS = """
     #top { height: 1fr; }
     #sandboxes { width: 1fr; border: round $primary; }
@@ -182,7 +191,7 @@ class WorkerDashboard(App[int]):
         yield Header()
         with Horizontal(id="top"):
             yield VerticalScroll(id="sandboxes")
-            yield RichLog(id="log", wrap=True, markup=True, max_lines=2000)
+            yield log_pane()
         yield Static("starting...", id="status")
         yield Footer()
 

@@ -96,6 +96,8 @@ def test_attach_shows_a_running_worker_and_sends_keys(
             await _until(lambda: keystore.identity.address in app.status_text, pilot)
             await _until(lambda: "slices done 50" in app.status_text, pilot)
             await _until(lambda: "connected to" in str(app.query_one("#log").lines), pilot)
+            await pilot.press("ctrl+p")  # no command palette: Textual's, not the worker's
+            assert not any(type(screen).__name__ == "CommandPalette" for screen in app.screen_stack)
             await pilot.press("p")
             state_after = await status()
             await pilot.press("q")  # detach: the worker goes on
@@ -105,3 +107,36 @@ def test_attach_shows_a_running_worker_and_sends_keys(
     assert (code, state_after) == (0, "paused")
     assert worker.proc.poll() is None
     assert worker.stop() == 0
+
+
+def test_the_log_pane_wraps_long_lines_at_its_width_and_loses_nothing() -> None:
+    """RichLog wraps at ``min_width`` (78 by default) when its pane is narrower: the end of
+    every wrapped line was cut off ("[Er" + "Connect call failed": "rno 111] " lost)."""
+    from rich.markup import escape
+    from textual.app import App, ComposeResult
+    from textual.widgets import RichLog
+
+    from dcp_worker.dashboard import log_pane
+
+    line = (
+        "cannot connect to ws://127.0.0.1:8500/worker: [Errno 111] Connect call failed "
+        "('127.0.0.1', 8500); retrying in 1.0 s"
+    )
+
+    class Pane(App[None]):
+        def compose(self) -> ComposeResult:
+            yield log_pane()
+
+    async def run() -> None:
+        app = Pane()
+        async with app.run_test(size=(50, 12)) as pilot:
+            logview = app.query_one(RichLog)
+            await _until(lambda: logview.scrollable_content_region.width > 0, pilot)
+            logview.write(escape(line))
+            await _until(lambda: len(logview.lines) > 1, pilot)
+            width = logview.scrollable_content_region.width
+            shown = [strip.text.rstrip() for strip in logview.lines]
+            assert all(len(text) <= width for text in shown), (width, shown)
+            assert "".join(shown).replace(" ", "") == line.replace(" ", "")
+
+    asyncio.run(run())
