@@ -873,13 +873,20 @@ class WorkerState:
                 return why
         return None
 
+    def _slice_label(self, lease: SliceLease) -> str:
+        """How a log line names a slice: by its job's name, which the volunteer knows, and
+        its id, which the commands take (``slice 3 of job 'puzzle' (0a1b...)``)."""
+        job = self.jobs.get(lease.job)
+        if job is not None and job.name:
+            return f"slice {lease.slice} of job {job.name!r} ({lease.job})"
+        return f"slice {lease.slice} of job {lease.job}"
+
     def _decline(self, lease: SliceLease, why: Refusal) -> Decline:
         self.counters.declined_slices += 1
         self.counters.reasons["slice_declined", why.code] += 1
         log.warning(
-            "refusing slice %s/%d: %s %s",
-            lease.job,
-            lease.slice,
+            "refusing %s: %s %s",
+            self._slice_label(lease),
             why.code,
             why.message,
             extra=_fields(lease.job, lease.slice, why.code),
@@ -920,9 +927,8 @@ class WorkerState:
             self.counters.failed += 1
             self.counters.reasons["slice_failed", outcome.code] += 1
             log.warning(
-                "slice %s/%d failed: %s %s",
-                lease.job,
-                lease.slice,
+                "%s failed: %s %s",
+                self._slice_label(lease),
                 outcome.code,
                 outcome.message,
                 extra=_fields(lease.job, lease.slice, outcome.code),

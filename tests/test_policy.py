@@ -308,7 +308,7 @@ def test_worker_checks_every_slice_against_what_it_offered(
         rogue.close()
     log = worker.output()
     if code is not None:
-        assert f"refusing slice {spec.job}/0: {code}" in log
+        assert f"refusing slice 0 of job {spec.job}: {code}" in log
         assert "running slice" not in log  # it never reached an evaluator
 
 

@@ -4,6 +4,7 @@ instructions it returns (as dask/distributed's ``test_worker_state_machine.py``)
 from __future__ import annotations
 
 import hashlib
+import logging
 from itertools import islice
 
 import pytest
@@ -372,3 +373,15 @@ def test_a_wasm_batch_spends_nothing_of_the_opencl_budget() -> None:
     (run,) = run_next(state, now=10.0)
     state.handle(BatchFinished(run.batch, [done(wall=300.0, cpu=300.0)], 300.0, 310.0))
     assert "opencl" in state.worker_terms(310.0).capabilities["runtimes"]
+
+
+def test_failure_lines_name_the_job_by_its_name_and_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A volunteer knows a job by its name; the commands take its id: the line has both."""
+    state = make(sandboxes=1)
+    lease_slices(state, lease(3, job="j"), jobs=(spec("j", name="puzzle"),))
+    (run,) = run_next(state)
+    with caplog.at_level(logging.WARNING, logger="dcp.worker"):
+        state.handle(BatchFinished(run.batch, [SliceFailure("wasm_trap", "unreachable")], 0.1, 1.0))
+    assert "slice 3 of job 'puzzle' (j) failed: wasm_trap unreachable" in caplog.text
