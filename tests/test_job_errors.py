@@ -146,7 +146,9 @@ def test_the_scheduler_refuses_jobs_that_could_never_run(
                 client.deploy_document(body)
             assert (caught.value.status, caught.value.code) == (400, "invalid_message"), name
             assert why in caught.value.reason, name
-        assert "the job has no inputs" in caught.value.reason  # every fault, in one answer
+        # Every fault, in one answer; each also on its own.
+        assert "the job has no inputs" in caught.value.reason
+        assert caught.value.details["problems"] == caught.value.reason.split("; ")
     store = SQLiteStore(scheduler.db)
     try:
         assert store.list_jobs() == []
