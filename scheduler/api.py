@@ -199,7 +199,9 @@ class ComputeApi:
         try:
             job = parse_document(body, owner)
         except JobFileError as exc:
-            return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
+            return _error(
+                400, ErrorCode.INVALID_MESSAGE, "; ".join(exc.problems), problems=exc.problems
+            )
         try:
             job_id = self.store.create_job(job, time.time())
         except InsufficientFunds as exc:

@@ -356,7 +356,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
         click.echo(f"dcp-scheduler: {exc}", err=True)
         sys.exit(EXIT_UNKNOWN_JOB)
     if not as_json:
-        click.echo(f"job {record.id} ({record.name}) {record.state}, owner {record.owner}")
+        click.echo(f"job {record.id} ({record.name}) {record.state}, owner {_shown(record.owner)}")
         click.echo(
             f"runtime {record.runtime} module sha256 {record.module_sha256} "
             f"argv {list(record.argv)} max_attempts {record.max_attempts}"
@@ -368,7 +368,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
             f"{record.requirements or '-'}"
         )
         for r in store.refusals(job):
-            click.echo(f"refused {r.count}x by {r.worker}: {r.code} {r.message}")
+            click.echo(f"refused {r.count}x by {_shown(r.worker)}: {r.code} {r.message}")
     after = -1
     while True:
         batch = store.slices(job, after, 1000)
@@ -379,7 +379,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 "slice": s.slice,
                 "state": s.state,
                 "attempts": s.attempts,
-                "worker": s.worker,
+                "worker": _shown(s.worker) if s.worker else s.worker,
                 "error": s.error_code,
                 "message": s.error,
                 "progress": s.progress if s.state == "leased" else None,
@@ -394,7 +394,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 progress = f"  progress={s.progress:.0%}" if shown else ""
                 click.echo(
                     f"{s.slice:>7}  {s.state:<9}  attempts={s.attempts}  "
-                    f"worker={s.worker or '-'}{progress}{err}"
+                    f"worker={_shown(s.worker) if s.worker else '-'}{progress}{err}"
                 )
         after = batch[-1].slice
 
@@ -519,7 +519,7 @@ def bank_ledger(db: str, account: str | None, check: bool) -> None:
         where = f" job {e.job}" + (f"/{e.slice}" if e.slice is not None else "") if e.job else ""
         click.echo(
             f"{e.seq:>7} {e.kind:<8} {credits(e.amount_micro):>16.6f} "
-            f"{e.debit} -> {e.credit}{where}"
+            f"{_shown(e.debit)} -> {_shown(e.credit)}{where}"
         )
     if check:
         t = store.totals()
@@ -549,12 +549,21 @@ def workers_list(db: str, refusals: bool) -> None:
         by_worker.setdefault(r.worker, []).append(r)
     for w in store.workers():
         click.echo(
-            f"{w.address}  accepted={w.accepted} rejected={w.rejected} failed={w.failed} "
+            f"{_shown(w.address)}  accepted={w.accepted} rejected={w.rejected} failed={w.failed} "
             f"refused={w.refused} earned={credits(w.earned_micro):.6f}"
         )
         if refusals:
             for r in by_worker.get(w.address, []):
                 click.echo(f"    job {r.job}: {r.code} x{r.count} {r.message}")
+
+
+def _shown(value: str) -> str:
+    """An address as every command prints it, EIP-55 checksummed (the store keeps what it
+    keeps); a ledger's other parties (escrow, mint) as they are."""
+    try:
+        return signing.checksum(value)
+    except ValueError:
+        return value
 
 
 def _address(value: str) -> str:

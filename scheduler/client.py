@@ -30,16 +30,40 @@ from dcp_protocol import DcpError, nesting, signing
 
 from .jobdoc import load_job_file
 
-__all__ = ["ComputeClient", "ComputeError", "ReadToken", "SliceResult", "http_base"]
+__all__ = [
+    "ComputeClient",
+    "ComputeError",
+    "ReadToken",
+    "SliceResult",
+    "WaitTimeout",
+    "http_base",
+]
 
 
 class ComputeError(DcpError):
-    """The scheduler refused a request or could not be reached; ``code`` names why."""
+    """The scheduler refused a request or could not be reached; ``code`` names why.
 
-    def __init__(self, message: str, status: int | None = None, code: str = "") -> None:
+    ``status`` is the HTTP status (None when no answer came), ``reason`` the scheduler's own
+    words (or why it could not be reached) without the request line, ``details`` the rest of
+    its error object (e.g. ``missing`` credits for ``insufficient_funds``)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str = "",
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.reason = message if reason is None else reason
+        self.details = details or {}
+
+
+class WaitTimeout(ComputeError):
+    """``results(wait=True, timeout=...)`` gave up: the job was still active."""
 
 
 @dataclass(frozen=True)
@@ -142,12 +166,17 @@ class ComputeClient:
             body = {}
         if response.status_code >= 400:
             error = body.get("error", {}) if isinstance(body, dict) else {}
-            code = error.get("code", "")
+            if not isinstance(error, dict):
+                error = {}
+            code = str(error.get("code", ""))
+            reason = str(error.get("message", response.reason_phrase))
             raise ComputeError(
-                f"{method} {path}: {response.status_code} "
-                f"{error.get('message', response.reason_phrase)}" + (f" ({code})" if code else ""),
+                f"{method} {path}: {response.status_code} {reason}"
+                + (f" ({code})" if code else ""),
                 response.status_code,
                 code,
+                reason,
+                {k: v for k, v in error.items() if k not in ("code", "message")},
             )
         return body
 
@@ -242,5 +271,5 @@ class ComputeClient:
                 continue
             if reply["state"] != "active" or not wait:
                 return
-            if deadline is not None and time.monotonic() > deadline:
-                raise ComputeError(f"job {job} did not finish within {timeout} s")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job} did not finish within {timeout:g} s")

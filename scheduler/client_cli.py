@@ -3,28 +3,58 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 
 import click
 
 from dcp_keys import identity as idmod
 
-from .client import ComputeClient, ComputeError
+from .client import ComputeClient, ComputeError, WaitTimeout
 from .jobdoc import JobFileError
 
 EXIT_ERROR = 1
 EXIT_JOB_INCOMPLETE = 4
+#: ``results --wait --timeout`` expired with the job still active.
+EXIT_TIMEOUT = 5
+
+#: What an owner without credits is told (a 402 on deploy).
+_GET_CREDITS = (
+    "credits come from the scheduler's operator (`dcp-scheduler bank mint ADDRESS AMOUNT "
+    "--db PATH`) or from running a worker; see your balance with "
+    "`dcp-compute account --identity KEYSTORE`"
+)
 
 
 class _Command(click.Command):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except WaitTimeout as exc:
+            click.echo(f"dcp-compute: {exc}", err=True)
+            ctx.exit(EXIT_TIMEOUT)
         except (ComputeError, JobFileError, idmod.WalletError) as exc:
             click.echo(f"dcp-compute: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
+
+
+@contextlib.contextmanager
+def _doing(what: str) -> Iterator[None]:
+    """Say which act on which job failed: ``deploying job.toml: <the scheduler's reason>
+    (code)``, not the HTTP request and status behind it."""
+    try:
+        yield
+    except WaitTimeout:
+        raise
+    except ComputeError as exc:
+        message = f"{what}: {exc.reason}" + (f" ({exc.code})" if exc.code else "")
+        if exc.code == "insufficient_funds":
+            message += f"\n{_GET_CREDITS}"
+        raise ComputeError(message, exc.status, exc.code, exc.reason, exc.details) from None
 
 
 def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity | None:
@@ -33,6 +63,32 @@ def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity |
     if passphrase_file is None:
         raise click.UsageError("--identity needs --passphrase-file")
     return idmod.load_keystore(path, idmod.read_passphrase_file(passphrase_file))
+
+
+def _tty() -> bool:
+    """Whether progress goes to stderr: only a person at a terminal reads it."""
+    return sys.stderr.isatty()
+
+
+class _Progress:
+    """``job J: N/T slices final`` on one stderr line, redrawn at most every 0.2 s."""
+
+    def __init__(self, job: str, total: int) -> None:
+        self.job, self.total, self.seen, self._drawn = job, total, 0, 0.0
+        self._draw()
+
+    def final(self, slice_: int) -> None:
+        self.seen += 1
+        if time.monotonic() - self._drawn >= 0.2:
+            self._draw()
+
+    def done(self) -> None:
+        self._draw()
+        click.echo("", err=True)
+
+    def _draw(self) -> None:
+        self._drawn = time.monotonic()
+        click.echo(f"\rjob {self.job}: {self.seen}/{self.total} slices final", err=True, nl=False)
 
 
 @click.group()
@@ -45,7 +101,16 @@ def _identity(path: str | None, passphrase_file: str | None) -> idmod.Identity |
 )
 @click.pass_context
 def main(ctx: click.Context, scheduler: str) -> None:
-    """Deploy jobs to a scheduler and collect their results."""
+    """Deploy jobs to a scheduler and collect their results.
+
+    \b
+    Exit status:
+      0  done
+      1  a refused request, an unreachable scheduler, or a bad job file (every fault shown)
+      2  a usage error
+      4  results printed a slice without a result
+      5  results --wait --timeout expired with the job still running
+    """
     os.umask(0o077)  # results and tokens written here are the owner's alone
     ctx.obj = scheduler
 
@@ -85,11 +150,14 @@ def _reader(
 def deploy(
     scheduler: str, job_file: str, identity: str | None, passphrase_file: str | None
 ) -> None:
-    """Deploy JOB_FILE (TOML) and print the job id."""
+    """Deploy JOB_FILE (TOML) and print the job id. A bad JOB_FILE is reported whole, every
+    fault with its line, and nothing is sent (exit status 1)."""
     if identity is None:
         raise click.UsageError("deploys are signed: give --identity and --passphrase-file")
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
-        click.echo(client.deploy(job_file))
+        with _doing(f"deploying {job_file}"):
+            job = client.deploy(job_file)
+    click.echo(job)
 
 
 @main.command(cls=_Command)
@@ -108,7 +176,7 @@ def account(scheduler: str, address: str | None, identity: str | None) -> None:
         address = idmod.keystore_address(identity)
         if address is None:
             raise click.UsageError(f"{identity} declares no address")
-    with ComputeClient(scheduler) as client:
+    with ComputeClient(scheduler) as client, _doing(f"reading the account of {address}"):
         reply = client.account(address)
     click.echo(f"{reply['address']} {reply['balance']:.6f}")
 
@@ -128,13 +196,25 @@ def status(
 ) -> None:
     """Print a job's state and slice counts as JSON (its owner's --identity, or --token)."""
     with _reader(scheduler, identity, passphrase_file, token) as client:
-        click.echo(json.dumps(client.status(job), indent=2))
+        with _doing(f"reading the status of job {job}"):
+            shown = client.status(job)
+    click.echo(json.dumps(shown, indent=2))
 
 
 @main.command(cls=_Command)
 @click.argument("job")
-@click.option("--wait", is_flag=True, help="Wait until every slice is final.")
-@click.option("--timeout", type=float, default=None, help="Give up waiting after this many s.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until every slice is final (progress on stderr when it is a terminal).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help=f"With --wait: give up after SECONDS, exit status {EXIT_TIMEOUT}.",
+)
 @_identity_opt
 @_pass_opt
 @_token_opt
@@ -149,24 +229,37 @@ def results(
     token: str | None,
 ) -> None:
     """Print results in slice order, one JSON object per line (its owner's --identity, or
-    --token)."""
+    --token).
+
+    Exit status: 0; 1 a refused request; 4 a slice printed without a result; 5 --timeout
+    expired while the job was still running."""
     incomplete = False
-    with _reader(scheduler, identity, passphrase_file, token) as client:
-        for r in client.results(job, wait=wait, timeout=timeout):
-            row: dict[str, object] = {"slice": r.slice, "state": r.state}
-            if r.result is not None:
-                try:
-                    row["result"] = r.result.decode("utf-8")
-                except UnicodeDecodeError:
+    with (
+        _reader(scheduler, identity, passphrase_file, token) as client,
+        _doing(f"reading the results of job {job}"),
+    ):
+        progress = _Progress(job, client.status(job)["slices"]) if wait and _tty() else None
+        try:
+            for r in client.results(job, wait=wait, timeout=timeout):
+                if progress is not None:
+                    progress.final(r.slice)
+                row: dict[str, object] = {"slice": r.slice, "state": r.state}
+                if r.result is not None:
+                    try:
+                        row["result"] = r.result.decode("utf-8")
+                    except UnicodeDecodeError:
+                        row["result"] = None
+                        row["result_base64"] = base64.b64encode(r.result).decode()
+                else:
                     row["result"] = None
-                    row["result_base64"] = base64.b64encode(r.result).decode()
-            else:
-                row["result"] = None
-                incomplete = True
-            if r.error:
-                row["error"] = r.error
-            click.echo(json.dumps(row))
-            sys.stdout.flush()
+                    incomplete = True
+                if r.error:
+                    row["error"] = r.error
+                click.echo(json.dumps(row))
+                sys.stdout.flush()
+        finally:
+            if progress is not None:
+                progress.done()
     if incomplete:
         sys.exit(EXIT_JOB_INCOMPLETE)
 
@@ -179,7 +272,9 @@ def results(
 def cancel(scheduler: str, job: str, identity: str | None, passphrase_file: str | None) -> None:
     """Cancel a job you own."""
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
-        click.echo(f"cancelled {client.cancel(job)} slice(s)")
+        with _doing(f"cancelling job {job}"):
+            n = client.cancel(job)
+    click.echo(f"cancelled {n} slice(s)")
 
 
 @main.command(cls=_Command)
@@ -197,7 +292,8 @@ def token(
     if identity is None:
         raise click.UsageError("tokens are issued by the job's owner: give --identity")
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
-        issued = client.issue_token(job, ttl)
+        with _doing(f"issuing a read token for job {job}"):
+            issued = client.issue_token(job, ttl)
     click.echo(issued.token)
     click.echo(f"token id {issued.token_id} expires at {issued.expires:.0f}", err=True)
 
@@ -215,5 +311,6 @@ def revoke_token(
     if identity is None:
         raise click.UsageError("tokens are revoked by the job's owner: give --identity")
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
-        client.revoke_token(job, token_id)
+        with _doing(f"revoking read token {token_id} of job {job}"):
+            client.revoke_token(job, token_id)
     click.echo(f"revoked {token_id}")

@@ -2,21 +2,28 @@
 
 A job file names a runtime, a module path, argv, an offer, limits and inputs; the compute
 client turns it into a job document: the exact bytes it signs and sends. The scheduler parses
-the document with :func:`parse_document`; both sides share the checks below.
+the document with :func:`parse_document`; both sides share the checks below, and both report
+every problem at once (a job file's as ``FILE:LINE: message``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import difflib
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import time
 import tomllib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import wasmtime
 
 from dcp_protocol import DcpError, InvalidMessage, Limits, nesting
 from dcp_protocol.policy import validate_requirements
@@ -39,7 +46,7 @@ RUNTIMES = ("wasm", "opencl")
 MAX_JOB_NESTING = nesting.MAX_NESTING // 2
 MAX_SLICES = 1_000_000
 MAX_ATTEMPTS = 10
-_JOB_KEYS = {
+_JOB_KEYS = (
     "name",
     "runtime",
     "module",
@@ -52,38 +59,145 @@ _JOB_KEYS = {
     "requirements",
     "verifier",
     "opencl",
-}
+)
+_DOCUMENT_KEYS = (
+    "name",
+    "runtime",
+    "module",
+    "argv",
+    "offer",
+    "limits",
+    "max_attempts",
+    "data",
+    "nonce",
+    "created",
+    "group",
+    "requirements",
+    "verifier",
+    "config",
+)
+#: A document's field -> the job file's key it comes from, where they differ.
+_FILE_KEY = {"config": "opencl", "data": "inputs"}
+_LIMIT_KEYS = ("wall_seconds", "memory_bytes", "output_bytes", "fuel")
 #: The largest offer per slice, in credits (keeps escrow arithmetic far from overflow).
 MAX_OFFER = 1e9
-_INPUT_KEYS = {"file", "values"}
+_INPUT_KEYS = ("file", "values")
+#: A WebAssembly binary module starts with its magic and version 1 (little endian).
+_WASM_MAGIC = b"\0asm"
+_WASM_VERSION = b"\x01\x00\x00\x00"
+
+#: (key at fault or "" for the whole, message): the key is a document field, or a job file's
+#: key (``limits.fuel``) when the problem is the file's.
+_Problem = tuple[str, str]
 
 
 class JobFileError(DcpError, ValueError):
-    """The job file or document is wrong; the message names the key."""
+    """The job file or document is wrong: ``problems`` holds every fault found, each naming
+    its key (and, for a file, ``FILE:LINE``); ``str()`` is them one per line."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
-def _limits(raw: Any, where: str) -> Limits:
-    if raw is None:
-        return Limits()
-    if not isinstance(raw, dict):
-        raise JobFileError(f"{where}: limits must be a table")
-    unknown = set(raw) - {"wall_seconds", "memory_bytes", "output_bytes", "fuel"}
-    if unknown:
-        raise JobFileError(f"{where}: unknown limits key(s) {sorted(unknown)}")
-    for key, value in raw.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise JobFileError(f"{where}: limits.{key} must be a number")
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(keys: Iterable[str], known: Sequence[str], prefix: str = "") -> list[_Problem]:
+    return [
+        (prefix + key, f"unknown key {prefix + key!r}" + _suggest(key, known))
+        for key in sorted(set(keys) - set(known))
+    ]
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line where a job file's ``key`` first appears: a top-level key (``key = ...``,
+    ``key.x = ...``), its table (``[key]``), or ``table.key``: ``key = ...`` inside
+    ``[table]``, or a dotted ``table.key = ...`` at the top."""
+    table, _, sub = key.partition(".")
+    name = r"""["']?{}["']?"""
+    top = re.compile(
+        rf"^\s*(?:{name.format(re.escape(table))}\s*[=.]|\[\s*"
+        rf"{name.format(re.escape(table))}\s*\])"
+    )
+    dotted = re.compile(
+        rf"^\s*{name.format(re.escape(table))}\s*\.\s*{name.format(re.escape(sub))}\s*="
+    )
+    inner = re.compile(rf"^\s*{name.format(re.escape(sub))}\s*=")
+    current = ""  # the table the line is in; "" at the top
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.lstrip()
+        header = re.match(r"\[\s*([^\]]+?)\s*\]", stripped)
+        if header:
+            current = header.group(1).strip("\"'")
+            if not sub and top.match(line):
+                return number
+            continue
+        if not sub and current == "" and top.match(line):
+            return number
+        if sub and current == "" and dotted.match(line):
+            return number
+        if sub and current == table and inner.match(line):
+            return number
+    if sub:
+        return _line_of(text, table)
+    return None
+
+
+def _check_wasm(module: bytes, what: str) -> str | None:
+    """Why ``module`` is not a WebAssembly module a worker can compile, or None."""
+    if not module.startswith(_WASM_MAGIC):
+        return f"{what} is not a WebAssembly module (it does not start with \\0asm)"
+    if module[4:8] != _WASM_VERSION:
+        return f"{what} is not a WebAssembly version 1 module (version bytes {module[4:8]!r})"
     try:
-        return Limits(**raw)
+        wasmtime.Module.validate(_engine(), module)
+    except wasmtime.WasmtimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        return f"{what} is not valid WebAssembly: {first}"
+    return None
+
+
+@functools.cache
+def _engine() -> wasmtime.Engine:
+    # The evaluator's engines differ only in fuel and interruption, not in wasm features.
+    return wasmtime.Engine()
+
+
+def _limits(raw: Any) -> tuple[Limits, list[_Problem]]:
+    if raw is None:
+        return Limits(), []
+    if not isinstance(raw, dict):
+        return Limits(), [("limits", "limits must be a table")]
+    problems = _unknown(raw, _LIMIT_KEYS, "limits.")
+    for key, value in raw.items():
+        if key in _LIMIT_KEYS and (
+            value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)))
+        ):
+            problems.append((f"limits.{key}", f"limits.{key} must be a number"))
+    if problems:
+        return Limits(), problems
+    try:
+        return Limits(**raw), []
     except (InvalidMessage, TypeError) as exc:
-        raise JobFileError(f"{where}: {exc}") from None
+        return Limits(), [("limits", f"limits: {exc}")]
+
+
+def _read(path: Path, key: str, what: str, problems: list[_Problem]) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        problems.append((key, f"cannot read {what} {path}: {exc.strerror}"))
+        return None
 
 
 def load_job_file(path: str | os.PathLike[str]) -> bytes:
     """Read a job TOML file and its module and inputs; returns the job document's bytes.
 
     Raises:
-        JobFileError: with the file and key at fault.
+        JobFileError: every fault found, each as ``FILE:LINE: message`` naming the key.
     """
     path = Path(path)
     try:
@@ -96,48 +210,48 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         raise JobFileError(f"{path}: not UTF-8 text") from None
     except (nesting.NestingTooDeep, tomllib.TOMLDecodeError) as exc:
         raise JobFileError(f"{path}: {exc}") from None
-    unknown = set(spec) - _JOB_KEYS
-    if unknown:
-        raise JobFileError(f"{path}: unknown key(s) {sorted(unknown)}")
+    problems = _unknown(spec, _JOB_KEYS)
     base = path.parent
+    module = b""
     if not isinstance(spec.get("module"), str):
-        raise JobFileError(f"{path}: 'module' (path of the work function) is required")
-    module_path = base / spec["module"]
-    try:
-        module = module_path.read_bytes()
-    except OSError as exc:
-        raise JobFileError(f"{path}: cannot read module {module_path}: {exc.strerror}") from None
+        problems.append(("module", "'module' (path of the work function) is required"))
+    else:
+        module = _read(base / spec["module"], "module", "module", problems) or b""
     verifier = None
     if "verifier" in spec:
         if not isinstance(spec["verifier"], str):
-            raise JobFileError(f"{path}: 'verifier' is the path of a wasm module")
-        try:
-            verifier = (base / spec["verifier"]).read_bytes()
-        except OSError as exc:
-            raise JobFileError(f"{path}: cannot read verifier: {exc.strerror}") from None
+            problems.append(("verifier", "'verifier' is the path of a wasm module"))
+        else:
+            verifier = _read(base / spec["verifier"], "verifier", "verifier", problems)
     inputs = spec.get("inputs", {})
-    if not isinstance(inputs, dict) or set(inputs) - _INPUT_KEYS:
-        raise JobFileError(f"{path}: [inputs] takes 'file' and/or 'values'")
     data: list[bytes] = []
+    if not isinstance(inputs, dict):
+        problems.append(("inputs", "[inputs] is a table of 'file' and/or 'values'"))
+        inputs = {}
+    problems.extend(_unknown(inputs, _INPUT_KEYS, "inputs."))
     if "file" in inputs:
         if not isinstance(inputs["file"], str):
-            raise JobFileError(f"{path}: inputs.file must be a path")
-        try:
-            text = (base / inputs["file"]).read_bytes()
-        except OSError as exc:
-            raise JobFileError(f"{path}: cannot read inputs.file: {exc.strerror}") from None
-        data.extend(line for line in text.splitlines() if line)
-    for value in inputs.get("values", []):
+            problems.append(("inputs.file", "inputs.file must be a path"))
+        else:
+            text = _read(base / inputs["file"], "inputs.file", "inputs.file", problems)
+            data.extend(line for line in (text or b"").splitlines() if line)
+    values = inputs.get("values", [])
+    if not isinstance(values, list):
+        problems.append(("inputs.values", "inputs.values must be a list"))
+        values = []
+    for value in values:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise JobFileError(f"{path}: inputs.values holds strings and numbers only")
+            problems.append(("inputs.values", "inputs.values holds strings and numbers only"))
+            break
         data.append(str(value).encode())
+    offer = spec.get("offer", 0)
     document = {
         "name": spec.get("name", path.stem),
         "runtime": spec.get("runtime", "wasm"),
         "module": base64.b64encode(module).decode(),
         "argv": spec.get("argv", []),
-        # Checked here too: TOML has nan and inf, which a JSON document cannot carry.
-        "offer": _offer(spec.get("offer", 0)),
+        # Checked here: TOML has nan and inf, which a JSON document cannot carry.
+        "offer": offer if _offer_problem(offer) is None else 0,
         "limits": spec.get("limits", {}),
         "max_attempts": spec.get("max_attempts", 2),
         "group": spec.get("group", ""),
@@ -150,32 +264,43 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     }
     if verifier is not None:
         document["verifier"] = base64.b64encode(verifier).decode()
-    body = json.dumps(document, separators=(",", ":")).encode()
-    parse_document(body, "0x" + "0" * 40)  # the same checks the scheduler makes
-    return body
+    if (why := _offer_problem(offer)) is not None:
+        problems.append(("offer", why))
+    # The same checks the scheduler makes, on what the file's faults left checkable; a
+    # problem whose key the file's checks already faulted is that fault's echo.
+    faulty = {key.partition(".")[0] for key, _ in problems}
+    _, found = _check_document(document, "0x" + "0" * 40, b"")
+    for key, message in found:
+        top, dot, sub = key.partition(".")
+        file_key = _FILE_KEY.get(top, top)
+        if file_key not in faulty:
+            problems.append((file_key + dot + sub, message))
+    if problems:
+        lines = []
+        for key, message in problems:
+            line = _line_of(source, key) if key else None
+            lines.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+        raise JobFileError(lines)
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
-def _offer(offer: Any) -> float:
-    """The offer, checked.
-
-    Raises:
-        JobFileError: not a finite number of credits in range.
-    """
+def _offer_problem(offer: Any) -> str | None:
+    """Why ``offer`` is not a finite number of credits in range, or None."""
     if (
         isinstance(offer, bool)
         or not isinstance(offer, (int, float))
         or not math.isfinite(offer)
         or not 0 <= offer <= MAX_OFFER
     ):
-        raise JobFileError(f"offer must be a number of credits per slice, 0..{MAX_OFFER:g}")
-    return offer
+        return f"offer must be a number of credits per slice, 0..{MAX_OFFER:g}"
+    return None
 
 
 def parse_document(body: bytes, owner: str) -> NewJob:
     """Validate a job document's bytes.
 
     Raises:
-        JobFileError: naming the field at fault.
+        JobFileError: every fault found, each naming its field.
     """
     try:
         doc = nesting.loads(body, MAX_JOB_NESTING)
@@ -185,89 +310,114 @@ def parse_document(body: bytes, owner: str) -> NewJob:
         raise JobFileError(f"the job document is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise JobFileError("the job document is not an object")
-    allowed = {
-        "name",
-        "runtime",
-        "module",
-        "argv",
-        "offer",
-        "limits",
-        "max_attempts",
-        "data",
-        "nonce",
-        "created",
-        "group",
-        "requirements",
-        "verifier",
-        "config",
-    }
-    unknown = set(doc) - allowed
-    if unknown:
-        raise JobFileError(f"unknown field(s) {sorted(unknown)}")
+    job, problems = _check_document(doc, owner, body)
+    if job is None:
+        raise JobFileError([message for _, message in problems])
+    return job
+
+
+def _check_document(
+    doc: dict[str, Any], owner: str, body: bytes
+) -> tuple[NewJob | None, list[_Problem]]:
+    """The job a document describes, or None and every fault found in it."""
+    problems: list[_Problem] = [
+        (key, f"unknown field {key!r}" + _suggest(key, _DOCUMENT_KEYS))
+        for key in sorted(set(doc) - set(_DOCUMENT_KEYS))
+    ]
     runtime = doc.get("runtime")
     if runtime not in RUNTIMES:
-        raise JobFileError(f"runtime must be one of {list(RUNTIMES)}, not {runtime!r}")
+        problems.append(("runtime", f"runtime must be one of {list(RUNTIMES)}, not {runtime!r}"))
     name = doc.get("name", "")
     if not isinstance(name, str) or len(name) > 200:
-        raise JobFileError("name must be a string of at most 200 characters")
+        problems.append(("name", "name must be a string of at most 200 characters"))
     argv = doc.get("argv", [])
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise JobFileError("argv must be a list of strings")
-    offer = _offer(doc.get("offer", 0))
+        problems.append(("argv", "argv must be a list of strings"))
+    offer = doc.get("offer", 0)
+    if (why := _offer_problem(offer)) is not None:
+        problems.append(("offer", why))
     group = doc.get("group", "")
     if not isinstance(group, str) or len(group) > 200:
-        raise JobFileError("group must be a join key (a string), or empty for the public group")
+        problems.append(
+            ("group", "group must be a join key (a string), or empty for the public group")
+        )
+    requirements: Any = {}
     try:
         requirements = validate_requirements(doc.get("requirements", {}))
     except ValueError as exc:
-        raise JobFileError(str(exc)) from None
+        problems.append(("requirements", str(exc)))
     config = doc.get("config", {})
     if runtime == "opencl":
         try:
             config = validate_config(config)
         except ValueError as exc:
-            raise JobFileError(str(exc)) from None
+            problems.append(("config", str(exc)))
     elif config:
-        raise JobFileError(f"runtime {runtime!r} takes no [opencl] settings")
+        problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))
     verifier = None
     if "verifier" in doc:
         try:
             verifier = base64.b64decode(doc["verifier"], validate=True)
         except (binascii.Error, TypeError):
-            raise JobFileError("verifier must be a base64 string") from None
+            problems.append(("verifier", "verifier must be a base64 string"))
+        else:
+            if (why := _check_wasm(verifier, "the verifier")) is not None:
+                problems.append(("verifier", why))
     attempts = doc.get("max_attempts", 2)
     if (
         isinstance(attempts, bool)
         or not isinstance(attempts, int)
         or not 1 <= attempts <= MAX_ATTEMPTS
     ):
-        raise JobFileError(f"max_attempts must be an integer within 1..{MAX_ATTEMPTS}")
+        problems.append(
+            ("max_attempts", f"max_attempts must be an integer within 1..{MAX_ATTEMPTS}")
+        )
+    module = b""
     try:
         module = base64.b64decode(doc.get("module", ""), validate=True)
-        data = doc.get("data", [])
+    except (binascii.Error, TypeError):
+        problems.append(("module", "module must be a base64 string"))
+    else:
+        if not module:
+            problems.append(("module", "module is empty"))
+        elif runtime == "wasm" and (why := _check_wasm(module, "the module")) is not None:
+            problems.append(("module", why))
+    data = doc.get("data", [])
+    datums: tuple[bytes, ...] = ()
+    try:
         if not isinstance(data, list):
-            raise JobFileError("data must be a list of base64 strings")
+            raise TypeError
         datums = tuple(base64.b64decode(d, validate=True) for d in data)
     except (binascii.Error, TypeError):
-        raise JobFileError("module and data must be base64 strings") from None
-    if not module:
-        raise JobFileError("module is empty")
-    if len(datums) > MAX_SLICES:
-        raise JobFileError(f"a job has at most {MAX_SLICES} slices")
-    return NewJob(
-        owner=owner,
-        name=name,
-        runtime=runtime,
-        module=module,
-        module_sha256=hashlib.sha256(module).hexdigest(),
-        argv=tuple(argv),
-        limits=_limits(doc.get("limits"), "job"),
-        offer_micro=to_micro(offer),
-        data=datums,
-        payload_sha256=hashlib.sha256(body).hexdigest(),
-        max_attempts=attempts,
-        group=group,
-        requirements=requirements,
-        verifier=verifier,
-        config=config,
+        problems.append(("data", "data must be a list of base64 strings"))
+    else:
+        if not datums:
+            problems.append(
+                ("data", "the job has no inputs: give [inputs] file or values (one slice each)")
+            )
+        elif len(datums) > MAX_SLICES:
+            problems.append(("data", f"a job has at most {MAX_SLICES} slices"))
+    limits, found = _limits(doc.get("limits"))
+    problems.extend(found)
+    if problems:
+        return None, problems
+    return (
+        NewJob(
+            owner=owner,
+            name=name,
+            runtime=str(runtime),
+            module=module,
+            module_sha256=hashlib.sha256(module).hexdigest(),
+            argv=tuple(argv),
+            limits=limits,
+            offer_micro=to_micro(offer),
+            data=datums,
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            max_attempts=attempts,
+            group=group,
+            requirements=requirements,
+            verifier=verifier,
+            config=config,
+        ),
+        [],
     )

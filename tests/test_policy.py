@@ -500,7 +500,7 @@ def test_wrong_results_earn_nothing_and_the_job_completes(
         assert client.status(job)["refusals"] == {"result_rejected": 6}
     assert worker.stop() == 0
     listed = admin(scheduler.db, "workers", "list")
-    assert f"{cheat.identity.address.lower()}  accepted=0 rejected=6" in listed
+    assert f"{cheat.identity.address}  accepted=0 rejected=6" in listed
     assert "0.600000 credits earned" in worker.output()
 
 

@@ -1,0 +1,260 @@
+"""Errors a job owner and an operator read (issue 16): every fault of a job file at once, with
+its line; jobs refused at deploy that could never run; what a refused deploy says; addresses
+as every command prints them; waiting for results with a timeout."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scheduler.client import ComputeClient, ComputeError
+from scheduler.jobdoc import JobFileError, load_job_file
+from scheduler.store.sqlite import SQLiteStore
+
+from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command
+from .test_pipeline import ECHO, job_file
+from .test_policy import admin
+
+OPENCL = EXAMPLES / "opencl"
+
+
+def compute(
+    url: str, *args: str, stderr: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [command("dcp-compute"), "--scheduler", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=60,
+    )
+
+
+def _signed(keystore: Keystore) -> list[str]:
+    return ["--identity", str(keystore.path), "--passphrase-file", str(keystore.passphrase_file)]
+
+
+def _problems(path: Path) -> tuple[str, ...]:
+    with pytest.raises(JobFileError) as caught:
+        load_job_file(path)
+    return caught.value.problems
+
+
+def test_a_job_file_reports_every_fault_with_its_line(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'name = "bad"\nmodule = "{ECHO}"\n'
+        "ofer = 1\n"  # 3
+        "argv = 3\n"  # 4
+        "max_attempts = 99\n"  # 5
+        "[limits]\n"
+        "wall_seconds = 5\n"
+        "wal_seconds = 5\n"  # 8
+        "[inputs]\n"
+        'valeus = ["a"]\n'  # 10
+    )
+    problems = _problems(path)
+    assert problems == (
+        f"{path}:3: unknown key 'ofer' (did you mean 'offer'?)",
+        f"{path}:10: unknown key 'inputs.valeus' (did you mean 'values'?)",
+        f"{path}:4: argv must be a list of strings",
+        f"{path}:5: max_attempts must be an integer within 1..10",
+        f"{path}:8: unknown key 'limits.wal_seconds' (did you mean 'wall_seconds'?)",
+    )
+    # The command says them all, and exits 1 (docs/configuration.md, `dcp-compute --help`)
+    # before it sends anything: nothing listens at this address.
+    owner = make_keystore("owner")
+    out = compute("http://127.0.0.1:1", "deploy", str(path), *_signed(owner))
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines() == ["dcp-compute: " + problems[0], *problems[1:]]
+    assert "Traceback" not in out.stderr
+
+
+def test_file_faults_keep_their_names(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(f'module = "{tmp_path / "missing.wasm"}"\nofer = 1\n')
+    assert _problems(path) == (
+        f"{path}:2: unknown key 'ofer' (did you mean 'offer'?)",
+        f"{path}:1: cannot read module {tmp_path / 'missing.wasm'}: No such file or directory",
+        f"{path}: the job has no inputs: give [inputs] file or values (one slice each)",
+    )
+    path.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = ["a"]\n[limits]\nfuel = "lots"\n')
+    assert _problems(path) == (f"{path}:5: limits.fuel must be a number",)
+
+
+def _document(tmp_path: Path, **changes: object) -> bytes:
+    """A good job document, changed as a client that skips the checks would send it."""
+    doc = json.loads(load_job_file(job_file(tmp_path, "good", ECHO, ["a"])))
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+NOT_WASM = [
+    (b"#!/bin/sh\necho hi\n", "is not a WebAssembly module (it does not start with \\0asm)"),
+    (b"\0asm\x0d\x00\x01\x00", "is not a WebAssembly version 1 module"),
+    (b"\0asm\x01\x00\x00\x00\xff\xff", "is not valid WebAssembly"),
+]
+
+
+@pytest.mark.parametrize(("module", "why"), NOT_WASM)
+def test_a_module_that_is_not_wasm_is_refused_when_the_file_is_read(
+    tmp_path: Path, module: bytes, why: str
+) -> None:
+    (tmp_path / "m.wasm").write_bytes(module)
+    path = tmp_path / "job.toml"
+    path.write_text('name = "x"\nmodule = "m.wasm"\n[inputs]\nvalues = ["a"]\n')
+    (problem,) = _problems(path)
+    assert problem.startswith(f"{path}:2: the module {why}")
+    # A verifier is a wasm module too.
+    path.write_text(f'module = "{ECHO}"\nverifier = "m.wasm"\n[inputs]\nvalues = ["a"]\n')
+    (problem,) = _problems(path)
+    assert problem.startswith(f"{path}:2: the verifier {why}")
+
+
+def test_an_opencl_job_keeps_its_kernel_source_rules() -> None:
+    doc = json.loads(load_job_file(OPENCL / "matmul.toml"))
+    assert doc["runtime"] == "opencl" and not base64.b64decode(doc["module"]).startswith(b"\0asm")
+
+
+def test_the_scheduler_refuses_jobs_that_could_never_run(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    owner = make_keystore("owner")
+    refused = {
+        "no inputs": (_document(tmp_path, data=[]), "the job has no inputs"),
+        "not wasm": (
+            _document(tmp_path, module=base64.b64encode(b"print('hi')").decode()),
+            "the module is not a WebAssembly module",
+        ),
+        "both": (
+            _document(tmp_path, module=base64.b64encode(b"\0asm\x01\0\0\0\x01").decode(), data=[]),
+            "the module is not valid WebAssembly",
+        ),
+    }
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        for name, (body, why) in refused.items():
+            with pytest.raises(ComputeError) as caught:
+                client.deploy_document(body)
+            assert (caught.value.status, caught.value.code) == (400, "invalid_message"), name
+            assert why in caught.value.reason, name
+        # Every fault, in one answer; each also on its own.
+        assert "the job has no inputs" in caught.value.reason
+        assert caught.value.details["problems"] == caught.value.reason.split("; ")
+    store = SQLiteStore(scheduler.db)
+    try:
+        assert store.list_jobs() == []
+    finally:
+        store.close()
+
+
+def test_a_deploy_without_credits_says_how_to_get_them(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    owner = make_keystore("owner")
+    path = job_file(tmp_path, "paid", ECHO, ["a", "b"], offer=1)
+    out = compute(scheduler.url, "deploy", str(path), *_signed(owner))
+    assert out.returncode == 1
+    first, *rest = out.stderr.splitlines()
+    assert first.startswith(f"dcp-compute: deploying {path}: {owner.identity.address} has ")
+    assert first.endswith("2.000000 missing (insufficient_funds)")
+    assert "dcp-scheduler bank mint ADDRESS AMOUNT --db PATH" in out.stderr
+    assert "dcp-compute account --identity KEYSTORE" in out.stderr
+    assert "402" not in out.stderr and "POST /jobs" not in out.stderr
+    # Other refusals speak of the job too, not of the HTTP request.
+    status = compute(scheduler.url, "status", "f" * 32, *_signed(owner))
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"dcp-compute: reading the status of job {'f' * 32}: ")
+    assert "GET /" not in status.stderr and "404" not in status.stderr
+    assert status.stderr.rstrip().endswith("(unknown_slice)")
+
+
+def test_admin_commands_print_checksummed_addresses(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    owner, worker_key = make_keystore("owner"), make_keystore("worker")
+    address = worker_key.identity.address
+    assert address != address.lower()
+    admin(scheduler.db, "bank", "mint", owner.identity.address, "1")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "paid", ECHO, ["a"], offer=0.5))
+        worker = workers(scheduler.url, worker_key, 1)
+        assert [r.state for r in client.results(job, wait=True, timeout=120)] == ["done"]
+    assert worker.stop() == 0
+    listed = admin(scheduler.db, "workers", "list")
+    assert listed.startswith(f"{address}  accepted=1 ")
+    shown = admin(scheduler.db, "jobs", "show", job)
+    assert f"worker={address}" in shown and f"owner {owner.identity.address}" in shown
+    assert json.loads(admin(scheduler.db, "jobs", "show", job, "--json"))["worker"] == address
+    ledger = admin(scheduler.db, "bank", "ledger")
+    assert address in ledger and owner.identity.address in ledger
+    assert address.lower() not in ledger + listed + shown
+    store = SQLiteStore(scheduler.db)
+    try:  # the database keeps what it kept
+        assert [w.address for w in store.workers()] == [address.lower()]
+    finally:
+        store.close()
+
+
+def test_results_wait_gives_up_after_its_timeout(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """No worker: the job never finishes."""
+    owner = make_keystore("owner")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "stuck", ECHO, ["a", "b"]))
+    assert "exit status 5" in compute(scheduler.url, "results", "--help").stdout
+    started = time.monotonic()
+    out = compute(scheduler.url, "results", job, "--wait", "--timeout", "1", *_signed(owner))
+    assert time.monotonic() - started < 30
+    assert (out.returncode, out.stdout) == (5, "")
+    assert out.stderr == f"dcp-compute: job {job} did not finish within 1 s\n"  # no progress
+
+
+def test_results_wait_shows_progress_on_a_terminal(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    owner = make_keystore("owner")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "stuck", ECHO, ["a", "b"]))
+    leader, follower = os.openpty()
+    try:
+        out = compute(
+            scheduler.url,
+            "results",
+            job,
+            "--wait",
+            "--timeout",
+            "0.5",
+            *_signed(owner),
+            stderr=follower,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:  # what the finished command wrote, up to the end of the terminal
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: no writer is left
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert out.returncode == 5
+    text = seen.decode()
+    assert f"\rjob {job}: 0/2 slices final" in text and "did not finish within 0.5 s" in text
