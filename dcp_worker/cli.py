@@ -69,7 +69,11 @@ _OPTION_NAMES = {
     help="File holding the identity keystore's passphrase (default: ask on the terminal).",
 )
 @click.option("--payment-address", help="Address credited for results (default: identity).")
-@click.option("--sandboxes", type=click.IntRange(min=1), help="Evaluator processes to run.")
+@click.option(
+    "--sandboxes",
+    type=click.IntRange(min=0),
+    help="Evaluator processes to run; 0: 90% of the CPU cores, at least 1 (the default).",
+)
 @click.option(
     "-c",
     "--cores",
@@ -80,10 +84,15 @@ _OPTION_NAMES = {
 @click.option(
     "-m",
     "--max-sandboxes",
-    type=click.IntRange(min=1),
-    help="At most this many evaluator processes, whatever --sandboxes/--cores say.",
+    type=click.IntRange(min=0),
+    help="At most this many evaluator processes, whatever --sandboxes/--cores say; "
+    "0: no cap (the default).",
 )
-@click.option("--prefetch", type=click.IntRange(min=0), help="Slices leased ahead.")
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=-1),
+    help="Slices leased ahead of free sandboxes; -1: auto (the default).",
+)
 @click.option("--state-dir", help="Directory of the durable outbox.")
 @click.option(
     "--evaluator",
