@@ -164,9 +164,6 @@ def main(
     """
     os.umask(0o077)  # every file we create (outbox, its WAL, logs) is ours alone
     ctx.ensure_object(dict)
-    ctx.obj["config_file"] = config_file
-    if ctx.invoked_subcommand is not None:
-        return
     try:
         resolved = config_mod.resolve(
             _config_files(config_file),
@@ -177,6 +174,11 @@ def main(
     except ConfigError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    # Subcommands find the worker's control socket where this configuration puts it
+    # (--state-dir, --control-socket, a file or the environment), as the worker itself does.
+    ctx.obj["resolved"] = resolved
+    if ctx.invoked_subcommand is not None:
+        return
     if show_config:
         click.echo(resolved.describe(), nl=False)
         return
@@ -274,17 +276,18 @@ def _parse_cores(value: str) -> tuple[int | None, int | None]:
 
 
 def _socket_path(ctx: click.Context, explicit: str | None) -> Path:
+    """``--socket``, else the control socket of the configuration the group's options,
+    files and environment resolve to; else the packaged service's, unless the command line
+    named the state dir or the socket."""
     if explicit:
         return Path(explicit)
-    try:
-        config = config_mod.resolve(
-            _config_files(ctx.obj.get("config_file")), env=os.environ
-        ).config
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    path = config.control_path
+    resolved: config_mod.Resolved = ctx.obj["resolved"]
+    path = resolved.config.control_path
+    named = any(
+        resolved.origins[key].startswith("command line") for key in ("state_dir", "control_socket")
+    )
     service = Path("/run/dcp-worker/control.sock")
-    if not path.exists() and service.exists():
+    if not named and not path.exists() and service.exists():
         return service  # the packaged service's socket
     return path
 
@@ -292,8 +295,9 @@ def _socket_path(ctx: click.Context, explicit: str | None) -> Path:
 _socket_option = click.option(
     "--socket",
     "socket_path",
-    help="The worker's control socket (default: from the configuration, else the "
-    "service's /run/dcp-worker/control.sock).",
+    help="The worker's control socket (default: the configuration's, as the options before "
+    "the subcommand set it, e.g. dcp-worker --state-dir DIR status; else the service's "
+    "/run/dcp-worker/control.sock).",
 )
 
 

@@ -372,3 +372,38 @@ def test_journal_output_has_structured_fields(
     failed = next(e for e in entries if b"DCP_CODE=wasm_timeout" in e).split(b"\n")
     assert b"PRIORITY=4" in failed and b"DCP_SLICE=0" in failed
     assert any(line.startswith(b"DCP_JOB=") for line in failed)
+
+
+def test_subcommands_find_the_socket_of_the_state_dir_given_to_the_group(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], workers: Callable[..., WorkerProcess]
+) -> None:
+    """``dcp-worker --state-dir DIR status`` asks the worker whose state dir is DIR (its
+    socket is DIR/control.sock), as ``--control-socket`` or the environment would say."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: the worker retries, its socket serves
+    state = tmp_path / "elsewhere"
+    worker = workers(f"http://127.0.0.1:{port}", make_keystore("w"), 1, state_dir=state)
+    wait_for((state / "control.sock").exists, 30)
+
+    def group(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command("dcp-worker"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **(env or {})},
+        )
+
+    out = group("--state-dir", str(state), "status")
+    assert out.returncode == 0, out.stderr
+    assert "(not connected)" in out.stdout
+    assert group("--control-socket", str(state / "control.sock"), "pause").returncode == 0
+    snap = json.loads(group("--state-dir", str(state), "status", "--json").stdout)
+    assert snap["state"] == "paused"
+    out = group("status", "--json", env={"DCP_WORKER_STATE_DIR": str(state)})
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "paused"
+    out = group("--state-dir", str(tmp_path / "nobody-here"), "status")
+    assert out.returncode == 2 and str(tmp_path / "nobody-here" / "control.sock") in out.stderr
+    assert group("--state-dir", str(state), "stop").returncode == 0
+    assert worker.proc.wait(30) == 0
