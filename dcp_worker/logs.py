@@ -42,13 +42,22 @@ def under_systemd(env: Mapping[str, str] = os.environ) -> bool:
     return bool(env.get("INVOCATION_ID") or env.get("JOURNAL_STREAM"))
 
 
+#: Where journald takes native messages (sd_journal_send, hence systemd-python, writes here).
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
 def detect_outputs(
-    outputs: tuple[str, ...], env: Mapping[str, str] = os.environ, tty: bool | None = None
+    outputs: tuple[str, ...],
+    env: Mapping[str, str] = os.environ,
+    tty: bool | None = None,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> tuple[str, ...]:
+    """``detect``: the journal under systemd (when journald listens: a unit's stderr goes
+    wherever the unit says otherwise), the dashboard on a terminal of ours, else the console."""
     if outputs != ("detect",):
         return outputs
     if under_systemd(env):
-        return ("journal",)
+        return ("journal",) if _listening(journal_socket) else ("console",)
     if tty if tty is not None else _terminal_is_ours():
         return ("dashboard",)
     return ("console",)
@@ -182,13 +191,20 @@ def _syslog(config: WorkerConfig) -> logging.Handler:
     return handler
 
 
-def _journal() -> logging.Handler:
+def _journal(journal_socket: str = JOURNAL_SOCKET) -> logging.Handler:
     try:
         from systemd.journal import JournalHandler
     except ImportError:
         raise ConfigError(
             "output journal needs systemd-python (pip install 'dcp-worker[systemd]')"
         ) from None
+    if not _listening(journal_socket):
+        # sd_journal_send would drop every record without a word, as syslog to a socket
+        # nobody reads would: both are errors at start.
+        raise ConfigError(
+            f"output journal: no journald listens on {journal_socket} (not under systemd?); "
+            "choose another output (-o console, logfile or syslog)"
+        )
     handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="dcp-worker")
     return handler
 
@@ -197,8 +213,8 @@ def setup_logging(config: WorkerConfig, outputs: tuple[str, ...], verbose: int) 
     """Install one handler per output on the root logger (replacing any).
 
     Raises:
-        ConfigError: an output cannot be opened (no such syslog socket, unwritable logfile,
-            no systemd-python for the journal).
+        ConfigError: an output cannot be opened (no syslog daemon on its Unix socket, an
+            unwritable logfile, no journald listening, no systemd-python for the journal).
     """
     root = logging.getLogger()
     for old in list(root.handlers):
