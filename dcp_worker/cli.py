@@ -1,7 +1,8 @@
 """``dcp-worker``: run the worker supervisor.
 
 Exit codes: 0 stopped cleanly with every result delivered; 1 stopped with results left in the
-outbox (they are sent on the next start); 2 bad configuration; 3 identity or passphrase
+outbox (they are sent on the next start); 2 bad configuration (also a log output, control
+socket or metrics address that cannot be opened); 3 identity or passphrase
 problem; 4 the scheduler refused this worker; 5 stopped by a second signal; 6 the evaluator
 does not start.
 """
@@ -141,7 +142,11 @@ _OPTION_NAMES = {
 @click.option("--syslog-address", help="For -o syslog: a socket path or HOST[:PORT].")
 @click.option("--syslog-facility", help="For -o syslog: local0..local7, user, daemon.")
 @click.option("--control-socket", help="Control socket path (default: STATE_DIR/control.sock).")
-@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics (loopback only).")
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics (loopback only); an address in use is an error (exit 2).",
+)
 @click.option("-v", "--verbose", count=True, help="-v: info logs (fetches); -vv: debug (results).")
 @click.version_option(__version__, prog_name="dcp-worker")
 @click.pass_context

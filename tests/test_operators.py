@@ -407,3 +407,41 @@ def test_subcommands_find_the_socket_of_the_state_dir_given_to_the_group(
     assert out.returncode == 2 and str(tmp_path / "nobody-here" / "control.sock") in out.stderr
     assert group("--state-dir", str(state), "stop").returncode == 0
     assert worker.proc.wait(30) == 0
+
+
+def test_a_metrics_address_in_use_is_a_configuration_error(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """One rule for the listeners the configuration asks for (the control socket, metrics):
+    one that cannot be opened stops the start, exit 2, naming the address and why, and
+    nothing of the worker stays (it served on, without its metrics, having logged an error)."""
+    keystore = make_keystore("w")
+    state = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        out = subprocess.run(
+            [
+                command("dcp-worker"),
+                "-o",
+                "console",
+                "--identity",
+                str(keystore.path),
+                "--passphrase-file",
+                str(keystore.passphrase_file),
+                "--scheduler",
+                "http://127.0.0.1:9",
+                "--state-dir",
+                str(state),
+                "--metrics",
+                listen,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 2, out.stderr
+    assert f"dcp-worker: metrics {listen}: cannot listen: Address already in use" in out.stderr
+    assert "retrying" not in out.stderr  # no session was tried
+    assert not (state / "control.sock").exists()  # the control socket closed again
