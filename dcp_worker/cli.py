@@ -133,11 +133,14 @@ _OPTION_NAMES = {
     multiple=True,
     metavar="MODE[,MODE]",
     help="Log outputs, several at once: console, dashboard, journal, syslog, logfile; or "
-    "detect (dashboard on a terminal, journal under systemd, console otherwise).",
+    "detect (dashboard on a terminal, journal under systemd, console otherwise). An output "
+    "that cannot be opened (journal without journald, say) is an error (exit 2).",
 )
 @click.option("--logfile", help="File for -o logfile (append; reopened on SIGHUP).")
 @click.option(
-    "--syslog-transport", type=click.Choice(["unix", "udp", "tcp"]), help="For -o syslog."
+    "--syslog-transport",
+    type=click.Choice(["unix", "udp", "tcp"]),
+    help="For -o syslog: udp and tcp send RFC 5424, unix syslog(3)'s local form.",
 )
 @click.option("--syslog-address", help="For -o syslog: a socket path or HOST[:PORT].")
 @click.option("--syslog-facility", help="For -o syslog: local0..local7, user, daemon.")
@@ -147,7 +150,13 @@ _OPTION_NAMES = {
     metavar="HOST:PORT",
     help="Serve Prometheus metrics (loopback only); an address in use is an error (exit 2).",
 )
-@click.option("-v", "--verbose", count=True, help="-v: info logs (fetches); -vv: debug (results).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Default: warnings and notices (connections, the first work and result); "
+    "-v: info too (refusals, stops); -vv: debug (every fetch and result).",
+)
 @click.version_option(__version__, prog_name="dcp-worker")
 @click.pass_context
 def main(
