@@ -31,8 +31,10 @@ from .levels import NOTICE
 __all__ = [
     "JOURNAL_SOCKET",
     "NOTICE",
+    "LocalSyslogFormatter",
     "LogSetup",
     "RecentLogs",
+    "Rfc5424Formatter",
     "detect_outputs",
     "setup_logging",
     "verbosity_level",

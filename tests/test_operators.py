@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from dcp_worker.logs import Rfc5424Formatter
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
@@ -316,6 +318,16 @@ def test_syslog_messages_carry_their_time_and_host(
     assert match is not None, datagram  # and no NUL at the end
     assert int(match["pid"]) == proc.pid
     time.strptime(match["stamp"].decode(), "%b %d %H:%M:%S")  # English month, as syslog(3)
+
+
+def test_rfc5424_over_a_stream_is_one_line_a_message() -> None:
+    """TCP frames messages by newlines (RFC 6587): a traceback must not become many."""
+    formatter = Rfc5424Formatter("a host\x7f", lines=True)
+    record = logging.LogRecord("dcp.worker", logging.ERROR, __file__, 1, "two\nlines", None, None)
+    line = formatter.format(record)
+    assert line.endswith("two#012lines\n") and line.count("\n") == 1
+    assert rfc5424(b"<11>" + line[:-1].encode())["host"] == "ahost"
+    assert rfc5424(b"<11>" + Rfc5424Formatter("").format(record).encode())["host"] == "-"
 
 
 def test_syslog_over_tcp_and_a_missing_socket_is_a_clear_error(
