@@ -1,7 +1,8 @@
 """``dcp-worker``: run the worker supervisor.
 
 Exit codes: 0 stopped cleanly with every result delivered; 1 stopped with results left in the
-outbox (they are sent on the next start); 2 bad configuration; 3 identity or passphrase
+outbox (they are sent on the next start); 2 bad configuration (also a log output, control
+socket or metrics address that cannot be opened); 3 identity or passphrase
 problem; 4 the scheduler refused this worker; 5 stopped by a second signal; 6 the evaluator
 does not start.
 """
@@ -69,7 +70,11 @@ _OPTION_NAMES = {
     help="File holding the identity keystore's passphrase (default: ask on the terminal).",
 )
 @click.option("--payment-address", help="Address credited for results (default: identity).")
-@click.option("--sandboxes", type=click.IntRange(min=1), help="Evaluator processes to run.")
+@click.option(
+    "--sandboxes",
+    type=click.IntRange(min=0),
+    help="Evaluator processes to run; 0: 90% of the CPU cores, at least 1 (the default).",
+)
 @click.option(
     "-c",
     "--cores",
@@ -80,10 +85,15 @@ _OPTION_NAMES = {
 @click.option(
     "-m",
     "--max-sandboxes",
-    type=click.IntRange(min=1),
-    help="At most this many evaluator processes, whatever --sandboxes/--cores say.",
+    type=click.IntRange(min=0),
+    help="At most this many evaluator processes, whatever --sandboxes/--cores say; "
+    "0: no cap (the default).",
 )
-@click.option("--prefetch", type=click.IntRange(min=0), help="Slices leased ahead.")
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=-1),
+    help="Slices leased ahead of free sandboxes; -1: auto (the default).",
+)
 @click.option("--state-dir", help="Directory of the durable outbox.")
 @click.option(
     "--evaluator",
@@ -123,17 +133,30 @@ _OPTION_NAMES = {
     multiple=True,
     metavar="MODE[,MODE]",
     help="Log outputs, several at once: console, dashboard, journal, syslog, logfile; or "
-    "detect (dashboard on a terminal, journal under systemd, console otherwise).",
+    "detect (dashboard on a terminal, journal under systemd, console otherwise). An output "
+    "that cannot be opened (journal without journald, say) is an error (exit 2).",
 )
 @click.option("--logfile", help="File for -o logfile (append; reopened on SIGHUP).")
 @click.option(
-    "--syslog-transport", type=click.Choice(["unix", "udp", "tcp"]), help="For -o syslog."
+    "--syslog-transport",
+    type=click.Choice(["unix", "udp", "tcp"]),
+    help="For -o syslog: udp and tcp send RFC 5424, unix syslog(3)'s local form.",
 )
 @click.option("--syslog-address", help="For -o syslog: a socket path or HOST[:PORT].")
 @click.option("--syslog-facility", help="For -o syslog: local0..local7, user, daemon.")
 @click.option("--control-socket", help="Control socket path (default: STATE_DIR/control.sock).")
-@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics (loopback only).")
-@click.option("-v", "--verbose", count=True, help="-v: info logs (fetches); -vv: debug (results).")
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics (loopback only); an address in use is an error (exit 2).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Default: warnings and notices (connections, the first work and result); "
+    "-v: info too (refusals, stops); -vv: debug (every fetch and result).",
+)
 @click.version_option(__version__, prog_name="dcp-worker")
 @click.pass_context
 def main(
@@ -155,9 +178,6 @@ def main(
     """
     os.umask(0o077)  # every file we create (outbox, its WAL, logs) is ours alone
     ctx.ensure_object(dict)
-    ctx.obj["config_file"] = config_file
-    if ctx.invoked_subcommand is not None:
-        return
     try:
         resolved = config_mod.resolve(
             _config_files(config_file),
@@ -168,6 +188,11 @@ def main(
     except ConfigError as exc:
         click.echo(f"dcp-worker: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    # Subcommands find the worker's control socket where this configuration puts it
+    # (--state-dir, --control-socket, a file or the environment), as the worker itself does.
+    ctx.obj["resolved"] = resolved
+    if ctx.invoked_subcommand is not None:
+        return
     if show_config:
         click.echo(resolved.describe(), nl=False)
         return
@@ -265,17 +290,18 @@ def _parse_cores(value: str) -> tuple[int | None, int | None]:
 
 
 def _socket_path(ctx: click.Context, explicit: str | None) -> Path:
+    """``--socket``, else the control socket of the configuration the group's options,
+    files and environment resolve to; else the packaged service's, unless the command line
+    named the state dir or the socket."""
     if explicit:
         return Path(explicit)
-    try:
-        config = config_mod.resolve(
-            _config_files(ctx.obj.get("config_file")), env=os.environ
-        ).config
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    path = config.control_path
+    resolved: config_mod.Resolved = ctx.obj["resolved"]
+    path = resolved.config.control_path
+    named = any(
+        resolved.origins[key].startswith("command line") for key in ("state_dir", "control_socket")
+    )
     service = Path("/run/dcp-worker/control.sock")
-    if not path.exists() and service.exists():
+    if not named and not path.exists() and service.exists():
         return service  # the packaged service's socket
     return path
 
@@ -283,8 +309,9 @@ def _socket_path(ctx: click.Context, explicit: str | None) -> Path:
 _socket_option = click.option(
     "--socket",
     "socket_path",
-    help="The worker's control socket (default: from the configuration, else the "
-    "service's /run/dcp-worker/control.sock).",
+    help="The worker's control socket (default: the configuration's, as the options before "
+    "the subcommand set it, e.g. dcp-worker --state-dir DIR status; else the service's "
+    "/run/dcp-worker/control.sock).",
 )
 
 

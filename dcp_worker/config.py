@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dcp_protocol import DcpError, InvalidMessage, Wage, nesting, policy
 
@@ -164,8 +165,13 @@ class WorkerConfig:
     def validate(self, origins: Mapping[str, str] | None = None) -> WorkerConfig:
         """Check ranges; an error names where the offending value came from."""
         checks = [
-            ("sandboxes", self.sandboxes >= 0, "must be >= 0"),
-            ("max_sandboxes", self.max_sandboxes >= 0, "must be >= 0"),
+            (
+                "scheduler",
+                _scheduler_url(self.scheduler),
+                f"{_SCHEDULER_RULE}, not {self.scheduler!r}",
+            ),
+            ("sandboxes", self.sandboxes >= 0, "must be >= 0 (0: 90% of the CPU cores)"),
+            ("max_sandboxes", self.max_sandboxes >= 0, "must be >= 0 (0: no cap)"),
             ("prefetch", self.prefetch >= -1, "must be >= -1"),
             ("grace_seconds", self.grace_seconds > 0, "must be > 0"),
             ("reconnect_max_delay", self.reconnect_max_delay > 0, "must be > 0"),
@@ -212,6 +218,19 @@ class WorkerConfig:
 OUTPUTS = frozenset({"detect", "console", "dashboard", "journal", "syslog", "logfile"})
 _FACILITIES = "user daemon local0 local1 local2 local3 local4 local5 local6 local7".split()
 _METRICS_RULE = "must be HOST:PORT on loopback (127.0.0.1, ::1 or localhost)"
+
+
+_SCHEDULER_RULE = "must be an http://, https://, ws:// or wss:// URL with a host"
+
+
+def _scheduler_url(url: str) -> bool:
+    """What :func:`dcp_worker.connection.websocket_url` can connect to: http(s) or ws(s),
+    or a bare HOST:PORT (http), with a host."""
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        return parts.scheme in ("http", "https", "ws", "wss") and bool(parts.hostname)
+    except ValueError:  # an unbalanced [IPv6 address
+        return False
 
 
 def _loopback(listen: str) -> bool:

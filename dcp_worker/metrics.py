@@ -6,8 +6,8 @@ nothing is counted twice and the hot path pays nothing for it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -21,12 +21,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .config import ConfigError
 from .state import FETCH_BUCKETS
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
-__all__ = ["SupervisorCollector", "serve_metrics"]
+__all__ = ["MetricsServer", "SupervisorCollector"]
 
 log = logging.getLogger("dcp.worker.metrics")
 
@@ -103,29 +104,39 @@ class SupervisorCollector(Collector):
         )
 
 
-async def serve_metrics(supervisor: Supervisor, listen: str) -> None:
-    """Serve until cancelled. ``listen`` is HOST:PORT on loopback (checked by the config)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SupervisorCollector(supervisor))
+class MetricsServer:
+    """``GET /metrics`` on ``listen`` (HOST:PORT on loopback, checked by the config)."""
 
-    async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(registry)  # in the loop: the counters are not thread-safe
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    def __init__(self, supervisor: Supervisor, listen: str) -> None:
+        self.listen = listen
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SupervisorCollector(supervisor))
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("metrics: cannot listen on %s: %s", listen, exc.strerror)
-        await runner.cleanup()
-        return
-    log.info("metrics at http://%s/metrics", listen)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+        async def metrics(_request: web.Request) -> web.Response:
+            body = generate_latest(registry)  # in the loop: the counters are not thread-safe
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        """Listen, or fail before the worker starts: the configuration asked for it.
+
+        Raises:
+            ConfigError: the address cannot be listened on (in use, say); nothing is left
+                listening.
+        """
+        await self._runner.setup()
+        host, _, port = self.listen.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio rewrites strerror
+            raise ConfigError(f"metrics {self.listen}: cannot listen: {why}") from None
+        log.info("metrics at http://%s/metrics", self.listen)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

@@ -19,6 +19,7 @@ import signal
 
 import click
 
+from .config import ConfigError
 from .control import ControlError, ControlServer
 from .logs import LogSetup
 from .notify import Notifier
@@ -78,19 +79,25 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
         },
         logsetup.recent,
     )
+    metrics = None
+    if supervisor.config.metrics:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(supervisor, supervisor.config.metrics)
+    # Every listener the configuration asks for opens before any work starts; one that
+    # cannot is a configuration error, and the ones already open close again.
     try:
         await control.start()
-    except ControlError as exc:
+        if metrics is not None:
+            await metrics.start()
+    except (ControlError, ConfigError) as exc:
         log.error("%s", exc)
         click.echo(f"dcp-worker: {exc}", err=True)
+        await control.close()
         supervisor.outbox.close()
         return EXIT_CONFIG
     notifier = Notifier()
     helpers = [asyncio.create_task(notifier.run(supervisor.snapshot))]
-    if supervisor.config.metrics:
-        from .metrics import serve_metrics
-
-        helpers.append(asyncio.create_task(serve_metrics(supervisor, supervisor.config.metrics)))
     try:
         clean = await supervisor.run()
     finally:
@@ -98,6 +105,8 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        if metrics is not None:
+            await metrics.close()
         await control.close()
     stats = supervisor.statistics()
     log.warning(

@@ -48,6 +48,7 @@ from dcp_protocol import (
 from dcp_protocol.policy import WorkerTerms
 
 from .config import WorkerConfig
+from .levels import NOTICE
 from .result import LeaseKey, PendingResult
 
 if TYPE_CHECKING:
@@ -491,6 +492,9 @@ class WorkerState:
         self._changed: set[str] = set()
         #: Skipped jobs already logged, as (job, code).
         self._reported: set[tuple[str, str]] = set()
+        # The first slices leased and the first result accepted are logged at NOTICE (the
+        # default verbosity shows them): a volunteer sees the worker work, once, not per slice.
+        self._first_work = self._first_result = True
         self.held: dict[LeaseKey, HeldLease] = {}
         self.queue: collections.deque[HeldLease] = collections.deque()
         self.running = 0
@@ -734,7 +738,21 @@ class WorkerState:
             self.queue.append(held)
         if leased:
             log.debug("fetched %d slice(s)", len(leased))
+            if self._first_work:
+                self._first_work = False
+                first = leased[0].lease.job
+                log.log(
+                    NOTICE,
+                    "first work: %d slice(s) leased, of job %s",
+                    len(leased),
+                    self._job_label(first),
+                    extra={"DCP_JOB": first},
+                )
         return []
+
+    def _job_label(self, job_id: str) -> str:
+        job = self.jobs.get(job_id)
+        return f"{job.name} ({job_id})" if job is not None and job.name else job_id
 
     def _forget_jobs(self, keep: set[str]) -> None:
         """Bound the job-spec cache (modules can be large), never dropping a job in use."""
@@ -1008,6 +1026,16 @@ class WorkerState:
                 self.counters.accepted += 1
                 self.counters.credits += ack.credited
                 log.debug("result %s/%d %s", item.job, item.slice, ack.status)
+                if self._first_result:
+                    self._first_result = False
+                    log.log(
+                        NOTICE,
+                        "first result accepted: slice %d of job %s, %g credits",
+                        item.slice,
+                        self._job_label(item.job),
+                        ack.credited,
+                        extra={"DCP_JOB": item.job, "DCP_SLICE": item.slice},
+                    )
             elif ack.status == "refused" and ack.code in _FINAL_REFUSALS:
                 self._count_refused(item, ack.code, ack.message)
             else:

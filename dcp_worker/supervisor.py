@@ -58,6 +58,7 @@ from evaluator.client import Sandbox, SliceFailure
 
 from .config import WorkerConfig
 from .connection import Session, SessionError, open_session
+from .levels import NOTICE
 from .outbox import Outbox, OutboxError
 from .result import LeaseKey, PendingResult
 from .state import (
@@ -349,7 +350,8 @@ class Supervisor:
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
-        log.info(
+        log.log(
+            NOTICE,
             "worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
             self.identity.address,
             self.payment_address,
@@ -482,7 +484,13 @@ class Supervisor:
                 continue
             delays = self._backoff()
             self.state.handle(Connected(session.welcome.lease_timeout))
-            log.info("connected to %s as %s", self.config.scheduler, session.welcome.address)
+            log.log(
+                NOTICE,
+                "connected to %s (session %s) as %s",
+                self.config.scheduler,
+                session.welcome.session,
+                session.welcome.address,
+            )
             self._session = session
             self._submit_q = asyncio.Queue()
             self._inflight.clear()

@@ -179,3 +179,56 @@ def test_worker_policy_options(tmp_path: Path) -> None:
     path.write_text('[[groups]]\njoin_key = "lab"\n')
     with pytest.raises(ConfigError, match="join_secret or a join_hash"):
         load_config(path, {})
+
+
+def test_a_scheduler_url_of_another_scheme_is_a_configuration_error(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """Found when the configuration is resolved (exit 2, naming the key and where it was set),
+    not when the first connection fails (it was exit 4, "refused")."""
+    keystore = make_keystore("w")
+    worker = [
+        command("dcp-worker"),
+        "-o",
+        "console",
+        "--identity",
+        str(keystore.path),
+        "--passphrase-file",
+        str(keystore.passphrase_file),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+    out = run(*worker, "--scheduler", "ftp://x")
+    assert out.returncode == 2, out.stderr
+    assert "command line --scheduler: scheduler must be an http://" in out.stderr
+    assert "'ftp://x'" in out.stderr and "refused" not in out.stderr
+    assert not (tmp_path / "state").exists()  # nothing started: no outbox was made
+    config = tmp_path / "w.toml"
+    config.write_text('\nscheduler = "gopher://sched.example"\n')
+    out = run(*worker, "--config", str(config))
+    assert out.returncode == 2 and f"{config}:2: scheduler must be" in out.stderr
+    for good in ("http://h:1", "https://h", "ws://h:1/worker", "wss://h", "h:8500"):
+        assert load_config(None, {"scheduler": good}).scheduler == good
+    for bad in ("ftp://x", "http://", "file:///tmp/s", "http://[::1"):
+        with pytest.raises(ConfigError, match="scheduler must be"):
+            load_config(None, {"scheduler": bad})
+
+
+def test_zero_sandboxes_means_auto_on_the_command_line_as_in_the_file(tmp_path: Path) -> None:
+    """``sandboxes = 0`` (90% of the cores) and ``max_sandboxes = 0`` (no cap) are accepted in
+    a file, and so is ``prefetch = -1`` (auto); the options take the same values with the same
+    meaning."""
+    out = run(
+        command("dcp-worker"),
+        *("--sandboxes", "0", "--max-sandboxes", "0", "--prefetch", "-1", "--show-config"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sandboxes = 0  # command line --sandboxes/--cores" in out.stdout
+    assert "max_sandboxes = 0  # command line --max-sandboxes" in out.stdout
+    assert load_config(None, {"sandboxes": 0}).effective_sandboxes >= 1
+    assert "prefetch = -1  # command line --prefetch" in out.stdout
+    help_text = " ".join(run(command("dcp-worker"), "--help").stdout.split())
+    assert "0: 90% of the CPU cores" in help_text and "0: no cap" in help_text
+    assert "-1: auto" in help_text
+    out = run(command("dcp-worker"), "--sandboxes", "-1", "--show-config")
+    assert out.returncode == 2 and "--sandboxes" in out.stderr

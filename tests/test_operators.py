@@ -3,7 +3,9 @@ against a socket the test owns, logs to several outputs at once, Prometheus metr
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,9 +17,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dcp_worker.logs import Rfc5424Formatter
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
@@ -207,8 +211,9 @@ def test_logs_go_to_several_outputs_and_logfile_reopens_on_sighup(
     datagram = b""
     while b"connected to" not in datagram:
         datagram = udp.recv(65536)
-    # <PRI> = facility local3 (19) * 8 + info (6); then our ident.
-    assert datagram.startswith(b"<158>dcp-worker[%d]: " % worker.proc.pid), datagram
+    # <PRI> = facility local3 (19) * 8 + notice (5), then RFC 5424's header.
+    message = rfc5424(datagram)
+    assert (message["pri"], message["procid"]) == (157, worker.proc.pid), datagram
     # logrotate: move the file away, SIGHUP, and the worker writes a new one.
     logfile.rename(tmp_path / "w.log.1")
     worker.proc.send_signal(signal.SIGHUP)
@@ -219,6 +224,110 @@ def test_logs_go_to_several_outputs_and_logfile_reopens_on_sighup(
     assert "graceful stop" not in (tmp_path / "w.log.1").read_text()
     udp.close()
     tcp.close()
+
+
+_RFC5424 = re.compile(
+    rb"<(?P<pri>\d{1,3})>1 (?P<time>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\d+) "
+    rb"(?P<msgid>\S+) (?P<sd>-|\[.*?\]) (?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+def rfc5424(message: bytes) -> dict[str, Any]:
+    """An RFC 5424 message's fields (it fails the test if the message is not one)."""
+    match = _RFC5424.fullmatch(message)
+    assert match is not None, message
+    fields: dict[str, Any] = {k: v.decode() for k, v in match.groupdict().items()}
+    fields["pri"], fields["procid"] = int(fields["pri"]), int(fields["procid"])
+    fields["time"] = datetime.datetime.fromisoformat(fields["time"])
+    return fields
+
+
+def _worker_logging_to_syslog(
+    tmp_path: Path, keystore: Keystore, *syslog: str
+) -> subprocess.Popen[bytes]:
+    """A worker that cannot reach its scheduler (at :9), so it logs its retries."""
+    return subprocess.Popen(
+        [
+            command("dcp-worker"),
+            *("-o", "syslog", "--syslog-facility", "local3", *syslog),
+            *("--identity", str(keystore.path), "--passphrase-file", str(keystore.passphrase_file)),
+            *("--scheduler", "http://127.0.0.1:9", "--state-dir", str(tmp_path / "s")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_syslog_messages_carry_their_time_and_host(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """Over UDP a collector elsewhere gets RFC 5424 (time, host, app, pid), no NUL; the local
+    socket gets syslog(3)'s local form, which journald and rsyslog read there."""
+    keystore = make_keystore("w")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(30)
+        before = datetime.datetime.now(datetime.UTC)
+        proc = _worker_logging_to_syslog(
+            tmp_path,
+            keystore,
+            *(
+                "--syslog-transport",
+                "udp",
+                "--syslog-address",
+                f"127.0.0.1:{udp.getsockname()[1]}",
+            ),
+        )
+        try:
+            datagram = b""
+            while b"retrying in" not in datagram:
+                datagram = udp.recv(65536)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    message = rfc5424(datagram)
+    assert message["pri"] == 19 * 8 + 4  # local3, warning
+    assert before - datetime.timedelta(seconds=1) <= message["time"]
+    assert message["time"] <= datetime.datetime.now(datetime.UTC)
+    assert message["time"].utcoffset() == datetime.timedelta(0)
+    assert message["host"] == socket.gethostname()
+    assert (message["app"], message["procid"]) == ("dcp-worker", proc.pid)
+    assert (message["msgid"], message["sd"]) == ("-", "-")
+    assert message["msg"].startswith("cannot connect to ws://127.0.0.1:9/worker")
+    assert not datagram.endswith(b"\x00")
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as local:
+        local.bind(str(tmp_path / "log"))
+        local.settimeout(30)
+        proc = _worker_logging_to_syslog(
+            tmp_path, keystore, "--syslog-address", str(tmp_path / "log")
+        )
+        try:
+            datagram = b""
+            while b"retrying in" not in datagram:
+                datagram = local.recv(65536)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    match = re.fullmatch(
+        rb"<156>(?P<stamp>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) dcp-worker\[(?P<pid>\d+)\]: "
+        rb"cannot connect to .*retrying in [\d.]+ s",
+        datagram,
+    )
+    assert match is not None, datagram  # and no NUL at the end
+    assert int(match["pid"]) == proc.pid
+    time.strptime(match["stamp"].decode(), "%b %d %H:%M:%S")  # English month, as syslog(3)
+
+
+def test_rfc5424_over_a_stream_is_one_line_a_message() -> None:
+    """TCP frames messages by newlines (RFC 6587): a traceback must not become many."""
+    formatter = Rfc5424Formatter("a host\x7f", lines=True)
+    record = logging.LogRecord("dcp.worker", logging.ERROR, __file__, 1, "two\nlines", None, None)
+    line = formatter.format(record)
+    assert line.endswith("two#012lines\n") and line.count("\n") == 1
+    assert rfc5424(b"<11>" + line[:-1].encode())["host"] == "ahost"
+    assert rfc5424(b"<11>" + Rfc5424Formatter("").format(record).encode())["host"] == "-"
 
 
 def test_syslog_over_tcp_and_a_missing_socket_is_a_clear_error(
@@ -267,7 +376,7 @@ def test_syslog_over_tcp_and_a_missing_socket_is_a_clear_error(
             while b"retrying" not in data:  # the scheduler at :9 is unreachable
                 data += conn.recv(65536)
             line = data.split(b"\n")[0]
-            assert line.startswith(b"<") and b"dcp-worker[" in line
+            assert rfc5424(line)["app"] == "dcp-worker" and b"\x00" not in data, data
             conn.close()
         finally:
             proc.send_signal(signal.SIGINT)
@@ -368,7 +477,125 @@ def test_journal_output_has_structured_fields(
             _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     connected = next(e for e in entries if b"connected to" in e).split(b"\n")
-    assert b"SYSLOG_IDENTIFIER=dcp-worker" in connected and b"PRIORITY=6" in connected
+    assert b"SYSLOG_IDENTIFIER=dcp-worker" in connected and b"PRIORITY=5" in connected  # notice
     failed = next(e for e in entries if b"DCP_CODE=wasm_timeout" in e).split(b"\n")
     assert b"PRIORITY=4" in failed and b"DCP_SLICE=0" in failed
     assert any(line.startswith(b"DCP_JOB=") for line in failed)
+
+
+def test_subcommands_find_the_socket_of_the_state_dir_given_to_the_group(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore], workers: Callable[..., WorkerProcess]
+) -> None:
+    """``dcp-worker --state-dir DIR status`` asks the worker whose state dir is DIR (its
+    socket is DIR/control.sock), as ``--control-socket`` or the environment would say."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: the worker retries, its socket serves
+    state = tmp_path / "elsewhere"
+    worker = workers(f"http://127.0.0.1:{port}", make_keystore("w"), 1, state_dir=state)
+    wait_for((state / "control.sock").exists, 30)
+
+    def group(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command("dcp-worker"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **(env or {})},
+        )
+
+    out = group("--state-dir", str(state), "status")
+    assert out.returncode == 0, out.stderr
+    assert "(not connected)" in out.stdout
+    assert group("--control-socket", str(state / "control.sock"), "pause").returncode == 0
+    snap = json.loads(group("--state-dir", str(state), "status", "--json").stdout)
+    assert snap["state"] == "paused"
+    out = group("status", "--json", env={"DCP_WORKER_STATE_DIR": str(state)})
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "paused"
+    out = group("--state-dir", str(tmp_path / "nobody-here"), "status")
+    assert out.returncode == 2 and str(tmp_path / "nobody-here" / "control.sock") in out.stderr
+    assert group("--state-dir", str(state), "stop").returncode == 0
+    assert worker.proc.wait(30) == 0
+
+
+def test_a_metrics_address_in_use_is_a_configuration_error(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """One rule for the listeners the configuration asks for (the control socket, metrics):
+    one that cannot be opened stops the start, exit 2, naming the address and why, and
+    nothing of the worker stays (it served on, without its metrics, having logged an error)."""
+    keystore = make_keystore("w")
+    state = tmp_path / "state"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        out = subprocess.run(
+            [
+                command("dcp-worker"),
+                "-o",
+                "console",
+                "--identity",
+                str(keystore.path),
+                "--passphrase-file",
+                str(keystore.passphrase_file),
+                "--scheduler",
+                "http://127.0.0.1:9",
+                "--state-dir",
+                str(state),
+                "--metrics",
+                listen,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 2, out.stderr
+    assert f"dcp-worker: metrics {listen}: cannot listen: Address already in use" in out.stderr
+    assert "retrying" not in out.stderr  # no session was tried
+    assert not (state / "control.sock").exists()  # the control socket closed again
+
+
+def test_the_default_verbosity_shows_the_worker_working_not_every_slice(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """Without -v a volunteer sees the connection (scheduler and session), the first work and
+    the first accepted result, at level NOTICE; twenty slices add no line of their own."""
+    keystore = make_keystore("w")
+    log = tmp_path / "console.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                command("dcp-worker"),
+                *("-o", "console", "--scheduler", scheduler.url, "--sandboxes", "2"),
+                *(
+                    "--identity",
+                    str(keystore.path),
+                    "--passphrase-file",
+                    str(keystore.passphrase_file),
+                ),
+                *("--state-dir", str(tmp_path / "state")),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: "connected to" in log.read_text(), 30)
+            with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
+                values = [f"v{i}" for i in range(20)]
+                job = client.deploy(job_file(tmp_path, "echo", ECHO, values))
+                results = client.results(job, wait=True, timeout=60)
+                assert [r.state for r in results] == ["done"] * 20
+            wait_for(lambda: "first result accepted" in log.read_text(), 30)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+    lines = log.read_text().splitlines()
+    notices = [line for line in lines if " NOTICE " in line]
+    connected = next(line for line in notices if "connected to" in line)
+    assert f"connected to {scheduler.url} (session " in connected
+    assert keystore.identity.address in connected
+    assert sum("first work: " in line and f"of job echo ({job})" in line for line in notices) == 1
+    assert sum("first result accepted: slice " in line for line in notices) == 1
+    assert not [line for line in lines if " INFO " in line or " DEBUG " in line]
+    assert len(lines) < 12, lines  # not one per slice
