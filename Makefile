@@ -48,7 +48,7 @@ deb: $(STAMP)
 
 ## The .deb under a real systemd (PID 1 of a namespace over a debootstrap tree; root, ~3 min).
 systemd-check: deb
-	PY=$(PY) packaging/systemd/check-under-systemd.sh
+	PY=$(PY) packaging/deb/systemd-check.sh
 
 ## Rebuild the example work functions from C (zig cc, wasm32-wasi).
 wasm: $(STAMP)
