@@ -16,7 +16,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dcp_keys.identity import Identity
-from dcp_protocol import MAX_FRAME_BYTES, DcpError, Error, Message
+from dcp_protocol import MAX_FRAME_BYTES, DcpError, Error, Message, Welcome
 from dcp_protocol.session import Failed, Opened, Replied, Unsolicited, WorkerSession
 
 from . import __version__
@@ -54,13 +54,20 @@ class Session:
         assert core.welcome is not None
         self.ws = ws
         self.core = core
-        self.welcome = core.welcome
-        #: The largest frame either side sends on this session.
-        self.max_frame_bytes = core.max_frame_bytes
-        ws.protocol.max_message_size = self.max_frame_bytes
+        ws.protocol.max_message_size = core.max_frame_bytes
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+
+    @property
+    def welcome(self) -> Welcome:
+        assert self.core.welcome is not None  # an open session has one
+        return self.core.welcome
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame either side sends on this session (from ``welcome``)."""
+        return self.core.max_frame_bytes
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read())
