@@ -79,6 +79,7 @@ __all__ = [
     "EVALUATOR_MESSAGES",
     "to_wire",
     "from_wire",
+    "prepare_codecs",
 ]
 
 T = TypeVar("T")
@@ -691,6 +692,17 @@ def _field_encoder(tp: Any) -> typing.Callable[[Any], Any] | None:
                 return list
             return lambda value: [item(v) for v in value]
     return to_wire  # records (planned on first use), Any, anything unusual
+
+
+def prepare_codecs(*classes: type) -> None:
+    """Plan the encoders and decoders of record ``classes`` now rather than on first use.
+    For a reply that must go out on time: planning resolves type hints, a few milliseconds
+    of CPU that an evaluator starved of CPU took 0.15-0.2 s to get (its first wall-clock
+    answer came that much later than the next ones)."""
+    for cls in classes:
+        if cls not in _ENCODERS:
+            _ENCODERS[cls] = _compile_encoder(cls)
+        _plan(cls)
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import queue
 import shutil
 import sys
 import threading
@@ -37,6 +38,7 @@ from dcp_protocol import (
     SliceDone,
     StreamDecoder,
     frame,
+    prepare_codecs,
 )
 
 from .errors import SliceError
@@ -119,27 +121,43 @@ class Evaluator:
         self._in = stdin
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
-        self._runtime = WasmRuntime(self._on_progress)
+        self._runtime = WasmRuntime(self._on_progress, self._on_timeout)
+        prepare_codecs(Ack, Error, Progress, SliceDone)
         self._opencl = OpenCLRuntime()
         self._opencl_sources: dict[str, bytes] = {}
         self._assigned: Assign | None = None
         self._current: int | None = None
+        #: Request bytes as they came, with the time (see ``_reader``).
+        self._chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        #: When the bytes that completed the request now decoded came, and when the last
+        #: slice was answered: the running slice's wall clock starts at the later of the two.
+        self._received_at = 0.0
+        self._answered_at = 0.0
         self._last_progress = 0.0
         #: When the oldest reply not yet flushed was written (None: all flushed).
         self._unflushed_since: float | None = None
-        self._out_lock = threading.Lock()
+        #: Guards the output buffer and ``_current`` (the clock's thread may answer the
+        #: running slice); the flusher waits on it for replies to flush.
+        self._out_lock = threading.RLock()
+        self._out_ready = threading.Condition(self._out_lock)
 
     def send(self, message: Message, flush: bool = False) -> None:
         """Queue a reply; replies go out when the evaluator is about to wait for input, so
         a batch of requests is answered in one write, or once the oldest has waited
         ``_FLUSH_EVERY`` (progress goes out at once)."""
+        data = frame(message)
         with self._out_lock:
-            self._out.write(frame(message))
+            self._out.write(data)
             now = time.monotonic()
-            if self._unflushed_since is None:
-                self._unflushed_since = now
-            if flush or now - self._unflushed_since >= _FLUSH_EVERY:
+            if flush or (
+                self._unflushed_since is not None and now - self._unflushed_since >= _FLUSH_EVERY
+            ):
                 self._flush()
+            elif self._unflushed_since is None:
+                # Only now is the flusher needed: waking it for a reply that goes out at once
+                # would have it take the GIL from the thread sending.
+                self._unflushed_since = now
+                self._out_ready.notify()
 
     def _flush(self) -> None:
         """Send what is buffered; the caller holds ``_out_lock``."""
@@ -147,23 +165,51 @@ class Evaluator:
         self._unflushed_since = None
 
     def _flusher(self, stopped: threading.Event) -> None:
-        while not stopped.wait(_FLUSH_EVERY / 2):
-            with self._out_lock:
+        """Flushes replies that waited ``_FLUSH_EVERY``. It sleeps while nothing waits: a
+        thread that woke every 25 ms took the GIL and a CPU from the slice each time, which
+        on a loaded machine made slices answer late."""
+        with self._out_lock:
+            while not stopped.is_set():
                 since = self._unflushed_since
-                if since is not None and time.monotonic() - since >= _FLUSH_EVERY:
-                    try:
-                        self._flush()
-                    except (OSError, ValueError):  # the worker went away: serve() will see it
-                        return
+                if since is None:
+                    self._out_ready.wait()
+                    continue
+                left = since + _FLUSH_EVERY - time.monotonic()
+                if left > 0:
+                    self._out_ready.wait(left)
+                    continue
+                try:
+                    self._flush()
+                except (OSError, ValueError):  # the worker went away: serve() will see it
+                    return
+
+    def _reader(self) -> None:
+        """Reads the request stream into ``_chunks``, each chunk with the time it came: a
+        slice's wall clock counts from then (or from the answer before it), not from when
+        the serving thread, which on a loaded machine may get little CPU, got to it."""
+        # From the descriptor, not the buffered stream: at exit this thread may still be
+        # blocked in a read, and Python aborts if the stream's lock is held then.
+        fd = self._in.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except OSError:
+                chunk = b""
+            self._chunks.put((time.monotonic(), chunk))
+            if not chunk:
+                return
 
     def serve(self) -> int:
         stopped = threading.Event()
         flusher = threading.Thread(target=self._flusher, args=(stopped,), daemon=True)
         flusher.start()
+        threading.Thread(target=self._reader, name="requests", daemon=True).start()
         try:
             return self._serve()
         finally:
             stopped.set()
+            with self._out_lock:
+                self._out_ready.notify()
             flusher.join()
 
     def _serve(self) -> int:
@@ -182,11 +228,7 @@ class Evaluator:
             if message is None:
                 with self._out_lock:
                     self._flush()
-                chunk = (
-                    self._in.read1(_READ_CHUNK)
-                    if hasattr(self._in, "read1")
-                    else self._in.read(_READ_CHUNK)
-                )
+                self._received_at, chunk = self._chunks.get()
                 if not chunk:
                     self._decoder.receive_eof()
                     if self._decoder.buffered == 0:
@@ -276,7 +318,8 @@ class Evaluator:
                 )
             )
             return
-        self._current = message.id
+        with self._out_lock:
+            self._current = message.id
         self._last_progress = 0.0
         try:
             if job.runtime == "opencl":
@@ -284,13 +327,38 @@ class Evaluator:
                     job.sha256, job.config, job.limits, message.datum
                 )
             else:
-                result, metrics = self._runtime.run(job.sha256, job.argv, job.limits, message.datum)
+                result, metrics = self._runtime.run(
+                    job.sha256,
+                    job.argv,
+                    job.limits,
+                    message.datum,
+                    started=max(self._received_at, self._answered_at),
+                )
         except SliceError as exc:
-            self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
+            self._answer(message.id, Error(re=message.id, code=exc.code.value, message=exc.message))
         else:
-            self.send(SliceDone(re=message.id, result=result, metrics=metrics))
-        finally:
+            self._answer(message.id, SliceDone(re=message.id, result=result, metrics=metrics))
+
+    def _answer(self, request: int, reply: Message, flush: bool = False) -> None:
+        """Send the one answer to the running slice ``request``: whichever comes first of
+        the slice's own thread and the wall clock's (a later one is dropped)."""
+        with self._out_lock:
+            if self._current != request:
+                return
             self._current = None
+            self._answered_at = time.monotonic()
+            self.send(reply, flush)
+
+    def _on_timeout(self, error: SliceError) -> None:
+        """From the wall clock's thread: the running wasm slice is due. Its answer goes out
+        now; on a loaded machine the slice's own thread, starved of CPU, took 0.1-0.4 s more
+        to unwind (the next request waits for it)."""
+        with self._out_lock:
+            request = self._current
+            if request is not None:
+                self._answer(
+                    request, Error(re=request, code=error.code.value, message=error.message), True
+                )
 
     def _on_progress(self, fraction: float) -> None:
         now = time.monotonic()
@@ -299,7 +367,11 @@ class Evaluator:
         self._last_progress = now
         if fraction != fraction:  # NaN from a careless work function: ignore it
             return
-        self.send(Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True)
+        with self._out_lock:
+            if self._current is not None:
+                self.send(
+                    Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True
+                )
 
 
 def serve_stdio(withhold_opencl: str | None = None, runs_as: int | None = None) -> int:

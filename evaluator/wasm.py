@@ -4,7 +4,7 @@ A work function is a WASI command (``_start``). The slice datum is its stdin, it
 result, job arguments are its argv. It gets no preopened directory, an empty environment and no
 sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. Limits:
 
-* wall clock: epoch interruption, with the epoch kept in step with the monotonic clock
+* wall clock: epoch interruption, the epoch advanced when the slice's deadline comes
   (:class:`EpochClock`), and our own ``poll_oneoff``, which sleeps at most until the slice's
   deadline: a slice blocked in a host call cannot be interrupted by the epoch;
 * fuel (instructions), when the job asks for it (a second engine with fuel metering);
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import resource
 import signal
@@ -41,7 +40,6 @@ from dcp_protocol import ErrorCode, Limits, Metrics
 
 from .errors import SliceError
 
-TICK = 0.005
 _WASI = "wasi_snapshot_preview1"
 #: WASI calls a work function may import but never successfully use: trap with a named reason.
 _FORBIDDEN_WASI = frozenset(
@@ -91,49 +89,70 @@ _TABLE_SHARE = 16
 _TABLE_BUDGET_MAX = 8 * 1024 * 1024
 
 
-class EpochClock:
-    """Advances the epoch of every engine in step with the monotonic clock.
+#: The clock's thread comes to a deadline in hops of ``_HOP`` over its last ``_APPROACH``
+#: seconds. On a loaded machine (nice 10 beside busy processes, Linux 6.18) a thread that
+#: slept a whole second woke 2-190 ms late; one that slept 20 ms at most 7 ms late.
+_APPROACH = 0.25
+_HOP = 0.02
 
-    Epoch ``n`` begins at ``start + n * TICK``. The ticker thread sleeps until the next tick
-    is due and then brings every engine up to the count due by now: a thread that wakes late
-    (on a loaded machine it did, every tick, so slices overran their wall clock 1.3-2.1x)
-    catches up instead of losing the time. Deadlines are set in ticks still to come, under
-    the same lock, so a late ticker never makes a deadline early either.
+
+class EpochClock:
+    """Interrupts the running slice when the monotonic clock reaches its deadline.
+
+    The slice's store traps at the next epoch (``set_epoch_deadline(1)``); a thread of this
+    clock sleeps until the deadline, calls ``on_due``, then advances the epoch of that
+    store's engine, once. It used to tick every 5 ms, 200 wake-ups a second even while the
+    evaluator was idle; on a loaded machine each one waited for a CPU and took the GIL from
+    the slice's own thread.
+
+    One slice is armed at a time (the evaluator runs one). The epoch is advanced only while
+    the store it was meant for is still armed, so a slice that ended early never leaves an
+    interrupt behind for the next one.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._engines: list[wasmtime.Engine] = []
-        self._start = time.monotonic()
-        self._done = 0  # ticks applied to every engine so far
+    def __init__(self, on_due: Callable[[], None] | None = None) -> None:
+        self._on_due = on_due or (lambda: None)
+        self._changed = threading.Condition()
+        self._armed: tuple[wasmtime.Engine, float] | None = None
         self._thread: threading.Thread | None = None
 
-    def add(self, engine: wasmtime.Engine) -> None:
-        """Drive ``engine``'s epoch from now on (starts the ticker thread on first use)."""
-        with self._lock:
-            self._engines.append(engine)
+    def arm(self, engine: wasmtime.Engine, store: wasmtime.Store, deadline: float) -> None:
+        """Make ``store`` (of ``engine``) trap with an interrupt once time.monotonic()
+        reaches ``deadline``, never before it."""
+        with self._changed:
+            if self._armed is not None:
+                raise RuntimeError("a slice is already armed on this clock")
+            store.set_epoch_deadline(1)
+            self._armed = (engine, deadline)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._tick, name="epoch-ticker")
+                self._thread = threading.Thread(target=self._wait, name="epoch-alarm")
                 self._thread.daemon = True
                 self._thread.start()
+            self._changed.notify()
 
-    def set_deadline(self, store: wasmtime.Store, deadline: float) -> None:
-        """Make ``store`` trap with an interrupt once the monotonic clock reaches ``deadline``
-        (to within a tick and the ticker's wake-up latency, never before it)."""
-        with self._lock:
-            due = math.ceil((deadline - self._start) / TICK)
-            store.set_epoch_deadline(max(1, due - self._done))
+    def disarm(self) -> None:
+        """The armed slice has ended: its deadline no longer matters."""
+        with self._changed:
+            self._armed = None
+            self._changed.notify()
 
-    def _tick(self) -> None:
+    def _wait(self) -> None:
         while True:
-            with self._lock:
-                due = int((time.monotonic() - self._start) / TICK)
-                for engine in self._engines:
-                    for _ in range(due - self._done):
-                        engine.increment_epoch()
-                self._done = max(self._done, due)
-                next_tick = self._start + (self._done + 1) * TICK
-            time.sleep(max(0.0, next_tick - time.monotonic()))
+            with self._changed:
+                while True:
+                    if self._armed is None:
+                        self._changed.wait()
+                        continue
+                    engine, deadline = self._armed
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left - _APPROACH if left > _APPROACH else min(left, _HOP))
+                self._armed = None
+            # The answer first: the interrupt sends the slice's thread back into Python,
+            # where, starved of CPU, it may hold the GIL this thread needs to answer.
+            self._on_due()
+            engine.increment_epoch()
 
 
 @dataclass(frozen=True)
@@ -179,11 +198,23 @@ class _Compiled:
 class WasmRuntime:
     """Compiles, caches and runs WASI modules; slice I/O goes through in-memory files."""
 
-    def __init__(self, progress: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        progress: Callable[[float], None] | None = None,
+        timed_out: Callable[[SliceError], None] | None = None,
+    ) -> None:
+        """``progress`` gets the work function's progress calls. ``timed_out``, when given,
+        is called from the clock's thread the moment a slice running wasm reaches its wall
+        clock, with the error that slice ends with: its caller can answer at once, while the
+        slice's own thread, which may get little CPU on a loaded machine, is still unwinding
+        (``run`` then raises the same error)."""
         self._progress = progress or (lambda _f: None)
+        self._timed_out = timed_out or (lambda _e: None)
         self._engines: dict[bool, wasmtime.Engine] = {}
         self._cache: OrderedDict[tuple[str, bool], _Compiled] = OrderedDict()
-        self._clock = EpochClock()
+        self._clock = EpochClock(self._deadline_reached)
+        #: The running slice's limits (None between slices), for the clock's thread.
+        self._limits: Limits | None = None
         #: Set by a host function that ends the slice (a forbidden call, the wall clock
         #: reached while sleeping): it names the reason better than the trap it raises.
         self._host_error: SliceError | None = None
@@ -212,7 +243,6 @@ class WasmRuntime:
             config.consume_fuel = fuel
             config.cranelift_opt_level = "speed"
             engine = self._engines[fuel] = wasmtime.Engine(config)
-            self._clock.add(engine)
         return engine
 
     def has(self, sha256: str, limits: Limits) -> bool:
@@ -294,9 +324,15 @@ class WasmRuntime:
     # ------------------------------------------------------------------ running
 
     def run(
-        self, sha256: str, argv: tuple[str, ...], limits: Limits, datum: bytes
+        self,
+        sha256: str,
+        argv: tuple[str, ...],
+        limits: Limits,
+        datum: bytes,
+        started: float | None = None,
     ) -> tuple[bytes, Metrics]:
-        """Run one slice; returns (stdout, metrics).
+        """Run one slice; returns (stdout, metrics). Its wall clock runs from ``started``
+        (by time.monotonic(); default: now), which the setup counts against.
 
         Raises:
             SliceError: the slice failed; ``code`` says how.
@@ -305,8 +341,10 @@ class WasmRuntime:
         compiled = self._cache[(sha256, fuel)]
         store = wasmtime.Store(self._engine(fuel))
         try:
-            return self._run_in(store, compiled, argv, limits, datum)
+            return self._run_in(store, compiled, argv, limits, datum, started)
         finally:
+            self._clock.disarm()
+            self._limits = None
             # The store owns the slice's instance and linear memory (a reservation of about
             # 4 GiB of address space). A trap keeps it alive: its traceback holds this frame,
             # and wasmtime-py's enter_wasm frame holds the trap, a cycle that only the
@@ -322,6 +360,7 @@ class WasmRuntime:
         argv: tuple[str, ...],
         limits: Limits,
         datum: bytes,
+        started: float | None,
     ) -> tuple[bytes, Metrics]:
         stdin_fd = self._fds["stdin"]
         os.pwrite(stdin_fd, datum, 0)
@@ -330,8 +369,9 @@ class WasmRuntime:
 
         budget = StoreBudget.of(limits)
         budget.apply(store)
-        deadline = time.monotonic() + limits.wall_seconds
-        self._clock.set_deadline(store, deadline)
+        deadline = (time.monotonic() if started is None else started) + limits.wall_seconds
+        self._limits = limits
+        self._clock.arm(self._engine(limits.fuel is not None), store, deadline)
         self._deadline_ns = int(deadline * 1e9)
         self._wall_seconds = limits.wall_seconds
         if limits.fuel is not None:
@@ -412,6 +452,28 @@ class WasmRuntime:
             wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
         )
 
+    def _flood(self, limits: Limits) -> SliceError | None:
+        if os.fstat(self._fds["stdout"]).st_size > limits.output_bytes:
+            return SliceError(
+                ErrorCode.OUTPUT_TOO_LARGE,
+                f"output exceeded the cap of {limits.output_bytes} bytes",
+            )
+        return None
+
+    @staticmethod
+    def _wall_clock_error(limits: Limits) -> SliceError:
+        return SliceError(
+            ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s"
+        )
+
+    def _deadline_reached(self) -> None:
+        """From the clock's thread: the running slice is due. A host call that ends the
+        slice names its own reason, so the slice's thread answers for it."""
+        limits = self._limits
+        if limits is None or self._host_error is not None:
+            return
+        self._timed_out(self._flood(limits) or self._wall_clock_error(limits))
+
     def _classify_trap(
         self,
         exc: wasmtime.Trap,
@@ -424,17 +486,12 @@ class WasmRuntime:
             return self._host_error
         # A limit that was hit explains the trap better than the trap itself: a flood that
         # ran into the wall clock is reported as a flood.
-        if os.fstat(self._fds["stdout"]).st_size > limits.output_bytes:
-            return SliceError(
-                ErrorCode.OUTPUT_TOO_LARGE,
-                f"output exceeded the cap of {limits.output_bytes} bytes",
-            )
+        flood = self._flood(limits)
+        if flood is not None:
+            return flood
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
-            return SliceError(
-                ErrorCode.WASM_TIMEOUT,
-                f"exceeded the wall-clock limit of {limits.wall_seconds:g} s",
-            )
+            return self._wall_clock_error(limits)
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
         exhausted = _exhausted(store, instance, budget)
@@ -515,12 +572,13 @@ class WasmRuntime:
         if not ready:
             wake = min(deadline for deadline, _ in clocks)
             if wake > self._deadline_ns:
-                _sleep_until(self._deadline_ns)
+                # Named first: the clock's thread then leaves the answer to this one.
                 self._host_error = SliceError(
                     ErrorCode.WASM_TIMEOUT,
                     f"exceeded the wall-clock limit of {self._wall_seconds:g} s "
                     "(sleeping in poll_oneoff)",
                 )
+                _sleep_until(self._deadline_ns)
                 raise wasmtime.Trap("wall-clock limit reached in poll_oneoff")
             _sleep_until(wake)
             now = time.monotonic_ns()
