@@ -1,15 +1,18 @@
 #!/bin/sh
-# Debian packages the Python environment needs to build: libsystemd-dev and pkg-config for
-# systemd-python (the journal output and sd_notify). Installed only when missing, as root,
-# where apt-get exists; elsewhere it says what is missing and pip reports the build error.
+# Debian packages the Python environment and its tests need: libsystemd-dev and pkg-config
+# to build systemd-python (the journal output and sd_notify); chromium for the web consoles'
+# browser tests (tests/web/). Installed only when missing, as root, where apt-get exists;
+# elsewhere it says what is missing (pip then reports the build error; the browser tests skip).
 set -eu
-if pkg-config --exists libsystemd 2>/dev/null; then
-    exit 0
-fi
+missing=""
+pkg-config --exists libsystemd 2>/dev/null || missing="libsystemd-dev pkg-config gcc"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+[ -n "$missing" ] || exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "installing libsystemd-dev and pkg-config (for systemd-python)" >&2
+    echo "installing Debian packages:$missing" >&2
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libsystemd-dev pkg-config gcc >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
 else
-    echo "systemd-python needs libsystemd-dev and pkg-config: apt-get install libsystemd-dev pkg-config" >&2
+    echo "missing Debian packages:$missing (apt-get install$missing)" >&2
 fi
