@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 
 import click
@@ -71,24 +70,34 @@ def _tty() -> bool:
 
 
 class _Progress:
-    """``job J: N/T slices final`` on one stderr line, redrawn at most every 0.2 s."""
+    """``job J: N/T slices final`` on one stderr line, redrawn with each result. Result
+    lines go above it: the line is cleared before each and drawn again after, so on a
+    terminal that shows both no result is printed after the progress text."""
+
+    _CLEAR = "\r\x1b[K"
 
     def __init__(self, job: str, total: int) -> None:
-        self.job, self.total, self.seen, self._drawn = job, total, 0, 0.0
+        self.job, self.total, self.seen = job, total, 0
         self._draw()
 
-    def final(self, slice_: int) -> None:
+    def final(self, slice_: int, line: str) -> None:
+        """Slice ``slice_`` is final: print its ``line`` on stdout, then the progress."""
         self.seen += 1
-        if time.monotonic() - self._drawn >= 0.2:
-            self._draw()
+        click.echo(self._CLEAR, err=True, nl=False)
+        click.echo(line)
+        sys.stdout.flush()
+        self._draw()
 
     def done(self) -> None:
         self._draw()
         click.echo("", err=True)
 
     def _draw(self) -> None:
-        self._drawn = time.monotonic()
-        click.echo(f"\rjob {self.job}: {self.seen}/{self.total} slices final", err=True, nl=False)
+        click.echo(
+            f"{self._CLEAR}job {self.job}: {self.seen}/{self.total} slices final",
+            err=True,
+            nl=False,
+        )
 
 
 @click.group()
@@ -241,8 +250,6 @@ def results(
         progress = _Progress(job, client.status(job)["slices"]) if wait and _tty() else None
         try:
             for r in client.results(job, wait=wait, timeout=timeout):
-                if progress is not None:
-                    progress.final(r.slice)
                 row: dict[str, object] = {"slice": r.slice, "state": r.state}
                 if r.result is not None:
                     try:
@@ -255,8 +262,11 @@ def results(
                     incomplete = True
                 if r.error:
                     row["error"] = r.error
-                click.echo(json.dumps(row))
-                sys.stdout.flush()
+                if progress is not None:
+                    progress.final(r.slice, json.dumps(row))
+                else:
+                    click.echo(json.dumps(row))
+                    sys.stdout.flush()
         finally:
             if progress is not None:
                 progress.done()

@@ -228,9 +228,8 @@ def test_results_wait_shows_progress_on_a_terminal(
     owner = make_keystore("owner")
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_file(tmp_path, "stuck", ECHO, ["a", "b"]))
-    leader, follower = os.openpty()
-    try:
-        out = compute(
+    status, text = _terminal_output(
+        lambda terminal: compute(
             scheduler.url,
             "results",
             job,
@@ -238,12 +237,23 @@ def test_results_wait_shows_progress_on_a_terminal(
             "--timeout",
             "0.5",
             *_signed(owner),
-            stderr=follower,
+            stderr=terminal,
         )
+    )
+    assert status == 5
+    assert f"\r\x1b[Kjob {job}: 0/2 slices final" in text and "did not finish within 0.5 s" in text
+
+
+def _terminal_output(run: Callable[[int], subprocess.CompletedProcess[str]]) -> tuple[int, str]:
+    """Run a command whose stdout and stderr are one pseudo-terminal, as in a shell; returns
+    its exit status and everything it drew there."""
+    leader, follower = os.openpty()
+    try:
+        done = run(follower)
         os.close(follower)
         follower = -1
         seen = b""
-        while True:  # what the finished command wrote, up to the end of the terminal
+        while True:
             try:
                 chunk = os.read(leader, 4096)
             except OSError:  # EIO: no writer is left
@@ -255,6 +265,37 @@ def test_results_wait_shows_progress_on_a_terminal(
         if follower != -1:
             os.close(follower)
         os.close(leader)
-    assert out.returncode == 5
-    text = seen.decode()
-    assert f"\rjob {job}: 0/2 slices final" in text and "did not finish within 0.5 s" in text
+    return done.returncode, seen.decode()
+
+
+def test_results_wait_keeps_its_progress_off_the_result_lines(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    # The progress line was drawn on the terminal that also shows the results, and each
+    # result was printed after it: `job J: 1/3 slices final{"slice": 0, ...}`.
+    owner = make_keystore("owner")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "shown", ECHO, ["a", "b", "c"]))
+    worker = workers(scheduler.url, make_keystore("worker"), 1)
+
+    def run(terminal: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command("dcp-compute"), "--scheduler", scheduler.url, "results", job, "--wait"]
+            + ["--timeout", "120", *_signed(owner)],
+            stdout=terminal,
+            stderr=terminal,
+            timeout=150,
+        )
+
+    status, text = _terminal_output(run)
+    assert worker.stop() == 0
+    assert status == 0, text
+    rows = [line for line in text.replace("\r\n", "\n").split("\n") if '"slice"' in line]
+    assert len(rows) == 3, text
+    for row in rows:
+        drawn = row.rsplit("\r", 1)[-1].replace("\x1b[K", "")
+        assert drawn.startswith('{"slice"'), repr(row)
+    assert f"job {job}: 3/3 slices final" in text
