@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +23,7 @@ from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
 from .store import StoreError, credits, to_micro
 from .store.sqlite import SQLiteStore
+from .web import load_operator_token, operator_token_path
 
 EXIT_OK = 0
 EXIT_STORE_ERROR = 2
@@ -263,13 +265,20 @@ def serve(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     store = _open(db, db_busy_timeout)
+    token_path = operator_token_path(Path(db))
     try:
-        asyncio.run(_serve(Scheduler(store, config), host, port))
+        operator_token = load_operator_token(token_path)
+    except OSError as exc:
+        store.close()
+        raise click.ClickException(f"cannot keep the console's operator token: {exc}") from None
+    try:
+        scheduler = Scheduler(store, config, operator_token=operator_token)
+        asyncio.run(_serve(scheduler, host, port, token_path))
     finally:
         store.close()
 
 
-async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
+async def _serve(scheduler: Scheduler, host: str, port: int, token_path: Path) -> None:
     runner = web.AppRunner(
         scheduler.app(),
         handle_signals=False,
@@ -288,6 +297,8 @@ async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
     click.echo(
         f"dcp-scheduler listening on {url} (workers: ws://{bound[0]}:{bound[1]}/worker)", nl=True
     )
+    # The path only: the token itself is never printed or logged.
+    click.echo(f"web console: {url}/console/ (operator token in {token_path})")
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
