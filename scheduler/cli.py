@@ -23,6 +23,7 @@ from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
 from .store import StoreError, credits, to_micro
 from .store.sqlite import SQLiteStore
+from .terminal import detach_from_terminal, in_terminal_background, log_path
 from .web import load_operator_token, operator_token_path
 
 EXIT_OK = 0
@@ -237,7 +238,10 @@ def serve(
     max_result_bytes: int,
     max_frame_bytes: int,
 ) -> None:
-    """Serve workers and the compute API until SIGINT or SIGTERM."""
+    """Serve workers, the compute API and the web console until SIGINT or SIGTERM.
+
+    In the background of a terminal (``serve ... &``) its output goes to DB.log instead.
+    The console's operator token is kept in DB.console-token (0600)."""
     host, port = _parse_listen(listen)
     try:
         config = SchedulerConfig(
@@ -264,6 +268,11 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if in_terminal_background():
+        try:
+            detach_from_terminal(log_path(Path(db)))
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the log beside the database: {exc}") from None
     store = _open(db, db_busy_timeout)
     token_path = operator_token_path(Path(db))
     try:
