@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, expect
 
 from scheduler.client import ComputeClient
 from scheduler.store.sqlite import SQLiteStore
@@ -151,12 +151,32 @@ def test_owners_and_the_operator_see_what_the_api_says(
         api_results = [r.result for r in client.results(public)]
     assert api_public["counts"].get("done") == 3 and api_private["counts"].get("queued") == 1
 
+    # Script errors and Content-Security-Policy violations (a refused page's status is
+    # checked where it is asked for; chromium also asks for /favicon.ico).
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: problems.append(str(e)))
+
     # Signed in with the private job's read token: its page, its numbers, nothing else.
     _sign_in(page, scheduler.url, private_token.token)
     assert page.url == f"{scheduler.url}/console/jobs/{private}"
     assert _counts(page, "#job") == {s: api_private["counts"].get(s, 0) for s in STATES}
     assert page.locator("#slice-total").inner_text() == str(api_private["slices"])
     assert page.locator("#slices tbody tr").count() == 1
+    # The page's script follows the job: cancelled through the API, the page says so.
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        assert client.cancel(private) == 1
+        api_private = client.status(private)
+    expect(page.locator("#job-state")).to_have_text("cancelled", timeout=20_000)
+    assert _counts(page, "#job") == {s: api_private["counts"].get(s, 0) for s in STATES}
+    assert api_private["counts"].get("cancelled") == 1
     page.goto(scheduler.url + "/console/")
     assert [r.get_attribute("data-job") for r in page.locator("#jobs tbody tr").all()] == [private]
     assert page.locator("#market tbody tr").count() == 0  # the public job is done: off the market
@@ -165,6 +185,8 @@ def test_owners_and_the_operator_see_what_the_api_says(
     assert page.locator("#refusal code").inner_text() == "read_token_wrong_job"
     response = page.goto(scheduler.url + "/console/workers")
     assert response is not None and response.status == 403
+    assert page.locator("#refusal code").inner_text() == "operator_token_needed"
+    _shot(page, "refused")
 
     # A second token adds the public job: its results are the API's.
     _sign_in(page, scheduler.url, public_token)
@@ -221,3 +243,4 @@ def test_owners_and_the_operator_see_what_the_api_says(
     page.goto(scheduler.url + "/console/")
     listed = {r.get_attribute("data-job") for r in page.locator("#jobs tbody tr").all()}
     assert listed == {public, private}  # the operator reads every job
+    assert problems == []
