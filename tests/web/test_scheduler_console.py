@@ -15,6 +15,7 @@ from playwright.sync_api import Page, expect
 from scheduler.client import ComputeClient
 from scheduler.store.sqlite import SQLiteStore
 from scheduler.web import operator_token_path
+from scheduler.web.views import PAGE_SLICES
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for
 from ..test_pipeline import ECHO, job_file
@@ -244,3 +245,30 @@ def test_owners_and_the_operator_see_what_the_api_says(
     listed = {r.get_attribute("data-job") for r in page.locator("#jobs tbody tr").all()}
     assert listed == {public, private}  # the operator reads every job
     assert problems == []
+
+
+def test_a_jobs_slices_come_a_page_at_a_time(
+    tmp_path: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    page: Page,
+) -> None:
+    owner = make_keystore("owner")
+    values = [f"v{i}" for i in range(PAGE_SLICES + 10)]
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "many", ECHO, values))
+        token = client.issue_token(job).token
+        api = client.status(job)
+    _sign_in(page, scheduler.url, token)
+    assert page.url == f"{scheduler.url}/console/jobs/{job}"
+    assert _counts(page, "#job")["queued"] == api["counts"]["queued"] == len(values)
+    rows = page.locator("#slices tbody tr")
+    assert [r.get_attribute("data-slice") for r in rows.all()] == [
+        str(i) for i in range(PAGE_SLICES)
+    ]
+    page.click("#next-page")
+    page.wait_for_url(f"{scheduler.url}/console/jobs/{job}?after={PAGE_SLICES - 1}")
+    assert [r.get_attribute("data-slice") for r in rows.all()] == [
+        str(i) for i in range(PAGE_SLICES, len(values))
+    ]
+    assert page.locator("#next-page").count() == 0
