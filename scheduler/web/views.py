@@ -185,9 +185,12 @@ class Console:
         )
 
     def _same_origin(self, request: web.Request) -> Refusal | None:
-        """A POST must come from a page of ours (CSRF): its Origin is this site."""
-        origin = request.headers.get("Origin")
-        if origin != f"{request.scheme}://{request.host}":
+        """A POST must come from a page of ours (CSRF): its Origin names this host and port.
+        The scheme is not compared, so that a TLS proxy in front (https outside, http here)
+        does not refuse every sign-in."""
+        origin = request.headers.get("Origin", "")
+        scheme, sep, authority = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or authority != request.host:
             return Refusal(
                 403,
                 "cross_origin_post",

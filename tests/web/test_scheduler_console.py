@@ -113,7 +113,13 @@ def test_posts_from_another_origin_are_refused(
     _, private, _ = _deploy(tmp_path, scheduler, owner)
     with ComputeClient(scheduler.url, owner.identity) as client:
         token = client.issue_token(private).token
-    for origin in ({"Origin": "http://evil.example"}, {}):
+    host = scheduler.url.split("://", 1)[1]
+    for origin in (
+        {"Origin": "http://evil.example"},
+        {"Origin": f"http://{host}.evil.example"},
+        {"Origin": "null"},
+        {},
+    ):
         response = httpx.post(
             scheduler.url + "/console/sign-in", data={"token": token}, headers=origin, timeout=30
         )
