@@ -32,6 +32,10 @@ PAGE_SLICES = 50
 LEDGER_ROWS = 200
 #: A slice's states in the order the pages show them.
 STATES = ("queued", "leased", "done", "failed", "cancelled")
+#: Rows the overview shows of each table (the newest jobs); it says how many it left out.
+OVERVIEW_ROWS = 200
+#: Refusal rows a job page shows (the latest).
+REFUSAL_ROWS = 100
 #: How much of a result the job page shows.
 PREVIEW_BYTES = 120
 _FINAL = ("done", "failed", "cancelled")
@@ -232,12 +236,15 @@ class Console:
             for j in market(jobs)
             if not visitor.may_read(j.id)
         ]
+        newest = readable[::-1][:OVERVIEW_ROWS]
         return self._render(
             request,
             visitor,
             "overview.html",
-            jobs=[(j, _done_fraction(j.counts, j.total)) for j in readable],
-            public=public,
+            jobs=[(j, _done_fraction(j.counts, j.total)) for j in newest],
+            jobs_left_out=len(readable) - len(newest),
+            public=public[::-1][:OVERVIEW_ROWS],
+            public_left_out=max(0, len(public) - OVERVIEW_ROWS),
             totals=totals,
             connected=len(self.connected()),
         )
@@ -252,7 +259,7 @@ class Console:
         except ValueError:
             after = -1
         slices = self.store.slices(found.id, after, PAGE_SLICES)
-        refusals = sorted(self.store.refusals(found.id), key=lambda r: -r.last)
+        refusals = sorted(self.store.refusals(found.id), key=lambda r: -r.last)[:REFUSAL_ROWS]
         return self._render(
             request,
             visitor,
