@@ -39,6 +39,10 @@ __all__ = [
     "READ_TOKEN_TTL",
     "REQUEST_WINDOW",
     "ComputeApi",
+    "Refused",
+    "check_read_token",
+    "market",
+    "read_token_job",
 ]
 
 log = logging.getLogger("dcp.scheduler")
@@ -55,7 +59,7 @@ _NONCE = re.compile(r"[0-9a-f]{32}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
-class _Refused(DcpError):
+class Refused(DcpError):
     """A compute API request refused: ``status`` and ``code`` go into the error reply."""
 
     def __init__(self, status: int, code: ErrorCode, message: str) -> None:
@@ -70,13 +74,13 @@ _ApiHandler = Callable[[_S, web.Request], Coroutine[Any, Any, web.Response]]
 
 
 def _answers_refusals(handler: _ApiHandler[_S]) -> _ApiHandler[_S]:
-    """Answer a :class:`_Refused` raised by a compute API handler with its error reply."""
+    """Answer a :class:`Refused` raised by a compute API handler with its error reply."""
 
     @functools.wraps(handler)
     async def answer(self: _S, request: web.Request) -> web.Response:
         try:
             return await handler(self, request)
-        except _Refused as exc:
+        except Refused as exc:
             return _error(exc.status, exc.code, exc.message)
 
     return answer
@@ -100,7 +104,7 @@ class ComputeApi:
         None when it carries no signature.
 
         Raises:
-            _Refused: the signature headers are malformed, stale, wrong or replayed.
+            Refused: the signature headers are malformed, stale, wrong or replayed.
         """
         signature = request.headers.get("X-DCP-Signature")
         if signature is None:
@@ -108,7 +112,7 @@ class ComputeApi:
         stamp = request.headers.get("X-DCP-Timestamp", "")
         nonce = request.headers.get("X-DCP-Nonce", "")
         if not _TIMESTAMP.fullmatch(stamp) or not _NONCE.fullmatch(nonce):
-            raise _Refused(
+            raise Refused(
                 400,
                 ErrorCode.INVALID_MESSAGE,
                 "a signed request needs X-DCP-Timestamp (Unix seconds) and X-DCP-Nonce "
@@ -117,12 +121,10 @@ class ComputeApi:
         try:
             address = signing.checksum(request.headers.get("X-DCP-Owner", ""))
         except ValueError:
-            raise _Refused(
-                400, ErrorCode.INVALID_MESSAGE, "X-DCP-Owner is not an address"
-            ) from None
+            raise Refused(400, ErrorCode.INVALID_MESSAGE, "X-DCP-Owner is not an address") from None
         timestamp, now = int(stamp), self.clock()
         if abs(now - timestamp) > REQUEST_WINDOW:
-            raise _Refused(
+            raise Refused(
                 401,
                 ErrorCode.STALE_REQUEST,
                 f"signed at {timestamp}, the scheduler's clock reads {now:.0f}: more than "
@@ -140,31 +142,31 @@ class ComputeApi:
             address,
         )
         if not signing.verify(payload, signature, address):
-            raise _Refused(401, ErrorCode.BAD_SIGNATURE, "the request is not signed by X-DCP-Owner")
+            raise Refused(401, ErrorCode.BAD_SIGNATURE, "the request is not signed by X-DCP-Owner")
         try:
             fresh = self.store.use_nonce(
                 address, nonce, now, timestamp + REQUEST_WINDOW + NONCE_MARGIN
             )
         except StoreError as exc:
-            raise _Refused(503, ErrorCode.INTERNAL, str(exc)) from None
+            raise Refused(503, ErrorCode.INTERNAL, str(exc)) from None
         if not fresh:
-            raise _Refused(409, ErrorCode.REPLAYED_REQUEST, "this request was made before")
+            raise Refused(409, ErrorCode.REPLAYED_REQUEST, "this request was made before")
         return address
 
     def _owner_of(self, job_id: str) -> str:
         try:
             return self.store.job(job_id, counts=False).owner
         except UnknownJob as exc:
-            raise _Refused(404, ErrorCode.UNKNOWN_SLICE, str(exc)) from None
+            raise Refused(404, ErrorCode.UNKNOWN_SLICE, str(exc)) from None
 
     async def _check_owner(self, request: web.Request, job_id: str) -> str:
         """Acting on a job (cancel, tokens) needs its owner's signature; returns the owner."""
         signer = await self._signer(request)
         if signer is None:
-            raise _Refused(401, ErrorCode.UNAUTHENTICATED, "this request must be signed")
+            raise Refused(401, ErrorCode.UNAUTHENTICATED, "this request must be signed")
         owner = self._owner_of(job_id)
         if signer != owner:
-            raise _Refused(403, ErrorCode.NOT_OWNER, f"{signer} does not own job {job_id}")
+            raise Refused(403, ErrorCode.NOT_OWNER, f"{signer} does not own job {job_id}")
         return owner
 
     async def _check_reader(self, request: web.Request, job_id: str) -> None:
@@ -175,20 +177,12 @@ class ComputeApi:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Refused(
+            raise Refused(
                 401,
                 ErrorCode.UNAUTHENTICATED,
                 "reading a job needs its owner's signature or a read token",
             )
-        record = self.store.read_token(_token_sha256(token.strip()))
-        if record is None:
-            raise _Refused(401, ErrorCode.READ_TOKEN_INVALID, "no such read token")
-        if record.revoked is not None:
-            raise _Refused(401, ErrorCode.READ_TOKEN_REVOKED, "the read token was revoked")
-        if self.clock() >= record.expires:
-            raise _Refused(401, ErrorCode.READ_TOKEN_EXPIRED, "the read token has expired")
-        if record.job != job_id:
-            raise _Refused(403, ErrorCode.READ_TOKEN_WRONG_JOB, "the read token is for another job")
+        check_read_token(self.store, token.strip(), job_id, self.clock())
 
     @_answers_refusals
     async def deploy(self, request: web.Request) -> web.Response:
@@ -218,8 +212,7 @@ class ComputeApi:
         jobs = self.store.list_jobs()
         if signer is not None:
             return web.json_response({"jobs": [_job_json(j) for j in jobs if j.owner == signer]})
-        market = [_market_json(j) for j in jobs if j.state == "active" and not j.group]
-        return web.json_response({"jobs": market})
+        return web.json_response({"jobs": [_market_json(j) for j in market(jobs)]})
 
     @_answers_refusals
     async def job(self, request: web.Request) -> web.Response:
@@ -314,6 +307,38 @@ class ComputeApi:
         return web.json_response({"job": job_id, "token_id": token_id, "revoked": True})
 
 
+def read_token_job(store: Store, token: str, now: float) -> str:
+    """The job a live read token reads: the compute API and the web console (scheduler/web/)
+    ask this one question the same way.
+
+    Raises:
+        Refused: the token is unknown, revoked or expired (the reason named).
+    """
+    record = store.read_token(_token_sha256(token))
+    if record is None:
+        raise Refused(401, ErrorCode.READ_TOKEN_INVALID, "no such read token")
+    if record.revoked is not None:
+        raise Refused(401, ErrorCode.READ_TOKEN_REVOKED, "the read token was revoked")
+    if now >= record.expires:
+        raise Refused(401, ErrorCode.READ_TOKEN_EXPIRED, "the read token has expired")
+    return record.job
+
+
+def check_read_token(store: Store, token: str, job_id: str, now: float) -> None:
+    """Whether ``token`` lets its bearer read job ``job_id`` at ``now``.
+
+    Raises:
+        Refused: the token is not live (:func:`read_token_job`) or is for another job.
+    """
+    if read_token_job(store, token, now) != job_id:
+        raise Refused(403, ErrorCode.READ_TOKEN_WRONG_JOB, "the read token is for another job")
+
+
+def market(jobs: list[JobRecord]) -> list[JobRecord]:
+    """The jobs anyone may see a summary of (:func:`_market_json`): the active public ones."""
+    return [j for j in jobs if j.state == "active" and not j.group]
+
+
 def _token_sha256(token: str) -> str:
     # Tokens are 256 random bits: a fast hash is enough to keep the database from holding them.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -326,7 +351,7 @@ def _token_ttl(body: bytes) -> float:
     try:
         doc = nesting.loads(body)
     except ValueError:
-        raise _Refused(400, ErrorCode.INVALID_MESSAGE, "the body is not JSON") from None
+        raise Refused(400, ErrorCode.INVALID_MESSAGE, "the body is not JSON") from None
     ttl = doc.get("ttl", READ_TOKEN_TTL) if isinstance(doc, dict) else None
     if (
         not isinstance(doc, dict)
@@ -335,7 +360,7 @@ def _token_ttl(body: bytes) -> float:
         or not isinstance(ttl, (int, float))
         or not 1 <= ttl <= MAX_READ_TOKEN_TTL
     ):
-        raise _Refused(
+        raise Refused(
             400,
             ErrorCode.INVALID_MESSAGE,
             f'the body is {{"ttl": seconds}}, 1 to {MAX_READ_TOKEN_TTL:g}',

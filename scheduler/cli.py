@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +23,8 @@ from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
 from .store import StoreError, credits, to_micro
 from .store.sqlite import SQLiteStore
+from .terminal import detach_from_terminal, in_terminal_background, log_path
+from .web import load_operator_token, operator_token_path
 
 EXIT_OK = 0
 EXIT_STORE_ERROR = 2
@@ -235,7 +238,10 @@ def serve(
     max_result_bytes: int,
     max_frame_bytes: int,
 ) -> None:
-    """Serve workers and the compute API until SIGINT or SIGTERM."""
+    """Serve workers, the compute API and the web console until SIGINT or SIGTERM.
+
+    In the background of a terminal (``serve ... &``) its output goes to DB.log instead.
+    The console's operator token is kept in DB.console-token (0600)."""
     host, port = _parse_listen(listen)
     try:
         config = SchedulerConfig(
@@ -262,14 +268,26 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if in_terminal_background():
+        try:
+            detach_from_terminal(log_path(Path(db)))
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the log beside the database: {exc}") from None
     store = _open(db, db_busy_timeout)
+    token_path = operator_token_path(Path(db))
     try:
-        asyncio.run(_serve(Scheduler(store, config), host, port))
+        operator_token = load_operator_token(token_path)
+    except OSError as exc:
+        store.close()
+        raise click.ClickException(f"cannot keep the console's operator token: {exc}") from None
+    try:
+        scheduler = Scheduler(store, config, operator_token=operator_token)
+        asyncio.run(_serve(scheduler, host, port, token_path))
     finally:
         store.close()
 
 
-async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
+async def _serve(scheduler: Scheduler, host: str, port: int, token_path: Path) -> None:
     runner = web.AppRunner(
         scheduler.app(),
         handle_signals=False,
@@ -288,6 +306,8 @@ async def _serve(scheduler: Scheduler, host: str, port: int) -> None:
     click.echo(
         f"dcp-scheduler listening on {url} (workers: ws://{bound[0]}:{bound[1]}/worker)", nl=True
     )
+    # The path only: the token itself is never printed or logged.
+    click.echo(f"web console: {url}/console/ (operator token in {token_path})")
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
-"""The scheduler's network face: one listen address for the worker websocket (``/worker``)
-and the compute API (``/api/v1/...``, HTTP + JSON). See docs/protocol.md.
+"""The scheduler's network face: one listen address for the worker websocket (``/worker``),
+the compute API (``/api/v1/...``, HTTP + JSON; docs/protocol.md) and the web console
+(``/console/...``, scheduler/web/; docs/console.md).
 
 :class:`Scheduler` wires the rooms together over one store: worker sessions
 (scheduler/session.py) and result acceptance (scheduler/acceptance.py) decide every reply to a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -48,6 +50,8 @@ from .specs import JobSpecs
 from .store import Store, StoreError
 from .verifier import VERIFIER_LIMITS, VerifierPool
 from .wakeups import Wakeups
+from .web import Console
+from .web.access import OPERATOR_PREFIX
 
 __all__ = ["REFUSING_CODES", "TICKET", "Scheduler", "SchedulerConfig"]
 
@@ -93,9 +97,12 @@ class Scheduler:
         store: Store,
         config: SchedulerConfig | None = None,
         clock: Callable[[], float] = time.time,
+        operator_token: str | None = None,
     ) -> None:
         """``clock``: the compute API's clock (Unix seconds) for request freshness and read
-        token expiry; tests inject one."""
+        token expiry; tests inject one. ``operator_token``: what opens the web console's
+        operator pages (``serve`` keeps it beside the database); None makes one that nobody
+        is told (no operator pages)."""
         self.store = store
         self.config = config or SchedulerConfig()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -109,6 +116,14 @@ class Scheduler:
         acceptance = Acceptance(store, self.config, specs, self.verifiers, self.wakeups)
         self.dispatcher = Dispatcher(store, self.config, specs, acceptance, self.wakeups)
         self.api = ComputeApi(store, clock, self.wakeups)
+        #: Worker sessions open now (an address once authenticated).
+        self._live: dict[str, WorkerSession] = {}
+        self.console = Console(
+            store,
+            self.connected_workers,
+            operator_token or OPERATOR_PREFIX + secrets.token_urlsafe(32),
+            clock,
+        )
         self.sessions = 0
         #: Sessions waiting now because they spent their refusal budget.
         self.throttled = 0
@@ -133,6 +148,7 @@ class Scheduler:
         app.router.add_post(f"{API}/jobs/{{job}}/tokens", self.api.issue_token)
         app.router.add_delete(f"{API}/jobs/{{job}}/tokens/{{token}}", self.api.revoke_token)
         app.router.add_get(f"{API}/accounts/{{address}}", self.api.account)
+        self.console.add_routes(app)  # /console/... and / (scheduler/web/)
         app.cleanup_ctx.append(self._expiry_ctx)
         app.cleanup_ctx.append(self._auth_deadline_ctx)
         app.on_shutdown.append(self._close_sessions)
@@ -276,6 +292,7 @@ class Scheduler:
                 await ws.send_str(encode(message).decode())
 
         session = self.dispatcher.open()
+        self._live[session.id] = session
         self._sockets.add(ws)
         self.sessions += 1
         try:
@@ -309,6 +326,7 @@ class Scheduler:
                 for task in tasks:
                     task.cancel()
         finally:
+            self._live.pop(session.id, None)
             self._sockets.discard(ws)
             self.sessions -= 1
             log.info("session %s (%s) closed", session.id, session.address or "unauthenticated")
@@ -366,6 +384,10 @@ class Scheduler:
             # than letting them expire (which would cost them an attempt).
             n = self.dispatcher.return_unsent(session, work)
             log.info("session %s left during a long poll; returned %d slice(s)", session.id, n)
+
+    def connected_workers(self) -> set[str]:
+        """The addresses of the workers whose sessions are open and authenticated now."""
+        return {s.address for s in self._live.values() if s.address}
 
     # ------------------------------------------------------------------ compute API
 
