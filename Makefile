@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm bench soak deb systemd-check clean
+.PHONY: demo test lint wasm bench soak deb systemd-check screenshots clean
 
 $(STAMP): pyproject.toml
 	packaging/system-deps.sh
@@ -20,6 +20,10 @@ demo: $(STAMP)
 ## Install what the tests need and run them.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## The web consoles' screenshots in docs/img/, taken by their browser tests.
+screenshots: $(STAMP)
+	DCP_SCREENSHOTS=1 $(PY) -m pytest -q tests/web
 
 SOURCES := dcp_protocol dcp_keys dcp_worker evaluator scheduler tests examples benchmarks
 
