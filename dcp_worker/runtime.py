@@ -74,10 +74,12 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
         {
             "pause": supervisor.pause,
             "resume": supervisor.resume,
+            "finish": supervisor.finish,
             "stop": supervisor.stop,
             "stop_now": supervisor.stop_now,
         },
         logsetup.recent,
+        supervisor.commands(),
     )
     metrics = None
     if supervisor.config.metrics:
