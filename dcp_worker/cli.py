@@ -151,6 +151,11 @@ _OPTION_NAMES = {
     help="Serve Prometheus metrics (loopback only); an address in use is an error (exit 2).",
 )
 @click.option(
+    "--console-port",
+    type=click.IntRange(min=-1, max=65535),
+    help="Serve the local web page on this port (0: any free one; -1: off, the default).",
+)
+@click.option(
     "-v",
     "--verbose",
     count=True,
@@ -413,6 +418,28 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
     return total
+
+
+@main.command(name="console-url")
+@_socket_option
+@click.pass_context
+def console_url(ctx: click.Context, socket_path: str | None) -> None:
+    """Print the address of the worker's web page, with its token (open it in a browser on
+    this machine; the token then moves into a cookie)."""
+    from .web import read_token
+
+    path = _socket_path(ctx, socket_path)
+    url = _call(path, "status")["status"].get("console", "")
+    if not url:
+        click.echo("dcp-worker: the worker serves no page (set console_port)", err=True)
+        sys.exit(EXIT_CONFIG)
+    token_path = path.with_name("console.token")
+    try:
+        token = read_token(token_path)
+    except OSError as exc:
+        click.echo(f"dcp-worker: cannot read {token_path}: {exc.strerror}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"{url}?token={token}")
 
 
 @main.command()

@@ -41,7 +41,7 @@ class Balance:
 class BalanceReader:
     """Keeps :attr:`balance` fresh; :meth:`want` asks for a reading (rate-limited)."""
 
-    def __init__(self, scheduler: str, address: str, interval: float = 30.0) -> None:
+    def __init__(self, scheduler: str, address: str, interval: float = 5.0) -> None:
         self.url = account_url(scheduler, address)
         self.interval = interval
         self.balance = Balance()

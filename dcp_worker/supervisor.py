@@ -210,6 +210,8 @@ class Supervisor:
         self._to_return: list[HeldLease] = []
         #: Lifetime earnings, from the scheduler's ledger (``run`` keeps it fresh).
         self.balance_reader = BalanceReader(config.scheduler, self.payment_address)
+        #: The local web page's address (no token), once it listens; "" when off.
+        self.console_url = ""
         # A GPU (or the OpenCL device) is lent to this many slices at once.
         self._opencl_slots = asyncio.Semaphore(max(1, config.opencl_slots))
         self._started = time.time()
@@ -286,6 +288,7 @@ class Supervisor:
             "slices_per_minute": self.state.slices_per_minute(now),
             "statistics": dataclasses.asdict(stats),
             "sandboxes": sandboxes,
+            "console": self.console_url,
             "finishing": state.finishing,
             "snooze_left": None if snooze is None else round(snooze, 1),
             "paused_jobs": sorted(state.paused_jobs),
