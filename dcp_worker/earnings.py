@@ -19,6 +19,8 @@ import httpx
 __all__ = ["Balance", "BalanceReader", "account_url"]
 
 log = logging.getLogger("dcp.worker.earnings")
+# httpx logs each request at info: a reading every few seconds would fill the -v log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def account_url(scheduler: str, address: str) -> str:
