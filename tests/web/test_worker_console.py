@@ -4,18 +4,24 @@ request without the token is refused with its reason."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import stat
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from playwright.sync_api import Page, expect
 
+from dcp_worker.config import ConfigError, WorkerConfig
+from dcp_worker.earnings import BalanceReader
+from dcp_worker.web import read_token, write_token
 from scheduler.client import ComputeClient
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
@@ -149,6 +155,12 @@ def test_the_worker_page_shows_the_workers_numbers_and_its_buttons_act(
         )
         assert bad.status == 400 and '"seconds": a number' in bad.json()["error"]
     assert _status(sock)["finishing"]  # nothing refused acted
+
+    # A snooze ends by itself at its deadline.
+    origin = {"Origin": base.rstrip("/")}
+    assert page.request.post(f"{base}api/snooze", data='{"seconds": 0.5}', headers=origin).ok
+    assert _status(sock)["state"] == "snoozed"
+    wait_for(lambda: _status(sock)["state"] not in ("snoozed", "paused"))
     assert worker.stop() == 0
 
 
@@ -157,3 +169,39 @@ def scheduler_balance(url: str, address: str) -> float:
         reply = client.get(f"{url}/api/v1/accounts/{address}")
         reply.raise_for_status()
         return float(reply.json()["balance"])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "example.org"])
+def test_a_console_off_loopback_is_refused_unless_allowed(host: str) -> None:
+    with pytest.raises(ConfigError, match="console_host must be a loopback address"):
+        WorkerConfig(console_port=0, console_host=host).validate()
+    WorkerConfig(console_port=0, console_host=host, console_allow_remote=True).validate()
+
+
+def test_lifetime_earnings_of_an_unreachable_scheduler_are_unknown() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    reader = BalanceReader(f"ws://127.0.0.1:{port}", "0x" + "11" * 20)
+    assert reader.url == f"http://127.0.0.1:{port}/api/v1/accounts/0x" + "11" * 20
+
+    async def read() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await reader.read_once(client)
+
+    # In a thread of its own: the browser's (Playwright's) event loop holds this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, read()).result(timeout=30)
+    assert reader.balance.value is None and "ConnectError" in reader.balance.error
+
+
+def test_the_token_file_is_for_the_workers_user_and_group(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        first = write_token(tmp_path / "console.token")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "console.token").st_mode) == 0o640
+    second = write_token(tmp_path / "console.token")
+    assert first != second and read_token(tmp_path / "console.token") == second
+    assert len(second) >= 43  # 256 bits
