@@ -19,8 +19,10 @@ import httpx
 __all__ = ["Balance", "BalanceReader", "account_url"]
 
 log = logging.getLogger("dcp.worker.earnings")
-# httpx logs each request at info: a reading every few seconds would fill the -v log.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+# httpx logs each request at info (httpcore each step at debug): a reading every few seconds
+# would fill the -v and -vv logs.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def account_url(scheduler: str, address: str) -> str:

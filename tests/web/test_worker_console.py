@@ -25,7 +25,7 @@ from dcp_worker.web import read_token, write_token
 from scheduler.client import ComputeClient
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
-from ..test_pipeline import ECHO, job_file
+from ..test_pipeline import ECHO, PUZZLE, counts, job_file
 from ..test_policy import admin
 from .conftest import SHOTS
 
@@ -205,3 +205,62 @@ def test_the_token_file_is_for_the_workers_user_and_group(tmp_path: Path) -> Non
     second = write_token(tmp_path / "console.token")
     assert first != second and read_token(tmp_path / "console.token") == second
     assert len(second) >= 43  # 256 bits
+
+
+def test_pause_job_on_the_page_gives_its_queued_slices_back_and_takes_no_more(
+    tmp_path: Path,
+    page: Page,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    owner = make_keystore("owner")
+    state = tmp_path / "worker-state"
+    sock = state / "control.sock"
+    workers(
+        scheduler.url,
+        make_keystore("worker"),
+        1,
+        "--console-port",
+        "0",
+        "--prefetch",
+        "3",
+        state_dir=state,
+    )
+    wait_for(lambda: sock.exists() and _status(sock)["statistics"]["connected"], timeout=60)
+    prefixes = [f"p{i}" for i in range(4)]
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, prefixes, ["22"], attempts=1))
+
+        def working() -> bool:
+            snap = _status(sock)
+            box = snap["sandboxes"][0]
+            progress = box["state"] == "working" and box["progress"]
+            return bool(progress and progress > 0.2 and snap["statistics"]["queued"])
+
+        wait_for(working, timeout=60)
+        base = _status(sock)["console"]
+        page.goto(f"{base}?token={(state / 'console.token').read_text().strip()}")
+        expect(page.locator("#sandbox-0 progress")).to_have_attribute("max", "100")
+        page.screenshot(path=str(SHOTS / "worker-console-working.png"), full_page=True)
+        page.locator(f"#job-{job} button").click()
+        wait_for(lambda: _status(sock)["paused_jobs"] == [job])
+
+        def given_back() -> bool:
+            snap = _status(sock)
+            leased = counts(scheduler.db, job).get("leased", 0)
+            return (
+                snap["statistics"]["queued"] == 0
+                and snap["statistics"]["running"] == 0
+                and (leased == 0)
+            )
+
+        wait_for(given_back, timeout=60)
+        ran = _status(sock)["statistics"]["slices_done"]
+        assert ran < len(prefixes)  # the rest waits at the scheduler, not taken
+        assert counts(scheduler.db, job)["queued"] == len(prefixes) - ran
+        expect(page.locator(f"#job-{job} button")).to_have_text("Resume job")
+        page.locator(f"#job-{job} button").click()
+        results = list(client.results(job, wait=True, timeout=120))
+    assert [r.state for r in results] == ["done"] * len(prefixes)
+    assert _status(sock)["statistics"]["slices_done"] == len(prefixes)
