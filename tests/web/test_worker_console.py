@@ -161,6 +161,26 @@ def test_the_worker_page_shows_the_workers_numbers_and_its_buttons_act(
     assert page.request.post(f"{base}api/snooze", data='{"seconds": 0.5}', headers=origin).ok
     assert _status(sock)["state"] == "snoozed"
     wait_for(lambda: _status(sock)["state"] not in ("snoozed", "paused"))
+
+    # The same keys from the command line.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command("dcp-worker"), "--state-dir", str(state), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert cli("snooze", "1h30m").returncode == 0
+    assert _status(sock)["state"] == "snoozed" and _status(sock)["snooze_left"] > 5000
+    text = cli("status").stdout
+    assert "snoozed" in text and f"lifetime {lifetime:.6f}" in text
+    assert cli("resume-job", job).returncode == 0 and _status(sock)["paused_jobs"] == []
+    assert cli("pause-job", job).returncode == 0 and _status(sock)["paused_jobs"] == [job]
+    assert cli("resume").returncode == 0 and _status(sock)["state"] != "snoozed"
+    assert cli("finish").returncode == 0 and _status(sock)["finishing"]
+    bad = cli("snooze", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
     assert worker.stop() == 0
 
 
