@@ -137,6 +137,7 @@ HISTORY = 200
 #: The offer at which a paused job is "declined" in a fetch: the scheduler offers none of its
 #: slices (the protocol has no other way to say "not this job" beside the allow-lists).
 _PAUSED_OFFER = 1.7976931348623157e308
+_TALLIES = 256  # jobs whose counts are kept
 
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -821,10 +822,11 @@ class WorkerState:
         return None if self.snooze_until is None else max(0.0, self.snooze_until - now)
 
     def tally(self, job_id: str) -> JobTally:
+        # In the order first seen (the oldest go first): the views list jobs in a stable order.
         tally = self.tallies.get(job_id)
         if tally is None:
             tally = self.tallies[job_id] = JobTally(job_id)
-            while len(self.tallies) > _SPEC_PRINTS:
+            while len(self.tallies) > _TALLIES:
                 self.tallies.popitem(last=False)
         job = self.jobs.get(job_id)
         if job is not None and job.name:

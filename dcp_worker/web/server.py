@@ -115,9 +115,7 @@ class ConsoleServer:
             await self._runner.cleanup()
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigError(f"console {self.host}:{self.port}: cannot listen: {why}") from None
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        port = int(self._runner.addresses[0][1])  # the one taken, when 0 asked for any
         name = f"[{self.host}]" if ":" in self.host else self.host
         hosts = {f"{name}:{port}"}
         if self.host in ("127.0.0.1", "::1", "localhost"):
