@@ -114,7 +114,7 @@ def test_the_worker_page_shows_the_workers_numbers_and_its_buttons_act(
     api = page.request.get(f"{base}api/status").json()
     assert api["statistics"]["slices_done"] == s["slices_done"]
     assert api["earnings"]["lifetime"] == lifetime
-    page.screenshot(path=str(SHOTS / "worker-console.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / "worker-console-finished.png"), full_page=True)
 
     # The buttons act: the control socket sees it.
     page.locator("#btn-pause").click()
