@@ -23,7 +23,7 @@ test: $(STAMP)
 
 ## The web consoles' screenshots in docs/img/, taken by their browser tests.
 screenshots: $(STAMP)
-	DCP_SCREENSHOTS=1 $(PY) -m pytest -q tests/web
+	DCP_SCREENSHOTS=1 $(PY) -m pytest -q tests/web tests/test_dashboard.py
 
 SOURCES := dcp_protocol dcp_keys dcp_worker evaluator scheduler tests examples benchmarks
 

@@ -151,6 +151,11 @@ _OPTION_NAMES = {
     help="Serve Prometheus metrics (loopback only); an address in use is an error (exit 2).",
 )
 @click.option(
+    "--console-port",
+    type=click.IntRange(min=-1, max=65535),
+    help="Serve the local web page on this port (0: any free one; -1: off, the default).",
+)
+@click.option(
     "-v",
     "--verbose",
     count=True,
@@ -315,10 +320,10 @@ _socket_option = click.option(
 )
 
 
-def _call(path: Path, cmd: str) -> dict[str, Any]:
+def _call(path: Path, cmd: str, **args: Any) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
         async with ControlClient(path) as client:
-            return await client.call(cmd)
+            return await client.call(cmd, **args)
 
     try:
         return asyncio.run(go())
@@ -352,6 +357,16 @@ def status(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
     )
     if s["held_reason"]:
         click.echo(f"held          {s['held_reason']}")
+    earned = snap.get("earnings", {})
+    lifetime = earned.get("lifetime")
+    click.echo(
+        f"earnings      {s['credits_earned']:.6f} this run; lifetime "
+        + ("unknown" if lifetime is None else f"{lifetime:.6f}")
+    )
+    if snap.get("snooze_left") is not None:
+        click.echo(f"snoozed       {snap['snooze_left']:.0f} s left")
+    if snap.get("paused_jobs"):
+        click.echo(f"paused jobs   {', '.join(snap['paused_jobs'])}")
     for box in snap["sandboxes"]:
         if box["state"] == "idle":
             click.echo(f"sandbox {box['index']:>3}   idle")
@@ -375,8 +390,84 @@ def _action(name: str, cmd: str, doc: str) -> None:
 
 _action("pause", "pause", "Stop fetching new slices (running ones go on).")
 _action("resume", "resume", "Fetch slices again after a pause.")
+_action("finish", "finish", "Let the slices held end, then pause (fahctl's finish).")
 _action("stop", "stop", "Graceful stop, as a first SIGINT.")
 _action("stop-now", "stop_now", "Immediate stop, as a second SIGINT: leases are returned.")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d`` or ``1h30m`` in seconds.
+
+    Raises:
+        ValueError: not such a duration, or not positive.
+    """
+    total, number = 0.0, ""
+    for ch in text.strip().lower():
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in _UNITS and number:
+            total += float(number) * _UNITS[ch]
+            number = ""
+        else:
+            raise ValueError(f"{text!r} is not a duration (like 90s, 30m, 2h, 1h30m)")
+    if number:
+        total += float(number)
+    if total <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return total
+
+
+@main.command(name="console-url")
+@_socket_option
+@click.pass_context
+def console_url(ctx: click.Context, socket_path: str | None) -> None:
+    """Print the address of the worker's web page, with its token (open it in a browser on
+    this machine; the token then moves into a cookie)."""
+    from .web import read_token
+
+    path = _socket_path(ctx, socket_path)
+    url = _call(path, "status")["status"].get("console", "")
+    if not url:
+        click.echo("dcp-worker: the worker serves no page (set console_port)", err=True)
+        sys.exit(EXIT_CONFIG)
+    token_path = path.with_name("console.token")
+    try:
+        token = read_token(token_path)
+    except OSError as exc:
+        click.echo(f"dcp-worker: cannot read {token_path}: {exc.strerror}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"{url}?token={token}")
+
+
+@main.command()
+@click.argument("duration")
+@_socket_option
+@click.pass_context
+def snooze(ctx: click.Context, duration: str, socket_path: str | None) -> None:
+    """Pause for DURATION (90s, 30m, 2h, 1h30m), then resume by itself."""
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DURATION") from None
+    _call(_socket_path(ctx, socket_path), "snooze", seconds=seconds)
+    click.echo(f"dcp-worker: snooze: paused for {seconds:g} s")
+
+
+def _job_action(name: str, cmd: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("job")
+    @_socket_option
+    @click.pass_context
+    def command(ctx: click.Context, job: str, socket_path: str | None) -> None:
+        _call(_socket_path(ctx, socket_path), cmd, job=job)
+        click.echo(f"dcp-worker: {name} {job}: done")
+
+
+_job_action("pause-job", "pause_job", "No new work from JOB (its queued slices go back).")
+_job_action("resume-job", "resume_job", "Take work from JOB again after pause-job.")
 
 
 @main.command()

@@ -126,6 +126,11 @@ class WorkerConfig:
     control_socket: str = ""
     # Prometheus metrics on HOST:PORT (loopback only); "": off.
     metrics: str = ""
+    # The local web page (docs/console.md): -1 off, 0 any free port, else that port.
+    console_port: int = -1
+    console_host: str = "127.0.0.1"
+    # Listen on a non-loopback console_host (the token still guards every request).
+    console_allow_remote: bool = False
 
     def runtime_options(self) -> dict[str, dict[str, Any]]:
         """What each runtime of the evaluator needs to know of this worker's settings."""
@@ -151,6 +156,11 @@ class WorkerConfig:
         if self.control_socket:
             return Path(os.path.expanduser(self.control_socket))
         return Path(os.path.expanduser(self.state_dir)) / "control.sock"
+
+    @property
+    def console_token_path(self) -> Path:
+        """The web page's token: beside the control socket, with the same readers."""
+        return self.control_path.with_name("console.token")
 
     @property
     def logfile_path(self) -> Path:
@@ -207,6 +217,13 @@ class WorkerConfig:
                 f"must be one of {', '.join(_FACILITIES)}",
             ),
             ("metrics", not self.metrics or _loopback(self.metrics), _METRICS_RULE),
+            ("console_port", -1 <= self.console_port <= 65535, "must be -1 (off) to 65535"),
+            (
+                "console_host",
+                self.console_allow_remote or _loopback(f"{self.console_host}:1"),
+                "must be a loopback address (127.0.0.1, ::1 or localhost) unless "
+                f"console_allow_remote is true, not {self.console_host!r}",
+            ),
         ]
         for key, ok, message in checks:
             if not ok:

@@ -6,7 +6,9 @@ One JSON object per line each way::
 
     -> {"cmd": "status"}                 <- {"ok": true, "status": {...}}
     -> {"cmd": "logs", "after": 17}      <- {"ok": true, "logs": [[18, "WARNING", "..."], ...]}
-    -> {"cmd": "pause"} / "resume" / "stop" / "stop_now"   <- {"ok": true}
+    -> {"cmd": "pause"} / "resume" / "finish" / "stop" / "stop_now"   <- {"ok": true}
+    -> {"cmd": "pause_job", "job": "0a1b..."} / "resume_job"           <- {"ok": true}
+    -> {"cmd": "snooze", "seconds": 1800}                              <- {"ok": true}
     -> anything else                     <- {"ok": false, "error": "why"}
 
 ``dcp-worker status`` and ``dcp-worker dashboard --attach`` are its clients.
@@ -48,10 +50,13 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         actions: dict[str, Callable[[], None]],
         recent: RecentLogs,
+        commands: dict[str, Callable[[dict[str, Any]], None]] | None = None,
     ) -> None:
         self.path = path
         self._status = status
         self._actions = actions
+        #: Commands that take arguments (the request object); a ValueError is the refusal.
+        self._commands = commands or {}
         self._recent = recent
         self._server: asyncio.AbstractServer | None = None
 
@@ -114,9 +119,17 @@ class ControlServer:
             if not isinstance(after, int):
                 return {"ok": False, "error": "after: an integer"}
             return {"ok": True, "logs": self._recent.after(after)}
+        command = self._commands.get(cmd) if isinstance(cmd, str) else None
+        if command is not None:
+            try:
+                command(request)
+            except ValueError as exc:
+                return {"ok": False, "error": f"{cmd}: {exc}"}
+            log.warning("control socket: %s", cmd)
+            return {"ok": True}
         action = self._actions.get(cmd) if isinstance(cmd, str) else None
         if action is None:
-            known = ", ".join(sorted(["status", "logs", *self._actions]))
+            known = ", ".join(sorted(["status", "logs", *self._actions, *self._commands]))
             return {"ok": False, "error": f"unknown command {cmd!r} (known: {known})"}
         log.warning("control socket: %s", cmd)
         action()

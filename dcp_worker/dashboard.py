@@ -8,17 +8,19 @@ Two ways in, one UI:
 * ``dcp-worker dashboard --attach`` shows a running worker (a service, say) through its control
   socket; ``q`` detaches and leaves it running.
 
-Keys: ``p`` pause fetching, ``r`` resume, ``s`` graceful stop (also Ctrl+C), ``x`` immediate
-stop, ``q`` leave (attached: detach; otherwise a graceful stop).
+Keys: ``p`` pause fetching, ``r`` resume, ``f`` finish (let held slices end, then pause),
+``z`` snooze 30 minutes, ``j`` pause or resume the job highlighted in the Jobs tab, ``s``
+graceful stop (also Ctrl+C), ``x`` immediate stop, ``q`` leave (attached: detach; otherwise a
+graceful stop). Tabs: the log, the history of finished and failed slices, the jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +28,18 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Header, Input, Label, ProgressBar, RichLog, Static
+from textual.widgets import (
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    RichLog,
+    Static,
+    TabbedContent,
+    TabPane,
+)
 
 from dcp_keys import identity as idmod
 
@@ -38,6 +51,39 @@ __all__ = ["WorkerDashboard", "attach_dashboard", "run_dashboard"]
 
 log = logging.getLogger("dcp.worker.dashboard")
 REFRESH = 0.25
+#: A slice whose progress has not moved for this long is shown as stalled, not as slow.
+STALL_SECONDS = 30.0
+SNOOZE_SECONDS = 30 * 60.0
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``2h10m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_text(box: dict[str, Any], stall: float = STALL_SECONDS) -> str:
+    """What a sandbox's bar says beside it: percentage, elapsed time and ETA; a slice whose
+    progress stopped moving says for how long (a stuck slice is told from a slow one)."""
+    if box["state"] != "working":
+        return "idle"
+    progress = box.get("progress")
+    pct = "  ?%" if progress is None else f"{100 * progress:3.0f}%"
+    parts = [pct, duration(box["elapsed"])]
+    since = box.get("since_progress")
+    if since is not None and since >= stall:
+        parts.append(f"no progress for {duration(since)}")
+    elif box.get("eta") is not None:
+        parts.append(f"ETA {duration(box['eta'])}")
+    return "  ".join(parts)
+
+
+def credits(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.6f}"
 
 
 class Source(Protocol):
@@ -45,7 +91,7 @@ class Source(Protocol):
 
     async def status(self) -> dict[str, Any]: ...
     async def logs(self, after: int) -> list[tuple[int, str, str]]: ...
-    async def command(self, cmd: str) -> None: ...
+    async def command(self, cmd: str, **args: Any) -> None: ...
 
 
 class LocalSource:
@@ -60,8 +106,8 @@ class LocalSource:
     async def logs(self, after: int) -> list[tuple[int, str, str]]:
         return self.recent.after(after)
 
-    async def command(self, cmd: str) -> None:
-        getattr(self.supervisor, cmd)()
+    async def command(self, cmd: str, **args: Any) -> None:
+        getattr(self.supervisor, cmd)(*args.values())
 
 
 class RemoteSource:
@@ -76,8 +122,8 @@ class RemoteSource:
         rows = (await self.client.call("logs", after=after))["logs"]
         return [(int(seq), str(level), str(line)) for seq, level, line in rows]
 
-    async def command(self, cmd: str) -> None:
-        await self.client.call(cmd)
+    async def command(self, cmd: str, **args: Any) -> None:
+        await self.client.call(cmd, **args)
 
 
 class PassphraseScreen(ModalScreen[bytes]):
@@ -120,26 +166,39 @@ def log_pane() -> RichLog:
 
 
 class SandboxRow(Horizontal):
+    # The bar's empty part is drawn in a grey that shows on the panel (Textual's default,
+    # $surface on the panel's background, was colour 234 on 233: an idle bar was invisible).
     DEFAULT_CSS = """
     SandboxRow { height: 1; }
-    SandboxRow Label { width: 34; }
+    SandboxRow .name { width: 22; }
+    SandboxRow .detail { width: 1fr; padding-left: 1; }
+    SandboxRow .stalled { color: $warning; text-style: bold; }
+    SandboxRow Bar { width: 20; }
+    SandboxRow Bar > .bar--bar { background: $foreground 25%; }
+    SandboxRow Bar > .bar--indeterminate { color: $secondary; background: $foreground 25%; }
+    SandboxRow Bar > .bar--complete { background: $foreground 25%; }
     """
 
     def __init__(self, index: int) -> None:
         super().__init__(id=f"sandbox-{index}")
-        self.label = Label(f"{index:>2} idle")
-        self.bar = ProgressBar(total=100, show_eta=False)
+        self.label = Label(f"{index:>2} idle", classes="name")
+        self.bar = ProgressBar(total=100, show_eta=False, show_percentage=False)
+        self.detail = Label("idle", classes="detail")
 
     def compose(self) -> ComposeResult:
         yield self.label
         yield self.bar
+        yield self.detail
 
     def show(self, box: dict[str, Any]) -> None:
+        text = progress_text(box)
+        self.detail.update(text)
+        self.detail.set_class("no progress" in text, "stalled")
         if box["state"] != "working":
             self.label.update(f"{box['index']:>2} idle")
             self.bar.update(total=100, progress=0)
             return
-        name = (box.get("job_name") or box["job"])[:18]
+        name = (box.get("job_name") or box["job"])[:16]
         self.label.update(f"{box['index']:>2} {name} #{box['slice']}")
         if box.get("progress") is None:
             self.bar.update(total=None)  # indeterminate until the work reports progress
@@ -154,13 +213,17 @@ class WorkerDashboard(App[int]):
     ENABLE_COMMAND_PALETTE = False
     CSS = """
     #top { height: 1fr; }
-    #sandboxes { width: 1fr; border: round $primary; }
-    #log { width: 1fr; border: round $primary; }
+    #sandboxes { width: 3fr; border: round $primary; }
+    #panes { width: 2fr; }
+    #log { border: round $primary; }
     #status { height: auto; border: round $primary; padding: 0 1; }
     """
     BINDINGS = [
         Binding("p", "pause", "Pause fetching"),
         Binding("r", "resume", "Resume"),
+        Binding("f", "finish", "Finish, then pause"),
+        Binding("z", "snooze", "Snooze 30 min"),
+        Binding("j", "toggle_job", "Pause/resume job"),
         Binding("s", "stop", "Graceful stop"),
         Binding("ctrl+c", "stop", "Graceful stop", show=False, priority=True),
         Binding("x", "stop_now", "Stop now"),
@@ -173,8 +236,11 @@ class WorkerDashboard(App[int]):
         logsetup: LogSetup | None = None,
         attach: Path | None = None,
         identity: idmod.Identity | None = None,
+        source: Source | None = None,
     ) -> None:
         super().__init__()
+        #: A source given here is shown as it is (no worker is started or attached).
+        self._given = source
         self.config = config
         self.logsetup = logsetup
         self.attach = attach
@@ -186,12 +252,20 @@ class WorkerDashboard(App[int]):
         self._rows: list[SandboxRow] = []
         self.status_text = ""
         self.exit_message = ""
+        self._jobs: list[dict[str, Any]] = []
+        self._history_top: tuple[Any, ...] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="top"):
             yield VerticalScroll(id="sandboxes")
-            yield log_pane()
+            with TabbedContent(id="panes"):
+                with TabPane("Log", id="tab-log"):
+                    yield log_pane()
+                with TabPane("History", id="tab-history"):
+                    yield DataTable(id="history", cursor_type="row", zebra_stripes=True)
+                with TabPane("Jobs", id="tab-jobs"):
+                    yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
         yield Static("starting...", id="status")
         yield Footer()
 
@@ -199,6 +273,17 @@ class WorkerDashboard(App[int]):
         self.query_one("#sandboxes").border_title = "Sandboxes"
         self.query_one("#log").border_title = "Log"
         self.query_one("#status").border_title = "Worker status"
+        self.query_one("#history", DataTable).add_columns(
+            "ended", "job", "slice", "took", "outcome", "credit"
+        )
+        self.query_one("#jobs", DataTable).add_columns(
+            "job", "id", "done", "failed", "ok", "refused", "credits", "new work"
+        )
+        if self._given is not None:
+            self.source = self._given
+            await self._refresh()
+            self.set_interval(REFRESH, self._refresh)
+            return
         if self.attach is not None:
             self.sub_title = f"attached to {self.attach}"
             self.run_worker(self._attached(self.attach), exclusive=True)
@@ -263,6 +348,8 @@ class WorkerDashboard(App[int]):
         snap = await self.source.status()
         self._show_sandboxes(snap["sandboxes"])
         self._show_status(snap)
+        self._show_history(snap.get("history", []))
+        self._show_jobs(snap.get("jobs", []))
         logview = self.query_one("#log", RichLog)
         for seq, level, line in await self.source.logs(self._log_seq):
             self._log_seq = seq
@@ -291,19 +378,95 @@ class WorkerDashboard(App[int]):
             f"slices done {s['slices_done']}, failed {s['slices_failed']}, declined "
             f"{s['slices_declined']}; running {s['running']}, queued {s['queued']}; "
             f"to deliver {s['outbox']}\n"
-            f"credits earned {s['credits_earned']:.6f}    rate "
+            f"credits this run {s['credits_earned']:.6f}    lifetime "
+            f"{credits(snap.get('earnings', {}).get('lifetime'))}    rate "
             f"{snap['slices_per_minute']} slices/min"
             + (f"\nheld: {s['held_reason']}" if s["held_reason"] else "")
+            + (
+                f"\nsnoozed: {duration(snap['snooze_left'])} left"
+                if snap.get("snooze_left") is not None
+                else ""
+            )
+            + (
+                f"\nno new work from: {', '.join(snap['paused_jobs'])}"
+                if snap.get("paused_jobs")
+                else ""
+            )
         )
         self.status_text = text
         self.query_one("#status", Static).update(text)
 
-    async def _command(self, cmd: str) -> None:
+    def _show_history(self, history: list[dict[str, Any]]) -> None:
+        table = self.query_one("#history", DataTable)
+        top = tuple(history[0].values()) if history else None
+        if top == self._history_top and table.row_count == len(history):
+            return  # unchanged: keep the cursor where the reader left it
+        self._history_top = top
+        table.clear()
+        for r in history:
+            ended = time.strftime("%H:%M:%S", time.localtime(r["ended"]))
+            outcome = r["outcome"] + (f" ({r['code']})" if r["code"] else "")
+            table.add_row(
+                ended,
+                r["job_name"] or r["job"][:12],
+                str(r["slice"]),
+                duration(r["ended"] - r["started"]),
+                outcome,
+                f"{r['credit']:.6f}" if r["outcome"] == "accepted" else "",
+            )
+
+    def _show_jobs(self, jobs: list[dict[str, Any]]) -> None:
+        table = self.query_one("#jobs", DataTable)
+        rows = [
+            (
+                j["name"] or "-",
+                j["job"][:8],
+                str(j["done"]),
+                str(j["failed"]),
+                str(j["accepted"]),
+                str(j["refused"]),
+                f"{j['credits']:.6f}",
+                "paused" if j["paused"] else "yes",
+            )
+            for j in jobs
+        ]
+        if [tuple(r) for r in self._jobs_rows()] == rows:
+            return
+        self._jobs = jobs
+        cursor = table.cursor_row
+        table.clear()
+        for row in rows:
+            table.add_row(*row)
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
+
+    def _jobs_rows(self) -> list[tuple[str, ...]]:
+        table = self.query_one("#jobs", DataTable)
+        return [tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+
+    async def _command(self, cmd: str, **args: Any) -> None:
         if self.source is None:
             return
-        with contextlib.suppress(ControlError):
-            await self.source.command(cmd)
+        try:
+            await self.source.command(cmd, **args)
+        except (ControlError, ValueError) as exc:
+            self.notify(str(exc), title=cmd, severity="error")
         await self._refresh()
+
+    async def action_finish(self) -> None:
+        await self._command("finish")
+
+    async def action_snooze(self) -> None:
+        await self._command("snooze", seconds=SNOOZE_SECONDS)
+
+    async def action_toggle_job(self) -> None:
+        """Pause (or resume) the job highlighted in the Jobs tab."""
+        table = self.query_one("#jobs", DataTable)
+        if not self._jobs or table.cursor_row >= len(self._jobs):
+            self.notify("no job to pause yet (see the Jobs tab)", severity="warning")
+            return
+        job = self._jobs[table.cursor_row]
+        await self._command("resume_job" if job["paused"] else "pause_job", job=job["job"])
 
     async def action_pause(self) -> None:
         await self._command("pause")

@@ -74,26 +74,44 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
         {
             "pause": supervisor.pause,
             "resume": supervisor.resume,
+            "finish": supervisor.finish,
             "stop": supervisor.stop,
             "stop_now": supervisor.stop_now,
         },
         logsetup.recent,
+        supervisor.commands(),
     )
     metrics = None
     if supervisor.config.metrics:
         from .metrics import MetricsServer
 
         metrics = MetricsServer(supervisor, supervisor.config.metrics)
+    console = None
+    if supervisor.config.console_port >= 0:
+        from .web import ConsoleServer
+
+        console = ConsoleServer(
+            supervisor,
+            logsetup.recent,
+            supervisor.config.console_host,
+            supervisor.config.console_port,
+            supervisor.config.console_token_path,
+        )
     # Every listener the configuration asks for opens before any work starts; one that
     # cannot is a configuration error, and the ones already open close again.
     try:
         await control.start()
         if metrics is not None:
             await metrics.start()
+        if console is not None:
+            await console.start()
+            supervisor.console_url = console.url
     except (ControlError, ConfigError) as exc:
         log.error("%s", exc)
         click.echo(f"dcp-worker: {exc}", err=True)
         await control.close()
+        if metrics is not None:
+            await metrics.close()
         supervisor.outbox.close()
         return EXIT_CONFIG
     notifier = Notifier()
@@ -107,6 +125,8 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
         await asyncio.gather(*helpers, return_exceptions=True)
         if metrics is not None:
             await metrics.close()
+        if console is not None:
+            await console.close()
         await control.close()
     stats = supervisor.statistics()
     log.warning(

@@ -58,6 +58,9 @@ __all__ = [
     "BUSY_CODES",
     "FETCH_BUCKETS",
     "Counters",
+    "HISTORY",
+    "JobTally",
+    "SliceRecord",
     "WorkerState",
     "HeldLease",
     "LeaseStage",
@@ -75,6 +78,11 @@ __all__ = [
     "GraceStarted",
     "Paused",
     "Resumed",
+    "FinishRequested",
+    "Snoozed",
+    "TimePassed",
+    "JobPaused",
+    "JobResumed",
     "OutboxFailed",
     "OutboxWritten",
     "FetchAnswered",
@@ -123,6 +131,13 @@ _FINAL_REFUSALS = {
     ErrorCode.RESULT_TOO_LARGE.value,
     ErrorCode.METRICS_IMPLAUSIBLE.value,
 }
+
+#: Finished and failed slices kept for the dashboard's and the page's history.
+HISTORY = 200
+#: The offer at which a paused job is "declined" in a fetch: the scheduler offers none of its
+#: slices (the protocol has no other way to say "not this job" beside the allow-lists).
+_PAUSED_OFFER = 1.7976931348623157e308
+_TALLIES = 256  # jobs whose counts are kept
 
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -179,6 +194,8 @@ class HeldLease:
     #: The scheduler said another holds it now (a heartbeat's ``lost``).
     lost: bool = False
     progress: float | None = None
+    #: When progress last moved (the events' clock), or None before any.
+    progressed: float | None = None
 
     @property
     def key(self) -> LeaseKey:
@@ -197,6 +214,34 @@ class Activity:
     slice: int
     started: float
     held: HeldLease
+
+
+@dataclass
+class SliceRecord:
+    """One finished or failed slice, for the history (times are the events' clock)."""
+
+    job: str
+    job_name: str
+    slice: int
+    started: float
+    ended: float
+    #: "done" (result kept, not yet answered), "accepted", "refused", "failed" or "returned".
+    outcome: str
+    code: str = ""
+    credit: float = 0.0
+
+
+@dataclass
+class JobTally:
+    """Per-job counts and earnings of this run."""
+
+    job: str
+    name: str = ""
+    done: int = 0
+    failed: int = 0
+    accepted: int = 0
+    refused: int = 0
+    credits: float = 0.0
 
 
 @dataclass
@@ -279,7 +324,39 @@ class Paused(Event):
 
 @dataclass(frozen=True)
 class Resumed(Event):
-    pass
+    """Fetch again (ends a pause, a finish and a snooze)."""
+
+
+@dataclass(frozen=True)
+class FinishRequested(Event):
+    """Let held slices (running and queued) end, then stay paused (fahctl's ``finish``)."""
+
+
+@dataclass(frozen=True)
+class Snoozed(Event):
+    """Pause for ``seconds`` from ``now``; the pause ends by itself at that deadline."""
+
+    seconds: float
+    now: float
+
+
+@dataclass(frozen=True)
+class TimePassed(Event):
+    """The clock reads ``now``: a snooze whose deadline passed ends."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class JobPaused(Event):
+    """No new work from ``job``: fetches exclude it, its queued slices go back."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class JobResumed(Event):
+    job: str
 
 
 @dataclass(frozen=True)
@@ -335,6 +412,7 @@ class SandboxFree(Event):
 class SliceProgressed(Event):
     held: HeldLease
     fraction: float
+    now: float | None = None
 
 
 @dataclass(frozen=True)
@@ -509,6 +587,15 @@ class WorkerState:
         self.counters = Counters()
         self.finished: collections.deque[float] = collections.deque(maxlen=10_000)
         self.paused = False
+        #: A finish was asked: paused, and the phase says so while held slices end.
+        self.finishing = False
+        #: When a snooze ends (the events' clock), or None.
+        self.snooze_until: float | None = None
+        #: Jobs the operator paused ("no new work from this job").
+        self.paused_jobs: set[str] = set()
+        self.history: collections.deque[SliceRecord] = collections.deque(maxlen=HISTORY)
+        self._records: dict[LeaseKey, SliceRecord] = {}  # done, waiting for the answer
+        self.tallies: OrderedDict[str, JobTally] = OrderedDict()
         self.stopping = False
         self.stopped_now = False
         self.outbox_failing = False
@@ -525,6 +612,11 @@ class WorkerState:
             GraceStarted: self._on_grace_started,
             Paused: self._on_paused,
             Resumed: self._on_resumed,
+            FinishRequested: self._on_finish_requested,
+            Snoozed: self._on_snoozed,
+            TimePassed: self._on_time_passed,
+            JobPaused: self._on_job_paused,
+            JobResumed: self._on_job_resumed,
             OutboxFailed: self._on_outbox_failed,
             OutboxWritten: self._on_outbox_written,
             FetchAnswered: self._on_fetch_answered,
@@ -573,7 +665,7 @@ class WorkerState:
             min_wage=c.min_wage,
             allowed_jobs=frozenset(c.job_ids),
             allowed_owners=frozenset(c.job_owners),
-            declined=dict(self._declined),
+            declined={**self._declined, **dict.fromkeys(self.paused_jobs, _PAUSED_OFFER)},
         )
 
     def heartbeat_refs(self) -> tuple[LeaseRef, ...]:
@@ -596,6 +688,10 @@ class WorkerState:
             return "stopping now"
         if self.stopping:
             return "stopping"
+        if self.finishing and (self.running or self.queue):
+            return "finishing"
+        if self.snooze_until is not None:
+            return "snoozed"
         if self.paused:
             return "paused"
         if self.machine_busy:
@@ -684,8 +780,68 @@ class WorkerState:
         return []
 
     def _on_resumed(self, _event: Resumed) -> list[Instruction]:
-        self.paused = False
+        self.paused = self.finishing = False
+        self.snooze_until = None
         return []
+
+    def _on_finish_requested(self, _event: FinishRequested) -> list[Instruction]:
+        self.paused = self.finishing = True
+        return []
+
+    def _on_snoozed(self, event: Snoozed) -> list[Instruction]:
+        if not (event.seconds > 0 and math.isfinite(event.seconds)):
+            raise ValueError(f"snooze: {event.seconds!r} is not a positive number of seconds")
+        self.paused = True
+        self.snooze_until = event.now + event.seconds
+        return []
+
+    def _on_time_passed(self, event: TimePassed) -> list[Instruction]:
+        if self.snooze_until is not None and event.now >= self.snooze_until:
+            log.warning("snooze over: fetching again")
+            self._on_resumed(Resumed())
+        return []
+
+    def _on_job_paused(self, event: JobPaused) -> list[Instruction]:
+        """Queued slices of the job go back (as on a stop); running ones end."""
+        self.paused_jobs.add(event.job)
+        self.tally(event.job)
+        returned = tuple(h for h in self.queue if h.lease.job == event.job)
+        if not returned:
+            return []
+        self.queue = collections.deque(h for h in self.queue if h.lease.job != event.job)
+        for held in returned:
+            self._move(held, LeaseEvent.RETURN)
+        return [ReturnLeases(returned)]
+
+    def _on_job_resumed(self, event: JobResumed) -> list[Instruction]:
+        self.paused_jobs.discard(event.job)
+        return []
+
+    def snooze_left(self, now: float) -> float | None:
+        """Seconds until the snooze ends, or None when not snoozed."""
+        return None if self.snooze_until is None else max(0.0, self.snooze_until - now)
+
+    def tally(self, job_id: str) -> JobTally:
+        # In the order first seen (the oldest go first): the views list jobs in a stable order.
+        tally = self.tallies.get(job_id)
+        if tally is None:
+            tally = self.tallies[job_id] = JobTally(job_id)
+            while len(self.tallies) > _TALLIES:
+                self.tallies.popitem(last=False)
+        job = self.jobs.get(job_id)
+        if job is not None and job.name:
+            tally.name = job.name
+        return tally
+
+    def _record(
+        self, lease: SliceLease, started: float, ended: float, outcome: str, code: str = ""
+    ) -> SliceRecord:
+        job = self.jobs.get(lease.job)
+        record = SliceRecord(
+            lease.job, job.name if job else "", lease.slice, started, ended, outcome, code
+        )
+        self.history.append(record)
+        return record
 
     def _on_outbox_failed(self, event: OutboxFailed) -> list[Instruction]:
         if not self.outbox_failing:
@@ -733,22 +889,32 @@ class WorkerState:
         if (self.stopping or self.paused or self.machine_busy) and leased:
             # Stopped, paused or busy while this fetch was parked: give the slices back.
             return [ReturnLeases(leased)]
+        unwanted = tuple(h for h in leased if h.lease.job in self.paused_jobs)
+        if unwanted:
+            # Its job was paused while this fetch was parked (or the scheduler ignored that).
+            leased = tuple(h for h in leased if h.lease.job not in self.paused_jobs)
+            if not leased:
+                return [ReturnLeases(unwanted)]
         for held in leased:
             self.held[held.key] = held
             self.queue.append(held)
+            self.tally(held.lease.job)
         if leased:
             log.debug("fetched %d slice(s)", len(leased))
-            if self._first_work:
-                self._first_work = False
-                first = leased[0].lease.job
-                log.log(
-                    NOTICE,
-                    "first work: %d slice(s) leased, of job %s",
-                    len(leased),
-                    self._job_label(first),
-                    extra={"DCP_JOB": first},
-                )
-        return []
+            self._log_first_work(leased)
+        return [ReturnLeases(unwanted)] if unwanted else []
+
+    def _log_first_work(self, leased: tuple[HeldLease, ...]) -> None:
+        if self._first_work:
+            self._first_work = False
+            first = leased[0].lease.job
+            log.log(
+                NOTICE,
+                "first work: %d slice(s) leased, of job %s",
+                len(leased),
+                self._job_label(first),
+                extra={"DCP_JOB": first},
+            )
 
     def _job_label(self, job_id: str) -> str:
         job = self.jobs.get(job_id)
@@ -879,6 +1045,12 @@ class WorkerState:
             return Refusal(
                 lease.job, ErrorCode.UNKNOWN_SLICE.value, "the scheduler sent no spec for the job"
             )
+        if job.job in self.paused_jobs:
+            return Refusal(
+                job.job,
+                ErrorCode.JOB_NOT_ALLOWED.value,
+                "paused by the operator (no new work from this job)",
+            )
         if job.job in self._changed:
             return Refusal(
                 job.job,
@@ -912,6 +1084,8 @@ class WorkerState:
         return Decline(lease, why)
 
     def _on_slice_progressed(self, event: SliceProgressed) -> list[Instruction]:
+        if event.fraction != event.held.progress:
+            event.held.progressed = event.now
         event.held.progress = event.fraction
         return []
 
@@ -925,8 +1099,23 @@ class WorkerState:
         inside = sum(o[1].wall_seconds for o in outcomes if isinstance(o, tuple))
         extra = max(0.0, event.elapsed - inside) / len(event.batch)
         out: list[Instruction] = []
+        started = event.now - event.elapsed
         for held, outcome in zip(event.batch, outcomes, strict=True):
             out.append(self._outcome(held.lease, outcome, extra, event.now))
+            instruction = out[-1]
+            tally = self.tally(held.lease.job)
+            if isinstance(instruction, KeepResult):
+                tally.done += 1
+                record = self._record(held.lease, started, event.now, "done")
+                self._records[held.key] = record
+                if len(self._records) > 4 * HISTORY:  # answers that never came (a lost session)
+                    self._records.pop(next(iter(self._records)))
+            elif isinstance(instruction, ReportFailure):
+                tally.failed += 1
+                self._record(held.lease, started, event.now, "failed", instruction.failure.code)
+            else:
+                code = instruction.why.code if isinstance(instruction, Decline) else ""
+                self._record(held.lease, started, event.now, "returned", code)
         return out
 
     def _outcome(
@@ -1022,9 +1211,15 @@ class WorkerState:
         done: list[LeaseKey] = []
         later: list[Instruction] = []
         for item, ack in zip(items, acks, strict=True):
+            record = self._records.pop(item.key, None)
+            tally = self.tally(item.job)
             if ack.status in ("accepted", "duplicate"):
                 self.counters.accepted += 1
                 self.counters.credits += ack.credited
+                tally.accepted += 1
+                tally.credits += ack.credited
+                if record is not None:
+                    record.outcome, record.credit = "accepted", ack.credited
                 log.debug("result %s/%d %s", item.job, item.slice, ack.status)
                 if self._first_result:
                     self._first_result = False
@@ -1038,6 +1233,9 @@ class WorkerState:
                     )
             elif ack.status == "refused" and ack.code in _FINAL_REFUSALS:
                 self._count_refused(item, ack.code, ack.message)
+                tally.refused += 1
+                if record is not None:
+                    record.outcome, record.code = "refused", ack.code
             else:
                 # Not taken for now (the scheduler's database is busy, say): it stays in the
                 # outbox and goes again on this session after a backoff, or on the next one.
@@ -1052,6 +1250,8 @@ class WorkerState:
                     delay,
                 )
                 later.append(SubmitLater(item, delay))
+                if record is not None:
+                    self._records[item.key] = record
                 continue
             self._retries.pop(item.key, None)
             done.append(item.key)
@@ -1059,6 +1259,10 @@ class WorkerState:
 
     def _on_result_unsendable(self, event: ResultUnsendable) -> list[Instruction]:
         self._count_refused(event.item, ErrorCode.RESULT_TOO_LARGE.value, event.why)
+        self.tally(event.item.job).refused += 1
+        record = self._records.pop(event.item.key, None)
+        if record is not None:
+            record.outcome, record.code = "refused", ErrorCode.RESULT_TOO_LARGE.value
         self._retries.pop(event.item.key, None)
         return [RemoveFromOutbox((event.item.key,))]
 

@@ -58,6 +58,7 @@ from evaluator.client import Sandbox, SliceFailure
 
 from .config import WorkerConfig
 from .connection import Session, SessionError, open_session
+from .earnings import Balance, BalanceReader
 from .levels import NOTICE
 from .outbox import Outbox, OutboxError
 from .result import LeaseKey, PendingResult
@@ -72,9 +73,12 @@ from .state import (
     EvaluatorDescribed,
     Fetch,
     FetchAnswered,
+    FinishRequested,
     GraceStarted,
     HeldLease,
     Instruction,
+    JobPaused,
+    JobResumed,
     KeepResult,
     LeasesLost,
     LeasesReturned,
@@ -93,8 +97,10 @@ from .state import (
     SandboxFree,
     SliceProgressed,
     SlicesLeased,
+    Snoozed,
     StopRequested,
     SubmitLater,
+    TimePassed,
     WorkerState,
 )
 
@@ -200,6 +206,12 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._stop_now = asyncio.Event()
         self._resumed = asyncio.Event()
+        #: Queued slices of a paused job, for the fetcher to give back on its session.
+        self._to_return: list[HeldLease] = []
+        #: Lifetime earnings, from the scheduler's ledger (``run`` keeps it fresh).
+        self.balance_reader = BalanceReader(config.scheduler, self.payment_address)
+        #: The local web page's address (no token), once it listens; "" when off.
+        self.console_url = ""
         # A GPU (or the OpenCL device) is lent to this many slices at once.
         self._opencl_slots = asyncio.Semaphore(max(1, config.opencl_slots))
         self._started = time.time()
@@ -236,23 +248,35 @@ class Supervisor:
     def snapshot(self) -> dict[str, Any]:
         """Everything the dashboard, ``dcp-worker status`` and the metrics show (JSON-able)."""
         now = time.monotonic()
+        wall = time.time() - now  # the state's clock (monotonic) to the wall clock
         stats = self.statistics()
+        state = self.state
         sandboxes = []
         for sandbox in self.sandboxes:
-            act = self.state.activity.get(sandbox.index)
+            act = state.activity.get(sandbox.index)
+            if act is None:
+                sandboxes.append({"index": sandbox.index, "state": "idle"})
+                continue
+            progress = act.held.progress
+            elapsed = now - act.started
+            eta = None
+            if progress is not None and 0 < progress < 1:
+                eta = round(elapsed * (1 - progress) / progress, 1)  # at the rate so far
+            moved = act.held.progressed if act.held.progressed is not None else act.started
             sandboxes.append(
-                {"index": sandbox.index, "state": "idle"}
-                if act is None
-                else {
+                {
                     "index": sandbox.index,
                     "state": "working",
                     "job": act.job,
                     "job_name": act.job_name,
                     "slice": act.slice,
-                    "progress": act.held.progress,
-                    "elapsed": round(now - act.started, 3),
+                    "progress": progress,
+                    "elapsed": round(elapsed, 3),
+                    "eta": eta,
+                    "since_progress": round(now - moved, 1),
                 }
             )
+        snooze = state.snooze_left(now)
         return {
             "state": self.state.phase(stats.connected),
             "scheduler": self.config.scheduler,
@@ -264,7 +288,39 @@ class Supervisor:
             "slices_per_minute": self.state.slices_per_minute(now),
             "statistics": dataclasses.asdict(stats),
             "sandboxes": sandboxes,
+            "console": self.console_url,
+            "finishing": state.finishing,
+            "snooze_left": None if snooze is None else round(snooze, 1),
+            "paused_jobs": sorted(state.paused_jobs),
+            "earnings": {
+                "session": stats.credits_earned,
+                # The payment address's balance at the scheduler (None: not known yet).
+                "lifetime": self.balance.value,
+                "lifetime_checked": (
+                    None if self.balance.checked is None else round(self.balance.checked + wall, 1)
+                ),
+                "lifetime_error": self.balance.error,
+            },
+            "jobs": [
+                {
+                    **dataclasses.asdict(tally),
+                    "paused": tally.job in state.paused_jobs,
+                }
+                for tally in state.tallies.values()
+            ],
+            "history": [
+                {
+                    **dataclasses.asdict(record),
+                    "started": round(record.started + wall, 3),
+                    "ended": round(record.ended + wall, 3),
+                }
+                for record in reversed(state.history)
+            ],
         }
+
+    @property
+    def balance(self) -> Balance:
+        return self.balance_reader.balance
 
     def metrics(self) -> Counters:
         """The running counters (read-only, for the metrics endpoint)."""
@@ -286,6 +342,58 @@ class Supervisor:
             log.warning("resumed")
         self.state.handle(Resumed())
         self._resumed.set()
+
+    def finish(self) -> None:
+        """Let the slices held end, then stay paused (fahctl's ``finish``)."""
+        log.warning("finishing: no new slices; the held ones run, then the worker pauses")
+        self.state.handle(FinishRequested())
+        self._resumed.clear()
+
+    def snooze(self, seconds: float) -> None:
+        """Pause for ``seconds``, then resume by itself.
+
+        Raises:
+            ValueError: ``seconds`` is not a positive number.
+        """
+        self.state.handle(Snoozed(seconds, time.monotonic()))
+        log.warning("snoozed for %g s: no new slices until then", seconds)
+        self._resumed.clear()
+        self._capacity.set()  # the fetcher's wait learns the deadline
+
+    def pause_job(self, job: str) -> None:
+        """No new work from ``job``; its queued slices go back."""
+        log.warning("job %s paused: no new work from it", job)
+        for instruction in self.state.handle(JobPaused(job)):
+            assert isinstance(instruction, ReturnLeases)
+            self._to_return.extend(instruction.leases)
+        self._capacity.set()
+
+    def resume_job(self, job: str) -> None:
+        if job in self.state.paused_jobs:
+            log.warning("job %s resumed", job)
+        self.state.handle(JobResumed(job))
+        self._capacity.set()
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        """The control socket's commands that take arguments (a ValueError refuses one)."""
+
+        def job_of(request: dict[str, Any]) -> str:
+            job = request.get("job")
+            if not isinstance(job, str) or not job:
+                raise ValueError('"job": the id of a job')
+            return job
+
+        def seconds_of(request: dict[str, Any]) -> float:
+            seconds = request.get("seconds")
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise ValueError('"seconds": a number')
+            return float(seconds)
+
+        return {
+            "pause_job": lambda r: self.pause_job(job_of(r)),
+            "resume_job": lambda r: self.resume_job(job_of(r)),
+            "snooze": lambda r: self.snooze(seconds_of(r)),
+        }
 
     @property
     def stopped_now(self) -> bool:
@@ -363,6 +471,7 @@ class Supervisor:
             async with asyncio.TaskGroup() as tg:
                 runners = [tg.create_task(self._runner(s)) for s in self.sandboxes]
                 runners.append(tg.create_task(self._persister()))
+                runners.append(tg.create_task(self.balance_reader.run()))
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
                 # The whole stop fits in grace_seconds: closing takes up to _CLOSE_RESERVE more.
@@ -484,6 +593,7 @@ class Supervisor:
                 continue
             delays = self._backoff()
             self.state.handle(Connected(session.welcome.lease_timeout))
+            self.balance_reader.want()
             log.log(
                 NOTICE,
                 "connected to %s (session %s) as %s",
@@ -516,6 +626,13 @@ class Supervisor:
 
     async def _fetcher(self, session: Session) -> None:
         while True:
+            self.state.handle(TimePassed(time.monotonic()))
+            if self._to_return:
+                leases, self._to_return = tuple(self._to_return), []
+                try:
+                    await self._return(session, leases)
+                finally:
+                    self.state.handle(LeasesReturned(leases))
             fetch = self.state.next_fetch(time.monotonic())
             if fetch is Blocked.STOPPING:
                 return
@@ -567,12 +684,19 @@ class Supervisor:
                 self._work_queued.set()
 
     async def _wait_resumed(self) -> None:
+        """Until resumed, stopped, a snooze's deadline, or something to give back."""
+        self._capacity.clear()
         waits = {
             asyncio.ensure_future(self._stopping.wait()),
             asyncio.ensure_future(self._resumed.wait()),
+            asyncio.ensure_future(self._capacity.wait()),
         }
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waits,
+                timeout=self.state.snooze_left(time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             for w in waits:
                 w.cancel()
@@ -675,7 +799,10 @@ class Supervisor:
             window.release()
             self._inflight.difference_update(out.pending.key for out in batch)
         answered = ResultsAnswered(tuple(out.pending for out in batch), reply)
+        accepted = self.state.counters.accepted
         self._carry_out(session, self.state.handle(answered))
+        if self.state.counters.accepted > accepted:
+            self.balance_reader.want()
 
     def _carry_out(self, session: Session, instructions: list[Instruction]) -> None:
         """What the state decided about results: drop them from the outbox (at the next
@@ -770,7 +897,7 @@ class Supervisor:
             outcomes: list[tuple[bytes, Metrics] | SliceFailure]
 
             def progress(index: int, fraction: float) -> None:
-                self.state.handle(SliceProgressed(batch[index], fraction))
+                self.state.handle(SliceProgressed(batch[index], fraction, time.monotonic()))
 
             items = [(held.lease.slice, held.lease.datum) for held in batch]
             started = time.monotonic()

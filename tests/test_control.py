@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from dcp_worker.control import ControlClient, ControlServer
+from dcp_worker.cli import parse_duration
+from dcp_worker.control import ControlClient, ControlError, ControlServer
 from dcp_worker.logs import RecentLogs
 
 REPO = Path(__file__).parent.parent
@@ -96,3 +97,50 @@ def test_a_failing_attached_dashboard_exits_non_zero(
     )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "KeyError" in run.stdout + run.stderr
+
+
+def test_commands_with_arguments_refuse_bad_ones_with_the_reason(tmp_path: Path) -> None:
+    snoozed: list[float] = []
+
+    def snooze(request: dict[str, Any]) -> None:
+        seconds = request.get("seconds")
+        if not isinstance(seconds, int | float):
+            raise ValueError('"seconds": a number')
+        snoozed.append(float(seconds))
+
+    async def main() -> list[dict[str, Any]]:
+        server = ControlServer(tmp_path / "c.sock", _status, {}, RecentLogs(), {"snooze": snooze})
+        await server.start()
+        try:
+            async with ControlClient(tmp_path / "c.sock") as client:
+                replies = [await client.call("snooze", seconds=1800)]
+                for bad in ({"seconds": "soon"}, {}):
+                    try:
+                        await client.call("snooze", **bad)
+                    except ControlError as exc:
+                        replies.append({"error": str(exc)})
+                try:
+                    await client.call("nap")
+                except ControlError as exc:
+                    replies.append({"error": str(exc)})
+                return replies
+        finally:
+            await server.close()
+
+    replies = asyncio.run(main())
+    assert replies[0] == {"ok": True} and snoozed == [1800.0]
+    assert replies[1] == replies[2] == {"error": 'snooze: "seconds": a number'}
+    assert "known: logs, snooze, status" in replies[3]["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("1h30m", 5400.0)]
+)
+def test_snooze_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "soon", "m5", "-5m"])
+def test_snooze_refuses_what_is_not_a_duration(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)

@@ -6,14 +6,18 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from textual.widgets import DataTable, TabbedContent
 
 from dcp_worker.config import load_config
 from dcp_worker.control import ControlClient
-from dcp_worker.dashboard import PassphraseScreen, WorkerDashboard
+from dcp_worker.dashboard import PassphraseScreen, WorkerDashboard, progress_text
 from dcp_worker.logs import setup_logging
 from scheduler.client import ComputeClient, SliceResult
 
 from .conftest import PASSPHRASE, Keystore, SchedulerProcess, WorkerProcess, wait_for
+from .screenshots import SHOTS
 from .test_pipeline import ECHO, PUZZLE, job_file
 
 
@@ -140,3 +144,142 @@ def test_the_log_pane_wraps_long_lines_at_its_width_and_loses_nothing() -> None:
             assert "".join(shown).replace(" ", "") == line.replace(" ", "")
 
     asyncio.run(run())
+
+
+class SnapshotSource:
+    """A fixed snapshot, as a worker's would be, and the commands the dashboard sent."""
+
+    def __init__(self, snap: dict[str, Any]) -> None:
+        self.snap = snap
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def status(self) -> dict[str, Any]:
+        return self.snap
+
+    async def logs(self, after: int) -> list[tuple[int, str, str]]:
+        return []
+
+    async def command(self, cmd: str, **args: Any) -> None:
+        self.sent.append((cmd, args))
+
+
+def _snapshot() -> dict[str, Any]:
+    now = time.time()
+    box = {"state": "working", "job": "ab" * 16, "job_name": "puzzle", "slice": 3}
+    return {
+        "state": "working",
+        "scheduler": "http://127.0.0.1:8500",
+        "identity": "0x" + "11" * 20,
+        "payment_address": "0x" + "22" * 20,
+        "groups": [],
+        "public_group": True,
+        "slices_per_minute": 12,
+        "statistics": {
+            "connected": True,
+            "slices_done": 7,
+            "slices_failed": 1,
+            "slices_declined": 0,
+            "running": 2,
+            "queued": 0,
+            "outbox": 0,
+            "credits_earned": 0.07,
+            "held_reason": "",
+        },
+        "sandboxes": [
+            {**box, "index": 0, "progress": 0.5, "elapsed": 20.0, "eta": 20.0, "since_progress": 1},
+            {
+                **box,
+                "index": 1,
+                "progress": 0.99,
+                "elapsed": 300.0,
+                "eta": 3.0,
+                "since_progress": 95,
+            },
+            {"index": 2, "state": "idle"},
+        ],
+        "earnings": {"session": 0.07, "lifetime": 0.21, "lifetime_error": ""},
+        "snooze_left": None,
+        "paused_jobs": [],
+        "jobs": [
+            {
+                "job": "ab" * 16,
+                "name": "puzzle",
+                "done": 7,
+                "failed": 1,
+                "accepted": 7,
+                "refused": 0,
+                "credits": 0.07,
+                "paused": False,
+            },
+        ],
+        "history": [
+            {
+                "job": "ab" * 16,
+                "job_name": "puzzle",
+                "slice": 2,
+                "started": now - 30,
+                "ended": now - 10,
+                "outcome": "accepted",
+                "code": "",
+                "credit": 0.01,
+            },
+            {
+                "job": "ab" * 16,
+                "job_name": "puzzle",
+                "slice": 1,
+                "started": now - 40,
+                "ended": now - 30,
+                "outcome": "failed",
+                "code": "wasm_trap",
+                "credit": 0.0,
+            },
+        ],
+    }
+
+
+def test_progress_text_tells_a_stuck_slice_from_a_slow_one() -> None:
+    box = {"state": "working", "progress": 0.99, "elapsed": 300.0, "eta": 3.0}
+    assert progress_text({**box, "since_progress": 2.0}) == " 99%  5m00s  ETA 3s"
+    assert progress_text({**box, "since_progress": 95.0}) == " 99%  5m00s  no progress for 1m35s"
+    assert progress_text({"state": "working", "progress": None, "elapsed": 5.0}) == "  ?%  5s"
+    assert progress_text({"state": "idle"}) == "idle"
+
+
+def test_dashboard_shows_bars_earnings_history_jobs_and_sends_the_new_keys() -> None:
+    source = SnapshotSource(_snapshot())
+    app = WorkerDashboard(source=source)
+
+    async def drive() -> None:
+        async with app.run_test(size=(150, 36)) as pilot:
+            await _until(lambda: "lifetime 0.210000" in app.status_text, pilot)
+            assert "credits this run 0.070000" in app.status_text
+
+            def details() -> list[str]:
+                return [str(label.render()) for label in app.query(".detail")]
+
+            await _until(lambda: details()[0] != "idle", pilot)
+            assert details() == [" 50%  20s  ETA 20s", " 99%  5m00s  no progress for 1m35s", "idle"]
+            assert [w.has_class("stalled") for w in app.query(".detail")] == [False, True, False]
+            shown = {key for key, b in app.active_bindings.items() if b.binding.show}
+            assert {"f", "z", "j"} <= shown
+            app.query_one("#panes", TabbedContent).active = "tab-history"
+            await pilot.pause()
+            history = app.query_one("#history", DataTable)
+            assert history.row_count == 2
+            assert history.get_row_at(1)[4] == "failed (wasm_trap)"
+            app.save_screenshot("worker-dashboard-history.svg", str(SHOTS))
+            app.query_one("#panes", TabbedContent).active = "tab-jobs"
+            await pilot.pause()
+            assert app.query_one("#jobs", DataTable).get_row_at(0)[6] == "0.070000"
+            await pilot.press("j", "f", "z")
+            app.save_screenshot("worker-dashboard-jobs.svg", str(SHOTS))
+            app.query_one("#panes", TabbedContent).active = "tab-log"
+            await pilot.pause()
+            app.save_screenshot("worker-dashboard.svg", str(SHOTS))
+
+    asyncio.run(drive())
+    assert source.sent == [
+        ("pause_job", {"job": "ab" * 16}),
+        ("finish", {}),
+        ("snooze", {"seconds": 1800.0}),
+    ]

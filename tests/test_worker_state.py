@@ -32,8 +32,11 @@ from dcp_worker.state import (
     Decline,
     EvaluatorDescribed,
     Fetch,
+    FinishRequested,
     GraceStarted,
     IllegalLeaseTransition,
+    JobPaused,
+    JobResumed,
     KeepResult,
     LeasesLost,
     LeasesReturned,
@@ -52,8 +55,10 @@ from dcp_worker.state import (
     Run,
     SandboxFree,
     SlicesLeased,
+    Snoozed,
     StopRequested,
     SubmitLater,
+    TimePassed,
     WorkerState,
 )
 from dcp_worker.supervisor import backoff
@@ -385,3 +390,101 @@ def test_failure_lines_name_the_job_by_its_name_and_its_id(
     with caplog.at_level(logging.WARNING, logger="dcp.worker"):
         state.handle(BatchFinished(run.batch, [SliceFailure("wasm_trap", "unreachable")], 0.1, 1.0))
     assert "slice 3 of job 'puzzle' (j) failed: wasm_trap unreachable" in caplog.text
+
+
+# --------------------------------------------------------------------------- operator's keys
+
+
+def test_finish_lets_held_slices_end_then_stays_paused() -> None:
+    state = make(sandboxes=1)
+    lease_slices(state, lease(0), lease(1), jobs=(spec(),))
+    (run,) = run_next(state)
+    state.handle(FinishRequested())
+    assert state.next_fetch(0.0) is Blocked.PAUSED
+    assert state.phase(True) == "finishing"
+    state.handle(BatchFinished(run.batch, [done()], 0.01, 1.0))
+    state.handle(BatchEnded(0, run.batch))
+    (run,) = run_next(state)  # the queued slice runs too: it was taken
+    assert state.phase(True) == "finishing"
+    state.handle(BatchFinished(run.batch, [done()], 0.01, 2.0))
+    state.handle(BatchEnded(0, run.batch))
+    assert state.phase(True) == "paused" and state.next_fetch(3.0) is Blocked.PAUSED
+    state.handle(Resumed())
+    assert isinstance(state.next_fetch(3.0), Fetch) and not state.finishing
+
+
+def test_a_snooze_ends_by_itself_at_its_deadline() -> None:
+    state = make()
+    state.handle(Snoozed(1800.0, now=100.0))
+    assert state.phase(True) == "snoozed" and state.snooze_left(400.0) == 1500.0
+    state.handle(TimePassed(1899.0))
+    assert state.next_fetch(1899.0) is Blocked.PAUSED
+    state.handle(TimePassed(1900.0))
+    assert isinstance(state.next_fetch(1900.0), Fetch) and state.snooze_left(1900.0) is None
+    with pytest.raises(ValueError, match="not a positive number"):
+        state.handle(Snoozed(0.0, now=0.0))
+
+
+def test_a_resume_ends_a_snooze_early() -> None:
+    state = make()
+    state.handle(Snoozed(60.0, now=0.0))
+    state.handle(Resumed())
+    assert isinstance(state.next_fetch(1.0), Fetch)
+    state.handle(TimePassed(100.0))  # the old deadline does nothing
+    assert not state.paused
+
+
+def test_a_paused_job_gets_no_new_work_and_its_queued_slices_go_back() -> None:
+    state = make(sandboxes=1, prefetch=4)
+    lease_slices(state, lease(0, "a"), lease(1, "b"), lease(2, "a"), jobs=(spec("a"), spec("b")))
+    (run,) = run_next(state)
+    assert [h.lease.job for h in run.batch] == ["a"]
+    (back,) = state.handle(JobPaused("a"))
+    assert isinstance(back, ReturnLeases) and [h.lease.slice for h in back.leases] == [2]
+    assert [h.lease.job for h in state.queue] == ["b"]
+    state.handle(LeasesReturned(back.leases))
+    assert LeaseKey("a", 2, "t2") not in state.held
+    # The fetch declines the job at any offer, so the scheduler offers none of its slices.
+    terms = fetch(state).terms
+    assert terms.declined["a"] >= 1e300 and "b" not in terms.declined
+    # Slices of it that come anyway go straight back, and never run.
+    (back,) = lease_slices(state, lease(3, "a"), lease(4, "b"))
+    assert [h.lease.slice for h in back.leases] == [3]
+    assert [h.lease.slice for h in state.queue] == [1, 4]
+    state.handle(JobResumed("a"))
+    assert "a" not in fetch(state).terms.declined
+
+
+def test_a_queued_slice_of_a_paused_job_is_refused_with_its_reason() -> None:
+    state = make(sandboxes=1)
+    lease_slices(state, lease(0, "a"), jobs=(spec("a"),))
+    state.paused_jobs.add("a")  # as if the pause came between the check and the run
+    (decline,) = run_next(state)
+    assert isinstance(decline, Decline) and decline.why.code == "job_not_allowed"
+    assert "paused by the operator" in decline.why.message
+
+
+def test_history_and_per_job_earnings() -> None:
+    state = make(sandboxes=1)
+    lease_slices(state, lease(0), lease(1), jobs=(spec(name="puzzle"),))
+    (run,) = run_next(state, now=10.0)
+    state.handle(BatchFinished(run.batch, [done()], 2.0, 12.0))
+    state.handle(BatchEnded(0, run.batch))
+    (run,) = run_next(state, now=12.0)
+    state.handle(BatchFinished(run.batch, [SliceFailure("trap", "unreachable")], 1.0, 13.0))
+    state.handle(BatchEnded(0, run.batch))
+    first, second = state.history
+    assert (first.job_name, first.slice, first.started, first.ended) == ("puzzle", 0, 10.0, 12.0)
+    assert first.outcome == "done" and (second.outcome, second.code) == ("failed", "trap")
+    state.handle(
+        ResultsAnswered((pending(0),), ResultsAck(re=1, acks=(ItemAck("accepted", credited=0.07),)))
+    )
+    assert (first.outcome, first.credit) == ("accepted", 0.07)
+    tally = state.tallies["j"]
+    assert (tally.name, tally.done, tally.failed, tally.accepted, tally.credits) == (
+        "puzzle",
+        1,
+        1,
+        1,
+        0.07,
+    )

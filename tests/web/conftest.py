@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-#: Where the tests' screenshots land: docs/img/ (the docs show them, docs/console.md) with
-#: ``make screenshots`` (DCP_SCREENSHOTS=1); otherwise a directory of their own under the
-#: system's temporary one, so that a test run leaves the checkout as it was.
-SHOTS = (
-    Path(__file__).parents[2] / "docs" / "img"
-    if os.environ.get("DCP_SCREENSHOTS") == "1"
-    else Path(tempfile.gettempdir()) / f"dcp-screenshots-{os.getuid()}"
-)
+from ..screenshots import SHOTS as SHOTS  # the tests import it from here
 
 
 def _chromium() -> str:

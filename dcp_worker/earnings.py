@@ -1,0 +1,77 @@
+"""Lifetime earnings: the payment address's balance, read from the scheduler's compute API.
+
+The worker's own counters start at zero with each run; the scheduler's ledger holds what the
+payment address earned over all of them (``GET /api/v1/accounts/{address}``). It is read on
+connect and after accepted results, at most once per ``interval``; a scheduler that cannot be
+reached leaves the balance unknown (``value`` None, ``error`` says why), never the worker down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+__all__ = ["Balance", "BalanceReader", "account_url"]
+
+log = logging.getLogger("dcp.worker.earnings")
+# httpx logs each request at info (httpcore each step at debug): a reading every few seconds
+# would fill the -v and -vv logs.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def account_url(scheduler: str, address: str) -> str:
+    """The compute API's account URL for a scheduler URL given as http(s):// or ws(s)://."""
+    parts = urlsplit(scheduler if "://" in scheduler else f"http://{scheduler}")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, f"/api/v1/accounts/{address}", "", ""))
+
+
+@dataclass
+class Balance:
+    """The last reading: ``value`` in credits (None: unknown), ``checked`` on the monotonic
+    clock, ``error`` why the last try failed ("" when it did not)."""
+
+    value: float | None = None
+    checked: float | None = None
+    error: str = ""
+
+
+class BalanceReader:
+    """Keeps :attr:`balance` fresh; :meth:`want` asks for a reading (rate-limited)."""
+
+    def __init__(self, scheduler: str, address: str, interval: float = 5.0) -> None:
+        self.url = account_url(scheduler, address)
+        self.interval = interval
+        self.balance = Balance()
+        self._wanted = asyncio.Event()
+
+    def want(self) -> None:
+        self._wanted.set()
+
+    async def read_once(self, client: httpx.AsyncClient) -> None:
+        try:
+            reply = await client.get(self.url)
+            reply.raise_for_status()
+            value = float(reply.json()["balance"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if why != self.balance.error:
+                log.info("lifetime earnings unknown: %s (%s)", why, self.url)
+            self.balance.error = why
+            return
+        self.balance = Balance(value, time.monotonic())
+
+    async def run(self) -> None:
+        """Read whenever wanted, at most once per ``interval``, until cancelled."""
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            while True:
+                await self._wanted.wait()
+                self._wanted.clear()
+                await self.read_once(client)
+                await asyncio.sleep(self.interval)
