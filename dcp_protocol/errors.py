@@ -27,6 +27,8 @@ class ErrorCode(StrEnum):
     FRAME_TOO_LARGE = "frame_too_large"
     UNKNOWN_MESSAGE = "unknown_message"
     INVALID_MESSAGE = "invalid_message"
+    #: A job document that cannot be deployed (every fault in ``problems``).
+    INVALID_JOB = "invalid_job"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNEXPECTED_MESSAGE = "unexpected_message"
     # Session and lease level.

@@ -362,11 +362,14 @@ class Fetch(Message):
     allowed_jobs: tuple[str, ...] = ()
     allowed_owners: tuple[str, ...] = ()
     declined: tuple[Decline, ...] = ()
+    #: Jobs to give no slice of, whatever they offer (paused by the worker's operator).
+    excluded_jobs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_slices <= 1024, "max_slices must be within 1..1024")
         _check(0 <= self.wait_seconds <= 60, "wait_seconds must be within 0..60")
         _check(len(self.known_jobs) <= 1024, "known_jobs names at most 1024 jobs")
+        _check(len(self.excluded_jobs) <= 1024, "excluded_jobs names at most 1024 jobs")
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,8 @@ class WorkerTerms:
     min_wage: Wage = field(default_factory=Wage)
     allowed_jobs: frozenset[str] = frozenset()
     allowed_owners: frozenset[str] = frozenset()
+    #: Jobs the worker takes no new work from (its volunteer paused them), whatever they offer.
+    excluded_jobs: frozenset[str] = frozenset()
     #: job -> the highest offer at which the worker declined it.
     declined: Mapping[str, float] = field(default_factory=dict)
 
@@ -172,6 +174,8 @@ def refusal(job: JobTerms, worker: WorkerTerms) -> Refusal | None:
     """Why ``worker`` must not run ``job``, or None when it may."""
     if worker.allowed_jobs and job.job not in worker.allowed_jobs:
         return Refusal(job.job, ErrorCode.JOB_NOT_ALLOWED.value, "not in the worker's job list")
+    if job.job in worker.excluded_jobs:
+        return Refusal(job.job, ErrorCode.JOB_NOT_ALLOWED.value, "paused by the worker's operator")
     if worker.allowed_owners and job.owner.lower() not in {
         o.lower() for o in worker.allowed_owners
     }:

@@ -134,9 +134,6 @@ _FINAL_REFUSALS = {
 
 #: Finished and failed slices kept for the dashboard's and the page's history.
 HISTORY = 200
-#: The offer at which a paused job is "declined" in a fetch: the scheduler offers none of its
-#: slices (the protocol has no other way to say "not this job" beside the allow-lists).
-_PAUSED_OFFER = 1.7976931348623157e308
 _TALLIES = 256  # jobs whose counts are kept
 
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -665,7 +662,8 @@ class WorkerState:
             min_wage=c.min_wage,
             allowed_jobs=frozenset(c.job_ids),
             allowed_owners=frozenset(c.job_owners),
-            declined={**self._declined, **dict.fromkeys(self.paused_jobs, _PAUSED_OFFER)},
+            excluded_jobs=frozenset(self.paused_jobs),
+            declined=dict(self._declined),
         )
 
     def heartbeat_refs(self) -> tuple[LeaseRef, ...]:

@@ -664,6 +664,7 @@ class Supervisor:
                     allowed_jobs=tuple(sorted(terms.allowed_jobs)),
                     allowed_owners=tuple(sorted(terms.allowed_owners)),
                     declined=tuple(DeclineWire(j, o) for j, o in terms.declined.items()),
+                    excluded_jobs=tuple(sorted(terms.excluded_jobs)),
                 )
             )
             self.state.handle(FetchAnswered(time.monotonic() - asked))

@@ -194,7 +194,7 @@ class ComputeApi:
             job = parse_document(body, owner)
         except JobFileError as exc:
             return _error(
-                400, ErrorCode.INVALID_MESSAGE, "; ".join(exc.problems), problems=exc.problems
+                400, ErrorCode.INVALID_JOB, "; ".join(exc.problems), problems=exc.problems
             )
         try:
             job_id = self.store.create_job(job, time.time())

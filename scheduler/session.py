@@ -324,6 +324,7 @@ class Dispatcher:
             allowed_jobs=frozenset(message.allowed_jobs),
             allowed_owners=frozenset(message.allowed_owners),
             declined={d.job: d.offer for d in message.declined},
+            excluded_jobs=frozenset(message.excluded_jobs),
         )
         eligible, report = [], []
         now = time.time()

@@ -144,7 +144,7 @@ def test_the_scheduler_refuses_jobs_that_could_never_run(
         for name, (body, why) in refused.items():
             with pytest.raises(ComputeError) as caught:
                 client.deploy_document(body)
-            assert (caught.value.status, caught.value.code) == (400, "invalid_message"), name
+            assert (caught.value.status, caught.value.code) == (400, "invalid_job"), name
             assert why in caught.value.reason, name
         # Every fault, in one answer; each also on its own.
         assert "the job has no inputs" in caught.value.reason

@@ -92,6 +92,23 @@ def test_allow_lists() -> None:
     assert code(JobTerms("b", "0xdef", "wasm"), owners) == "owner_not_allowed"
 
 
+def test_a_job_paused_by_the_worker_is_refused_whatever_it_offers() -> None:
+    # A paused job used to be "declined" at the largest float offer: refused, but as
+    # wage_below_minimum, in the scheduler's refusals and logs.
+    worker = WorkerTerms(excluded_jobs=frozenset({"a"}))
+    rich = JobTerms("a", "0xo", "wasm", offer=1e300)
+    why = policy.refusal(rich, worker)
+    assert why is not None and (why.code, why.message) == (
+        "job_not_allowed",
+        "paused by the worker's operator",
+    )
+    assert code(JobTerms("b", "0xo", "wasm"), worker) is None
+    fetch = p.Fetch(id=1, max_slices=1, excluded_jobs=("a",))
+    assert p.decode(p.encode(fetch), p.SCHEDULER_MESSAGES) == fetch
+    with pytest.raises(p.InvalidMessage, match="excluded_jobs"):
+        p.Fetch(id=1, max_slices=1, excluded_jobs=("j",) * 1025)
+
+
 def test_jobs_need_their_runtime() -> None:
     wasm_only = WorkerTerms(capabilities={"runtimes": {"wasm": {}}})
     assert code(JobTerms("j", "0xo", "wasm"), wasm_only) is None
