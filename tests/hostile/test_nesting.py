@@ -210,7 +210,7 @@ def test_compute_api_answers_a_deep_body_with_400_and_keeps_serving(
     body = ('{"name": ' + DEEP + "}").encode()
     with ComputeClient(scheduler.url, owner) as client, pytest.raises(ComputeError) as info:
         client.deploy_document(body)
-    assert (info.value.status, info.value.code) == (400, "invalid_message")
+    assert (info.value.status, info.value.code) == (400, "invalid_job")
     assert "nests deeper than" in str(info.value)
     assert httpx.get(scheduler.url + "/api/v1/status", timeout=30).status_code == 200
 
