@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import websockets
@@ -60,6 +61,9 @@ def make_keystore(tmp_path: Path) -> Callable[[str], Keystore]:
     return make
 
 
+T = TypeVar("T")
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> None:
     """Poll ``predicate`` until it holds; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -77,6 +81,24 @@ async def wait_until(
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def eventually(
+    attempt: Callable[[], Awaitable[T]],
+    failure: type[BaseException] | tuple[type[BaseException], ...],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+) -> T:
+    """What ``attempt`` returns once it no longer raises ``failure`` (the condition waited
+    for is that it succeeds); fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await attempt()
+        except failure:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still failing after {timeout} s") from None
         await asyncio.sleep(interval)
 
 

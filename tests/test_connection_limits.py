@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import dcp_protocol as p
 from dcp_protocol import signing
 
-from .conftest import Keystore, SchedulerProcess
+from .conftest import Keystore, SchedulerProcess, eventually
 
 #: How long a test waits for the scheduler to act on a 1 s limit (generous: a loaded machine).
 PATIENCE = 20.0
@@ -171,14 +171,9 @@ def test_the_per_address_limit_refuses_the_next_unauthenticated_connection(
         await _still_works(honest, 2)
         # A place frees when an idle connection goes.
         await idle[0].close()
-        deadline = time.monotonic() + PATIENCE
-        while True:
-            try:
-                again = await connect(limited.ws_url, compression=None)
-                break
-            except websockets.InvalidStatus:
-                assert time.monotonic() < deadline, "no place freed"
-                await asyncio.sleep(0.05)
+        again = await eventually(
+            lambda: connect(limited.ws_url, compression=None), websockets.InvalidStatus, PATIENCE
+        )
         assert isinstance(await _recv(again), p.Hello)
         for ws in [*idle, again, honest]:
             await ws.close()

@@ -17,6 +17,7 @@ wrong, the worst graceful exit time, and whether the books balance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 from scheduler.store.sqlite import SQLiteStore  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"
@@ -135,21 +137,17 @@ class Round:
         self.faults: dict[str, int] = {}
 
     def _start_scheduler(self) -> LocalScheduler:
-        for _ in range(50):
-            try:
-                return LocalScheduler(
-                    self.db,
-                    "--lease-timeout",
-                    str(LEASE_TIMEOUT),
-                    "--heartbeat-interval",
-                    "0.5",
-                    "--db-busy-timeout",
-                    "0.1",
-                    listen=f"127.0.0.1:{self.port}",
-                )
-            except RuntimeError:
-                time.sleep(0.2)  # the old one's port is not free yet
-        raise RuntimeError("the scheduler does not restart")
+        wait_for(lambda: _port_free(self.port), 10)  # the killed one's, when it restarts
+        return LocalScheduler(
+            self.db,
+            "--lease-timeout",
+            str(LEASE_TIMEOUT),
+            "--heartbeat-interval",
+            "0.5",
+            "--db-busy-timeout",
+            "0.1",
+            listen=f"127.0.0.1:{self.port}",
+        )
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
         self.starts = getattr(self, "starts", 0) + 1
@@ -214,15 +212,16 @@ class Round:
             lock = sqlite3.connect(self.db, timeout=10, isolation_level=None)
             try:
                 lock.execute("BEGIN EXCLUSIVE")
-                time.sleep(self.rng.uniform(0.3, 2.0))
+                time.sleep(self.rng.uniform(0.3, 2.0))  # the fault: how long writes fail
                 lock.execute("ROLLBACK")
             finally:
                 lock.close()
         elif kind == "cut_connection":  # a network drop, results in flight included
             self.proxy.cut()
-        elif kind == "stop_worker":  # a partition: leases expire meanwhile
+        elif kind == "stop_worker":  # a partition, until the leases it held have expired
             self.worker.send_signal(signal.SIGSTOP)
-            time.sleep(LEASE_TIMEOUT + 1.5)
+            held = self._leased()
+            wait_for(lambda: not held & self._leased(), LEASE_TIMEOUT * 10)
             self.worker.send_signal(signal.SIGCONT)
         else:
             started = time.monotonic()
@@ -243,6 +242,19 @@ class Round:
                 )
             self.worker = self._start_worker()
 
+    def _leased(self) -> set[tuple[str, int, int]]:
+        """(job, slice, attempt) of every slice leased now."""
+        store = SQLiteStore(self.db)
+        try:
+            return {
+                (s.job, s.slice, s.attempts)
+                for job in store.active_jobs()
+                for s in store.slices(job.id, limit=10**6)
+                if s.state == "leased"
+            }
+        finally:
+            store.close()
+
     def close(self) -> None:
         if self.worker.poll() is None:
             self.worker.send_signal(signal.SIGINT)
@@ -253,6 +265,23 @@ class Round:
                 self.worker.wait()
         self.proxy.close()
         self.scheduler.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _settled(client: ComputeClient, job: str) -> bool:
+    try:
+        return client.status(job)["state"] != "active"
+    except Exception:  # the scheduler may be restarting
+        return False
 
 
 def run_round(
@@ -270,17 +299,11 @@ def run_round(
         with ComputeClient(f"http://127.0.0.1:{r.port}", r.owner, timeout=30) as client:
             job = client.deploy(job_toml)
             while injected < faults and time.monotonic() < deadline:
-                time.sleep(rng.uniform(0.05, 0.6))
+                time.sleep(rng.uniform(0.05, 0.6))  # the fault schedule: random spacing
                 r.inject()
                 injected += 1
-            end = time.monotonic() + 180
-            while time.monotonic() < end:
-                try:
-                    if client.status(job)["state"] != "active":
-                        break
-                except Exception:  # the scheduler may be restarting
-                    pass
-                time.sleep(0.2)
+            with contextlib.suppress(AssertionError):  # still active: the counts say why
+                wait_for(lambda: _settled(client, job), 180)
     finally:
         r.close()
     store = SQLiteStore(r.db)
