@@ -287,7 +287,7 @@ class Evaluator:
                 self._compile_opencl(message)
         except SliceError as exc:
             self._assigned = None
-            self.send(Error(re=message.id, code=exc.code.value, message=exc.message))
+            self.send(_error(message.id, exc))
             return
         # Keep the assignment without the module bytes: the compiled module is cached.
         self._assigned = dataclasses.replace(message, module=None)
@@ -335,7 +335,7 @@ class Evaluator:
                     started=max(self._received_at, self._answered_at),
                 )
         except SliceError as exc:
-            self._answer(message.id, Error(re=message.id, code=exc.code.value, message=exc.message))
+            self._answer(message.id, _error(message.id, exc))
         else:
             self._answer(message.id, SliceDone(re=message.id, result=result, metrics=metrics))
 
@@ -353,12 +353,9 @@ class Evaluator:
         """From the wall clock's thread: the running wasm slice is due. Its answer goes out
         now; on a loaded machine the slice's own thread, starved of CPU, took 0.1-0.4 s more
         to unwind (the next request waits for it)."""
-        with self._out_lock:
-            request = self._current
-            if request is not None:
-                self._answer(
-                    request, Error(re=request, code=error.code.value, message=error.message), True
-                )
+        request = self._current
+        if request is not None:
+            self._answer(request, _error(request, error), flush=True)
 
     def _on_progress(self, fraction: float) -> None:
         now = time.monotonic()
@@ -372,6 +369,11 @@ class Evaluator:
                 self.send(
                     Progress(re=self._current, fraction=min(1.0, max(0.0, fraction))), flush=True
                 )
+
+
+def _error(request: int, exc: SliceError) -> Error:
+    """The reply to request ``request`` that failed with ``exc``."""
+    return Error(re=request, code=exc.code.value, message=exc.message)
 
 
 def serve_stdio(withhold_opencl: str | None = None, runs_as: int | None = None) -> int:

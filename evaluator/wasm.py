@@ -222,7 +222,6 @@ class WasmRuntime:
         #: counts from its WASI context's creation), both by time.monotonic_ns().
         self._deadline_ns = 0
         self._wasi_origin_ns = 0
-        self._wall_seconds = 0.0
         # A write past RLIMIT_FSIZE must fail with EFBIG, not kill the evaluator.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         # The slice's stdin, stdout and stderr are in-memory files (memfd), handed to WASI by
@@ -339,9 +338,10 @@ class WasmRuntime:
         """
         fuel = limits.fuel is not None
         compiled = self._cache[(sha256, fuel)]
-        store = wasmtime.Store(self._engine(fuel))
+        engine = self._engine(fuel)
+        store = wasmtime.Store(engine)
         try:
-            return self._run_in(store, compiled, argv, limits, datum, started)
+            return self._run_in(engine, store, compiled, argv, limits, datum, started)
         finally:
             self._clock.disarm()
             self._limits = None
@@ -355,6 +355,7 @@ class WasmRuntime:
 
     def _run_in(
         self,
+        engine: wasmtime.Engine,
         store: wasmtime.Store,
         compiled: _Compiled,
         argv: tuple[str, ...],
@@ -371,9 +372,8 @@ class WasmRuntime:
         budget.apply(store)
         deadline = (time.monotonic() if started is None else started) + limits.wall_seconds
         self._limits = limits
-        self._clock.arm(self._engine(limits.fuel is not None), store, deadline)
+        self._clock.arm(engine, store, deadline)
         self._deadline_ns = int(deadline * 1e9)
-        self._wall_seconds = limits.wall_seconds
         if limits.fuel is not None:
             store.set_fuel(limits.fuel)
         wasi = wasmtime.WasiConfig()
@@ -429,11 +429,9 @@ class WasmRuntime:
             wall = time.monotonic() - started_wall
             cpu = time.process_time() - started_cpu
         out_size = os.fstat(stdout_fd).st_size
-        if out_size > limits.output_bytes:
-            raise SliceError(
-                ErrorCode.OUTPUT_TOO_LARGE,
-                f"output exceeded the cap of {limits.output_bytes} bytes",
-            )
+        flood = _flood(out_size, limits)
+        if flood is not None:
+            raise flood
         if exit_code != 0:
             exhausted = _exhausted(store, instance, budget)
             if exhausted is not None:
@@ -452,19 +450,8 @@ class WasmRuntime:
             wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
         )
 
-    def _flood(self, limits: Limits) -> SliceError | None:
-        if os.fstat(self._fds["stdout"]).st_size > limits.output_bytes:
-            return SliceError(
-                ErrorCode.OUTPUT_TOO_LARGE,
-                f"output exceeded the cap of {limits.output_bytes} bytes",
-            )
-        return None
-
-    @staticmethod
-    def _wall_clock_error(limits: Limits) -> SliceError:
-        return SliceError(
-            ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s"
-        )
+    def _output_size(self) -> int:
+        return os.fstat(self._fds["stdout"]).st_size
 
     def _deadline_reached(self) -> None:
         """From the clock's thread: the running slice is due. A host call that ends the
@@ -472,7 +459,7 @@ class WasmRuntime:
         limits = self._limits
         if limits is None or self._host_error is not None:
             return
-        self._timed_out(self._flood(limits) or self._wall_clock_error(limits))
+        self._timed_out(_flood(self._output_size(), limits) or _wall_clock_error(limits))
 
     def _classify_trap(
         self,
@@ -486,12 +473,12 @@ class WasmRuntime:
             return self._host_error
         # A limit that was hit explains the trap better than the trap itself: a flood that
         # ran into the wall clock is reported as a flood.
-        flood = self._flood(limits)
+        flood = _flood(self._output_size(), limits)
         if flood is not None:
             return flood
         code = exc.trap_code
         if code == wasmtime.TrapCode.INTERRUPT:
-            return self._wall_clock_error(limits)
+            return _wall_clock_error(limits)
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
         exhausted = _exhausted(store, instance, budget)
@@ -571,13 +558,9 @@ class WasmRuntime:
                 return _ERRNO_INVAL
         if not ready:
             wake = min(deadline for deadline, _ in clocks)
-            if wake > self._deadline_ns:
+            if wake > self._deadline_ns and self._limits is not None:
                 # Named first: the clock's thread then leaves the answer to this one.
-                self._host_error = SliceError(
-                    ErrorCode.WASM_TIMEOUT,
-                    f"exceeded the wall-clock limit of {self._wall_seconds:g} s "
-                    "(sleeping in poll_oneoff)",
-                )
+                self._host_error = _wall_clock_error(self._limits, " (sleeping in poll_oneoff)")
                 _sleep_until(self._deadline_ns)
                 raise wasmtime.Trap("wall-clock limit reached in poll_oneoff")
             _sleep_until(wake)
@@ -656,6 +639,21 @@ def _has_type(func_type: wasmtime.FuncType | None, params: list[str], results: l
         func_type is not None
         and [str(t) for t in func_type.params] == params
         and [str(t) for t in func_type.results] == results
+    )
+
+
+def _flood(size: int, limits: Limits) -> SliceError | None:
+    """The error of a slice whose output reached ``size`` bytes, if that is over its cap."""
+    if size > limits.output_bytes:
+        return SliceError(
+            ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes"
+        )
+    return None
+
+
+def _wall_clock_error(limits: Limits, where: str = "") -> SliceError:
+    return SliceError(
+        ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s{where}"
     )
 
 
