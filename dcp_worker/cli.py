@@ -25,6 +25,7 @@ from . import __version__
 from . import config as config_mod
 from .config import ConfigError, GroupConfig, WorkerConfig
 from .control import ControlClient, ControlError
+from .durations import parse_duration
 from .logs import detect_outputs, setup_logging
 from .notify import status_line
 from .outbox import OutboxError
@@ -393,31 +394,6 @@ _action("resume", "resume", "Fetch slices again after a pause.")
 _action("finish", "finish", "Let the slices held end, then pause (fahctl's finish).")
 _action("stop", "stop", "Graceful stop, as a first SIGINT.")
 _action("stop-now", "stop_now", "Immediate stop, as a second SIGINT: leases are returned.")
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``2h``, ``1d`` or ``1h30m`` in seconds.
-
-    Raises:
-        ValueError: not such a duration, or not positive.
-    """
-    total, number = 0.0, ""
-    for ch in text.strip().lower():
-        if ch.isdigit() or ch == ".":
-            number += ch
-        elif ch in _UNITS and number:
-            total += float(number) * _UNITS[ch]
-            number = ""
-        else:
-            raise ValueError(f"{text!r} is not a duration (like 90s, 30m, 2h, 1h30m)")
-    if number:
-        total += float(number)
-    if total <= 0:
-        raise ValueError(f"{text!r} is not a positive duration")
-    return total
 
 
 @main.command(name="console-url")

@@ -45,6 +45,7 @@ from dcp_keys import identity as idmod
 
 from .config import WorkerConfig
 from .control import ControlClient, ControlError
+from .durations import duration
 from .logs import LogSetup, RecentLogs
 
 __all__ = ["WorkerDashboard", "attach_dashboard", "run_dashboard"]
@@ -54,16 +55,6 @@ REFRESH = 0.25
 #: A slice whose progress has not moved for this long is shown as stalled, not as slow.
 STALL_SECONDS = 30.0
 SNOOZE_SECONDS = 30 * 60.0
-
-
-def duration(seconds: float) -> str:
-    """``45s``, ``3m05s``, ``2h10m``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def progress_text(box: dict[str, Any], stall: float = STALL_SECONDS) -> str:

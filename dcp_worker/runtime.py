@@ -71,13 +71,7 @@ async def serve(supervisor: Supervisor, logsetup: LogSetup, signals: bool = True
     control = ControlServer(
         supervisor.config.control_path,
         supervisor.snapshot,
-        {
-            "pause": supervisor.pause,
-            "resume": supervisor.resume,
-            "finish": supervisor.finish,
-            "stop": supervisor.stop,
-            "stop_now": supervisor.stop_now,
-        },
+        {**supervisor.actions(), "stop_now": supervisor.stop_now},
         logsetup.recent,
         supervisor.commands(),
     )

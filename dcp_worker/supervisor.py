@@ -374,6 +374,15 @@ class Supervisor:
         self.state.handle(JobResumed(job))
         self._capacity.set()
 
+    def actions(self) -> dict[str, Callable[[], None]]:
+        """The commands without arguments that the control socket and the page offer."""
+        return {
+            "pause": self.pause,
+            "resume": self.resume,
+            "finish": self.finish,
+            "stop": self.stop,
+        }
+
     def commands(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         """The control socket's commands that take arguments (a ValueError refuses one)."""
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dcp_worker.cli import parse_duration
 from dcp_worker.control import ControlClient, ControlError, ControlServer
+from dcp_worker.durations import parse_duration
 from dcp_worker.logs import RecentLogs
 
 REPO = Path(__file__).parent.parent

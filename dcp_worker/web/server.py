@@ -25,6 +25,7 @@ import jinja2
 from aiohttp import web
 
 from ..config import ConfigError
+from ..durations import duration
 from ..levels import NOTICE
 from ..logs import RecentLogs
 from .auth import COOKIE, ConsoleAuth, write_token
@@ -49,16 +50,7 @@ def _clock(ts: float) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return "" if seconds is None else duration(seconds, tenths_below=10)
 
 
 class ConsoleServer:
@@ -194,12 +186,7 @@ class ConsoleServer:
     async def _act(self, request: web.Request) -> web.StreamResponse:
         action = request.match_info["action"]
         sup = self.supervisor
-        plain: dict[str, Callable[[], None]] = {
-            "pause": sup.pause,
-            "resume": sup.resume,
-            "finish": sup.finish,
-            "stop": sup.stop,
-        }
+        plain = sup.actions()
         try:
             body = await request.json() if request.can_read_body else {}
         except json.JSONDecodeError:
