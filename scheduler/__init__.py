@@ -16,6 +16,8 @@ _EXPORTS = {
     "UnknownJob": "store",
     "UnknownSlice": "store",
     "SQLiteStore": "store.sqlite",
+    "PostgresStore": "store.postgres",
+    "open_store": "store.backends",
     "Scheduler": "server",
     "SchedulerConfig": "config",
     "ComputeClient": "client",

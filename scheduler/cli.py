@@ -21,8 +21,9 @@ from dcp_protocol import MAX_FRAME_BYTES, policy, signing
 
 from .limits import ConnectionLimits, RefusalLimits
 from .server import Scheduler, SchedulerConfig
-from .store import StoreError, credits, to_micro
-from .store.sqlite import SQLiteStore
+from .store import Store, StoreError, credits, to_micro
+from .store.backends import is_postgres, open_store
+from .store.migrations import LATEST, MIGRATIONS
 from .terminal import detach_from_terminal, in_terminal_background, log_path
 from .web import load_operator_token, operator_token_path
 
@@ -41,11 +42,39 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _open(db: str, busy_timeout: float = 10.0) -> SQLiteStore:
+def _open(db: str, busy_timeout: float = 10.0, upgrade: bool = False) -> Store:
     try:
-        return SQLiteStore(db, busy_timeout=busy_timeout)
+        return open_store(db, upgrade=upgrade, busy_timeout=busy_timeout)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+_DB_HELP = (
+    "The scheduler's database: a SQLite file, or postgresql://USER@HOST/DB (libpq's URL, e.g."
+    " ?host=/run/postgresql for its socket) shared by several replicas. Also DCP_SCHEDULER_DB."
+)
+
+
+def _existing_db(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Admin commands open what exists: a missing SQLite file is a typo, not a new store."""
+    if not is_postgres(value) and not Path(value).is_file():
+        raise click.BadParameter(f"no database file {value!r}", ctx, param)
+    return value
+
+
+def _state_base(db: str, state_dir: str | None) -> Path:
+    """The path whose ``.log`` and ``.console-token`` siblings ``serve`` writes: beside a
+    SQLite file; for PostgreSQL (no file of ours) in ``state_dir`` or
+    ~/.local/state/dcp-scheduler, named for the database."""
+    if not is_postgres(db) and state_dir is None:
+        return Path(db)
+    if is_postgres(db):
+        name = db.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "postgres"
+    else:
+        name = Path(db).name
+    directory = Path(state_dir or "~/.local/state/dcp-scheduler").expanduser()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory / name
 
 
 @click.group()
@@ -60,7 +89,27 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--db", required=True, type=click.Path(dir_okay=False), help="SQLite database file.")
+@click.option("--db", required=True, envvar="DCP_SCHEDULER_DB", help=_DB_HELP)
+@click.option(
+    "--upgrade",
+    is_flag=True,
+    help="Apply the schema migrations an older database lacks before serving (else such a "
+    "database is refused; see `dcp-scheduler db upgrade`).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="Where the console's operator token and a backgrounded serve's log go [default: "
+    "beside a SQLite database; ~/.local/state/dcp-scheduler for PostgreSQL].",
+)
+@click.option(
+    "--peer-wakeups",
+    default="notify",
+    show_default=True,
+    help="How a PostgreSQL replica learns that another one made work available or results "
+    "final: 'notify' (LISTEN/NOTIFY, with a 1 s safety poll) or 'poll:SECONDS'. Ignored for "
+    "SQLite (one process).",
+)
 @click.option(
     "--listen",
     default="127.0.0.1:8500",
@@ -216,6 +265,9 @@ def main(verbose: int) -> None:
 )
 def serve(
     db: str,
+    upgrade: bool,
+    state_dir: str | None,
+    peer_wakeups: str,
     listen: str,
     lease_timeout: float,
     heartbeat_interval: float,
@@ -268,20 +320,28 @@ def serve(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    wakeups = _peer_wakeups(peer_wakeups)
+    try:
+        base = _state_base(db, state_dir)
+    except OSError as exc:
+        raise click.ClickException(f"cannot make the state directory: {exc}") from None
     if in_terminal_background():
         try:
-            detach_from_terminal(log_path(Path(db)))
+            detach_from_terminal(log_path(base))
         except OSError as exc:
-            raise click.ClickException(f"cannot write the log beside the database: {exc}") from None
-    store = _open(db, db_busy_timeout)
-    token_path = operator_token_path(Path(db))
+            raise click.ClickException(f"cannot write the log {log_path(base)}: {exc}") from None
+    store = _open(db, db_busy_timeout, upgrade=upgrade)
+    if 0 < len(store.applied) < len(MIGRATIONS):  # an existing database, upgraded
+        for migration in store.applied:
+            click.echo(f"applied schema {migration.version}: {migration.what}", err=True)
+    token_path = operator_token_path(base)
     try:
         operator_token = load_operator_token(token_path)
     except OSError as exc:
         store.close()
         raise click.ClickException(f"cannot keep the console's operator token: {exc}") from None
     try:
-        scheduler = Scheduler(store, config, operator_token=operator_token)
+        scheduler = Scheduler(store, config, operator_token=operator_token, peer_wakeups=wakeups)
         asyncio.run(_serve(scheduler, host, port, token_path))
     finally:
         store.close()
@@ -331,11 +391,60 @@ def jobs() -> None:
 
 
 _db = click.option(
-    "--db",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="SQLite database file of the scheduler.",
+    "--db", required=True, envvar="DCP_SCHEDULER_DB", callback=_existing_db, help=_DB_HELP
 )
+
+
+def _peer_wakeups(value: str) -> float | None:
+    """--peer-wakeups: None for LISTEN/NOTIFY, else the poll's period in seconds."""
+    if value == "notify":
+        return None
+    kind, _, seconds = value.partition(":")
+    try:
+        period = float(seconds)
+    except ValueError:
+        period = -1.0
+    if kind != "poll" or not 0.01 <= period <= 60:
+        raise click.BadParameter(
+            f"expected 'notify' or 'poll:SECONDS' (0.01 to 60), not {value!r}",
+            param_hint="--peer-wakeups",
+        )
+    return period
+
+
+@main.group("db")
+def db_group() -> None:
+    """The database's schema: its version, and the migrations that upgrade it."""
+
+
+@db_group.command("upgrade")
+@click.option("--db", required=True, envvar="DCP_SCHEDULER_DB", help=_DB_HELP)
+def db_upgrade(db: str) -> None:
+    """Apply the schema migrations the database lacks (creating it if empty); each
+    migration is one transaction, and replicas may keep serving the schema they know only
+    if it is theirs: upgrade, then restart them with the new release."""
+    store = _open(db, upgrade=True)
+    try:
+        for migration in store.applied:
+            click.echo(f"applied {migration.version}: {migration.what}")
+        click.echo(f"{store.where}: schema {store.schema_version()} (latest {LATEST})")
+    finally:
+        store.close()
+
+
+@db_group.command("status")
+@_db
+def db_status(db: str) -> None:
+    """Print the database's schema version and the migrations it lacks (exit 1 if any)."""
+    try:
+        store = open_store(db)
+    except StoreError as exc:
+        click.echo(f"dcp-scheduler: {exc}", err=True)
+        sys.exit(1)
+    try:
+        click.echo(f"{store.where}: schema {store.schema_version()} (latest {LATEST})")
+    finally:
+        store.close()
 
 
 @jobs.command("list")

@@ -21,18 +21,29 @@ class LocalScheduler:
     """Start ``dcp-scheduler serve`` and learn its URL from the first line it prints.
 
     Args:
-        db: the SQLite database.
+        db: the database: a SQLite file, or a PostgreSQL URL.
         extra: more ``serve`` options (e.g. ``--lease-timeout 5``).
         listen: HOST:PORT; port 0 (the default) picks a free port.
         log: where its logs go (verbose); None discards them.
+        state_dir: ``serve --state-dir`` (the console token; for PostgreSQL, by default the
+            log's directory).
     """
 
     def __init__(
-        self, db: Path, *extra: str, listen: str = "127.0.0.1:0", log: Path | None = None
+        self,
+        db: Path | str,
+        *extra: str,
+        listen: str = "127.0.0.1:0",
+        log: Path | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.db = db
         self.log = log
         verbose = ["-v"] if log is not None else []
+        if state_dir is None and log is not None and str(db).startswith("postgres"):
+            state_dir = log.parent
+        if state_dir is not None:
+            extra = ("--state-dir", str(state_dir), *extra)
         with open(log or "/dev/null", "a") as sink:
             self.proc = subprocess.Popen(
                 [

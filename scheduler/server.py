@@ -47,9 +47,9 @@ from .limits import (
 )
 from .session import Dispatcher, Park, WorkerSession
 from .specs import JobSpecs
-from .store import Store, StoreError
+from .store import PeerNotifier, Store, StoreError
 from .verifier import VERIFIER_LIMITS, VerifierPool
-from .wakeups import Wakeups
+from .wakeups import RESULTS, WORK, Wakeups
 from .web import Console
 from .web.access import OPERATOR_PREFIX
 
@@ -68,6 +68,9 @@ CLOSE_AUTH_TIMEOUT = 4008
 CLOSE_GRACE = 1.0
 #: Where a request's connection ticket (scheduler.limits) is kept on the request.
 TICKET = web.RequestKey("dcp.ticket", Ticket)
+#: Seconds between wake-ups of every waiter where replicas notify each other: a notification
+#: lost with the listening connection is made good within this.
+SAFETY_POLL = 1.0
 #: Error codes that refuse what a session sent (its fault, unlike ``internal``): a frame
 #: answered with one of them spends the session's refusal budget (scheduler.limits).
 REFUSING_CODES = frozenset(
@@ -98,11 +101,15 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         clock: Callable[[], float] = time.time,
         operator_token: str | None = None,
+        peer_wakeups: float | None = None,
     ) -> None:
         """``clock``: the compute API's clock (Unix seconds) for request freshness and read
         token expiry; tests inject one. ``operator_token``: what opens the web console's
         operator pages (``serve`` keeps it beside the database); None makes one that nobody
-        is told (no operator pages)."""
+        is told (no operator pages). ``peer_wakeups``: how other replicas on the same
+        database wake this one's parked fetches and long polls: None, PostgreSQL's
+        LISTEN/NOTIFY (with a safety poll each SAFETY_POLL seconds); a number, a poll with
+        that period (any backend)."""
         self.store = store
         self.config = config or SchedulerConfig()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -112,6 +119,13 @@ class Scheduler:
             per_owner=self.config.verifications_per_session,
         )
         self.wakeups = Wakeups()
+        self._peer_poll = peer_wakeups
+        self.notifier: PeerNotifier | None = None
+        if peer_wakeups is None:
+            self.notifier = store.notifier((WORK, RESULTS), self.wakeups.woken)
+        if self.notifier is not None:
+            self.wakeups.publish = self.notifier.publish
+            self._peer_poll = SAFETY_POLL
         specs = JobSpecs(store)
         acceptance = Acceptance(store, self.config, specs, self.verifiers, self.wakeups)
         self.dispatcher = Dispatcher(store, self.config, specs, acceptance, self.wakeups)
@@ -150,6 +164,7 @@ class Scheduler:
         app.router.add_get(f"{API}/accounts/{{address}}", self.api.account)
         self.console.add_routes(app)  # /console/... and / (scheduler/web/)
         app.cleanup_ctx.append(self._expiry_ctx)
+        app.cleanup_ctx.append(self._peers_ctx)
         app.cleanup_ctx.append(self._auth_deadline_ctx)
         app.on_shutdown.append(self._close_sessions)
         return app
@@ -226,6 +241,26 @@ class Scheduler:
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"scheduler shutting down")
+
+    async def _peers_ctx(self, app: web.Application) -> Any:
+        """Listen to the other replicas, and poll: what a lost notification missed is found
+        within one period."""
+        tasks = []
+        if self.notifier is not None:
+            tasks.append(asyncio.create_task(self.notifier.listen()))
+        if self._peer_poll is not None:
+            tasks.append(asyncio.create_task(self._poll_peers(self._peer_poll)))
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _poll_peers(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self.wakeups.woken(None)
 
     async def _expiry_ctx(self, app: web.Application) -> Any:
         # Leases held while the scheduler was down would expire at the first pass: give their

@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 import dcp_protocol as p
 from dcp_keys.identity import Identity, create_keystore
 from scheduler.local import LocalScheduler
+from tests import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -112,24 +113,72 @@ async def answer_empty(ws: ServerConnection, fetch: p.Fetch) -> None:
             await ws.send(p.encode(p.Work(re=fetch.id)).decode())
 
 
-class SchedulerProcess(LocalScheduler):
-    """A scheduler on loopback whose verbose log sits beside its database."""
+#: The store backends the parametrized suites run on.
+BACKENDS = ("sqlite", "postgres")
 
-    def __init__(self, db: Path, *extra: str, listen: str = "127.0.0.1:0") -> None:
-        super().__init__(db, *extra, listen=listen, log=db.with_suffix(".log"))
+
+def postgres_server() -> postgres.Server:
+    """The tests' PostgreSQL server; the test skips (or fails, under DCP_REQUIRE_POSTGRES=1,
+    as in CI) where none can be had, with the reason."""
+    server = postgres.server()
+    if server is None:
+        reason = postgres.UNAVAILABLE or "no PostgreSQL server"
+        if postgres.required():
+            pytest.fail(f"DCP_REQUIRE_POSTGRES is set: {reason}")
+        pytest.skip(reason)
+    return server
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db(backend: str, tmp_path: Path) -> str:
+    """A new, empty database of ``backend``: what ``--db`` takes (a SQLite path or a
+    PostgreSQL URL)."""
+    if backend == "sqlite":
+        return str(tmp_path / "scheduler.db")
+    return postgres_server().create_database()
+
+
+@pytest.fixture
+def pg_db() -> str:
+    """A new, empty PostgreSQL database's URL, for the tests of PostgreSQL alone."""
+    return postgres_server().create_database()
+
+
+class SchedulerProcess(LocalScheduler):
+    """A scheduler on loopback whose verbose log sits beside its database (a SQLite file), or
+    in ``log`` (needed for a PostgreSQL URL, whose console token then sits beside it)."""
+
+    def __init__(
+        self, db: Path | str, *extra: str, listen: str = "127.0.0.1:0", log: Path | None = None
+    ) -> None:
+        if log is None:
+            assert not str(db).startswith("postgresql"), "a PostgreSQL scheduler needs a log"
+            log = Path(db).with_suffix(".log")
+        super().__init__(db, *extra, listen=listen, log=log)
+
+
+#: The options of the ``scheduler`` fixtures: quick leases and heartbeats, a short verifier.
+QUICK = ("--lease-timeout", "5", "--heartbeat-interval", "0.5", "--verifier-wall-seconds", "1")
 
 
 @pytest.fixture
 def scheduler(tmp_path: Path) -> Iterator[SchedulerProcess]:
-    proc = SchedulerProcess(
-        tmp_path / "scheduler.db",
-        "--lease-timeout",
-        "5",
-        "--heartbeat-interval",
-        "0.5",
-        "--verifier-wall-seconds",
-        "1",
-    )
+    """A scheduler on SQLite. A module whose tests must hold on both backends overrides it
+    with a ``scheduler`` fixture that returns ``scheduler_on_every_backend``."""
+    proc = SchedulerProcess(tmp_path / "scheduler.db", *QUICK)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def scheduler_on_every_backend(db: str, tmp_path: Path) -> Iterator[SchedulerProcess]:
+    """The ``scheduler`` fixture, once per backend (``db``)."""
+    proc = SchedulerProcess(db, *QUICK, log=tmp_path / "scheduler.log")
     yield proc
     proc.stop()
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dcp_protocol import Limits, Metrics
-from scheduler import SQLiteStore, StaleLease, UnknownSlice
+from scheduler import SQLiteStore, StaleLease, Store, UnknownSlice
 from scheduler.store import MICRO, InsufficientFunds, NewJob, ResultRow
 
 OWNERS = ["0x" + f"{i:02x}" * 20 for i in (1, 2)]
@@ -35,7 +35,7 @@ def job(owner: str, n: int, offer_micro: int, tag: str) -> NewJob:
     )
 
 
-def check_books(store: SQLiteStore) -> None:
+def check_books(store: Store) -> None:
     t = store.totals()
     assert t["minted"] == t["accounts"] + t["escrow"]
     assert t["escrowed"] == t["paid"] + t["refunded"] + t["escrow"]

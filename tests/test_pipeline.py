@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.client import ComputeClient
-from scheduler.store.sqlite import SQLiteStore
+from scheduler.store.backends import open_store
 
 from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 
@@ -41,8 +41,14 @@ def job_file(
     return path
 
 
-def counts(db: Path, job: str) -> dict[str, int]:
-    store = SQLiteStore(db)
+@pytest.fixture
+def scheduler(scheduler_on_every_backend: SchedulerProcess) -> SchedulerProcess:
+    """The end-to-end suite runs on both backends (tests/conftest.py)."""
+    return scheduler_on_every_backend
+
+
+def counts(db: Path | str, job: str) -> dict[str, int]:
+    store = open_store(str(db))
     try:
         return store.job(job).counts
     finally:
@@ -139,7 +145,7 @@ def test_sigkill_worker_mid_job_then_restart(
         second = workers(scheduler.url, identity, 2, state_dir=state)
         results = list(client.results(job, wait=True, timeout=120))
     assert [r.result for r in results] == [v.encode() for v in values]
-    store = SQLiteStore(scheduler.db)
+    store = open_store(str(scheduler.db))
     slices = store.slices(job, limit=1000)
     store.close()
     # Each slice was accepted exactly once: one accepted result, under its final lease.
@@ -174,7 +180,7 @@ def test_sigint_returns_queued_slices_and_flushes(
     # Every slice the worker finished reached the scheduler; the rest are queued again.
     assert done.get("leased", 0) == 0
     assert done.get("done", 0) + done.get("queued", 0) == len(prefixes)
-    store = SQLiteStore(scheduler.db)
+    store = open_store(str(scheduler.db))
     queued = [s for s in store.slices(job) if s.state == "queued"]
     store.close()
     assert queued and all(s.attempts == 0 for s in queued if s.error_code is None)
@@ -249,7 +255,10 @@ def test_a_module_from_another_toolchain_runs_unchanged(
 
 
 def test_scheduler_restart_mid_job(
-    tmp_path: Path, make_keystore: Callable[[str], Keystore], workers: Callable[..., WorkerProcess]
+    tmp_path: Path,
+    db: str,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
 ) -> None:
     """The worker reconnects with backoff and resends what it holds; nothing is lost."""
     import socket
@@ -257,9 +266,8 @@ def test_scheduler_restart_mid_job(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    db = tmp_path / "restart.db"
     args = ("--lease-timeout", "5", "--heartbeat-interval", "0.5")
-    first = SchedulerProcess(db, *args, listen=f"127.0.0.1:{port}")
+    first = SchedulerProcess(db, *args, listen=f"127.0.0.1:{port}", log=tmp_path / "first.log")
     worker = workers(first.url, make_keystore("worker"), 2)
     values = [f"r{i}" for i in range(300)]
     with ComputeClient(first.url, make_keystore("owner").identity) as client:
@@ -269,7 +277,9 @@ def test_scheduler_restart_mid_job(
         first.proc.wait()
         first.stop()
         wait_for(lambda: "disconnected from the scheduler" in worker.output(), 30)
-        second = SchedulerProcess(db, *args, listen=f"127.0.0.1:{port}")
+        second = SchedulerProcess(
+            db, *args, listen=f"127.0.0.1:{port}", log=tmp_path / "second.log"
+        )
         try:
             results = list(client.results(job, wait=True, timeout=120))
         finally:

@@ -1,6 +1,6 @@
 """The store's contract: atomic fenced leases, bounded attempts, exactly-once acceptance.
 
-Runs against every backend (SQLite today; PostgreSQL joins the parameter list later)."""
+Runs against every backend (tests/conftest.py's ``db``: SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dcp_protocol import LeaseRef, Limits, Metrics
-from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice
+from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice, open_store
 from scheduler.store import ResultRow
 
 W1 = "0x" + "11" * 20
@@ -20,9 +20,9 @@ W2 = "0x" + "22" * 20
 PAY = "0x" + "33" * 20
 
 
-@pytest.fixture(params=["sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s = SQLiteStore(tmp_path / "store.db")
+@pytest.fixture
+def store(db: str) -> Iterator[Store]:
+    s = open_store(db)
     yield s
     s.close()
 

@@ -1,5 +1,8 @@
 """The scheduler's store interface: jobs, slices, leases, the bank, groups, workers.
-Backends implement :class:`Store` (scheduler/store/sqlite.py).
+Backends implement :class:`Store`: scheduler/store/sqlite.py (the embedded default, one file)
+and scheduler/store/postgres.py (one database shared by several replicas), both running the
+statements of scheduler/store/sql.py; scheduler/store/backends.py's ``open_store`` picks one
+by the ``--db`` value.
 
 Exception tree::
 
@@ -21,10 +24,13 @@ Amounts are integers of micro-credits (10^-6 credit), so credits are conserved e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dcp_protocol import DcpError, ErrorCode, LeaseRef, Limits, Metrics
+
+from .migrations import Migration
 
 MICRO = 1_000_000
 
@@ -227,8 +233,33 @@ class RefusalRecord:
     last: float
 
 
+class PeerNotifier(Protocol):
+    """How replicas on one database wake each other's waiters (scheduler/wakeups.py)."""
+
+    def publish(self, channel: str) -> None:
+        """Tell the other replicas that ``channel`` changed (coalesced; never raises)."""
+        ...
+
+    async def listen(self) -> None:
+        """Call the ``wake`` it was made with for what the others publish, until cancelled."""
+        ...
+
+
 class Store(Protocol):
-    """What the scheduler needs from a backend. See scheduler/store/sqlite.py."""
+    """What the scheduler needs from a backend. See scheduler/store/sql.py."""
+
+    #: Where the data is, for messages (a path, or a PostgreSQL URL without its password).
+    where: str
+    #: The schema migrations that opening this store applied (scheduler/store/migrations.py).
+    applied: tuple[Migration, ...]
+
+    def schema_version(self) -> int: ...
+    def notifier(
+        self, channels: tuple[str, ...], wake: Callable[[str | None], None]
+    ) -> PeerNotifier | None:
+        """What tells other replicas of this database, and hears them; None where the
+        backend has no replicas (SQLite)."""
+        ...
 
     # jobs
     def create_job(self, job: NewJob, now: float) -> str: ...

@@ -1,4 +1,4 @@
-"""The bank of the SQLite store: accounts, job escrows and the ledger, on one connection.
+"""The store's bank: accounts, job escrows and the ledger, on one connection of either backend.
 
 Every movement of credits is :func:`move`, which writes its ledger row; the caller runs it in
 the transaction of the change it pays for (a deploy's escrow, a slice's payment, a refund), so
@@ -8,15 +8,14 @@ Amounts are micro-credits; accounts are keyed by lowercase address.
 
 from __future__ import annotations
 
-import sqlite3
-
 from . import LedgerEntry, StoreError
+from .dbapi import Connection
 
 __all__ = ["balance", "entries", "move", "totals"]
 
 
 def move(
-    db: sqlite3.Connection,
+    db: Connection,
     kind: str,
     debit: str,
     credit: str,
@@ -39,8 +38,8 @@ def move(
             )
         elif sign > 0:
             db.execute(
-                "INSERT INTO accounts VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
-                " SET balance_micro = balance_micro + excluded.balance_micro",
+                "INSERT INTO accounts AS a VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
+                " SET balance_micro = a.balance_micro + excluded.balance_micro",
                 (account.lower(), amount),
             )
         else:  # the CHECK constraint refuses an overdraft, whatever the caller checked
@@ -57,15 +56,16 @@ def move(
     )
 
 
-def balance(db: sqlite3.Connection, address: str) -> int:
-    """The balance of ``address`` (0 for an account never credited)."""
+def balance(db: Connection, address: str, lock: str = "") -> int:
+    """The balance of ``address`` (0 for an account never credited); ``lock``: the words that
+    hold its row until the transaction ends (scheduler/store/sql.py, SQLStore._lock)."""
     row = db.execute(
-        "SELECT balance_micro FROM accounts WHERE address=?", (address.lower(),)
+        "SELECT balance_micro FROM accounts WHERE address=?" + lock, (address.lower(),)
     ).fetchone()
     return int(row[0]) if row else 0
 
 
-def entries(db: sqlite3.Connection, account: str | None, limit: int) -> list[LedgerEntry]:
+def entries(db: Connection, account: str | None, limit: int) -> list[LedgerEntry]:
     """The ledger in order, or the rows that debit or credit ``account``; at most ``limit``."""
     if account is None:
         rows = db.execute(
@@ -82,7 +82,7 @@ def entries(db: sqlite3.Connection, account: str | None, limit: int) -> list[Led
     return [LedgerEntry(*row) for row in rows]
 
 
-def totals(db: sqlite3.Connection) -> dict[str, int]:
+def totals(db: Connection) -> dict[str, int]:
     """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
     q = db.execute
     by_kind = dict(q("SELECT kind, sum(amount_micro) FROM ledger GROUP BY kind").fetchall())

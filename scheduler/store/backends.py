@@ -1,0 +1,30 @@
+"""Which backend a ``--db`` value names, and opening it."""
+
+from __future__ import annotations
+
+from . import Store
+
+__all__ = ["is_postgres", "open_store"]
+
+
+def is_postgres(db: str) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (a ``postgresql://`` URL)."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(db: str, upgrade: bool = False, busy_timeout: float = 10.0) -> Store:
+    """The store ``db`` names: a ``postgresql://USER@HOST/DB`` URL (libpq's forms, e.g.
+    ``?host=/run/postgresql`` for a socket), or the path of a SQLite file. ``upgrade``:
+    apply the schema migrations an older database lacks (scheduler/store/migrations.py).
+
+    Raises:
+        StoreError: it cannot be opened or its schema is not this scheduler's (the message
+            says which, and what to run).
+    """
+    if is_postgres(db):
+        from .postgres import PostgresStore  # psycopg is loaded only for a PostgreSQL store
+
+        return PostgresStore(db, upgrade=upgrade)
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(db, busy_timeout=busy_timeout, upgrade=upgrade)

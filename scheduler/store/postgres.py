@@ -1,0 +1,319 @@
+"""The PostgreSQL store: several scheduler replicas on one database.
+
+The statements are scheduler/store/sql.py's, run through psycopg 3 on one connection per
+replica (in autocommit, each public method one explicit transaction at READ COMMITTED). What
+makes replicas safe side by side:
+
+- rows a transaction reads and then changes are locked (``FOR UPDATE``): two replicas taking
+  the same result both read the slice, the second after the first committed, and it finds the
+  slice done (``duplicate``), never paid twice;
+- work is claimed with ``FOR UPDATE SKIP LOCKED``: replicas leasing at once take different
+  slices instead of queueing behind each other's locks;
+- lease expiry and garbage collection run in one replica at a time (a session advisory lock,
+  :meth:`PostgresStore._exclusively`), and what they change is locked row by row as well;
+- the connection's ``statement_timeout``, ``lock_timeout`` and
+  ``idle_in_transaction_session_timeout`` bound how long a call can stall a replica's event
+  loop or keep vacuum from cleaning.
+
+A broken connection (a restarted server, a terminated backend) fails the call in progress with
+:class:`StoreError` ("database unavailable", as SQLite's locked database does) and is replaced
+by the next call; a transaction that failed before any of it reached the server is retried once
+on a new connection.
+
+Parked fetches and long-polled reads are woken across replicas by LISTEN/NOTIFY
+(:class:`Notifier`): a replica that made work available or results final notifies the others,
+at most once per :data:`NOTIFY_INTERVAL` per channel, as NOTIFY takes a database-wide lock at
+commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+
+from . import StoreError
+from .migrations import META, SET_VERSION, Migration, SchemaError, pending
+from .sql import SQLStore
+
+__all__ = ["NOTIFY_INTERVAL", "Notifier", "PostgresStore", "display_url"]
+
+log = logging.getLogger(__name__)
+
+#: Advisory lock keys (one 64-bit space per database): "dcp" and a number.
+_LOCKS = {"migrate": 0x646370_01, "expiry": 0x646370_02, "gc": 0x646370_03}
+#: At most one NOTIFY per channel and replica in this many seconds.
+NOTIFY_INTERVAL = 0.02
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    user = f"{info['user']}@" if info.get("user") else ""
+    host = str(info.get("host", ""))
+    port = f":{info['port']}" if info.get("port") else ""
+    where = f"{host}{port}" if not host.startswith("/") else f"[{host}]{port}"
+    return f"postgresql://{user}{where}/{info.get('dbname', '')}"
+
+
+@functools.lru_cache(maxsize=512)
+def _dialect(sql: str) -> str:
+    """sql.py's statements for psycopg: ``%s`` placeholders, no SQLite index hints."""
+    return re.sub(r" INDEXED BY \w+", "", sql).replace("?", "%s")
+
+
+class _Connection:
+    """sqlite3.Connection's shape (execute, executemany) over a psycopg connection; a
+    database error is a StoreError, but a duplicate key stays itself (UNIQUE_VIOLATION)."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        try:
+            return self.raw.execute(_dialect(sql), params or None)
+        except psycopg.errors.UniqueViolation:
+            raise
+        except psycopg.Error as exc:
+            raise StoreError(f"database unavailable: {exc}".strip()) from exc
+
+    def executemany(self, sql: str, params: Iterable[Any]) -> None:
+        rows = list(params)
+        if not rows:
+            return
+        try:
+            with self.raw.cursor() as cur:
+                cur.executemany(_dialect(sql), rows)
+        except psycopg.Error as exc:
+            raise StoreError(f"database unavailable: {exc}".strip()) from exc
+
+
+class PostgresStore(SQLStore):
+    """:class:`scheduler.store.Store` on a PostgreSQL database, shared by replicas."""
+
+    LOCK = " FOR UPDATE"
+    SKIP_LOCKED = " SKIP LOCKED"
+    GREATEST = "greatest"
+    UNIQUE_VIOLATION = (psycopg.errors.UniqueViolation,)
+
+    def __init__(
+        self,
+        url: str,
+        upgrade: bool = False,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+        lock_timeout: float = 5.0,
+        idle_in_transaction_timeout: float = 60.0,
+    ) -> None:
+        """``statement_timeout``, ``lock_timeout``: the longest one statement runs, or
+        waits for a row another transaction holds, before the call fails (StoreError);
+        ``idle_in_transaction_timeout``: the server ends a session of ours whose transaction
+        was left open longer (none should be). ``upgrade``: as SQLiteStore's."""
+        super().__init__()
+        self.url = url
+        self.where = display_url(url)
+        options = " ".join(
+            (
+                f"-c statement_timeout={int(statement_timeout * 1000)}",
+                f"-c lock_timeout={int(lock_timeout * 1000)}",
+                f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}",
+            )
+        )
+        self._connect_timeout = max(1, round(connect_timeout))
+        self._options = options
+        self._conn: _Connection | None = None
+        try:
+            self.applied = self._migrate(upgrade)
+        except SchemaError as exc:
+            self.close()
+            raise StoreError(str(exc)) from None
+
+    # ------------------------------------------------------------------ connection
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.raw.closed and not conn.raw.broken:
+            return conn
+        self._conn = None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.raw.close()
+        try:
+            raw = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=self._connect_timeout,
+                options=self._options,
+                application_name="dcp-scheduler",
+            )
+        except psycopg.Error as exc:
+            text = str(exc).strip()
+            reason = text.splitlines()[-1] if text else type(exc).__name__
+            raise StoreError(
+                f"database unavailable: cannot connect to {self.where}: {reason}"
+            ) from None
+        self._conn = _Connection(raw)
+        return self._conn
+
+    @property
+    def _db(self) -> _Connection:
+        return self._connection()
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Connection]:
+        db = self._begin()
+        try:
+            yield db
+            db.execute("COMMIT")
+        except psycopg.errors.UniqueViolation as exc:
+            self._rollback(db)
+            raise StoreError(f"conflict: {exc}".strip()) from exc
+        except BaseException:
+            self._rollback(db)
+            raise
+
+    def _begin(self) -> _Connection:
+        """BEGIN on the connection, or on a new one if that one was found broken: nothing
+        of the transaction had reached the server, so it is safe to try once more."""
+        db = self._connection()
+        try:
+            db.execute("BEGIN")
+        except StoreError:
+            if not db.raw.broken and not db.raw.closed:
+                raise
+            db = self._connection()
+            db.execute("BEGIN")
+        return db
+
+    @staticmethod
+    def _rollback(db: _Connection) -> None:
+        if db.raw.broken or db.raw.closed:
+            return
+        with contextlib.suppress(StoreError, psycopg.Error):
+            db.execute("ROLLBACK")
+
+    @contextmanager
+    def _exclusively(self, what: str) -> Iterator[bool]:
+        """A session advisory lock: released at the block's end, or by the server when the
+        connection dies (so a killed replica never keeps it)."""
+        db = self._connection()
+        (mine,) = db.execute("SELECT pg_try_advisory_lock(?)", (_LOCKS[what],)).fetchone()
+        try:
+            yield bool(mine)
+        finally:
+            if mine:
+                with contextlib.suppress(StoreError):
+                    db.execute("SELECT pg_advisory_unlock(?)", (_LOCKS[what],))
+
+    def _migrate(self, upgrade: bool) -> tuple[Migration, ...]:
+        with self._tx() as db:
+            # Replicas starting together: one migrates, the others then find it done.
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_LOCKS["migrate"],))
+            db.execute(META)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            todo = pending(None if row is None else int(row[0]), self.where, upgrade)
+            for migration in todo:
+                db.execute(migration.postgres)
+                db.execute(SET_VERSION, (str(migration.version),))
+        return todo
+
+    def schema_version(self) -> int:
+        (version,) = self._db.execute(
+            "SELECT value FROM meta WHERE key='schema_version'"
+        ).fetchone()
+        return int(version)
+
+    def publish(self, channel: str, sender: str) -> None:
+        """NOTIFY the other replicas on ``channel``, as ``sender``."""
+        self._db.execute("SELECT pg_notify(?, ?)", (channel, sender))
+
+    def notifier(self, channels: tuple[str, ...], wake: Callable[[str | None], None]) -> Notifier:
+        return Notifier(self, channels, wake)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.raw.close()
+
+
+class Notifier:
+    """Wakes this replica's waiters when another replica notifies, and notifies them.
+
+    ``wake(channel)`` is called for each notification on ``channels`` from another
+    replica, and with None after each (re)connection of the listening session (what was
+    notified while it was down is lost: every waiter re-reads the store). ``publish``
+    coalesces: at most one NOTIFY per channel per NOTIFY_INTERVAL, the last one at the end of
+    the interval."""
+
+    def __init__(
+        self, store: PostgresStore, channels: tuple[str, ...], wake: Callable[[str | None], None]
+    ) -> None:
+        self.store = store
+        self.channels = channels
+        self.wake = wake
+        self.sender = secrets.token_hex(8)
+        self._last: dict[str, float] = {}
+        self._deferred: set[str] = set()
+        #: Notifications received from other replicas, and NOTIFYs sent (for the metrics).
+        self.received = 0
+        self.sent = 0
+
+    def publish(self, channel: str) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if channel in self._deferred:
+            return
+        due = self._last.get(channel, -1.0) + NOTIFY_INTERVAL
+        if now < due:
+            self._deferred.add(channel)
+            loop.call_at(due, self._flush, channel)
+            return
+        self._send(channel, now)
+
+    def _flush(self, channel: str) -> None:
+        self._deferred.discard(channel)
+        self._send(channel, asyncio.get_running_loop().time())
+
+    def _send(self, channel: str, now: float) -> None:
+        self._last[channel] = now
+        try:
+            self.store.publish(channel, self.sender)
+            self.sent += 1
+        except StoreError as exc:  # the other replicas' safety poll still wakes them
+            log.warning("cannot notify the other replicas: %s", exc)
+
+    async def listen(self, retry_delay: float = 1.0) -> None:
+        """LISTEN until cancelled, reconnecting after a lost connection."""
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.store.url, autocommit=True)
+                async with conn:
+                    for channel in self.channels:
+                        await conn.execute(f"LISTEN {channel}")
+                    self.wake(None)
+                    async for note in conn.notifies():
+                        if note.payload != self.sender:
+                            self.received += 1
+                            self.wake(note.channel)
+            except psycopg.Error as exc:
+                log.warning(
+                    "listening for other replicas on %s: %s; again in %g s",
+                    self.store.where,
+                    str(exc).strip() or type(exc).__name__,
+                    retry_delay,
+                )
+            await asyncio.sleep(retry_delay)

@@ -1,0 +1,927 @@
+"""The store's logic in SQL, once for both backends (scheduler/store/sqlite.py, the embedded
+default, and scheduler/store/postgres.py, for several replicas on one database).
+
+Every public method is one transaction. Slice state changes go through the table in
+:mod:`dcp_protocol.states`; every movement of credits is a ledger row (scheduler/store/ledger.py)
+written in the transaction of the change it pays for.
+
+Statements are written once, with ``?`` placeholders; a backend runs them on a connection that
+has ``execute`` and ``executemany`` (sqlite3's own, or scheduler/store/postgres.py's adapter).
+Where the two engines differ the backend says so in a class attribute:
+
+- :attr:`SQLStore.LOCK` follows a read whose row the transaction then changes (``FOR UPDATE``
+  on PostgreSQL, whose transactions run side by side under READ COMMITTED; nothing on SQLite,
+  whose ``BEGIN IMMEDIATE`` already lets one writer in at a time). Without it, two replicas
+  accepting the same slice would both read it leased and both pay.
+- :attr:`SQLStore.SKIP_LOCKED` follows the reads that claim work (leasing, expiry): a replica
+  passes over rows another one is claiming instead of queueing behind it.
+- :attr:`SQLStore.GREATEST` is the two-argument maximum (``max`` / ``greatest``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
+from typing import Any
+
+from dcp_protocol import (
+    IllegalTransition,
+    LeaseRef,
+    Limits,
+    Metrics,
+    SliceEvent,
+    SliceState,
+    transition,
+)
+from dcp_protocol.states import FINAL_STATES
+
+from . import (
+    DuplicateGroup,
+    GroupRecord,
+    InsufficientFunds,
+    JobRecord,
+    Lease,
+    LedgerEntry,
+    NewJob,
+    PeerNotifier,
+    ReadTokenRecord,
+    RefusalRecord,
+    ResultLease,
+    ResultRow,
+    SliceRecord,
+    StaleLease,
+    StoreError,
+    UnknownJob,
+    UnknownSlice,
+    WorkerRecord,
+)
+from . import ledger as _ledger
+from .dbapi import Connection
+
+#: A job's price reads one row per worker of the job (:meth:`SQLStore._price`). It is set on
+#: every acceptance while the job had at most PRICE_EXACT_WORKERS workers when last priced, then
+#: at most once per PRICE_INTERVAL seconds of the callers' clock: with 1,000 workers, pricing on
+#: every acceptance took 54% of a saturated scheduler's time (benchmarks/scale.py).
+PRICE_EXACT_WORKERS = 32
+PRICE_INTERVAL = 1.0
+_WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
+
+
+class SQLStore:
+    """:class:`scheduler.store.Store` over SQL; a backend gives the connection and the
+    transactions (:meth:`_tx`, :attr:`_db`) and its dialect's words."""
+
+    LOCK = ""
+    SKIP_LOCKED = ""
+    GREATEST = "max"
+    #: What a backend's connection raises for a duplicate key.
+    UNIQUE_VIOLATION: tuple[type[Exception], ...] = ()
+
+    def __init__(self) -> None:
+        #: job -> (when it was last priced, how many workers it had then)
+        self._priced: dict[str, tuple[float, int]] = {}
+
+    @property
+    def _db(self) -> Connection:
+        """The connection for reads outside a transaction."""
+        raise NotImplementedError
+
+    def _tx(self) -> AbstractContextManager[Connection]:
+        """One transaction: committed when the block ends, rolled back when it raises
+        (a database error as :class:`StoreError`)."""
+        raise NotImplementedError
+
+    def _exclusively(self, what: str) -> AbstractContextManager[bool]:
+        """Whether this store may do ``what`` now (lease expiry, garbage collection: what
+        several replicas must not do at once), held for the block. One process: always."""
+        return nullcontext(True)
+
+    def _lock(self, of: str = "") -> str:
+        """The words that lock the rows a read returns (of table alias ``of``) until the
+        transaction ends, where the engine runs writers side by side."""
+        if not self.LOCK:
+            return ""
+        return f"{self.LOCK} OF {of}" if of else self.LOCK
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def notifier(
+        self, channels: tuple[str, ...], wake: Callable[[str | None], None]
+    ) -> PeerNotifier | None:
+        return None
+
+    # ------------------------------------------------------------------ bank
+
+    def mint(self, address: str, amount_micro: int, now: float) -> int:
+        if amount_micro <= 0:
+            raise StoreError("mint a positive amount")
+        with self._tx() as db:
+            _ledger.move(db, "mint", "mint", address, amount_micro, now)
+            return _ledger.balance(db, address)
+
+    def balance(self, address: str) -> int:
+        return _ledger.balance(self._db, address)
+
+    def ledger(self, account: str | None = None, limit: int = 1000) -> list[LedgerEntry]:
+        return _ledger.entries(self._db, account, limit)
+
+    def totals(self) -> dict[str, int]:
+        """Minted, held in accounts, held in escrow, paid, refunded: minted = accounts + escrow."""
+        return _ledger.totals(self._db)
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(self, job: NewJob, now: float) -> str:
+        job_id = secrets.token_hex(16)
+        escrow = job.offer_micro * len(job.data)
+        with self._tx() as db:
+            existing = db.execute(
+                "SELECT id FROM jobs WHERE payload_sha256=?", (job.payload_sha256,)
+            ).fetchone()
+            if existing:
+                return str(existing[0])  # a replayed deploy: the same job, not a second one
+            balance = _ledger.balance(db, job.owner, self._lock())
+            if balance < escrow:
+                raise InsufficientFunds(job.owner, escrow, balance)
+            db.execute(
+                "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
+                " limits, offer_micro, group_key, requirements, config, verifier, payload_sha256,"
+                " total, remaining, max_attempts, created)"
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    job.owner,
+                    job.name,
+                    job.runtime,
+                    job.module,
+                    job.module_sha256,
+                    json.dumps(list(job.argv)),
+                    json.dumps(asdict(job.limits)),
+                    job.offer_micro,
+                    job.group,
+                    json.dumps(job.requirements),
+                    json.dumps(job.config),
+                    job.verifier,
+                    job.payload_sha256,
+                    len(job.data),
+                    len(job.data),
+                    job.max_attempts,
+                    now,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
+                ((job_id, i, datum) for i, datum in enumerate(job.data)),
+            )
+            _ledger.move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
+            if not job.data:
+                db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
+        return job_id
+
+    _JOB_COLUMNS = (
+        "id, owner, name, state, runtime, module_sha256, argv, limits, offer_micro, created,"
+        " finished, total, max_attempts, group_key, requirements, verifier IS NOT NULL,"
+        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out, config"
+    )
+
+    def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
+        cost = None
+        if row[17]:
+            cost = Metrics(
+                cpu_seconds=row[18], gpu_seconds=row[19], bytes_in=row[20], bytes_out=row[21]
+            )
+        return JobRecord(
+            id=row[0],
+            owner=row[1],
+            name=row[2],
+            state=row[3],
+            runtime=row[4],
+            module_sha256=row[5],
+            argv=tuple(json.loads(row[6])),
+            limits=Limits(**json.loads(row[7])),
+            offer_micro=row[8],
+            created=row[9],
+            finished=row[10],
+            total=row[11],
+            max_attempts=row[12],
+            group=row[13],
+            requirements=json.loads(row[14]),
+            config=json.loads(row[22]),
+            has_verifier=bool(row[15]),
+            escrow_micro=row[16],
+            cost=cost,
+            counts=counts,
+        )
+
+    def _counts(self, job_id: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, count(*) FROM slices WHERE job=? GROUP BY state", (job_id,)
+        )
+        return {state: n for state, n in rows}
+
+    def job(self, job_id: str, counts: bool = True) -> JobRecord:
+        row = self._db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return self._job_record(row, self._counts(job_id) if counts else {})
+
+    def job_state(self, job_id: str) -> str:
+        row = self._db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return str(row[0])
+
+    def _blob(self, column: str, job_id: str) -> bytes | None:
+        row = self._db.execute(f"SELECT {column} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return None if row[0] is None else bytes(row[0])
+
+    def job_module(self, job_id: str) -> bytes:
+        module = self._blob("module", job_id)
+        assert module is not None
+        return module
+
+    def job_verifier(self, job_id: str) -> bytes | None:
+        return self._blob("verifier", job_id)
+
+    def datum(self, job_id: str, slice_: int) -> bytes:
+        row = self._db.execute(
+            "SELECT datum FROM slices WHERE job=? AND idx=?", (job_id, slice_)
+        ).fetchone()
+        if row is None:
+            raise UnknownSlice(f"no slice {job_id}/{slice_}")
+        return bytes(row[0])
+
+    def list_jobs(self) -> list[JobRecord]:
+        rows = self._db.execute(f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY seq").fetchall()
+        return [self._job_record(row, self._counts(row[0])) for row in rows]
+
+    def active_jobs(self) -> list[JobRecord]:
+        """Active jobs with queued slices, oldest first (no slice counts: this is hot)."""
+        rows = self._db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs j WHERE state='active' AND EXISTS"
+            " (SELECT 1 FROM slices s WHERE s.state='queued' AND s.job=j.id) ORDER BY seq"
+        ).fetchall()
+        return [self._job_record(row, {}) for row in rows]
+
+    def slices(
+        self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
+    ) -> list[SliceRecord]:
+        self.job_state(job_id)
+        cursor = self._db.execute(
+            "SELECT job, idx, state, attempts, worker, deadline, error_code, error, result,"
+            " payment_address, accepted_at, metrics, progress FROM slices WHERE job=? AND idx>?"
+            " ORDER BY idx LIMIT ?",
+            (job_id, after, limit),
+        )
+        out = []
+        for r in cursor:
+            if final_prefix and SliceState(r[2]) not in FINAL_STATES:
+                break  # rows are read lazily: stopping here reads no further
+            out.append(
+                SliceRecord(
+                    job=r[0],
+                    slice=r[1],
+                    state=r[2],
+                    attempts=r[3],
+                    worker=r[4],
+                    deadline=r[5],
+                    error_code=r[6],
+                    error=r[7],
+                    result=None if r[8] is None else bytes(r[8]),
+                    payment_address=r[9],
+                    accepted_at=r[10],
+                    metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
+                    progress=r[12],
+                )
+            )
+        cursor.close()
+        return out
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(
+        self,
+        worker: str,
+        max_slices: int,
+        now: float,
+        timeout: float,
+        jobs: list[str] | None = None,
+        max_held: int | None = None,
+    ) -> list[Lease]:
+        """Lease up to ``max_slices`` queued slices, oldest job first; only from ``jobs`` when
+        given; never a slice whose last result from this worker was rejected; never so many
+        that ``worker`` would hold more than ``max_held`` leases at once."""
+        if jobs is not None and not jobs:
+            return []
+        deadline = now + timeout
+        leases: list[Lease] = []
+        where, params = "", []
+        if jobs is not None:
+            where = f" AND id IN ({','.join('?' * len(jobs))})"
+            params = list(jobs)
+        new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
+        updates = []
+        with self._tx() as db:
+            if max_held is not None:
+                (held,) = db.execute(
+                    "SELECT count(*) FROM slices INDEXED BY slices_by_worker"
+                    " WHERE worker=? AND state='leased'",
+                    (worker,),
+                ).fetchone()
+                max_slices = min(max_slices, max_held - held)
+            order = db.execute(
+                f"SELECT id, offer_micro FROM jobs WHERE state='active'{where} ORDER BY seq",
+                params,
+            ).fetchall()
+            for job_id, offer in order:
+                want = max_slices - len(leases)
+                if want <= 0:
+                    break
+                # Job by job through the state index: a query over all jobs at once walked
+                # every slice of the job (done ones included) and grew with its progress.
+                rows = db.execute(
+                    "SELECT idx, attempts, datum FROM slices INDEXED BY slices_by_state"
+                    " WHERE state='queued' AND job=? AND (rejected_by IS NULL OR rejected_by != ?)"
+                    f" ORDER BY idx LIMIT ?{self._lock()}{self.SKIP_LOCKED}",
+                    (job_id, worker.lower(), want),
+                )
+                for idx, attempts, datum in rows:
+                    token = secrets.token_hex(16)
+                    updates.append((new_state, token, worker, deadline, now, job_id, idx))
+                    leases.append(
+                        Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
+                    )
+            db.executemany(
+                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?,"
+                " attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
+                updates,
+            )
+        return leases
+
+    def heartbeat(
+        self, worker: str, refs: list[LeaseRef], now: float, timeout: float
+    ) -> list[LeaseRef]:
+        lost = []
+        with self._tx() as db:
+            for ref in refs:
+                cur = db.execute(
+                    "UPDATE slices SET deadline=?, progress=coalesce(?, progress) WHERE job=?"
+                    " AND idx=? AND token=? AND worker=? AND state='leased'",
+                    (now + timeout, ref.progress, ref.job, ref.slice, ref.token, worker),
+                )
+                if cur.rowcount == 0:
+                    lost.append(LeaseRef(ref.job, ref.slice, ref.token))
+        return lost
+
+    def _current(
+        self, db: Connection, job_id: str, idx: int
+    ) -> tuple[SliceState, str | None, str | None, int, int, int, str]:
+        row = db.execute(
+            "SELECT s.state, s.token, s.worker, s.attempts, j.max_attempts, j.offer_micro,"
+            " j.owner FROM slices s JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx=?"
+            + self._lock("s"),
+            (job_id, idx),
+        ).fetchone()
+        if row is None:
+            raise UnknownSlice(f"no slice {job_id}/{idx}")
+        return SliceState(row[0]), row[1], row[2], row[3], row[4], row[5], row[6]
+
+    def _fenced(
+        self, db: Connection, job_id: str, idx: int, token: str, worker: str
+    ) -> tuple[SliceState, int, int, int]:
+        """The slice's state, attempts, max attempts and offer, if ``token`` is its current
+        lease and ``worker`` holds it (fencing)."""
+        state, current, holder, attempts, max_attempts, offer, _ = self._current(db, job_id, idx)
+        if current != token or (holder or "").lower() != worker.lower():
+            raise StaleLease(f"slice {job_id}/{idx}: lease {token[:8]}... is not the current lease")
+        return state, attempts, max_attempts, offer
+
+    def _slice_final(self, db: Connection, job_id: str, now: float) -> None:
+        """One slice of the job reached a final state: finish the job when none is left."""
+        db.execute("UPDATE jobs SET remaining = remaining - 1 WHERE id=?", (job_id,))
+        db.execute(
+            "UPDATE jobs SET state='finished', finished=? WHERE id=? AND remaining<=0"
+            " AND state='active'",
+            (now, job_id),
+        )
+
+    def _count(
+        self, db: Connection, worker: str, counter: str, now: float, earned: int = 0
+    ) -> None:
+        assert counter in _WORKER_COUNTERS
+        db.execute(
+            "INSERT INTO workers (address, first_seen, last_seen) VALUES (?, ?, ?)"
+            " ON CONFLICT(address) DO NOTHING",
+            (worker.lower(), now, now),
+        )
+        db.execute(
+            f"UPDATE workers SET {counter} = {counter} + 1, earned_micro = earned_micro + ?,"
+            f" last_seen = {self.GREATEST}(last_seen, ?) WHERE address=?",
+            (earned, now, worker.lower()),
+        )
+
+    def result_lease(self, job_id: str, slice_: int, token: str, worker: str) -> ResultLease:
+        """The lease a result names, fenced as acceptance fences it; no transaction (it only
+        reads, and acceptance fences again: a token names one lease, never another)."""
+        row = self._db.execute(
+            "SELECT state, token, worker, leased_at, length(datum) FROM slices"
+            " WHERE job=? AND idx=?",
+            (job_id, slice_),
+        ).fetchone()
+        if row is None:
+            raise UnknownSlice(f"no slice {job_id}/{slice_}")
+        state, current, holder, leased_at, datum_bytes = row
+        if current != token or (holder or "").lower() != worker.lower():
+            raise StaleLease(
+                f"slice {job_id}/{slice_}: lease {token[:8]}... is not the current lease"
+            )
+        state = SliceState(state)
+        if state is not SliceState.DONE:
+            try:
+                transition(state, SliceEvent.ACCEPT)
+            except IllegalTransition:
+                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+        return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
+
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+        """Accept a result once and pay its slice's offer to its payment address.
+
+        Returns:
+            ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
+        """
+        (outcome,) = self.accept_results(worker, [row], now)
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
+
+    def accept_results(
+        self, worker: str, rows: list[ResultRow], now: float
+    ) -> list[tuple[str, int] | StoreError]:
+        """:meth:`accept_result` for many results in one transaction (one commit for a
+        batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
+        changes nothing, the others are accepted."""
+        outcomes: list[tuple[str, int] | StoreError] = [StoreError("not accepted")] * len(rows)
+        priced: set[str] = set()
+        # Slices (and their jobs) locked in one order by every transaction, so that two
+        # replicas' batches never wait on each other in a cycle.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].job, rows[i].slice))
+        with self._tx() as db:
+            for i in order:
+                row = rows[i]
+                db.execute("SAVEPOINT item")
+                try:
+                    outcome = self._accept(db, worker, row, now)
+                except StoreError as exc:
+                    db.execute("ROLLBACK TO item")
+                    outcomes[i] = exc
+                else:
+                    outcomes[i] = outcome
+                    if outcome[0] == "accepted":
+                        self._slice_final(db, row.job, now)  # one slice of its job is final
+                        priced.add(row.job)
+                db.execute("RELEASE item")
+            for job_id in priced:  # once per job and batch at most: it reads the job's workers
+                if self._price_due(job_id, now):
+                    self._price(db, job_id, now)
+        return outcomes
+
+    def _price_due(self, job_id: str, now: float) -> bool:
+        last = self._priced.get(job_id)
+        if last is None or last[1] <= PRICE_EXACT_WORKERS:
+            return True
+        when, _workers = last
+        return not when <= now < when + PRICE_INTERVAL  # (a clock stepped back: price now)
+
+    def _price(self, db: Connection, job_id: str, now: float) -> None:
+        """Set the job's cost per slice from its workers' sums: for each field the lower
+        median of the per-worker means. One worker (or fewer than half of them) claiming
+        1e300 CPU seconds cannot price the job out; with two workers the lower one counts,
+        as a job mispriced low is declined by workers that measure it, one priced high is
+        never run at all. With many workers the price may lag by up to PRICE_INTERVAL."""
+        rows = db.execute(
+            "SELECT n, cpu, gpu, bytes_in, bytes_out FROM job_costs WHERE job=?", (job_id,)
+        ).fetchall()
+        self._priced[job_id] = (now, len(rows))
+        if not rows:
+            return
+        cpu = statistics.median_low(c / n for n, c, _g, _i, _o in rows)
+        gpu = statistics.median_low(g / n for n, _c, g, _i, _o in rows)
+        bytes_in = statistics.median_low(i // n for n, _c, _g, i, _o in rows)
+        bytes_out = statistics.median_low(o // n for n, _c, _g, _i, o in rows)
+        db.execute(
+            "UPDATE jobs SET cost_cpu=?, cost_gpu=?, cost_in=?, cost_out=? WHERE id=?",
+            (cpu, gpu, bytes_in, bytes_out, job_id),
+        )
+
+    def _accept(self, db: Connection, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+        job_id, slice_, metrics = row.job, row.slice, row.metrics
+        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, row.token, worker)
+        if state is SliceState.DONE:
+            return "duplicate", 0  # resubmission of the accepted result: harmless
+        try:
+            new = transition(state, SliceEvent.ACCEPT)
+        except IllegalTransition:
+            raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+        db.execute(
+            "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
+            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
+            (
+                new.value,
+                row.result,
+                row.signature,
+                row.payment_address,
+                json.dumps(asdict(metrics)),
+                now,
+                job_id,
+                slice_,
+            ),
+        )
+        db.execute("UPDATE jobs SET cost_n = cost_n + 1 WHERE id=?", (job_id,))
+        db.execute(
+            "INSERT INTO job_costs AS c VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT(job, worker)"
+            " DO UPDATE SET n = c.n + 1, cpu = c.cpu + excluded.cpu, gpu = c.gpu + excluded.gpu,"
+            " bytes_in = c.bytes_in + excluded.bytes_in,"
+            " bytes_out = c.bytes_out + excluded.bytes_out",
+            (
+                job_id,
+                worker.lower(),
+                metrics.cpu_seconds,
+                metrics.gpu_seconds,
+                metrics.bytes_in,
+                metrics.bytes_out,
+            ),
+        )
+        _ledger.move(
+            db, "payment", f"escrow:{job_id}", row.payment_address, offer, now, job_id, slice_
+        )
+        self._count(db, worker, "accepted", now, earned=offer)
+        return "accepted", offer
+
+    def _release(
+        self,
+        db: Connection,
+        job_id: str,
+        idx: int,
+        state: SliceState,
+        attempts: int,
+        max_attempts: int,
+        event: SliceEvent,
+        code: str,
+        message: str,
+        now: float,
+    ) -> SliceState:
+        if event is not SliceEvent.RETURN and attempts >= max_attempts:
+            event = SliceEvent.EXHAUST
+        new = transition(state, event)
+        db.execute(
+            "UPDATE slices SET state=?, deadline=NULL, error_code=?, error=?,"
+            " attempts = attempts - ? WHERE job=? AND idx=?",
+            (
+                new.value,
+                code or None,
+                message or None,
+                1 if event is SliceEvent.RETURN else 0,
+                job_id,
+                idx,
+            ),
+        )
+        if new is SliceState.FAILED:
+            self._slice_final(db, job_id, now)
+        return new
+
+    def _refusal(
+        self, db: Connection, job_id: str, worker: str, code: str, message: str, now: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO refusals AS r VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(job, worker, code)"
+            " DO UPDATE SET count = r.count + 1, message = excluded.message, last = excluded.last",
+            (job_id, worker.lower(), code, message[:500], now),
+        )
+
+    def reject_result(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
+    ) -> str:
+        """The result failed verification (or its metrics are implausible): not paid, the
+        slice goes back to the queue (or fails once its attempts are used), the worker's record
+        shows it, and the lease's token ends."""
+        with self._tx() as db:
+            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
+            if state is not SliceState.LEASED and state is not SliceState.QUEUED:
+                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}")
+            new: SliceState = state
+            if state is SliceState.LEASED:  # if it expired meanwhile, nothing to release
+                new = self._release(
+                    db,
+                    job_id,
+                    slice_,
+                    state,
+                    attempts,
+                    max_attempts,
+                    SliceEvent.FAIL,
+                    code,
+                    message[:2000],
+                    now,
+                )
+            # The token dies with the rejection: a resubmission under it is stale_lease and
+            # costs no second verifier run.
+            db.execute(
+                "UPDATE slices SET rejected_by=?, token=NULL WHERE job=? AND idx=?",
+                (worker.lower(), job_id, slice_),
+            )
+            self._count(db, worker, "rejected", now)
+            self._refusal(db, job_id, worker, code, message, now)
+        return new.value
+
+    def fail_slice(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
+    ) -> str:
+        with self._tx() as db:
+            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
+            if state is not SliceState.LEASED:
+                raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
+            new = self._release(
+                db,
+                job_id,
+                slice_,
+                state,
+                attempts,
+                max_attempts,
+                SliceEvent.FAIL,
+                code,
+                message[:2000],
+                now,
+            )
+            self._count(db, worker, "failed", now)
+        return new.value
+
+    def return_slices(
+        self,
+        worker: str,
+        refs: list[LeaseRef],
+        code: str = "",
+        message: str = "",
+        now: float = 0.0,
+    ) -> int:
+        """Give back leased slices (their attempt is refunded). With ``code``, the worker
+        refused them: the refusal is recorded for the job and the worker."""
+        returned = 0
+        with self._tx() as db:
+            for ref in refs:
+                job_id, idx = ref.job, ref.slice
+                try:
+                    state, current, holder, attempts, max_attempts, _o, _w = self._current(
+                        db, job_id, idx
+                    )
+                except UnknownSlice:
+                    continue
+                if (
+                    state is SliceState.LEASED
+                    and current == ref.token
+                    and (holder or "").lower() == worker.lower()
+                ):
+                    self._release(
+                        db,
+                        job_id,
+                        idx,
+                        state,
+                        attempts,
+                        max_attempts,
+                        SliceEvent.RETURN,
+                        code,
+                        message,
+                        now,
+                    )
+                    returned += 1
+                    if code:
+                        self._refusal(db, job_id, worker, code, message, now)
+                        self._count(db, worker, "refused", now)
+        return returned
+
+    def expire_leases(self, now: float) -> int:
+        """Put back the slices whose lease is past its deadline; 0 while another replica is
+        at it."""
+        with self._exclusively("expiry") as mine, self._tx() as db:
+            if not mine:
+                return 0
+            rows = db.execute(
+                "SELECT s.job, s.idx, s.attempts, j.max_attempts FROM slices s"
+                " JOIN jobs j ON j.id = s.job WHERE s.state='leased' AND s.deadline < ?"
+                f" ORDER BY s.job, s.idx{self._lock('s')}{self.SKIP_LOCKED}",
+                (now,),
+            ).fetchall()
+            for job_id, idx, attempts, max_attempts in rows:
+                self._release(
+                    db,
+                    job_id,
+                    idx,
+                    SliceState.LEASED,
+                    attempts,
+                    max_attempts,
+                    SliceEvent.EXPIRE,
+                    "lease_expired",
+                    "the lease expired without a result",
+                    now,
+                )
+        return len(rows)
+
+    def extend_leases(self, deadline: float) -> int:
+        """Move every lease's deadline to at least ``deadline``: at start, so that workers
+        which held leases while the scheduler was down can come back and deliver."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE slices SET deadline=? WHERE state='leased' AND deadline < ?",
+                (deadline, deadline),
+            )
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ admin
+
+    def reset_job(self, job_id: str) -> int:
+        with self._tx() as db:
+            row = db.execute("SELECT 1 FROM jobs WHERE id=?" + self._lock(), (job_id,))
+            if row.fetchone() is None:
+                raise UnknownJob(f"no job {job_id}")
+            new = transition(SliceState.FAILED, SliceEvent.RESET).value
+            cur = db.execute(
+                "UPDATE slices SET state=?, attempts=0, token=NULL, worker=NULL, deadline=NULL,"
+                " rejected_by=NULL WHERE job=? AND state='failed'",
+                (new, job_id),
+            )
+            if cur.rowcount:
+                db.execute(
+                    "UPDATE jobs SET state='active', finished=NULL, remaining=remaining+?"
+                    " WHERE id=? AND state!='cancelled'",
+                    (cur.rowcount, job_id),
+                )
+        return cur.rowcount
+
+    def _refund(self, db: Connection, job_id: str, now: float) -> None:
+        owner, escrow = db.execute(
+            "SELECT owner, escrow_micro FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        _ledger.move(db, "refund", f"escrow:{job_id}", owner, escrow, now, job_id)
+
+    def cancel_job(self, job_id: str, now: float) -> int:
+        """Cancel queued and leased slices and refund what is left in escrow."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + self._lock(), (job_id,))
+            if row.fetchone() is None:
+                raise UnknownJob(f"no job {job_id}")
+            cur = db.execute(
+                "UPDATE slices SET state=?, deadline=NULL WHERE job=? AND state IN (?, ?)",
+                (
+                    SliceState.CANCELLED.value,
+                    job_id,
+                    SliceState.QUEUED.value,
+                    SliceState.LEASED.value,
+                ),
+            )
+            db.execute(
+                "UPDATE jobs SET state='cancelled', remaining=0, finished=coalesce(finished, ?)"
+                " WHERE id=?",
+                (now, job_id),
+            )
+            self._refund(db, job_id, now)
+        return cur.rowcount
+
+    def remove_job(self, job_id: str, now: float = 0.0) -> None:
+        """Delete a job, its slices and results; refund its escrow first. The ledger keeps
+        its entries."""
+        with self._tx() as db:
+            # Locked: a second replica removing it waits, then finds it gone (never two refunds)
+            row = db.execute("SELECT 1 FROM jobs WHERE id=?" + self._lock(), (job_id,))
+            if row.fetchone() is None:
+                raise UnknownJob(f"no job {job_id}")
+            self._refund(db, job_id, now)
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            db.execute("DELETE FROM refusals WHERE job=?", (job_id,))
+        self._priced.pop(job_id, None)
+
+    def collect_garbage(self, now: float, lifetime: float) -> list[str]:
+        """Remove jobs finished or cancelled more than ``lifetime`` seconds ago (their escrow
+        refunded first); returns their ids. The ledger keeps their entries. Nothing while
+        another replica is at it."""
+        removed: list[str] = []
+        with self._exclusively("gc") as mine:
+            if not mine:
+                return removed
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE state IN ('finished', 'cancelled') AND finished < ?",
+                (now - lifetime,),
+            ).fetchall()
+            for (job_id,) in rows:
+                try:
+                    self.remove_job(job_id, now)
+                except UnknownJob:
+                    continue  # removed meanwhile by an admin command
+                removed.append(job_id)
+        return removed
+
+    # ------------------------------------------------------------------ owner requests
+
+    def use_nonce(self, address: str, nonce: str, now: float, keep_until: float) -> bool:
+        with self._tx() as db:
+            db.execute("DELETE FROM request_nonces WHERE keep_until < ?", (now,))
+            cur = db.execute(
+                "INSERT INTO request_nonces VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (address.lower(), nonce, keep_until),
+            )
+            return cur.rowcount == 1
+
+    _TOKEN_COLUMNS = "id, job, created, expires, revoked"
+
+    def create_read_token(
+        self, job_id: str, token_sha256: str, now: float, expires: float
+    ) -> ReadTokenRecord:
+        token_id = secrets.token_hex(8)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is None:
+                raise UnknownJob(f"no job {job_id}")
+            db.execute(
+                "INSERT INTO read_tokens VALUES (?, ?, ?, ?, ?, NULL)",
+                (token_id, job_id, token_sha256, now, expires),
+            )
+        return ReadTokenRecord(token_id, job_id, now, expires, None)
+
+    def read_token(self, token_sha256: str) -> ReadTokenRecord | None:
+        row = self._db.execute(
+            f"SELECT {self._TOKEN_COLUMNS} FROM read_tokens WHERE token_sha256=?",
+            (token_sha256,),
+        ).fetchone()
+        return None if row is None else ReadTokenRecord(*row)
+
+    def revoke_read_token(self, job_id: str, token_id: str, now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE read_tokens SET revoked = coalesce(revoked, ?) WHERE id=? AND job=?",
+                (now, token_id, job_id),
+            )
+            return cur.rowcount == 1
+
+    # ------------------------------------------------------------------ groups, workers
+
+    def create_group(self, name: str, join_key: str, join_hash: str, now: float) -> None:
+        with self._tx() as db:
+            try:
+                db.execute(
+                    "INSERT INTO groups VALUES (?, ?, ?, ?)", (join_key, name, join_hash, now)
+                )
+            except self.UNIQUE_VIOLATION:
+                raise DuplicateGroup(f"a group with join key {join_key!r} exists") from None
+
+    def groups(self) -> list[GroupRecord]:
+        rows = self._db.execute(
+            "SELECT join_key, name, join_hash, created FROM groups ORDER BY created"
+        )
+        return [GroupRecord(*row) for row in rows]
+
+    def seen_worker(self, address: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO workers (address, first_seen, last_seen) VALUES (?, ?, ?)"
+                " ON CONFLICT(address) DO UPDATE SET last_seen = excluded.last_seen",
+                (address.lower(), now, now),
+            )
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._db.execute(
+            "SELECT address, first_seen, last_seen, accepted, rejected, failed, refused,"
+            " earned_micro FROM workers ORDER BY first_seen"
+        )
+        return [WorkerRecord(*row) for row in rows]
+
+    def record_refusal(self, job_id: str, worker: str, code: str, message: str, now: float) -> None:
+        with self._tx() as db:
+            self._refusal(db, job_id, worker, code, message, now)
+
+    def refusals(self, job_id: str | None = None) -> list[RefusalRecord]:
+        query = "SELECT job, worker, code, count, message, last FROM refusals"
+        rows = (
+            self._db.execute(query + " WHERE job=? ORDER BY last", (job_id,))
+            if job_id is not None
+            else self._db.execute(query + " ORDER BY last")
+        )
+        return [RefusalRecord(*row) for row in rows]

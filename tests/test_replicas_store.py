@@ -1,0 +1,218 @@
+"""Two replicas on one PostgreSQL database, as two stores side by side: they lease disjoint
+slices, accept a result once, pay once, expire and collect garbage one at a time, and survive
+their backends being killed. And the schema's migrations, on both backends."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dcp_protocol import Metrics
+from scheduler import PostgresStore, Store, StoreError, open_store
+from scheduler.store import ResultRow
+from scheduler.store.migrations import LATEST, MIGRATIONS, SET_VERSION, statements
+from scheduler.store.postgres import display_url
+from tests.conftest import postgres_server
+from tests.test_bank import check_books
+from tests.test_store import PAY, W1, W2, new_job
+
+OWNER = W1
+
+
+@pytest.fixture
+def replicas(pg_db: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    a, b = PostgresStore(pg_db), PostgresStore(pg_db)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run ``calls`` in threads released at once; their results (or exceptions) in order."""
+    start = threading.Barrier(len(calls))
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            out[i] = calls[i]()
+        except Exception as exc:  # returned, for the test to look at
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def funded(store: Store, n: int, offer: int = 10, tag: str = "a") -> str:
+    store.mint(OWNER, offer * n, 0.0)
+    return store.create_job(new_job(n, tag=tag, offer=offer), 0.0)
+
+
+def row(job: str, idx: int, token: str) -> ResultRow:
+    return ResultRow(job, idx, token, b"r", PAY, "00" * 65, Metrics())
+
+
+def test_replicas_leasing_at_once_take_disjoint_slices(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    funded(a, 400)
+    got: list[list[Any]] = [[], []]
+
+    def drain(store: PostgresStore, into: list[Any], worker: str) -> None:
+        while batch := store.lease(worker, 16, 0.0, 60.0):
+            into.extend(batch)
+
+    together(lambda: drain(a, got[0], W1), lambda: drain(b, got[1], W2))
+    slices = [x.slice for x in got[0] + got[1]]
+    assert sorted(slices) == list(range(400))  # every slice once, none twice
+    assert got[0] and got[1]  # both replicas leased: neither waited for the other's locks
+
+
+def test_one_result_sent_to_both_replicas_is_accepted_and_paid_once(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    job = funded(a, 50)
+    leases = a.lease(W1, 50, 0.0, 60.0)
+    for lease in leases:
+        result = row(job, lease.slice, lease.token)
+        outcomes = together(
+            lambda r=result: a.accept_result(W1, r, 1.0),  # type: ignore[misc]
+            lambda r=result: b.accept_result(W1, r, 1.0),  # type: ignore[misc]
+        )
+        assert sorted(o[0] for o in outcomes) == ["accepted", "duplicate"], outcomes
+    assert a.balance(PAY) == 50 * 10
+    assert a.job(job).state == "finished"
+    check_books(a)
+
+
+def test_batches_in_opposite_orders_do_not_deadlock(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    one, two = funded(a, 20, tag="one"), funded(a, 20, tag="two")
+    leases = a.lease(W1, 40, 0.0, 60.0)
+    rows = [row(x.job, x.slice, x.token) for x in leases]
+    forward = a.accept_results
+    outcomes = together(
+        lambda: forward(W1, rows, 1.0), lambda: b.accept_results(W1, rows[::-1], 1.0)
+    )
+    for batch in outcomes:
+        assert not isinstance(batch, Exception), batch
+    accepted = sum(o[0] == "accepted" for batch in outcomes for o in batch)
+    assert accepted == 40
+    assert a.job(one).state == a.job(two).state == "finished"
+    check_books(a)
+
+
+def test_expiry_and_gc_run_in_one_replica_at_a_time(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    job = funded(a, 10)
+    a.lease(W1, 10, 0.0, 1.0)
+    with a._exclusively("expiry") as mine:  # replica a is expiring
+        assert mine
+        assert b.expire_leases(5.0) == 0
+    assert b.expire_leases(5.0) == 10
+    a.cancel_job(job, 6.0)
+    removed = together(lambda: a.collect_garbage(100.0, 1.0), lambda: b.collect_garbage(100.0, 1.0))
+    assert sorted(sum(removed, [])) == [job]  # removed by one, refunded once
+    check_books(a)
+
+
+def test_a_terminated_backend_costs_at_most_one_call(pg_db: str) -> None:
+    server = postgres_server()
+    store = PostgresStore(pg_db)
+    funded(store, 3)
+    dbname = pg_db.split("?")[0].rsplit("/", 1)[1]
+    assert server.terminate_backends(dbname) >= 1
+    # The next transaction finds the connection dead before any of it reached the server
+    # and runs on a new one; a read may fail once, as "database unavailable".
+    assert len(store.lease(W1, 3, 0.0, 60.0)) == 3
+    server.terminate_backends(dbname)
+    try:
+        store.job_state(store.list_jobs()[0].id)
+    except StoreError as exc:
+        assert "database unavailable" in str(exc)
+    assert store.list_jobs()[0].counts == {"leased": 3}
+    store.close()
+
+
+def test_an_unreachable_server_is_a_store_error_naming_it_without_its_password() -> None:
+    url = "postgresql://dcp:s3cret@127.0.0.1:1/nowhere?connect_timeout=1"
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(url, connect_timeout=1)
+    assert "cannot connect to postgresql://dcp@127.0.0.1:1/nowhere" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert display_url(url) == "postgresql://dcp@127.0.0.1:1/nowhere"
+
+
+# ---------------------------------------------------------------------- migrations
+
+
+def at_version_4(db: str) -> None:
+    """Make ``db`` a database of the first versioned schema, as a release before this one
+    left it."""
+    first = MIGRATIONS[0]
+    meta = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+    if db.startswith("postgresql"):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(meta)
+            conn.execute(first.postgres)
+            conn.execute(SET_VERSION.replace("?", "%s"), (str(first.version),))
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute(meta)
+        for statement in statements(first.sqlite):
+            conn.execute(statement)
+        conn.execute(SET_VERSION, (str(first.version),))
+        conn.commit()
+        conn.close()
+
+
+def test_an_empty_database_gets_every_migration(db: str) -> None:
+    store = open_store(db)
+    assert store.schema_version() == LATEST
+    assert [m.version for m in store.applied] == [m.version for m in MIGRATIONS]
+    store.close()
+    again = open_store(db)
+    assert again.applied == ()
+    again.close()
+
+
+def test_an_older_database_is_refused_until_upgraded(db: str) -> None:
+    at_version_4(db)
+    with pytest.raises(StoreError, match="dcp-scheduler db upgrade"):
+        open_store(db)
+    store = open_store(db, upgrade=True)
+    assert [m.version for m in store.applied] == list(range(5, LATEST + 1))
+    assert store.schema_version() == LATEST
+    job = store.create_job(new_job(2), 0.0)  # and it works
+    assert len(store.lease(W1, 2, 0.0, 1.0)) == 2
+    assert store.expire_leases(2.0) == 2
+    assert store.job(job).counts == {"queued": 2}
+    store.close()
+
+
+def test_a_newer_database_is_refused(db: str) -> None:
+    store = open_store(db)
+    store.close()
+    if db.startswith("postgresql"):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="newer than this scheduler"):
+        open_store(db, upgrade=True)
