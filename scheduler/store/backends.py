@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Store
+from . import Store, StoreError
 
 __all__ = ["is_postgres", "open_store"]
 
@@ -22,8 +22,12 @@ def open_store(db: str, upgrade: bool = False, busy_timeout: float = 10.0) -> St
             says which, and what to run).
     """
     if is_postgres(db):
-        from .postgres import PostgresStore  # psycopg is loaded only for a PostgreSQL store
-
+        try:  # psycopg is loaded only for a PostgreSQL store
+            from .postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreError(
+                f"a PostgreSQL database needs psycopg ({exc}): pip install 'dcp-worker[postgres]'"
+            ) from None
         return PostgresStore(db, upgrade=upgrade)
     from .sqlite import SQLiteStore
 
