@@ -64,7 +64,13 @@ _OPTION_NAMES = {
     is_flag=True,
     help="Print the merged configuration, with where each value came from, and exit.",
 )
-@click.option("--scheduler", help="Scheduler URL, e.g. http://127.0.0.1:8500.")
+@click.option(
+    "--scheduler",
+    multiple=True,
+    metavar="URL",
+    help="Scheduler URL, e.g. http://127.0.0.1:8500. Repeatable: replicas sharing one "
+    "database, tried in turn (a refused connection or a lost session moves to the next).",
+)
 @click.option("--identity", help="Identity keystore (Ethereum V3 JSON).")
 @click.option(
     "--passphrase-file",
@@ -184,6 +190,7 @@ def main(
     """
     os.umask(0o077)  # every file we create (outbox, its WAL, logs) is ours alone
     ctx.ensure_object(dict)
+    overrides["scheduler"] = overrides["scheduler"] or None  # not given: (), the lower layers
     try:
         resolved = config_mod.resolve(
             _config_files(config_file),

@@ -32,6 +32,7 @@ __all__ = [
     "GroupConfig",
     "WorkerConfig",
     "DEFAULTS",
+    "KEYS",
     "OUTPUTS",
     "Resolved",
     "load_config",
@@ -80,7 +81,10 @@ HASH_PREFIX = "gh1-"
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    scheduler: str = "http://127.0.0.1:8500"
+    # The ``scheduler`` key: one URL, or several replicas sharing one database, tried in turn
+    # (docs/protocol.md "Several schedulers"). The key is singular, as before replicas; a
+    # string in a file, a variable or an option is a list of one.
+    schedulers: tuple[str, ...] = ("http://127.0.0.1:8500",)
     identity: str = ""
     passphrase_file: str = ""
     payment_address: str = ""
@@ -132,6 +136,12 @@ class WorkerConfig:
     # Listen on a non-loopback console_host (the token still guards every request).
     console_allow_remote: bool = False
 
+    @property
+    def scheduler(self) -> str:
+        """The first scheduler URL: where a connection starts, and the one URL when there is
+        one (the supervisor tracks which replica it is on now)."""
+        return self.schedulers[0]
+
     def runtime_options(self) -> dict[str, dict[str, Any]]:
         """What each runtime of the evaluator needs to know of this worker's settings."""
         opencl: dict[str, Any] = {"banned_devices": list(self.opencl_banned_devices)}
@@ -175,10 +185,20 @@ class WorkerConfig:
     def validate(self, origins: Mapping[str, str] | None = None) -> WorkerConfig:
         """Check ranges; an error names where the offending value came from."""
         checks = [
-            (
-                "scheduler",
-                _scheduler_url(self.scheduler),
-                f"{_SCHEDULER_RULE}, not {self.scheduler!r}",
+            ("scheduler", bool(self.schedulers), "needs at least one URL"),
+            *(
+                (
+                    "scheduler",
+                    _scheduler_url(url),
+                    # Name the entry when there are several: the bad one of three replicas.
+                    f"{_SCHEDULER_RULE}, not {url!r}"
+                    + (
+                        f" (entry {i} of {len(self.schedulers)})"
+                        if len(self.schedulers) > 1
+                        else ""
+                    ),
+                )
+                for i, url in enumerate(self.schedulers, 1)
             ),
             ("sandboxes", self.sandboxes >= 0, "must be >= 0 (0: 90% of the CPU cores)"),
             ("max_sandboxes", self.max_sandboxes >= 0, "must be >= 0 (0: no cap)"),
@@ -261,7 +281,13 @@ def _loopback(listen: str) -> bool:
 
 
 DEFAULTS = WorkerConfig()
-_TYPES = {f.name: f.type for f in fields(WorkerConfig)}
+#: Configuration keys whose field has another name: the ``scheduler`` key fills
+#: ``schedulers`` (files, variables and options written for one URL keep working).
+_FIELD_OF_KEY = {"scheduler": "schedulers"}
+_KEY_OF_FIELD = {name: key for key, name in _FIELD_OF_KEY.items()}
+_TYPES = {_KEY_OF_FIELD.get(f.name, f.name): f.type for f in fields(WorkerConfig)}
+#: Every configuration key, in the order of :class:`WorkerConfig`'s fields.
+KEYS = tuple(_TYPES)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -281,8 +307,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, not {value!r}")
     elif expected == "tuple[str, ...]":
+        if key in _ONE_OR_MANY and isinstance(value, str):
+            value = (value,)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings")
+            either = "a string or " if key in _ONE_OR_MANY else ""
+            raise ConfigError(f"{where} must be {either}a list of strings")
         value = tuple(value)
     elif expected == "tuple[int, ...]":
         if not isinstance(value, (list, tuple)) or not all(
@@ -321,6 +350,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+#: List keys that also take one string, a list of one (``scheduler = "http://..."``).
+_ONE_OR_MANY = frozenset({"scheduler"})
+
 SYSTEM_DIR = Path("/etc/dcp-worker")
 SHIPPED = Path(__file__).with_name("defaults.toml")
 ENV_PREFIX = "DCP_WORKER_"
@@ -356,8 +388,11 @@ class Resolved:
         for f in fields(WorkerConfig):
             if f.name in ("min_wage", "groups"):
                 continue
+            key = _KEY_OF_FIELD.get(f.name, f.name)
             value = getattr(c, f.name)
-            lines.append(f"{f.name} = {_toml(value)}  # {self.origins[f.name]}")
+            if key in _ONE_OR_MANY and len(value) == 1:
+                value = value[0]  # as it is usually written
+            lines.append(f"{key} = {_toml(value)}  # {self.origins[key]}")
         for g in c.groups:
             lines.append(f"\n[[groups]]  # {self.origins['groups']}")
             lines.append(f"join_key = {_toml(g.join_key)}")
@@ -399,7 +434,7 @@ def resolve(
             line), an unknown or malformed variable, a value out of range.
     """
     values: dict[str, Any] = {}
-    origins = {f.name: "default" for f in fields(WorkerConfig)}
+    origins = {key: "default" for key in KEYS}
     for path in config_files:
         for key, (value, origin) in _read_file(Path(path)).items():
             values[key] = value
@@ -418,7 +453,7 @@ def resolve(
         option = (option_names or {}).get(key, "--" + key.replace("_", "-"))
         values[key] = _coerce(key, value, f"command line {option}")
         origins[key] = f"command line {option}"
-    config = replace(DEFAULTS, **values)
+    config = replace(DEFAULTS, **{_FIELD_OF_KEY.get(k, k): v for k, v in values.items()})
     return Resolved(config.validate(origins), origins)
 
 

@@ -46,10 +46,16 @@ class BalanceReader:
     """Keeps :attr:`balance` fresh; :meth:`want` asks for a reading (rate-limited)."""
 
     def __init__(self, scheduler: str, address: str, interval: float = 5.0) -> None:
+        self.address = address
         self.url = account_url(scheduler, address)
         self.interval = interval
         self.balance = Balance()
         self._wanted = asyncio.Event()
+
+    def use(self, scheduler: str) -> None:
+        """Read from ``scheduler`` from now on: the replica the worker is connected to, whose
+        ledger is the shared database's (a replica it left may be the one that is down)."""
+        self.url = account_url(scheduler, self.address)
 
     def want(self) -> None:
         self._wanted.set()

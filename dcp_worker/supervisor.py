@@ -62,6 +62,7 @@ from .earnings import Balance, BalanceReader
 from .levels import NOTICE
 from .outbox import Outbox, OutboxError
 from .result import LeaseKey, PendingResult
+from .rotation import SchedulerRotation
 from .state import (
     BUSY_CODES,
     BatchEnded,
@@ -210,6 +211,8 @@ class Supervisor:
         self._to_return: list[HeldLease] = []
         #: Lifetime earnings, from the scheduler's ledger (``run`` keeps it fresh).
         self.balance_reader = BalanceReader(config.scheduler, self.payment_address)
+        #: Which scheduler replica the connection loop is on, or tries next.
+        self.rotation = SchedulerRotation(config.schedulers)
         #: The local web page's address (no token), once it listens; "" when off.
         self.console_url = ""
         # A GPU (or the OpenCL device) is lent to this many slices at once.
@@ -279,7 +282,9 @@ class Supervisor:
         snooze = state.snooze_left(now)
         return {
             "state": self.state.phase(stats.connected),
-            "scheduler": self.config.scheduler,
+            # The replica connected to (or tried next), and every one configured.
+            "scheduler": self.rotation.current,
+            "schedulers": list(self.rotation.urls),
             "identity": self.identity.address,
             "payment_address": self.payment_address,
             "groups": sorted(self.config.group_hashes()),
@@ -573,11 +578,15 @@ class Supervisor:
         )
 
     async def _connection_loop(self) -> None:
+        # Which replica next is the rotation's decision; the backoff only spaces whole rounds
+        # of failures, so a dead replica among live ones costs one immediate retry.
         delays = self._backoff()
+        rotation = self.rotation
         while True:
+            url = rotation.current
             try:
                 session = await open_session(
-                    self.config.scheduler,
+                    url,
                     self.identity,
                     self.payment_address,
                     groups=self.config.group_hashes(),
@@ -590,6 +599,9 @@ class Supervisor:
                     self.exit_reason = str(exc)
                     self.stop_now()
                     return
+                if not rotation.failed():
+                    log.warning("%s; trying %s next", exc, rotation.current)
+                    continue
                 delay = next(delays)
                 if self._stopping.is_set():
                     delay = min(delay, 1.0)  # stopping: results wait to be flushed
@@ -601,18 +613,23 @@ class Supervisor:
                         await asyncio.wait_for(self._stopping.wait(), delay)
                 continue
             delays = self._backoff()
+            rotation.connected()
             self.state.handle(Connected(session.welcome.lease_timeout))
+            self.balance_reader.use(url)
             self.balance_reader.want()
             log.log(
                 NOTICE,
                 "connected to %s (session %s) as %s",
-                self.config.scheduler,
+                url,
                 session.welcome.session,
                 session.welcome.address,
             )
             self._session = session
             self._submit_q = asyncio.Queue()
             self._inflight.clear()
+            # Every result not yet acknowledged goes again, on whichever replica this is: the
+            # leases are in the shared database, so one it still holds is accepted here, one
+            # accepted before the loss is answered duplicate, one that expired stale_lease.
             for item in self.outbox.pending():
                 self._submit_q.put_nowait(item)
             try:
@@ -631,7 +648,11 @@ class Supervisor:
                 self._session = None
                 self._submit_q = None
                 await session.close()
-            log.warning("disconnected from the scheduler; reconnecting")
+            rotation.lost()
+            if len(rotation.urls) > 1:
+                log.warning("disconnected from %s; reconnecting to %s", url, rotation.current)
+            else:
+                log.warning("disconnected from the scheduler; reconnecting")
 
     async def _fetcher(self, session: Session) -> None:
         while True:

@@ -9,6 +9,12 @@ With an identity every request is signed (fresh timestamp, new nonce: docs/proto
 section 6); without one, a read token the job's owner issued reads that job:
 
 reader = ComputeClient("http://127.0.0.1:8500", token=client.issue_token(job).token)
+
+Several URLs name scheduler replicas sharing one database (docs/protocol.md "Several
+schedulers"): a request no replica could be reached for goes to the next one, an answered
+request is never sent elsewhere (the answer stands):
+
+client = ComputeClient(["http://a:8500", "http://b:8500"], identity)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,27 +100,42 @@ def http_base(url: str) -> str:
 
 
 class ComputeClient:
-    """A client of one scheduler's compute API.
+    """A client of a scheduler's compute API, at one URL or at several replicas.
 
     Args:
+        scheduler: a URL, or several: replicas sharing one database, tried in order. The
+            first that answers is kept for the requests after it.
         identity: the job owner's key; every request is then signed.
         token: a read token (used when there is no identity): reads the job it was issued for.
         clock: Unix seconds for the signed timestamps (tests inject a skewed one).
+
+    Raises:
+        ComputeError: no URL, or one of an unsupported scheme.
     """
 
     def __init__(
         self,
-        scheduler: str,
+        scheduler: str | Sequence[str],
         identity: Identity | None = None,
         timeout: float = 60.0,
         token: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.base = http_base(scheduler)
+        urls = (scheduler,) if isinstance(scheduler, str) else tuple(scheduler)
+        if not urls:
+            raise ComputeError("no scheduler URL given")
+        #: ``http(s)://host:port`` of each replica, in the order given.
+        self.bases = tuple(http_base(url) for url in urls)
         self.identity = identity
         self.token = token
         self._clock = clock
-        self._http = httpx.Client(base_url=self.base + "/api/v1", timeout=timeout)
+        self._current = 0  # the replica that answered last: the first one tried
+        self._http = httpx.Client(timeout=timeout)
+
+    @property
+    def base(self) -> str:
+        """The replica requests go to first: the one that answered last."""
+        return self.bases[self._current]
 
     def close(self) -> None:
         self._http.close()
@@ -148,12 +169,7 @@ class ComputeClient:
             request.headers["Authorization"] = f"Bearer {self.token}"
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            request = self._http.build_request(method, path, **kwargs)
-            self._authorize(request)
-            response = self._http.send(request)
-        except httpx.HTTPError as exc:
-            raise ComputeError(f"cannot reach the scheduler at {self.base}: {exc}") from None
+        response = self._send(method, path, **kwargs)
         try:
             body = nesting.loads(response.content) if response.content else {}
         except nesting.NestingTooDeep as exc:
@@ -179,6 +195,50 @@ class ComputeClient:
                 {k: v for k, v in error.items() if k not in ("code", "message")},
             )
         return body
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The first answer to the request, trying each replica from :attr:`base` on.
+
+        Only a request that never reached a replica moves to the next: the connection was
+        refused, the name did not resolve, the connect (or the wait for a pooled connection)
+        timed out. Any HTTP answer stands, a refusal included: the replicas share one
+        database, so they answer alike, and an answer means the request arrived. A
+        connection that died after the request went out is not retried either: the replica
+        may have acted on it, and only the caller knows whether that matters.
+
+        Each try is signed afresh, which is what makes resending a signed request (a deploy,
+        a cancel) to another replica safe. The signature covers the Host, so the first try's
+        would not verify elsewhere anyway; its nonce was never spent, since the request never
+        arrived; and the new nonce cannot be answered 409 ``replayed_request``, which only a
+        resent *signed* request gets (nonces are spent in the shared database, so a replay
+        is refused by every replica alike). This client never sends one signature twice, so
+        it never sees that answer from its own retries. Should an owner deploy again after
+        an unanswered deploy (the connection died after the request went out), the store
+        finds the document's payload_sha256 and answers the job it already made: no second
+        job, no second escrow.
+
+        Raises:
+            ComputeError: no replica could be reached (each one's reason), or the one reached
+                failed before answering.
+        """
+        unreachable: list[str] = []
+        for step in range(len(self.bases)):
+            index = (self._current + step) % len(self.bases)
+            base = self.bases[index]
+            try:
+                request = self._http.build_request(method, f"{base}/api/v1{path}", **kwargs)
+                self._authorize(request)
+                response = self._http.send(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                unreachable.append(f"{base}: {exc}")
+                continue
+            except httpx.HTTPError as exc:
+                raise ComputeError(f"cannot reach the scheduler at {base}: {exc}") from None
+            self._current = index
+            return response
+        if len(unreachable) == 1:
+            raise ComputeError(f"cannot reach the scheduler at {unreachable[0]}")
+        raise ComputeError(f"cannot reach any scheduler: {'; '.join(unreachable)}")
 
     def _need_identity(self) -> Identity:
         if self.identity is None:

@@ -104,12 +104,16 @@ class _Progress:
 @click.option(
     "--scheduler",
     envvar="DCP_SCHEDULER",
-    default="http://127.0.0.1:8500",
+    multiple=True,
+    default=("http://127.0.0.1:8500",),
     show_default=True,
-    help="Scheduler URL (http(s):// or ws(s)://).",
+    metavar="URL",
+    help="Scheduler URL (http(s):// or ws(s)://). Repeatable, or comma-separated: replicas "
+    "sharing one database; a request that cannot connect to one goes to the next, an "
+    "answered one is never resent. $DCP_SCHEDULER may list several (spaces or commas).",
 )
 @click.pass_context
-def main(ctx: click.Context, scheduler: str) -> None:
+def main(ctx: click.Context, scheduler: tuple[str, ...]) -> None:
     """Deploy jobs to a scheduler and collect their results.
 
     \b
@@ -121,7 +125,11 @@ def main(ctx: click.Context, scheduler: str) -> None:
       5  results --wait --timeout expired with the job still running
     """
     os.umask(0o077)  # results and tokens written here are the owner's alone
-    ctx.obj = scheduler
+    # As the worker's DCP_WORKER_SCHEDULER, a list may be written with commas.
+    urls = tuple(url.strip() for value in scheduler for url in value.split(",") if url.strip())
+    if not urls:
+        raise click.BadParameter("no URL given", param_hint="--scheduler")
+    ctx.obj = urls
 
 
 _identity_opt = click.option(
@@ -139,7 +147,7 @@ _token_opt = click.option(
 
 
 def _reader(
-    scheduler: str, identity: str | None, passphrase_file: str | None, token: str | None
+    scheduler: tuple[str, ...], identity: str | None, passphrase_file: str | None, token: str | None
 ) -> ComputeClient:
     """A client that reads a job: signed with --identity, or with a read token."""
     if identity is None and token is None:
@@ -157,7 +165,7 @@ def _reader(
 @_pass_opt
 @click.pass_obj
 def deploy(
-    scheduler: str, job_file: str, identity: str | None, passphrase_file: str | None
+    scheduler: tuple[str, ...], job_file: str, identity: str | None, passphrase_file: str | None
 ) -> None:
     """Deploy JOB_FILE (TOML) and print the job id. A bad JOB_FILE is reported whole, every
     fault with its line, and nothing is sent (exit status 1)."""
@@ -177,7 +185,7 @@ def deploy(
     help="Show this keystore's account (its declared address; no passphrase needed).",
 )
 @click.pass_obj
-def account(scheduler: str, address: str | None, identity: str | None) -> None:
+def account(scheduler: tuple[str, ...], address: str | None, identity: str | None) -> None:
     """Print an account's balance (ADDRESS, or --identity's) in credits."""
     if address is None:
         if identity is None:
@@ -197,7 +205,7 @@ def account(scheduler: str, address: str | None, identity: str | None) -> None:
 @_token_opt
 @click.pass_obj
 def status(
-    scheduler: str,
+    scheduler: tuple[str, ...],
     job: str,
     identity: str | None,
     passphrase_file: str | None,
@@ -229,7 +237,7 @@ def status(
 @_token_opt
 @click.pass_obj
 def results(
-    scheduler: str,
+    scheduler: tuple[str, ...],
     job: str,
     wait: bool,
     timeout: float | None,
@@ -279,7 +287,9 @@ def results(
 @_identity_opt
 @_pass_opt
 @click.pass_obj
-def cancel(scheduler: str, job: str, identity: str | None, passphrase_file: str | None) -> None:
+def cancel(
+    scheduler: tuple[str, ...], job: str, identity: str | None, passphrase_file: str | None
+) -> None:
     """Cancel a job you own."""
     with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
         with _doing(f"cancelling job {job}"):
@@ -294,7 +304,11 @@ def cancel(scheduler: str, job: str, identity: str | None, passphrase_file: str 
 @click.option("--ttl", type=float, default=None, help="Seconds the token lives (default 24 h).")
 @click.pass_obj
 def token(
-    scheduler: str, job: str, identity: str | None, passphrase_file: str | None, ttl: float | None
+    scheduler: tuple[str, ...],
+    job: str,
+    identity: str | None,
+    passphrase_file: str | None,
+    ttl: float | None,
 ) -> None:
     """Issue a read token for a job you own: prints the token (stdout), and its id and expiry
     (stderr). Whoever holds it reads the job's spec, status and results, until it expires or
@@ -315,7 +329,11 @@ def token(
 @_pass_opt
 @click.pass_obj
 def revoke_token(
-    scheduler: str, job: str, token_id: str, identity: str | None, passphrase_file: str | None
+    scheduler: tuple[str, ...],
+    job: str,
+    token_id: str,
+    identity: str | None,
+    passphrase_file: str | None,
 ) -> None:
     """Revoke a read token (by the id `dcp-compute token` printed) of a job you own."""
     if identity is None:

@@ -7,12 +7,11 @@ import socket
 import subprocess
 import tomllib
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from dcp_worker.config import DEFAULTS, ConfigError, WorkerConfig, load_config
+from dcp_worker.config import DEFAULTS, KEYS, ConfigError, load_config
 
 from .conftest import ROOT, Keystore, SchedulerProcess, WorkerProcess, command, wait_for
 
@@ -23,7 +22,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_shipped_defaults_match_the_code() -> None:
     path = ROOT / "dcp_worker" / "defaults.toml"
-    assert set(tomllib.loads(path.read_text())) == {f.name for f in fields(WorkerConfig)}
+    assert set(tomllib.loads(path.read_text())) == set(KEYS)
     assert load_config(path, {}) == DEFAULTS
 
 

@@ -131,3 +131,59 @@ def test_show_config_explains_every_value(tmp_path: Path) -> None:
     assert f"{home / 'dcp-worker' / 'dcp-worker.toml'}:2: unknown key 'grace_second'" in out.stderr
     out = _worker("--show-config", "--cores", "7,x", env=env)
     assert out.returncode == 2 and "--cores '7,x'" in out.stderr
+
+
+def test_scheduler_takes_one_url_or_a_list_in_every_layer(tmp_path: Path) -> None:
+    """Replicas: a list in a file, commas in the variable, the option repeated; one URL stays
+    a string (and reads back as one); a bad entry of several is named by its place."""
+    path = tmp_path / "w.toml"
+    path.write_text('\nscheduler = ["http://a:8500", "wss://b"]\n')
+    resolved = resolve([path])
+    assert resolved.config.schedulers == ("http://a:8500", "wss://b")
+    assert resolved.config.scheduler == "http://a:8500"  # where a connection starts
+    assert resolved.origins["scheduler"] == f"{path}:2"
+    assert f'scheduler = ["http://a:8500", "wss://b"]  # {path}:2' in resolved.describe()
+    env = {"DCP_WORKER_SCHEDULER": "http://c:1, http://d:2"}
+    resolved = resolve([path], env=env)
+    assert resolved.config.schedulers == ("http://c:1", "http://d:2")
+    assert resolved.origins["scheduler"] == "environment DCP_WORKER_SCHEDULER"
+    resolved = resolve([path], {"scheduler": ("http://e:3",)}, env=env)
+    assert resolved.config.schedulers == ("http://e:3",)
+    assert 'scheduler = "http://e:3"  # command line --scheduler' in resolved.describe()
+
+    path.write_text('scheduler = ["http://a:8500", "gopher://b", "http://c"]\n')
+    with pytest.raises(
+        ConfigError, match=r"w\.toml:1: scheduler must be .*'gopher://b' \(entry 2 of 3\)"
+    ):
+        resolve([path])
+    path.write_text("scheduler = []\n")
+    with pytest.raises(ConfigError, match=r"w\.toml:1: scheduler needs at least one URL"):
+        resolve([path])
+    path.write_text("scheduler = [8500]\n")
+    with pytest.raises(ConfigError, match=r"w\.toml:1: scheduler must be a string or a list"):
+        resolve([path])
+    with pytest.raises(ConfigError, match="environment DCP_WORKER_SCHEDULER: scheduler needs"):
+        resolve([], env={"DCP_WORKER_SCHEDULER": " , "})
+
+
+def test_scheduler_option_repeats_on_the_command_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            command("dcp-worker"),
+            *("--scheduler", "http://a:1", "--scheduler", "http://b:2", "--show-config"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert 'scheduler = ["http://a:1", "http://b:2"]  # command line --scheduler' in out.stdout
+    out = subprocess.run(
+        [command("dcp-worker"), "--scheduler", "http://a:1", "--scheduler", "ftp://b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "command line --scheduler: scheduler must be" in out.stderr
+    assert "'ftp://b' (entry 2 of 2)" in out.stderr
