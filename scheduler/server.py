@@ -265,7 +265,8 @@ class Scheduler:
     async def _expiry_ctx(self, app: web.Application) -> Any:
         # Leases held while the scheduler was down would expire at the first pass: give their
         # workers one lease timeout from now to reconnect and deliver (they retry well within).
-        extended = self.store.extend_leases(time.time() + self.config.lease_timeout)
+        now = time.time()
+        extended = self.store.extend_leases(now + self.config.lease_timeout, now)
         if extended:
             log.info(
                 "%d lease(s) held across the restart get %g s more",

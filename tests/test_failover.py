@@ -17,6 +17,7 @@ from dcp_worker.rotation import SchedulerRotation
 from scheduler.client import ComputeClient, ComputeError, http_base
 from scheduler.local import LocalScheduler
 from scheduler.store import MICRO
+from scheduler.store.backends import open_store
 from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess, command, wait_for
@@ -188,19 +189,19 @@ def test_an_answer_is_not_resent_to_another_replica(
 
 def test_a_worker_moves_to_a_second_scheduler_on_the_same_database(
     tmp_path: Path,
+    db: str,
     zig_build: Callable[[Path], bytes],
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    """Two schedulers on one SQLite file (WAL: both may write) stand in for replicas on one
-    PostgreSQL database. The first dies with slices leased, running and finished; the worker
-    goes on at the second, which takes heartbeats of the first's leases and their results."""
-    db = tmp_path / "shared.db"
+    """Two replicas on one database (PostgreSQL; or one SQLite file, which in WAL mode both
+    may write). The first dies with slices leased, running and finished; the worker goes on
+    at the second, which takes heartbeats of the first's leases and their results."""
     args = ("--lease-timeout", "5", "--heartbeat-interval", "0.5")
     first = LocalScheduler(db, *args, log=tmp_path / "first.log")
     second = LocalScheduler(db, *args, log=tmp_path / "second.log")
     owner = make_keystore("owner")
-    store = SQLiteStore(db)
+    store = open_store(db)
     store.mint(owner.identity.address, 100 * MICRO, time.time())
     spin = tmp_path / "spin.wasm"
     spin.write_bytes(zig_build(SPIN))

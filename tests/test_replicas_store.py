@@ -158,6 +158,35 @@ def test_an_unreachable_server_is_a_store_error_naming_it_without_its_password()
     assert display_url(url) == "postgresql://dcp@127.0.0.1:1/nowhere"
 
 
+def test_one_deploy_sent_to_both_replicas_is_one_job_escrowed_once(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    a.mint(OWNER, 1000, 0.0)
+    for tag in ("x", "y", "z"):
+        ids = together(
+            lambda: a.create_job(new_job(10, tag=tag, offer=10), 0.0),  # noqa: B023
+            lambda: b.create_job(new_job(10, tag=tag, offer=10), 0.0),  # noqa: B023
+        )
+        assert ids[0] == ids[1] and isinstance(ids[0], str), ids
+    assert a.balance(OWNER) == 1000 - 3 * 100
+    check_books(a)
+
+
+def test_a_replica_starting_extends_only_the_leases_no_replica_expired(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """A lone scheduler's restart gives every lease one more timeout; a replica's start must
+    not postpone the expiry of leases the running replicas hold for dead workers."""
+    a, _b = replicas
+    funded(a, 2)
+    a.lease(W1, 1, 0.0, 5.0)  # overdue at 20: held while no replica ran
+    a.lease(W2, 1, 0.0, 30.0)  # still running at 20
+    assert a.extend_leases(35.0, 20.0) == 1
+    assert a.expire_leases(31.0) == 1  # W2's, at its own deadline
+    assert a.expire_leases(36.0) == 1
+
+
 # ---------------------------------------------------------------------- migrations
 
 

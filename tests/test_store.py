@@ -155,8 +155,8 @@ def test_leases_held_across_a_restart_get_one_more_lease_timeout(store: Store) -
     job = store.create_job(new_job(2), 0.0)
     a, _b = store.lease(W1, 2, 0.0, 5.0)
     # The scheduler comes back at 20.0 (its leases' deadlines long past) with 15 s leases.
-    assert store.extend_leases(35.0) == 2
-    assert store.extend_leases(30.0) == 0  # never shortened
+    assert store.extend_leases(35.0, 20.0) == 2
+    assert store.extend_leases(30.0, 20.0) == 0  # never shortened
     assert store.expire_leases(21.0) == 0
     assert accept(store, job, 0, a.token) == "accepted"  # the worker came back and delivered
     assert store.expire_leases(36.0) == 1  # the other worker never did

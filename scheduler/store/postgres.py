@@ -236,6 +236,18 @@ class PostgresStore(SQLStore):
         ).fetchone()
         return int(version)
 
+    def extend_leases(self, deadline: float, now: float) -> int:
+        """At a replica's start: only the leases already past their deadline, i.e. those
+        held while no replica ran (a running one expires them within a second). Extending
+        every lease, as a lone scheduler does, would let each replica's restart postpone
+        the expiry of leases that dead workers hold through the others."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE slices SET deadline=? WHERE state='leased' AND deadline < ?",
+                (deadline, min(now, deadline)),
+            )
+        return int(cur.rowcount)
+
     def publish(self, channel: str, sender: str) -> None:
         """NOTIFY the other replicas on ``channel``, as ``sender``."""
         self._db.execute("SELECT pg_notify(?, ?)", (channel, sender))

@@ -140,19 +140,18 @@ class SQLStore:
         job_id = secrets.token_hex(16)
         escrow = job.offer_micro * len(job.data)
         with self._tx() as db:
-            existing = db.execute(
-                "SELECT id FROM jobs WHERE payload_sha256=?", (job.payload_sha256,)
-            ).fetchone()
+            existing = self._job_by_payload(db, job.payload_sha256)
             if existing:
-                return str(existing[0])  # a replayed deploy: the same job, not a second one
+                return existing  # a replayed deploy: the same job, not a second one
             balance = _ledger.balance(db, job.owner, self._lock())
             if balance < escrow:
                 raise InsufficientFunds(job.owner, escrow, balance)
-            db.execute(
+            inserted = db.execute(
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
                 " limits, offer_micro, group_key, requirements, config, verifier, payload_sha256,"
                 " total, remaining, max_attempts, created)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (payload_sha256) DO NOTHING",
                 (
                     job_id,
                     job.owner,
@@ -174,6 +173,8 @@ class SQLStore:
                     now,
                 ),
             )
+            if inserted.rowcount == 0:  # the same deploy, committed meanwhile by a replica
+                return self._job_by_payload(db, job.payload_sha256) or job_id
             db.executemany(
                 "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
                 ((job_id, i, datum) for i, datum in enumerate(job.data)),
@@ -182,6 +183,11 @@ class SQLStore:
             if not job.data:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
+
+    @staticmethod
+    def _job_by_payload(db: Connection, payload_sha256: str) -> str | None:
+        row = db.execute("SELECT id FROM jobs WHERE payload_sha256=?", (payload_sha256,)).fetchone()
+        return None if row is None else str(row[0])
 
     _JOB_COLUMNS = (
         "id, owner, name, state, runtime, module_sha256, argv, limits, offer_micro, created,"
@@ -747,9 +753,10 @@ class SQLStore:
                 )
         return len(rows)
 
-    def extend_leases(self, deadline: float) -> int:
-        """Move every lease's deadline to at least ``deadline``: at start, so that workers
-        which held leases while the scheduler was down can come back and deliver."""
+    def extend_leases(self, deadline: float, now: float) -> int:
+        """Move every lease's deadline to at least ``deadline``: at start (at ``now``), so
+        that workers which held leases while the scheduler was down can come back and
+        deliver."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE slices SET deadline=? WHERE state='leased' AND deadline < ?",
