@@ -41,10 +41,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/breakdown.py
 	$(PY) benchmarks/plots.py
 
-## Fault injection: kill workers, evaluators and the scheduler at random while jobs run;
-## prints one JSON line (lost and paid-twice slices must be 0). Bounded to 15 minutes.
+## Fault injection: kill workers, evaluators and the scheduler at random while jobs run, on
+## SQLite, then on two PostgreSQL replicas (with the database's faults: killed backends, a
+## restarted server, idle transactions); each prints one JSON line (lost and paid-twice
+## slices must be 0; PostgreSQL's adds dead tuples). Bounded to 8 minutes each.
 soak: $(STAMP)
-	$(PY) tests/faults/soak.py --minutes 15 --faults 200
+	$(PY) tests/faults/soak.py --minutes 8 --faults 120
+	$(PY) tests/faults/soak.py --backend postgres --minutes 8 --faults 120
 
 ## The Debian package: dist/dcp-worker_<version>_amd64.deb (wheels, units, /etc config).
 deb: $(STAMP)

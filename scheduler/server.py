@@ -202,7 +202,20 @@ class Scheduler:
                         ConnectionRefusal.BODY_TIMEOUT,
                         f"the body did not arrive within {self.config.http_body_timeout:g} s",
                     )
-            return await handler(request)
+            try:
+                return await handler(request)
+            except StoreError as exc:
+                # What a handler did not answer itself: the database failed (unavailable,
+                # locked, a lost connection). Nothing of the request happened; say so, and
+                # when to try again, instead of a bare 500.
+                if exc.code is not ErrorCode.INTERNAL:
+                    raise
+                log.warning("%s %s: %s", request.method, request.path, exc)
+                response = web.json_response(
+                    {"error": {"code": exc.code.value, "message": str(exc)}}, status=503
+                )
+                response.headers["Retry-After"] = "1"
+                return response
         finally:
             self._unauthenticated.pop(ticket.serial, None)
             self.limiter.release(ticket)

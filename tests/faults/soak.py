@@ -1,7 +1,7 @@
 """Fault injection with real processes: kill the worker, its evaluators and the scheduler at
 random while jobs run, and count what was lost or paid twice.
 
-    python tests/faults/soak.py [--minutes M] [--faults F] [--seed S]
+    python tests/faults/soak.py [--minutes M] [--faults F] [--seed S] [--backend postgres]
 
 Each round deploys a paid echo job to a scheduler (SQLite) served to one worker, injects faults
 until the job completes, then checks every slice against the store and the ledger. Faults:
@@ -10,6 +10,14 @@ SIGKILL the worker (restarted on the same outbox), SIGKILL an evaluator, SIGKILL
 measured; restarted), SIGSTOP the worker past its lease timeout (its leases expire; SIGCONT),
 cut its connection (results in flight are lost), lock the scheduler's database for up to 2 s
 (result submissions, fetches and heartbeats are refused as ``internal`` meanwhile).
+
+With ``--backend postgres`` (tests/postgres.py's server) each round runs two replicas on one
+database, each behind its own cutting proxy, and the worker is given both. Faults there:
+SIGKILL a replica (restarted), cut one replica's connections, kill every backend of the
+database (pg_terminate_backend), restart PostgreSQL (when the server is the soak's own), open
+a transaction that stays idle for the rest of the round (vacuum cannot clean meanwhile), and
+the worker faults above. The summary adds the dead tuples of the queue's tables at the end of
+each round (the largest), and after a VACUUM once the idle transactions ended.
 Ends with one JSON line: rounds, faults, slices deployed / completed, lost, paid twice, results
 wrong, the worst graceful exit time, and whether the books balance.
 """
@@ -36,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
-from scheduler.store.sqlite import SQLiteStore  # noqa: E402
+from scheduler.store.backends import open_store  # noqa: E402
+from tests import postgres  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -106,16 +115,26 @@ class CuttingProxy:
         self._loop.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Round:
-    def __init__(self, work: Path, rng: random.Random) -> None:
+    def __init__(self, work: Path, rng: random.Random, pg: postgres.Server | None = None) -> None:
         self.work = work
         self.rng = rng
-        self.db = work / "s.db"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.scheduler = self._start_scheduler()
-        self.proxy = CuttingProxy(self.port)
+        self.pg = pg
+        self.db = pg.create_database("soak") if pg is not None else str(work / "s.db")
+        replicas = 2 if pg is not None else 1
+        self.ports = [_free_port() for _ in range(replicas)]
+        self.port = self.ports[0]
+        self.schedulers = [self._start_scheduler(i) for i in range(replicas)]
+        self.proxies = [CuttingProxy(port) for port in self.ports]
+        self.proxy = self.proxies[0]
+        #: Transactions opened by the idle_transaction fault, held to the round's end.
+        self.idle: list[object] = []
         (work / "pw").write_text("soak\n")
         self.owner = create_keystore(work / "owner.json", b"soak", iterations=1024)
         create_keystore(work / "worker.json", b"soak", iterations=1024)
@@ -125,7 +144,7 @@ class Round:
                 "bank",
                 "mint",
                 "--db",
-                str(self.db),
+                self.db,
                 self.owner.address,
                 "1000",
             ],
@@ -136,8 +155,10 @@ class Round:
         self.graceful_exits: list[float] = []
         self.faults: dict[str, int] = {}
 
-    def _start_scheduler(self) -> LocalScheduler:
-        wait_for(lambda: _port_free(self.port), 10)  # the killed one's, when it restarts
+    def _start_scheduler(self, i: int) -> LocalScheduler:
+        port = self.ports[i]
+        wait_for(lambda: _port_free(port), 10)  # the killed one's, when it restarts
+        log = self.work / f"scheduler-{i}.log" if self.pg is not None else None
         return LocalScheduler(
             self.db,
             "--lease-timeout",
@@ -146,7 +167,8 @@ class Round:
             "0.5",
             "--db-busy-timeout",
             "0.1",
-            listen=f"127.0.0.1:{self.port}",
+            listen=f"127.0.0.1:{port}",
+            log=log,
         )
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
@@ -158,8 +180,11 @@ class Round:
         return subprocess.Popen(
             [
                 str(BIN / "dcp-worker"),
-                "--scheduler",
-                f"http://127.0.0.1:{self.proxy.port}",
+                *(
+                    arg
+                    for proxy in self.proxies
+                    for arg in ("--scheduler", f"http://127.0.0.1:{proxy.port}")
+                ),
                 "--identity",
                 str(self.work / "worker.json"),
                 "--passphrase-file",
@@ -179,19 +204,23 @@ class Round:
         )
 
     def inject(self) -> None:
-        kind = self.rng.choice(
-            [
-                "kill_worker",
-                "kill_evaluator",
-                "kill_scheduler",
-                "stop_worker",
-                "sigint_worker",
-                "cut_connection",
-                "cut_connection",
-                "kill_evaluator",
-                "lock_database",
-            ]
-        )
+        kinds = [
+            "kill_worker",
+            "kill_evaluator",
+            "kill_scheduler",
+            "stop_worker",
+            "sigint_worker",
+            "cut_connection",
+            "cut_connection",
+            "kill_evaluator",
+        ]
+        if self.pg is None:
+            kinds.append("lock_database")
+        else:
+            kinds += ["kill_backends", "kill_backends", "idle_transaction"]
+            if self.pg.cluster is not None:
+                kinds.append("restart_postgres")
+        kind = self.rng.choice(kinds)
         self.faults[kind] = self.faults.get(kind, 0) + 1
         if kind == "kill_worker":
             self.worker.kill()
@@ -203,11 +232,25 @@ class Round:
             ).stdout.split()
             if out:
                 os.kill(int(self.rng.choice(out)), signal.SIGKILL)
-        elif kind == "kill_scheduler":
-            self.scheduler.proc.kill()
-            self.scheduler.proc.wait()
-            self.scheduler.stop()
-            self.scheduler = self._start_scheduler()
+        elif kind == "kill_scheduler":  # one replica, when there are several
+            i = self.rng.randrange(len(self.schedulers))
+            self.schedulers[i].proc.kill()
+            self.schedulers[i].proc.wait()
+            self.schedulers[i].stop()
+            self.schedulers[i] = self._start_scheduler(i)
+        elif kind == "kill_backends":  # every session of the database, the replicas' too
+            assert self.pg is not None
+            self.pg.terminate_backends(self.db.split("?")[0].rsplit("/", 1)[1])
+        elif kind == "restart_postgres":
+            assert self.pg is not None and self.pg.cluster is not None
+            self.pg.cluster.restart()
+        elif kind == "idle_transaction":  # held to the end of the round: vacuum must wait
+            import psycopg
+
+            holder = psycopg.connect(self.db)
+            holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            holder.execute("SELECT count(*) FROM slices").fetchone()
+            self.idle.append(holder)
         elif kind == "lock_database":  # submissions (and every write) fail for a while
             lock = sqlite3.connect(self.db, timeout=10, isolation_level=None)
             try:
@@ -217,7 +260,7 @@ class Round:
             finally:
                 lock.close()
         elif kind == "cut_connection":  # a network drop, results in flight included
-            self.proxy.cut()
+            self.rng.choice(self.proxies).cut()
         elif kind == "stop_worker":  # a partition, until the leases it held have expired
             self.worker.send_signal(signal.SIGSTOP)
             held = self._leased()
@@ -244,7 +287,7 @@ class Round:
 
     def _leased(self) -> set[tuple[str, int, int]]:
         """(job, slice, attempt) of every slice leased now."""
-        store = SQLiteStore(self.db)
+        store = open_store(self.db)
         try:
             return {
                 (s.job, s.slice, s.attempts)
@@ -263,8 +306,34 @@ class Round:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
                 self.worker.wait()
-        self.proxy.close()
-        self.scheduler.stop()
+        for proxy in self.proxies:
+            proxy.close()
+        for scheduler in self.schedulers:
+            scheduler.stop()
+
+    def dead_tuples(self) -> dict[str, int]:
+        """n_dead_tup of the queue's tables now (the statistics lag by up to a second)."""
+        import psycopg
+
+        with psycopg.connect(self.db, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            rows = conn.execute(
+                "SELECT relname, n_dead_tup FROM pg_stat_user_tables"
+                " WHERE relname IN ('slices', 'jobs', 'ledger', 'job_costs', 'workers')"
+            ).fetchall()
+        return {name: int(n) for name, n in rows}
+
+    def release_idle(self) -> None:
+        for holder in self.idle:
+            with contextlib.suppress(Exception):
+                holder.close()  # type: ignore[attr-defined]
+        self.idle.clear()
+
+    def vacuum(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.db, autocommit=True) as conn:
+            conn.execute("VACUUM")
 
 
 def _port_free(port: int) -> bool:
@@ -285,9 +354,14 @@ def _settled(client: ComputeClient, job: str) -> bool:
 
 
 def run_round(
-    work: Path, rng: random.Random, slices: int, faults: int, deadline: float
+    work: Path,
+    rng: random.Random,
+    slices: int,
+    faults: int,
+    deadline: float,
+    pg: postgres.Server | None = None,
 ) -> dict[str, object]:
-    r = Round(work, rng)
+    r = Round(work, rng, pg)
     values = [f"{work.name}-{i}" for i in range(slices)]
     job_toml = work / "job.toml"
     job_toml.write_text(
@@ -296,7 +370,8 @@ def run_round(
     )
     injected = 0
     try:
-        with ComputeClient(f"http://127.0.0.1:{r.port}", r.owner, timeout=30) as client:
+        urls = [f"http://127.0.0.1:{port}" for port in r.ports]
+        with ComputeClient(urls, r.owner, timeout=30) as client:
             job = client.deploy(job_toml)
             while injected < faults and time.monotonic() < deadline:
                 time.sleep(rng.uniform(0.05, 0.6))  # the fault schedule: random spacing
@@ -306,7 +381,14 @@ def run_round(
                 wait_for(lambda: _settled(client, job), 180)
     finally:
         r.close()
-    store = SQLiteStore(r.db)
+    dead: dict[str, int] = {}
+    dead_after_vacuum: dict[str, int] = {}
+    if pg is not None:
+        dead = r.dead_tuples()
+        r.release_idle()
+        r.vacuum()
+        dead_after_vacuum = r.dead_tuples()
+    store = open_store(r.db)
     try:
         records = store.slices(job, limit=slices)
         payments: dict[int, int] = {}
@@ -334,6 +416,8 @@ def run_round(
         "wrong": sum(1 for s in done if s.result != values[s.slice].encode()),
         "books_balance": totals["minted"] == totals["accounts"] + totals["escrow"],
         "graceful_exits": r.graceful_exits,
+        "dead_tuples": dead,
+        "dead_tuples_after_vacuum": dead_after_vacuum,
     }
 
 
@@ -346,7 +430,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--per-round", type=int, default=25, help="faults per round")
     parser.add_argument("--slices", type=int, default=300, help="slices per round")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args(argv)
+    pg = None
+    if args.backend == "postgres":
+        pg = postgres.server()
+        if pg is None:
+            parser.error(postgres.UNAVAILABLE or "no PostgreSQL server")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     deadline = time.monotonic() + args.minutes * 60
@@ -362,14 +452,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "wrong": 0,
         "books_balance": True,
         "fault_kinds": {},
+        "backend": args.backend,
     }
+    dead_max: dict[str, int] = {}
+    dead_after: dict[str, int] = {}
     worst = 0.0
     with tempfile.TemporaryDirectory(prefix="dcp-soak-") as tmp:
         while summary["faults"] < args.faults and time.monotonic() < deadline:  # type: ignore[operator]
             work = Path(tmp) / f"round{summary['rounds']}"
             work.mkdir()
             per = min(args.per_round, args.faults - summary["faults"])  # type: ignore[operator]
-            result = run_round(work, rng, args.slices, per, deadline)
+            result = run_round(work, rng, args.slices, per, deadline, pg)
             summary["rounds"] += 1  # type: ignore[operator]
             for key in (
                 "faults",
@@ -386,6 +479,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             for kind, n in result["fault_kinds"].items():  # type: ignore[attr-defined]
                 kinds[kind] = kinds.get(kind, 0) + n  # type: ignore[index,attr-defined]
             worst = max([worst, *result["graceful_exits"]])  # type: ignore[list-item]
+            for table, n in result["dead_tuples"].items():  # type: ignore[attr-defined]
+                dead_max[table] = max(dead_max.get(table, 0), n)
+            for table, n in result["dead_tuples_after_vacuum"].items():  # type: ignore[attr-defined]
+                dead_after[table] = max(dead_after.get(table, 0), n)
             if result["lost"]:
                 print(
                     f"round {summary['rounds']}: {result['states']} {result['errors']}",
@@ -395,6 +492,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     tail = log.read_text(errors="replace").splitlines()[-8:]
                     print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
     summary["worst_graceful_exit_s"] = round(worst, 2)
+    if pg is not None:
+        summary["dead_tuples_max"] = dead_max
+        summary["dead_tuples_after_vacuum_max"] = dead_after
     print(json.dumps(summary, sort_keys=True))
     return summary
 

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 
 from scheduler.client import ComputeClient
-from scheduler.store.sqlite import SQLiteStore
+from scheduler.store.backends import open_store
 
 from ..conftest import Keystore, SchedulerProcess, WorkerProcess, wait_for, wait_until
 from ..test_pipeline import PUZZLE, counts, job_file
+
+
+@pytest.fixture
+def scheduler(scheduler_on_every_backend: SchedulerProcess) -> SchedulerProcess:
+    """The fault suite runs on both backends (tests/conftest.py)."""
+    return scheduler_on_every_backend
 
 
 @pytest.mark.parametrize(
@@ -51,7 +57,7 @@ def test_immediate_stop_returns_everything(
     assert rc == 5, worker.output()[-2000:]
     assert elapsed < 10
     assert "returned" in worker.output() and "on an immediate stop" in worker.output()
-    store = SQLiteStore(scheduler.db)
+    store = open_store(str(scheduler.db))
     slices = store.slices(job)
     store.close()
     # Everything it held went back to the queue at once, uncharged: nothing waits for expiry.
@@ -60,10 +66,11 @@ def test_immediate_stop_returns_everything(
 
 def test_scheduler_stops_cleanly_with_workers_connected(
     tmp_path: Path,
+    db: str,
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    scheduler = SchedulerProcess(tmp_path / "s.db")
+    scheduler = SchedulerProcess(db, log=tmp_path / "scheduler.log")
     worker = workers(scheduler.url, make_keystore("w"), 1)
     wait_for(lambda: "connected to" in worker.output(), 30)
     started = time.monotonic()
