@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -159,6 +160,11 @@ def test_a_refused_connection_holds_work_until_the_database_takes_it_again(
         try:
             wait_for(lambda: "too many connections" in worker_or_log(tmp_path, worker), 30)
             stalled = job.done()
+            # An owner is told too, in the API's own terms: unavailable for now, try again.
+            answer = httpx.get(f"{scheduler.url}/api/v1/jobs", timeout=10)
+            assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+            assert answer.json()["error"]["code"] == "internal"
+            assert "too many connections" in answer.json()["error"]["message"]
         finally:
             admin(cluster, f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
         assert stalled < len(job.values), "the job ended before the fault"
