@@ -4,6 +4,7 @@ their backends being killed. And the schema's migrations, on both backends."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -16,8 +17,8 @@ from dcp_protocol import Metrics
 from scheduler import PostgresStore, Store, StoreError, open_store
 from scheduler.store import ResultRow
 from scheduler.store.migrations import LATEST, MIGRATIONS, SET_VERSION, statements
-from scheduler.store.postgres import display_url
-from tests.conftest import postgres_server
+from scheduler.store.postgres import NOTIFY_INTERVAL, display_url
+from tests.conftest import postgres_server, wait_until
 from tests.test_bank import check_books
 from tests.test_store import PAY, W1, W2, new_job
 
@@ -245,3 +246,35 @@ def test_a_newer_database_is_refused(db: str) -> None:
             conn.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="newer than this scheduler"):
         open_store(db, upgrade=True)
+
+
+# ---------------------------------------------------------------------- wake-ups
+
+
+def test_replicas_wake_each_other_by_notify_and_coalesce_bursts(pg_db: str) -> None:
+    asyncio.run(wake_each_other(pg_db))
+
+
+async def wake_each_other(pg_db: str) -> None:
+    a_store, b_store = PostgresStore(pg_db), PostgresStore(pg_db)
+    heard_by_a: list[str | None] = []
+    heard_by_b: list[str | None] = []
+    a = a_store.notifier(("dcp_work", "dcp_results"), heard_by_a.append)
+    b = b_store.notifier(("dcp_work", "dcp_results"), heard_by_b.append)
+    listening = [asyncio.create_task(a.listen()), asyncio.create_task(b.listen())]
+    try:
+        await wait_until(lambda: heard_by_a == [None] and heard_by_b == [None], 10)
+        for _ in range(50):  # a burst of acceptances: one NOTIFY now, one at the interval's end
+            a.publish("dcp_results")
+        a.publish("dcp_work")
+        await wait_until(lambda: heard_by_b.count("dcp_results") == 2, 10)
+        await wait_until(lambda: "dcp_work" in heard_by_b, 10)
+        assert a.sent == 3 and b.received == 3
+        await asyncio.sleep(NOTIFY_INTERVAL * 5)  # what a would have heard by now: nothing
+        assert heard_by_a == [None]  # its own notifications are not news to it
+    finally:
+        for task in listening:
+            task.cancel()
+        await asyncio.gather(*listening, return_exceptions=True)
+        a_store.close()
+        b_store.close()
