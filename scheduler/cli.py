@@ -77,8 +77,66 @@ def _state_base(db: str, state_dir: str | None) -> Path:
     return directory / name
 
 
+def _defaults(group: click.Group, values: dict[str, Any]) -> dict[str, Any]:
+    """click's default_map for ``group`` from a flat table of option values: each command
+    (and subcommand) gets the values of the options it has."""
+    out: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            out[name] = _defaults(command, values)
+        else:
+            params = {p.name for p in command.params}
+            out[name] = {k: v for k, v in values.items() if k in params}
+    return out
+
+
+def _option_names(group: click.Group) -> set[str]:
+    names: set[str] = set()
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            names |= _option_names(command)
+        else:
+            names |= {p.name for p in command.params if isinstance(p, click.Option) and p.name}
+    return names
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--config FILE: option values for every command, under the command line and the
+    environment (DCP_SCHEDULER_DB and the like)."""
+    if not value:
+        return
+    import tomllib
+
+    try:
+        with open(value, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}", ctx, param) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value}: not TOML: {exc}", ctx, param) from None
+    values = {key.replace("-", "_"): v for key, v in table.items()}
+    assert isinstance(ctx.command, click.Group)
+    unknown = sorted(set(values) - _option_names(ctx.command))
+    if unknown:
+        raise click.BadParameter(
+            f"{value}: {', '.join(unknown)}: not an option of any dcp-scheduler command", ctx, param
+        )
+    ctx.default_map = _defaults(ctx.command, values)
+
+
 @click.group()
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logs.")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="DCP_SCHEDULER_CONFIG",
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help='A TOML file of option values for every command (db = "postgresql://...", '
+    "listen, lease_timeout, ...); the command line and the environment win over it. Also "
+    "DCP_SCHEDULER_CONFIG.",
+)
 def main(verbose: int) -> None:
     """The reference scheduler: job store, slice leasing, result acceptance, admin."""
     os.umask(0o077)  # the database and its WAL hold owners' code, data and results
