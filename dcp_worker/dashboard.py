@@ -337,6 +337,8 @@ class WorkerDashboard(App[int]):
         if self.source is None:
             return
         snap = await self.source.status()
+        if not self.is_running or not self.query("#status"):
+            return  # the app is closing: its widgets went while the snapshot was read
         self._show_sandboxes(snap["sandboxes"])
         self._show_status(snap)
         self._show_history(snap.get("history", []))
