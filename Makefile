@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint wasm bench soak deb systemd-check screenshots clean
+.PHONY: demo cluster cluster-stop test lint wasm bench soak deb systemd-check screenshots clean
 
 $(STAMP): pyproject.toml
 	packaging/system-deps.sh
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml
 ## Run the whole pipeline locally: scheduler, worker (2 sandboxes), hash-puzzle job.
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+## Several schedulers on PostgreSQL: a PostgreSQL cluster (in .cluster/), the schema upgraded,
+## two scheduler replicas, two workers given both, the hash-puzzle job; stops it all at the
+## end or on Ctrl-C (workers, then replicas, then PostgreSQL).
+cluster: $(STAMP)
+	$(PY) examples/cluster.py
+
+## Stop what a killed `make cluster` left running (.cluster/running.json), in the same order.
+cluster-stop:
+	$(PY) examples/cluster.py --stop
 
 ## Install what the tests need and run them.
 test: $(STAMP)
