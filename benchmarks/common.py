@@ -1,17 +1,23 @@
-"""Shared helpers of the benchmarks: medians, the final JSON line, result files."""
+"""Shared helpers of the benchmarks: the schedulers under test (SQLite, or PostgreSQL with one
+or more replicas), the pipeline, medians, the final JSON line, result files."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +31,207 @@ sys.path.insert(0, str(ROOT))
 from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
+from tests.postgres import Cluster, Server  # noqa: E402
+
+#: The benchmark cluster's settings over tests/postgres.py's: statement counts on, and the
+#: durability of the SQLite store it is compared with (WAL, synchronous=NORMAL: a commit does
+#: not wait for its flush, the files are still synced at checkpoints).
+BENCH_SETTINGS = {
+    "shared_preload_libraries": "'pg_stat_statements'",
+    "pg_stat_statements.track": "all",
+    "fsync": "on",
+    "full_page_writes": "on",
+    "synchronous_commit": "off",
+}
+
+
+if os.environ.get("DCP_BENCH_PROFILE"):
+    # The processes started from here import profiling/sitecustomize.py, which profiles the
+    # schedulers among them.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(
+            None, [str(Path(__file__).resolve().parent / "profiling"), os.environ.get("PYTHONPATH")]
+        )
+    )
+
+
+class BackendUnavailable(RuntimeError):
+    """No PostgreSQL server for the benchmark: the message says why."""
+
+
+_server: Server | None = None
+
+
+def postgres_server() -> Server:
+    """This process's PostgreSQL: the server ``DCP_TEST_POSTGRES`` names, or a throwaway
+    cluster of tests/postgres.py with :data:`BENCH_SETTINGS`, stopped at exit.
+
+    Raises:
+        BackendUnavailable: no server could be started (no binaries, no postgres user).
+    """
+    global _server
+    if _server is not None:
+        return _server
+    url = os.environ.get("DCP_TEST_POSTGRES")
+    if url:
+        _server = Server(url)
+        return _server
+    directory = Path(tempfile.mkdtemp(prefix="dcp-bench-pg-"))
+    try:
+        cluster = Cluster(directory, BENCH_SETTINGS).init()
+        cluster.start()
+    except (RuntimeError, OSError) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise BackendUnavailable(f"no PostgreSQL server: {exc}") from None
+
+    def stop() -> None:
+        with contextlib.suppress(RuntimeError, OSError):
+            cluster.stop("immediate")
+        shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(stop)
+    _server = Server(cluster.url(), cluster)
+    with contextlib.suppress(Exception):  # statement counts are a bonus, not a requirement
+        _server.admin("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return _server
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The schedulers under test: one on SQLite, or ``replicas`` on one PostgreSQL database.
+
+    :meth:`start` is the scheduler factory of :func:`pipeline` and the other benchmarks."""
+
+    kind: str  # "sqlite" or "postgres"
+    replicas: int = 1
+    #: ``serve`` options every replica gets (e.g. ``--peer-wakeups poll:1``).
+    extra: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return "sqlite" if self.kind == "sqlite" else f"postgres_{self.replicas}r"
+
+    @contextmanager
+    def start(self, work: Path, *extra: str) -> Iterator[Schedulers]:
+        """Start the scheduler(s) under ``work``; stop them (SIGINT) after.
+
+        Raises:
+            BackendUnavailable: PostgreSQL was asked for and there is none.
+        """
+        work.mkdir(parents=True, exist_ok=True)
+        db = str(work / "s.db")
+        if self.kind == "postgres":
+            db = postgres_server().create_database("bench")
+        started: list[LocalScheduler] = []
+        try:
+            # One after the other: the first creates the schema, the others find it.
+            for _ in range(self.replicas):
+                started.append(LocalScheduler(db, *self.extra, *extra, state_dir=work))
+            yield Schedulers(self, db, started)
+        finally:
+            for sched in started:
+                sched.stop(30)
+
+
+@dataclass
+class Schedulers:
+    """Running replicas of one backend (one for SQLite) and the database they share."""
+
+    backend: Backend
+    db: str
+    replicas: list[LocalScheduler]
+
+    @property
+    def url(self) -> str:
+        return self.replicas[0].url
+
+    @property
+    def dbname(self) -> str:
+        return self.db.split("?", 1)[0].rsplit("/", 1)[1]
+
+    def statements(self) -> dict[str, int]:
+        """PostgreSQL's counts for this database so far, empty on SQLite: ``statements``, the
+        statements run (pg_stat_statements, counted at once; 0 without it), leaving out
+        BEGIN, COMMIT and SAVEPOINT once psycopg has prepared them; ``xact_commit``,
+        transactions committed (pg_stat_database: a busy backend reports it within about a
+        second, an idle one within 10 s, so only deltas over long windows are exact);
+        ``wal_bytes``, the server's WAL position (all databases)."""
+        if self.backend.kind != "postgres" or _server is None:
+            return {}
+        ((commits, wal),) = _server.admin(
+            "SELECT xact_commit, pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_stat_database"
+            " WHERE datname = %s",
+            (self.dbname,),
+        )
+        calls = 0
+        with contextlib.suppress(Exception):  # no pg_stat_statements (someone else's server)
+            ((calls,),) = _server.admin(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements s"
+                " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s",
+                (self.dbname,),
+            )
+        return {
+            "statements": int(str(calls)),
+            "xact_commit": int(str(commits)),
+            "wal_bytes": int(float(str(wal))),
+        }
+
+    def top_statements(self, limit: int = 25) -> list[tuple[int, float, str]]:
+        """pg_stat_statements' busiest statements on this database: calls, total ms, text."""
+        if self.backend.kind != "postgres" or _server is None:
+            return []
+        dbname = self.dbname
+        rows = _server.admin(
+            "SELECT calls, total_exec_time, query FROM pg_stat_statements s"
+            " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = %s"
+            " ORDER BY calls DESC LIMIT %s",
+            (dbname, limit),
+        )
+        return [(int(str(c)), float(str(t)), str(q)) for c, t, q in rows]
+
+
+SQLITE = Backend("sqlite")
+
+
+def backends(choice: str, replicas: str) -> list[Backend]:
+    """``--backend sqlite|postgres|both`` and ``--replicas 1,2`` (for PostgreSQL) as the
+    backends to run, SQLite first (the peer the others are divided by)."""
+    out = [SQLITE] if choice in ("sqlite", "both") else []
+    if choice in ("postgres", "both"):
+        out += [Backend("postgres", int(n)) for n in replicas.split(",")]
+    return out
+
+
+def add_backend_options(parser: Any, backend: str = "sqlite", replicas: str = "1") -> None:
+    """The ``--backend`` and ``--replicas`` options of the benchmarks that run on both."""
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default=backend)
+    parser.add_argument(
+        "--replicas",
+        default=replicas,
+        help="PostgreSQL replicas on one database, a comma-separated list (e.g. 1,2)",
+    )
 
 
 @dataclass
 class Pipeline:
-    """A local scheduler (SQLite), one worker as a real process, and a job owner's client."""
+    """Local scheduler replicas, one worker per replica as real processes, and a job owner's
+    client (talking to the first replica)."""
 
     work: Path
-    scheduler: LocalScheduler
-    worker: subprocess.Popen[bytes]
+    schedulers: Schedulers
+    workers: list[subprocess.Popen[bytes]]
     client: ComputeClient
     deployed: int = 0
+
+    @property
+    def scheduler(self) -> LocalScheduler:
+        """The first replica (the only one on SQLite)."""
+        return self.schedulers.replicas[0]
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        """The first worker (the only one with one replica)."""
+        return self.workers[0]
 
     def echo(self, values: list[str]) -> float:
         """Deploy an echo job over ``values``, read every result back, check them; seconds
@@ -55,40 +251,64 @@ class Pipeline:
         return elapsed
 
 
-@contextmanager
-def pipeline(work: Path, sandboxes: int, *worker_args: str) -> Iterator[Pipeline]:
-    """Start a :class:`Pipeline` under ``work``; stop both processes with SIGINT after."""
-    work.mkdir(parents=True, exist_ok=True)
-    pw = work / "pw"
-    pw.write_text("bench\n")
-    owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
-    create_keystore(work / "worker.json", b"bench", iterations=1024)
-    sched = LocalScheduler(work / "s.db")
-    worker = subprocess.Popen(
+def _start_worker(
+    work: Path, name: str, urls: list[str], sandboxes: int, *worker_args: str
+) -> subprocess.Popen[bytes]:
+    create_keystore(work / f"{name}.json", b"bench", iterations=1024)
+    return subprocess.Popen(
         [
             str(BIN / "dcp-worker"),
-            "--scheduler",
-            sched.url,
+            *(arg for url in urls for arg in ("--scheduler", url)),
             "--identity",
-            str(work / "worker.json"),
+            str(work / f"{name}.json"),
             "--passphrase-file",
-            str(pw),
+            str(work / "pw"),
             "--sandboxes",
             str(sandboxes),
             "--state-dir",
-            str(work / "state"),
+            str(work / f"state-{name}"),
             "-o",
             "console",  # plain logs, even on a terminal
             *worker_args,
         ]
     )
-    try:
-        with ComputeClient(sched.url, owner) as client:
-            yield Pipeline(work, sched, worker, client)
-    finally:
-        worker.send_signal(signal.SIGINT)
-        worker.wait(60)
-        sched.stop(30)
+
+
+@contextmanager
+def pipeline(
+    work: Path, sandboxes: int, *worker_args: str, backend: Backend = SQLITE
+) -> Iterator[Pipeline]:
+    """Start a :class:`Pipeline` under ``work``; stop every process with SIGINT after.
+
+    With R replicas there are R workers, the ``sandboxes`` shared out among them (at least one
+    each), worker i given every replica's URL starting with replica i: a worker holds one
+    session, on the first URL that answers, so one worker given all the URLs would load the
+    first replica only. Failover still has somewhere to go."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "pw").write_text("bench\n")
+    owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
+    workers: list[subprocess.Popen[bytes]] = []
+    with backend.start(work) as scheds:
+        urls = [s.url for s in scheds.replicas]
+        share = [sandboxes // len(urls) + (i < sandboxes % len(urls)) for i in range(len(urls))]
+        try:
+            for i in range(len(urls)):
+                workers.append(
+                    _start_worker(
+                        work,
+                        f"worker{i}",
+                        urls[i:] + urls[:i],
+                        max(1, share[i]),
+                        *worker_args,
+                    )
+                )
+            with ComputeClient(scheds.url, owner) as client:
+                yield Pipeline(work, scheds, workers, client)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGINT)
+            for worker in workers:
+                worker.wait(60)
 
 
 def median(values: list[float]) -> float:

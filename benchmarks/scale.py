@@ -1,7 +1,9 @@
 """Scheduler scale: many concurrent workers on one scheduler process.
 
-A local scheduler (SQLite) serves W simulated workers, each a real websocket session on
-loopback with its own identity (challenge signed at login). Each worker loops: fetch one slice,
+A local scheduler serves W simulated workers, each a real websocket session on loopback with its
+own identity (challenge signed at login). ``--backend postgres --replicas 2``: two replicas on
+one PostgreSQL database, the workers spread over them (worker i on replica i mod 2); the job is
+deployed through the first. Each worker loops: fetch one slice,
 compute it (echo: the result is the datum), sign the result and submit it; the job has enough
 slices for the run. Measured per worker count: results accepted per second over the run, and the
 latency of fetches that leased a slice (p50, p99). Runs 100 and 1,000 workers in the same run.
@@ -25,6 +27,7 @@ without them; the scheduler runs with short deadlines (2 s) so the closes happen
 honest workers lose to sharing the two cores with the attackers' process, not to the attack.
 
     python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--seconds S]
+        [--backend sqlite|postgres|both] [--replicas 1,2]
         [--hostile 100] [--hostile-rate 20] [--hostile-kinds idle,half_http,forged,flood,malformed]
         [--control]
 """
@@ -47,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import websockets  # noqa: E402
-from common import ROOT, report  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    Backend,
+    BackendUnavailable,
+    add_backend_options,
+    backends,
+    report,
+)
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
 import dcp_protocol as p  # noqa: E402
@@ -159,7 +169,7 @@ class Logins:
 
 
 async def run_workers(
-    url: str,
+    urls: list[str],
     n: int,
     compute: float,
     seconds: float,
@@ -176,7 +186,8 @@ async def run_workers(
     # Connect them all first (a login storm is its own test), then measure a steady run.
     deadline = time.monotonic() + 3600
     tasks = []
-    for identity in identities:
+    for i, identity in enumerate(identities):
+        url = urls[i % len(urls)]  # spread over the replicas
         tasks.append(
             asyncio.create_task(
                 one_worker(url, identity, deadline, compute, latencies, done, logins)
@@ -209,7 +220,7 @@ async def run_workers(
             sys.executable,
             __file__,
             "--swarm",
-            target or url,
+            target or urls[0],
             "--job",
             job,
             "--hostile",
@@ -420,6 +431,53 @@ async def run_swarm(
     return figures
 
 
+def run_backend(
+    work: Path,
+    backend: Backend,
+    args: argparse.Namespace,
+    counts: list[int],
+    computes: list[float],
+) -> dict[str, object]:
+    """Every load (worker count x compute) on one backend's scheduler(s)."""
+    figures: dict[str, object] = {}
+    work.mkdir(parents=True)
+    owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
+    extra = HOSTILE_DEADLINES if args.hostile else []
+    kinds = tuple(args.hostile_kinds.split(","))
+    with backend.start(work, "--lease-timeout", "60", *extra) as schedulers:
+        decoy = LocalScheduler(work / "decoy.db", *extra) if args.control else None
+        try:
+            values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
+            job_toml = work / "job.toml"
+            job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
+            with ComputeClient(schedulers.url, owner) as client:
+                job = client.deploy(job_toml)
+            target = ""
+            if decoy is not None:
+                with ComputeClient(decoy.url, owner) as client:
+                    job, target = client.deploy(job_toml), decoy.url
+            urls = [s.url for s in schedulers.replicas]
+            for n in counts:
+                for compute in computes:
+                    figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
+                        run_workers(
+                            urls,
+                            n,
+                            compute,
+                            args.seconds,
+                            args.hostile,
+                            args.hostile_rate,
+                            job,
+                            kinds,
+                            target,
+                        )
+                    )
+        finally:
+            if decoy is not None:
+                decoy.stop(30)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny, not saved")
@@ -443,6 +501,7 @@ def main() -> None:
         help="the hostile clients attack a second scheduler on this machine instead: what the "
         "honest figures lose to sharing the machine alone",
     )
+    add_backend_options(parser)
     parser.add_argument("--swarm", metavar="URL", help=argparse.SUPPRESS)  # the hostile process
     parser.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -472,41 +531,18 @@ def main() -> None:
     if args.hostile:
         figures.update(hostile=args.hostile, hostile_rate=args.hostile_rate, kinds=list(kinds))
         figures["control"] = args.control
+    chosen = backends(args.backend, args.replicas)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        owner = create_keystore(work / "owner.json", b"bench", iterations=1024)
-        extra = HOSTILE_DEADLINES if args.hostile else []
-        scheduler = LocalScheduler(work / "s.db", "--lease-timeout", "60", *extra)
-        decoy = LocalScheduler(work / "decoy.db", *extra) if args.control else None
-        try:
-            values = [f"v{i}" for i in range(200_000 if not args.quick else 40_000)]
-            job_toml = work / "job.toml"
-            job_toml.write_text(f'module = "{ECHO}"\n[inputs]\nvalues = {json.dumps(values)}\n')
-            with ComputeClient(scheduler.url, owner) as client:
-                job = client.deploy(job_toml)
-            target = ""
-            if decoy is not None:
-                with ComputeClient(decoy.url, owner) as client:
-                    job, target = client.deploy(job_toml), decoy.url
-            for n in counts:
-                for compute in computes:
-                    figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
-                        run_workers(
-                            scheduler.url,
-                            n,
-                            compute,
-                            args.seconds,
-                            args.hostile,
-                            args.hostile_rate,
-                            job,
-                            kinds,
-                            target,
-                        )
-                    )
-        finally:
-            scheduler.stop(30)
-            if decoy is not None:
-                decoy.stop(30)
+        for backend in chosen:
+            try:
+                loads = run_backend(Path(tmp) / backend.name, backend, args, counts, computes)
+            except BackendUnavailable as exc:
+                print(f"{backend.name}: skipped: {exc}", file=sys.stderr)
+                continue
+            if len(chosen) == 1:  # the keys of a one-backend run are those they always were
+                figures.update(backend=backend.name, **loads)
+            else:
+                figures[backend.name] = loads
     name = (
         "scale"
         if not args.hostile
@@ -514,6 +550,8 @@ def main() -> None:
         if args.control
         else "scale_hostile"
     )
+    if args.backend != "sqlite":  # a run on PostgreSQL keeps its own result file
+        name += f"_{args.backend}"
     report(name, figures, save=not args.quick)
 
 
