@@ -278,3 +278,31 @@ async def wake_each_other(pg_db: str) -> None:
         await asyncio.gather(*listening, return_exceptions=True)
         a_store.close()
         b_store.close()
+
+
+def test_a_write_failing_mid_batch_fails_the_whole_batch_and_changes_nothing(pg_db: str) -> None:
+    """Acceptance runs in pipeline mode: the error of a write arrives after later items were
+    sent. The batch then fails as one (StoreError), with nothing of it kept; sent again once
+    the fault is gone, every result is accepted and paid once."""
+    store = PostgresStore(pg_db)
+    job = funded(store, 6)
+    leases = store.lease(W1, 6, 0.0, 60.0)
+    rows = [row(job, x.slice, x.token) for x in leases]
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN IF NEW.slice = 3 THEN RAISE EXCEPTION 'disk on fire'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        with pytest.raises(StoreError, match="disk on fire"):
+            store.accept_results(W1, rows, 1.0)
+        assert store.job(job).counts == {"leased": 6} and store.balance(PAY) == 0
+        conn.execute("DROP TRIGGER refuse ON ledger")
+    outcomes = store.accept_results(W1, rows, 2.0)
+    assert [o[0] for o in outcomes] == ["accepted"] * 6  # type: ignore[index]
+    assert store.balance(PAY) == 60 and store.job(job).state == "finished"
+    check_books(store)
+    store.close()

@@ -291,3 +291,13 @@ def test_a_worker_holds_at_most_max_held_leases_and_gets_more_as_it_returns_them
     assert [lease.slice for lease in store.lease(W2, 2, 0.0, 10.0, max_held=4)] == [4, 5]
     assert accept(store, job, 0, first[0].token) == "accepted"
     assert [lease.slice for lease in store.lease(W1, 64, 0.0, 10.0, max_held=4)] == [6]
+
+
+def test_has_queued_says_whether_any_slice_waits(store: Store) -> None:
+    assert not store.has_queued()
+    job = store.create_job(new_job(2), 0.0)
+    assert store.has_queued()
+    leases = store.lease(W1, 2, 0.0, 10.0)
+    assert not store.has_queued()
+    store.return_slices(W1, [LeaseRef(job, leases[0].slice, leases[0].token)])
+    assert store.has_queued()

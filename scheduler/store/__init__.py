@@ -7,6 +7,7 @@ by the ``--db`` value.
 Exception tree::
 
     StoreError             root
+    ├── DatabaseError      the database failed; nothing of the call happened (retry later)
     ├── UnknownJob         no such job
     ├── UnknownSlice       no such slice
     ├── StaleLease         the token is not the slice's current lease (fencing), or the slice
@@ -46,6 +47,12 @@ def credits(micro: int) -> float:
 
 class StoreError(DcpError):
     code: ErrorCode = ErrorCode.INTERNAL
+
+
+class DatabaseError(StoreError):
+    """The database itself failed (unavailable, locked past the busy timeout, a lost
+    connection, a statement refused): nothing of the call happened. Unlike the refusals below,
+    it says nothing of the request: the same call may succeed later."""
 
 
 class UnknownJob(StoreError):
@@ -274,6 +281,10 @@ class Store(Protocol):
     def datum(self, job_id: str, slice_: int) -> bytes: ...
     def list_jobs(self) -> list[JobRecord]: ...
     def active_jobs(self) -> list[JobRecord]: ...
+    def has_queued(self) -> bool:
+        """Whether any slice of any job is queued (one index probe)."""
+        ...
+
     def slices(
         self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
     ) -> list[SliceRecord]:

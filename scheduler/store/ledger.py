@@ -23,15 +23,19 @@ def move(
     now: float,
     job: str | None = None,
     slice_: int | None = None,
+    escrow_debited: bool = False,
 ) -> None:
     """Move ``amount`` between accounts (or escrow) with its ledger row. Escrow balances
-    live on the job row; ``mint`` is the source of new credits."""
+    live on the job row; ``mint`` is the source of new credits. ``escrow_debited``: the
+    caller debits the escrow itself (acceptance, once per job and batch)."""
     if amount <= 0:
         return
     for account, sign in ((debit, -1), (credit, 1)):
         if account == "mint":
             continue
         if account.startswith("escrow:"):
+            if escrow_debited and sign < 0:
+                continue
             db.execute(
                 "UPDATE jobs SET escrow_micro = escrow_micro + ? WHERE id=?",
                 (sign * amount, account.removeprefix("escrow:")),

@@ -42,7 +42,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
-from . import StoreError
+from . import DatabaseError, ResultRow, StoreError
 from .migrations import META, SET_VERSION, Migration, SchemaError, pending
 from .sql import SQLStore
 
@@ -88,7 +88,7 @@ class _Connection:
         except psycopg.errors.UniqueViolation:
             raise
         except psycopg.Error as exc:
-            raise StoreError(f"database unavailable: {exc}".strip()) from exc
+            raise DatabaseError(f"database unavailable: {exc}".strip()) from exc
 
     def executemany(self, sql: str, params: Iterable[Any]) -> None:
         rows = list(params)
@@ -98,7 +98,7 @@ class _Connection:
             with self.raw.cursor() as cur:
                 cur.executemany(_dialect(sql), rows)
         except psycopg.Error as exc:
-            raise StoreError(f"database unavailable: {exc}".strip()) from exc
+            raise DatabaseError(f"database unavailable: {exc}".strip()) from exc
 
 
 class PostgresStore(SQLStore):
@@ -162,7 +162,7 @@ class PostgresStore(SQLStore):
         except psycopg.Error as exc:
             text = str(exc).strip()
             reason = text.splitlines()[-1] if text else type(exc).__name__
-            raise StoreError(
+            raise DatabaseError(
                 f"database unavailable: cannot connect to {self.where}: {reason}"
             ) from None
         self._conn = _Connection(raw)
@@ -180,7 +180,7 @@ class PostgresStore(SQLStore):
             db.execute("COMMIT")
         except psycopg.errors.UniqueViolation as exc:
             self._rollback(db)
-            raise StoreError(f"conflict: {exc}".strip()) from exc
+            raise DatabaseError(f"conflict: {exc}".strip()) from exc
         except BaseException:
             self._rollback(db)
             raise
@@ -235,6 +235,25 @@ class PostgresStore(SQLStore):
             "SELECT value FROM meta WHERE key='schema_version'"
         ).fetchone()
         return int(version)
+
+    def accept_results(
+        self, worker: str, rows: list[ResultRow], now: float
+    ) -> list[tuple[str, int] | StoreError]:
+        """SQLStore's, in libpq's pipeline mode: a write is sent without waiting for its
+        reply, so a batch costs one round trip per item (its fenced read) and one for the
+        commit, not one per statement (11 per accepted result). A database error in any
+        write fails the whole batch (nothing of it happened), never one item alone."""
+        db = self._connection()
+        try:
+            with db.raw.pipeline():
+                return super().accept_results(worker, rows, now)
+        except BaseException as exc:
+            # The pipeline's ROLLBACK may not have run (an aborted pipeline ignores it): end
+            # the transaction here, out of pipeline mode, so the connection can go on.
+            self._rollback(db)
+            if isinstance(exc, psycopg.Error):  # read when the pipeline ended: the commit's
+                raise DatabaseError(f"database unavailable: {exc}".strip()) from exc
+            raise
 
     def extend_leases(self, deadline: float, now: float) -> int:
         """At a replica's start: only the leases already past their deadline, i.e. those

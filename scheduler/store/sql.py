@@ -40,6 +40,7 @@ from dcp_protocol import (
 from dcp_protocol.states import FINAL_STATES
 
 from . import (
+    DatabaseError,
     DuplicateGroup,
     GroupRecord,
     InsufficientFunds,
@@ -278,6 +279,12 @@ class SQLStore:
         ).fetchall()
         return [self._job_record(row, {}) for row in rows]
 
+    def has_queued(self) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM slices INDEXED BY slices_by_state WHERE state='queued' LIMIT 1"
+        ).fetchone()
+        return row is not None
+
     def slices(
         self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
     ) -> list[SliceRecord]:
@@ -412,27 +419,27 @@ class SQLStore:
         return state, attempts, max_attempts, offer
 
     def _slice_final(self, db: Connection, job_id: str, now: float) -> None:
-        """One slice of the job reached a final state: finish the job when none is left."""
-        db.execute("UPDATE jobs SET remaining = remaining - 1 WHERE id=?", (job_id,))
+        """One slice of the job reached a final state: finish the job when none is left.
+        One statement: the right-hand sides all read the row as it was."""
         db.execute(
-            "UPDATE jobs SET state='finished', finished=? WHERE id=? AND remaining<=0"
-            " AND state='active'",
+            "UPDATE jobs SET remaining = remaining - 1,"
+            " finished = CASE WHEN remaining <= 1 AND state='active' THEN ? ELSE finished END,"
+            " state = CASE WHEN remaining <= 1 AND state='active' THEN 'finished' ELSE state END"
+            " WHERE id=?",
             (now, job_id),
         )
 
     def _count(
-        self, db: Connection, worker: str, counter: str, now: float, earned: int = 0
+        self, db: Connection, worker: str, counter: str, now: float, earned: int = 0, n: int = 1
     ) -> None:
         assert counter in _WORKER_COUNTERS
         db.execute(
-            "INSERT INTO workers (address, first_seen, last_seen) VALUES (?, ?, ?)"
-            " ON CONFLICT(address) DO NOTHING",
-            (worker.lower(), now, now),
-        )
-        db.execute(
-            f"UPDATE workers SET {counter} = {counter} + 1, earned_micro = earned_micro + ?,"
-            f" last_seen = {self.GREATEST}(last_seen, ?) WHERE address=?",
-            (earned, now, worker.lower()),
+            f"INSERT INTO workers AS w (address, first_seen, last_seen, {counter}, earned_micro)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET"
+            f" {counter} = w.{counter} + excluded.{counter},"
+            " earned_micro = w.earned_micro + excluded.earned_micro,"
+            f" last_seen = {self.GREATEST}(w.last_seen, excluded.last_seen)",
+            (worker.lower(), now, now, n, earned),
         )
 
     def result_lease(self, job_id: str, slice_: int, token: str, worker: str) -> ResultLease:
@@ -476,26 +483,60 @@ class SQLStore:
         batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
         changes nothing, the others are accepted."""
         outcomes: list[tuple[str, int] | StoreError] = [StoreError("not accepted")] * len(rows)
-        priced: set[str] = set()
         # Slices (and their jobs) locked in one order by every transaction, so that two
         # replicas' batches never wait on each other in a cycle.
         order = sorted(range(len(rows)), key=lambda i: (rows[i].job, rows[i].slice))
+        #: Per job: results accepted, credits paid, and the cost sums of this batch.
+        sums: dict[str, list[float]] = {}
         with self._tx() as db:
             for i in order:
                 row = rows[i]
-                db.execute("SAVEPOINT item")
                 try:
+                    # A refusal (stale, unknown) is raised before the item writes anything,
+                    # so the batch goes on without it; a database error ends the batch.
                     outcome = self._accept(db, worker, row, now)
+                except DatabaseError:
+                    raise
                 except StoreError as exc:
-                    db.execute("ROLLBACK TO item")
                     outcomes[i] = exc
                 else:
                     outcomes[i] = outcome
                     if outcome[0] == "accepted":
-                        self._slice_final(db, row.job, now)  # one slice of its job is final
-                        priced.add(row.job)
-                db.execute("RELEASE item")
-            for job_id in priced:  # once per job and batch at most: it reads the job's workers
+                        m = row.metrics
+                        add = (1, outcome[1], m.cpu_seconds, m.gpu_seconds, m.bytes_in, m.bytes_out)
+                        acc = sums.setdefault(row.job, [0, 0, 0.0, 0.0, 0, 0])
+                        for k, v in enumerate(add):
+                            acc[k] += v
+            # The rows every batch shares last, once each and in order: the job's row (one
+            # per job, the per-job serialization point) is then locked for the commit only.
+            for job_id in sorted(sums):
+                n, paid, cpu, gpu, b_in, b_out = sums[job_id]
+                db.execute(
+                    "INSERT INTO job_costs AS c VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job,"
+                    " worker) DO UPDATE SET n = c.n + excluded.n, cpu = c.cpu + excluded.cpu,"
+                    " gpu = c.gpu + excluded.gpu, bytes_in = c.bytes_in + excluded.bytes_in,"
+                    " bytes_out = c.bytes_out + excluded.bytes_out",
+                    (job_id, worker.lower(), int(n), cpu, gpu, int(b_in), int(b_out)),
+                )
+                db.execute(
+                    "UPDATE jobs SET cost_n = cost_n + ?, escrow_micro = escrow_micro - ?,"
+                    " remaining = remaining - ?,"
+                    " finished = CASE WHEN remaining <= ? AND state='active' THEN ?"
+                    " ELSE finished END,"
+                    " state = CASE WHEN remaining <= ? AND state='active' THEN 'finished'"
+                    " ELSE state END WHERE id=?",
+                    (int(n), int(paid), int(n), int(n), now, int(n), job_id),
+                )
+            if sums:
+                self._count(
+                    db,
+                    worker,
+                    "accepted",
+                    now,
+                    earned=int(sum(v[1] for v in sums.values())),
+                    n=int(sum(v[0] for v in sums.values())),
+                )
+            for job_id in sums:  # once per job and batch at most: it reads the job's workers
                 if self._price_due(job_id, now):
                     self._price(db, job_id, now)
         return outcomes
@@ -551,25 +592,19 @@ class SQLStore:
                 slice_,
             ),
         )
-        db.execute("UPDATE jobs SET cost_n = cost_n + 1 WHERE id=?", (job_id,))
-        db.execute(
-            "INSERT INTO job_costs AS c VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT(job, worker)"
-            " DO UPDATE SET n = c.n + 1, cpu = c.cpu + excluded.cpu, gpu = c.gpu + excluded.gpu,"
-            " bytes_in = c.bytes_in + excluded.bytes_in,"
-            " bytes_out = c.bytes_out + excluded.bytes_out",
-            (
-                job_id,
-                worker.lower(),
-                metrics.cpu_seconds,
-                metrics.gpu_seconds,
-                metrics.bytes_in,
-                metrics.bytes_out,
-            ),
-        )
+        # The job's row, its cost sums and the worker's counters: once per batch
+        # (accept_results); the escrow is debited there too.
         _ledger.move(
-            db, "payment", f"escrow:{job_id}", row.payment_address, offer, now, job_id, slice_
+            db,
+            "payment",
+            f"escrow:{job_id}",
+            row.payment_address,
+            offer,
+            now,
+            job_id,
+            slice_,
+            escrow_debited=True,
         )
-        self._count(db, worker, "accepted", now, earned=offer)
         return "accepted", offer
 
     def _release(

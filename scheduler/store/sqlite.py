@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import StoreError
+from . import DatabaseError, StoreError
 from .migrations import META, SET_VERSION, Migration, SchemaError, pending, statements
 from .sql import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLStore
 
@@ -75,7 +75,7 @@ class SQLiteStore(SQLStore):
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"database unavailable: {exc}") from exc
+            raise DatabaseError(f"database unavailable: {exc}") from exc
         try:
             yield self._conn
             self._conn.execute("COMMIT")
@@ -83,7 +83,7 @@ class SQLiteStore(SQLStore):
             # Locked past busy_timeout, disk full, I/O error: nothing of it happened.
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-            raise StoreError(f"database unavailable: {exc}") from exc
+            raise DatabaseError(f"database unavailable: {exc}") from exc
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
