@@ -17,7 +17,7 @@ from dcp_protocol import Metrics
 from scheduler import PostgresStore, Store, StoreError, open_store
 from scheduler.store import ResultRow
 from scheduler.store.migrations import LATEST, MIGRATIONS, SET_VERSION, statements
-from scheduler.store.postgres import NOTIFY_INTERVAL, display_url
+from scheduler.store.postgres import display_url
 from tests.conftest import postgres_server, wait_until
 from tests.test_bank import check_books
 from tests.test_store import PAY, W1, W2, new_job
@@ -270,8 +270,11 @@ async def wake_each_other(pg_db: str) -> None:
         await wait_until(lambda: heard_by_b.count("dcp_results") == 2, 10)
         await wait_until(lambda: "dcp_work" in heard_by_b, 10)
         assert a.sent == 3 and b.received == 3
-        await asyncio.sleep(NOTIFY_INTERVAL * 5)  # what a would have heard by now: nothing
-        assert heard_by_a == [None]  # its own notifications are not news to it
+        # Notifications arrive in commit order: once a hears one b sent after all of a's,
+        # a would have heard its own by then.
+        b.publish("dcp_work")
+        await wait_until(lambda: "dcp_work" in heard_by_a, 10)
+        assert heard_by_a == [None, "dcp_work"]  # its own notifications are not news to it
     finally:
         for task in listening:
             task.cancel()
