@@ -3,17 +3,14 @@ or more replicas), the pipeline, medians, the final JSON line, result files."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from dcp_keys.identity import create_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
-from tests.postgres import Cluster, Server  # noqa: E402
+from tests.postgres import Server, throwaway  # noqa: E402
 
 #: The benchmark cluster's settings over tests/postgres.py's: statement counts on, and the
 #: durability of the SQLite store it is compared with (WAL, synchronous=NORMAL: a commit does
@@ -76,21 +73,10 @@ def postgres_server() -> Server:
     if url:
         _server = Server(url)
         return _server
-    directory = Path(tempfile.mkdtemp(prefix="dcp-bench-pg-"))
     try:
-        cluster = Cluster(directory, BENCH_SETTINGS).init()
-        cluster.start()
-    except (RuntimeError, OSError) as exc:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise BackendUnavailable(f"no PostgreSQL server: {exc}") from None
-
-    def stop() -> None:
-        with contextlib.suppress(RuntimeError, OSError):
-            cluster.stop("immediate")
-        shutil.rmtree(directory, ignore_errors=True)
-
-    atexit.register(stop)
-    _server = Server(cluster.url(), cluster)
+        _server = throwaway(BENCH_SETTINGS, prefix="dcp-bench-pg-")
+    except RuntimeError as exc:
+        raise BackendUnavailable(str(exc)) from None
     with contextlib.suppress(Exception):  # statement counts are a bonus, not a requirement
         _server.admin("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     return _server

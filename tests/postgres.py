@@ -149,6 +149,15 @@ class Server:
         base = base.rsplit("/", 1)[0]
         return f"{base}/{name}" + (f"?{query}" if query else "")
 
+    def stop(self) -> None:
+        """Stop and remove a cluster :func:`throwaway` made (again: nothing)."""
+        cluster, self.cluster = self.cluster, None
+        if cluster is None:
+            return
+        with contextlib.suppress(RuntimeError, OSError):
+            cluster.stop("immediate")
+        shutil.rmtree(cluster.directory, ignore_errors=True)
+
     def terminate_backends(self, dbname: str) -> int:
         """pg_terminate_backend for every session on ``dbname`` (but this one)."""
         rows = self.admin(
@@ -157,6 +166,25 @@ class Server:
             (dbname,),
         )
         return sum(1 for (ok,) in rows if ok)
+
+
+def throwaway(settings: dict[str, str] | None = None, prefix: str = "dcp-pg-") -> Server:
+    """A new cluster in a temporary directory, with ``settings`` over TEST_SETTINGS; its
+    :meth:`Server.stop` stops and removes it, and runs at exit if nobody called it.
+
+    Raises:
+        RuntimeError: it could not be started (no binaries, no postgres user); says why.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        cluster = Cluster(directory, settings).init()
+        cluster.start()
+    except (RuntimeError, OSError) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise RuntimeError(f"no PostgreSQL server: {exc}") from None
+    made = Server(cluster.url(), cluster)
+    atexit.register(made.stop)
+    return made
 
 
 _lock = threading.Lock()
@@ -178,20 +206,8 @@ def server() -> Server | None:
         if url:
             _server = Server(url)
             return _server
-        directory = Path(tempfile.mkdtemp(prefix="dcp-pg-"))
         try:
-            cluster = Cluster(directory).init()
-            cluster.start()
-        except (RuntimeError, OSError) as exc:
-            UNAVAILABLE = f"no PostgreSQL server: {exc}"
-            shutil.rmtree(directory, ignore_errors=True)
-            return None
-
-        def stop() -> None:
-            with contextlib.suppress(RuntimeError, OSError):
-                cluster.stop("immediate")
-            shutil.rmtree(directory, ignore_errors=True)
-
-        atexit.register(stop)
-        _server = Server(cluster.url(), cluster)
+            _server = throwaway()
+        except RuntimeError as exc:
+            UNAVAILABLE = str(exc)
         return _server

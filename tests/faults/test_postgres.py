@@ -5,9 +5,6 @@ each paid once, the books balanced."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,36 +25,33 @@ ROLE = "dcp"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[postgres.Cluster]:
-    directory = Path(tempfile.mkdtemp(prefix="dcp-pgf-"))
+def server() -> Iterator[postgres.Server]:
+    """A server of this module's own: it is restarted and its roles changed."""
     try:
-        own = postgres.Cluster(directory).init()
-        own.start()
-    except (RuntimeError, OSError) as exc:
-        shutil.rmtree(directory, ignore_errors=True)
+        own = postgres.throwaway(prefix="dcp-pgf-")
+    except RuntimeError as exc:
         if postgres.required():
-            pytest.fail(f"DCP_REQUIRE_POSTGRES is set: no PostgreSQL server: {exc}")
-        pytest.skip(f"no PostgreSQL server: {exc}")
-    with psycopg.connect(own.url(), autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {ROLE} LOGIN")
+            pytest.fail(f"DCP_REQUIRE_POSTGRES is set: {exc}")
+        pytest.skip(str(exc))
+    own.admin(f"CREATE ROLE {ROLE} LOGIN")
     yield own
-    with contextlib.suppress(RuntimeError):
-        own.stop("immediate")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def admin(cluster: postgres.Cluster, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        cur = conn.execute(sql)
-        return cur.fetchall() if cur.description else []
+    own.stop()
 
 
 @pytest.fixture
-def database(cluster: postgres.Cluster, request: pytest.FixtureRequest) -> str:
+def cluster(server: postgres.Server) -> postgres.Cluster:
+    assert server.cluster is not None
+    return server.cluster
+
+
+@pytest.fixture
+def database(
+    server: postgres.Server, cluster: postgres.Cluster, request: pytest.FixtureRequest
+) -> str:
     """A new database owned by the scheduler's role (not a superuser); its URL as that role."""
     name = "f_" + request.node.name.removeprefix("test_")[:40].replace("-", "_")
-    admin(cluster, f"DROP DATABASE IF EXISTS {name}")
-    admin(cluster, f"CREATE DATABASE {name} OWNER {ROLE}")
+    server.admin(f"DROP DATABASE IF EXISTS {name}")
+    server.admin(f"CREATE DATABASE {name} OWNER {ROLE}")
     return cluster.url(name).replace(f"{cluster.user}@", f"{ROLE}@")
 
 
@@ -106,6 +100,7 @@ def start(db: str, tmp_path: Path) -> SchedulerProcess:
 
 def test_killed_backends_and_a_restarted_server_lose_nothing(
     tmp_path: Path,
+    server: postgres.Server,
     cluster: postgres.Cluster,
     database: str,
     make_keystore: Callable[[str], Keystore],
@@ -118,12 +113,7 @@ def test_killed_backends_and_a_restarted_server_lose_nothing(
         dbname = database.split("?")[0].rsplit("/", 1)[1]
         for at in (20, 60, 100):
             job.wait_done(at)
-            killed = admin(
-                cluster,
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                f" WHERE datname = '{dbname}' AND pid <> pg_backend_pid()",
-            )
-            assert killed  # the scheduler's store and listener, and ours
+            assert server.terminate_backends(dbname)  # the scheduler's store and listener, ours
         job.wait_done(140)
         cluster.restart()  # every connection lost; the server back a moment later
         job.check()
@@ -136,6 +126,7 @@ def test_killed_backends_and_a_restarted_server_lose_nothing(
 
 def test_a_refused_connection_holds_work_until_the_database_takes_it_again(
     tmp_path: Path,
+    server: postgres.Server,
     cluster: postgres.Cluster,
     database: str,
     make_keystore: Callable[[str], Keystore],
@@ -152,10 +143,9 @@ def test_a_refused_connection_holds_work_until_the_database_takes_it_again(
         watch = open_store(database.replace(f"{ROLE}@", f"{cluster.user}@"))
         job.store = watch
         job.wait_done(30)
-        admin(cluster, f"ALTER ROLE {ROLE} CONNECTION LIMIT 0")
-        admin(
-            cluster,
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{ROLE}'",
+        server.admin(f"ALTER ROLE {ROLE} CONNECTION LIMIT 0")
+        server.admin(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{ROLE}'"
         )
         try:
             wait_for(lambda: "too many connections" in worker_or_log(tmp_path, worker), 30)
@@ -166,7 +156,7 @@ def test_a_refused_connection_holds_work_until_the_database_takes_it_again(
             assert answer.json()["error"]["code"] == "internal"
             assert "too many connections" in answer.json()["error"]["message"]
         finally:
-            admin(cluster, f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
+            server.admin(f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
         assert stalled < len(job.values), "the job ended before the fault"
         job.check()
     finally:
