@@ -81,6 +81,20 @@ def _assert_all_stopped(out: str, work: Path) -> None:
     assert not (work / "running.json").exists(), out
 
 
+#: How every run stops: the workers first, gracefully (0), then the replicas, then PostgreSQL.
+IN_ORDER = [
+    ("worker-1", "exited 0"),
+    ("worker-2", "exited 0"),
+    ("replica-1", "exited 0"),
+    ("replica-2", "exited 0"),
+    ("PostgreSQL", "stopped"),
+]
+
+
+def _stops(out: str) -> list[tuple[str, str]]:
+    return re.findall(r"^   (worker-\d|replica-\d|PostgreSQL) (exited \d+|stopped)", out, re.M)
+
+
 @pytest.mark.timeout(120)
 def test_make_cluster_runs_the_job_on_two_replicas_and_stops_everything(tmp_path: Path) -> None:
     work = tmp_path / "cluster"
@@ -95,14 +109,7 @@ def test_make_cluster_runs_the_job_on_two_replicas_and_stops_everything(tmp_path
     # Each worker was given the other replica first: each replica served one of them.
     connected = re.findall(r"^   worker-\d earned [\d.]+ credits, connected to (\S+)$", out, re.M)
     assert connected == urls, out
-    stops = re.findall(r"^   (worker-\d|replica-\d|PostgreSQL) (exited \d+|stopped)", out, re.M)
-    assert stops == [
-        ("worker-1", "exited 0"),
-        ("worker-2", "exited 0"),
-        ("replica-1", "exited 0"),
-        ("replica-2", "exited 0"),
-        ("PostgreSQL", "stopped"),
-    ], out
+    assert _stops(out) == IN_ORDER, out
     _assert_all_stopped(out, work)
 
 
@@ -116,15 +123,8 @@ def test_ctrl_c_stops_the_workers_then_the_replicas_then_postgres(tmp_path: Path
     out += rest
     assert proc.returncode == EXIT_INTERRUPTED, out
     assert "interrupted: everything stopped" in out, out
-    stops = re.findall(r"^   (worker-\d|replica-\d|PostgreSQL) (exited \d+|stopped)", out, re.M)
     # The workers stop gracefully (0: their outboxes flushed) while both replicas still run.
-    assert stops == [
-        ("worker-1", "exited 0"),
-        ("worker-2", "exited 0"),
-        ("replica-1", "exited 0"),
-        ("replica-2", "exited 0"),
-        ("PostgreSQL", "stopped"),
-    ], out
+    assert _stops(out) == IN_ORDER, out
     _assert_all_stopped(out, work)
 
 
