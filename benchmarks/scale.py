@@ -101,11 +101,7 @@ async def one_worker(
     done: list[int],
     logins: Logins,
 ) -> None:
-    async with logins.at_once:
-        try:
-            session: Session = await open_session(url, identity, identity.address, timeout=60)
-        finally:
-            logins.one_done()
+    session = await logins.open(url, identity)
     known: tuple[str, ...] = ()
     try:
         while time.monotonic() < deadline:
@@ -166,6 +162,14 @@ class Logins:
         self.left -= 1
         if self.left <= 0:
             self.done.set()
+
+    async def open(self, url: str, identity: Identity) -> Session:
+        """A session of ``identity``, opened in its turn of the ramp."""
+        async with self.at_once:
+            try:
+                return await open_session(url, identity, identity.address, timeout=60)
+            finally:
+                self.one_done()
 
 
 async def run_workers(

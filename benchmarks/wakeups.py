@@ -37,7 +37,7 @@ from scale import CAPABILITIES, Logins  # noqa: E402
 
 from dcp_keys.identity import Identity, create_keystore  # noqa: E402
 from dcp_protocol import Fetch, Work  # noqa: E402
-from dcp_worker.connection import Session, SessionError, open_session  # noqa: E402
+from dcp_worker.connection import SessionError  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 
 #: Seconds a fetch is parked (the scheduler's longest, MAX_FETCH_WAIT).
@@ -63,11 +63,7 @@ async def parked_worker(url: str, leases: Leases, logins: Logins) -> None:
     """Log in, then park fetches one after the other; note each lease (never submitted: the
     lease timeout is long, so nothing comes back to the queue)."""
     identity = Identity.from_private_key(os.urandom(32))
-    async with logins.at_once:
-        try:
-            session: Session = await open_session(url, identity, identity.address, timeout=60)
-        finally:
-            logins.one_done()
+    session = await logins.open(url, identity)
     known: tuple[str, ...] = ()
     try:
         while True:
