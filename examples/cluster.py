@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE / "hash-puzzle"))
 sys.path.insert(0, str(ROOT))
 
-from check import check  # noqa: E402
+from check import show_results  # noqa: E402
 
 from dcp_keys.identity import load_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
@@ -413,16 +413,8 @@ def main(work: Path, quick: bool) -> int:
             job = client.deploy(job_file)
             print(f"   job {job} at {client.base}: {len(prefixes)} slices\n")
             print("   results, in slice order, checked again here with hashlib:")
-            for r in client.results(job, wait=True, timeout=600):
-                prefix = prefixes[r.slice]
-                if r.result is None:
-                    problem = f"no result ({r.state}: {r.error})"
-                else:
-                    problem = check(prefix, r.result, DIFFICULTY)
-                failures += problem is not None
-                result = r.result.decode().strip() if r.result else "-"
-                verdict = "ok" if problem is None else f"WRONG: {problem}"
-                print(f"   slice {r.slice:>2}  {prefix.decode():<18} {result}  {verdict}")
+            results = client.results(job, wait=True, timeout=600)
+            failures += show_results(results, prefixes, DIFFICULTY)
             elapsed = time.monotonic() - started
             print()
             for name in ("worker-1", "worker-2"):

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE / "hash-puzzle"))
 
-from check import check  # noqa: E402
+from check import show_results  # noqa: E402
 
 from dcp_keys.identity import load_keystore  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
@@ -97,16 +97,8 @@ def main() -> int:
                     "5. results, in slice order (the scheduler ran the job's verifier before"
                     " paying), checked again here with hashlib:"
                 )
-                for r in client.results(job, wait=True, timeout=600):
-                    prefix = prefixes[r.slice]
-                    if r.result is None:
-                        problem = f"no result ({r.state}: {r.error})"
-                    else:
-                        problem = check(prefix, r.result, difficulty)
-                    failures += problem is not None
-                    shown = r.result.decode().strip() if r.result else "-"
-                    verdict = "ok" if problem is None else f"WRONG: {problem}"
-                    print(f"   slice {r.slice:>2}  {prefix.decode():<18} {shown}  {verdict}")
+                results = client.results(job, wait=True, timeout=600)
+                failures += show_results(results, prefixes, difficulty)
                 balances = [client.account(a)["balance"] for a in (owner_addr, worker_addr)]
             elapsed = time.monotonic() - started
             print(f"\n   owner balance {balances[0]:.6f}, worker earned {balances[1]:.6f} credits")

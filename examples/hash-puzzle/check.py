@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler.client import SliceResult
 
 
 def leading_zero_bits(digest: bytes) -> int:
@@ -28,3 +33,20 @@ def check(prefix: bytes, result: bytes, difficulty: int) -> str | None:
     if leading_zero_bits(digest) < difficulty:
         return f"only {leading_zero_bits(digest)} leading zero bits"
     return None
+
+
+def show_results(results: Iterable[SliceResult], prefixes: list[bytes], difficulty: int) -> int:
+    """Print each result in slice order, checked again here; the number that were wrong or
+    missing."""
+    failures = 0
+    for r in results:
+        prefix = prefixes[r.slice]
+        if r.result is None:
+            problem: str | None = f"no result ({r.state}: {r.error})"
+        else:
+            problem = check(prefix, r.result, difficulty)
+        failures += problem is not None
+        shown = r.result.decode().strip() if r.result else "-"
+        verdict = "ok" if problem is None else f"WRONG: {problem}"
+        print(f"   slice {r.slice:>2}  {prefix.decode():<18} {shown}  {verdict}")
+    return failures
