@@ -14,7 +14,7 @@ round (all running at once, one loaded at a time), Dask after; medians and ratio
 ``DCP_BENCH_PROFILE=DIR`` runs each scheduler under cProfile (DIR/<backend>-<pid>.prof).
 
     python benchmarks/throughput.py [--quick] [--slices N] [--sandboxes S] [--rounds R]
-        [--backend sqlite|postgres|both] [--replicas 1,2] [--no-dask]
+        [--backend sqlite|postgres|both] [--replicas 1,2] [--no-dask] [--top N]
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ def echo(x: str) -> str:
 
 
 def run_ours(
-    work: Path, kinds: list[Backend], slices: int, sandboxes: int, rounds: int
+    work: Path,
+    kinds: list[Backend],
+    slices: int,
+    sandboxes: int,
+    rounds: int,
+    top: int = 0,
 ) -> dict[str, dict[str, object]]:
     """Figures per backend, the rounds interleaved: slices/s (median, each round), on
     PostgreSQL the statements and WAL per slice (pg_stat_statements, the WAL position), and the
@@ -79,6 +84,10 @@ def run_ours(
                             "statements_per_slice": round(calls / slices, 2),
                             "wal_bytes_per_slice": round(wal / slices),
                         }
+        for name, ours in running.items():
+            for calls, total_ms, query in ours.schedulers.top_statements(top) if top else []:
+                text = " ".join(query.split())[:150]
+                print(f"{name}: {calls:8d} calls {total_ms:9.1f} ms  {text}", file=sys.stderr)
     sqlite = rates.get("sqlite")
     for name, r in rates.items():
         figures[name] = {
@@ -123,13 +132,16 @@ def main() -> None:
     parser.add_argument("--sandboxes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask peer")
+    parser.add_argument(
+        "--top", type=int, default=0, metavar="N", help="print PostgreSQL's N busiest statements"
+    )
     add_backend_options(parser, backend="both", replicas="1,2")
     args = parser.parse_args()
     if args.quick:
         args.slices, args.rounds = 50, 1
     kinds = backends(args.backend, args.replicas)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run_ours(Path(tmp), kinds, args.slices, args.sandboxes, args.rounds)
+        ours = run_ours(Path(tmp), kinds, args.slices, args.sandboxes, args.rounds, args.top)
     peer: list[float] = []
     if not args.no_dask:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -86,7 +86,8 @@ class Acceptance:
 
     def result(self, worker: str, owner: str, message: Result, now: float) -> Reply:
         """The reply to one ``result``."""
-        admitted = self._admit(worker, message, now)
+        (found,) = self._leases(worker, [message])
+        admitted = self._admit(worker, message, found, now)
         if isinstance(admitted, Error):
             return replace(admitted, re=message.id)
         lease, row = admitted
@@ -99,8 +100,9 @@ class Acceptance:
         acks: list[ItemAck | None] = [None] * len(message.results)
         plain: list[tuple[int, ResultRow]] = []
         checked: list[tuple[int, ResultRow]] = []
-        for i, item in enumerate(message.results):
-            admitted = self._admit(worker, item, now)
+        leases = self._leases(worker, message.results)
+        for i, (item, found) in enumerate(zip(message.results, leases, strict=True)):
+            admitted = self._admit(worker, item, found, now)
             if isinstance(admitted, Error):
                 acks[i] = _item_ack(admitted)
                 continue
@@ -138,22 +140,35 @@ class Acceptance:
 
         return verify_then_reply()
 
+    def _leases(
+        self, worker: str, items: Sequence[Result | ResultItem]
+    ) -> list[ResultLease | StoreError]:
+        """The leases the results name, read in one go (a batch's, one statement per job)."""
+        refs = [LeaseRef(item.job, item.slice, item.token) for item in items]
+        try:
+            return self.store.result_leases(worker, refs)
+        except StoreError as exc:  # the database, for all of them
+            return [exc] * len(refs)
+
     def _admit(
-        self, worker: str, item: Result | ResultItem, now: float
+        self,
+        worker: str,
+        item: Result | ResultItem,
+        found: ResultLease | StoreError,
+        now: float,
     ) -> tuple[ResultLease, ResultRow] | Error:
-        """The cheap checks of a result, in order: size, lease (token and holder), signature,
-        metrics. Nothing here runs a verifier. Returns the result's lease and the row to
-        store, or the refusal to answer (``re`` unset)."""
+        """The cheap checks of a result, in order: size, lease (token and holder: ``found``,
+        read by :meth:`_leases`), signature, metrics. Nothing here runs a verifier. Returns
+        the result's lease and the row to store, or the refusal to answer (``re`` unset)."""
         if len(item.result) > self.config.max_result_bytes:
             return Error(
                 re=None,
                 code=ErrorCode.RESULT_TOO_LARGE.value,
                 message=f"results are limited to {self.config.max_result_bytes} bytes",
             )
-        try:
-            lease = self.store.result_lease(item.job, item.slice, item.token, worker)
-        except StoreError as exc:
-            return Error(re=None, code=exc.code.value, message=str(exc))
+        if isinstance(found, StoreError):
+            return Error(re=None, code=found.code.value, message=str(found))
+        lease = found
         payload = signing.result_payload(
             item.job, item.slice, item.token, item.result, item.payment_address
         )

@@ -301,3 +301,53 @@ def test_has_queued_says_whether_any_slice_waits(store: Store) -> None:
     assert not store.has_queued()
     store.return_slices(W1, [LeaseRef(job, leases[0].slice, leases[0].token)])
     assert store.has_queued()
+
+
+def test_the_leases_of_a_batch_are_read_at_once_each_fenced_on_its_own(store: Store) -> None:
+    job = store.create_job(new_job(4), 0.0)
+    other = store.create_job(new_job(1, tag="b"), 0.0)
+    leases = store.lease(W1, 5, 0.0, 10.0)
+    mine = {(lease.job, lease.slice): lease.token for lease in leases}
+    assert accept(store, job, 2, mine[(job, 2)]) == "accepted"
+    refs = [
+        LeaseRef(job, 3, mine[(job, 3)]),
+        LeaseRef(job, 0, "f" * 32),  # not the current lease
+        LeaseRef(other, 0, mine[(other, 0)]),
+        LeaseRef(job, 2, mine[(job, 2)]),  # accepted before: done, a duplicate to come
+        LeaseRef(job, 9, "e" * 32),  # no such slice
+        LeaseRef(job, 1, mine[(job, 1)]),
+    ]
+    found = store.result_leases(W1, refs)
+    assert [getattr(f, "state", type(f).__name__) for f in found] == [
+        "leased", "StaleLease", "leased", "done", "UnknownSlice", "leased",
+    ]  # fmt: skip
+    assert [(f.job, f.slice, f.datum_bytes) for f in found if not isinstance(f, Exception)] == [
+        (job, 3, 2), (other, 0, 2), (job, 2, 2), (job, 1, 2),
+    ]  # fmt: skip
+    assert all(isinstance(f, StaleLease) for f in store.result_leases(W2, refs[:1]))
+    assert store.result_leases(W1, []) == []
+
+
+def test_one_result_twice_in_a_batch_is_paid_once_across_jobs_and_unknown_slices(
+    store: Store,
+) -> None:
+    store.mint(W1, 100, 0.0)
+    job = store.create_job(new_job(2, offer=7), 0.0)
+    other = store.create_job(new_job(1, tag="b", offer=5), 0.0)
+    token = {(lease.job, lease.slice): lease.token for lease in store.lease(W2, 3, 0.0, 10.0)}
+
+    def row(job_id: str, idx: int) -> ResultRow:
+        lease = token.get((job_id, idx), "e" * 32)
+        return ResultRow(job_id, idx, lease, b"r", PAY, "00" * 65, Metrics())
+
+    outcomes = store.accept_results(
+        W2, [row(other, 0), row(job, 1), row(job, 5), row(job, 1), row(job, 0)], 1.0
+    )
+    assert outcomes[0] == ("accepted", 5) and outcomes[4] == ("accepted", 7)
+    assert outcomes[1] == ("accepted", 7) and outcomes[3] == ("duplicate", 0)
+    assert isinstance(outcomes[2], UnknownSlice)
+    assert store.balance(PAY) == 19 and store.balance(W1) == 100 - 19
+    assert store.job(job).state == "finished" and store.job(other).state == "finished"
+    totals = store.totals()  # the books balance
+    assert totals["minted"] == 100 == totals["accounts"] + totals["escrow"]
+    assert totals["paid"] == 19

@@ -25,7 +25,7 @@ Amounts are integers of micro-credits (10^-6 credit), so credits are conserved e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -313,6 +313,14 @@ class Store(Protocol):
                 it, or the slice is final otherwise than by this lease's accepted result.
             UnknownSlice: no such slice.
         """
+        ...
+
+    def result_leases(
+        self, worker: str, refs: Sequence[LeaseRef]
+    ) -> list[ResultLease | StoreError]:
+        """:meth:`result_lease` for each of ``refs`` at once, in order: each lease, or the
+        refusal that :meth:`result_lease` would raise for it. Raises only
+        :class:`DatabaseError` (for all of them)."""
         ...
 
     def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]: ...

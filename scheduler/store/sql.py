@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import secrets
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from typing import Any
@@ -70,6 +70,13 @@ from .dbapi import Connection
 PRICE_EXACT_WORKERS = 32
 PRICE_INTERVAL = 1.0
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
+#: The most values one ``IN (...)`` list binds (SQLite before 3.32 allowed 999 in all).
+_IN_CHUNK = 500
+
+
+def _chunks(values: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 class SQLStore:
@@ -445,16 +452,42 @@ class SQLStore:
     def result_lease(self, job_id: str, slice_: int, token: str, worker: str) -> ResultLease:
         """The lease a result names, fenced as acceptance fences it; no transaction (it only
         reads, and acceptance fences again: a token names one lease, never another)."""
-        row = self._db.execute(
-            "SELECT state, token, worker, leased_at, length(datum) FROM slices"
-            " WHERE job=? AND idx=?",
-            (job_id, slice_),
-        ).fetchone()
+        (found,) = self.result_leases(worker, [LeaseRef(job_id, slice_, token)])
+        if isinstance(found, StoreError):
+            raise found
+        return found
+
+    def result_leases(
+        self, worker: str, refs: Sequence[LeaseRef]
+    ) -> list[ResultLease | StoreError]:
+        """:meth:`result_lease` for many results at once, in their order: one statement per
+        job named (a batch names one job as a rule), a refusal in place of each lease that
+        cannot take a result."""
+        rows: dict[tuple[str, int], tuple[Any, ...]] = {}
+        wanted: dict[str, set[int]] = {}
+        for ref in refs:
+            wanted.setdefault(ref.job, set()).add(ref.slice)
+        for job_id, indices in wanted.items():
+            for chunk in _chunks(sorted(indices), _IN_CHUNK):
+                marks = ", ".join("?" * len(chunk))
+                for idx, *rest in self._db.execute(
+                    "SELECT idx, state, token, worker, leased_at, length(datum) FROM slices"
+                    f" WHERE job=? AND idx IN ({marks})",
+                    (job_id, *chunk),
+                ):
+                    rows[(job_id, idx)] = tuple(rest)
+        return [self._lease_of(rows.get((r.job, r.slice)), r, worker) for r in refs]
+
+    @staticmethod
+    def _lease_of(
+        row: tuple[Any, ...] | None, ref: LeaseRef, worker: str
+    ) -> ResultLease | StoreError:
+        job_id, slice_, token = ref.job, ref.slice, ref.token
         if row is None:
-            raise UnknownSlice(f"no slice {job_id}/{slice_}")
+            return UnknownSlice(f"no slice {job_id}/{slice_}")
         state, current, holder, leased_at, datum_bytes = row
         if current != token or (holder or "").lower() != worker.lower():
-            raise StaleLease(
+            return StaleLease(
                 f"slice {job_id}/{slice_}: lease {token[:8]}... is not the current lease"
             )
         state = SliceState(state)
@@ -462,7 +495,7 @@ class SQLStore:
             try:
                 transition(state, SliceEvent.ACCEPT)
             except IllegalTransition:
-                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+                return StaleLease(f"slice {job_id}/{slice_} is {state.value}")
         return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
 
     def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
@@ -489,12 +522,13 @@ class SQLStore:
         #: Per job: results accepted, credits paid, and the cost sums of this batch.
         sums: dict[str, list[float]] = {}
         with self._tx() as db:
+            locked = self._lock_slices(db, [(rows[i].job, rows[i].slice) for i in order])
             for i in order:
                 row = rows[i]
                 try:
                     # A refusal (stale, unknown) is raised before the item writes anything,
                     # so the batch goes on without it; a database error ends the batch.
-                    outcome = self._accept(db, worker, row, now)
+                    outcome = self._accept(db, worker, row, now, locked)
                 except DatabaseError:
                     raise
                 except StoreError as exc:
@@ -569,15 +603,57 @@ class SQLStore:
             (cpu, gpu, bytes_in, bytes_out, job_id),
         )
 
-    def _accept(self, db: Connection, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+    def _lock_slices(
+        self, db: Connection, keys: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]]:
+        """The slices ``keys`` names (sorted), locked until the transaction ends, in that
+        order (one statement per job: the locks are taken in the rows' order), with their
+        state, token, holder and their job's offer; a slice that does not exist is absent."""
+        found: dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]] = {}
+        wanted: dict[str, list[int]] = {}
+        for job_id, idx in keys:
+            indices = wanted.setdefault(job_id, [])
+            if not indices or indices[-1] != idx:
+                indices.append(idx)
+        for job_id, indices in wanted.items():
+            for chunk in _chunks(indices, _IN_CHUNK):
+                marks = ", ".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT s.idx, s.state, s.token, s.worker, j.offer_micro FROM slices s"
+                    f" JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx IN ({marks})"
+                    f" ORDER BY s.idx{self._lock('s')}",
+                    (job_id, *chunk),
+                )
+                for idx, state, token, holder, offer in rows:
+                    found[(job_id, idx)] = (SliceState(state), token, holder, offer)
+        return found
+
+    def _accept(
+        self,
+        db: Connection,
+        worker: str,
+        row: ResultRow,
+        now: float,
+        locked: dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]],
+    ) -> tuple[str, int]:
+        """Accept one result of a batch whose slices ``locked`` holds (kept current: an
+        accepted slice is marked done there, so the same result twice is a duplicate)."""
         job_id, slice_, metrics = row.job, row.slice, row.metrics
-        state, _attempts, _max, offer = self._fenced(db, job_id, slice_, row.token, worker)
+        key = (job_id, slice_)
+        if key not in locked:
+            raise UnknownSlice(f"no slice {job_id}/{slice_}")
+        state, current, holder, offer = locked[key]
+        if current != row.token or (holder or "").lower() != worker.lower():
+            raise StaleLease(
+                f"slice {job_id}/{slice_}: lease {row.token[:8]}... is not the current lease"
+            )
         if state is SliceState.DONE:
             return "duplicate", 0  # resubmission of the accepted result: harmless
         try:
             new = transition(state, SliceEvent.ACCEPT)
         except IllegalTransition:
             raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
+        locked[key] = (new, current, holder, offer)
         db.execute(
             "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
             " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
