@@ -302,6 +302,12 @@ _V5 = (
     " WHERE state = 'leased'"
 )
 
+# The queue: the queued slices of a job in order. The lease and the active-jobs probe read it;
+# on PostgreSQL, with statistics that say most slices are queued (as they were at the last
+# ANALYZE), the planner otherwise walked the primary key through every finished slice of the
+# job (31 ms a lease half way through 200,000 slices; 0.3 ms with this index).
+_V6 = "CREATE INDEX IF NOT EXISTS slices_queue ON slices (job, idx) WHERE state = 'queued'"
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
@@ -310,6 +316,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _V4_POSTGRES,
     ),
     Migration(5, "an index of leased slices by deadline, for lease expiry", _V5, _V5),
+    Migration(6, "an index of each job's queued slices, for leasing", _V6, _V6),
 )
 LATEST = MIGRATIONS[-1].version
 FIRST = MIGRATIONS[0].version
