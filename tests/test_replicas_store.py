@@ -5,6 +5,7 @@ their backends being killed. And the schema's migrations, on both backends."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -340,3 +341,59 @@ def test_the_queue_is_read_through_its_index_whatever_the_statistics_say(pg_db: 
 
         assert rows_read(QUEUED_OF_JOB + " FOR UPDATE SKIP LOCKED", (job, W1, 1)) < 10
         assert rows_read(ACTIVE_JOBS.format(columns="id")) < 10
+
+
+def test_a_role_without_create_serves_a_database_its_owner_migrated(pg_db: str) -> None:
+    """docs/operations.md's two roles: the owner runs ``db upgrade``; the serving role, with
+    row privileges only (no CREATE on the schema), opens the store and works; on an older
+    schema it is refused with what to run, not with a permission error."""
+    server = postgres_server()
+    if server.cluster is None:
+        pytest.skip("logging in as a new role needs this suite's own (trust) cluster")
+    role = f"dcp_serve_{secrets.token_hex(4)}"
+    PostgresStore(pg_db).close()  # migrated by its owner
+    server.admin(f"CREATE ROLE {role} LOGIN")
+    try:
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            for grant in (
+                f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}",
+                f"GRANT USAGE ON SCHEMA public TO {role}",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
+            ):
+                conn.execute(grant)
+        serving_url = pg_db.replace(f"//{server.cluster.user}@", f"//{role}@", 1)
+        assert serving_url != pg_db
+        store = PostgresStore(serving_url)
+        assert store.applied == ()
+        job = store.create_job(new_job(2), 0.0)
+        assert len(store.lease(W1, 2, 0.0, 5.0)) == 2 and store.job(job).counts == {"leased": 2}
+        store.close()
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute(f"UPDATE meta SET value='{LATEST - 1}' WHERE key='schema_version'")
+        with pytest.raises(StoreError, match="dcp-scheduler db upgrade"):
+            PostgresStore(serving_url)
+    finally:
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")  # its privileges
+        server.admin(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("busy_timeout", [0.0, 0.05])
+def test_the_busy_timeout_bounds_a_wait_for_a_row_lock(pg_db: str, busy_timeout: float) -> None:
+    """``--db-busy-timeout`` is PostgreSQL's lock_timeout (0 too: the shortest wait, never
+    "wait for ever"): a result for a slice that a psql session holds fails as a database
+    error naming the lock, and goes through once the lock is gone."""
+    store = open_store(pg_db, busy_timeout=busy_timeout)
+    assert isinstance(store, PostgresStore)
+    (setting,) = store._db.execute("SHOW lock_timeout").fetchone()
+    assert setting == {0.0: "1ms", 0.05: "50ms"}[busy_timeout]
+    job = store.create_job(new_job(1), 0.0)
+    (lease,) = store.lease(W1, 1, 0.0, 60.0)
+    row = ResultRow(job, 0, lease.token, b"r", PAY, "00" * 65, Metrics())
+    with psycopg.connect(pg_db) as holder:
+        holder.execute("SELECT 1 FROM slices WHERE job=%s FOR UPDATE", (job,))
+        with pytest.raises(StoreError, match="lock timeout"):
+            store.accept_results(W1, [row], 1.0)
+    assert store.accept_results(W1, [row], 1.0) == [("accepted", 0)]
+    store.close()

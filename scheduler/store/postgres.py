@@ -127,8 +127,9 @@ class PostgresStore(SQLStore):
         self.where = display_url(url)
         options = " ".join(
             (
-                f"-c statement_timeout={int(statement_timeout * 1000)}",
-                f"-c lock_timeout={int(lock_timeout * 1000)}",
+                # 0 means "no limit" to PostgreSQL: the shortest wait is 1 ms, as SQLite's 0.
+                f"-c statement_timeout={max(1, int(statement_timeout * 1000))}",
+                f"-c lock_timeout={max(1, int(lock_timeout * 1000))}",
                 f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}",
             )
         )
@@ -222,9 +223,15 @@ class PostgresStore(SQLStore):
         with self._tx() as db:
             # Replicas starting together: one migrates, the others then find it done.
             db.execute("SELECT pg_advisory_xact_lock(?)", (_LOCKS["migrate"],))
-            db.execute(META)
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            # Looked up before CREATE TABLE IF NOT EXISTS, which needs CREATE on the schema
+            # even when the table is there: the serving role needs row privileges only.
+            ((meta,),) = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchall()
+            row = None
+            if meta:
+                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             todo = pending(None if row is None else int(row[0]), self.where, upgrade)
+            if todo:
+                db.execute(META)
             for migration in todo:
                 db.execute(migration.postgres)
                 db.execute(SET_VERSION, (str(migration.version),))
