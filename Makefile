@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/hashrate.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/scale.py
-	$(PY) benchmarks/scale.py --backend postgres --replicas 2 --workers 1000
+	$(PY) benchmarks/scale.py --backend postgres --replicas 2 --workers 1000,5000 --compute 0 --pace 500
 	$(PY) benchmarks/wakeups.py
 	$(PY) benchmarks/drivers.py
 	$(PY) benchmarks/sandbox_start.py

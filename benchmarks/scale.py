@@ -26,7 +26,8 @@ without them; the scheduler runs with short deadlines (2 s) so the closes happen
 ``--control`` points the same hostile clients at a second scheduler on this machine: what the
 honest workers lose to sharing the two cores with the attackers' process, not to the attack.
 
-    python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--seconds S]
+    python benchmarks/scale.py [--quick] [--workers 100,1000] [--compute 0,1] [--pace RATE]
+        [--seconds S]
         [--backend sqlite|postgres|both] [--replicas 1,2]
         [--hostile 100] [--hostile-rate 20] [--hostile-kinds idle,half_http,forged,flood,malformed]
         [--control]
@@ -464,7 +465,8 @@ def run_backend(
                     job, target = client.deploy(job_toml), decoy.url
             urls = [s.url for s in schedulers.replicas]
             for n in counts:
-                for compute in computes:
+                paced = [n / args.pace] if args.pace else []  # the same offered rate at any n
+                for compute in [*computes, *paced]:
                     figures[f"workers_{n}_compute_{compute:g}s"] = asyncio.run(
                         run_workers(
                             urls,
@@ -492,6 +494,13 @@ def main() -> None:
         "--compute", default="0,1", help="seconds each worker holds a slice (0: saturate)"
     )
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="also a paced load per worker count: each slice held workers/RATE s (RATE/s offered)",
+    )
     parser.add_argument("--hostile", type=int, default=0, help="hostile clients (issue 14)")
     parser.add_argument(
         "--hostile-rate", type=float, default=20.0, help="frames/s of each flooding client"
