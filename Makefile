@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(VENV)/bin/dcp-worker interpreters install
 	touch $(STAMP)
 
 ## Run the whole pipeline locally: scheduler, worker (2 sandboxes), hash-puzzle job.

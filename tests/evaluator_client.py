@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 import dcp_protocol as p
+from evaluator.interpreters import interpreters_dir
 
 
 class EvaluatorClient:
@@ -16,7 +17,8 @@ class EvaluatorClient:
         """Start an evaluator in ``cwd``; ``preexec_fn`` runs in the child before exec
         (rlimits, nice)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "evaluator", "--stdio"],
+            [sys.executable, "-I", "-m", "evaluator", "--stdio"]
+            + ["--interpreters", str(interpreters_dir())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -56,18 +58,27 @@ class EvaluatorClient:
         self.send_raw(p.frame(message))
         return self.receive()
 
-    def assign(self, module: bytes, argv: tuple[str, ...] = (), **limits: object) -> p.Message:
+    def assign(
+        self,
+        module: bytes,
+        argv: tuple[str, ...] = (),
+        runtime: str = "wasm",
+        config: dict[str, object] | None = None,
+        job: str = "job",
+        **limits: object,
+    ) -> p.Message:
         return self.request(
             p.Assign(
                 id=self.next_id(),
-                job="job",
-                runtime="wasm",
+                job=job,
+                runtime=runtime,
                 sha256=hashlib.sha256(module).hexdigest(),
                 module=module,
                 argv=argv,
-                limits=p.Limits(**limits),
+                limits=p.Limits(**limits),  # type: ignore[arg-type]
+                config=config or {},
             )
-        )  # type: ignore[arg-type]
+        )
 
     def run(self, datum: bytes) -> p.Message:
         return self.request(p.RunSlice(id=self.next_id(), slice=0, datum=datum))

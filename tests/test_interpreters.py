@@ -1,0 +1,266 @@
+"""The ``python`` and ``js`` runtimes: interpreters that are WASI modules, pinned by sha256,
+run in the wasm sandbox; the examples' puzzles give the C puzzle's nonces; jobs of both
+runtimes deploy, run on a worker and come back in order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import dcp_protocol as p
+from dcp_protocol import Limits
+from evaluator.errors import SliceError
+from evaluator.interpreters import (
+    INTERPRETERS,
+    InterpreterRuntime,
+    find,
+    install,
+    interpreters_dir,
+)
+from evaluator.wasm import WasmRuntime
+from scheduler.client import ComputeClient
+from scheduler.jobdoc import JobFileError, load_job_file, parse_document
+
+from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess
+from .evaluator_client import EvaluatorClient
+from .test_policy import admin
+
+MIB = 1 << 20
+PUZZLE = (EXAMPLES / "hash-puzzle" / "puzzle.wasm").read_bytes()
+PREFIXES = (EXAMPLES / "hash-puzzle" / "prefixes.txt").read_bytes().splitlines()
+
+
+@pytest.fixture(scope="session")
+def installed() -> Path:
+    """Both interpreters, in the directory evaluators look in by default (``make test``
+    installs them; fetched here from PyPI otherwise, and checked against their pins)."""
+    for runtime in INTERPRETERS:
+        install(runtime)
+    return interpreters_dir()
+
+
+def _puzzle_answers(difficulty: str) -> list[bytes]:
+    client = EvaluatorClient()
+    try:
+        assert isinstance(client.assign(PUZZLE, (difficulty,)), p.Ack)
+        out = []
+        for prefix in PREFIXES[:3]:
+            reply = client.run(prefix + b"\n")
+            assert isinstance(reply, p.SliceDone)
+            out.append(reply.result)
+        return out
+    finally:
+        assert client.close() == 0
+
+
+@pytest.mark.parametrize("runtime", ["python", "js"])
+def test_the_puzzle_in_each_language_gives_the_c_puzzles_nonces(
+    installed: Path, runtime: str
+) -> None:
+    ext = "py" if runtime == "python" else "js"
+    source = (EXAMPLES / f"hash-puzzle-{ext}" / f"work.{ext}").read_bytes()
+    client = EvaluatorClient()
+    try:
+        reply = client.assign(
+            source, ("12",), runtime=runtime, config={"datum": "bytes"}, memory_bytes=256 * MIB
+        )
+        assert isinstance(reply, p.Ack), reply
+        got = []
+        for prefix in PREFIXES[:3]:
+            reply = client.run(prefix + b"\n")
+            assert isinstance(reply, p.SliceDone), reply
+            got.append(reply.result)
+    finally:
+        assert client.close() == 0
+    assert got == _puzzle_answers("12")
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", b"def work(d, *args):\n    return {'d': d, 'args': list(args), 'n': 1.5}\n"),
+        ("js", b"function work(d, ...args) { return {d: d, args: args, n: 1.5}; }"),
+    ],
+)
+def test_the_datum_is_the_json_value_and_the_result_its_json(
+    installed: Path, runtime: str, source: bytes
+) -> None:
+    client = EvaluatorClient()
+    try:
+        reply = client.assign(source, ("a", "b"), runtime=runtime, config={"datum": "json"})
+        assert isinstance(reply, p.Ack), reply
+        for datum in (b'{"x": [1, 2]}', b'"text"', b"null", b"3"):
+            reply = client.run(datum)
+            assert isinstance(reply, p.SliceDone), reply
+            value = p.nesting.loads(reply.result)
+            assert value == {"d": p.nesting.loads(datum), "args": ["a", "b"], "n": 1.5}
+    finally:
+        assert client.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", b"def work(d):\n    return bytes(reversed(d))\n"),
+        ("js", b"function work(d) { return Uint8Array.from(d).reverse(); }"),
+    ],
+)
+def test_raw_inputs_are_bytes_and_bytes_come_back_as_they_are(
+    installed: Path, runtime: str, source: bytes
+) -> None:
+    client = EvaluatorClient()
+    try:
+        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "bytes"}), p.Ack)
+        reply = client.run(bytes(range(256)))
+        assert isinstance(reply, p.SliceDone), reply
+        assert reply.result == bytes(reversed(range(256)))
+    finally:
+        assert client.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source", "where"),
+    [
+        ("python", b"def helper(d):\n    raise ValueError(f'bad datum {d}')\n\n"
+         b"def work(d):\n    return helper(d)\n", 'File "work.py", line 2, in helper'),
+        ("js", b"function work(d) {\n  throw new RangeError('bad datum ' + d);\n}", "at work"),
+    ],
+)  # fmt: skip
+def test_an_exception_reaches_the_owner_as_work_function_error_with_its_traceback(
+    installed: Path, runtime: str, source: bytes, where: str
+) -> None:
+    client = EvaluatorClient()
+    try:
+        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
+        reply = client.run(b"7")
+        assert isinstance(reply, p.Error)
+        assert reply.code == "work_function_error"
+        assert "bad datum 7" in reply.message and where in reply.message, reply.message
+        assert "<string>" not in reply.message  # the bootstrap's frames are not the owner's
+    finally:
+        assert client.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", b"import time\ndef work(d):\n    progress(0.25)\n    time.sleep(0.3)\n"
+         b"    progress(0.75)\n    time.sleep(0.3)\n    return 1\n"),
+        ("js", b"function work(d) {\n  progress(0.25); os.sleep(300);\n"
+         b"  progress(0.75); os.sleep(300);\n  return 1;\n}"),
+    ],
+)  # fmt: skip
+def test_progress_is_reported_while_the_slice_runs(
+    installed: Path, runtime: str, source: bytes
+) -> None:
+    client = EvaluatorClient()
+    try:
+        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
+        reply = client.run(b"0")
+        assert isinstance(reply, p.SliceDone), reply
+        assert client.progress == [0.25, 0.75]
+    finally:
+        assert client.close() == 0
+
+
+def test_describe_offers_each_verified_interpreter_as_its_runtime(installed: Path) -> None:
+    client = EvaluatorClient()
+    try:
+        reply = client.request(p.Describe(id=client.next_id()))
+        assert isinstance(reply, p.Capabilities)
+        runtimes = reply.capabilities["runtimes"]
+        for name, spec in INTERPRETERS.items():
+            assert runtimes[name]["sha256"] == spec.sha256
+            assert runtimes[name]["in"] == "wasm"
+    finally:
+        assert client.close() == 0
+
+
+def test_an_interpreter_that_is_not_its_pin_is_not_offered(installed: Path, tmp_path: Path) -> None:
+    for path in find(installed).values():
+        shutil.copy(path, tmp_path / path.name)
+    tampered = tmp_path / INTERPRETERS["js"].filename
+    data = bytearray(tampered.read_bytes())
+    data[-1] ^= 1
+    tampered.write_bytes(bytes(data))
+    runtime = InterpreterRuntime(WasmRuntime(), directory=tmp_path, cache_dir=None)
+    assert set(runtime.available()) == {"python"}
+    source = b"function work(d) { return d; }"
+    with pytest.raises(SliceError) as refused:
+        runtime.assign("js", source, hashlib.sha256(source).hexdigest(), Limits())
+    assert refused.value.code is p.ErrorCode.UNSUPPORTED_RUNTIME
+    assert "hashes to" in refused.value.message
+
+
+def test_the_compiled_interpreter_is_cached_on_disk_privately_and_checked(
+    installed: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "compiled"
+    source = b"function work(d) { return d + 1; }"
+    sha = hashlib.sha256(source).hexdigest()
+
+    def one_slice() -> bytes:
+        runtime = InterpreterRuntime(WasmRuntime(), directory=installed, cache_dir=cache)
+        runtime.assign("js", source, sha, Limits())
+        out, _metrics = runtime.run("js", sha, (), Limits(), b"41", "json")
+        return out
+
+    assert one_slice() == b"42"
+    (entry,) = cache.iterdir()
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    first = entry.stat().st_mtime_ns
+    assert one_slice() == b"42" and entry.stat().st_mtime_ns == first  # read, not rewritten
+    entry.write_bytes(entry.read_bytes()[:-100])  # truncated: compiled again, replaced
+    assert one_slice() == b"42" and entry.stat().st_size > 100 and entry.stat().st_mtime_ns != first
+    os.chmod(entry, 0o666)  # writable by others: never deserialised, replaced by our own
+    assert one_slice() == b"42" and stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+
+def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: Path) -> None:
+    (tmp_path / "work.py").write_text("def work(d):\n    return d\n")
+    (tmp_path / "lines.txt").write_bytes(b"a\nb\n")
+    (tmp_path / "values.toml").write_text(
+        'runtime = "python"\nmodule = "work.py"\n[inputs]\nvalues = [1, "two", [3], {k = 4}]\n'
+    )
+    owner = "0x" + "11" * 20
+    job = parse_document(load_job_file(tmp_path / "values.toml"), owner)
+    assert job.data == (b"1", b'"two"', b"[3]", b'{"k": 4}') and job.config == {"datum": "json"}
+    (tmp_path / "file.toml").write_text(
+        'runtime = "js"\nmodule = "work.py"\n[inputs]\nfile = "lines.txt"\n'
+    )
+    job = parse_document(load_job_file(tmp_path / "file.toml"), owner)
+    assert job.data == (b"a", b"b") and job.config == {"datum": "bytes"}
+    (tmp_path / "both.toml").write_text(
+        'runtime = "python"\nmodule = "work.py"\n[inputs]\nfile = "lines.txt"\nvalues = [1]\n'
+    )
+    with pytest.raises(JobFileError, match="values .JSON. or file .bytes., not both"):
+        load_job_file(tmp_path / "both.toml")
+    (tmp_path / "work.py").write_bytes(b"\xff\xfe")
+    with pytest.raises(JobFileError, match="the source is not UTF-8 text"):
+        parse_document(load_job_file(tmp_path / "values.toml"), owner)
+
+
+@pytest.mark.parametrize("example", ["hash-puzzle-py", "hash-puzzle-js"])
+def test_a_job_of_each_runtime_runs_end_to_end(
+    installed: Path,
+    example: str,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    owner = make_keystore("owner")
+    admin(scheduler.db, "bank", "mint", owner.identity.address, "1")  # the example's offer
+    worker = workers(scheduler.url, make_keystore("worker"), 2)
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(EXAMPLES / example / "job.toml")
+        results = list(client.results(job, wait=True, timeout=120))
+    assert [r.state for r in results] == ["done"] * len(PREFIXES), worker.output()[-3000:]
+    assert [r.result for r in results[:3]] == _puzzle_answers("12")
+    assert worker.stop() == 0
