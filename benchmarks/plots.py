@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     counts, sizes = [1, 2, 4], [16, 1024, 16384, 65536]
     if args.quick:
-        counts, sizes, args.rounds = [1, 2], [16, 4096], 1
+        counts, sizes, args.rounds = [2], [16, 4096], 1
     by_sandboxes: dict[str, dict[int, float]] = {"ours": {}, "dask": {}}
     by_size: dict[str, dict[int, float]] = {"ours": {}, "dask": {}}
     with tempfile.TemporaryDirectory() as tmp:
