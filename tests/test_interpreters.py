@@ -264,3 +264,45 @@ def test_a_job_of_each_runtime_runs_end_to_end(
     assert [r.state for r in results] == ["done"] * len(PREFIXES), worker.output()[-3000:]
     assert [r.result for r in results[:3]] == _puzzle_answers("12")
     assert worker.stop() == 0
+
+
+def cube_root_of_power(x: int, power: str) -> object:
+    """A work function for Compute.map: it imports what it uses, inside itself."""
+    import math
+
+    if x < 0:
+        raise ValueError(f"no negative inputs, got {x}")
+    return {"x": x, "root": round(math.pow(x ** int(power), 1 / 3), 6)}
+
+
+def test_compute_map_runs_a_python_function_and_gives_results_in_order(
+    installed: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    from scheduler.compute import Compute, JobFailed, SliceFailure
+
+    owner = make_keystore("owner")
+    worker = workers(scheduler.url, make_keystore("worker"), 2)
+    with Compute(scheduler.url, owner.identity) as c:
+        job = c.map(cube_root_of_power, range(12), "3", name="cubes")
+        assert job.results(timeout=120, progress=False) == [
+            {"x": x, "root": float(x)} for x in range(12)
+        ]
+        assert job.status()["runtime"] == "python"
+        raw = c.map("def work(d):\n    return d.upper()\n", [b"ab", b"cd"])
+        assert raw.results(timeout=120, progress=False) == [b"AB", b"CD"]
+        failing = c.map(cube_root_of_power, [1, -1], "3", max_attempts=1)
+        with pytest.raises(JobFailed) as failed:
+            failing.results(timeout=120, progress=False)
+        assert list(failed.value.failures) == [1]
+        assert "work_function_error" in failed.value.failures[1]
+        assert "no negative inputs, got -1" in failed.value.failures[1]
+        mixed = failing.results(timeout=120, errors="return", progress=False)
+        assert mixed[0] == {"x": 1, "root": 1.0} and isinstance(mixed[1], SliceFailure)
+        with pytest.raises(ValueError, match="lambda"):
+            c.map(lambda x: x, [1])
+        with pytest.raises(ValueError, match="not a mix"):
+            c.map(cube_root_of_power, [1, b"x"])
+    assert worker.stop() == 0
