@@ -58,6 +58,12 @@ HOSTILE: dict[str, tuple[str, str, dict[str, object], set[str]]] = {
     "js_returns_nothing": ("js", "function work(d) { d + 1; }", {}, {"work_function_error"}),
     "py_no_work_function": ("python", "print('hello')\n", {}, {"work_function_error"}),
     "js_syntax_error": ("js", "function work(d) { return ; ; } }", {}, {"work_function_error"}),
+    "py_unencodable_result": ("python", "def work(d):\n    return {'x': object()}\n", {},
+                              {"work_function_error"}),
+    "py_nan_result": ("python", "def work(d):\n    return [float('nan')]\n", {},
+                      {"work_function_error"}),
+    "py_circular_result": ("python", "def work(d):\n    x = []\n    x.append(x)\n    return x\n",
+                           {}, {"work_function_error"}),
     "py_exit": ("python", "import sys\ndef work(d):\n    sys.exit(0)\n", {},
                 {"work_function_error"}),
 }  # fmt: skip
