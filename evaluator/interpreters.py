@@ -313,9 +313,7 @@ def verified(runtime: str, directory: Path | None = None) -> str:
     return f"ok {path}"
 
 
-def pack(
-    runtime: str, source: bytes, args: tuple[str, ...], datum: bytes, kind: str
-) -> bytes:
+def pack(runtime: str, source: bytes, args: tuple[str, ...], datum: bytes, kind: str) -> bytes:
     """The interpreter's stdin for one slice: its source, args and datum. ``kind`` says what
     the datum is: ``json`` (JSON text, decoded here into the value, nested at most as a
     frame may be) or ``bytes``. Python's is marshal data (its bootstrap imports nothing),
