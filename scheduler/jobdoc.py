@@ -64,6 +64,7 @@ _JOB_KEYS = (
     "requirements",
     "verifier",
     "opencl",
+    "interpreter",
 )
 _DOCUMENT_KEYS = (
     "name",
@@ -276,6 +277,8 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
                 ("inputs", f"a {runtime} job takes values (JSON) or file (bytes), not both")
             )
         config = {"datum": "bytes" if "file" in inputs else "json"}
+        if "interpreter" in spec:
+            config["interpreter"] = spec["interpreter"]
         for value in values:
             try:
                 data.append(json.dumps(value, allow_nan=False).encode())
@@ -397,14 +400,23 @@ def _check_document(
         except ValueError as exc:
             problems.append(("config", str(exc)))
     elif runtime in SOURCE_RUNTIMES:
-        if not isinstance(config, dict) or set(config) - {"datum"}:
+        if not isinstance(config, dict) or set(config) - {"datum", "interpreter"}:
             problems.append(
-                ("config", f"a {runtime} job's config is {{'datum': 'json' or 'bytes'}}")
+                (
+                    "config",
+                    f"a {runtime} job's config is {{'datum': 'json' or 'bytes',"
+                    " 'interpreter': 'warm' or 'fresh'}",
+                )
             )
         elif config.get("datum", "json") not in ("json", "bytes"):
             problems.append(("config", "config.datum is 'json' or 'bytes'"))
+        elif config.get("interpreter", "warm") not in ("warm", "fresh"):
+            problems.append(("config", "interpreter is 'warm' (the default) or 'fresh'"))
         else:
-            config = {"datum": config.get("datum", "json")}
+            config = {
+                "datum": config.get("datum", "json"),
+                "interpreter": config.get("interpreter", "warm"),
+            }
     elif config:
         problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))
     verifier = None

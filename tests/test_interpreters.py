@@ -231,12 +231,13 @@ def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: P
     )
     owner = "0x" + "11" * 20
     job = parse_document(load_job_file(tmp_path / "values.toml"), owner)
-    assert job.data == (b"1", b'"two"', b"[3]", b'{"k": 4}') and job.config == {"datum": "json"}
+    assert job.data == (b"1", b'"two"', b"[3]", b'{"k": 4}')
+    assert job.config == {"datum": "json", "interpreter": "warm"}
     (tmp_path / "file.toml").write_text(
         'runtime = "js"\nmodule = "work.py"\n[inputs]\nfile = "lines.txt"\n'
     )
     job = parse_document(load_job_file(tmp_path / "file.toml"), owner)
-    assert job.data == (b"a", b"b") and job.config == {"datum": "bytes"}
+    assert job.data == (b"a", b"b") and job.config == {"datum": "bytes", "interpreter": "warm"}
     (tmp_path / "both.toml").write_text(
         'runtime = "python"\nmodule = "work.py"\n[inputs]\nfile = "lines.txt"\nvalues = [1]\n'
     )
@@ -306,3 +307,50 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
         with pytest.raises(ValueError, match="not a mix"):
             c.map(cube_root_of_power, [1, b"x"])
     assert worker.stop() == 0
+
+
+COUNTER = b"count = 0\ndef work(d):\n    global count\n    count += 1\n    return count\n"
+
+
+def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(installed: Path) -> None:
+    """The slices of one job share one interpreter (its globals persist), a job that asks
+    for ``interpreter = "fresh"`` gets a new one each slice, and another job (even with the
+    same source) never sees the first one's state; a failed slice or a timeout ends nothing
+    but itself."""
+    client = EvaluatorClient()
+    try:
+
+        def counts(
+            job: str, n: int, config: dict[str, object], source: bytes = COUNTER
+        ) -> list[bytes]:
+            reply = client.assign(source, runtime="python", job=job, config=config)
+            assert isinstance(reply, p.Ack), reply
+            out = []
+            for _ in range(n):
+                reply = client.run(b"0")
+                assert isinstance(reply, p.SliceDone), reply
+                out.append(reply.result)
+            return out
+
+        assert counts("a", 3, {"datum": "json"}) == [b"1", b"2", b"3"]
+        assert counts("b", 2, {"datum": "json"}) == [b"1", b"2"]  # same source, new job
+        assert counts("c", 2, {"datum": "json", "interpreter": "fresh"}) == [b"1", b"1"]
+        flaky = COUNTER + (
+            b"def work(d, _w=work):\n    n = _w(d)\n    if n == 2:\n"
+            b"        raise RuntimeError('second')\n    if n == 3:\n"
+            b"        while True: pass\n    return n\n"
+        )
+        reply = client.assign(
+            flaky, runtime="python", job="d", config={"datum": "json"}, wall_seconds=1
+        )
+        assert isinstance(reply, p.Ack), reply
+        first = client.run(b"0")
+        assert isinstance(first, p.SliceDone) and first.result == b"1"
+        failed = client.run(b"0")
+        assert isinstance(failed, p.Error) and failed.code == "work_function_error"
+        looping = client.run(b"0")  # the same interpreter: its third call loops
+        assert isinstance(looping, p.Error) and looping.code == "wasm_timeout"
+        after = client.run(b"0")  # a new interpreter for the same job
+        assert isinstance(after, p.SliceDone) and after.result == b"1"
+    finally:
+        assert client.close() == 0
