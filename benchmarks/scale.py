@@ -536,7 +536,7 @@ def main() -> None:
     counts = [int(n) for n in args.workers.split(",")]
     computes = [float(c) for c in args.compute.split(",")]
     if args.quick:
-        counts, computes, args.seconds = [5, 20], [0.0, 0.2], 2.0
+        counts, computes, args.seconds = [20], [0.0, 0.2], 2.0
         if args.hostile:
             counts, computes = [20], [0.2]
     figures: dict[str, object] = {"seconds": args.seconds}

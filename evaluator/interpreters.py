@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import ErrorCode, Limits, Metrics, nesting
+from dcp_protocol import DcpError, ErrorCode, Limits, Metrics, nesting
 
 from .errors import SliceError
 from .wasm import Serving, WasmRuntime
@@ -305,7 +305,7 @@ def compiled_cache_dir() -> Path:
     return Path(cache) / "dcp-worker" / "compiled"
 
 
-class InterpreterError(Exception):
+class InterpreterError(DcpError):
     """An interpreter cannot be installed or loaded; the message says why."""
 
 

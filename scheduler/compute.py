@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcp_keys.identity import Identity
-from dcp_protocol import nesting
+from dcp_protocol import DcpError, nesting
 
 from .client import ComputeClient, SliceResult
 from .jobdoc import SOURCE_RUNTIMES, parse_document
 
 
-class JobFailed(Exception):
+class JobFailed(DcpError):
     """Some slices of a job failed (after their attempts); ``failures`` maps each to its
     error (e.g. ``work_function_error: Traceback ...``)."""
 

@@ -248,22 +248,23 @@ def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: P
         parse_document(load_job_file(tmp_path / "values.toml"), owner)
 
 
-@pytest.mark.parametrize("example", ["hash-puzzle-py", "hash-puzzle-js"])
 def test_a_job_of_each_runtime_runs_end_to_end(
     installed: Path,
-    example: str,
     scheduler: SchedulerProcess,
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
 ) -> None:
     owner = make_keystore("owner")
-    admin(scheduler.db, "bank", "mint", owner.identity.address, "1")  # the example's offer
+    admin(scheduler.db, "bank", "mint", owner.identity.address, "1")  # the examples' offers
     worker = workers(scheduler.url, make_keystore("worker"), 2)
+    expected = _puzzle_answers("12")
     with ComputeClient(scheduler.url, owner.identity) as client:
-        job = client.deploy(EXAMPLES / example / "job.toml")
-        results = list(client.results(job, wait=True, timeout=120))
-    assert [r.state for r in results] == ["done"] * len(PREFIXES), worker.output()[-3000:]
-    assert [r.result for r in results[:3]] == _puzzle_answers("12")
+        for example in ("hash-puzzle-py", "hash-puzzle-js"):
+            job = client.deploy(EXAMPLES / example / "job.toml")
+            results = list(client.results(job, wait=True, timeout=120))
+            states = [r.state for r in results]
+            assert states == ["done"] * len(PREFIXES), (example, worker.output()[-3000:])
+            assert [r.result for r in results[:3]] == expected, example
     assert worker.stop() == 0
 
 

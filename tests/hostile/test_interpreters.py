@@ -69,8 +69,9 @@ HOSTILE: dict[str, tuple[str, str, dict[str, object], set[str]]] = {
 }  # fmt: skip
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def evaluator(installed: object) -> Iterator[EvaluatorClient]:  # noqa: F811
+    """One evaluator for the module: each case checks that it serves the next job after."""
     client = EvaluatorClient()
     yield client
     assert client.close() == 0
