@@ -210,6 +210,13 @@ def end_to_end(work: Path, slices: int, sandboxes: int, rounds: int) -> dict[str
                 print(f"round {i} ours: {slices / elapsed:.1f} slices/s", file=sys.stderr)
                 if i:
                     rates.append(slices / elapsed)
+            fresh_slices = max(10, slices // 10)  # a fresh interpreter per slice
+            started = time.perf_counter()
+            job = c.map(plus_one, range(fresh_slices), interpreter="fresh")
+            expected = [x + 1 for x in range(fresh_slices)]
+            assert job.results(timeout=600, progress=False) == expected
+            fresh = fresh_slices / (time.perf_counter() - started)
+            print(f"fresh interpreters: {fresh:.1f} slices/s", file=sys.stderr)
     peer = dask_rates(slices, sandboxes, rounds)
     ours_rate, dask_rate = median(rates), median(peer) if peer else None
     return {
@@ -219,6 +226,8 @@ def end_to_end(work: Path, slices: int, sandboxes: int, rounds: int) -> dict[str
         "rounds": [round(r, 1) for r in rates],
         "dask_slices_per_s": round(dask_rate, 1) if dask_rate else None,
         "ours_over_dask": round(ours_rate / dask_rate, 4) if dask_rate else None,
+        "fresh_interpreter_slices_per_s": round(fresh, 1),
+        "fresh_over_dask": round(fresh / dask_rate, 4) if dask_rate else None,
     }
 
 

@@ -172,8 +172,11 @@ class Compute:
         name: str | None = None,
         group: str = "",
         max_attempts: int = 2,
+        interpreter: str = "warm",
     ) -> Job:
-        """Deploy one slice per input of ``work(input, *args)``; the job.
+        """Deploy one slice per input of ``work(input, *args)``; the job. ``interpreter``:
+        ``warm`` (the job's slices share one interpreter per sandbox) or ``fresh`` (one per
+        slice: no state from one slice reaches the next).
 
         Raises:
             ValueError: the work function's source cannot be read, or inputs mix bytes
@@ -207,7 +210,7 @@ class Compute:
             "max_attempts": max_attempts,
             "group": group,
             "requirements": {f"runtime.{runtime}": "required", **(requirements or {})},
-            "config": {"datum": kind},
+            "config": {"datum": kind, "interpreter": interpreter},
             "data": [base64.b64encode(d).decode() for d in data],
             "nonce": os.urandom(16).hex(),
             "created": time.time(),
