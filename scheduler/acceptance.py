@@ -252,7 +252,14 @@ class Acceptance:
             self.store.heartbeat(worker, [ref], time.time(), hold)
 
         verdict = await self.verifiers.verify(
-            row.job, verifier, argv, datum, row.result, owner=owner, started=started
+            row.job,
+            verifier,
+            argv,
+            datum,
+            row.result,
+            owner=owner,
+            started=started,
+            runtime=self.store.job_verifier_runtime(row.job),
         )
         if verdict.ok:
             return self._accept(worker, row, rid, time.time())

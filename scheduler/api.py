@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from dcp_protocol import DcpError, ErrorCode, Metrics, nesting, signing
+from evaluator.interpreters import verified
 
 from .config import MAX_FETCH_WAIT
 from .jobdoc import JobFileError, parse_document
@@ -196,6 +197,12 @@ class ComputeApi:
             return _error(
                 400, ErrorCode.INVALID_JOB, "; ".join(exc.problems), problems=exc.problems
             )
+        if job.verifier is not None and job.verifier_runtime != "wasm":
+            # The verifier runs here: refused now, rather than every result failing later.
+            state = verified(job.verifier_runtime)
+            if not state.startswith("ok"):
+                why = f"this scheduler cannot run a {job.verifier_runtime} verifier: {state}"
+                return _error(400, ErrorCode.INVALID_JOB, why, problems=[why])
         try:
             job_id = self.store.create_job(job, time.time())
         except InsufficientFunds as exc:

@@ -44,6 +44,8 @@ RUNTIMES = ("wasm", "opencl", "python", "js")
 #: The runtimes whose work function is source text run by an interpreter (evaluator/
 #: interpreters.py), whose datum is a JSON value (``values``) or bytes (``file`` lines).
 SOURCE_RUNTIMES = ("python", "js")
+#: A verifier's runtime by its file's suffix (anything else: a wasm module).
+VERIFIER_RUNTIME_OF = {".py": "python", ".js": "js"}
 #: A work function's source text, at most (the module of a wasm job has the frame's bound).
 MAX_SOURCE_BYTES = 1 << 20
 #: Job files and documents nest at most half as deep as a frame may: the frames that carry a
@@ -80,6 +82,7 @@ _DOCUMENT_KEYS = (
     "group",
     "requirements",
     "verifier",
+    "verifier_runtime",
     "config",
 )
 #: A document's field -> the job file's key it comes from, where they differ.
@@ -199,16 +202,17 @@ def _read(path: Path, key: str, what: str, problems: list[_Problem]) -> bytes | 
         return None
 
 
-def _check_source(source: bytes) -> str | None:
-    """Why a python or js work function's source cannot be deployed, or None."""
+def _check_source(source: bytes, what: str = "the source") -> str | None:
+    """Why a python or js work function's (or verifier's) source cannot be deployed, or
+    None."""
     if len(source) > MAX_SOURCE_BYTES:
-        return f"the source is {len(source)} bytes; at most {MAX_SOURCE_BYTES}"
+        return f"{what} is {len(source)} bytes; at most {MAX_SOURCE_BYTES}"
     try:
         text = source.decode("utf-8")
     except UnicodeDecodeError:
-        return "the source is not UTF-8 text"
+        return f"{what} is not UTF-8 text"
     if "\x00" in text:
-        return "the source holds a NUL character"
+        return f"{what} holds a NUL character"
     return None
 
 
@@ -247,11 +251,15 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     else:
         module = _read(base / spec["module"], "module", "module", problems) or b""
     verifier = None
+    verifier_runtime = "wasm"
     if "verifier" in spec:
         if not isinstance(spec["verifier"], str):
-            problems.append(("verifier", "'verifier' is the path of a wasm module"))
+            problems.append(
+                ("verifier", "'verifier' is the path of a wasm module, or of .py or .js source")
+            )
         else:
             verifier = _read(base / spec["verifier"], "verifier", "verifier", problems)
+            verifier_runtime = VERIFIER_RUNTIME_OF.get(Path(spec["verifier"]).suffix, "wasm")
     inputs = spec.get("inputs", {})
     data: list[bytes] = []
     if not isinstance(inputs, dict):
@@ -311,6 +319,8 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
     }
     if verifier is not None:
         document["verifier"] = base64.b64encode(verifier).decode()
+        if verifier_runtime != "wasm":
+            document["verifier_runtime"] = verifier_runtime
     if (why := _offer_problem(offer)) is not None:
         problems.append(("offer", why))
     # The same checks the scheduler makes, on what the file's faults left checkable; a
@@ -420,13 +430,21 @@ def _check_document(
     elif config:
         problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))
     verifier = None
+    verifier_runtime = doc.get("verifier_runtime", "wasm")
+    if verifier_runtime not in ("wasm", *SOURCE_RUNTIMES):
+        problems.append(("verifier_runtime", "verifier_runtime is 'wasm', 'python' or 'js'"))
+        verifier_runtime = "wasm"
     if "verifier" in doc:
         try:
             verifier = base64.b64decode(doc["verifier"], validate=True)
         except (binascii.Error, TypeError):
             problems.append(("verifier", "verifier must be a base64 string"))
         else:
-            if (why := _check_wasm(verifier, "the verifier")) is not None:
+            if verifier_runtime == "wasm":
+                why = _check_wasm(verifier, "the verifier")
+            else:
+                why = _check_source(verifier, "the verifier's source")
+            if why is not None:
                 problems.append(("verifier", why))
     attempts = doc.get("max_attempts", 2)
     if (
@@ -491,6 +509,7 @@ def _check_document(
             group=group,
             requirements=requirements,
             verifier=verifier,
+            verifier_runtime=verifier_runtime,
             config=config,
         ),
         [],

@@ -1,9 +1,12 @@
-"""Running jobs' verifiers: wasm functions that check one result, in sandboxed evaluators.
+"""Running jobs' verifiers: functions that check one result, in sandboxed evaluators.
 
-A verifier is a WASI command. Its stdin is the slice's datum immediately followed by the
+A wasm verifier is a WASI command. Its stdin is the slice's datum immediately followed by the
 result; ``argv[1]`` is the datum's length in bytes, then the job's own arguments. It exits 0
-when the result is right. It runs in the same evaluator processes, with the same limits, as
-work functions on workers.
+when the result is right. A Python or JavaScript verifier is source defining
+``verify(datum, result, *args)`` (``function verify(datum, result, ...args)``), both bytes
+(``Uint8Array``), returning True when the result is right (anything else rejects it; an
+exception is the verifier failing). Verifiers run in the same evaluator processes, with the
+same limits, as work functions on workers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,46 @@ log = logging.getLogger("dcp.scheduler.verifier")
 
 #: What a verifier may use per result; a verifier should be far cheaper than the work.
 VERIFIER_LIMITS = Limits(wall_seconds=10.0, memory_bytes=128 * 1024 * 1024, output_bytes=65536)
+
+
+#: Appended to a Python or JS verifier's source: the interpreter runtimes call ``work``.
+_ADAPTERS = {
+    "python": (
+        "\n\ndef work(_both, _n, *args):\n"
+        "    _n = int(_n)\n"
+        "    return b'1' if verify(bytes(_both[:_n]), bytes(_both[_n:]), *args) is True"
+        " else b'0'\n"
+    ),
+    "js": (
+        "\n;function work(both, n, ...args) {\n"
+        "  n = parseInt(n, 10);\n"
+        "  const ok = verify(both.subarray(0, n), both.subarray(n), ...args) === true;\n"
+        "  return Uint8Array.of(ok ? 49 : 48);\n}\n"
+    ),
+}
+
+
+def verifier_spec(
+    job: str, runtime: str, verifier: bytes, argv: tuple[str, ...], n: int
+) -> JobSpec:
+    """The JobSpec that runs ``verifier`` on a datum of ``n`` bytes followed by a result."""
+    if runtime == "wasm":
+        return JobSpec(
+            job=f"verify:{job}",
+            runtime="wasm",
+            module=verifier,
+            sha256=hashlib.sha256(verifier).hexdigest(),
+            argv=(str(n), *argv),
+        )
+    source = verifier + _ADAPTERS[runtime].encode()
+    return JobSpec(
+        job=f"verify:{job}",
+        runtime=runtime,
+        module=source,
+        sha256=hashlib.sha256(source).hexdigest(),
+        argv=(str(n), *argv),
+        config={"datum": "bytes", "interpreter": "warm"},
+    )
 
 
 @dataclass(frozen=True)
@@ -84,27 +127,29 @@ class VerifierPool:
         result: bytes,
         owner: str = "",
         started: Callable[[], object] | None = None,
+        runtime: str = "wasm",
     ) -> Verdict:
-        """Run ``verifier`` on one result once ``owner`` has its turn at a sandbox.
+        """Run ``verifier`` (of ``runtime``: wasm, python or js) on one result once ``owner``
+        has its turn at a sandbox.
 
         ``started`` is called when the sandbox is lent, before the run: an exception from it
         ends the verification unrun (the result's lease went stale while it waited).
         """
-        spec = JobSpec(
-            job=f"verify:{job}",
-            runtime="wasm",
-            module=verifier,
-            sha256=hashlib.sha256(verifier).hexdigest(),
-            argv=(str(len(datum)), *argv),
-        )
+        spec = verifier_spec(job, runtime, verifier, argv, len(datum))
         sandbox = await self._acquire(owner)
         try:
             if started is not None:
                 started()
             self._runs += 1
-            await sandbox.run(spec, self.limits, datum + result, 0)
+            said, _metrics = await sandbox.run(spec, self.limits, datum + result, 0)
+            if runtime != "wasm" and said != b"1":
+                return Verdict(
+                    False,
+                    ErrorCode.RESULT_REJECTED.value,
+                    "the job's verifier rejected the result (verify returned no True)",
+                )
         except SliceFailure as exc:
-            if exc.code == ErrorCode.WASM_EXIT.value:
+            if exc.code == ErrorCode.WASM_EXIT.value and runtime == "wasm":
                 return Verdict(
                     False,
                     ErrorCode.RESULT_REJECTED.value,

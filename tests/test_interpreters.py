@@ -4,6 +4,7 @@ runtimes deploy, run on a worker and come back in order."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -243,6 +244,8 @@ def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: P
     )
     with pytest.raises(JobFileError, match="values .JSON. or file .bytes., not both"):
         load_job_file(tmp_path / "both.toml")
+    example = parse_document(load_job_file(EXAMPLES / "hash-puzzle-py" / "job.toml"), owner)
+    assert example.verifier_runtime == "python" and example.verifier is not None
     (tmp_path / "work.py").write_bytes(b"\xff\xfe")
     with pytest.raises(JobFileError, match="the source is not UTF-8 text"):
         parse_document(load_job_file(tmp_path / "values.toml"), owner)
@@ -355,3 +358,46 @@ def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(install
         assert isinstance(after, p.SliceDone) and after.result == b"1"
     finally:
         assert client.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", (EXAMPLES / "hash-puzzle-py" / "verify.py").read_bytes()),
+        (
+            "js",
+            b"function verify(datum, result, want) {\n"
+            b"  return String.fromCharCode(...result) === String.fromCharCode(...datum) + want;\n}",
+        ),
+    ],
+)
+def test_a_verifier_in_python_or_js_accepts_rejects_and_fails_by_name(
+    installed: Path, runtime: str, source: bytes
+) -> None:
+    from scheduler.verifier import VerifierPool
+
+    if runtime == "python":
+        (right,) = _puzzle_answers("12")[:1]
+        prefix, argv, wrong = PREFIXES[0], ("12",), b"1 " + b"0" * 64 + b"\n"
+    else:
+        prefix, argv, right, wrong = b"ab", ("!",), b"ab!", b"ab?"
+    broken = b"def verify(d, r, *a):\n    raise ValueError('broken')\n"
+    if runtime == "js":
+        broken = b"function verify(d, r) { throw new Error('broken'); }"
+
+    async def verdicts() -> list[tuple[bool, str]]:
+        pool = VerifierPool(size=1)
+        try:
+            out = []
+            for verifier, result in ((source, right), (source, wrong), (broken, right)):
+                v = await pool.verify("job", verifier, argv, prefix, result, runtime=runtime)
+                out.append((v.ok, v.code))
+            return out
+        finally:
+            await pool.close()
+
+    assert asyncio.run(verdicts()) == [
+        (True, ""),
+        (False, "result_rejected"),
+        (False, "verifier_failed"),
+    ]

@@ -308,6 +308,9 @@ _V5 = (
 # job (31 ms a lease half way through 200,000 slices; 0.3 ms with this index).
 _V6 = "CREATE INDEX IF NOT EXISTS slices_queue ON slices (job, idx) WHERE state = 'queued'"
 
+# A verifier may be a wasm module or Python or JavaScript source (issue 18).
+_V7 = "ALTER TABLE jobs ADD COLUMN verifier_runtime TEXT NOT NULL DEFAULT 'wasm'"
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
@@ -317,6 +320,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(5, "an index of leased slices by deadline, for lease expiry", _V5, _V5),
     Migration(6, "an index of each job's queued slices, for leasing", _V6, _V6),
+    Migration(7, "the runtime of a job's verifier (wasm, python or js)", _V7, _V7),
 )
 LATEST = MIGRATIONS[-1].version
 FIRST = MIGRATIONS[0].version

@@ -175,8 +175,8 @@ class SQLStore:
             inserted = db.execute(
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
                 " limits, offer_micro, group_key, requirements, config, verifier, payload_sha256,"
-                " total, remaining, max_attempts, created)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " total, remaining, max_attempts, created, verifier_runtime)"
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (payload_sha256) DO NOTHING",
                 (
                     job_id,
@@ -197,6 +197,7 @@ class SQLStore:
                     len(job.data),
                     job.max_attempts,
                     now,
+                    job.verifier_runtime,
                 ),
             )
             if inserted.rowcount == 0:  # the same deploy, committed meanwhile by a replica
@@ -283,6 +284,12 @@ class SQLStore:
 
     def job_verifier(self, job_id: str) -> bytes | None:
         return self._blob("verifier", job_id)
+
+    def job_verifier_runtime(self, job_id: str) -> str:
+        row = self._db.execute("SELECT verifier_runtime FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return str(row[0])
 
     def datum(self, job_id: str, slice_: int) -> bytes:
         row = self._db.execute(
