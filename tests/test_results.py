@@ -32,6 +32,8 @@ from .conftest import EXAMPLES, Keystore, wait_until
 from .test_scheduler_session import _open, _recv
 
 SLOWCHECK = Path(__file__).parent / "wasm" / "slowcheck.c"
+#: Forged results one hostile session sends (within the refusal budget's burst).
+FLOOD = 30
 ECHO = (EXAMPLES / "echo" / "echo.wasm").read_bytes()
 Client = websockets.asyncio.client.ClientConnection
 
@@ -129,9 +131,11 @@ async def verified_ack_delay(ws: Client, keystore: Keystore, job: str, rid: int)
 def test_forged_results_run_no_verifier_and_delay_no_honest_result(
     tmp_path: Path, make_keystore: Callable[[str], Keystore], zig_build: Callable[[Path], bytes]
 ) -> None:
-    """A fresh identity holding no lease floods 60 results under forged tokens for a job whose
+    """A fresh identity holding no lease floods 30 results under forged tokens for a job whose
     verifier takes 300 ms: every one is stale_lease without a verifier run, and an honest
-    worker's verified result sent behind the flood waits for its own verifier run only."""
+    worker's verified result sent behind the flood waits for its own verifier run only. (30:
+    within the refusal budget's burst of 32, past which the flood's own replies come at one a
+    second, which made this test wait 28 s for nothing it checks.)"""
     store = SQLiteStore(tmp_path / "s.db")
     job = deploy(store, [b"a"] * 4, zig_build(SLOWCHECK), argv=("300",))
     honest, hostile = make_keystore("honest"), make_keystore("hostile")
@@ -142,13 +146,13 @@ def test_forged_results_run_no_verifier_and_delay_no_honest_result(
             ws = await _open(url.replace("http", "ws") + "/worker", honest)
             alone = await verified_ack_delay(ws, honest, job, 10)
             flood = await _open(url.replace("http", "ws") + "/worker", hostile)
-            for i in range(60):
+            for i in range(FLOOD):
                 await flood.send(
                     result_frame(hostile, 100 + i, job, i % 4, secrets.token_hex(16), b"a")
                 )
             under_flood = await verified_ack_delay(ws, honest, job, 20)
             codes = []
-            for _ in range(60):
+            for _ in range(FLOOD):
                 reply = await _recv(flood)
                 assert isinstance(reply, p.Error)
                 codes.append(reply.code)
@@ -159,9 +163,9 @@ def test_forged_results_run_no_verifier_and_delay_no_honest_result(
 
     alone, under_flood, codes, runs = asyncio.run(main())
     store.close()
-    assert codes == ["stale_lease"] * 60
-    # Broken, each forged result costs a 300 ms verifier run first: 60 runs on one sandbox
-    # ahead of the honest one (18 s); fixed, the honest result waits for its own run only.
+    assert codes == ["stale_lease"] * FLOOD
+    # Broken, each forged result costs a 300 ms verifier run first: 30 runs on one sandbox
+    # ahead of the honest one (9 s); fixed, the honest result waits for its own run only.
     assert under_flood < 3 * alone + 1, (alone, under_flood)
     assert runs == 2  # the honest worker's two results; none for the forged ones
 
