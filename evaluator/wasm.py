@@ -303,6 +303,8 @@ class Serving:
     def _fd_read(self, caller: wasmtime.Caller, fd: int, iovs: int, count: int, nread: int) -> int:
         if fd != 0:
             return _ERRNO_BADF
+        if not 0 <= count <= _MAX_IOVECS:  # a host call the epoch cannot interrupt: bounded
+            return _ERRNO_INVAL
         memory = caller.get("memory")
         assert isinstance(memory, wasmtime.Memory)
         with self._lock:
@@ -332,23 +334,33 @@ class Serving:
     ) -> int:
         if fd not in (1, 2):
             return _ERRNO_BADF
+        if not 0 <= count <= _MAX_IOVECS:  # a host call the epoch cannot interrupt: bounded
+            return _ERRNO_INVAL
         memory = caller.get("memory")
         assert isinstance(memory, wasmtime.Memory)
-        chunks = []
-        for i in range(count):
-            ptr, size = _IOVEC.unpack(memory.read(caller, iovs + 8 * i, iovs + 8 * i + 8))
-            chunks.append(memory.read(caller, ptr, ptr + size) if size else b"")
+        vectors = [
+            _IOVEC.unpack(memory.read(caller, iovs + 8 * i, iovs + 8 * i + 8)) for i in range(count)
+        ]
+        total = sum(size for _ptr, size in vectors)
+        if fd == 1 and len(self._out) + total > self._limits.output_bytes + _FRAMING:
+            # Refused before anything is copied: a write of gigabytes costs nothing here.
+            self._wasm._host_error = _flood(self._limits.output_bytes + 1, self._limits)
+            raise wasmtime.Trap("output over its cap")
+        room = total if fd == 1 else max(0, _STDERR_CAP - self._err)
+        chunks, taken = [], 0
+        for ptr, size in vectors:
+            size = min(size, room - taken)  # stderr past its cap is dropped, unread
+            if size <= 0:
+                break
+            chunks.append(memory.read(caller, ptr, ptr + size))
+            taken += size
         data = b"".join(chunks)
         if fd == 1:
-            if len(self._out) + len(data) > self._limits.output_bytes + _FRAMING:
-                self._wasm._host_error = _flood(self._limits.output_bytes + 1, self._limits)
-                raise wasmtime.Trap("output over its cap")
             self._out += data
-        elif self._err < _STDERR_CAP:
-            kept = data[: _STDERR_CAP - self._err]
-            self._err += len(kept)
-            self._on_stderr(kept)
-        memory.write(caller, struct.pack("<I", len(data)), nwritten)
+        elif data:
+            self._err += len(data)
+            self._on_stderr(data)
+        memory.write(caller, struct.pack("<I", total), nwritten)
         return _ERRNO_SUCCESS
 
 
@@ -356,6 +368,8 @@ class Serving:
 _FRAMING = 16
 #: A WASI iovec: buffer pointer, length.
 _IOVEC = struct.Struct("<II")
+#: The most iovecs one fd_read or fd_write of a serving module may pass (POSIX's IOV_MAX).
+_MAX_IOVECS = 1024
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,18 @@ HOSTILE: dict[str, tuple[str, str, dict[str, object], set[str]]] = {
                       {"work_function_error"}),
     "py_circular_result": ("python", "def work(d):\n    x = []\n    x.append(x)\n    return x\n",
                            {}, {"work_function_error"}),
+    # Host calls the epoch cannot interrupt are bounded: at most 1,024 iovecs a call.
+    "py_writev_many_iovecs": ("python", "import os\ndef work(d):\n"
+                              "    return os.writev(2, [b'x'] * 100000)\n", {},
+                              {"work_function_error"}),
+    "py_readv_many_iovecs": ("python", "import os\ndef work(d):\n"
+                             "    return os.readv(0, [bytearray(1)] * 5000)\n", {},
+                             {"work_function_error"}),
+    "py_huge_write_to_fd_1": ("python", "import os\ndef work(d):\n"
+                              "    return os.write(1, b'y' * (64 << 20))\n",
+                              {"output_bytes": 4096}, {"output_too_large"}),
+    "py_junk_on_fd_1": ("python", "import os\ndef work(d):\n    os.write(1, b'junk')\n"
+                        "    return 1\n", {}, {"work_function_error"}),
     "py_exit": ("python", "import sys\ndef work(d):\n    sys.exit(0)\n", {},
                 {"work_function_error"}),
 }  # fmt: skip
