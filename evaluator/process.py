@@ -254,6 +254,7 @@ class Evaluator:
                 self._decoder.receive_data(chunk)
                 continue
             if isinstance(message, Die):
+                self._interpreters.release()  # a warm interpreter reads end of file, exits
                 self.send(Ack(re=message.id), flush=True)
                 return EXIT_OK
             self.handle(message)
