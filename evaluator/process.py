@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import logging
 import os
 import platform
@@ -46,7 +45,7 @@ from .interpreters import RUNTIMES as INTERPRETER_RUNTIMES
 from .interpreters import Interpreter, InterpreterRuntime, compiled_cache_dir
 from .opencl import OpenCLRuntime
 from .scratch import private_dir
-from .wasm import WasmRuntime, probe_features
+from .wasm import WASMTIME_VERSION, WasmRuntime, probe_features
 
 log = logging.getLogger("dcp.evaluator")
 
@@ -54,13 +53,6 @@ EXIT_OK = 0
 EXIT_PROTOCOL = 3
 _PROGRESS_INTERVAL = 0.1
 _READ_CHUNK = 1 << 16
-
-
-def _wasmtime_version() -> str:
-    try:
-        return importlib.metadata.version("wasmtime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def capabilities(
@@ -75,7 +67,7 @@ def capabilities(
     runtimes: dict[str, Any] = {
         "wasm": {
             "engine": "wasmtime",
-            "version": _wasmtime_version(),
+            "version": WASMTIME_VERSION,
             "wasi": "preview1",
             "features": probe_features(),
             "limits": ["epoch", "fuel", "memory", "output"],

@@ -344,7 +344,7 @@ class Serving:
         total = sum(size for _ptr, size in vectors)
         if fd == 1 and len(self._out) + total > self._limits.output_bytes + _FRAMING:
             # Refused before anything is copied: a write of gigabytes costs nothing here.
-            self._wasm._host_error = _flood(self._limits.output_bytes + 1, self._limits)
+            self._wasm._host_error = flood_error(self._limits.output_bytes + 1, self._limits)
             raise wasmtime.Trap("output over its cap")
         room = total if fd == 1 else max(0, _STDERR_CAP - self._err)
         chunks, taken = [], 0
@@ -496,7 +496,11 @@ class WasmRuntime:
             )
         linker = self._linker(engine, module)
         _check_counts(module_bytes)
-        self._cache[key] = _Compiled(module, linker)
+        self._keep(key, _Compiled(module, linker))
+
+    def _keep(self, key: tuple[str, bool], compiled: _Compiled) -> None:
+        """Cache a compiled module, the least recently used one out past _CACHE_ENTRIES."""
+        self._cache[key] = compiled
         if len(self._cache) > _CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
@@ -660,7 +664,7 @@ class WasmRuntime:
             wall = time.monotonic() - started_wall
             cpu = time.process_time() - started_cpu
         out_size = os.fstat(stdout_fd).st_size
-        flood = _flood(out_size, limits)
+        flood = flood_error(out_size, limits)
         if flood is not None:
             raise flood
         if exit_code != 0:
@@ -721,7 +725,7 @@ class WasmRuntime:
             self.compile(module_bytes, sha256, limits)
             return
         engine = self._engine(limits.fuel is not None)
-        tag = f"{sha256[:32]}-{_WASMTIME_VERSION}-{'fuel' if key[1] else 'epoch'}"
+        tag = f"{sha256[:32]}-{WASMTIME_VERSION}-{'fuel' if key[1] else 'epoch'}"
         path = directory / f"{tag}.cwasm"
         module = _read_serialized(engine, path)
         if module is None:
@@ -729,9 +733,7 @@ class WasmRuntime:
             with contextlib.suppress(OSError):  # not ours to write (another user's cache)
                 _write_serialized(self._cache[key].module, path)
             return
-        self._cache[key] = _Compiled(module, self._linker(engine, module))
-        if len(self._cache) > _CACHE_ENTRIES:
-            self._cache.popitem(last=False)
+        self._keep(key, _Compiled(module, self._linker(engine, module)))
 
     def _output_size(self) -> int:
         return os.fstat(self._fds["stdout"]).st_size
@@ -742,7 +744,7 @@ class WasmRuntime:
         limits = self._limits
         if limits is None or self._host_error is not None:
             return
-        self._timed_out(_flood(self._output_size(), limits) or _wall_clock_error(limits))
+        self._timed_out(flood_error(self._output_size(), limits) or _wall_clock_error(limits))
 
     def _classify_trap(
         self,
@@ -756,7 +758,7 @@ class WasmRuntime:
             return self._host_error
         # A limit that was hit explains the trap better than the trap itself: a flood that
         # ran into the wall clock is reported as a flood.
-        flood = _flood(self._output_size(), limits)
+        flood = flood_error(self._output_size(), limits)
         if flood is not None:
             return flood
         code = exc.trap_code
@@ -886,7 +888,8 @@ def _wasmtime_version() -> str:
         return "unknown"
 
 
-_WASMTIME_VERSION = _wasmtime_version()
+#: The wasmtime package's version: describe says it, and compiled modules are cached by it.
+WASMTIME_VERSION = _wasmtime_version()
 
 
 def _read_serialized(engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
@@ -966,7 +969,7 @@ def _has_type(func_type: wasmtime.FuncType | None, params: list[str], results: l
     )
 
 
-def _flood(size: int, limits: Limits) -> SliceError | None:
+def flood_error(size: int, limits: Limits) -> SliceError | None:
     """The error of a slice whose output reached ``size`` bytes, if that is over its cap."""
     if size > limits.output_bytes:
         return SliceError(

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from dcp_protocol import DcpError, ErrorCode, Metrics, nesting, signing
-from evaluator.interpreters import verified
+from evaluator.interpreters import problem
 
 from .config import MAX_FETCH_WAIT
 from .jobdoc import JobFileError, parse_document
@@ -199,9 +199,9 @@ class ComputeApi:
             )
         if job.verifier is not None and job.verifier_runtime != "wasm":
             # The verifier runs here: refused now, rather than every result failing later.
-            state = verified(job.verifier_runtime)
-            if not state.startswith("ok"):
-                why = f"this scheduler cannot run a {job.verifier_runtime} verifier: {state}"
+            lacking = problem(job.verifier_runtime)
+            if lacking is not None:
+                why = f"this scheduler cannot run a {job.verifier_runtime} verifier: {lacking}"
                 return _error(400, ErrorCode.INVALID_JOB, why, problems=[why])
         try:
             job_id = self.store.create_job(job, time.time())
