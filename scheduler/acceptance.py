@@ -237,10 +237,11 @@ class Acceptance:
     async def _verify(
         self, worker: str, owner: str, row: ResultRow, ref: LeaseRef, rid: int
     ) -> Message:
-        verifier = self.store.job_verifier(row.job)
+        found = self.store.job_verifier(row.job)
         argv = self.specs.get(row.job).spec.argv
         datum = self.store.datum(row.job, row.slice)
-        assert verifier is not None
+        assert found is not None
+        verifier, runtime = found
         # The worker stopped heartbeating this slice when it finished it: keep the lease alive
         # while its result waits for a sandbox and while it is checked.
         hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
@@ -259,7 +260,7 @@ class Acceptance:
             row.result,
             owner=owner,
             started=started,
-            runtime=self.store.job_verifier_runtime(row.job),
+            runtime=runtime,
         )
         if verdict.ok:
             return self._accept(worker, row, rid, time.time())

@@ -49,22 +49,17 @@ def verifier_spec(
     job: str, runtime: str, verifier: bytes, argv: tuple[str, ...], n: int
 ) -> JobSpec:
     """The JobSpec that runs ``verifier`` on a datum of ``n`` bytes followed by a result."""
-    if runtime == "wasm":
-        return JobSpec(
-            job=f"verify:{job}",
-            runtime="wasm",
-            module=verifier,
-            sha256=hashlib.sha256(verifier).hexdigest(),
-            argv=(str(n), *argv),
-        )
-    source = verifier + _ADAPTERS[runtime].encode()
+    module, config = verifier, {}
+    if runtime != "wasm":  # source, with the adapter the interpreter runtimes call
+        module = verifier + _ADAPTERS[runtime].encode()
+        config = {"datum": "bytes", "interpreter": "warm"}
     return JobSpec(
         job=f"verify:{job}",
         runtime=runtime,
-        module=source,
-        sha256=hashlib.sha256(source).hexdigest(),
+        module=module,
+        sha256=hashlib.sha256(module).hexdigest(),
         argv=(str(n), *argv),
-        config={"datum": "bytes", "interpreter": "warm"},
+        config=config,
     )
 
 

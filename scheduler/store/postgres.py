@@ -249,8 +249,8 @@ class PostgresStore(SQLStore):
         """SQLStore's, in libpq's pipeline mode: a write is sent without waiting for its
         reply, so a batch costs one round trip for its fenced read (one statement per job,
         which locks its slices) and one for the commit, not one per statement (11 per
-        accepted result). A database error in any
-        write fails the whole batch (nothing of it happened), never one item alone."""
+        accepted result). A database error in any write fails the whole batch (nothing of it
+        happened), never one item alone."""
         db = self._connection()
         try:
             with db.raw.pipeline():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import secrets
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from typing import Any
@@ -92,9 +92,22 @@ ACTIVE_JOBS = (
 _IN_CHUNK = 500
 
 
-def _chunks(values: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
+def _per_slice(
+    db: Connection, keys: Iterable[tuple[str, int]], query: str
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """The rows ``query`` gives for the slices ``keys`` names, each with its job: one statement
+    per job (in the order the jobs first appear) and per _IN_CHUNK indices, the indices
+    ascending. ``query`` takes the job and the indices, ``{marks}`` standing for the IN list."""
+    wanted: dict[str, set[int]] = {}
+    for job_id, idx in keys:
+        wanted.setdefault(job_id, set()).add(idx)
+    for job_id, indices in wanted.items():
+        ordered = sorted(indices)
+        for start in range(0, len(ordered), _IN_CHUNK):
+            chunk = ordered[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for row in db.execute(query.format(marks=marks), (job_id, *chunk)):
+                yield job_id, tuple(row)
 
 
 class SQLStore:
@@ -282,14 +295,13 @@ class SQLStore:
         assert module is not None
         return module
 
-    def job_verifier(self, job_id: str) -> bytes | None:
-        return self._blob("verifier", job_id)
-
-    def job_verifier_runtime(self, job_id: str) -> str:
-        row = self._db.execute("SELECT verifier_runtime FROM jobs WHERE id=?", (job_id,)).fetchone()
+    def job_verifier(self, job_id: str) -> tuple[bytes, str] | None:
+        row = self._db.execute(
+            "SELECT verifier, verifier_runtime FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
         if row is None:
             raise UnknownJob(f"no job {job_id}")
-        return str(row[0])
+        return None if row[0] is None else (bytes(row[0]), str(row[1]))
 
     def datum(self, job_id: str, slice_: int) -> bytes:
         row = self._db.execute(
@@ -483,19 +495,15 @@ class SQLStore:
         """:meth:`result_lease` for many results at once, in their order: one statement per
         job named (a batch names one job as a rule), a refusal in place of each lease that
         cannot take a result."""
-        rows: dict[tuple[str, int], tuple[Any, ...]] = {}
-        wanted: dict[str, set[int]] = {}
-        for ref in refs:
-            wanted.setdefault(ref.job, set()).add(ref.slice)
-        for job_id, indices in wanted.items():
-            for chunk in _chunks(sorted(indices), _IN_CHUNK):
-                marks = ", ".join("?" * len(chunk))
-                for idx, *rest in self._db.execute(
-                    "SELECT idx, state, token, worker, leased_at, length(datum) FROM slices"
-                    f" WHERE job=? AND idx IN ({marks})",
-                    (job_id, *chunk),
-                ):
-                    rows[(job_id, idx)] = tuple(rest)
+        rows = {
+            (job_id, idx): tuple(rest)
+            for job_id, (idx, *rest) in _per_slice(
+                self._db,
+                [(r.job, r.slice) for r in refs],
+                "SELECT idx, state, token, worker, leased_at, length(datum) FROM slices"
+                " WHERE job=? AND idx IN ({marks})",
+            )
+        }
         return [self._lease_of(rows.get((r.job, r.slice)), r, worker) for r in refs]
 
     @staticmethod
@@ -629,24 +637,16 @@ class SQLStore:
         """The slices ``keys`` names (sorted), locked until the transaction ends, in that
         order (one statement per job: the locks are taken in the rows' order), with their
         state, token, holder and their job's offer; a slice that does not exist is absent."""
-        found: dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]] = {}
-        wanted: dict[str, list[int]] = {}
-        for job_id, idx in keys:
-            indices = wanted.setdefault(job_id, [])
-            if not indices or indices[-1] != idx:
-                indices.append(idx)
-        for job_id, indices in wanted.items():
-            for chunk in _chunks(indices, _IN_CHUNK):
-                marks = ", ".join("?" * len(chunk))
-                rows = db.execute(
-                    "SELECT s.idx, s.state, s.token, s.worker, j.offer_micro FROM slices s"
-                    f" JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx IN ({marks})"
-                    f" ORDER BY s.idx{self._lock('s')}",
-                    (job_id, *chunk),
-                )
-                for idx, state, token, holder, offer in rows:
-                    found[(job_id, idx)] = (SliceState(state), token, holder, offer)
-        return found
+        return {
+            (job_id, idx): (SliceState(state), token, holder, offer)
+            for job_id, (idx, state, token, holder, offer) in _per_slice(
+                db,
+                keys,
+                "SELECT s.idx, s.state, s.token, s.worker, j.offer_micro FROM slices s"
+                " JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx IN ({marks})"
+                f" ORDER BY s.idx{self._lock('s')}",
+            )
+        }
 
     def _accept(
         self,
