@@ -20,13 +20,10 @@ decoded from JSON; a work function that returns bytes gives bytes.
 
 from __future__ import annotations
 
-import base64
 import inspect
 import json
-import os
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +32,7 @@ from dcp_keys.identity import Identity
 from dcp_protocol import DcpError, nesting
 
 from .client import ComputeClient, SliceResult
-from .jobdoc import SOURCE_RUNTIMES, parse_document
+from .jobdoc import SOURCE_RUNTIMES, job_document, parse_document
 
 
 class JobFailed(DcpError):
@@ -200,21 +197,19 @@ class Compute:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"an input has no JSON form: {exc}") from None
         fallback = getattr(work, "__name__", "work") if not isinstance(work, str) else "work"
-        document = {
-            "name": name or fallback,
-            "runtime": runtime,
-            "module": base64.b64encode(source.encode()).decode(),
-            "argv": [str(a) for a in args],
-            "offer": offer,
-            "limits": limits or {},
-            "max_attempts": max_attempts,
-            "group": group,
-            "requirements": {f"runtime.{runtime}": "required", **(requirements or {})},
-            "config": {"datum": kind, "interpreter": interpreter},
-            "data": [base64.b64encode(d).decode() for d in data],
-            "nonce": os.urandom(16).hex(),
-            "created": time.time(),
-        }
+        document = job_document(
+            name=name or fallback,
+            runtime=runtime,
+            module=source.encode(),
+            argv=[str(a) for a in args],
+            offer=offer,
+            limits=limits or {},
+            max_attempts=max_attempts,
+            group=group,
+            requirements={f"runtime.{runtime}": "required", **(requirements or {})},
+            config={"datum": kind, "interpreter": interpreter},
+            data=data,
+        )
         body = json.dumps(document, separators=(",", ":")).encode()
         parse_document(body, self.identity.address)  # the scheduler's checks, every fault, here
         return Job(self, self.client.deploy_document(body), len(data))

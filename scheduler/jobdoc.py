@@ -33,6 +33,7 @@ from .store import NewJob, to_micro
 
 __all__ = [
     "JobFileError",
+    "job_document",
     "load_job_file",
     "parse_document",
     "RUNTIMES",
@@ -226,6 +227,47 @@ def _first_non_json(datums: Sequence[bytes]) -> int | None:
     return None
 
 
+def job_document(
+    *,
+    name: Any,
+    runtime: Any,
+    module: bytes,
+    argv: Any,
+    offer: Any,
+    limits: Any,
+    max_attempts: Any,
+    group: Any,
+    requirements: Any,
+    config: Any,
+    data: Sequence[bytes],
+    verifier: bytes | None = None,
+    verifier_runtime: str = "wasm",
+) -> dict[str, Any]:
+    """A job document of these parts (checked by the scheduler, or :func:`parse_document`,
+    not here): the bytes in base64, a nonce and the time that make every deploy distinct (a
+    replay of the same bytes is one job)."""
+    document: dict[str, Any] = {
+        "name": name,
+        "runtime": runtime,
+        "module": base64.b64encode(module).decode(),
+        "argv": argv,
+        "offer": offer,
+        "limits": limits,
+        "max_attempts": max_attempts,
+        "group": group,
+        "requirements": requirements,
+        "config": config,
+        "data": [base64.b64encode(d).decode() for d in data],
+        "nonce": os.urandom(16).hex(),
+        "created": time.time(),
+    }
+    if verifier is not None:
+        document["verifier"] = base64.b64encode(verifier).decode()
+        if verifier_runtime != "wasm":
+            document["verifier_runtime"] = verifier_runtime
+    return document
+
+
 def load_job_file(path: str | os.PathLike[str]) -> bytes:
     """Read a job TOML file and its module and inputs; returns the job document's bytes.
 
@@ -300,27 +342,22 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
                 break
             data.append(str(value).encode())
     offer = spec.get("offer", 0)
-    document = {
-        "name": spec.get("name", path.stem),
-        "runtime": runtime,
-        "module": base64.b64encode(module).decode(),
-        "argv": spec.get("argv", []),
+    document = job_document(
+        name=spec.get("name", path.stem),
+        runtime=runtime,
+        module=module,
+        argv=spec.get("argv", []),
         # Checked here: TOML has nan and inf, which a JSON document cannot carry.
-        "offer": offer if _offer_problem(offer) is None else 0,
-        "limits": spec.get("limits", {}),
-        "max_attempts": spec.get("max_attempts", 2),
-        "group": spec.get("group", ""),
-        "requirements": spec.get("requirements", {}),
-        "config": config,
-        "data": [base64.b64encode(d).decode() for d in data],
-        # Makes every deploy a distinct document; a replay of the same bytes is one job.
-        "nonce": os.urandom(16).hex(),
-        "created": time.time(),
-    }
-    if verifier is not None:
-        document["verifier"] = base64.b64encode(verifier).decode()
-        if verifier_runtime != "wasm":
-            document["verifier_runtime"] = verifier_runtime
+        offer=offer if _offer_problem(offer) is None else 0,
+        limits=spec.get("limits", {}),
+        max_attempts=spec.get("max_attempts", 2),
+        group=spec.get("group", ""),
+        requirements=spec.get("requirements", {}),
+        config=config,
+        data=data,
+        verifier=verifier,
+        verifier_runtime=verifier_runtime,
+    )
     if (why := _offer_problem(offer)) is not None:
         problems.append(("offer", why))
     # The same checks the scheduler makes, on what the file's faults left checkable; a
