@@ -297,6 +297,41 @@ def pipeline(
                 worker.wait(60)
 
 
+def dask_map_rates(
+    fn: Callable[[Any], Any],
+    inputs_of: Callable[[int], list[Any]],
+    sandboxes: int,
+    rounds: int,
+) -> list[float]:
+    """The peer: Dask distributed's LocalCluster with ``sandboxes`` single-threaded worker
+    processes mapping ``fn`` over ``inputs_of(i)`` in round i (each result checked against
+    ``fn`` here); items per second of rounds 1..R (round 0 warms up).
+
+    Raises:
+        ImportError: dask[distributed] is not installed.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    dask.config.set({"distributed.worker.daemon": False})
+    rates = []
+    with (
+        LocalCluster(
+            n_workers=sandboxes, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        for i in range(rounds + 1):
+            items = inputs_of(i)
+            started = time.perf_counter()
+            out = client.gather(client.map(fn, items, pure=False))
+            elapsed = time.perf_counter() - started
+            assert out == [fn(x) for x in items]
+            if i:
+                rates.append(len(items) / elapsed)
+    return rates
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import median, pipeline, report  # noqa: E402
+from common import dask_map_rates, median, pipeline, report  # noqa: E402
 
 import dcp_protocol as p  # noqa: E402
 from evaluator.interpreters import INTERPRETERS, install, interpreters_dir  # noqa: E402
@@ -217,7 +217,11 @@ def end_to_end(work: Path, slices: int, sandboxes: int, rounds: int) -> dict[str
             assert job.results(timeout=600, progress=False) == expected
             fresh = fresh_slices / (time.perf_counter() - started)
             print(f"fresh interpreters: {fresh:.1f} slices/s", file=sys.stderr)
-    peer = dask_rates(slices, sandboxes, rounds)
+    try:
+        peer = dask_map_rates(plus_one, lambda i: list(range(i, i + slices)), sandboxes, rounds)
+    except ImportError:
+        print("dask[distributed] is not installed: pip install -e '.[bench]'", file=sys.stderr)
+        peer = []
     ours_rate, dask_rate = median(rates), median(peer) if peer else None
     return {
         "slices": slices,
@@ -229,31 +233,6 @@ def end_to_end(work: Path, slices: int, sandboxes: int, rounds: int) -> dict[str
         "fresh_interpreter_slices_per_s": round(fresh, 1),
         "fresh_over_dask": round(fresh / dask_rate, 4) if dask_rate else None,
     }
-
-
-def dask_rates(slices: int, sandboxes: int, rounds: int) -> list[float]:
-    try:
-        import dask
-        from distributed import Client, LocalCluster
-    except ImportError:
-        print("dask[distributed] is not installed: pip install -e '.[bench]'", file=sys.stderr)
-        return []
-    dask.config.set({"distributed.worker.daemon": False})
-    rates = []
-    with (
-        LocalCluster(
-            n_workers=sandboxes, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        for i in range(rounds + 1):
-            started = time.perf_counter()
-            out = client.gather(client.map(plus_one, range(i, i + slices), pure=False))
-            elapsed = time.perf_counter() - started
-            assert out == [x + 1 for x in range(i, i + slices)]
-            if i:
-                rates.append(slices / elapsed)
-    return rates
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +34,7 @@ from common import (  # noqa: E402
     Pipeline,
     add_backend_options,
     backends,
+    dask_map_rates,
     median,
     pipeline,
     report,
@@ -103,29 +103,6 @@ def run_ours(
     return out
 
 
-def run_dask(slices: int, sandboxes: int, rounds: int) -> list[float]:
-    import dask
-    from distributed import Client, LocalCluster
-
-    dask.config.set({"distributed.worker.daemon": False})
-    rates = []
-    with (
-        LocalCluster(
-            n_workers=sandboxes, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        for i in range(rounds + 1):
-            values = [f"{i}-{k}" for k in range(slices)]
-            started = time.perf_counter()
-            out = client.gather(client.map(echo, values, pure=False))
-            elapsed = time.perf_counter() - started
-            assert out == values
-            if i:
-                rates.append(slices / elapsed)
-    return rates
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny, not saved")
@@ -146,7 +123,12 @@ def main() -> None:
     peer: list[float] = []
     if not args.no_dask:
         try:
-            peer = run_dask(args.slices, args.sandboxes, args.rounds)
+            peer = dask_map_rates(
+                echo,
+                lambda i: [f"{i}-{k}" for k in range(args.slices)],
+                args.sandboxes,
+                args.rounds,
+            )
         except ImportError:
             print("dask[distributed] is not installed: pip install -e '.[bench]'", file=sys.stderr)
     first = next(iter(ours.values()), None)
