@@ -9,7 +9,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,40 +46,42 @@ def installed() -> Path:
     return interpreters_dir()
 
 
-def _puzzle_answers(difficulty: str) -> list[bytes]:
+@pytest.fixture
+def evaluator(installed: Path) -> Iterator[EvaluatorClient]:
+    """An evaluator that finds both interpreters; it must exit cleanly after the test."""
     client = EvaluatorClient()
-    try:
-        assert isinstance(client.assign(PUZZLE, (difficulty,)), p.Ack)
-        out = []
-        for prefix in PREFIXES[:3]:
-            reply = client.run(prefix + b"\n")
-            assert isinstance(reply, p.SliceDone)
-            out.append(reply.result)
-        return out
-    finally:
-        assert client.close() == 0
+    yield client
+    assert client.close() == 0
+
+
+def _puzzle_answers(difficulty: str, evaluator: EvaluatorClient) -> list[bytes]:
+    """The C puzzle's answers (in wasm) for the first prefixes."""
+    assert isinstance(evaluator.assign(PUZZLE, (difficulty,)), p.Ack)
+    out = []
+    for prefix in PREFIXES[:3]:
+        reply = evaluator.run(prefix + b"\n")
+        assert isinstance(reply, p.SliceDone)
+        out.append(reply.result)
+    return out
 
 
 @pytest.mark.parametrize("runtime", ["python", "js"])
 def test_the_puzzle_in_each_language_gives_the_c_puzzles_nonces(
-    installed: Path, runtime: str
+    runtime: str,
+    evaluator: EvaluatorClient,
 ) -> None:
     ext = "py" if runtime == "python" else "js"
     source = (EXAMPLES / f"hash-puzzle-{ext}" / f"work.{ext}").read_bytes()
-    client = EvaluatorClient()
-    try:
-        reply = client.assign(
-            source, ("12",), runtime=runtime, config={"datum": "bytes"}, memory_bytes=256 * MIB
-        )
-        assert isinstance(reply, p.Ack), reply
-        got = []
-        for prefix in PREFIXES[:3]:
-            reply = client.run(prefix + b"\n")
-            assert isinstance(reply, p.SliceDone), reply
-            got.append(reply.result)
-    finally:
-        assert client.close() == 0
-    assert got == _puzzle_answers("12")
+    reply = evaluator.assign(
+        source, ("12",), runtime=runtime, config={"datum": "bytes"}, memory_bytes=256 * MIB
+    )
+    assert isinstance(reply, p.Ack), reply
+    got = []
+    for prefix in PREFIXES[:3]:
+        reply = evaluator.run(prefix + b"\n")
+        assert isinstance(reply, p.SliceDone), reply
+        got.append(reply.result)
+    assert got == _puzzle_answers("12", evaluator)
 
 
 @pytest.mark.parametrize(
@@ -90,19 +92,17 @@ def test_the_puzzle_in_each_language_gives_the_c_puzzles_nonces(
     ],
 )
 def test_the_datum_is_the_json_value_and_the_result_its_json(
-    installed: Path, runtime: str, source: bytes
+    runtime: str,
+    source: bytes,
+    evaluator: EvaluatorClient,
 ) -> None:
-    client = EvaluatorClient()
-    try:
-        reply = client.assign(source, ("a", "b"), runtime=runtime, config={"datum": "json"})
-        assert isinstance(reply, p.Ack), reply
-        for datum in (b'{"x": [1, 2]}', b'"text"', b"null", b"3"):
-            reply = client.run(datum)
-            assert isinstance(reply, p.SliceDone), reply
-            value = p.nesting.loads(reply.result)
-            assert value == {"d": p.nesting.loads(datum), "args": ["a", "b"], "n": 1.5}
-    finally:
-        assert client.close() == 0
+    reply = evaluator.assign(source, ("a", "b"), runtime=runtime, config={"datum": "json"})
+    assert isinstance(reply, p.Ack), reply
+    for datum in (b'{"x": [1, 2]}', b'"text"', b"null", b"3"):
+        reply = evaluator.run(datum)
+        assert isinstance(reply, p.SliceDone), reply
+        value = p.nesting.loads(reply.result)
+        assert value == {"d": p.nesting.loads(datum), "args": ["a", "b"], "n": 1.5}
 
 
 @pytest.mark.parametrize(
@@ -113,16 +113,14 @@ def test_the_datum_is_the_json_value_and_the_result_its_json(
     ],
 )
 def test_raw_inputs_are_bytes_and_bytes_come_back_as_they_are(
-    installed: Path, runtime: str, source: bytes
+    runtime: str,
+    source: bytes,
+    evaluator: EvaluatorClient,
 ) -> None:
-    client = EvaluatorClient()
-    try:
-        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "bytes"}), p.Ack)
-        reply = client.run(bytes(range(256)))
-        assert isinstance(reply, p.SliceDone), reply
-        assert reply.result == bytes(reversed(range(256)))
-    finally:
-        assert client.close() == 0
+    assert isinstance(evaluator.assign(source, runtime=runtime, config={"datum": "bytes"}), p.Ack)
+    reply = evaluator.run(bytes(range(256)))
+    assert isinstance(reply, p.SliceDone), reply
+    assert reply.result == bytes(reversed(range(256)))
 
 
 @pytest.mark.parametrize(
@@ -134,18 +132,17 @@ def test_raw_inputs_are_bytes_and_bytes_come_back_as_they_are(
     ],
 )  # fmt: skip
 def test_an_exception_reaches_the_owner_as_work_function_error_with_its_traceback(
-    installed: Path, runtime: str, source: bytes, where: str
+    runtime: str,
+    source: bytes,
+    where: str,
+    evaluator: EvaluatorClient,
 ) -> None:
-    client = EvaluatorClient()
-    try:
-        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
-        reply = client.run(b"7")
-        assert isinstance(reply, p.Error)
-        assert reply.code == "work_function_error"
-        assert "bad datum 7" in reply.message and where in reply.message, reply.message
-        assert "<string>" not in reply.message  # the bootstrap's frames are not the owner's
-    finally:
-        assert client.close() == 0
+    assert isinstance(evaluator.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
+    reply = evaluator.run(b"7")
+    assert isinstance(reply, p.Error)
+    assert reply.code == "work_function_error"
+    assert "bad datum 7" in reply.message and where in reply.message, reply.message
+    assert "<string>" not in reply.message  # the bootstrap's frames are not the owner's
 
 
 @pytest.mark.parametrize(
@@ -158,29 +155,28 @@ def test_an_exception_reaches_the_owner_as_work_function_error_with_its_tracebac
     ],
 )  # fmt: skip
 def test_progress_is_reported_while_the_slice_runs(
-    installed: Path, runtime: str, source: bytes
+    runtime: str,
+    source: bytes,
+    evaluator: EvaluatorClient,
 ) -> None:
-    client = EvaluatorClient()
-    try:
-        assert isinstance(client.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
-        reply = client.run(b"0")
-        assert isinstance(reply, p.SliceDone), reply
-        assert client.progress == [0.25, 0.75]
-    finally:
-        assert client.close() == 0
+    """The work function's sleeps are the slice taking time, the thing under test: the
+    evaluator forwards at most one progress a 0.1 s, and a fresh interpreter's stderr is read
+    every 0.05 s; no condition of ours could stand in for the work function's own time."""
+    assert isinstance(evaluator.assign(source, runtime=runtime, config={"datum": "json"}), p.Ack)
+    reply = evaluator.run(b"0")
+    assert isinstance(reply, p.SliceDone), reply
+    assert evaluator.progress == [0.25, 0.75]
 
 
-def test_describe_offers_each_verified_interpreter_as_its_runtime(installed: Path) -> None:
-    client = EvaluatorClient()
-    try:
-        reply = client.request(p.Describe(id=client.next_id()))
-        assert isinstance(reply, p.Capabilities)
-        runtimes = reply.capabilities["runtimes"]
-        for name, spec in INTERPRETERS.items():
-            assert runtimes[name]["sha256"] == spec.sha256
-            assert runtimes[name]["in"] == "wasm"
-    finally:
-        assert client.close() == 0
+def test_describe_offers_each_verified_interpreter_as_its_runtime(
+    evaluator: EvaluatorClient,
+) -> None:
+    reply = evaluator.request(p.Describe(id=evaluator.next_id()))
+    assert isinstance(reply, p.Capabilities)
+    runtimes = reply.capabilities["runtimes"]
+    for name, spec in INTERPRETERS.items():
+        assert runtimes[name]["sha256"] == spec.sha256
+        assert runtimes[name]["in"] == "wasm"
 
 
 def test_an_interpreter_that_is_not_its_pin_is_not_offered(installed: Path, tmp_path: Path) -> None:
@@ -252,7 +248,7 @@ def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: P
 
 
 def test_a_job_of_each_runtime_runs_end_to_end(
-    installed: Path,
+    evaluator: EvaluatorClient,
     scheduler: SchedulerProcess,
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
@@ -260,7 +256,7 @@ def test_a_job_of_each_runtime_runs_end_to_end(
     owner = make_keystore("owner")
     admin(scheduler.db, "bank", "mint", owner.identity.address, "1")  # the examples' offers
     worker = workers(scheduler.url, make_keystore("worker"), 2)
-    expected = _puzzle_answers("12")
+    expected = _puzzle_answers("12", evaluator)
     with ComputeClient(scheduler.url, owner.identity) as client:
         for example in ("hash-puzzle-py", "hash-puzzle-js"):
             job = client.deploy(EXAMPLES / example / "job.toml")
@@ -316,48 +312,44 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
 COUNTER = b"count = 0\ndef work(d):\n    global count\n    count += 1\n    return count\n"
 
 
-def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(installed: Path) -> None:
+def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(
+    evaluator: EvaluatorClient,
+) -> None:
     """The slices of one job share one interpreter (its globals persist), a job that asks
     for ``interpreter = "fresh"`` gets a new one each slice, and another job (even with the
     same source) never sees the first one's state; a failed slice or a timeout ends nothing
     but itself."""
-    client = EvaluatorClient()
-    try:
 
-        def counts(
-            job: str, n: int, config: dict[str, object], source: bytes = COUNTER
-        ) -> list[bytes]:
-            reply = client.assign(source, runtime="python", job=job, config=config)
-            assert isinstance(reply, p.Ack), reply
-            out = []
-            for _ in range(n):
-                reply = client.run(b"0")
-                assert isinstance(reply, p.SliceDone), reply
-                out.append(reply.result)
-            return out
-
-        assert counts("a", 3, {"datum": "json"}) == [b"1", b"2", b"3"]
-        assert counts("b", 2, {"datum": "json"}) == [b"1", b"2"]  # same source, new job
-        assert counts("c", 2, {"datum": "json", "interpreter": "fresh"}) == [b"1", b"1"]
-        flaky = COUNTER + (
-            b"def work(d, _w=work):\n    n = _w(d)\n    if n == 2:\n"
-            b"        raise RuntimeError('second')\n    if n == 3:\n"
-            b"        while True: pass\n    return n\n"
-        )
-        reply = client.assign(
-            flaky, runtime="python", job="d", config={"datum": "json"}, wall_seconds=1
-        )
+    def counts(job: str, n: int, config: dict[str, object], source: bytes = COUNTER) -> list[bytes]:
+        reply = evaluator.assign(source, runtime="python", job=job, config=config)
         assert isinstance(reply, p.Ack), reply
-        first = client.run(b"0")
-        assert isinstance(first, p.SliceDone) and first.result == b"1"
-        failed = client.run(b"0")
-        assert isinstance(failed, p.Error) and failed.code == "work_function_error"
-        looping = client.run(b"0")  # the same interpreter: its third call loops
-        assert isinstance(looping, p.Error) and looping.code == "wasm_timeout"
-        after = client.run(b"0")  # a new interpreter for the same job
-        assert isinstance(after, p.SliceDone) and after.result == b"1"
-    finally:
-        assert client.close() == 0
+        out = []
+        for _ in range(n):
+            reply = evaluator.run(b"0")
+            assert isinstance(reply, p.SliceDone), reply
+            out.append(reply.result)
+        return out
+
+    assert counts("a", 3, {"datum": "json"}) == [b"1", b"2", b"3"]
+    assert counts("b", 2, {"datum": "json"}) == [b"1", b"2"]  # same source, new job
+    assert counts("c", 2, {"datum": "json", "interpreter": "fresh"}) == [b"1", b"1"]
+    flaky = COUNTER + (
+        b"def work(d, _w=work):\n    n = _w(d)\n    if n == 2:\n"
+        b"        raise RuntimeError('second')\n    if n == 3:\n"
+        b"        while True: pass\n    return n\n"
+    )
+    reply = evaluator.assign(
+        flaky, runtime="python", job="d", config={"datum": "json"}, wall_seconds=1
+    )
+    assert isinstance(reply, p.Ack), reply
+    first = evaluator.run(b"0")
+    assert isinstance(first, p.SliceDone) and first.result == b"1"
+    failed = evaluator.run(b"0")
+    assert isinstance(failed, p.Error) and failed.code == "work_function_error"
+    looping = evaluator.run(b"0")  # the same interpreter: its third call loops
+    assert isinstance(looping, p.Error) and looping.code == "wasm_timeout"
+    after = evaluator.run(b"0")  # a new interpreter for the same job
+    assert isinstance(after, p.SliceDone) and after.result == b"1"
 
 
 @pytest.mark.parametrize(
@@ -372,12 +364,12 @@ def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(install
     ],
 )
 def test_a_verifier_in_python_or_js_accepts_rejects_and_fails_by_name(
-    installed: Path, runtime: str, source: bytes
+    evaluator: EvaluatorClient, runtime: str, source: bytes
 ) -> None:
     from scheduler.verifier import VerifierPool
 
     if runtime == "python":
-        (right,) = _puzzle_answers("12")[:1]
+        (right,) = _puzzle_answers("12", evaluator)[:1]
         prefix, argv, wrong = PREFIXES[0], ("12",), b"1 " + b"0" * 64 + b"\n"
     else:
         prefix, argv, right, wrong = b"ab", ("!",), b"ab!", b"ab?"
