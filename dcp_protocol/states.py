@@ -7,8 +7,13 @@
       |   \\--accept--> done  (a late result under the last token issued, nobody else holds it)
       +--expire/fail/return--+
     queued|leased --cancel--> cancelled
+    voting --accept--> done     a replicated slice: its replicas (slices of their own) agreed
+    voting --exhaust--> failed  no quorum within the job's max_replicas
+    voting --cancel--> cancelled
 
-``exhaust`` is what ``expire`` and ``fail`` become once the slice has used its attempts.
+``exhaust`` is what ``expire`` and ``fail`` become once the slice has used its attempts. A
+replicated slice is ``voting`` from its deploy (and again after a ``reset``) until decided; it
+is never leased itself (scheduler/quorum.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class SliceState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    VOTING = "voting"
 
 
 class SliceEvent(StrEnum):
@@ -60,6 +66,9 @@ SLICE_TRANSITIONS: dict[tuple[SliceState, SliceEvent], SliceState] = {
     (S.LEASED, E.RETURN): S.QUEUED,
     (S.LEASED, E.CANCEL): S.CANCELLED,
     (S.FAILED, E.RESET): S.QUEUED,
+    (S.VOTING, E.ACCEPT): S.DONE,
+    (S.VOTING, E.EXHAUST): S.FAILED,
+    (S.VOTING, E.CANCEL): S.CANCELLED,
 }
 del S, E
 

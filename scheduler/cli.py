@@ -590,7 +590,7 @@ def _admin(action: str, db: str, job: str) -> None:
     store = _open(db)
     try:
         if action == "reset":
-            click.echo(f"reset {store.reset_job(job)} failed slice(s) of {job}")
+            click.echo(f"reset {store.reset_job(job, time.time())} failed slice(s) of {job}")
         elif action == "cancel":
             click.echo(f"cancelled {store.cancel_job(job, time.time())} slice(s) of {job}")
         else:

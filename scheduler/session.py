@@ -357,6 +357,7 @@ class Dispatcher:
             self.config.lease_timeout,
             eligible,
             max_held=self.config.max_leases_per_worker,
+            payee=session.payment_address,
         )
         known = set(message.known_jobs)
         slices = [

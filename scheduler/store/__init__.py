@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from dcp_protocol import DcpError, ErrorCode, LeaseRef, Limits, Metrics
 
+from ..quorum import Redundancy
 from .migrations import Migration
 
 MICRO = 1_000_000
@@ -103,6 +104,14 @@ class NewJob:
     config: dict[str, Any] = field(default_factory=dict)
     #: What runs the verifier: "wasm" (a module), "python" or "js" (source).
     verifier_runtime: str = "wasm"
+    #: Replication and voting (scheduler/quorum.py); None: one result per slice.
+    redundancy: Redundancy | None = None
+    #: The job's comparison function for votes (None: results agree when their bytes do) and
+    #: what runs it (``wasm``, ``python`` or ``js``).
+    compare: bytes | None = None
+    compare_runtime: str = "wasm"
+    #: Known answers (spot checks the owner supplies): slice index -> the right result.
+    known: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,9 @@ class ResultRow:
     payment_address: str
     signature: str
     metrics: Metrics
+    #: A replicated job's vote: results with equal keys agree (None: by their bytes; set by
+    #: acceptance from the job's comparison function).
+    vote_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,8 @@ class JobRecord:
     #: moves it far (docs/protocol.md section 7, "Minimum wage").
     cost: Metrics | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    redundancy: Redundancy | None = None
+    has_compare: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,26 @@ class SliceRecord:
     accepted_at: float | None
     metrics: Metrics | None
     progress: float | None = None
+    #: Replicated jobs: agreeing results this slice needs now (None: not replicated).
+    needed: int | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One replica of a replicated job's slice (``input``): its own slice index and lease
+    state, who computed it, its result and its vote once decided (``agreed``, ``disagreed``,
+    ``forfeit``, ``spare``, ``inconclusive``; None while pending)."""
+
+    job: str
+    input: int
+    slice: int
+    state: str
+    worker: str | None
+    payment_address: str | None
+    result: bytes | None
+    vote: str | None
+    accepted_at: float | None
+    error_code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +264,24 @@ class WorkerRecord:
     failed: int
     refused: int
     earned_micro: int
+    #: Votes: results that agreed with a quorum, results outvoted (or caught by a known
+    #: answer), and validated results in a row since the last bad one (the adaptive trust).
+    valid: int = 0
+    invalid: int = 0
+    consecutive_valid: int = 0
+    blocked: str | None = None
+
+
+@dataclass(frozen=True)
+class PayeeRecord:
+    """The reputation of a payment address, over every identity that paid to it."""
+
+    address: str
+    valid: int
+    invalid: int
+    consecutive_valid: int
+    earned_micro: int
+    blocked: str | None = None
 
 
 @dataclass(frozen=True)
@@ -306,7 +358,12 @@ class Store(Protocol):
         timeout: float,
         jobs: list[str] | None = None,
         max_held: int | None = None,
-    ) -> list[Lease]: ...
+        payee: str | None = None,
+    ) -> list[Lease]:
+        """Queued slices for ``worker`` (paid to ``payee``): never a replica of a slice whose
+        other replica this identity or payment address holds or computed."""
+        ...
+
     def heartbeat(
         self, worker: str, refs: list[LeaseRef], now: float, timeout: float
     ) -> list[LeaseRef]: ...
@@ -364,7 +421,7 @@ class Store(Protocol):
     def extend_leases(self, deadline: float, now: float) -> int: ...
 
     # admin
-    def reset_job(self, job_id: str) -> int: ...
+    def reset_job(self, job_id: str, now: float = 0.0) -> int: ...
     def cancel_job(self, job_id: str, now: float) -> int: ...
     def remove_job(self, job_id: str, now: float = 0.0) -> None: ...
     def collect_garbage(self, now: float, lifetime: float) -> list[str]: ...
@@ -397,6 +454,23 @@ class Store(Protocol):
     def groups(self) -> list[GroupRecord]: ...
     def seen_worker(self, address: str, now: float) -> None: ...
     def workers(self) -> list[WorkerRecord]: ...
+    def worker(self, address: str) -> WorkerRecord | None: ...
+    def payee(self, address: str) -> PayeeRecord | None: ...
+    def block(self, address: str, reason: str, now: float) -> None:
+        """Block ``address`` as a worker identity and as a payment address."""
+        ...
+
+    def unblock(self, address: str) -> bool: ...
+    def blocked(self) -> dict[str, str]:
+        """Every blocked address (lowercase) with the operator's reason."""
+        ...
+
+    def replicas(self, job_id: str, input_: int | None = None) -> list[ReplicaRecord]:
+        """The replicas of a replicated job's slices (of one slice with ``input_``), in order."""
+        ...
+
+    def vote_representatives(self, job_id: str, slice_: int) -> list[tuple[str, bytes]]: ...
+
     def record_refusal(
         self, job_id: str, worker: str, code: str, message: str, now: float
     ) -> None: ...

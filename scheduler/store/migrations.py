@@ -311,6 +311,51 @@ _V6 = "CREATE INDEX IF NOT EXISTS slices_queue ON slices (job, idx) WHERE state 
 # A verifier may be a wasm module or Python or JavaScript source (issue 18).
 _V7 = "ALTER TABLE jobs ADD COLUMN verifier_runtime TEXT NOT NULL DEFAULT 'wasm'"
 
+# Redundancy (issue 19): a replicated job's slices are its inputs (state 'voting' while their
+# replicas are out), each replica a slice row of its own past the inputs (replica_of names its
+# input), leased, fenced and expired as any slice is; votes, reputations and the blocklist.
+_V8_COMMON = """
+ALTER TABLE jobs ADD COLUMN redundancy TEXT;
+ALTER TABLE jobs ADD COLUMN compare_runtime TEXT;
+ALTER TABLE jobs ADD COLUMN next_idx INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE slices ADD COLUMN replica_of INTEGER;
+ALTER TABLE slices ADD COLUMN needed INTEGER;
+ALTER TABLE slices ADD COLUMN payee TEXT;
+ALTER TABLE slices ADD COLUMN vote_key TEXT;
+ALTER TABLE slices ADD COLUMN vote TEXT;
+CREATE INDEX IF NOT EXISTS slices_by_input ON slices (job, replica_of, idx)
+    WHERE replica_of IS NOT NULL;
+ALTER TABLE workers ADD COLUMN valid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN invalid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workers ADD COLUMN consecutive_valid INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS payees (
+    address TEXT PRIMARY KEY,
+    valid INTEGER NOT NULL DEFAULT 0,
+    invalid INTEGER NOT NULL DEFAULT 0,
+    consecutive_valid INTEGER NOT NULL DEFAULT 0,
+    earned_micro INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS blocklist (
+    address TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+_V8_SQLITE = (
+    _V8_COMMON
+    + """
+ALTER TABLE jobs ADD COLUMN compare BLOB;
+ALTER TABLE slices ADD COLUMN expected BLOB;
+"""
+)
+_V8_POSTGRES = (
+    _V8_COMMON
+    + """
+ALTER TABLE jobs ADD COLUMN compare BYTEA;
+ALTER TABLE slices ADD COLUMN expected BYTEA;
+"""
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
@@ -321,6 +366,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "an index of leased slices by deadline, for lease expiry", _V5, _V5),
     Migration(6, "an index of each job's queued slices, for leasing", _V6, _V6),
     Migration(7, "the runtime of a job's verifier (wasm, python or js)", _V7, _V7),
+    Migration(
+        8,
+        "redundancy: replicas, votes, worker and payee reputations, the blocklist",
+        _V8_SQLITE,
+        _V8_POSTGRES,
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 FIRST = MIGRATIONS[0].version

@@ -21,6 +21,7 @@ Where the two engines differ the backend says so in a class attribute:
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +40,7 @@ from dcp_protocol import (
 )
 from dcp_protocol.states import FINAL_STATES
 
+from ..quorum import Redundancy
 from . import (
     DatabaseError,
     DuplicateGroup,
@@ -48,9 +50,11 @@ from . import (
     Lease,
     LedgerEntry,
     NewJob,
+    PayeeRecord,
     PeerNotifier,
     ReadTokenRecord,
     RefusalRecord,
+    ReplicaRecord,
     ResultLease,
     ResultRow,
     SliceRecord,
@@ -61,6 +65,7 @@ from . import (
     WorkerRecord,
 )
 from . import ledger as _ledger
+from . import votes as _votes
 from .dbapi import Connection
 
 #: A job's price reads one row per worker of the job (:meth:`SQLStore._price`). It is set on
@@ -87,6 +92,17 @@ ACTIVE_JOBS = (
     "SELECT {columns} FROM jobs j WHERE state='active' AND (SELECT s.idx FROM slices s"
     " INDEXED BY slices_by_state WHERE s.state='queued' AND s.job=j.id ORDER BY s.idx"
     " LIMIT 1) IS NOT NULL ORDER BY seq"
+)
+#: A replicated job's queued replicas that ``worker`` (paid to ``payee``) may lease: none of a
+#: slice whose other replica this identity or payment address holds or computed (params: job,
+#: worker, worker, payee, how many). The same worker's rows are read and skipped in Python
+#: past the first replica of each slice (one lease never takes two replicas of one slice).
+QUEUED_REPLICAS_OF_JOB = (
+    "SELECT s.idx, s.attempts, s.datum, s.replica_of FROM slices s INDEXED BY slices_by_state"
+    " WHERE s.state='queued' AND s.job=? AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
+    " AND NOT EXISTS (SELECT 1 FROM slices r WHERE r.job=s.job AND r.replica_of=s.replica_of"
+    " AND r.idx != s.idx AND (lower(r.worker)=? OR r.payee=? OR lower(r.payment_address)=?))"
+    " ORDER BY s.idx LIMIT ?"
 )
 #: The most values one ``IN (...)`` list binds (SQLite before 3.32 allowed 999 in all).
 _IN_CHUNK = 500
@@ -120,9 +136,13 @@ class SQLStore:
     #: What a backend's connection raises for a duplicate key.
     UNIQUE_VIOLATION: tuple[type[Exception], ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         #: job -> (when it was last priced, how many workers it had then)
         self._priced: dict[str, tuple[float, int]] = {}
+        #: job -> its redundancy and offer (neither changes once deployed); None: none.
+        self._policies: dict[str, tuple[Redundancy | None, int]] = {}
+        #: The adaptive trust's draws (scheduler/quorum.py); tests give a seeded one.
+        self.rng = rng or random.Random()
 
     @property
     def _db(self) -> Connection:
@@ -177,7 +197,9 @@ class SQLStore:
 
     def create_job(self, job: NewJob, now: float) -> str:
         job_id = secrets.token_hex(16)
-        escrow = job.offer_micro * len(job.data)
+        policy = job.redundancy if job.redundancy and job.redundancy.replicated else None
+        # Escrow for every payment the job may make: one per agreeing replica of each slice.
+        escrow = job.offer_micro * len(job.data) * (policy.quorum if policy else 1)
         with self._tx() as db:
             existing = self._job_by_payload(db, job.payload_sha256)
             if existing:
@@ -188,9 +210,10 @@ class SQLStore:
             inserted = db.execute(
                 "INSERT INTO jobs (id, owner, name, state, runtime, module, module_sha256, argv,"
                 " limits, offer_micro, group_key, requirements, config, verifier, payload_sha256,"
-                " total, remaining, max_attempts, created, verifier_runtime)"
-                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (payload_sha256) DO NOTHING",
+                " total, remaining, max_attempts, created, verifier_runtime, redundancy,"
+                " compare, compare_runtime, next_idx)"
+                " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?) ON CONFLICT (payload_sha256) DO NOTHING",
                 (
                     job_id,
                     job.owner,
@@ -211,18 +234,108 @@ class SQLStore:
                     job.max_attempts,
                     now,
                     job.verifier_runtime,
+                    None if policy is None else json.dumps(asdict(policy)),
+                    job.compare if policy else None,
+                    job.compare_runtime if policy and job.compare else None,
+                    len(job.data),
                 ),
             )
             if inserted.rowcount == 0:  # the same deploy, committed meanwhile by a replica
                 return self._job_by_payload(db, job.payload_sha256) or job_id
-            db.executemany(
-                "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
-                ((job_id, i, datum) for i, datum in enumerate(job.data)),
-            )
+            if policy is None:
+                db.executemany(
+                    "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
+                    ((job_id, i, datum) for i, datum in enumerate(job.data)),
+                )
+            else:
+                self._create_inputs(db, job_id, job, policy)
             _ledger.move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
             if not job.data:
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
+
+    def _create_inputs(self, db: Connection, job_id: str, job: NewJob, policy: Redundancy) -> None:
+        """A replicated job's slices, ``voting``, each with its first replicas (the adaptive
+        policy's one, or the quorum), the replicas of one slice side by side in the queue."""
+        first = policy.first_replicas()
+        db.executemany(
+            "INSERT INTO slices (job, idx, state, datum, needed, expected)"
+            " VALUES (?, ?, 'voting', ?, ?, ?)",
+            ((job_id, i, datum, first, job.known.get(i)) for i, datum in enumerate(job.data)),
+        )
+        total = len(job.data)
+        db.executemany(
+            "INSERT INTO slices (job, idx, state, datum, replica_of) VALUES (?, ?, 'queued', ?, ?)",
+            (
+                (job_id, total + i * first + r, datum, i)
+                for i, datum in enumerate(job.data)
+                for r in range(first)
+            ),
+        )
+        db.execute("UPDATE jobs SET next_idx=? WHERE id=?", (total + total * first, job_id))
+
+    def _policy(self, db: Connection, job_id: str) -> tuple[Redundancy | None, int]:
+        """The job's redundancy (None: one result per slice) and offer, cached."""
+        found = self._policies.get(job_id)
+        if found is None:
+            row = db.execute(
+                "SELECT redundancy, offer_micro FROM jobs WHERE id=?", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None, 0
+            found = self._policies[job_id] = (_votes.parse_redundancy(row[0]), int(row[1]))
+        return found
+
+    def _decide(self, db: Connection, job_id: str, inputs: Iterable[int], now: float) -> None:
+        """Decide the replicated slices ``inputs`` of ``job_id`` (and those a caught liar's
+        forfeited votes reopen), then refund the escrow left if the job is finished."""
+        policy, offer = self._policy(db, job_id)
+        if policy is None:
+            return
+        todo = sorted(set(inputs))
+        done: set[int] = set()
+        while todo:
+            input_ = todo.pop(0)
+            if input_ in done:
+                continue
+            done.add(input_)
+            again = _votes.decide(
+                db,
+                job_id,
+                input_,
+                policy,
+                offer,
+                now,
+                self.rng.random,
+                self._lock(),
+                self._slice_final,
+            )
+            todo = sorted({*todo, *(again - done)})
+        row = db.execute("SELECT state, escrow_micro FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is not None and row[0] == "finished" and row[1] > 0:
+            self._refund(db, job_id, now)  # what no replica needed goes back at once
+
+    def _quorum(self, db: Connection, job_id: str) -> int:
+        policy = self._policy(db, job_id)[0]
+        return 1 if policy is None else policy.quorum
+
+    def _inputs_of(
+        self, db: Connection, keys: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """The slice each replica of ``keys`` is a replica of (replicated jobs only), read
+        without a lock: the caller then locks the inputs before their replicas."""
+        replicated = [(j, i) for j, i in keys if self._policy(db, j)[0] is not None]
+        if not replicated:
+            return {}
+        return {
+            (job_id, idx): int(of)
+            for job_id, (idx, of) in _per_slice(
+                db,
+                replicated,
+                "SELECT idx, replica_of FROM slices WHERE job=? AND idx IN ({marks})"
+                " AND replica_of IS NOT NULL",
+            )
+        }
 
     @staticmethod
     def _job_by_payload(db: Connection, payload_sha256: str) -> str | None:
@@ -232,7 +345,8 @@ class SQLStore:
     _JOB_COLUMNS = (
         "id, owner, name, state, runtime, module_sha256, argv, limits, offer_micro, created,"
         " finished, total, max_attempts, group_key, requirements, verifier IS NOT NULL,"
-        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out, config"
+        " escrow_micro, cost_n, cost_cpu, cost_gpu, cost_in, cost_out, config, redundancy,"
+        " compare IS NOT NULL"
     )
 
     def _job_record(self, row: tuple[Any, ...], counts: dict[str, int]) -> JobRecord:
@@ -262,11 +376,14 @@ class SQLStore:
             escrow_micro=row[16],
             cost=cost,
             counts=counts,
+            redundancy=_votes.parse_redundancy(row[23]),
+            has_compare=bool(row[24]),
         )
 
     def _counts(self, job_id: str) -> dict[str, int]:
         rows = self._db.execute(
-            "SELECT state, count(*) FROM slices WHERE job=? GROUP BY state", (job_id,)
+            "SELECT state, count(*) FROM slices WHERE job=? AND replica_of IS NULL GROUP BY state",
+            (job_id,),
         )
         return {state: n for state, n in rows}
 
@@ -332,8 +449,8 @@ class SQLStore:
         self.job_state(job_id)
         cursor = self._db.execute(
             "SELECT job, idx, state, attempts, worker, deadline, error_code, error, result,"
-            " payment_address, accepted_at, metrics, progress FROM slices WHERE job=? AND idx>?"
-            " ORDER BY idx LIMIT ?",
+            " payment_address, accepted_at, metrics, progress, needed FROM slices WHERE job=?"
+            " AND idx>? AND replica_of IS NULL ORDER BY idx LIMIT ?",
             (job_id, after, limit),
         )
         out = []
@@ -355,6 +472,7 @@ class SQLStore:
                     accepted_at=r[10],
                     metrics=None if r[11] is None else Metrics(**json.loads(r[11])),
                     progress=r[12],
+                    needed=r[13],
                 )
             )
         cursor.close()
@@ -370,10 +488,12 @@ class SQLStore:
         timeout: float,
         jobs: list[str] | None = None,
         max_held: int | None = None,
+        payee: str | None = None,
     ) -> list[Lease]:
         """Lease up to ``max_slices`` queued slices, oldest job first; only from ``jobs`` when
         given; never a slice whose last result from this worker was rejected; never so many
-        that ``worker`` would hold more than ``max_held`` leases at once."""
+        that ``worker`` would hold more than ``max_held`` leases at once; never a replica of a
+        slice this identity or ``payee`` has another replica of."""
         if jobs is not None and not jobs:
             return []
         deadline = now + timeout
@@ -393,31 +513,57 @@ class SQLStore:
                 ).fetchone()
                 max_slices = min(max_slices, max_held - held)
             order = db.execute(
-                f"SELECT id, offer_micro FROM jobs WHERE state='active'{where} ORDER BY seq",
+                "SELECT id, offer_micro, redundancy IS NOT NULL FROM jobs"
+                f" WHERE state='active'{where} ORDER BY seq",
                 params,
             ).fetchall()
-            for job_id, offer in order:
+            who, pays = worker.lower(), (payee or worker).lower()
+            for job_id, offer, replicated in order:
                 want = max_slices - len(leases)
                 if want <= 0:
                     break
                 # Job by job through the state index: a query over all jobs at once walked
                 # every slice of the job (done ones included) and grew with its progress.
-                rows = db.execute(
-                    f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
-                    (job_id, worker.lower(), want),
-                )
+                rows: Iterable[tuple[int, int, bytes]]
+                if replicated:
+                    rows = self._queued_replicas(db, job_id, who, pays, want)
+                else:
+                    rows = db.execute(
+                        f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
+                        (job_id, who, want),
+                    )
                 for idx, attempts, datum in rows:
                     token = secrets.token_hex(16)
-                    updates.append((new_state, token, worker, deadline, now, job_id, idx))
+                    updates.append((new_state, token, worker, deadline, now, pays, job_id, idx))
                     leases.append(
                         Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
                     )
             db.executemany(
-                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?,"
+                "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?, payee=?,"
                 " attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
                 updates,
             )
         return leases
+
+    def _queued_replicas(
+        self, db: Connection, job_id: str, who: str, pays: str, want: int
+    ) -> list[tuple[int, int, bytes]]:
+        """Up to ``want`` queued replicas of distinct slices that ``who`` (paid to ``pays``)
+        may compute, locked."""
+        rows = db.execute(
+            f"{QUEUED_REPLICAS_OF_JOB}{self._lock('s')}{self.SKIP_LOCKED}",
+            (job_id, who, who, pays, pays, want * self._quorum(db, job_id)),
+        ).fetchall()
+        taken: set[int] = set()
+        out = []
+        for idx, attempts, datum, of in rows:
+            if of in taken:
+                continue
+            taken.add(of)
+            out.append((idx, attempts, datum))
+            if len(out) == want:
+                break
+        return out
 
     def heartbeat(
         self, worker: str, refs: list[LeaseRef], now: float, timeout: float
@@ -549,8 +695,16 @@ class SQLStore:
         order = sorted(range(len(rows)), key=lambda i: (rows[i].job, rows[i].slice))
         #: Per job: results accepted, credits paid, and the cost sums of this batch.
         sums: dict[str, list[float]] = {}
+        #: Per replicated job: the slices whose replicas voted in this batch.
+        voted: dict[str, set[int]] = {}
         with self._tx() as db:
-            locked = self._lock_slices(db, [(rows[i].job, rows[i].slice) for i in order])
+            keys = [(rows[i].job, rows[i].slice) for i in order]
+            inputs = self._inputs_of(db, keys)
+            # A replicated slice's row before its replicas' (scheduler/store/votes.py): inputs
+            # have lower indices than every replica, so one sorted order takes both.
+            locked = self._lock_slices(
+                db, sorted({*keys, *((j, i) for (j, _), i in inputs.items())})
+            )
             for i in order:
                 row = rows[i]
                 try:
@@ -565,14 +719,19 @@ class SQLStore:
                     outcomes[i] = outcome
                     if outcome[0] == "accepted":
                         m = row.metrics
+                        vote = (row.job, row.slice) in inputs
                         add = (1, outcome[1], m.cpu_seconds, m.gpu_seconds, m.bytes_in, m.bytes_out)
-                        acc = sums.setdefault(row.job, [0, 0, 0.0, 0.0, 0, 0])
+                        acc = sums.setdefault(row.job, [0, 0, 0.0, 0.0, 0, 0, 0])
                         for k, v in enumerate(add):
                             acc[k] += v
+                        if vote:  # decided below: no slice of the job is final by it alone
+                            voted.setdefault(row.job, set()).add(inputs[(row.job, row.slice)])
+                        else:
+                            acc[6] += 1
             # The rows every batch shares last, once each and in order: the job's row (one
             # per job, the per-job serialization point) is then locked for the commit only.
             for job_id in sorted(sums):
-                n, paid, cpu, gpu, b_in, b_out = sums[job_id]
+                n, paid, cpu, gpu, b_in, b_out, final = sums[job_id]
                 db.execute(
                     "INSERT INTO job_costs AS c VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job,"
                     " worker) DO UPDATE SET n = c.n + excluded.n, cpu = c.cpu + excluded.cpu,"
@@ -587,7 +746,7 @@ class SQLStore:
                     " ELSE finished END,"
                     " state = CASE WHEN remaining <= ? AND state='active' THEN 'finished'"
                     " ELSE state END WHERE id=?",
-                    (int(n), int(paid), int(n), int(n), now, int(n), job_id),
+                    (int(n), int(paid), int(final), int(final), now, int(final), job_id),
                 )
             if sums:
                 self._count(
@@ -601,6 +760,8 @@ class SQLStore:
             for job_id in sums:  # once per job and batch at most: it reads the job's workers
                 if self._price_due(job_id, now):
                     self._price(db, job_id, now)
+            for job_id in sorted(voted):
+                self._decide(db, job_id, voted[job_id], now)
         return outcomes
 
     def _price_due(self, job_id: str, now: float) -> bool:
@@ -663,6 +824,8 @@ class SQLStore:
         if key not in locked:
             raise UnknownSlice(f"no slice {job_id}/{slice_}")
         state, current, holder, offer = locked[key]
+        if (current is None or current != row.token) and state is SliceState.VOTING:
+            raise StaleLease(f"slice {job_id}/{slice_} is decided by its replicas' votes")
         if current != row.token or (holder or "").lower() != worker.lower():
             raise StaleLease(
                 f"slice {job_id}/{slice_}: lease {row.token[:8]}... is not the current lease"
@@ -674,9 +837,11 @@ class SQLStore:
         except IllegalTransition:
             raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
         locked[key] = (new, current, holder, offer)
+        replica = self._policy(db, job_id)[0] is not None
         db.execute(
             "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
-            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL WHERE job=? AND idx=?",
+            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL, vote_key=?"
+            " WHERE job=? AND idx=?",
             (
                 new.value,
                 row.result,
@@ -684,10 +849,13 @@ class SQLStore:
                 row.payment_address,
                 json.dumps(asdict(metrics)),
                 now,
+                (row.vote_key or _votes.vote_key(row.result)) if replica else None,
                 job_id,
                 slice_,
             ),
         )
+        if replica:
+            return "accepted", 0  # a vote: paid once its slice's replicas agree
         # The job's row, its cost sums and the worker's counters: once per batch
         # (accept_results); the escrow is debited there too.
         _ledger.move(
@@ -732,7 +900,10 @@ class SQLStore:
             ),
         )
         if new is SliceState.FAILED:
-            self._slice_final(db, job_id, now)
+            if self._policy(db, job_id)[0] is None:
+                self._slice_final(db, job_id, now)
+            # else: a replica used its attempts; its slice is decided by the caller
+            # (:meth:`_replica_done`), which may make another replica
         return new
 
     def _refusal(
@@ -743,6 +914,14 @@ class SQLStore:
             " DO UPDATE SET count = r.count + 1, message = excluded.message, last = excluded.last",
             (job_id, worker.lower(), code, message[:500], now),
         )
+
+    def _lock_input(self, db: Connection, job_id: str, idx: int) -> int | None:
+        """Before a single replica's row is locked: lock its slice's (the order every
+        transaction takes them in); the slice, or None for a slice of an unreplicated job."""
+        of = self._inputs_of(db, [(job_id, idx)]).get((job_id, idx))
+        if of is not None:
+            db.execute("SELECT 1 FROM slices WHERE job=? AND idx=?" + self._lock(), (job_id, of))
+        return of
 
     def reject_result(
         self,
@@ -758,6 +937,7 @@ class SQLStore:
         slice goes back to the queue (or fails once its attempts are used), the worker's record
         shows it, and the lease's token ends."""
         with self._tx() as db:
+            of = self._lock_input(db, job_id, slice_)
             state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
             if state is not SliceState.LEASED and state is not SliceState.QUEUED:
                 raise StaleLease(f"slice {job_id}/{slice_} is {state.value}")
@@ -783,6 +963,8 @@ class SQLStore:
             )
             self._count(db, worker, "rejected", now)
             self._refusal(db, job_id, worker, code, message, now)
+            if of is not None and new is SliceState.FAILED:
+                self._decide(db, job_id, [of], now)
         return new.value
 
     def fail_slice(
@@ -796,6 +978,7 @@ class SQLStore:
         now: float,
     ) -> str:
         with self._tx() as db:
+            of = self._lock_input(db, job_id, slice_)
             state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
             if state is not SliceState.LEASED:
                 raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
@@ -812,6 +995,8 @@ class SQLStore:
                 now,
             )
             self._count(db, worker, "failed", now)
+            if of is not None and new is SliceState.FAILED:
+                self._decide(db, job_id, [of], now)
         return new.value
 
     def return_slices(
@@ -869,6 +1054,9 @@ class SQLStore:
                 f" ORDER BY s.job, s.idx{self._lock('s')}{self.SKIP_LOCKED}",
                 (now,),
             ).fetchall()
+            exhausted = [
+                (job_id, idx) for job_id, idx, attempts, maximum in rows if attempts >= maximum
+            ]
             for job_id, idx, attempts, max_attempts in rows:
                 self._release(
                     db,
@@ -882,6 +1070,12 @@ class SQLStore:
                     "the lease expired without a result",
                     now,
                 )
+            inputs = self._inputs_of(db, exhausted)
+        # A replica that used its attempts: its slice is decided in a transaction of its own,
+        # which locks the slice before its replicas (this one locked replicas first).
+        for (job_id, _idx), of in sorted(inputs.items()):
+            with self._tx() as db:
+                self._decide(db, job_id, [of], now)
         return len(rows)
 
     def extend_leases(self, deadline: float, now: float) -> int:
@@ -897,11 +1091,14 @@ class SQLStore:
 
     # ------------------------------------------------------------------ admin
 
-    def reset_job(self, job_id: str) -> int:
+    def reset_job(self, job_id: str, now: float = 0.0) -> int:
         with self._tx() as db:
             row = db.execute("SELECT 1 FROM jobs WHERE id=?" + self._lock(), (job_id,))
             if row.fetchone() is None:
                 raise UnknownJob(f"no job {job_id}")
+            policy = self._policy(db, job_id)[0]
+            if policy is not None:
+                return self._reset_replicated(db, job_id, policy, now)
             new = transition(SliceState.FAILED, SliceEvent.RESET).value
             cur = db.execute(
                 "UPDATE slices SET state=?, attempts=0, token=NULL, worker=NULL, deadline=NULL,"
@@ -916,6 +1113,44 @@ class SQLStore:
                 )
         return cur.rowcount
 
+    def _reset_replicated(self, db: Connection, job_id: str, policy: Redundancy, now: float) -> int:
+        """Reset a replicated job's failed slices: their replicas are removed (their votes
+        with them) and each starts again with its first replicas. The escrow was refunded
+        when the job finished: a reset job pays what it needs again from the owner."""
+        failed = [
+            int(r[0])
+            for r in db.execute(
+                "SELECT idx FROM slices WHERE job=? AND state='failed' AND replica_of IS NULL"
+                " ORDER BY idx",
+                (job_id,),
+            )
+        ]
+        if not failed:
+            return 0
+        owner, offer, escrow = db.execute(
+            "SELECT owner, offer_micro, escrow_micro FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        need = offer * policy.quorum * len(failed) - escrow
+        if need > 0:
+            balance = _ledger.balance(db, owner, self._lock())
+            if balance < need:
+                raise InsufficientFunds(owner, need, balance)
+            _ledger.move(db, "escrow", owner, f"escrow:{job_id}", need, now, job_id)
+        for idx in failed:
+            db.execute("DELETE FROM slices WHERE job=? AND replica_of=?", (job_id, idx))
+            db.execute(
+                "UPDATE slices SET state='voting', needed=?, error_code=NULL, error=NULL"
+                " WHERE job=? AND idx=?",
+                (policy.first_replicas(), job_id, idx),
+            )
+            _votes.make_replicas(db, job_id, idx, policy.first_replicas(), self._lock())
+        db.execute(
+            "UPDATE jobs SET state='active', finished=NULL, remaining=remaining+?"
+            " WHERE id=? AND state!='cancelled'",
+            (len(failed), job_id),
+        )
+        return len(failed)
+
     def _refund(self, db: Connection, job_id: str, now: float) -> None:
         owner, escrow = db.execute(
             "SELECT owner, escrow_micro FROM jobs WHERE id=?", (job_id,)
@@ -929,12 +1164,13 @@ class SQLStore:
             if row.fetchone() is None:
                 raise UnknownJob(f"no job {job_id}")
             cur = db.execute(
-                "UPDATE slices SET state=?, deadline=NULL WHERE job=? AND state IN (?, ?)",
+                "UPDATE slices SET state=?, deadline=NULL WHERE job=? AND state IN (?, ?, ?)",
                 (
                     SliceState.CANCELLED.value,
                     job_id,
                     SliceState.QUEUED.value,
                     SliceState.LEASED.value,
+                    SliceState.VOTING.value,
                 ),
             )
             db.execute(
@@ -957,6 +1193,7 @@ class SQLStore:
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             db.execute("DELETE FROM refusals WHERE job=?", (job_id,))
         self._priced.pop(job_id, None)
+        self._policies.pop(job_id, None)
 
     def collect_garbage(self, now: float, lifetime: float) -> list[str]:
         """Remove jobs finished or cancelled more than ``lifetime`` seconds ago (their escrow
@@ -1044,12 +1281,95 @@ class SQLStore:
                 (address.lower(), now, now),
             )
 
+    _WORKER_COLUMNS = (
+        "w.address, first_seen, last_seen, accepted, rejected, failed, refused, earned_micro,"
+        " valid, invalid, consecutive_valid, b.reason FROM workers w"
+        " LEFT JOIN blocklist b ON b.address = w.address"
+    )
+
     def workers(self) -> list[WorkerRecord]:
-        rows = self._db.execute(
-            "SELECT address, first_seen, last_seen, accepted, rejected, failed, refused,"
-            " earned_micro FROM workers ORDER BY first_seen"
-        )
+        rows = self._db.execute(f"SELECT {self._WORKER_COLUMNS} ORDER BY first_seen")
         return [WorkerRecord(*row) for row in rows]
+
+    def worker(self, address: str) -> WorkerRecord | None:
+        row = self._db.execute(
+            f"SELECT {self._WORKER_COLUMNS} WHERE w.address=?", (address.lower(),)
+        ).fetchone()
+        return None if row is None else WorkerRecord(*row)
+
+    def payee(self, address: str) -> PayeeRecord | None:
+        row = self._db.execute(
+            "SELECT p.address, valid, invalid, consecutive_valid, earned_micro, b.reason"
+            " FROM payees p LEFT JOIN blocklist b ON b.address = p.address WHERE p.address=?",
+            (address.lower(),),
+        ).fetchone()
+        return None if row is None else PayeeRecord(*row)
+
+    def block(self, address: str, reason: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO blocklist VALUES (?, ?, ?) ON CONFLICT(address) DO UPDATE"
+                " SET reason = excluded.reason, at = excluded.at",
+                (address.lower(), reason[:500], now),
+            )
+
+    def unblock(self, address: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM blocklist WHERE address=?", (address.lower(),))
+            return cur.rowcount == 1
+
+    def blocked(self) -> dict[str, str]:
+        return {a: r for a, r in self._db.execute("SELECT address, reason FROM blocklist")}
+
+    def replicas(self, job_id: str, input_: int | None = None) -> list[ReplicaRecord]:
+        self.job_state(job_id)
+        params: tuple[Any, ...] = (job_id,) if input_ is None else (job_id, input_)
+        rows = self._db.execute(
+            "SELECT job, replica_of, idx, state, worker, payment_address, result, vote,"
+            " accepted_at, error_code FROM slices WHERE job=? AND replica_of IS NOT NULL"
+            f"{'' if input_ is None else ' AND replica_of=?'} ORDER BY replica_of, idx",
+            params,
+        )
+        return [
+            ReplicaRecord(
+                job=r[0],
+                input=r[1],
+                slice=r[2],
+                state=r[3],
+                worker=r[4],
+                payment_address=r[5],
+                result=None if r[6] is None else bytes(r[6]),
+                vote=r[7],
+                accepted_at=r[8],
+                error_code=r[9],
+            )
+            for r in rows
+        ]
+
+    def vote_representatives(self, job_id: str, slice_: int) -> list[tuple[str, bytes]]:
+        """For the replica ``slice_`` of a replicated job: the known answer of its slice (if
+        the owner gave one) and the first result of each distinct vote key so far, each with
+        its key, in order (acceptance compares a new result with them)."""
+        row = self._db.execute(
+            "SELECT i.idx, i.expected FROM slices r JOIN slices i ON i.job = r.job"
+            " AND i.idx = r.replica_of WHERE r.job=? AND r.idx=?",
+            (job_id, slice_),
+        ).fetchone()
+        if row is None:
+            return []
+        out: list[tuple[str, bytes]] = []
+        if row[1] is not None:
+            out.append((_votes.vote_key(bytes(row[1])), bytes(row[1])))
+        seen = {k for k, _ in out}
+        for key, result in self._db.execute(
+            "SELECT vote_key, result FROM slices WHERE job=? AND replica_of=? AND state='done'"
+            " AND vote_key IS NOT NULL AND (vote IS NULL OR vote != 'forfeit') ORDER BY idx",
+            (job_id, row[0]),
+        ):
+            if key not in seen:
+                seen.add(key)
+                out.append((key, bytes(result)))
+        return out
 
     def record_refusal(self, job_id: str, worker: str, code: str, message: str, now: float) -> None:
         with self._tx() as db:
