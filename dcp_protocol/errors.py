@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     UNEXPECTED_MESSAGE = "unexpected_message"
     # Session and lease level.
     AUTH_FAILED = "auth_failed"
+    #: The operator blocked this identity or payment address (``dcp-scheduler workers block``).
+    BLOCKED = "blocked"
     BAD_SIGNATURE = "bad_signature"
     STALE_LEASE = "stale_lease"
     UNKNOWN_SLICE = "unknown_slice"
@@ -69,6 +71,8 @@ class ErrorCode(StrEnum):
     RESULT_REJECTED = "result_rejected"
     VERIFIER_FAILED = "verifier_failed"
     METRICS_IMPLAUSIBLE = "metrics_implausible"
+    #: A replicated slice's replicas did not agree within the job's max_replicas.
+    NO_QUORUM = "no_quorum"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     # The compute API: who may act on a job or read it (docs/protocol.md section 6).
     UNAUTHENTICATED = "unauthenticated"

@@ -139,7 +139,8 @@ class WorkerSession:
                     self._fail(
                         message.code,
                         f"the scheduler refused the session: {message.code} {message.message}",
-                        fatal=message.code == ErrorCode.AUTH_FAILED.value,
+                        fatal=message.code
+                        in (ErrorCode.AUTH_FAILED.value, ErrorCode.BLOCKED.value),
                     )
                 ]
             if not isinstance(message, Welcome):

@@ -2,9 +2,11 @@
 once for a single ``result`` and for each item of ``results`` (docs/protocol.md section 3,
 "Result acceptance").
 
-In order: size, lease (token and holder), signature, metrics; then the job's verifier, if it
-has one, in the sandboxes of scheduler/verifier.py; then the store accepts it, paying the
-offer, or rejects it, queueing the slice again. Nothing here touches a socket: a reply is a
+In order: size, lease (token and holder), signature, the blocklist, metrics; then the job's
+verifier, if it has one, in the sandboxes of scheduler/verifier.py; for a replicated job with a
+comparison function, which earlier vote it agrees with (its vote key); then the store accepts
+it, paying the offer (a replica's vote: once its slice's replicas agree, scheduler/quorum.py),
+or rejects it, queueing the slice again. Nothing here touches a socket: a reply is a
 message, or a coroutine that returns one once a verifier has spoken.
 """
 
@@ -31,10 +33,12 @@ from dcp_protocol import (
     signing,
 )
 
+from .blocklist import Blocklist
 from .config import SchedulerConfig
 from .plausibility import MetricsRules
 from .specs import JobSpecs
 from .store import ResultLease, ResultRow, Store, StoreError, credits
+from .store.votes import vote_key
 from .verifier import VerifierPool
 from .wakeups import Wakeups
 
@@ -71,12 +75,14 @@ class Acceptance:
         specs: JobSpecs,
         verifiers: VerifierPool,
         wakeups: Wakeups,
+        blocklist: Blocklist | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.specs = specs
         self.verifiers = verifiers
         self.wakeups = wakeups
+        self.blocklist = blocklist or Blocklist(store)
         self._rules = MetricsRules(
             slack_seconds=config.metrics_slack_seconds, parallelism=config.metrics_parallelism
         )
@@ -91,9 +97,15 @@ class Acceptance:
         if isinstance(admitted, Error):
             return replace(admitted, re=message.id)
         lease, row = admitted
-        if lease.state != "done" and self.specs.get(message.job).has_verifier:
+        if lease.state != "done" and self._sandboxed(message.job):
             return self._checked(worker, owner, row, message.id)
         return self._accept(worker, row, message.id, now)
+
+    def _sandboxed(self, job: str) -> bool:
+        """Whether the job's results go through a sandbox here: its verifier, or its
+        comparison function (a replicated job's)."""
+        info = self.specs.get(job)
+        return info.has_verifier or info.has_compare
 
     def results(self, worker: str, owner: str, message: Results, now: float) -> Reply:
         """Many results, one transaction for those without a verifier; one reply."""
@@ -107,7 +119,7 @@ class Acceptance:
                 acks[i] = _item_ack(admitted)
                 continue
             lease, row = admitted
-            if lease.state != "done" and self.specs.get(item.job).has_verifier:
+            if lease.state != "done" and self._sandboxed(item.job):
                 checked.append((i, row))
             else:
                 plain.append((i, row))
@@ -178,6 +190,8 @@ class Acceptance:
                 code=ErrorCode.BAD_SIGNATURE.value,
                 message="the result is not signed by this session's identity",
             )
+        if (why := self.blocklist.reason(worker, item.payment_address)) is not None:
+            return Error(re=None, code=ErrorCode.BLOCKED.value, message=why)
         row = ResultRow(
             job=item.job,
             slice=item.slice,
@@ -237,11 +251,9 @@ class Acceptance:
     async def _verify(
         self, worker: str, owner: str, row: ResultRow, ref: LeaseRef, rid: int
     ) -> Message:
-        found = self.store.job_verifier(row.job)
-        argv = self.specs.get(row.job).spec.argv
+        info = self.specs.get(row.job)
+        argv = info.spec.argv
         datum = self.store.datum(row.job, row.slice)
-        assert found is not None
-        verifier, runtime = found
         # The worker stopped heartbeating this slice when it finished it: keep the lease alive
         # while its result waits for a sandbox and while it is checked.
         hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
@@ -252,17 +264,39 @@ class Acceptance:
             self.store.result_lease(row.job, row.slice, row.token, worker)
             self.store.heartbeat(worker, [ref], time.time(), hold)
 
-        verdict = await self.verifiers.verify(
-            row.job,
-            verifier,
-            argv,
-            datum,
-            row.result,
-            owner=owner,
-            started=started,
-            runtime=runtime,
-        )
-        if verdict.ok:
-            return self._accept(worker, row, rid, time.time())
-        error = self._reject(worker, row, verdict.code, verdict.message, time.time())
-        return replace(error, re=rid)
+        if info.has_verifier:
+            found = self.store.job_verifier(row.job)
+            assert found is not None
+            verifier, runtime = found
+            verdict = await self.verifiers.verify(
+                row.job,
+                verifier,
+                argv,
+                datum,
+                row.result,
+                owner=owner,
+                started=started,
+                runtime=runtime,
+            )
+            if not verdict.ok:
+                error = self._reject(worker, row, verdict.code, verdict.message, time.time())
+                return replace(error, re=rid)
+        if info.has_compare:
+            row = replace(row, vote_key=await self._vote_key(owner, row, argv, datum))
+        return self._accept(worker, row, rid, time.time())
+
+    async def _vote_key(
+        self, owner: str, row: ResultRow, argv: tuple[str, ...], datum: bytes
+    ) -> str:
+        """The key of the earlier vote (or known answer) of the slice that the job's
+        comparison function says ``row`` agrees with, first match in order; else its own."""
+        found = self.store.job_compare(row.job)
+        assert found is not None
+        compare, runtime = found
+        for key, earlier in self.store.vote_representatives(row.job, row.slice):
+            verdict = await self.verifiers.compare(
+                row.job, compare, argv, datum, earlier, row.result, owner=owner, runtime=runtime
+            )
+            if verdict.ok:
+                return key
+        return vote_key(row.result)

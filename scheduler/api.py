@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -30,7 +31,16 @@ from evaluator.interpreters import problem
 
 from .config import MAX_FETCH_WAIT
 from .jobdoc import JobFileError, parse_document
-from .store import InsufficientFunds, JobRecord, SliceRecord, Store, StoreError, UnknownJob, credits
+from .store import (
+    InsufficientFunds,
+    JobRecord,
+    ReplicaRecord,
+    SliceRecord,
+    Store,
+    StoreError,
+    UnknownJob,
+    credits,
+)
 from .wakeups import Wakeups
 
 __all__ = [
@@ -197,11 +207,15 @@ class ComputeApi:
             return _error(
                 400, ErrorCode.INVALID_JOB, "; ".join(exc.problems), problems=exc.problems
             )
-        if job.verifier is not None and job.verifier_runtime != "wasm":
-            # The verifier runs here: refused now, rather than every result failing later.
-            lacking = problem(job.verifier_runtime)
+        # The verifier and the comparison function run here: refused now, rather than every
+        # result failing later.
+        for what, code, runtime in (
+            ("verifier", job.verifier, job.verifier_runtime),
+            ("comparison function", job.compare, job.compare_runtime),
+        ):
+            lacking = None if code is None or runtime == "wasm" else problem(runtime)
             if lacking is not None:
-                why = f"this scheduler cannot run a {job.verifier_runtime} verifier: {lacking}"
+                why = f"this scheduler cannot run a {runtime} {what}: {lacking}"
                 return _error(400, ErrorCode.INVALID_JOB, why, problems=[why])
         try:
             job_id = self.store.create_job(job, time.time())
@@ -275,6 +289,26 @@ class ComputeApi:
         return web.json_response(
             {"job": job_id, "state": state, "slices": [_slice_json(s) for s in slices]}
         )
+
+    @_answers_refusals
+    async def votes(self, request: web.Request) -> web.Response:
+        """A replicated job's slices after ``after`` (up to ``limit``) with their quorum
+        states and replicas; for the owner or a read token's bearer."""
+        job_id = request.match_info["job"]
+        try:
+            after = int(request.query.get("after", "-1"))
+            limit = min(100, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return _error(400, ErrorCode.INVALID_MESSAGE, "after and limit are numbers")
+        await self._check_reader(request, job_id)
+        try:
+            shown = [
+                quorum_json(s, self.store.replicas(job_id, s.slice))
+                for s in self.store.slices(job_id, after, limit)
+            ]
+        except UnknownJob as exc:
+            return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        return web.json_response({"job": job_id, "slices": shown})
 
     @_answers_refusals
     async def cancel(self, request: web.Request) -> web.Response:
@@ -411,6 +445,8 @@ def _job_json(job: JobRecord) -> dict[str, Any]:
         "group": job.group,
         "requirements": job.requirements,
         "verifier": job.has_verifier,
+        "redundancy": asdict(job.redundancy) if job.redundancy else None,
+        "compare": job.has_compare,
         "cost_per_slice": asdict(job.cost) if job.cost else None,
         "effective_wage": _effective_wage(credits(job.offer_micro), job.cost),
         "created": job.created,
@@ -441,4 +477,30 @@ def _slice_json(s: SliceRecord) -> dict[str, Any]:
         out["result_base64"] = base64.b64encode(s.result).decode()
     if s.error_code:
         out["error"] = {"code": s.error_code, "message": s.error or ""}
+    if s.needed is not None:
+        out["needed"] = s.needed
     return out
+
+
+def quorum_json(s: SliceRecord, replicas: list[ReplicaRecord]) -> dict[str, Any]:
+    """A replicated slice's quorum state for its owner: agreeing results it needs, how many
+    it has, and each replica with its vote and result (disagreeing ones kept to inspect)."""
+    votes = Counter(r.vote or ("pending" if r.state == "done" else r.state) for r in replicas)
+    return {
+        "slice": s.slice,
+        "state": s.state,
+        "needed": s.needed,
+        "votes": votes,
+        "replicas": [
+            {
+                "replica": r.slice,
+                "state": r.state,
+                "vote": r.vote,
+                "worker": r.worker,
+                "payment_address": r.payment_address,
+                "result_base64": None if r.result is None else base64.b64encode(r.result).decode(),
+                "error": r.error_code,
+            }
+            for r in replicas
+        ],
+    }

@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -554,8 +555,19 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
             f"verifier {'yes' if record.has_verifier else 'no'}, requirements "
             f"{record.requirements or '-'}"
         )
+        if (policy := record.redundancy) is not None:
+            compare = "the job's function" if record.has_compare else "bytes"
+            click.echo(
+                f"redundancy: quorum {policy.quorum}, max_replicas {policy.max_replicas},"
+                f" adaptive {'yes' if policy.adaptive else 'no'}, spot checks"
+                f" {policy.spot_check_rate:g}, votes compared by {compare}"
+            )
         for r in store.refusals(job):
             click.echo(f"refused {r.count}x by {_shown(r.worker)}: {r.code} {r.message}")
+    votes: dict[int, Counter[str]] = {}
+    for replica in store.replicas(job) if record.redundancy else []:
+        vote = replica.vote or ("pending" if replica.state == "done" else replica.state)
+        votes.setdefault(replica.input, Counter())[vote] += 1
     after = -1
     while True:
         batch = store.slices(job, after, 1000)
@@ -571,6 +583,8 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 "message": s.error,
                 "progress": s.progress if s.state == "leased" else None,
             }
+            if s.needed is not None:
+                row["quorum"] = {"needed": s.needed, "votes": dict(votes.get(s.slice, {}))}
             if as_json:
                 if s.result is not None:
                     row["result_base64"] = base64.b64encode(s.result).decode()
@@ -579,9 +593,15 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
                 err = f"  {s.error_code}: {s.error}" if s.error_code else ""
                 shown = s.state == "leased" and s.progress is not None
                 progress = f"  progress={s.progress:.0%}" if shown else ""
+                quorum = ""
+                if s.needed is not None:
+                    shown_votes = " ".join(
+                        f"{k}={v}" for k, v in sorted(votes.get(s.slice, {}).items())
+                    )
+                    quorum = f"  needed={s.needed} {shown_votes}"
                 click.echo(
                     f"{s.slice:>7}  {s.state:<9}  attempts={s.attempts}  "
-                    f"worker={_shown(s.worker) if s.worker else '-'}{progress}{err}"
+                    f"worker={_shown(s.worker) if s.worker else '-'}{progress}{quorum}{err}"
                 )
         after = batch[-1].slice
 
@@ -742,6 +762,83 @@ def workers_list(db: str, refusals: bool) -> None:
         if refusals:
             for r in by_worker.get(w.address, []):
                 click.echo(f"    job {r.job}: {r.code} x{r.count} {r.message}")
+
+
+@workers.command("show")
+@_db
+@click.argument("address", callback=lambda _c, _p, v: _address(v))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def workers_show(db: str, address: str, as_json: bool) -> None:
+    """A worker identity's (or payment address's) record and reputation: results accepted,
+    rejected, failed and refused; votes validated and outvoted, validated in a row (the
+    adaptive trust), its error rate; whether it is blocked; its last disagreements."""
+    store = _open(db)
+    worker, payee = store.worker(address), store.payee(address)
+    if worker is None and payee is None:
+        click.echo(
+            f"dcp-scheduler: {address} is neither a worker nor a payment address seen", err=True
+        )
+        sys.exit(EXIT_UNKNOWN_JOB)
+    out: dict[str, Any] = {"address": address, "blocked": store.blocked().get(address.lower())}
+    if worker is not None:
+        bad = worker.rejected + worker.failed + worker.invalid
+        total = worker.accepted + worker.failed
+        out["worker"] = {
+            "accepted": worker.accepted,
+            "rejected": worker.rejected,
+            "failed": worker.failed,
+            "refused": worker.refused,
+            "earned": credits(worker.earned_micro),
+            "validated": worker.valid,
+            "outvoted": worker.invalid,
+            "consecutive_valid": worker.consecutive_valid,
+            "error_rate": round(bad / total, 6) if total else None,
+            "first_seen": worker.first_seen,
+            "last_seen": worker.last_seen,
+        }
+    if payee is not None:
+        out["payee"] = {
+            "validated": payee.valid,
+            "outvoted": payee.invalid,
+            "consecutive_valid": payee.consecutive_valid,
+            "earned": credits(payee.earned_micro),
+        }
+    out["disagreements"] = [
+        {"job": r.job, "slice": r.input, "replica": r.slice, "at": r.accepted_at}
+        for r in store.disagreements(address, 20)
+    ]
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{address}" + (f"  BLOCKED: {out['blocked']}" if out["blocked"] else ""))
+    for part in ("worker", "payee"):
+        if part in out:
+            fields = " ".join(f"{k}={v}" for k, v in out[part].items())
+            click.echo(f"  as {'identity' if part == 'worker' else 'payment address'}: {fields}")
+    for d in out["disagreements"]:
+        click.echo(f"  outvoted on job {d['job']} slice {d['slice']} (replica {d['replica']})")
+
+
+@workers.command("block")
+@_db
+@click.argument("address", callback=lambda _c, _p, v: _address(v))
+@click.option("--reason", required=True, help="Why: shown to the worker when it is refused.")
+def workers_block(db: str, address: str, reason: str) -> None:
+    """Block an identity or a payment address: no session, no result accepted (on every
+    replica of the database within a few seconds)."""
+    _open(db).block(address, reason, time.time())
+    click.echo(f"blocked {address}: {reason}")
+
+
+@workers.command("unblock")
+@_db
+@click.argument("address", callback=lambda _c, _p, v: _address(v))
+def workers_unblock(db: str, address: str) -> None:
+    """Lift a block."""
+    if not _open(db).unblock(address):
+        click.echo(f"dcp-scheduler: {address} is not blocked", err=True)
+        sys.exit(EXIT_UNKNOWN_JOB)
+    click.echo(f"unblocked {address}")
 
 
 def _shown(value: str) -> str:

@@ -297,6 +297,17 @@ class ComputeClient:
         self._need_identity()
         self._request("DELETE", f"/jobs/{job}/tokens/{token_id}")
 
+    def votes(self, job: str) -> Iterator[dict[str, Any]]:
+        """A replicated job's slices in order, each with its quorum state (``needed``, the
+        count of each vote) and its replicas (state, vote, worker, result in base64)."""
+        after = -1
+        while True:
+            reply = self._request("GET", f"/jobs/{job}/votes", params={"after": after})
+            if not reply["slices"]:
+                return
+            yield from reply["slices"]
+            after = reply["slices"][-1]["slice"]
+
     def results(
         self, job: str, wait: bool = False, poll: float = 10.0, timeout: float | None = None
     ) -> Iterator[SliceResult]:

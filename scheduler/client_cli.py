@@ -286,6 +286,30 @@ def results(
 @click.argument("job")
 @_identity_opt
 @_pass_opt
+@_token_opt
+@click.pass_obj
+def votes(
+    scheduler: tuple[str, ...],
+    job: str,
+    identity: str | None,
+    passphrase_file: str | None,
+    token: str | None,
+) -> None:
+    """Print a replicated job's quorum states, one JSON object per slice: the agreeing
+    results it needs, its votes by kind, and each replica with its worker, vote and result
+    (its owner's --identity, or --token)."""
+    with (
+        _reader(scheduler, identity, passphrase_file, token) as client,
+        _doing(f"reading the votes of job {job}"),
+    ):
+        for s in client.votes(job):
+            click.echo(json.dumps(s))
+
+
+@main.command(cls=_Command)
+@click.argument("job")
+@_identity_opt
+@_pass_opt
 @click.pass_obj
 def cancel(
     scheduler: tuple[str, ...], job: str, identity: str | None, passphrase_file: str | None

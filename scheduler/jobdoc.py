@@ -29,6 +29,7 @@ from dcp_protocol import DcpError, InvalidMessage, Limits, nesting
 from dcp_protocol.policy import validate_requirements
 from evaluator.opencl import validate_config
 
+from .quorum import MAX_QUORUM, MAX_REPLICAS, Redundancy
 from .store import NewJob, to_micro
 
 __all__ = [
@@ -68,6 +69,7 @@ _JOB_KEYS = (
     "verifier",
     "opencl",
     "interpreter",
+    "redundancy",
 )
 _DOCUMENT_KEYS = (
     "name",
@@ -85,6 +87,7 @@ _DOCUMENT_KEYS = (
     "verifier",
     "verifier_runtime",
     "config",
+    "redundancy",
 )
 #: A document's field -> the job file's key it comes from, where they differ.
 _FILE_KEY = {"config": "opencl", "data": "inputs"}
@@ -92,6 +95,17 @@ _LIMIT_KEYS = ("wall_seconds", "memory_bytes", "output_bytes", "fuel")
 #: The largest offer per slice, in credits (keeps escrow arithmetic far from overflow).
 MAX_OFFER = 1e9
 _INPUT_KEYS = ("file", "values")
+#: A job file's [redundancy] table; the document's also has compare_runtime (the file's
+#: comparison function's runtime comes from its suffix).
+_REDUNDANCY_FILE_KEYS = (
+    "quorum",
+    "max_replicas",
+    "adaptive",
+    "spot_check_rate",
+    "compare",
+    "known",
+)
+_REDUNDANCY_KEYS = (*_REDUNDANCY_FILE_KEYS, "compare_runtime")
 #: A WebAssembly binary module starts with its magic and version 1 (little endian).
 _WASM_MAGIC = b"\0asm"
 _WASM_VERSION = b"\x01\x00\x00\x00"
@@ -242,6 +256,7 @@ def job_document(
     data: Sequence[bytes],
     verifier: bytes | None = None,
     verifier_runtime: str = "wasm",
+    redundancy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A job document of these parts (checked by the scheduler, or :func:`parse_document`,
     not here): the bytes in base64, a nonce and the time that make every deploy distinct (a
@@ -265,7 +280,125 @@ def job_document(
         document["verifier"] = base64.b64encode(verifier).decode()
         if verifier_runtime != "wasm":
             document["verifier_runtime"] = verifier_runtime
+    if redundancy is not None:
+        document["redundancy"] = redundancy
     return document
+
+
+def _file_redundancy(spec: Any, base: Path, problems: list[_Problem]) -> dict[str, Any] | None:
+    """A job file's [redundancy] table as the document's: the comparison function read from
+    its path (runtime by suffix), known answers as the bytes of their text, in base64."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        problems.append(("redundancy", "[redundancy] is a table (quorum, max_replicas, ...)"))
+        return None
+    problems.extend(_unknown(spec, _REDUNDANCY_FILE_KEYS, "redundancy."))
+    out = {k: v for k, v in spec.items() if k in _REDUNDANCY_FILE_KEYS}
+    if "compare" in spec:
+        if not isinstance(spec["compare"], str):
+            problems.append(
+                ("redundancy.compare", "compare is the path of a .py, .js or wasm file")
+            )
+            out.pop("compare")
+        else:
+            source = _read(base / spec["compare"], "redundancy.compare", "compare", problems)
+            out["compare"] = base64.b64encode(source or b"").decode()
+            out["compare_runtime"] = VERIFIER_RUNTIME_OF.get(Path(spec["compare"]).suffix, "wasm")
+    if "known" in spec:
+        known = spec["known"]
+        if not isinstance(known, dict) or not all(isinstance(v, str) for v in known.values()):
+            problems.append(
+                ("redundancy.known", 'known is a table of slice index = "its right result"')
+            )
+            out.pop("known")
+        else:
+            out["known"] = {k: base64.b64encode(v.encode()).decode() for k, v in known.items()}
+    return out
+
+
+def _check_redundancy(
+    raw: Any, slices: int
+) -> tuple[Redundancy | None, bytes | None, str, dict[int, bytes], list[_Problem]]:
+    """A document's ``redundancy``: the policy, comparison function and its runtime, known
+    answers by slice index, and every fault found."""
+    problems: list[_Problem] = []
+    if raw is None:
+        return None, None, "wasm", {}, problems
+    if not isinstance(raw, dict):
+        return None, None, "wasm", {}, [("redundancy", "redundancy must be an object")]
+    problems.extend(
+        (f"redundancy.{key}", f"unknown field {key!r}" + _suggest(key, _REDUNDANCY_KEYS))
+        for key in sorted(set(raw) - set(_REDUNDANCY_KEYS))
+    )
+
+    def integer(key: str, default: int, low: int, high: int) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append((f"redundancy.{key}", f"{key} must be an integer within {low}..{high}"))
+            return default
+        return value
+
+    quorum = integer("quorum", 2, 1, MAX_QUORUM)
+    max_replicas = integer("max_replicas", min(2 * quorum, MAX_REPLICAS), quorum, MAX_REPLICAS)
+    adaptive = raw.get("adaptive", False)
+    if not isinstance(adaptive, bool):
+        problems.append(("redundancy.adaptive", "adaptive is true or false"))
+        adaptive = False
+    rate = raw.get("spot_check_rate", 0.0)
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not math.isfinite(rate)
+        or not 0 <= rate <= 1
+    ):
+        problems.append(("redundancy.spot_check_rate", "spot_check_rate is a fraction, 0..1"))
+        rate = 0.0
+    compare, runtime = None, raw.get("compare_runtime", "wasm")
+    if runtime not in ("wasm", *SOURCE_RUNTIMES):
+        problems.append(
+            ("redundancy.compare_runtime", "compare_runtime is 'wasm', 'python' or 'js'")
+        )
+        runtime = "wasm"
+    if "compare" in raw:
+        try:
+            compare = base64.b64decode(raw["compare"], validate=True)
+        except (binascii.Error, TypeError):
+            problems.append(("redundancy.compare", "compare must be a base64 string"))
+        else:
+            check = _check_wasm if runtime == "wasm" else _check_source
+            if (why := check(compare, "the comparison function")) is not None:
+                problems.append(("redundancy.compare", why))
+    known: dict[int, bytes] = {}
+    raw_known = raw.get("known", {})
+    if not isinstance(raw_known, dict):
+        problems.append(("redundancy.known", "known maps slice indices to base64 results"))
+        raw_known = {}
+    for key, value in raw_known.items():
+        try:
+            idx = int(key)
+            if not 0 <= idx < slices or str(idx) != key:
+                raise ValueError
+            known[idx] = base64.b64decode(value, validate=True)
+        except (ValueError, TypeError, binascii.Error):
+            problems.append(
+                (
+                    "redundancy.known",
+                    f"known[{key!r}]: a slice index (0..{slices - 1}) and a base64 result",
+                )
+            )
+            break
+    if quorum == 1 and (adaptive or compare is not None or known):
+        problems.append(
+            ("redundancy.quorum", "adaptive, compare and known need a quorum of 2 or more")
+        )
+    return (
+        Redundancy(quorum, max_replicas, adaptive, float(rate)),
+        compare,
+        runtime,
+        known,
+        problems,
+    )
 
 
 def load_job_file(path: str | os.PathLike[str]) -> bytes:
@@ -357,17 +490,20 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         data=data,
         verifier=verifier,
         verifier_runtime=verifier_runtime,
+        redundancy=_file_redundancy(spec.get("redundancy"), base, problems),
     )
     if (why := _offer_problem(offer)) is not None:
         problems.append(("offer", why))
     # The same checks the scheduler makes, on what the file's faults left checkable; a
     # problem whose key the file's checks already faulted is that fault's echo.
-    faulty = {key.partition(".")[0] for key, _ in problems}
+    # ([redundancy] is a table of its own: a fault of one of its keys hides only that key's.)
+    faulty = {key for key, _ in problems}
+    faulty |= {key.partition(".")[0] for key in faulty if not key.startswith("redundancy.")}
     _, found = _check_document(document, "0x" + "0" * 40, b"")
     for key, message in found:
         top, dot, sub = key.partition(".")
         file_key = _FILE_KEY.get(top, top)
-        if file_key not in faulty:
+        if file_key not in faulty and file_key + dot + sub not in faulty:
             problems.append((file_key + dot + sub, message))
     if problems:
         lines = []
@@ -528,6 +664,10 @@ def _check_document(
         problems.append(("data", f"slice {bad}'s datum is not JSON (config.datum is 'json')"))
     limits, found = _limits(doc.get("limits"))
     problems.extend(found)
+    redundancy, compare, compare_runtime, known, found = _check_redundancy(
+        doc.get("redundancy"), len(datums)
+    )
+    problems.extend(found)
     if problems:
         return None, problems
     return (
@@ -548,6 +688,10 @@ def _check_document(
             verifier=verifier,
             verifier_runtime=verifier_runtime,
             config=config,
+            redundancy=redundancy,
+            compare=compare,
+            compare_runtime=compare_runtime,
+            known=known,
         ),
         [],
     )

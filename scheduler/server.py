@@ -158,6 +158,7 @@ class Scheduler:
         app.router.add_get(f"{API}/jobs", self.api.list_jobs)
         app.router.add_get(f"{API}/jobs/{{job}}", self.api.job)
         app.router.add_get(f"{API}/jobs/{{job}}/results", self.api.results)
+        app.router.add_get(f"{API}/jobs/{{job}}/votes", self.api.votes)
         app.router.add_post(f"{API}/jobs/{{job}}/cancel", self.api.cancel)
         app.router.add_post(f"{API}/jobs/{{job}}/tokens", self.api.issue_token)
         app.router.add_delete(f"{API}/jobs/{{job}}/tokens/{{token}}", self.api.revoke_token)

@@ -199,6 +199,9 @@ class Dispatcher:
                 code=ErrorCode.AUTH_FAILED.value,
                 message="the challenge signature does not match the address",
             ), True
+        if why := self.acceptance.blocklist.reason(message.address, message.payment_address):
+            log.warning("session %s: %s", session.id, why)
+            return Error(re=message.id, code=ErrorCode.BLOCKED.value, message=why), True
         session.address = signing.checksum(message.address)
         session.payment_address = signing.checksum(message.payment_address)
         session.leave_public_group = message.leave_public_group

@@ -23,10 +23,12 @@ CACHED_JOBS = 64
 @dataclass(frozen=True)
 class JobInfo:
     """What sessions and acceptance need of a job, read once: its spec for ``work`` frames,
-    and whether its results go through a verifier."""
+    whether its results go through a verifier, and whether its replicas' votes are compared
+    by the job's own comparison function."""
 
     spec: JobSpec
     has_verifier: bool
+    has_compare: bool = False
 
 
 class JobSpecs:
@@ -60,7 +62,7 @@ class JobSpecs:
             requirements=record.requirements,
             config=record.config,
         )
-        info = self._jobs[job_id] = JobInfo(spec, record.has_verifier)
+        info = self._jobs[job_id] = JobInfo(spec, record.has_verifier, record.has_compare)
         if len(self._jobs) > CACHED_JOBS:
             self._jobs.popitem(last=False)
         return info

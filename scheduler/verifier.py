@@ -1,4 +1,5 @@
-"""Running jobs' verifiers: functions that check one result, in sandboxed evaluators.
+"""Running jobs' verifiers (functions that check one result) and comparison functions
+(that say whether two results of one slice agree), in sandboxed evaluators.
 
 A wasm verifier is a WASI command. Its stdin is the slice's datum immediately followed by the
 result; ``argv[1]`` is the datum's length in bytes, then the job's own arguments. It exits 0
@@ -7,6 +8,11 @@ when the result is right. A Python or JavaScript verifier is source defining
 (``Uint8Array``), returning True when the result is right (anything else rejects it; an
 exception is the verifier failing). Verifiers run in the same evaluator processes, with the
 same limits, as work functions on workers.
+
+A comparison function (a replicated job's ``compare``, scheduler/quorum.py) is called the same
+way with the datum and two results: a wasm command reads datum, first and second result from
+stdin with ``argv[1]`` and ``argv[2]`` the lengths of the first two and exits 0 when they agree;
+Python or JavaScript source defines ``compare(datum, a, b)`` and returns True when they agree.
 """
 
 from __future__ import annotations
@@ -45,20 +51,45 @@ _ADAPTERS = {
 }
 
 
+_COMPARE_ADAPTERS = {
+    "python": (
+        "\n\ndef work(_all, _n, _m, *args):\n"
+        "    _n, _m = int(_n), int(_m)\n"
+        "    _d, _a, _b = bytes(_all[:_n]), bytes(_all[_n:_n + _m]), bytes(_all[_n + _m:])\n"
+        "    return b'1' if compare(_d, _a, _b, *args) is True else b'0'\n"
+    ),
+    "js": (
+        "\n;function work(all, n, m, ...args) {\n"
+        "  n = parseInt(n, 10); m = parseInt(m, 10);\n"
+        "  const same = compare(all.subarray(0, n), all.subarray(n, n + m),"
+        " all.subarray(n + m), ...args) === true;\n"
+        "  return Uint8Array.of(same ? 49 : 48);\n}\n"
+    ),
+}
+
+
 def verifier_spec(
-    job: str, runtime: str, verifier: bytes, argv: tuple[str, ...], n: int
+    job: str,
+    runtime: str,
+    verifier: bytes,
+    argv: tuple[str, ...],
+    n: int,
+    first: int | None = None,
 ) -> JobSpec:
-    """The JobSpec that runs ``verifier`` on a datum of ``n`` bytes followed by a result."""
+    """The JobSpec that runs ``verifier`` on a datum of ``n`` bytes followed by a result; with
+    ``first`` (the length of a first result), a comparison function on a datum and two."""
     module, config = verifier, {}
+    lengths = (str(n),) if first is None else (str(n), str(first))
     if runtime != "wasm":  # source, with the adapter the interpreter runtimes call
-        module = verifier + _ADAPTERS[runtime].encode()
+        adapter = (_ADAPTERS if first is None else _COMPARE_ADAPTERS)[runtime]
+        module = verifier + adapter.encode()
         config = {"datum": "bytes", "interpreter": "warm"}
     return JobSpec(
-        job=f"verify:{job}",
+        job=f"{'verify' if first is None else 'compare'}:{job}",
         runtime=runtime,
         module=module,
         sha256=hashlib.sha256(module).hexdigest(),
-        argv=(str(n), *argv),
+        argv=(*lengths, *argv),
         config=config,
     )
 
@@ -156,6 +187,36 @@ class VerifierPool:
                 ErrorCode.VERIFIER_FAILED.value,
                 f"the job's verifier failed: {exc.code}: {exc.message}",
             )
+        finally:
+            self._release(owner, sandbox)
+        return Verdict(True)
+
+    async def compare(
+        self,
+        job: str,
+        compare: bytes,
+        argv: tuple[str, ...],
+        datum: bytes,
+        first: bytes,
+        second: bytes,
+        owner: str = "",
+        runtime: str = "wasm",
+    ) -> Verdict:
+        """Whether the job's comparison function says ``first`` and ``second`` agree (``ok``),
+        in a sandbox once ``owner`` has its turn; a function that fails says they do not
+        (``verifier_failed``, logged)."""
+        spec = verifier_spec(job, runtime, compare, argv, len(datum), len(first))
+        sandbox = await self._acquire(owner)
+        try:
+            self._runs += 1
+            said, _metrics = await sandbox.run(spec, self.limits, datum + first + second, 0)
+            if runtime != "wasm" and said != b"1":
+                return Verdict(False, ErrorCode.RESULT_REJECTED.value, "they differ")
+        except SliceFailure as exc:
+            if exc.code == ErrorCode.WASM_EXIT.value and runtime == "wasm":
+                return Verdict(False, ErrorCode.RESULT_REJECTED.value, "they differ")
+            log.warning("comparison function of job %s failed: %s", job, exc)
+            return Verdict(False, ErrorCode.VERIFIER_FAILED.value, f"{exc.code}: {exc.message}")
         finally:
             self._release(owner, sandbox)
         return Verdict(True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,7 @@ from scheduler import Store, open_store
 from scheduler.quorum import TRUST_AFTER, Redundancy
 from scheduler.store import MICRO, Lease, NewJob, ResultRow, StaleLease
 
+ROOT = Path(__file__).resolve().parent.parent
 OWNER = "0x" + "01" * 20
 WORKERS = ["0x" + f"{0xA0 + i:02x}" * 20 for i in range(8)]
 OFFER = MICRO
@@ -307,3 +309,42 @@ def check_books_replicated(store: Store) -> None:
         agreed = {r.slice for r in store.replicas(record.id) if r.vote == "agreed"}
         assert {s for j, s in paid if j == record.id} == agreed
         assert record.escrow_micro >= 0
+
+
+def test_a_job_file_s_redundancy_table_becomes_the_document_s(tmp_path: Path) -> None:
+    from scheduler.jobdoc import JobFileError, load_job_file, parse_document
+
+    (tmp_path / "echo.wasm").write_bytes((ROOT / "examples/echo/echo.wasm").read_bytes())
+    (tmp_path / "close.py").write_text("def compare(datum, a, b):\n    return a == b\n")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'module = "echo.wasm"\n[inputs]\nvalues = ["a", "b", "c"]\n'
+        "[redundancy]\nquorum = 3\nmax_replicas = 5\nadaptive = true\nspot_check_rate = 0.1\n"
+        'compare = "close.py"\nknown = { "2" = "C" }\n'
+    )
+    parsed = parse_document(load_job_file(job), OWNER)
+    assert parsed.redundancy == Redundancy(3, 5, True, 0.1)
+    assert (parsed.compare_runtime, parsed.known) == ("python", {2: b"C"})
+    assert parsed.compare is not None and b"def compare" in parsed.compare
+    job.write_text(
+        'module = "echo.wasm"\n[inputs]\nvalues = ["a"]\n'
+        "[redundancy]\nquorum = 0\nmax_replica = 5\nknown = { 7 = 1 }\n"
+    )
+    with pytest.raises(JobFileError) as caught:
+        load_job_file(job)
+    problems = "\n".join(caught.value.problems)
+    assert "quorum must be an integer within 1..16" in problems
+    assert "max_replica" in problems and "max_replicas" in problems  # the suggestion
+    assert 'known is a table of slice index = "its right result"' in problems
+    job.write_text(
+        'module = "echo.wasm"\n[inputs]\nvalues = ["a"]\n'
+        "[redundancy]\nquorum = 1\nadaptive = true\n"
+    )
+    with pytest.raises(JobFileError, match="need a quorum of 2 or more"):
+        load_job_file(job)
+    job.write_text(
+        'module = "echo.wasm"\n[inputs]\nvalues = ["a"]\n'
+        '[redundancy]\nquorum = 2\nknown = { "3" = "x" }\n'
+    )
+    with pytest.raises(JobFileError, match=r"known\['3'\]: a slice index \(0..0\)"):
+        load_job_file(job)

@@ -420,6 +420,14 @@ class SQLStore:
             raise UnknownJob(f"no job {job_id}")
         return None if row[0] is None else (bytes(row[0]), str(row[1]))
 
+    def job_compare(self, job_id: str) -> tuple[bytes, str] | None:
+        row = self._db.execute(
+            "SELECT compare, compare_runtime FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id}")
+        return None if row[0] is None else (bytes(row[0]), str(row[1]))
+
     def datum(self, job_id: str, slice_: int) -> bytes:
         row = self._db.execute(
             "SELECT datum FROM slices WHERE job=? AND idx=?", (job_id, slice_)
@@ -1330,21 +1338,33 @@ class SQLStore:
             f"{'' if input_ is None else ' AND replica_of=?'} ORDER BY replica_of, idx",
             params,
         )
-        return [
-            ReplicaRecord(
-                job=r[0],
-                input=r[1],
-                slice=r[2],
-                state=r[3],
-                worker=r[4],
-                payment_address=r[5],
-                result=None if r[6] is None else bytes(r[6]),
-                vote=r[7],
-                accepted_at=r[8],
-                error_code=r[9],
-            )
-            for r in rows
-        ]
+        return [self._replica(r) for r in rows]
+
+    def disagreements(self, address: str, limit: int = 20) -> list[ReplicaRecord]:
+        """The last replicas of ``address`` (an identity or a payment address) that were
+        outvoted or caught, newest first."""
+        rows = self._db.execute(
+            "SELECT job, replica_of, idx, state, worker, payment_address, result, vote,"
+            " accepted_at, error_code FROM slices WHERE vote='disagreed'"
+            " AND (lower(worker)=? OR lower(payment_address)=?) ORDER BY accepted_at DESC LIMIT ?",
+            (address.lower(), address.lower(), limit),
+        )
+        return [self._replica(r) for r in rows]
+
+    @staticmethod
+    def _replica(r: Sequence[Any]) -> ReplicaRecord:
+        return ReplicaRecord(
+            job=r[0],
+            input=r[1],
+            slice=r[2],
+            state=r[3],
+            worker=r[4],
+            payment_address=r[5],
+            result=None if r[6] is None else bytes(r[6]),
+            vote=r[7],
+            accepted_at=r[8],
+            error_code=r[9],
+        )
 
     def vote_representatives(self, job_id: str, slice_: int) -> list[tuple[str, bytes]]:
         """For the replica ``slice_`` of a replicated job: the known answer of its slice (if
