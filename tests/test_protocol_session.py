@@ -132,8 +132,10 @@ def test_anything_but_hello_first_ends_the_session(frame: bytes, code: str, fata
     assert session.data_to_send() == [] and session.receive(frame) == []
 
 
-@pytest.mark.parametrize(("code", "fatal"), [("auth_failed", True), ("internal", False)])
-def test_an_error_instead_of_welcome_is_a_refusal_fatal_only_for_auth(
+@pytest.mark.parametrize(
+    ("code", "fatal"), [("auth_failed", True), ("blocked", True), ("internal", False)]
+)
+def test_an_error_instead_of_welcome_is_a_refusal_fatal_only_for_auth_and_blocks(
     code: str, fatal: bool
 ) -> None:
     session = _session()

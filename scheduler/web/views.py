@@ -31,7 +31,7 @@ PAGE_SLICES = 50
 #: Ledger entries the ledger page shows (the newest).
 LEDGER_ROWS = 200
 #: A slice's states in the order the pages show them.
-STATES = ("queued", "leased", "done", "failed", "cancelled")
+STATES = ("queued", "leased", "voting", "done", "failed", "cancelled")
 #: Rows the overview shows of each table (the newest jobs); it says how many it left out.
 OVERVIEW_ROWS = 200
 #: Refusal rows a job page shows (the latest).
