@@ -24,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, median, pipeline, report  # noqa: E402
 
+#: Items in a round at most (``--quick``: 200, the smoke test's few seconds).
+MOST = 2000
+
 
 def values(size: int, tag: str) -> list[str]:
-    """Items of ``size`` bytes each, as many as keeps a round near 32 MiB (at most 2,000)."""
-    n = max(100, min(2000, (32 << 20) // size))
+    """Items of ``size`` bytes each, as many as keeps a round near 32 MiB (at most MOST)."""
+    n = max(min(100, MOST), min(MOST, (32 << 20) // size))
     return [f"{tag}-{k}-".ljust(size, "x")[:size] for k in range(n)]
 
 
@@ -124,7 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     counts, sizes = [1, 2, 4], [16, 1024, 16384, 65536]
     if args.quick:
-        counts, sizes, args.rounds = [2], [16, 4096], 1
+        global MOST
+        counts, sizes, args.rounds, MOST = [2], [16, 4096], 1, 200
     by_sandboxes: dict[str, dict[int, float]] = {"ours": {}, "dask": {}}
     by_size: dict[str, dict[int, float]] = {"ours": {}, "dask": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -109,6 +109,11 @@ _OPTION_NAMES = {
 )
 @click.option("--grace-seconds", type=click.FloatRange(min=0.1), help="Bound of a graceful stop.")
 @click.option(
+    "--busy-retry-seconds",
+    type=click.FloatRange(min=0.1),
+    help="While the evaluator manager holds work: ask it again this often (default 5).",
+)
+@click.option(
     "--join",
     "join",
     multiple=True,

@@ -92,6 +92,8 @@ class WorkerConfig:
     prefetch: int = -1
     state_dir: str = "~/.local/state/dcp-worker"
     grace_seconds: float = 30.0
+    # While an evaluator manager holds work (the machine is busy): how often to ask it again.
+    busy_retry_seconds: float = 5.0
     reconnect_max_delay: float = 30.0
     max_wall_seconds: float = 300.0
     max_memory_bytes: int = 1024 * 1024 * 1024
@@ -204,6 +206,7 @@ class WorkerConfig:
             ("max_sandboxes", self.max_sandboxes >= 0, "must be >= 0 (0: no cap)"),
             ("prefetch", self.prefetch >= -1, "must be >= -1"),
             ("grace_seconds", self.grace_seconds > 0, "must be > 0"),
+            ("busy_retry_seconds", self.busy_retry_seconds > 0, "must be > 0"),
             ("reconnect_max_delay", self.reconnect_max_delay > 0, "must be > 0"),
             ("max_wall_seconds", self.max_wall_seconds > 0, "must be > 0"),
             ("max_memory_bytes", self.max_memory_bytes > 0, "must be > 0"),

@@ -113,8 +113,6 @@ _SUBMIT_WINDOW = 8  # result frames in flight (each up to 256 results, max_frame
 _IDLE_POLL = 1.0
 #: How long the scheduler may hold an empty fetch (long poll) before answering.
 _LONG_POLL = 10.0
-#: How often a busy machine's evaluator manager is asked again.
-_BUSY_BACKOFF = 5.0
 _OUTBOX_RETRY = 2.0
 _CLOSE_SECONDS = 2.0
 _CLOSE_RESERVE = 5.0  # evaluators 2 s + session 2 s + the last commit
@@ -468,7 +466,7 @@ class Supervisor:
                     return False
                 self.state.handle(MachineBusy(exc.message))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _BUSY_BACKOFF)
+                    await asyncio.wait_for(self._stopping.wait(), self.config.busy_retry_seconds)
                 if self._stopping.is_set():
                     await self._close()
                     return self._unsent == 0
@@ -733,13 +731,13 @@ class Supervisor:
                 w.cancel()
 
     async def _wait_machine_free(self) -> None:
-        """While the machine is busy: ask the manager again every _BUSY_BACKOFF s (a describe
+        """While the machine is busy: ask the manager again every ``busy_retry_seconds`` (a describe
         on a connection of its own, beside the runners'), until it serves one or the worker
         stops."""
         probe = self.sandboxes[0].spare()
         while self.state.machine_busy and not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), _BUSY_BACKOFF)
+                await asyncio.wait_for(self._stopping.wait(), self.config.busy_retry_seconds)
             if self._stopping.is_set():
                 return
             try:

@@ -64,7 +64,15 @@ def test_a_held_manager_makes_the_worker_wait_not_refuse(
     state = tmp_path / "worker-state"
     with ComputeClient(scheduler.url, make_keystore("owner").identity) as client:
         first = client.deploy(job_file(tmp_path, "first", PUZZLE, ["a", "b", "c"], ["12"]))
-        worker = workers(scheduler.url, make_keystore("w"), 2, "--evaluator", str(path))
+        worker = workers(
+            scheduler.url,
+            make_keystore("w"),
+            2,
+            "--evaluator",
+            str(path),
+            "--busy-retry-seconds",
+            "0.2",  # ask the held manager again soon: the test waits for its answers
+        )
         # 1. Held from the start: the worker waits (it used to exit 6, "describe got error"),
         # says why, and asks the manager again; nothing is leased meanwhile.
         wait_for(_held(state, "load_high"), 30)
