@@ -162,34 +162,7 @@ class VerifierPool:
         ends the verification unrun (the result's lease went stale while it waited).
         """
         spec = verifier_spec(job, runtime, verifier, argv, len(datum))
-        sandbox = await self._acquire(owner)
-        try:
-            if started is not None:
-                started()
-            self._runs += 1
-            said, _metrics = await sandbox.run(spec, self.limits, datum + result, 0)
-            if runtime != "wasm" and said != b"1":
-                return Verdict(
-                    False,
-                    ErrorCode.RESULT_REJECTED.value,
-                    "the job's verifier rejected the result (verify returned no True)",
-                )
-        except SliceFailure as exc:
-            if exc.code == ErrorCode.WASM_EXIT.value and runtime == "wasm":
-                return Verdict(
-                    False,
-                    ErrorCode.RESULT_REJECTED.value,
-                    f"the job's verifier rejected the result ({exc.message})",
-                )
-            log.warning("verifier of job %s failed: %s", job, exc)
-            return Verdict(
-                False,
-                ErrorCode.VERIFIER_FAILED.value,
-                f"the job's verifier failed: {exc.code}: {exc.message}",
-            )
-        finally:
-            self._release(owner, sandbox)
-        return Verdict(True)
+        return await self._judge(spec, datum + result, owner, started, "verifier", "verify")
 
     async def compare(
         self,
@@ -203,20 +176,49 @@ class VerifierPool:
         runtime: str = "wasm",
     ) -> Verdict:
         """Whether the job's comparison function says ``first`` and ``second`` agree (``ok``),
-        in a sandbox once ``owner`` has its turn; a function that fails says they do not
+        in a sandbox once ``owner`` has its turn; one that fails says they do not
         (``verifier_failed``, logged)."""
         spec = verifier_spec(job, runtime, compare, argv, len(datum), len(first))
+        return await self._judge(
+            spec, datum + first + second, owner, None, "comparison function", "compare"
+        )
+
+    async def _judge(
+        self,
+        spec: JobSpec,
+        stdin: bytes,
+        owner: str,
+        started: Callable[[], object] | None,
+        what: str,
+        function: str,
+    ) -> Verdict:
+        """Run a verifier or comparison function once ``owner`` has its turn: a wasm command
+        says yes by exiting 0, source by returning True (the adapters' ``b"1"``)."""
         sandbox = await self._acquire(owner)
         try:
+            if started is not None:
+                started()
             self._runs += 1
-            said, _metrics = await sandbox.run(spec, self.limits, datum + first + second, 0)
-            if runtime != "wasm" and said != b"1":
-                return Verdict(False, ErrorCode.RESULT_REJECTED.value, "they differ")
+            said, _metrics = await sandbox.run(spec, self.limits, stdin, 0)
+            if spec.runtime != "wasm" and said != b"1":
+                return Verdict(
+                    False,
+                    ErrorCode.RESULT_REJECTED.value,
+                    f"the job's {what} said no ({function} returned no True)",
+                )
         except SliceFailure as exc:
-            if exc.code == ErrorCode.WASM_EXIT.value and runtime == "wasm":
-                return Verdict(False, ErrorCode.RESULT_REJECTED.value, "they differ")
-            log.warning("comparison function of job %s failed: %s", job, exc)
-            return Verdict(False, ErrorCode.VERIFIER_FAILED.value, f"{exc.code}: {exc.message}")
+            if exc.code == ErrorCode.WASM_EXIT.value and spec.runtime == "wasm":
+                return Verdict(
+                    False,
+                    ErrorCode.RESULT_REJECTED.value,
+                    f"the job's {what} said no ({exc.message})",
+                )
+            log.warning("%s of job %s failed: %s", what, spec.job, exc)
+            return Verdict(
+                False,
+                ErrorCode.VERIFIER_FAILED.value,
+                f"the job's {what} failed: {exc.code}: {exc.message}",
+            )
         finally:
             self._release(owner, sandbox)
         return Verdict(True)

@@ -60,8 +60,17 @@ def replicated(
     )
 
 
-def submit(store: Store, worker: str, lease: Lease, result: bytes, now: float = 1.0) -> str:
-    row = ResultRow(lease.job, lease.slice, lease.token, result, worker, "00" * 65, Metrics())
+def submit(
+    store: Store,
+    worker: str,
+    lease: Lease,
+    result: bytes,
+    now: float = 1.0,
+    payee: str | None = None,
+) -> str:
+    row = ResultRow(
+        lease.job, lease.slice, lease.token, result, payee or worker, "00" * 65, Metrics()
+    )
     return store.accept_result(worker, row, now)[0]
 
 
@@ -101,10 +110,15 @@ def test_two_workers_agree_and_both_are_paid(store: Store) -> None:
     assert submit(store, WORKERS[0], a, b"42") == "accepted"
     assert store.slices(job)[0].state == "voting"
     assert store.balance(WORKERS[0]) == 0  # a vote is not paid until its slice is agreed
-    assert submit(store, WORKERS[1], b, b"42") == "accepted"
+    assert submit(store, WORKERS[1], b, b"42", payee=WORKERS[7]) == "accepted"
     (s,) = store.slices(job)
     assert (s.state, s.result, s.needed) == ("done", b"42", 2)
-    assert store.balance(WORKERS[0]) == store.balance(WORKERS[1]) == OFFER
+    assert store.balance(WORKERS[0]) == store.balance(WORKERS[7]) == OFFER
+    assert store.balance(WORKERS[1]) == 0  # paid to the address its result named
+    payee = store.payee(WORKERS[7])
+    assert payee is not None and (payee.valid, payee.earned_micro) == (1, OFFER)
+    identity = store.worker(WORKERS[1])
+    assert identity is not None and (identity.valid, identity.earned_micro) == (1, OFFER)
     assert store.job(job).state == "finished"
     w = store.worker(WORKERS[0])
     assert w is not None and (w.valid, w.invalid, w.consecutive_valid) == (1, 0, 1)

@@ -1151,7 +1151,7 @@ class SQLStore:
                 " WHERE job=? AND idx=?",
                 (policy.first_replicas(), job_id, idx),
             )
-            _votes.make_replicas(db, job_id, idx, policy.first_replicas(), self._lock())
+            _votes.make_replicas(db, job_id, idx, policy.first_replicas())
         db.execute(
             "UPDATE jobs SET state='active', finished=NULL, remaining=remaining+?"
             " WHERE id=? AND state!='cancelled'",

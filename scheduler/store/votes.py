@@ -43,7 +43,7 @@ def parse_redundancy(raw: str | None) -> Redundancy | None:
     return Redundancy(**json.loads(raw))
 
 
-def make_replicas(db: Connection, job_id: str, input_: int, n: int, lock: str) -> list[int]:
+def make_replicas(db: Connection, job_id: str, input_: int, n: int) -> list[int]:
     """Insert ``n`` queued replicas of ``input_`` (the job's next slice indices, past its
     inputs), copying its datum; their indices."""
     (first,) = db.execute(
@@ -59,37 +59,24 @@ def make_replicas(db: Connection, job_id: str, input_: int, n: int, lock: str) -
     return indices
 
 
-def _reputation(db: Connection, address: str, good: bool, earned: int, workers: bool) -> None:
-    """One vote's verdict on an identity (``workers``) or a payment address: a validated result
-    adds to the streak, an outvoted one ends it."""
-    table = "workers" if workers else "payees"
-    if good:
-        change = "valid = t.valid + 1, consecutive_valid = t.consecutive_valid + 1"
-    else:
-        change = "invalid = t.invalid + 1, consecutive_valid = 0"
-    if workers:
-        db.execute(
-            f"UPDATE workers AS t SET {change}, earned_micro = t.earned_micro + ? WHERE address=?",
-            (earned, address),
-        )
-        return
+def _verdict(db: Connection, worker: str, payee: str, good: bool | None, earned: int) -> None:
+    """A vote's outcome for its identity and its payment address: paid ``earned``; validated
+    (``good``: their runs grow), outvoted or caught (``False``: their runs end), or neither
+    (``None``: a result that stood alone on trust). The identity's row exists: it logged in."""
+    change = {
+        True: "valid = t.valid + 1, consecutive_valid = t.consecutive_valid + 1, ",
+        False: "invalid = t.invalid + 1, consecutive_valid = 0, ",
+        None: "",
+    }[good]
     db.execute(
-        f"INSERT INTO {table} AS t (address, valid, invalid, consecutive_valid, earned_micro)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET "
-        f"{change}, earned_micro = t.earned_micro + excluded.earned_micro",
-        (address, int(good), int(not good), int(good), earned),
-    )
-
-
-def _paid(db: Connection, address: str, earned: int) -> None:
-    """A result trusted alone was paid: earnings, no verdict."""
-    db.execute(
-        "UPDATE workers SET earned_micro = earned_micro + ? WHERE address=?", (earned, address)
+        f"UPDATE workers AS t SET {change}earned_micro = t.earned_micro + ? WHERE address=?",
+        (earned, worker),
     )
     db.execute(
-        "INSERT INTO payees AS t (address, earned_micro) VALUES (?, ?) ON CONFLICT(address)"
-        " DO UPDATE SET earned_micro = t.earned_micro + excluded.earned_micro",
-        (address, earned),
+        "INSERT INTO payees AS t (address, valid, invalid, consecutive_valid, earned_micro)"
+        f" VALUES (?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET {change}"
+        "earned_micro = t.earned_micro + excluded.earned_micro",
+        (payee, int(good is True), int(good is False), int(good is True), earned),
     )
 
 
@@ -157,7 +144,7 @@ def decide(
     caught: set[str] = set()
     if isinstance(decision, Replicate | Wait):
         if isinstance(decision, Replicate):
-            make_replicas(db, job_id, input_, decision.n, lock)
+            make_replicas(db, job_id, input_, decision.n)
         db.executemany(
             "UPDATE slices SET vote='disagreed' WHERE job=? AND idx=?",
             [(job_id, i) for i in decision.losing],
@@ -192,11 +179,7 @@ def decide(
             r = by_idx[idx]
             worker, payee = r[2].lower(), r[3].lower()
             _ledger.move(db, "payment", f"escrow:{job_id}", payee, offer, now, job_id, idx)
-            if checked:
-                _reputation(db, worker, True, offer, workers=True)
-                _reputation(db, payee, True, offer, workers=False)
-            else:
-                _paid(db, worker, offer)
+            _verdict(db, worker, payee, True if checked else None, offer)
         first = by_idx[decision.agreeing[0]]
         db.execute(
             "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
@@ -204,7 +187,8 @@ def decide(
             (SliceState.DONE.value, first[6], first[7], first[3], first[8], now, first[2])
             + (job_id, input_),
         )
-        marks = [("agreed", i) for i in decision.agreeing]
+        marks = [("agreed", i) for i in paid]
+        marks += [("spare", i) for i in decision.agreeing[len(paid) :]]
         marks += [("disagreed", i) for i in decision.losing]
         db.executemany(
             "UPDATE slices SET vote=? WHERE job=? AND idx=?",
@@ -220,8 +204,7 @@ def decide(
     again: set[int] = set()
     for worker in caught:
         r = next(r for r in rows if r[2] == worker)
-        _reputation(db, worker.lower(), False, 0, workers=True)
-        _reputation(db, (r[3] or worker).lower(), False, 0, workers=False)
+        _verdict(db, worker.lower(), (r[3] or worker).lower(), False, 0)
         # The liar's unsettled credit on this job: its votes still pending count no more.
         forfeited = db.execute(
             "UPDATE slices SET vote='forfeit' WHERE job=? AND worker=? AND replica_of IS NOT NULL"
