@@ -362,3 +362,40 @@ def test_a_job_file_s_redundancy_table_becomes_the_document_s(tmp_path: Path) ->
     )
     with pytest.raises(JobFileError, match=r"known\['3'\]: a slice index \(0..0\)"):
         load_job_file(job)
+
+
+def test_two_replicas_of_the_scheduler_deciding_one_slice_at_once_decide_it_once(
+    pg_db: str,
+) -> None:
+    from scheduler import PostgresStore
+    from tests.test_replicas_store import together
+
+    a, b = PostgresStore(pg_db), PostgresStore(pg_db)
+    try:
+        a.mint(OWNER, 1000 * MICRO, 0.0)
+        job = a.create_job(replicated(30, max_replicas=2), 0.0)
+        first = a.lease(WORKERS[0], 30, 0.0, 60.0, payee=WORKERS[0])
+        second = b.lease(WORKERS[1], 30, 0.0, 60.0, payee=WORKERS[1])
+        assert len(first) == len(second) == 30
+
+        def rows(worker: str, leases: list[Lease]) -> list[ResultRow]:
+            return [
+                ResultRow(x.job, x.slice, x.token, b"same", worker, "00" * 65, Metrics())
+                for x in leases
+            ]
+
+        # Each scheduler takes one worker's batch, in opposite orders: every slice's two
+        # votes meet in two transactions at once.
+        outcomes = together(
+            lambda: a.accept_results(WORKERS[0], rows(WORKERS[0], first), 1.0),
+            lambda: b.accept_results(WORKERS[1], rows(WORKERS[1], second)[::-1], 1.0),
+        )
+        for batch in outcomes:
+            assert not isinstance(batch, Exception), batch
+        assert {s.state for s in a.slices(job)} == {"done"}
+        assert a.balance(WORKERS[0]) == a.balance(WORKERS[1]) == 30 * OFFER
+        assert a.job(job).state == "finished"
+        check_books(a)
+    finally:
+        a.close()
+        b.close()
