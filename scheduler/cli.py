@@ -813,7 +813,9 @@ def workers_show(db: str, address: str, as_json: bool) -> None:
     click.echo(f"{address}" + (f"  BLOCKED: {out['blocked']}" if out["blocked"] else ""))
     for part in ("worker", "payee"):
         if part in out:
-            fields = " ".join(f"{k}={v}" for k, v in out[part].items())
+            fields = " ".join(
+                f"{k}={_when(v) if k.endswith('_seen') else v}" for k, v in out[part].items()
+            )
             click.echo(f"  as {'identity' if part == 'worker' else 'payment address'}: {fields}")
     for d in out["disagreements"]:
         click.echo(f"  outvoted on job {d['job']} slice {d['slice']} (replica {d['replica']})")
@@ -839,6 +841,11 @@ def workers_unblock(db: str, address: str) -> None:
         click.echo(f"dcp-scheduler: {address} is not blocked", err=True)
         sys.exit(EXIT_UNKNOWN_JOB)
     click.echo(f"unblocked {address}")
+
+
+def _when(at: float) -> str:
+    """A Unix time as the admin commands print it (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def _shown(value: str) -> str:
