@@ -102,6 +102,7 @@ _REDUNDANCY_FILE_KEYS = (
     "max_replicas",
     "adaptive",
     "spot_check_rate",
+    "distinct_networks",
     "compare",
     "known",
 )
@@ -345,6 +346,10 @@ def _check_redundancy(
     if not isinstance(adaptive, bool):
         problems.append(("redundancy.adaptive", "adaptive is true or false"))
         adaptive = False
+    apart = raw.get("distinct_networks", False)
+    if not isinstance(apart, bool):
+        problems.append(("redundancy.distinct_networks", "distinct_networks is true or false"))
+        apart = False
     rate = raw.get("spot_check_rate", 0.0)
     if (
         isinstance(rate, bool)
@@ -393,7 +398,7 @@ def _check_redundancy(
             ("redundancy.quorum", "adaptive, compare and known need a quorum of 2 or more")
         )
     return (
-        Redundancy(quorum, max_replicas, adaptive, float(rate)),
+        Redundancy(quorum, max_replicas, adaptive, float(rate), apart),
         compare,
         runtime,
         known,

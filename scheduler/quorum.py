@@ -25,6 +25,7 @@ Rules, in order (each is a reason a result counts or not):
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ __all__ = [
     "TRUST_AFTER",
     "Vote",
     "Wait",
+    "network_of",
     "tally",
     "trusted",
 ]
@@ -58,6 +60,8 @@ class Redundancy:
     max_replicas: int = 1
     adaptive: bool = False
     spot_check_rate: float = 0.0
+    #: Replicas of one slice also go to distinct networks (:func:`network_of`).
+    distinct_networks: bool = False
 
     @property
     def replicated(self) -> bool:
@@ -181,6 +185,20 @@ def tally(
     if out:
         return Wait()
     return Fail("no_quorum")
+
+
+def network_of(address: str) -> str:
+    """The network a worker connects from, as redundancy tells networks apart: an IPv4
+    address's /24, an IPv6 address's /48 (a site's usual allocation; an IPv4-mapped one is its
+    IPv4 address); anything else (a Unix socket, no address) is itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def trusted(consecutive_valid: int, draw: float, spot_draw: float, spot_check_rate: float) -> bool:

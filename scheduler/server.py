@@ -45,6 +45,7 @@ from .limits import (
     Ticket,
     UnauthenticatedConnections,
 )
+from .quorum import network_of
 from .session import Dispatcher, Park, WorkerSession
 from .specs import JobSpecs
 from .store import PeerNotifier, Store, StoreError
@@ -351,7 +352,7 @@ class Scheduler:
             async with send_lock:
                 await ws.send_str(encode(message).decode())
 
-        session = self.dispatcher.open()
+        session = self.dispatcher.open(network_of(request.remote or ""))
         self._live[session.id] = session
         self._sockets.add(ws)
         self.sessions += 1

@@ -74,6 +74,8 @@ class WorkerSession:
     challenge: str
     address: str = ""
     payment_address: str = ""
+    #: Where it connects from (scheduler/quorum.py's network_of), for distinct replicas.
+    network: str = ""
     parked: bool = False  # a long-poll fetch is waiting
     groups: frozenset[str] = frozenset()
     leave_public_group: bool = False
@@ -148,9 +150,11 @@ class Dispatcher:
         self.acceptance = acceptance
         self.wakeups = wakeups
 
-    def open(self) -> WorkerSession:
-        """A new session with its own id and challenge."""
-        return WorkerSession(id=secrets.token_hex(8), challenge=secrets.token_hex(32))
+    def open(self, network: str = "") -> WorkerSession:
+        """A new session with its own id and challenge, from ``network``."""
+        return WorkerSession(
+            id=secrets.token_hex(8), challenge=secrets.token_hex(32), network=network
+        )
 
     def hello(self, session: WorkerSession) -> HelloMsg:
         """The session's first frame: the challenge its ``auth`` must sign."""
@@ -361,6 +365,7 @@ class Dispatcher:
             eligible,
             max_held=self.config.max_leases_per_worker,
             payee=session.payment_address,
+            network=session.network,
         )
         known = set(message.known_jobs)
         slices = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -399,3 +400,27 @@ def test_two_replicas_of_the_scheduler_deciding_one_slice_at_once_decide_it_once
     finally:
         a.close()
         b.close()
+
+
+def test_networks_are_told_apart_by_their_24_or_48_bit_prefix() -> None:
+    from scheduler.quorum import network_of
+
+    assert network_of("192.0.2.7") == network_of("192.0.2.200") == "192.0.2.0/24"
+    assert network_of("192.0.3.7") != network_of("192.0.2.7")
+    assert network_of("::ffff:192.0.2.9") == "192.0.2.0/24"
+    assert network_of("2001:db8:1:2::5") == network_of("2001:db8:1:ffff::1") == "2001:db8:1::/48"
+    assert network_of("") == "" and network_of("unix") == "unix"
+
+
+def test_distinct_networks_keep_one_network_to_one_replica_of_a_slice(store: Store) -> None:
+    job = replace(replicated(), redundancy=Redundancy(2, 4, distinct_networks=True))
+    store.create_job(job, 0.0)
+    here, there = "192.0.2.0/24", "198.51.100.0/24"
+    assert store.lease(WORKERS[0], 1, 0.0, 10.0, payee=WORKERS[0], network=here)
+    # Another identity and address on the same network: not this slice's second replica.
+    assert store.lease(WORKERS[1], 1, 0.0, 10.0, payee=WORKERS[1], network=here) == []
+    assert store.lease(WORKERS[1], 1, 0.0, 10.0, payee=WORKERS[1], network=there)
+    # Without distinct_networks, one network may compute every replica.
+    store.create_job(replicated(tag="any network"), 0.0)
+    assert store.lease(WORKERS[2], 1, 0.0, 10.0, payee=WORKERS[2], network=here)
+    assert store.lease(WORKERS[3], 1, 0.0, 10.0, payee=WORKERS[3], network=here)

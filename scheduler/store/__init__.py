@@ -363,9 +363,11 @@ class Store(Protocol):
         jobs: list[str] | None = None,
         max_held: int | None = None,
         payee: str | None = None,
+        network: str | None = None,
     ) -> list[Lease]:
-        """Queued slices for ``worker`` (paid to ``payee``): never a replica of a slice whose
-        other replica this identity or payment address holds or computed."""
+        """Queued slices for ``worker`` (paid to ``payee``, connected from ``network``): never a
+        replica of a slice whose other replica this identity or payment address holds or
+        computed, nor, where the job asks for distinct networks, this network."""
         ...
 
     def heartbeat(

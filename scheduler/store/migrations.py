@@ -321,6 +321,7 @@ ALTER TABLE jobs ADD COLUMN next_idx INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE slices ADD COLUMN replica_of INTEGER;
 ALTER TABLE slices ADD COLUMN needed INTEGER;
 ALTER TABLE slices ADD COLUMN payee TEXT;
+ALTER TABLE slices ADD COLUMN network TEXT;
 ALTER TABLE slices ADD COLUMN vote_key TEXT;
 ALTER TABLE slices ADD COLUMN vote TEXT;
 CREATE INDEX IF NOT EXISTS slices_by_input ON slices (job, replica_of, idx)

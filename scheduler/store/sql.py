@@ -93,15 +93,17 @@ ACTIVE_JOBS = (
     " INDEXED BY slices_by_state WHERE s.state='queued' AND s.job=j.id ORDER BY s.idx"
     " LIMIT 1) IS NOT NULL ORDER BY seq"
 )
-#: A replicated job's queued replicas that ``worker`` (paid to ``payee``) may lease: none of a
-#: slice whose other replica this identity or payment address holds or computed (params: job,
-#: worker, worker, payee, how many). The same worker's rows are read and skipped in Python
-#: past the first replica of each slice (one lease never takes two replicas of one slice).
+#: A replicated job's queued replicas that ``worker`` (paid to ``payee``, from ``network``) may
+#: lease: none of a slice whose other replica this identity or payment address holds or
+#: computed, or this network where the job asks for distinct networks (params: job, worker,
+#: worker, payee, payee, network or NULL, how many). Rows past the first replica of each slice
+#: are read and skipped in Python (one lease never takes two replicas of one slice).
 QUEUED_REPLICAS_OF_JOB = (
     "SELECT s.idx, s.attempts, s.datum, s.replica_of FROM slices s INDEXED BY slices_by_state"
     " WHERE s.state='queued' AND s.job=? AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
     " AND NOT EXISTS (SELECT 1 FROM slices r WHERE r.job=s.job AND r.replica_of=s.replica_of"
-    " AND r.idx != s.idx AND (lower(r.worker)=? OR r.payee=? OR lower(r.payment_address)=?))"
+    " AND r.idx != s.idx AND (lower(r.worker)=? OR r.payee=? OR lower(r.payment_address)=?"
+    " OR r.network=?))"
     " ORDER BY s.idx LIMIT ?"
 )
 #: The most values one ``IN (...)`` list binds (SQLite before 3.32 allowed 999 in all).
@@ -315,10 +317,6 @@ class SQLStore:
         if row is not None and row[0] == "finished" and row[1] > 0:
             self._refund(db, job_id, now)  # what no replica needed goes back at once
 
-    def _quorum(self, db: Connection, job_id: str) -> int:
-        policy = self._policy(db, job_id)[0]
-        return 1 if policy is None else policy.quorum
-
     def _inputs_of(
         self, db: Connection, keys: Iterable[tuple[str, int]]
     ) -> dict[tuple[str, int], int]:
@@ -497,11 +495,13 @@ class SQLStore:
         jobs: list[str] | None = None,
         max_held: int | None = None,
         payee: str | None = None,
+        network: str | None = None,
     ) -> list[Lease]:
         """Lease up to ``max_slices`` queued slices, oldest job first; only from ``jobs`` when
         given; never a slice whose last result from this worker was rejected; never so many
         that ``worker`` would hold more than ``max_held`` leases at once; never a replica of a
-        slice this identity or ``payee`` has another replica of."""
+        slice this identity or ``payee`` (or ``network``, where the job asks) has another replica
+        of."""
         if jobs is not None and not jobs:
             return []
         deadline = now + timeout
@@ -534,7 +534,7 @@ class SQLStore:
                 # every slice of the job (done ones included) and grew with its progress.
                 rows: Iterable[tuple[int, int, bytes]]
                 if replicated:
-                    rows = self._queued_replicas(db, job_id, who, pays, want)
+                    rows = self._queued_replicas(db, job_id, who, pays, network, want)
                 else:
                     rows = db.execute(
                         f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
@@ -542,25 +542,30 @@ class SQLStore:
                     )
                 for idx, attempts, datum in rows:
                     token = secrets.token_hex(16)
-                    updates.append((new_state, token, worker, deadline, now, pays, job_id, idx))
+                    updates.append(
+                        (new_state, token, worker, deadline, now, pays, network, job_id, idx)
+                    )
                     leases.append(
                         Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
                     )
             db.executemany(
                 "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?, payee=?,"
-                " attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
+                " network=?, attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
                 updates,
             )
         return leases
 
     def _queued_replicas(
-        self, db: Connection, job_id: str, who: str, pays: str, want: int
+        self, db: Connection, job_id: str, who: str, pays: str, network: str | None, want: int
     ) -> list[tuple[int, int, bytes]]:
-        """Up to ``want`` queued replicas of distinct slices that ``who`` (paid to ``pays``)
-        may compute, locked."""
+        """Up to ``want`` queued replicas of distinct slices that ``who`` (paid to ``pays``,
+        from ``network``) may compute, locked."""
+        policy = self._policy(db, job_id)[0]
+        assert policy is not None
+        apart = network if policy.distinct_networks and network else None
         rows = db.execute(
             f"{QUEUED_REPLICAS_OF_JOB}{self._lock('s')}{self.SKIP_LOCKED}",
-            (job_id, who, who, pays, pays, want * self._quorum(db, job_id)),
+            (job_id, who, who, pays, pays, apart, want * policy.quorum),
         ).fetchall()
         taken: set[int] = set()
         out = []
