@@ -248,7 +248,7 @@ def test_pause_job_on_the_page_gives_its_queued_slices_back_and_takes_no_more(
         state_dir=state,
     )
     wait_for(lambda: sock.exists() and _status(sock)["statistics"]["connected"], timeout=60)
-    prefixes = [f"p{i}" for i in range(4)]
+    prefixes = [f"p{i}" for i in range(3)]
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_file(tmp_path, "puzzle", PUZZLE, prefixes, ["22"], attempts=1))
 
