@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/breakdown.py
 	$(PY) benchmarks/plots.py
 	$(PY) benchmarks/interpreters.py
+	$(PY) benchmarks/cheaters.py
 
 ## Fault injection: kill workers, evaluators and the scheduler at random while jobs run, on
 ## SQLite, then on two PostgreSQL replicas (with the database's faults: killed backends, a

@@ -424,3 +424,21 @@ def test_distinct_networks_keep_one_network_to_one_replica_of_a_slice(store: Sto
     store.create_job(replicated(tag="any network"), 0.0)
     assert store.lease(WORKERS[2], 1, 0.0, 10.0, payee=WORKERS[2], network=here)
     assert store.lease(WORKERS[3], 1, 0.0, 10.0, payee=WORKERS[3], network=here)
+
+
+@given(st.integers(1, 1000), st.integers(1, 4))
+def test_replicas_of_one_slice_are_queued_apart_and_every_position_is_used_once(
+    total: int, per_input: int
+) -> None:
+    from scheduler.store.sql import REPLICA_SPREAD, replica_position
+
+    positions = {
+        (i, r): replica_position(i, r, total, per_input)
+        for i in range(total)
+        for r in range(per_input)
+    }
+    assert sorted(positions.values()) == list(range(total * per_input))
+    for i in range(total):
+        gaps = {positions[(i, r + 1)] - positions[(i, r)] for r in range(per_input - 1)}
+        block_length = min(REPLICA_SPREAD, total - i // REPLICA_SPREAD * REPLICA_SPREAD)
+        assert gaps <= {block_length}
