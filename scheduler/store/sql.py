@@ -101,7 +101,8 @@ ACTIVE_JOBS = (
 QUEUED_REPLICAS_OF_JOB = (
     "SELECT s.idx, s.attempts, s.datum, s.replica_of FROM slices s INDEXED BY slices_by_state"
     " WHERE s.state='queued' AND s.job=? AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
-    " AND NOT EXISTS (SELECT 1 FROM slices r WHERE r.job=s.job AND r.replica_of=s.replica_of"
+    " AND NOT EXISTS (SELECT 1 FROM slices r INDEXED BY slices_by_input WHERE r.job=s.job"
+    " AND r.replica_of IS NOT NULL AND r.replica_of=s.replica_of"
     " AND r.idx != s.idx AND (lower(r.worker)=? OR r.payee=? OR lower(r.payment_address)=?"
     " OR r.network=?))"
     " ORDER BY s.idx LIMIT ?"
