@@ -318,6 +318,36 @@ def _file_redundancy(spec: Any, base: Path, problems: list[_Problem]) -> dict[st
     return out
 
 
+def _program(
+    doc: dict[str, Any],
+    key: str,
+    prefix: str,
+    what: tuple[str, str],
+    problems: list[_Problem],
+) -> tuple[bytes | None, str]:
+    """A program the scheduler runs (a verifier, a comparison function): ``doc[key]`` in
+    base64, run by ``doc[key + "_runtime"]`` (wasm, the default, python or js); each fault
+    in ``problems`` under ``prefix + key``. ``what`` names it as a module and as source."""
+    runtime = doc.get(f"{key}_runtime", "wasm")
+    if runtime not in ("wasm", *SOURCE_RUNTIMES):
+        problems.append((f"{prefix}{key}_runtime", f"{key}_runtime is 'wasm', 'python' or 'js'"))
+        runtime = "wasm"
+    if key not in doc:
+        return None, runtime
+    try:
+        program = base64.b64decode(doc[key], validate=True)
+    except (binascii.Error, TypeError):
+        problems.append((f"{prefix}{key}", f"{key} must be a base64 string"))
+        return None, runtime
+    if runtime == "wasm":
+        why = _check_wasm(program, what[0])
+    else:
+        why = _check_source(program, what[1])
+    if why is not None:
+        problems.append((f"{prefix}{key}", why))
+    return program, runtime
+
+
 def _check_redundancy(
     raw: Any, slices: int
 ) -> tuple[Redundancy | None, bytes | None, str, dict[int, bytes], list[_Problem]]:
@@ -359,21 +389,9 @@ def _check_redundancy(
     ):
         problems.append(("redundancy.spot_check_rate", "spot_check_rate is a fraction, 0..1"))
         rate = 0.0
-    compare, runtime = None, raw.get("compare_runtime", "wasm")
-    if runtime not in ("wasm", *SOURCE_RUNTIMES):
-        problems.append(
-            ("redundancy.compare_runtime", "compare_runtime is 'wasm', 'python' or 'js'")
-        )
-        runtime = "wasm"
-    if "compare" in raw:
-        try:
-            compare = base64.b64decode(raw["compare"], validate=True)
-        except (binascii.Error, TypeError):
-            problems.append(("redundancy.compare", "compare must be a base64 string"))
-        else:
-            check = _check_wasm if runtime == "wasm" else _check_source
-            if (why := check(compare, "the comparison function")) is not None:
-                problems.append(("redundancy.compare", why))
+    compare, runtime = _program(
+        raw, "compare", "redundancy.", ("the comparison function",) * 2, problems
+    )
     known: dict[int, bytes] = {}
     raw_known = raw.get("known", {})
     if not isinstance(raw_known, dict):
@@ -607,23 +625,9 @@ def _check_document(
             }
     elif config:
         problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))
-    verifier = None
-    verifier_runtime = doc.get("verifier_runtime", "wasm")
-    if verifier_runtime not in ("wasm", *SOURCE_RUNTIMES):
-        problems.append(("verifier_runtime", "verifier_runtime is 'wasm', 'python' or 'js'"))
-        verifier_runtime = "wasm"
-    if "verifier" in doc:
-        try:
-            verifier = base64.b64decode(doc["verifier"], validate=True)
-        except (binascii.Error, TypeError):
-            problems.append(("verifier", "verifier must be a base64 string"))
-        else:
-            if verifier_runtime == "wasm":
-                why = _check_wasm(verifier, "the verifier")
-            else:
-                why = _check_source(verifier, "the verifier's source")
-            if why is not None:
-                problems.append(("verifier", why))
+    verifier, verifier_runtime = _program(
+        doc, "verifier", "", ("the verifier", "the verifier's source"), problems
+    )
     attempts = doc.get("max_attempts", 2)
     if (
         isinstance(attempts, bool)
