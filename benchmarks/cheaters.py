@@ -66,11 +66,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import ECHO, RESULTS, SQLITE, report  # noqa: E402
+from common import ECHO, RESULTS, SQLITE, report, signed_result  # noqa: E402
 from scale import CAPABILITIES, Logins  # noqa: E402
 
 from dcp_keys.identity import Identity  # noqa: E402
-from dcp_protocol import Ack, Error, Fetch, Metrics, Result, Work, signing  # noqa: E402
+from dcp_protocol import Ack, Error, Fetch, Metrics, SliceLease, Work  # noqa: E402
 from dcp_worker.connection import Session, SessionError  # noqa: E402
 from scheduler.client import ComputeClient, ComputeError  # noqa: E402
 from scheduler.jobdoc import job_document  # noqa: E402
@@ -197,12 +197,13 @@ class SimulatedWorker:
                     continue
                 self.known = tuple({*self.known, *(job.job for job in reply.jobs)})
                 for lease in reply.slices:
-                    await self.submit(lease.job, lease.slice, lease.token, lease.datum, tally)
+                    await self.submit(lease, tally)
         except SessionError:
             tally.lost_sessions += 1
 
-    async def submit(self, job: str, index: int, token: str, datum: bytes, tally: Tally) -> None:
+    async def submit(self, lease: SliceLease, tally: Tally) -> None:
         assert self.session is not None
+        datum = lease.datum
         held = time.monotonic()
         if self.hold:
             await asyncio.sleep(self.rng.uniform(0, 2 * self.hold))
@@ -211,20 +212,7 @@ class SimulatedWorker:
         metrics = Metrics(
             wall_seconds=time.monotonic() - held, bytes_in=len(datum), bytes_out=len(answer)
         )
-        address = self.identity.address
-        payload = signing.result_payload(job, index, token, answer, address)
-        ack = await self.session.request(
-            partial(
-                Result,
-                job=job,
-                slice=index,
-                token=token,
-                result=answer,
-                payment_address=address,
-                signature=self.identity.sign(payload),
-                metrics=metrics,
-            )
-        )
+        ack = await self.session.request(signed_result(self.identity, lease, answer, metrics))
         # Every slice computed and submitted is work done, whatever the reply: a stale_lease
         # (its slice reached its quorum meanwhile) was computed all the same.
         tally.submitted += 1

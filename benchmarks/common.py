@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(ROOT))
 
-from dcp_keys.identity import create_keystore  # noqa: E402
+from dcp_keys.identity import Identity, create_keystore  # noqa: E402
+from dcp_protocol import Metrics, Result, SliceLease, signing  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 from tests.postgres import Server, throwaway  # noqa: E402
@@ -381,3 +383,21 @@ def report(name: str, figures: dict[str, Any], save: bool) -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     print(line)
+
+
+def signed_result(
+    identity: Identity, lease: SliceLease, result: bytes, metrics: Metrics
+) -> partial[Result]:
+    """The ``result`` frame a simulated worker sends for ``lease``, signed by ``identity`` and
+    paid to its own address, as ``Session.request`` takes it (given its request id)."""
+    payload = signing.result_payload(lease.job, lease.slice, lease.token, result, identity.address)
+    return partial(
+        Result,
+        job=lease.job,
+        slice=lease.slice,
+        token=lease.token,
+        result=result,
+        payment_address=identity.address,
+        signature=identity.sign(payload),
+        metrics=metrics,
+    )

@@ -58,12 +58,13 @@ from common import (  # noqa: E402
     add_backend_options,
     backends,
     report,
+    signed_result,
 )
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 
 import dcp_protocol as p  # noqa: E402
 from dcp_keys.identity import Identity, create_keystore  # noqa: E402
-from dcp_protocol import Ack, Fetch, Metrics, Result, Work, signing  # noqa: E402
+from dcp_protocol import Ack, Fetch, Metrics, Work, signing  # noqa: E402
 from dcp_worker.connection import Session, SessionError, open_session  # noqa: E402
 from scheduler.client import ComputeClient  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
@@ -127,21 +128,7 @@ async def one_worker(
                     bytes_in=len(lease.datum),
                     bytes_out=len(lease.datum),
                 )
-                payload = signing.result_payload(
-                    lease.job, lease.slice, lease.token, lease.datum, identity.address
-                )
-                ack = await session.request(
-                    partial(
-                        Result,
-                        job=lease.job,
-                        slice=lease.slice,
-                        token=lease.token,
-                        result=lease.datum,
-                        payment_address=identity.address,
-                        signature=identity.sign(payload),
-                        metrics=metrics,
-                    )
-                )
+                ack = await session.request(signed_result(identity, lease, lease.datum, metrics))
                 if isinstance(ack, Ack) and ack.status == "accepted":
                     done[0] += 1
                 else:
