@@ -16,10 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcp_protocol import Limits, Metrics
+from dcp_protocol import Metrics
 from scheduler import Store, open_store
 from scheduler.quorum import TRUST_AFTER, Redundancy
 from scheduler.store import MICRO, Lease, NewJob, ResultRow, StaleLease
+from tests.test_store import new_job
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = "0x" + "01" * 20
@@ -44,18 +45,10 @@ def replicated(
     known: dict[int, bytes] | None = None,
     attempts: int = 2,
 ) -> NewJob:
-    return NewJob(
+    """tests/test_store.py's job (slices d0, d1, ...), paid, with redundancy."""
+    return replace(
+        new_job(n, attempts, tag, OFFER),
         owner=OWNER,
-        name="t",
-        runtime="wasm",
-        module=b"\x00asm",
-        module_sha256=hashlib.sha256(b"\x00asm").hexdigest(),
-        argv=(),
-        limits=Limits(),
-        offer_micro=OFFER,
-        data=tuple(f"d{i}".encode() for i in range(n)),
-        payload_sha256=hashlib.sha256(tag.encode()).hexdigest(),
-        max_attempts=attempts,
         redundancy=Redundancy(quorum, max_replicas, adaptive),
         known=known or {},
     )

@@ -63,16 +63,22 @@ async def work(url: str, identity: Identity, answer: Callable[[bytes], bytes], j
     submitted = 0
     try:
         while True:
+            # A long poll: an empty answer comes once the scheduler has had nothing for it
+            # for a second (replicas appear as results disagree), not at once.
             reply = await session.request(
-                partial(Fetch, max_slices=1, capabilities=CAPABILITIES, known_jobs=(job,))
+                partial(
+                    Fetch,
+                    max_slices=1,
+                    capabilities=CAPABILITIES,
+                    known_jobs=(job,),
+                    wait_seconds=1,
+                )
             )
             assert isinstance(reply, Work)
             if not reply.slices:
                 with ComputeClient(url) as anyone:
-                    state = anyone.jobs()
-                if not state:  # no active public job left
-                    return submitted
-                await asyncio.sleep(0.05)
+                    if not anyone.jobs():  # no active public job left
+                        return submitted
                 continue
             for lease in reply.slices:
                 result = answer(lease.datum)
