@@ -485,7 +485,7 @@ def _slice_json(s: SliceRecord) -> dict[str, Any]:
 def quorum_json(s: SliceRecord, replicas: list[ReplicaRecord]) -> dict[str, Any]:
     """A replicated slice's quorum state for its owner: agreeing results it needs, how many
     it has, and each replica with its vote and result (disagreeing ones kept to inspect)."""
-    votes = Counter(r.vote or ("pending" if r.state == "done" else r.state) for r in replicas)
+    votes = Counter(r.kind for r in replicas)
     return {
         "slice": s.slice,
         "state": s.state,

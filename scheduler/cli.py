@@ -566,8 +566,7 @@ def jobs_show(db: str, job: str, as_json: bool) -> None:
             click.echo(f"refused {r.count}x by {_shown(r.worker)}: {r.code} {r.message}")
     votes: dict[int, Counter[str]] = {}
     for replica in store.replicas(job) if record.redundancy else []:
-        vote = replica.vote or ("pending" if replica.state == "done" else replica.state)
-        votes.setdefault(replica.input, Counter())[vote] += 1
+        votes.setdefault(replica.input, Counter())[replica.kind] += 1
     after = -1
     while True:
         batch = store.slices(job, after, 1000)

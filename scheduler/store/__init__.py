@@ -222,6 +222,12 @@ class ReplicaRecord:
     accepted_at: float | None
     error_code: str | None = None
 
+    @property
+    def kind(self) -> str:
+        """How it counts in its slice's quorum state: its vote, or before one ``pending``
+        (its result is in) or its lease state (queued, leased, failed, cancelled)."""
+        return self.vote or ("pending" if self.state == "done" else self.state)
+
 
 @dataclass(frozen=True)
 class LedgerEntry:
