@@ -35,6 +35,7 @@ import hashlib
 import json
 import marshal
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -350,8 +351,23 @@ def find(directory: Path | None = None) -> dict[str, Path]:
     return {
         name: directory / spec.filename
         for name, spec in INTERPRETERS.items()
-        if (directory / spec.filename).is_file()
+        if _stat_file(directory / spec.filename)[0] is not None
     }
+
+
+def _stat_file(path: Path) -> tuple[os.stat_result | None, str]:
+    """``path``'s stat when it is a regular file, else None and why. Not being able to look
+    is a reason, not an error: an evaluator dropped to another user may not read the
+    directory its starter named (root's home, mode 0700, under the packaged manager)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None, "not installed"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return None, "not a regular file"
+    return info, ""
 
 
 def problem(runtime: str, directory: Path | None = None) -> str | None:
@@ -359,10 +375,13 @@ def problem(runtime: str, directory: Path | None = None) -> str | None:
     its pinned file), or None when it can."""
     spec = INTERPRETERS[runtime]
     path = (directory or interpreters_dir()) / spec.filename
-    if not path.is_file():
-        return f"not installed ({path}: dcp-worker interpreters install {runtime})"
-    info = path.stat()
-    actual = _sha256_of(str(path), info.st_size, info.st_mtime_ns)
+    info, why = _stat_file(path)
+    if info is None:
+        return f"{why} ({path}: dcp-worker interpreters install {runtime})"
+    try:
+        actual = _sha256_of(str(path), info.st_size, info.st_mtime_ns)
+    except OSError as exc:
+        return f"cannot be read ({path}: {exc.strerror or exc})"
     if actual != spec.sha256:
         return f"refused: {path} hashes to {actual}, not the pinned {spec.sha256}"
     return None

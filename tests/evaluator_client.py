@@ -13,12 +13,17 @@ from evaluator.interpreters import interpreters_dir
 
 
 class EvaluatorClient:
-    def __init__(self, preexec_fn: Callable[[], None] | None = None, cwd: str = "/") -> None:
+    def __init__(
+        self,
+        preexec_fn: Callable[[], None] | None = None,
+        cwd: str = "/",
+        interpreters: str | None = None,
+    ) -> None:
         """Start an evaluator in ``cwd``; ``preexec_fn`` runs in the child before exec
-        (rlimits, nice)."""
+        (rlimits, nice); ``interpreters``: the directory it is told to find them in."""
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "evaluator", "--stdio"]
-            + ["--interpreters", str(interpreters_dir())],
+            + ["--interpreters", interpreters or str(interpreters_dir())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -179,6 +179,24 @@ def test_describe_offers_each_verified_interpreter_as_its_runtime(
         assert runtimes[name]["in"] == "wasm"
 
 
+def test_an_interpreter_directory_it_cannot_read_is_not_offered_and_the_evaluator_lives(
+    tmp_path: Path,
+) -> None:
+    """The packaged manager named root's home (0700) to evaluators it runs as nobody: describe
+    died of the PermissionError, and so did every worker start. Any error of reading the
+    directory (here a name too long to stat, which root cannot bypass) withholds the runtime
+    and says why."""
+    unreadable = tmp_path / ("x" * 300)
+    runtime = InterpreterRuntime(WasmRuntime(), directory=unreadable, cache_dir=None)
+    assert runtime.available() == {}
+    evaluator = EvaluatorClient(interpreters=str(unreadable))
+    reply = evaluator.request(p.Describe(id=evaluator.next_id()))
+    assert isinstance(reply, p.Capabilities), reply
+    runtimes = reply.capabilities["runtimes"]
+    assert "python" not in runtimes and "js" not in runtimes and "wasm" in runtimes
+    assert evaluator.close() == 0
+
+
 def test_an_interpreter_that_is_not_its_pin_is_not_offered(installed: Path, tmp_path: Path) -> None:
     for path in find(installed).values():
         shutil.copy(path, tmp_path / path.name)
