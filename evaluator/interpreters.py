@@ -279,10 +279,17 @@ def interpreters_dir() -> Path:
     return Path(data) / "dcp-worker" / "interpreters"
 
 
-def compiled_cache_dir() -> Path:
-    """Where compiled interpreters are kept: ``$XDG_CACHE_HOME/dcp-worker/compiled``
-    (``~/.cache/...`` of this process's user: an evaluator's environment is empty)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+def compiled_cache_dir() -> Path | None:
+    """Where compiled modules (interpreters and jobs' modules) are kept:
+    ``$XDG_CACHE_HOME/dcp-worker/compiled`` (``~/.cache/...`` of this process's user: an
+    evaluator's environment is empty); None, no cache, for a user without a home (a uid the
+    password database does not know)."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    if not cache:
+        try:
+            cache = str(Path.home() / ".cache")
+        except RuntimeError:  # "Could not determine home directory."
+            return None
     return Path(cache) / "dcp-worker" / "compiled"
 
 

@@ -128,8 +128,10 @@ class Evaluator:
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
         self._runtime = WasmRuntime(self._on_progress, self._on_timeout)
+        #: Compiled modules (jobs' and interpreters') kept on disk across evaluators.
+        self._cache_dir = compiled_cache_dir()
         self._interpreters = InterpreterRuntime(
-            self._runtime, self._on_progress, interpreters, compiled_cache_dir()
+            self._runtime, self._on_progress, interpreters, self._cache_dir
         )
         prepare_codecs(Ack, Error, Progress, SliceDone)
         self._opencl = OpenCLRuntime()
@@ -298,7 +300,9 @@ class Evaluator:
             if message.runtime not in INTERPRETER_RUNTIMES:
                 self._interpreters.release()  # a warm interpreter serves one job only
             if message.runtime == "wasm":
-                self._runtime.compile(message.module, message.sha256, message.limits)
+                self._runtime.compile_cached(
+                    message.module, message.sha256, message.limits, self._cache_dir
+                )
             elif message.runtime in INTERPRETER_RUNTIMES:
                 self._interpreters.assign(
                     message.runtime, message.module, message.sha256, message.limits, message.job

@@ -61,6 +61,13 @@ _FORBIDDEN_WASI = frozenset(
 )
 _STDERR_CAP = 64 * 1024
 _CACHE_ENTRIES = 32
+#: Cranelift's optimisation level for every engine of the runtime.
+_OPT_LEVEL = "speed"
+#: The engine settings a serialised module was compiled with, in its cache file's name:
+#: a module compiled under other settings is never loaded.
+ENGINE_TAG = f"o{_OPT_LEVEL}"
+#: The on-disk cache of compiled modules is kept under this many bytes.
+DISK_CACHE_BYTES = 512 * 1024 * 1024
 _PAGE = 65536
 #: More subscriptions in one poll_oneoff call are refused (EINVAL): only stdin, stdout,
 #: stderr and clocks can be polled, and parsing them is not interruptible.
@@ -459,7 +466,7 @@ class WasmRuntime:
             config = wasmtime.Config()
             config.epoch_interruption = True
             config.consume_fuel = fuel
-            config.cranelift_opt_level = "speed"
+            config.cranelift_opt_level = _OPT_LEVEL
             engine = self._engines[fuel] = wasmtime.Engine(config)
         return engine
 
@@ -711,12 +718,15 @@ class WasmRuntime:
         return os.pread(fd, min(size - offset, _STDERR_CAP), offset)
 
     def compile_cached(
-        self, module_bytes: bytes, sha256: str, limits: Limits, directory: Path | None
+        self, module_bytes: bytes | None, sha256: str, limits: Limits, directory: Path | None
     ) -> None:
         """:meth:`compile`, through an on-disk cache of the compiled module in ``directory``
         (None: none): wasmtime's serialisation, keyed by the module's sha256, wasmtime's
         version and the engine's settings; written 0600, read only when its own checksum
-        holds (a truncated or altered file is compiled again and replaced)."""
+        holds (a truncated or altered file is compiled again and replaced). A module whose
+        bytes did not come (``module_bytes`` None) is served from the disk when it is there.
+        Only modules that compiled and passed every check are written, and the directory is
+        kept under :data:`DISK_CACHE_BYTES` (least recently used out)."""
         key = (sha256, limits.fuel is not None)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -725,13 +735,14 @@ class WasmRuntime:
             self.compile(module_bytes, sha256, limits)
             return
         engine = self._engine(limits.fuel is not None)
-        tag = f"{sha256[:32]}-{WASMTIME_VERSION}-{'fuel' if key[1] else 'epoch'}"
+        tag = f"{sha256[:32]}-{WASMTIME_VERSION}-{ENGINE_TAG}-{'fuel' if key[1] else 'epoch'}"
         path = directory / f"{tag}.cwasm"
         module = _read_serialized(engine, path)
         if module is None:
             self.compile(module_bytes, sha256, limits)
             with contextlib.suppress(OSError):  # not ours to write (another user's cache)
                 _write_serialized(self._cache[key].module, path)
+                _prune(directory, DISK_CACHE_BYTES, keep=path)
             return
         self._keep(key, _Compiled(module, self._linker(engine, module)))
 
@@ -908,9 +919,12 @@ def _read_serialized(engine: wasmtime.Engine, path: Path) -> wasmtime.Module | N
     if len(blob) < 32 or hashlib.sha256(body).digest() != digest:
         return None
     try:
-        return wasmtime.Module.deserialize(engine, body)
+        module = wasmtime.Module.deserialize(engine, body)
     except wasmtime.WasmtimeError:
         return None
+    with contextlib.suppress(OSError):  # recently used (its access time): pruning keeps it
+        os.utime(path, ns=(time.time_ns(), info.st_mtime_ns))
+    return module
 
 
 def _write_serialized(module: wasmtime.Module, path: Path) -> None:
@@ -921,6 +935,27 @@ def _write_serialized(module: wasmtime.Module, path: Path) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(hashlib.sha256(body).digest() + body)
     os.replace(partial, path)
+
+
+def _prune(directory: Path, budget: int, keep: Path) -> None:
+    """Remove the least recently used ``*.cwasm`` files of ``directory`` (by access time,
+    which :func:`_read_serialized` sets) until the rest fit in ``budget`` bytes (``keep``,
+    just written, stays)."""
+    entries = []
+    for entry in os.scandir(directory):
+        if entry.name.endswith(".cwasm") and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                entries.append((info.st_atime_ns, info.st_size, entry.path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, name in sorted(entries):
+        if total <= budget:
+            break
+        if name == str(keep):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+            total -= size
 
 
 def probe_features() -> list[str]:

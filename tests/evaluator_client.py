@@ -18,16 +18,18 @@ class EvaluatorClient:
         preexec_fn: Callable[[], None] | None = None,
         cwd: str = "/",
         interpreters: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """Start an evaluator in ``cwd``; ``preexec_fn`` runs in the child before exec
-        (rlimits, nice); ``interpreters``: the directory it is told to find them in."""
+        (rlimits, nice); ``interpreters``: the directory it is told to find them in; ``env``
+        its environment (default: empty, as the worker starts it)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "evaluator", "--stdio"]
             + ["--interpreters", interpreters or str(interpreters_dir())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={},
+            env=env or {},
             cwd=cwd,
             preexec_fn=preexec_fn,
         )
@@ -70,6 +72,7 @@ class EvaluatorClient:
         runtime: str = "wasm",
         config: dict[str, object] | None = None,
         job: str = "job",
+        send_module: bool = True,
         **limits: object,
     ) -> p.Message:
         return self.request(
@@ -78,7 +81,7 @@ class EvaluatorClient:
                 job=job,
                 runtime=runtime,
                 sha256=hashlib.sha256(module).hexdigest(),
-                module=module,
+                module=module if send_module else None,
                 argv=argv,
                 limits=p.Limits(**limits),  # type: ignore[arg-type]
                 config=config or {},
