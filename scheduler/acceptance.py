@@ -203,7 +203,13 @@ class Acceptance:
         )
         if lease.state == "done":
             return lease, row  # a resubmission of the accepted result: acceptance says duplicate
-        problem = self._rules.problem(item.metrics, lease, len(item.result), now)
+        try:
+            spec = self.specs.get(item.job).spec
+        except StoreError as exc:
+            return Error(re=None, code=exc.code.value, message=str(exc))
+        problem = self._rules.problem(
+            item.metrics, lease, len(item.result), now, spec.runtime, spec.limits
+        )
         if problem is None:
             return lease, row
         return self._reject(worker, row, ErrorCode.METRICS_IMPLAUSIBLE.value, problem, now)

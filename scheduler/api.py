@@ -15,7 +15,9 @@ import base64
 import contextlib
 import functools
 import hashlib
+import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -223,7 +225,7 @@ class ComputeApi:
             return _error(402, exc.code, str(exc), missing=credits(exc.missing))
         self.wakeups.wake_work()
         log.info("job %s deployed by %s: %s, %d slices", job_id, job.owner, job.name, len(job.data))
-        return web.json_response({"job": job_id, "slices": len(job.data)}, status=201)
+        return _json_response({"job": job_id, "slices": len(job.data)}, status=201)
 
     @_answers_refusals
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -232,8 +234,8 @@ class ComputeApi:
         signer = await self._signer(request)
         jobs = self.store.list_jobs()
         if signer is not None:
-            return web.json_response({"jobs": [_job_json(j) for j in jobs if j.owner == signer]})
-        return web.json_response({"jobs": [_market_json(j) for j in market(jobs)]})
+            return _json_response({"jobs": [_job_json(j) for j in jobs if j.owner == signer]})
+        return _json_response({"jobs": [_market_json(j) for j in market(jobs)]})
 
     @_answers_refusals
     async def job(self, request: web.Request) -> web.Response:
@@ -247,7 +249,7 @@ class ComputeApi:
         for r in self.store.refusals(job_id):
             refusals[r.code] = refusals.get(r.code, 0) + r.count
         out["refusals"] = refusals
-        return web.json_response(out)
+        return _json_response(out)
 
     async def account(self, request: web.Request) -> web.Response:
         try:
@@ -255,7 +257,7 @@ class ComputeApi:
         except ValueError:
             return _error(400, ErrorCode.INVALID_MESSAGE, "not an address")
         micro = self.store.balance(address)
-        return web.json_response(
+        return _json_response(
             {"address": address, "balance": credits(micro), "balance_micro": micro}
         )
 
@@ -266,11 +268,15 @@ class ComputeApi:
         more slice becomes final."""
         job_id = request.match_info["job"]
         try:
-            after = int(request.query.get("after", "-1"))
+            after = slice_cursor(request.query.get("after", "-1"))
             limit = min(10_000, max(1, int(request.query.get("limit", "1000"))))
             wait = min(MAX_FETCH_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
-            return _error(400, ErrorCode.INVALID_MESSAGE, "after, limit and wait are numbers")
+            return _error(
+                400,
+                ErrorCode.INVALID_MESSAGE,
+                f"after is a slice index within -1..{MAX_SLICE_INDEX}; limit and wait are numbers",
+            )
         await self._check_reader(request, job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -286,7 +292,7 @@ class ComputeApi:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
-        return web.json_response(
+        return _json_response(
             {"job": job_id, "state": state, "slices": [_slice_json(s) for s in slices]}
         )
 
@@ -296,10 +302,14 @@ class ComputeApi:
         states and replicas; for the owner or a read token's bearer."""
         job_id = request.match_info["job"]
         try:
-            after = int(request.query.get("after", "-1"))
+            after = slice_cursor(request.query.get("after", "-1"))
             limit = min(100, max(1, int(request.query.get("limit", "100"))))
         except ValueError:
-            return _error(400, ErrorCode.INVALID_MESSAGE, "after and limit are numbers")
+            return _error(
+                400,
+                ErrorCode.INVALID_MESSAGE,
+                f"after is a slice index within -1..{MAX_SLICE_INDEX}; limit is a number",
+            )
         await self._check_reader(request, job_id)
         try:
             shown = [
@@ -308,7 +318,7 @@ class ComputeApi:
             ]
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
-        return web.json_response({"job": job_id, "slices": shown})
+        return _json_response({"job": job_id, "slices": shown})
 
     @_answers_refusals
     async def cancel(self, request: web.Request) -> web.Response:
@@ -316,7 +326,7 @@ class ComputeApi:
         await self._check_owner(request, job_id)
         n = self.store.cancel_job(job_id, time.time())
         self.wakeups.wake_results()
-        return web.json_response({"job": job_id, "cancelled_slices": n})
+        return _json_response({"job": job_id, "cancelled_slices": n})
 
     @_answers_refusals
     async def issue_token(self, request: web.Request) -> web.Response:
@@ -331,7 +341,7 @@ class ComputeApi:
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
         log.info("read token %s issued for job %s, expires in %g s", record.id, job_id, ttl)
-        return web.json_response(
+        return _json_response(
             {"job": job_id, "token": token, "token_id": record.id, "expires": record.expires},
             status=201,
         )
@@ -345,7 +355,7 @@ class ComputeApi:
                 404, ErrorCode.READ_TOKEN_INVALID, f"job {job_id} has no token {token_id}"
             )
         log.info("read token %s of job %s revoked", token_id, job_id)
-        return web.json_response({"job": job_id, "token_id": token_id, "revoked": True})
+        return _json_response({"job": job_id, "token_id": token_id, "revoked": True})
 
 
 def read_token_job(store: Store, token: str, now: float) -> str:
@@ -411,7 +421,32 @@ def _token_ttl(body: bytes) -> float:
 
 def _error(status: int, code: ErrorCode, message: str, **extra: Any) -> web.Response:
     body = {"code": code.value, "message": message, **extra}
-    return web.json_response({"error": body}, status=status)
+    return _json_response({"error": body}, status=status)
+
+
+#: The largest slice index a query may name (a job has far fewer slices; the databases'
+#: integers are 64-bit, and a larger number answered 500 from the SQL driver).
+MAX_SLICE_INDEX = 2**62
+
+
+def slice_cursor(text: str) -> int:
+    """A query's ``after``: a slice index, or -1 for "from the first".
+
+    Raises:
+        ValueError: not an integer, or outside -1..MAX_SLICE_INDEX.
+    """
+    value = int(text)
+    if not -1 <= value <= MAX_SLICE_INDEX:
+        raise ValueError(f"after {value} is outside -1..{MAX_SLICE_INDEX}")
+    return value
+
+
+def _json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
+    """A JSON answer, strictly JSON: a non-finite number is a bug here, never an
+    ``Infinity`` for a client's strict parser to choke on."""
+    return web.json_response(
+        data, status=status, dumps=functools.partial(json.dumps, allow_nan=False), **kwargs
+    )
 
 
 def _effective_wage(offer: float, cost: Metrics | None) -> dict[str, float | None] | None:
@@ -420,7 +455,10 @@ def _effective_wage(offer: float, cost: Metrics | None) -> dict[str, float | Non
         return None
 
     def per(amount: float) -> float | None:
-        return offer / amount if amount > 0 else None
+        if not amount > 0:
+            return None
+        wage = offer / amount
+        return wage if math.isfinite(wage) else None  # a claimed 1e-305 s: no wage to show
 
     return {
         "cpu_hour": per(cost.cpu_seconds / 3600),

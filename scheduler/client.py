@@ -297,10 +297,10 @@ class ComputeClient:
         self._need_identity()
         self._request("DELETE", f"/jobs/{job}/tokens/{token_id}")
 
-    def votes(self, job: str) -> Iterator[dict[str, Any]]:
-        """A replicated job's slices in order, each with its quorum state (``needed``, the
-        count of each vote) and its replicas (state, vote, worker, result in base64)."""
-        after = -1
+    def votes(self, job: str, after: int = -1) -> Iterator[dict[str, Any]]:
+        """A replicated job's slices in order (those after slice ``after``), each with its
+        quorum state (``needed``, the count of each vote) and its replicas (state, vote,
+        worker, result in base64)."""
         while True:
             reply = self._request("GET", f"/jobs/{job}/votes", params={"after": after})
             if not reply["slices"]:
@@ -309,15 +309,20 @@ class ComputeClient:
             after = reply["slices"][-1]["slice"]
 
     def results(
-        self, job: str, wait: bool = False, poll: float = 10.0, timeout: float | None = None
+        self,
+        job: str,
+        wait: bool = False,
+        poll: float = 10.0,
+        timeout: float | None = None,
+        after: int = -1,
     ) -> Iterator[SliceResult]:
-        """Results in slice order. With ``wait``, blocks until every slice is final.
+        """Results in slice order, from the slice after ``after`` (-1: the first). With
+        ``wait``, blocks until every slice is final.
 
         Args:
             poll: the longest the scheduler holds one request waiting for a result (long poll).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        after = -1
         while True:
             hold = 0.0
             if wait:

@@ -25,7 +25,20 @@ from typing import Any
 
 import wasmtime
 
-from dcp_protocol import DcpError, InvalidMessage, Limits, nesting
+from dcp_protocol import (
+    SCHEDULER_MESSAGES,
+    DcpError,
+    InvalidMessage,
+    JobSpec,
+    Limits,
+    ProtocolError,
+    SliceLease,
+    Work,
+    decode,
+    encode,
+    from_wire,
+    nesting,
+)
 from dcp_protocol.policy import validate_requirements
 from evaluator.opencl import validate_config
 
@@ -205,9 +218,38 @@ def _limits(raw: Any) -> tuple[Limits, list[_Problem]]:
     if problems:
         return Limits(), problems
     try:
-        return Limits(**raw), []
+        # As a worker decodes them: an integer field takes an integer within the wire's range
+        # (memory_bytes = 2**70 was deployed, and every work frame carrying it was refused).
+        return from_wire(Limits, raw, "limits"), []
     except (InvalidMessage, TypeError) as exc:
-        return Limits(), [("limits", f"limits: {exc}")]
+        return Limits(), [("limits", str(exc))]
+
+
+def _undeliverable(job: NewJob) -> str | None:
+    """Why a worker could not decode the ``work`` frame that carries ``job``'s spec (its
+    nesting, a value out of the wire's ranges), or None: checked at deploy, so no job the
+    scheduler accepts ends the sessions of the workers it is leased to."""
+    spec = JobSpec(
+        job="0" * 32,
+        runtime=job.runtime,
+        module=b"",
+        sha256=job.module_sha256,
+        argv=job.argv,
+        limits=job.limits,
+        name=job.name,
+        owner=job.owner,
+        group=job.group,
+        requirements=job.requirements,
+        config=job.config,
+    )
+    lease = SliceLease(
+        job=spec.job, slice=0, token="0", attempt=1, deadline=0.0, datum=b"", offer=0.0
+    )
+    try:
+        decode(encode(Work(re=1, slices=(lease,), jobs=(spec,))), SCHEDULER_MESSAGES)
+    except (ProtocolError, ValueError) as exc:
+        return f"a worker could not read this job's work frame: {exc}"
+    return None
 
 
 def _read(path: Path, key: str, what: str, problems: list[_Problem]) -> bytes | None:
@@ -679,28 +721,28 @@ def _check_document(
     problems.extend(found)
     if problems:
         return None, problems
-    return (
-        NewJob(
-            owner=owner,
-            name=name,
-            runtime=str(runtime),
-            module=module,
-            module_sha256=hashlib.sha256(module).hexdigest(),
-            argv=tuple(argv),
-            limits=limits,
-            offer_micro=to_micro(offer),
-            data=datums,
-            payload_sha256=hashlib.sha256(body).hexdigest(),
-            max_attempts=attempts,
-            group=group,
-            requirements=requirements,
-            verifier=verifier,
-            verifier_runtime=verifier_runtime,
-            config=config,
-            redundancy=redundancy,
-            compare=compare,
-            compare_runtime=compare_runtime,
-            known=known,
-        ),
-        [],
+    job = NewJob(
+        owner=owner,
+        name=name,
+        runtime=str(runtime),
+        module=module,
+        module_sha256=hashlib.sha256(module).hexdigest(),
+        argv=tuple(argv),
+        limits=limits,
+        offer_micro=to_micro(offer),
+        data=datums,
+        payload_sha256=hashlib.sha256(body).hexdigest(),
+        max_attempts=attempts,
+        group=group,
+        requirements=requirements,
+        verifier=verifier,
+        verifier_runtime=verifier_runtime,
+        config=config,
+        redundancy=redundancy,
+        compare=compare,
+        compare_runtime=compare_runtime,
+        known=known,
     )
+    if (why := _undeliverable(job)) is not None:
+        return None, [("job", why)]
+    return job, []

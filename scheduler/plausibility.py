@@ -10,25 +10,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcp_protocol import Metrics
+from dcp_protocol import Limits, Metrics
 
 from .store import ResultLease
+
+#: CPU seconds a wall second of a one-threaded (wasm, python, js) slice may hold.
+SINGLE_THREAD = 1.5
 
 
 @dataclass(frozen=True)
 class MetricsRules:
-    """``slack_seconds``: what the wall time may exceed the lease's age by (clock steps,
-    rounding) and what CPU and GPU time may exceed their bound by; ``parallelism``: how many
-    CPU (or GPU) seconds one wall second may hold (PoCL runs one kernel on every core)."""
+    """``slack_seconds``: what the wall time may exceed the lease's age and the slice's own
+    wall-clock limit by (clock steps, rounding) and what CPU and GPU time may exceed their
+    bound by; ``parallelism``: how many CPU (or GPU) seconds one wall second of an OpenCL
+    slice may hold (PoCL runs one kernel on every core). A slice of any other runtime runs
+    in one wasm thread: its CPU seconds are at most :data:`SINGLE_THREAD` per wall second
+    (the evaluator's clock and reader threads beside it)."""
 
     slack_seconds: float = 1.0
     parallelism: float = 64.0
 
     def problem(
-        self, metrics: Metrics, lease: ResultLease, result_bytes: int, now: float
+        self,
+        metrics: Metrics,
+        lease: ResultLease,
+        result_bytes: int,
+        now: float,
+        runtime: str = "wasm",
+        limits: Limits | None = None,
     ) -> str | None:
         """Why ``metrics`` cannot be true of a result of ``result_bytes`` bytes under
-        ``lease`` received at ``now`` (Unix time, the scheduler's clock); None if they can."""
+        ``lease`` received at ``now`` (Unix time, the scheduler's clock), for a slice of
+        ``runtime`` under ``limits`` (the job's; None: not known); None if they can."""
         if metrics.bytes_in != lease.datum_bytes:
             return f"metrics.bytes_in is {metrics.bytes_in}; the datum has {lease.datum_bytes}"
         if metrics.bytes_out != result_bytes:
@@ -40,7 +53,13 @@ class MetricsRules:
                     f"metrics.wall_seconds is {metrics.wall_seconds:g}; the lease was granted "
                     f"{age:.3f} s ago"
                 )
-        bound = metrics.wall_seconds * self.parallelism + self.slack_seconds
+        if limits is not None and metrics.wall_seconds > limits.wall_seconds + self.slack_seconds:
+            return (
+                f"metrics.wall_seconds is {metrics.wall_seconds:g}; the slice's limit is "
+                f"{limits.wall_seconds:g} s"
+            )
+        threads = self.parallelism if runtime == "opencl" else SINGLE_THREAD
+        bound = metrics.wall_seconds * threads + self.slack_seconds
         for name in ("cpu_seconds", "gpu_seconds"):
             value = getattr(metrics, name)
             if value > bound:

@@ -10,12 +10,14 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import dcp_protocol as p
 from scheduler.client import ComputeClient, ComputeError
-from scheduler.jobdoc import JobFileError, load_job_file
+from scheduler.jobdoc import JobFileError, _undeliverable, load_job_file, parse_document
 from scheduler.store.sqlite import SQLiteStore
 
 from .conftest import EXAMPLES, Keystore, SchedulerProcess, WorkerProcess, command
@@ -135,6 +137,20 @@ def test_the_scheduler_refuses_jobs_that_could_never_run(
             _document(tmp_path, module=base64.b64encode(b"print('hi')").decode()),
             "the module is not a WebAssembly module",
         ),
+        # Free jobs need no credits: a limit no worker can decode ended the session of
+        # every worker its work frame reached (and cost its slices, others' too, an attempt).
+        "memory beyond 64 bits": (
+            _document(tmp_path, limits={"memory_bytes": 2**70}),
+            "limits.memory_bytes: must be an integer within 0..18446744073709551615",
+        ),
+        "fuel beyond 64 bits": (
+            _document(tmp_path, limits={"fuel": 2**64}),
+            "limits.fuel: must be an integer within 0..18446744073709551615",
+        ),
+        "memory as a fraction": (
+            _document(tmp_path, limits={"memory_bytes": 1.5e9}),
+            "limits.memory_bytes: expected an integer",
+        ),
         "both": (
             _document(tmp_path, module=base64.b64encode(b"\0asm\x01\0\0\0\x01").decode(), data=[]),
             "the module is not valid WebAssembly",
@@ -154,6 +170,17 @@ def test_the_scheduler_refuses_jobs_that_could_never_run(
         assert store.list_jobs() == []
     finally:
         store.close()
+
+
+def test_a_job_whose_work_frame_no_worker_could_read_is_never_accepted(tmp_path: Path) -> None:
+    """The last check of a deploy builds the ``work`` frame the job would travel in and
+    decodes it as a worker does; limits built past the parser (as a future field might be)
+    are caught there by name."""
+    job = parse_document(_document(tmp_path), "0x" + "11" * 20)
+    assert _undeliverable(job) is None
+    broken = replace(job, limits=p.Limits(memory_bytes=2**70))
+    why = _undeliverable(broken)
+    assert why is not None and "jobs[0].limits.memory_bytes" in why
 
 
 def test_a_deploy_without_credits_says_how_to_get_them(

@@ -17,15 +17,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 import websockets
 from aiohttp import web
 
 import dcp_protocol as p
 from dcp_protocol import signing
-from scheduler.client import ComputeClient
+from scheduler.client import ComputeClient, ComputeError
+from scheduler.plausibility import MetricsRules
 from scheduler.server import Scheduler, SchedulerConfig
-from scheduler.store import NewJob, ResultRow, StaleLease
+from scheduler.store import NewJob, ResultLease, ResultRow, StaleLease
 from scheduler.store.sqlite import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore
 
 from .conftest import EXAMPLES, Keystore, wait_until
@@ -62,6 +64,8 @@ def deploy(
     argv: tuple[str, ...] = (),
     max_attempts: int = 2,
     owner: str = "0x" + "11" * 20,
+    limits: p.Limits | None = None,
+    offer_micro: int = 0,
 ) -> str:
     return store.create_job(
         NewJob(
@@ -71,8 +75,8 @@ def deploy(
             module=ECHO,
             module_sha256=hashlib.sha256(ECHO).hexdigest(),
             argv=argv,
-            limits=p.Limits(),
-            offer_micro=0,
+            limits=limits or p.Limits(),
+            offer_micro=offer_micro,
             data=tuple(data),
             payload_sha256=secrets.token_hex(32),
             max_attempts=max_attempts,
@@ -357,6 +361,81 @@ def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(tmp_path: Path) -> None
     store.close()
 
 
+def test_metrics_are_held_to_the_slices_own_limit_and_one_thread_for_wasm() -> None:
+    """A slice limited to 10 s cannot have run 100 s whatever its lease's age; a wasm slice
+    runs one thread, so 2 wall seconds hold at most 2 x 1.5 CPU seconds (+ slack); an OpenCL
+    slice may hold the configured parallelism."""
+    rules = MetricsRules(slack_seconds=1.0, parallelism=64.0)
+    lease = ResultLease(job="j", slice=0, state="leased", leased_at=0.0, datum_bytes=1)
+    limits = p.Limits(wall_seconds=10.0)
+
+    def problem(wall: float, cpu: float, runtime: str = "wasm") -> str | None:
+        metrics = p.Metrics(wall_seconds=wall, cpu_seconds=cpu, bytes_in=1, bytes_out=1)
+        return rules.problem(metrics, lease, 1, 1000.0, runtime, limits)
+
+    assert problem(100.0, 1.0) == "metrics.wall_seconds is 100; the slice's limit is 10 s"
+    assert problem(10.5, 1.0) is None  # within the slack
+    assert problem(2.0, 10.0) == "metrics.cpu_seconds is 10; at most 4 for a wall time of 2 s"
+    assert problem(2.0, 4.0) is None
+    assert problem(2.0, 10.0, "opencl") is None
+    assert problem(2.0, 200.0, "opencl") is not None
+
+
+def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(tmp_path: Path) -> None:
+    """The first (or only) worker of a job claims the most CPU time the slice's limit makes
+    plausible: a worker's word alone is not the job's price, so an honest worker with a
+    minimum wage still takes the job; once a second worker reports, the lower claim counts."""
+    store = SQLiteStore(tmp_path / "s.db")
+    job = deploy(store, [b"x"] * 4, limits=p.Limits(wall_seconds=10.0), offer_micro=0)
+    liar, honest = "0x" + "ee" * 20, "0x" + "ab" * 20
+    (lease,) = store.lease(liar, 1, 100.0, 15.0)
+    claim = p.Metrics(wall_seconds=10.0, cpu_seconds=15.0, bytes_in=1, bytes_out=1)
+    row = ResultRow(job, lease.slice, lease.token, b"x", liar, "00" * 65, claim)
+    assert store.accept_results(liar, [row], 111.0) == [("accepted", 0)]
+    wage = p.Wage(cpu_hour=1.0)  # 15 CPU s a slice would cost 0.0042 at it
+    cost = store.job(job).cost
+    assert cost is not None and cost.cpu_seconds == 0.0 and cost.bytes_in == 1
+    assert wage.cost(cost) < 0.001
+    (lease,) = store.lease(honest, 1, 200.0, 15.0)
+    measured = p.Metrics(wall_seconds=0.5, cpu_seconds=0.5, bytes_in=1, bytes_out=1)
+    row = ResultRow(job, lease.slice, lease.token, b"x", honest, "00" * 65, measured)
+    assert store.accept_results(honest, [row], 201.0) == [("accepted", 0)]
+    cost = store.job(job).cost
+    assert cost is not None and cost.cpu_seconds == 0.5  # the lower of the two claims
+    store.close()
+
+
+def test_a_claimed_sliver_of_cpu_time_shows_no_infinite_wage(tmp_path: Path) -> None:
+    """Two workers claim 1e-305 CPU seconds a slice (finite, plausible): the job's wage per
+    CPU hour is then not a number anybody can show, and the anonymous market listing stays
+    strict JSON (it answered ``Infinity``, which strict clients refuse)."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.mint("0x" + "11" * 20, 4_000_000, time.time())
+    job = deploy(store, [b"x"] * 4, offer_micro=1_000_000)
+    now = time.time()
+    for worker in ("0x" + "ee" * 20, "0x" + "ef" * 20):
+        (lease,) = store.lease(worker, 1, now, 15.0)
+        tiny = p.Metrics(wall_seconds=0.0, cpu_seconds=1e-305, bytes_in=1, bytes_out=1)
+        row = ResultRow(job, lease.slice, lease.token, b"x", worker, "00" * 65, tiny)
+        assert store.accept_results(worker, [row], now + 0.5) == [("accepted", 1_000_000)]
+
+    def refuse(name: str) -> object:
+        raise AssertionError(f"not JSON: {name}")
+
+    async def main() -> str:
+        async with serving(store, SchedulerConfig()) as (_scheduler, url):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url + "/api/v1/jobs") as response:
+                    assert response.status == 200
+                    return await response.text()
+
+    listing = json.loads(asyncio.run(main()), parse_constant=refuse)
+    (market,) = listing["jobs"]
+    assert market["effective_wage"]["cpu_hour"] is None
+    assert market["effective_wage"]["mb_in"] == pytest.approx(1e6)
+    store.close()
+
+
 def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_path: Path) -> None:
     """Pricing reads one row per worker of the job: past PRICE_EXACT_WORKERS it is redone at
     most once per PRICE_INTERVAL of the callers' clock, not on each acceptance (with 1,000
@@ -391,4 +470,33 @@ def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_pat
     assert cpu() == 1.0  # not re-read yet: two thirds of the workers now say 9
     accept(3 * many + 1, 1, 9.0, now=10.0 + PRICE_INTERVAL)
     assert cpu() == 9.0  # the interval passed: priced from every worker again
+    store.close()
+
+
+def test_a_slice_cursor_out_of_range_is_refused_by_name_not_answered_500(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """``after=10**30`` overflowed the database's 64-bit integers: a 500 from the driver."""
+    store = SQLiteStore(tmp_path / "s.db")
+    owner = make_keystore("owner")
+    job = deploy(store, [b"x"] * 2, owner=owner.identity.address)
+
+    async def main() -> list[tuple[int, str]]:
+        async with serving(store, SchedulerConfig()) as (_scheduler, url):
+
+            def ask() -> list[tuple[int, str]]:
+                answers = []
+                with ComputeClient(url, owner.identity) as client:
+                    for read in (client.results, client.votes):
+                        for after in (10**30, -(10**30), -2):
+                            try:
+                                list(read(job, after=after))
+                            except ComputeError as exc:
+                                answers.append((exc.status, exc.code))
+                    assert list(client.results(job, after=2**62)) == []
+                return answers
+
+            return await asyncio.get_running_loop().run_in_executor(None, ask)
+
+    assert asyncio.run(main()) == [(400, "invalid_message")] * 6
     store.close()

@@ -74,6 +74,8 @@ from .dbapi import Connection
 #: every acceptance took 54% of a saturated scheduler's time (benchmarks/scale.py).
 PRICE_EXACT_WORKERS = 32
 PRICE_INTERVAL = 1.0
+#: Workers whose claimed CPU and GPU time a job's price needs before it counts them.
+PRICE_MIN_WORKERS = 2
 _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 #: A job's first queued slices that ``worker`` may lease (params: job, worker, how many).
 #: Through the queue: SQLite's state index, PostgreSQL's partial index ``slices_queue``
@@ -808,15 +810,21 @@ class SQLStore:
         median of the per-worker means. One worker (or fewer than half of them) claiming
         1e300 CPU seconds cannot price the job out; with two workers the lower one counts,
         as a job mispriced low is declined by workers that measure it, one priced high is
-        never run at all. With many workers the price may lag by up to PRICE_INTERVAL."""
+        never run at all. CPU and GPU time count only once PRICE_MIN_WORKERS workers have
+        reported (a lone first worker's claim would otherwise be the price); bytes, which
+        acceptance checks exactly, count from the first. With many workers the price may lag
+        by up to PRICE_INTERVAL."""
         rows = db.execute(
             "SELECT n, cpu, gpu, bytes_in, bytes_out FROM job_costs WHERE job=?", (job_id,)
         ).fetchall()
         self._priced[job_id] = (now, len(rows))
         if not rows:
             return
-        cpu = statistics.median_low(c / n for n, c, _g, _i, _o in rows)
-        gpu = statistics.median_low(g / n for n, _c, g, _i, _o in rows)
+        # Bytes are checked exactly at acceptance; CPU and GPU time are a worker's word, so
+        # one worker's alone sets nothing: with two, the lower counts.
+        claims = len(rows) >= PRICE_MIN_WORKERS
+        cpu = statistics.median_low(c / n for n, c, _g, _i, _o in rows) if claims else 0.0
+        gpu = statistics.median_low(g / n for n, _c, g, _i, _o in rows) if claims else 0.0
         bytes_in = statistics.median_low(i // n for n, _c, _g, i, _o in rows)
         bytes_out = statistics.median_low(o // n for n, _c, _g, _i, o in rows)
         db.execute(

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from dcp_protocol import signing
 
-from ..api import market
+from ..api import market, slice_cursor
 from ..store import JobRecord, Store, UnknownJob, credits
 from .access import (
     OPERATOR_COOKIE,
@@ -255,7 +255,7 @@ class Console:
         if isinstance(found, Refusal):
             return self._refuse(request, visitor, found)
         try:
-            after = max(-1, int(request.query.get("after", "-1")))
+            after = slice_cursor(request.query.get("after", "-1"))
         except ValueError:
             after = -1
         slices = self.store.slices(found.id, after, PAGE_SLICES)
