@@ -21,6 +21,7 @@ from aiohttp import web
 from dcp_protocol import MAX_FRAME_BYTES, policy, signing
 
 from .limits import ConnectionLimits, RefusalLimits
+from .listener import GuardedSite
 from .server import Scheduler, SchedulerConfig
 from .store import Store, StoreError, credits, to_micro
 from .store.backends import is_postgres, open_store
@@ -415,7 +416,7 @@ async def _serve(scheduler: Scheduler, host: str, port: int, token_path: Path) -
         **scheduler.runner_options(),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, scheduler)
     try:
         await site.start()
     except OSError as exc:

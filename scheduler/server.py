@@ -146,6 +146,8 @@ class Scheduler:
         self.limiter = UnauthenticatedConnections(self.config.limits)
         #: Websockets that hold a ticket, by its serial, until their auth is accepted.
         self._unauthenticated: dict[int, web.WebSocketResponse] = {}
+        #: Connections accepted whose first request has not begun (scheduler/listener.py).
+        self._accepted: dict[asyncio.BaseTransport, Ticket] = {}
 
     # ------------------------------------------------------------------ app
 
@@ -177,6 +179,24 @@ class Scheduler:
         # are not all in by then is closed (aiohttp has no separate header timeout).
         return {"keepalive_timeout": self.config.http_header_timeout}
 
+    def connection_opened(self, transport: asyncio.BaseTransport) -> ConnectionRefusal | None:
+        """A connection was accepted (:class:`~scheduler.listener.GuardedSite`): it holds a
+        ticket until its first request takes its own, or it ends; over a limit it is
+        refused (the reason)."""
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else ""
+        ticket = self.limiter.admit(address)
+        if isinstance(ticket, ConnectionRefusal):
+            log.info("refused a connection from %s: %s", address, ticket.value)
+            return ticket
+        self._accepted[transport] = ticket
+        return None
+
+    def connection_closed(self, transport: asyncio.BaseTransport) -> None:
+        ticket = self._accepted.pop(transport, None)
+        if ticket is not None:
+            self.limiter.release(ticket)
+
     @web.middleware
     async def _admit_connection(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -185,6 +205,8 @@ class Scheduler:
         served (a worker websocket until its auth is accepted); over a limit it is refused at
         once (503, named); its body must arrive within the body timeout (408, named)."""
         address = request.remote or ""
+        if request.transport is not None:  # its accept's ticket is replaced by this one
+            self.connection_closed(request.transport)
         ticket = self.limiter.admit(address, websocket=request.path == "/worker")
         if isinstance(ticket, ConnectionRefusal):
             log.info("refused a connection from %s: %s", address, ticket.value)

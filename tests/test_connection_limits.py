@@ -179,3 +179,42 @@ def test_the_per_address_limit_refuses_the_next_unauthenticated_connection(
             await ws.close()
 
     asyncio.run(main())
+
+
+def test_half_sent_requests_count_against_the_per_address_limit_from_their_accept(
+    limited: SchedulerProcess,
+) -> None:
+    """aiohttp reads a request only once its headers are in: connections that sent half a
+    request line held a descriptor each, uncounted, until the header timeout (300 of them
+    from one address against a limit of 32). They count from the accept now."""
+    held = [_raw(limited.url) for _ in range(3)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /api/v1/sta")
+
+        def refused() -> bytes:
+            with _raw(limited.url) as sock:
+                sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data, _ = _read_until_closed(sock)
+            assert data.startswith(b"HTTP/1.1 503"), data[:80]
+            return data
+
+        data = asyncio.run(eventually(lambda: _async(refused), AssertionError, PATIENCE))
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert json.loads(body)["error"]["code"] == "too_many_unauthenticated_from_address"
+    finally:
+        for sock in held:
+            sock.close()
+
+    def served() -> bytes:
+        with _raw(limited.url) as sock:
+            sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data, _ = _read_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 200"), data[:80]
+        return data
+
+    asyncio.run(eventually(lambda: _async(served), AssertionError, PATIENCE))
+
+
+async def _async(call: Callable[[], bytes]) -> bytes:
+    return await asyncio.get_running_loop().run_in_executor(None, call)
