@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from dcp_protocol import nesting
+
 __all__ = ["Balance", "BalanceReader", "account_url"]
 
 log = logging.getLogger("dcp.worker.earnings")
+#: An account reply is a few dozen bytes; a longer one is refused, never held in memory.
+MAX_REPLY_BYTES = 64 * 1024
 # httpx logs each request at info (httpcore each step at debug): a reading every few seconds
 # would fill the -v and -vv logs.
 for _name in ("httpx", "httpcore"):
@@ -62,9 +67,18 @@ class BalanceReader:
 
     async def read_once(self, client: httpx.AsyncClient) -> None:
         try:
-            reply = await client.get(self.url)
-            reply.raise_for_status()
-            value = float(reply.json()["balance"])
+            async with client.stream("GET", self.url) as reply:
+                reply.raise_for_status()
+                body = bytearray()
+                async for chunk in reply.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_REPLY_BYTES:
+                        raise ValueError(f"the reply exceeds {MAX_REPLY_BYTES} bytes")
+            # The scheduler is not trusted: a reply nested 200,000 deep raised RecursionError
+            # out of this reader and ended the worker (nesting.loads refuses it first).
+            value = float(nesting.loads(bytes(body))["balance"])
+            if not math.isfinite(value):
+                raise ValueError(f"the balance is {value}")
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if why != self.balance.error:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from dcp_protocol import MAX_FRAME_BYTES, policy, signing
+from dcp_protocol import MAX_FRAME_BYTES, nesting, policy, signing
 
 from .limits import ConnectionLimits, RefusalLimits
 from .listener import GuardedSite
@@ -110,10 +110,16 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     import tomllib
 
     try:
-        with open(value, "rb") as f:
-            table = tomllib.load(f)
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+        nesting.check_toml(text)  # tomllib recurses once per level
+        table = tomllib.loads(text)
     except OSError as exc:
         raise click.BadParameter(f"cannot read {value}: {exc.strerror}", ctx, param) from None
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{value}: not UTF-8 text", ctx, param) from None
+    except nesting.NestingTooDeep as exc:
+        raise click.BadParameter(f"{value}: {exc}", ctx, param) from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{value}: not TOML: {exc}", ctx, param) from None
     values = {key.replace("-", "_"): v for key, v in table.items()}

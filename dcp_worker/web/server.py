@@ -13,7 +13,6 @@ Routes (all behind :class:`~dcp_worker.web.auth.ConsoleAuth`)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import jinja2
 from aiohttp import web
+
+from dcp_protocol import nesting
 
 from ..config import ConfigError
 from ..durations import duration
@@ -188,8 +189,10 @@ class ConsoleServer:
         sup = self.supervisor
         plain = sup.actions()
         try:
-            body = await request.json() if request.can_read_body else {}
-        except json.JSONDecodeError:
+            body = nesting.loads(await request.read()) if request.can_read_body else {}
+        except nesting.NestingTooDeep as exc:
+            return _refuse(400, f"refused: the body {exc}")
+        except ValueError:
             return _refuse(400, "refused: the body is not JSON")
         if not isinstance(body, dict):
             return _refuse(400, "refused: the body is not a JSON object")

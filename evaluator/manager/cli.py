@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from dcp_protocol import nesting
+
 from ..launch import Hardening, probe_layers
 from .daemon import (
     Access,
@@ -317,7 +319,9 @@ def status(status_file: str | None, as_json: bool) -> None:
     manager is running."""
     path = Path(status_file) if status_file else default_status_file()
     try:
-        data = json.loads(path.read_text())
+        data = nesting.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
     except (OSError, ValueError):
         click.echo(f"dcp-evaluator-manager: no manager status at {path}", err=True)
         sys.exit(EXIT_NOT_RUNNING)

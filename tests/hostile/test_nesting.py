@@ -9,6 +9,7 @@ on it as the first frame of a session), and raises RecursionError past the handl
 from __future__ import annotations
 
 import asyncio
+import http
 import http.server
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
 
 import dcp_protocol as p
 from dcp_worker.config import ConfigError, load_config
@@ -45,11 +47,13 @@ DEEP = "[" * LEVELS + "]" * LEVELS
 
 class NestingScheduler:
     """A websocket server on loopback that sends the deep frame: as the very first frame of
-    every connection (``first``), or right after a normal handshake (``session``)."""
+    every connection (``first``), or right after a normal handshake (``session``); in every
+    mode (``balance``: only there) its account readings answer a deep body."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.connections = 0
+        self.balance_reads = 0
         self.after_deep: list[p.Message] = []  # what the worker sent after the deep frame
         self.ready = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -61,10 +65,26 @@ class NestingScheduler:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with serve(self._session, "127.0.0.1", 0, compression=None, max_size=None) as server:
+        async with serve(
+            self._session,
+            "127.0.0.1",
+            0,
+            compression=None,
+            max_size=None,
+            process_request=self._http,
+        ) as server:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.ready.set()
             await self._stop.wait()
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The compute API's account reading (the worker's lifetime earnings): deep too."""
+        if not request.path.startswith("/api/v1/accounts/"):
+            return None
+        self.balance_reads += 1
+        # 20,000 levels: 40 KB, under the reader's size bound, far past the recursion limit.
+        deep = "[" * 20_000 + "]" * 20_000
+        return connection.respond(http.HTTPStatus.OK, '{"balance": ' + deep + "}")
 
     async def _session(self, ws: ServerConnection) -> None:
         self.connections += 1
@@ -87,7 +107,8 @@ class NestingScheduler:
                 max_result_bytes=1 << 20,
             )
             await ws.send(p.encode(welcome).decode())
-            await ws.send(DEEP)
+            if self.mode == "session":
+                await ws.send(DEEP)
             async for frame in ws:
                 message = p.decode(frame, p.SCHEDULER_MESSAGES)
                 self.after_deep.append(message)
@@ -132,6 +153,25 @@ def test_worker_survives_a_deep_first_frame_and_reconnects(
     assert worker.proc.poll() is None, f"the worker died: {worker.proc.returncode}"
     assert worker.stop() == 0
     assert "nests deeper than 64 levels" in worker.output()
+
+
+def test_worker_survives_a_deep_account_reply(
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+    nesting_scheduler: Callable[[str], NestingScheduler],
+) -> None:
+    """The worker reads its lifetime earnings over HTTP on connect: a deep reply raised
+    RecursionError out of that reader and ended the worker with a traceback."""
+    fake = nesting_scheduler("balance")
+    worker = workers(fake.url, make_keystore("w"), 1)
+    wait_for(
+        lambda: "lifetime earnings unknown" in worker.output() or worker.proc.poll() is not None,
+        60,
+    )
+    assert worker.proc.poll() is None, f"the worker died: {worker.proc.returncode}"
+    assert fake.balance_reads >= 1
+    assert "nests deeper than 64 levels" in worker.output()
+    assert worker.stop() == 0
 
 
 def _control_lines(sock: Path, data: bytes, n: int) -> list[dict[str, object]]:
@@ -265,6 +305,28 @@ def test_config_files_nested_too_deep_are_named(tmp_path: Path, text: str) -> No
     )
     assert out.returncode == 2, out.stderr
     assert "nests deeper than 64 levels" in out.stderr and "Traceback" not in out.stderr
+    # The scheduler's --config and the evaluator manager's status file, likewise.
+    out = subprocess.run(
+        [command("dcp-scheduler"), "--config", str(path), "db", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "nests deeper than 64 levels" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_evaluator_manager_status_file_nested_too_deep_is_no_status(tmp_path: Path) -> None:
+    status = tmp_path / "status.json"
+    status.write_text('{"accepting": ' + DEEP + "}")
+    out = subprocess.run(
+        [command("dcp-evaluator-manager"), "status", "--status-file", str(status)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 4 and "no manager status" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(

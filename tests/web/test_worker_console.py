@@ -154,6 +154,12 @@ def test_the_worker_page_shows_the_workers_numbers_and_its_buttons_act(
             headers={"Origin": base.rstrip("/")},
         )
         assert bad.status == 400 and '"seconds": a number' in bad.json()["error"]
+        deep = holder.post(
+            f"{base}api/snooze",
+            content=b'{"seconds": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+            headers={"Origin": base.rstrip("/")},
+        )  # was a 500 from RecursionError in aiohttp's request.json()
+        assert deep.status_code == 400 and "nests deeper than 64" in deep.json()["error"]
     assert _status(sock)["finishing"]  # nothing refused acted
 
     # A snooze ends by itself at its deadline.
