@@ -283,3 +283,19 @@ def test_dashboard_shows_bars_earnings_history_jobs_and_sends_the_new_keys() -> 
         ("finish", {}),
         ("snooze", {"seconds": 1800.0}),
     ]
+
+
+def test_the_dashboard_says_why_the_evaluator_manager_holds_work() -> None:
+    """A worker behind a manager that holds work shows the manager's reason (issue 13 item
+    10): in the status pane, as the control socket's snapshot gives it."""
+    snap = _snapshot()
+    snap["state"] = "held"
+    snap["statistics"]["held_reason"] = "machine_busy: the CPU is 93% busy (limit 80%)"
+    app = WorkerDashboard(source=SnapshotSource(snap))
+
+    async def drive() -> None:
+        async with app.run_test(size=(150, 36)) as pilot:
+            await _until(lambda: "held: machine_busy" in app.status_text, pilot)
+            assert "held: machine_busy: the CPU is 93% busy (limit 80%)" in app.status_text
+
+    asyncio.run(drive())
