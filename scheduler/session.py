@@ -12,6 +12,7 @@ verifier (results go to scheduler/acceptance.py).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -113,6 +114,19 @@ def _peek_id(data: str | bytes, error: ProtocolError) -> int | None:
     if type(value) is not int or not 0 <= value <= limits.MAX_UINT64:
         return None
     return value
+
+
+def _as_told(why: Refusal, job: JobRecord, terms: WorkerTerms, session: WorkerSession) -> Refusal:
+    """A refusal as ``work.skipped`` tells it: a worker learns a job's id (and its owner)
+    only with a lease, so a job it did not name itself (in ``allowed_jobs``, ``declined`` or
+    ``excluded_jobs``) is told by an alias that holds within this session only."""
+    if job.id in terms.allowed_jobs or job.id in terms.declined or job.id in terms.excluded_jobs:
+        return why
+    alias = hashlib.sha256(f"{session.challenge}:{job.id}".encode()).hexdigest()[:16]
+    message = why.message
+    if why.code == ErrorCode.OWNER_NOT_ALLOWED.value:
+        message = "its owner is not in the worker's owner list"
+    return Refusal(f"job-{alias}", why.code, message)
 
 
 def _terms(job: JobRecord) -> JobTerms:
@@ -346,7 +360,7 @@ class Dispatcher:
             self.store.record_refusal(job.id, session.address, why.code, why.message, now)
             private = job.group != policy.PUBLIC_GROUP and job.group not in session.groups
             if not private:  # never tell a non-member that a private job exists
-                report.append(why)
+                report.append(_as_told(why, job, terms, session))
         return eligible, report
 
     def fetch(self, session: WorkerSession, message: Fetch, now: float) -> Work:

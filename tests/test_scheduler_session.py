@@ -284,6 +284,49 @@ def test_work_carries_the_specs_of_unknown_jobs_only(
     asyncio.run(main())
 
 
+def test_a_worker_learns_a_jobs_id_and_owner_only_with_a_lease(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """``work.skipped`` told any fresh identity every public job's id, and its owner when
+    the worker kept an owner list: now a job the worker did not name itself is told by an
+    alias that holds for the session (the reason stays)."""
+    job_toml = tmp_path / "echo.toml"
+    job_toml.write_text(
+        f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\n[inputs]\nvalues = ["a", "b"]\n'
+    )
+    owner = make_keystore("owner").identity
+    with ComputeClient(scheduler.url, owner) as client:
+        job = client.deploy(job_toml)
+    other = "0x" + "77" * 20
+
+    async def main() -> tuple[p.Work, p.Work, p.Work]:
+        ws = await _open(scheduler.ws_url, make_keystore("stranger"))
+        await ws.send(p.encode(p.Fetch(id=2, max_slices=1, allowed_owners=(other,))).decode())
+        by_owner = await _recv(ws)
+        await ws.close()
+        ws = await _open(scheduler.ws_url, make_keystore("another"))
+        await ws.send(p.encode(p.Fetch(id=2, max_slices=1, allowed_jobs=("ab" * 16,))).decode())
+        by_list = await _recv(ws)
+        # A job it named itself (declined at an offer) keeps its id.
+        decline = (p.Decline(job=job, offer=1.0),)
+        await ws.send(p.encode(p.Fetch(id=3, max_slices=1, declined=decline)).decode())
+        named = await _recv(ws)
+        await ws.close()
+        assert isinstance(by_owner, p.Work) and isinstance(by_list, p.Work)
+        assert isinstance(named, p.Work)
+        return by_owner, by_list, named
+
+    by_owner, by_list, named = asyncio.run(main())
+    ((told_owner,), (told_list,)) = by_owner.skipped, by_list.skipped
+    assert by_owner.slices == by_list.slices == () and by_owner.jobs == by_list.jobs == ()
+    assert told_owner.code == "owner_not_allowed" and told_list.code == "job_not_allowed"
+    for told in (told_owner, told_list):
+        assert told.subject.startswith("job-") and told.subject != job
+        assert job not in told.message and owner.address.lower() not in told.message.lower()
+    assert told_owner.subject != told_list.subject  # an alias holds for one session only
+    assert [(r.subject, r.code) for r in named.skipped] == [(job, "wage_below_minimum")]
+
+
 def test_long_poll_fetch_is_answered_when_work_arrives(
     tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
 ) -> None:
