@@ -45,6 +45,7 @@ from dcp_protocol import (
     Work,
     policy,
 )
+from dcp_protocol.limits import MAX_UINT64
 from dcp_protocol.policy import WorkerTerms
 
 from .config import WorkerConfig
@@ -297,9 +298,12 @@ class MachineFree(Event):
 
 @dataclass(frozen=True)
 class Connected(Event):
-    """A scheduler session opened; its lease timeout bounds reconnect delays."""
+    """A scheduler session opened; its lease timeout bounds reconnect delays, and the
+    largest result it takes (``max_result_bytes``, None: not said) bounds every slice's
+    output: a larger one could only be dropped, its lease left to expire."""
 
     lease_timeout: float
+    max_result_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -600,6 +604,7 @@ class WorkerState:
         #: Why the evaluator manager keeps the machine busy ("" while it does not).
         self.busy_reason = ""
         self.lease_timeout: float | None = None  # the last scheduler's, from its welcome
+        self.max_result_bytes: int | None = None  # likewise
         self._handlers: dict[type[Event], Callable[[Any], list[Instruction]]] = {
             EvaluatorDescribed: self._on_evaluator_described,
             MachineBusy: self._on_machine_busy,
@@ -757,6 +762,7 @@ class WorkerState:
 
     def _on_connected(self, event: Connected) -> list[Instruction]:
         self.lease_timeout = event.lease_timeout
+        self.max_result_bytes = event.max_result_bytes
         return []
 
     def _on_stop_requested(self, event: StopRequested) -> list[Instruction]:
@@ -1028,7 +1034,9 @@ class WorkerState:
             limits,
             wall_seconds=min(limits.wall_seconds, c.max_wall_seconds),
             memory_bytes=min(limits.memory_bytes, c.max_memory_bytes),
-            output_bytes=min(limits.output_bytes, c.max_output_bytes),
+            output_bytes=min(
+                limits.output_bytes, c.max_output_bytes, self.max_result_bytes or MAX_UINT64
+            ),
         )
 
     def _slice_refusal(

@@ -612,7 +612,8 @@ class Supervisor:
                 continue
             delays = self._backoff()
             rotation.connected()
-            self.state.handle(Connected(session.welcome.lease_timeout))
+            welcome = session.welcome
+            self.state.handle(Connected(welcome.lease_timeout, welcome.max_result_bytes))
             self.balance_reader.use(url)
             self.balance_reader.want()
             log.log(

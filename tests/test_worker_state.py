@@ -223,6 +223,17 @@ def test_reconnects_stay_within_the_lease_while_slices_or_results_wait() -> None
     assert state.reconnect_bound(results_waiting=3) == 15.0 / 4  # results in the outbox
 
 
+def test_a_slices_output_is_bounded_by_the_largest_result_the_scheduler_takes() -> None:
+    """A result above the welcome's max_result_bytes could only be dropped unsent, its lease
+    left to expire: the slice's output limit is the smaller of the two, so such a slice
+    fails by name (the output limit) and is reported."""
+    state = make()
+    state.handle(Connected(lease_timeout=15.0, max_result_bytes=1000))
+    lease_slices(state, lease(0), jobs=(spec(limits=Limits(output_bytes=1 << 20)),))
+    (run,) = run_next(state)
+    assert isinstance(run, Run) and run.limits.output_bytes == 1000
+
+
 # --------------------------------------------------------------------------- declining
 
 
