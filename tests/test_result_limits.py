@@ -46,7 +46,7 @@ def small_limits(tmp_path: Path) -> SchedulerProcess:
 
 
 @pytest.mark.timeout(120)
-def test_results_at_the_limit_go_alone_and_one_above_is_never_sent(
+def test_results_at_the_limit_go_alone_and_one_above_fails_by_its_output_limit(
     tmp_path: Path,
     small_limits: SchedulerProcess,
     make_keystore: Callable[[str], Keystore],
@@ -54,7 +54,8 @@ def test_results_at_the_limit_go_alone_and_one_above_is_never_sent(
 ) -> None:
     owner = make_keystore("owner")
     # Exactly at the limit, several near it, small ones between (they share frames), and
-    # one byte above the limit last (it never goes: refused locally, dropped).
+    # one byte above the limit last: the worker bounds each slice's output by the welcome's
+    # limit, so that slice fails in the evaluator and is reported, its lease not left to expire.
     sizes = [MAX_RESULT, MAX_RESULT - 1, 10, MAX_RESULT - 100, 20, MAX_RESULT, 30, 40, 50]
     sizes += [MAX_RESULT - 3] * 6 + [MAX_RESULT]
     values = [chr(65 + i % 26) * n for i, n in enumerate(sizes)]
@@ -64,13 +65,14 @@ def test_results_at_the_limit_go_alone_and_one_above_is_never_sent(
         job = client.deploy(job_file(tmp_path, "sizes", ECHO, values))
         worker = workers(small_limits.url, make_keystore("worker"), 2, state_dir=state)
         wait_for(lambda: counts(small_limits.db, job).get("done", 0) == len(sizes), 90)
-        wait_for(lambda: "result_too_large" in worker.output(), 30)
+        wait_for(lambda: "output_too_large" in worker.output(), 30)
         results = {r.slice: r.result for r in client.results(job) if r.state == "done"}
     assert results == {i: v.encode() for i, v in enumerate(values[:-1])}
     assert worker.stop() == 0
     log = worker.output()
     last = len(values) - 1
-    assert re.search(rf"result \S+/{last} refused: result_too_large .*not sent", log), log[-3000:]
+    assert re.search(rf"slice {last} of job .* failed: output_too_large", log), log[-3000:]
+    assert "result_too_large" not in log  # nothing too large was made, so none was dropped
     # No frame went over the announced limit: the scheduler refused none.
     scheduler_log = small_limits.log.read_text() if small_limits.log else ""
     assert "exceeds the limit" not in scheduler_log
