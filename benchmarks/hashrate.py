@@ -127,7 +127,7 @@ def main() -> None:
             "opencl_over_native": round(
                 median([n / o for n, o in zip(native_times, opencl_times, strict=True)]), 3
             ),
-            "limits": "epoch deadline + memory cap + output cap (no fuel)",
+            "limits": "wall clock (clock thread, then the evaluator ends) + memory + output caps",
         },
         save=not args.quick,
     )

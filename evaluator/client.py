@@ -47,6 +47,7 @@ from dcp_protocol import (
     frame,
 )
 
+from .errors import MAY_END_EVALUATOR
 from .launch import Hardening, evaluator_command
 from .manager import TOKEN_PREFIX
 
@@ -88,6 +89,15 @@ async def _connect(
             f"{path} is served by uid {uid} (pid {pid}), not root or this worker's user"
         )
     return reader, writer
+
+
+def _outcome(reply: Message) -> tuple[bytes, Metrics] | SliceFailure:
+    """What an evaluator's reply to a slice says of it."""
+    if isinstance(reply, SliceDone):
+        return reply.result, reply.metrics
+    if isinstance(reply, Error):
+        return SliceFailure(reply.code, reply.message)
+    return SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
 
 
 def _read_token(path: str) -> bytes:
@@ -419,33 +429,35 @@ class Sandbox:
         failure of the evaluator itself (death, timeout) is the outcome of every slice it had
         not answered."""
         # The same evaluator serves batch after batch, started here or reached through the
-        # manager (one connection), until slices_per_evaluator or its death.
-        if not self.running or self._slices_run >= self.slices_per_evaluator:
-            await self.stop(graceful=True)
-            await self.start()
-        replies: list[Message] = []
+        # manager (one connection), until slices_per_evaluator, its death or a timeout.
         outcomes: list[tuple[bytes, Metrics] | SliceFailure] = []
-        try:
-            await self._assign(job, limits)
-            requests: list[Describe | Assign | RunSlice] = [
-                RunSlice(id=self._id(), slice=slice_, datum=datum) for slice_, datum in items
-            ]
-            await self._exchange(requests, limits.wall_seconds + _MARGIN, on_progress, replies)
-        except SliceFailure as exc:
-            failure: SliceFailure | None = exc
-        else:
+        failure: SliceFailure | None = None
+        while len(outcomes) < len(items):
+            pending = items[len(outcomes) :]
+            if not self.running or self._slices_run >= self.slices_per_evaluator:
+                await self.stop(graceful=True)
+                await self.start()
+            replies: list[Message] = []
+            try:
+                await self._assign(job, limits)
+                requests: list[Describe | Assign | RunSlice] = [
+                    RunSlice(id=self._id(), slice=slice_, datum=datum) for slice_, datum in pending
+                ]
+                await self._exchange(requests, limits.wall_seconds + _MARGIN, on_progress, replies)
+            except SliceFailure as exc:
+                failure = exc
+            finally:
+                self._slices_run += len(pending)
+            outcomes += [_outcome(reply) for reply in replies]
+            if not any(isinstance(r, Error) and r.code in MAY_END_EVALUATOR for r in replies):
+                break
+            # A slice that reached its wall clock in wasm ends its evaluator after its answer
+            # (evaluator.errors): the slices queued behind it, unanswered, go to a fresh
+            # one, as does the next batch.
+            await self.stop(graceful=False)
+            if failure is not None and failure.code != ErrorCode.EVALUATOR_DIED.value:
+                break
             failure = None
-        finally:
-            self._slices_run += len(items)
-        for reply in replies:
-            if isinstance(reply, SliceDone):
-                outcomes.append((reply.result, reply.metrics))
-            elif isinstance(reply, Error):
-                outcomes.append(SliceFailure(reply.code, reply.message))
-            else:
-                outcomes.append(
-                    SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
-                )
         while len(outcomes) < len(items):
             assert failure is not None
             outcomes.append(failure)

@@ -4,6 +4,11 @@ It serves one worker sandbox. Requests are answered in order; while a slice runs
 frames (rate-limited) may precede its ``slice_done`` or ``error``. A frame that fails to parse
 gets an ``error`` reply and the evaluator carries on; a length prefix above the limit or a
 stream cut inside a frame ends it (the stream cannot be resynchronised), with exit status 3.
+
+A slice that reaches its wall clock while running wasm is answered ``wasm_timeout``, and then
+the evaluator ends, with exit status 4 (:data:`EXIT_EXPIRED`): its compiled code carries no
+interruption checks (they cost up to half the speed), so ending the process is how the slice
+stops. Requests queued behind it get no answer; the worker starts a fresh evaluator for them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,6 +57,8 @@ log = logging.getLogger("dcp.evaluator")
 
 EXIT_OK = 0
 EXIT_PROTOCOL = 3
+#: A slice reached its wall clock in wasm: answered, then the evaluator ended (see above).
+EXIT_EXPIRED = 4
 _PROGRESS_INTERVAL = 0.1
 _READ_CHUNK = 1 << 16
 
@@ -70,7 +78,7 @@ def capabilities(
             "version": WASMTIME_VERSION,
             "wasi": "preview1",
             "features": probe_features(),
-            "limits": ["epoch", "fuel", "memory", "output"],
+            "limits": ["wall_clock", "fuel", "memory", "output"],
         }
     }
     for name, spec in (interpreters or {}).items():
@@ -79,7 +87,7 @@ def capabilities(
             "version": spec.version,
             "sha256": spec.sha256,
             "in": "wasm",  # inside the wasm runtime's sandbox, with its limits
-            "limits": ["epoch", "fuel", "memory", "output"],
+            "limits": ["wall_clock", "fuel", "memory", "output"],
         }
     extra: dict[str, Any] = {}
     devices = (opencl or {}).get("devices", [])
@@ -127,7 +135,9 @@ class Evaluator:
         self._in = stdin
         self._out = stdout
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
-        self._runtime = WasmRuntime(self._on_progress, self._on_timeout)
+        self._runtime = WasmRuntime(self._on_progress, self._on_timeout, self._expire)
+        #: Run before the process ends on a wall clock (serve_stdio: remove the workdir).
+        self.cleanup: list[Callable[[], None]] = []
         #: Compiled modules (jobs' and interpreters') kept on disk across evaluators.
         self._cache_dir = compiled_cache_dir()
         self._interpreters = InterpreterRuntime(
@@ -392,6 +402,21 @@ class Evaluator:
         if request is not None:
             self._answer(request, _error(request, error), flush=True)
 
+    def _expire(self, reason: str) -> None:
+        """From the wall clock's thread, once the slice is answered: end the process, the
+        only way to stop code compiled without interruption checks (the worker starts a
+        fresh evaluator; a request queued behind the slice is never answered here)."""
+        log.warning("%s: this evaluator ends (exit status %d)", reason, EXIT_EXPIRED)
+        with self._out_lock:
+            try:
+                self._flush()
+            except (OSError, ValueError):
+                pass
+            for step in self.cleanup:
+                step()
+            sys.stderr.flush()
+            os._exit(EXIT_EXPIRED)
+
     def _on_progress(self, fraction: float) -> None:
         now = time.monotonic()
         if self._current is None or now - self._last_progress < _PROGRESS_INTERVAL:
@@ -432,7 +457,9 @@ def serve_stdio(
     # Nothing else may write to the protocol stream: point sys.stdout at stderr.
     sys.stdout = sys.stderr
     try:
-        return Evaluator(sys.stdin.buffer, stdout, withhold_opencl, runs_as, interpreters).serve()
+        evaluator = Evaluator(sys.stdin.buffer, stdout, withhold_opencl, runs_as, interpreters)
+        evaluator.cleanup.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        return evaluator.serve()
     except BrokenPipeError:
         return EXIT_OK
     finally:

@@ -4,9 +4,13 @@ A work function is a WASI command (``_start``). The slice datum is its stdin, it
 result, job arguments are its argv. It gets no preopened directory, an empty environment and no
 sockets; calls to ``path_open`` or ``sock_*`` trap with ``sandbox_violation``. Limits:
 
-* wall clock: epoch interruption, the epoch advanced when the slice's deadline comes
-  (:class:`EpochClock`), and our own ``poll_oneoff``, which sleeps at most until the slice's
-  deadline: a slice blocked in a host call cannot be interrupted by the epoch;
+* wall clock: a thread of :class:`WallClock` comes to the slice's deadline, answers for the
+  slice, then stops it. In an evaluator process (``expire`` given) compiled code carries no
+  interruption checks at all, and the slice is stopped by ending the process: the checks
+  wasmtime's epoch interruption puts in every loop and call halved a matrix multiply's
+  speed (docs/performance.md, "Compute speed"). Used in-process (no ``expire``), the engines
+  keep epoch interruption and the clock advances the epoch. Our own ``poll_oneoff`` sleeps
+  at most until the deadline and ends the slice there itself (no process needs ending);
 * fuel (instructions), when the job asks for it (a second engine with fuel metering);
 * memory: ``Store.set_limits`` caps the one linear memory, the tables (elements and count)
   and the instances, all out of the job's ``memory_bytes`` (:class:`StoreBudget`); a module
@@ -107,22 +111,24 @@ _APPROACH = 0.25
 _HOP = 0.02
 
 
-class EpochClock:
-    """Interrupts the running slice when the monotonic clock reaches its deadline.
+class WallClock:
+    """Stops the running slice when the monotonic clock reaches its deadline.
 
-    The slice's store traps at the next epoch (``set_epoch_deadline(1)``); a thread of this
-    clock sleeps until the deadline, calls ``on_due``, then advances the epoch of that
-    store's engine, once. It used to tick every 5 ms, 200 wake-ups a second even while the
-    evaluator was idle; on a loaded machine each one waited for a CPU and took the GIL from
-    the slice's own thread.
+    A thread of this clock sleeps until the deadline and calls ``on_due``. With ``epochs``
+    the slice's store traps at the next epoch (``set_epoch_deadline(1)``) and the clock then
+    advances the epoch of that store's engine, once; without, ``on_due`` stops the slice
+    itself (the evaluator ends its process). It used to tick every 5 ms, 200 wake-ups a
+    second even while the evaluator was idle; on a loaded machine each one waited for a CPU
+    and took the GIL from the slice's own thread.
 
     One slice is armed at a time (the evaluator runs one). The epoch is advanced only while
     the store it was meant for is still armed, so a slice that ended early never leaves an
     interrupt behind for the next one.
     """
 
-    def __init__(self, on_due: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_due: Callable[[], None] | None = None, epochs: bool = True) -> None:
         self._on_due = on_due or (lambda: None)
+        self._epochs = epochs
         self._changed = threading.Condition()
         self._armed: tuple[wasmtime.Engine, float] | None = None
         self._thread: threading.Thread | None = None
@@ -134,7 +140,7 @@ class EpochClock:
         with self._changed:
             if self._armed is not None:
                 raise RuntimeError("a slice is already armed on this clock")
-            if store is not None:
+            if store is not None and self._epochs:
                 store.set_epoch_deadline(1)
             self._armed = (engine, deadline)
             if self._thread is None:
@@ -165,7 +171,8 @@ class EpochClock:
             # The answer first: the interrupt sends the slice's thread back into Python,
             # where, starved of CPU, it may hold the GIL this thread needs to answer.
             self._on_due()
-            engine.increment_epoch()
+            if self._epochs:
+                engine.increment_epoch()
 
 
 class Serving:
@@ -201,8 +208,9 @@ class Serving:
         self._budget = StoreBudget.of(limits)
         self._budget.apply(self._store)
         # Set once, here, before the Store's thread runs: the engine's epoch is advanced only
-        # when a request reaches its wall clock (EpochClock), and that ends the session.
-        self._store.set_epoch_deadline(1)
+        # when a request reaches its wall clock (WallClock), and that ends the session.
+        if wasm.epochs:
+            self._store.set_epoch_deadline(1)
         self._lock = threading.Condition()
         self._request: bytes | None = None  # waiting to be read, until the module reads it
         self._offset = 0
@@ -294,13 +302,17 @@ class Serving:
         )
 
     def close(self) -> None:
-        """End the session: the module reads end of file (or, stuck, is interrupted)."""
+        """End the session: the module reads end of file (or, stuck, is interrupted: without
+        epochs, by the runtime's ``expire``, which ends the evaluator)."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
         self._thread.join(5)
         if self._thread.is_alive():  # never read again: interrupt it where it runs
-            self._engine.increment_epoch()
+            if self._wasm.epochs:
+                self._engine.increment_epoch()
+            else:
+                self._wasm.expire("a work function's interpreter did not end when told")
             self._thread.join(5)
         if not self._thread.is_alive():
             self._store.close()
@@ -426,17 +438,26 @@ class WasmRuntime:
         self,
         progress: Callable[[float], None] | None = None,
         timed_out: Callable[[SliceError], None] | None = None,
+        expire: Callable[[str], None] | None = None,
     ) -> None:
         """``progress`` gets the work function's progress calls. ``timed_out``, when given,
         is called from the clock's thread the moment a slice running wasm reaches its wall
         clock, with the error that slice ends with: its caller can answer at once, while the
         slice's own thread, which may get little CPU on a loaded machine, is still unwinding
-        (``run`` then raises the same error)."""
+        (``run`` then raises the same error).
+
+        ``expire``, when given, is called next, with the reason, and must not return: it
+        ends the process (an evaluator, whose worker starts a fresh one). Its engines then
+        compile no interruption checks into the code, which runs up to twice as fast.
+        Without it, they compile epoch checks and the clock interrupts the slice."""
         self._progress = progress or (lambda _f: None)
         self._timed_out = timed_out or (lambda _e: None)
+        self._expire = expire
+        #: Whether compiled code checks the epoch (the slice is interrupted in-process).
+        self.epochs = expire is None
         self._engines: dict[bool, wasmtime.Engine] = {}
         self._cache: OrderedDict[tuple[str, bool], _Compiled] = OrderedDict()
-        self._clock = EpochClock(self._deadline_reached)
+        self._clock = WallClock(self._deadline_reached, self.epochs)
         #: The running slice's limits (None between slices), for the clock's thread.
         self._limits: Limits | None = None
         #: Set by a host function that ends the slice (a forbidden call, the wall clock
@@ -464,7 +485,7 @@ class WasmRuntime:
         engine = self._engines.get(fuel)
         if engine is None:
             config = wasmtime.Config()
-            config.epoch_interruption = True
+            config.epoch_interruption = self.epochs
             config.consume_fuel = fuel
             config.cranelift_opt_level = _OPT_LEVEL
             engine = self._engines[fuel] = wasmtime.Engine(config)
@@ -735,7 +756,9 @@ class WasmRuntime:
             self.compile(module_bytes, sha256, limits)
             return
         engine = self._engine(limits.fuel is not None)
-        tag = f"{sha256[:32]}-{WASMTIME_VERSION}-{ENGINE_TAG}-{'fuel' if key[1] else 'epoch'}"
+        checks = "fuel" if key[1] else ""
+        checks += "epoch" if self.epochs else ""
+        tag = f"{sha256[:32]}-{WASMTIME_VERSION}-{ENGINE_TAG}-{checks or 'unchecked'}"
         path = directory / f"{tag}.cwasm"
         module = _read_serialized(engine, path)
         if module is None:
@@ -751,11 +774,22 @@ class WasmRuntime:
 
     def _deadline_reached(self) -> None:
         """From the clock's thread: the running slice is due. A host call that ends the
-        slice names its own reason, so the slice's thread answers for it."""
+        slice names its own reason, so the slice's thread answers for it (and is out of
+        wasm: nothing needs ending)."""
         limits = self._limits
         if limits is None or self._host_error is not None:
             return
-        self._timed_out(flood_error(self._output_size(), limits) or _wall_clock_error(limits))
+        error = flood_error(self._output_size(), limits) or _wall_clock_error(limits)
+        self._timed_out(error)
+        if self._expire is not None:
+            self._expire(f"a slice reached its wall clock in wasm ({error.message})")
+
+    def expire(self, reason: str) -> None:
+        """Stop what runs in wasm now: the epoch, or ``expire`` (which ends the process)."""
+        if self._expire is not None:
+            self._expire(reason)
+        for engine in self._engines.values():
+            engine.increment_epoch()
 
     def _classify_trap(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import dcp_protocol as p
 from evaluator.interpreters import interpreters_dir
+from evaluator.process import EXIT_EXPIRED
 
 
 class EvaluatorClient:
@@ -23,7 +24,7 @@ class EvaluatorClient:
         """Start an evaluator in ``cwd``; ``preexec_fn`` runs in the child before exec
         (rlimits, nice); ``interpreters``: the directory it is told to find them in; ``env``
         its environment (default: empty, as the worker starts it)."""
-        self.proc = subprocess.Popen(
+        self._start = lambda: subprocess.Popen(
             [sys.executable, "-I", "-m", "evaluator", "--stdio"]
             + ["--interpreters", interpreters or str(interpreters_dir())],
             stdin=subprocess.PIPE,
@@ -33,9 +34,24 @@ class EvaluatorClient:
             cwd=cwd,
             preexec_fn=preexec_fn,
         )
+        self.proc = self._start()
         self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
         self._id = 0
         self.progress: list[float] = []
+
+    def renew(self) -> int:
+        """Close this evaluator and start a fresh one in its place, as the worker does after
+        an answer with one of MAY_END_EVALUATOR; returns the old one's exit status (0, or
+        EXIT_EXPIRED where the slice's wall clock ended it)."""
+        status = self.close()
+        self.proc = self._start()
+        self.decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
+        return status
+
+    def replace_expired(self) -> None:
+        """After a slice that looped into its wall clock: its evaluator ended with
+        EXIT_EXPIRED (checked here), and a fresh one takes its place."""
+        assert self.renew() == EXIT_EXPIRED
 
     def next_id(self) -> int:
         self._id += 1

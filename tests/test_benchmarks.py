@@ -37,7 +37,9 @@ def postgres_env() -> dict[str, str]:
     return {**os.environ, "DCP_TEST_POSTGRES": server.admin_url}
 
 
-@pytest.mark.parametrize("name", ["hashrate", "scale", "sandbox_start", "breakdown", "plots"])
+@pytest.mark.parametrize(
+    "name", ["hashrate", "scale", "sandbox_start", "breakdown", "plots", "kernels"]
+)
 def test_benchmark_smoke(name: str) -> None:
     figures = run_benchmark(name)
     if name == "scale":
@@ -53,6 +55,12 @@ def test_benchmark_smoke(name: str) -> None:
     if name == "breakdown":
         assert all(v > 0 for v in figures["steps_us"].values())
         assert all(v > 0 for v in figures["end_to_end_us"].values())
+        return
+    if name == "kernels":  # every kernel built three ways, each build's answer the same
+        kernels = {"sha256_puzzle", "matmul", "sort", "json_parse", "coremark_like"}
+        assert set(figures["kernels"]) == kernels
+        assert all(k["wasm_over_native"] > 0 for k in figures["kernels"].values())
+        assert figures["median_wasm_simd128_over_native"] > 0
         return
     if name == "sandbox_start":
         assert 0 < figures["warm_switch_ms"] < figures["cold_first_slice_ms"]

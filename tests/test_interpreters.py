@@ -335,8 +335,8 @@ def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(
 ) -> None:
     """The slices of one job share one interpreter (its globals persist), a job that asks
     for ``interpreter = "fresh"`` gets a new one each slice, and another job (even with the
-    same source) never sees the first one's state; a failed slice or a timeout ends nothing
-    but itself."""
+    same source) never sees the first one's state; a failed slice ends nothing but itself,
+    and a timeout, which ends the evaluator, leaves nothing to the next one."""
 
     def counts(job: str, n: int, config: dict[str, object], source: bytes = COUNTER) -> list[bytes]:
         reply = evaluator.assign(source, runtime="python", job=job, config=config)
@@ -366,6 +366,11 @@ def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(
     assert isinstance(failed, p.Error) and failed.code == "work_function_error"
     looping = evaluator.run(b"0")  # the same interpreter: its third call loops
     assert isinstance(looping, p.Error) and looping.code == "wasm_timeout"
+    evaluator.replace_expired()  # a loop ends its evaluator; the worker starts a fresh one
+    reply = evaluator.assign(
+        flaky, runtime="python", job="d", config={"datum": "json"}, wall_seconds=1
+    )
+    assert isinstance(reply, p.Ack), reply
     after = evaluator.run(b"0")  # a new interpreter for the same job
     assert isinstance(after, p.SliceDone) and after.result == b"1"
 

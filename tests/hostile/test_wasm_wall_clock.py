@@ -1,6 +1,7 @@
 """The wall clock holds: a slice ends within max(10 %, 0.2 s) of ``wall_seconds`` whether it
-loops (epoch interruption) or sleeps in WASI ``poll_oneoff`` (which epoch interruption cannot
-reach), also on a loaded machine; and legitimate sleeps and polls still do what WASI says.
+loops (answered by the clock's thread, then the evaluator ends: its code has no interruption
+checks) or sleeps in WASI ``poll_oneoff`` (which ends the slice itself), also on a loaded
+machine; and legitimate sleeps and polls still do what WASI says.
 
 Timings are taken by the client, from sending the slice to its reply: what the worker sees
 against its own kill at wall + 5 s.
@@ -8,6 +9,8 @@ against its own kill at wall + 5 s.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import struct
 import subprocess
@@ -21,11 +24,15 @@ import pytest
 import wasmtime
 
 import dcp_protocol as p
+from dcp_protocol import JobSpec, Limits
+from evaluator.client import Sandbox, SliceFailure
+from evaluator.process import EXIT_EXPIRED
 
 from ..conftest import wait_for
 from ..evaluator_client import EvaluatorClient
 
 SLEEP = Path(__file__).parents[1] / "wasm" / "sleep.c"
+ECHO = Path(__file__).parents[2] / "examples" / "echo" / "echo.wasm"
 WASI = "wasi_snapshot_preview1"
 LOOP = bytes(
     wasmtime.wat2wasm(
@@ -235,12 +242,16 @@ def test_a_slice_ends_at_its_wall_clock_on_a_loaded_machine(
     # call's wait must end at the deadline, however late the evaluator's threads run.
     module, datum = (LOOP, b"") if kind == "loop" else (sleep_wasm, b"60000")
     request.getfixturevalue("loaded_machine")  # after the sleep module is built
-    client = EvaluatorClient(preexec_fn=_low_priority)
-    try:
-        assert isinstance(client.assign(module, wall_seconds=wall), p.Ack)
-        outcomes = [timed_run(client, datum) for _ in range(3)]
-    finally:
-        client.close()
+    outcomes = []
+    for _ in range(3):  # a looping slice ends its evaluator: one each
+        client = EvaluatorClient(preexec_fn=_low_priority)
+        try:
+            assert isinstance(client.assign(module, wall_seconds=wall), p.Ack)
+            outcomes.append(timed_run(client, datum))
+        finally:
+            status = client.close()
+        # A sleeping slice ends in its host call (the evaluator may go on); a loop cannot.
+        assert status in ((EXIT_EXPIRED,) if kind == "loop" else (0, EXIT_EXPIRED)), status
     for reply, _ in outcomes:
         assert isinstance(reply, p.Error) and reply.code == "wasm_timeout", reply
     took = [round(t, 3) for _, t in outcomes]
@@ -270,24 +281,57 @@ def test_an_evaluator_does_not_wake_while_its_slice_sleeps(
     assert woke < 40, f"{woke} wake-ups during a 1 s sleep"
 
 
-def test_a_queued_slice_gets_its_whole_wall_clock(evaluator: EvaluatorClient) -> None:
-    # The wall clock answers a slice while its thread is still unwinding; the next slice's
-    # clock starts when that answer went, not when its request came (it waited in the pipe).
+def test_a_looping_slice_is_answered_then_its_evaluator_ends(tmp_path: Path) -> None:
+    # Compiled without epoch checks (they halved a matrix multiply's speed), a loop stops
+    # only with its process: the answer first, then exit status EXIT_EXPIRED, its private
+    # directory removed. A request queued behind it gets no answer from this evaluator.
+    client = EvaluatorClient(cwd=str(tmp_path))
+    try:
+        assert isinstance(client.assign(LOOP, wall_seconds=0.5), p.Ack)
+        first, second = client.next_id(), client.next_id()
+        client.send_raw(
+            p.frame(p.RunSlice(id=first, slice=0, datum=b""))
+            + p.frame(p.RunSlice(id=second, slice=1, datum=b""))
+        )
+        reply = client.receive()
+        assert isinstance(reply, p.Error) and (reply.re, reply.code) == (first, "wasm_timeout")
+        with pytest.raises(EOFError):
+            client.receive()
+        assert client.proc.stderr is not None
+        said = client.proc.stderr.read()  # to its end: the process is gone
+    finally:
+        status = client.close()
+    assert status == EXIT_EXPIRED
+    assert b"this evaluator ends (exit status 4)" in said, said
+    assert list(tmp_path.iterdir()) == []  # its dcp-evaluator-* directory is gone
+
+
+def test_slices_queued_behind_a_timeout_run_on_a_fresh_evaluator_with_their_whole_clock() -> None:
+    # The worker's side: a batch whose first slice loops past its wall clock. The others,
+    # never answered by the evaluator that ended, run on a fresh one; each gets its whole
+    # limit (their clocks start there, not when the batch was written), and the sandbox
+    # serves the next batch.
+    module = LOOP
+    job = JobSpec("loops", "wasm", module, hashlib.sha256(module).hexdigest())
     wall = 0.5
-    assert isinstance(evaluator.assign(LOOP, wall_seconds=wall), p.Ack)
-    first, second = evaluator.next_id(), evaluator.next_id()
-    started = time.monotonic()
-    evaluator.send_raw(
-        p.frame(p.RunSlice(id=first, slice=0, datum=b""))
-        + p.frame(p.RunSlice(id=second, slice=1, datum=b""))
-    )
-    replies = [evaluator.receive(), evaluator.receive()]
-    took = time.monotonic() - started
-    assert [(r.re, r.code) for r in replies if isinstance(r, p.Error)] == [
-        (first, "wasm_timeout"),
-        (second, "wasm_timeout"),
-    ], replies
+
+    async def go() -> tuple[list[object], float, list[object]]:
+        sandbox = Sandbox(0)
+        try:
+            started = time.monotonic()
+            first = await sandbox.run_batch(job, Limits(wall_seconds=wall), [(0, b""), (1, b"")])
+            took = time.monotonic() - started
+            echo = ECHO.read_bytes()
+            echo_job = JobSpec("echo", "wasm", echo, hashlib.sha256(echo).hexdigest())
+            then = await sandbox.run_batch(echo_job, Limits(), [(0, b"after")])
+            return first, took, then
+        finally:
+            await sandbox.stop(graceful=True)
+
+    first, took, then = asyncio.run(go())
+    assert [o.code for o in first if isinstance(o, SliceFailure)] == ["wasm_timeout"] * 2, first
     assert took >= 2 * wall, f"two queued {wall} s slices answered after {took:.3f} s"
+    assert then[0][0] == b"after", then  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("count", "pages"), [(-1, 1), (-48, 1), (5000, 8)])
