@@ -57,6 +57,8 @@ WORK_FAILED = 3
 #: ... when its interpreter ran out of memory (MemoryError, QuickJS's "out of memory").
 OUT_OF_MEMORY = 4
 _ERROR_MARK = "\x1edcp:error\n"
+#: What the JavaScript bootstrap writes on stdout before the result (see _js_result).
+_JS_RESULT_MARK = b"\x1edcp:result\n"
 _PROGRESS_MARK = b"\x1edcp:progress "
 #: Longest traceback (or stack) passed on to the owner, in characters.
 TRACEBACK_CHARS = 4000
@@ -185,25 +187,11 @@ function fromBase64(s) {
   }
   return out;
 }
-let out;
-try {
-  const h = JSON.parse(std.in.readAsString());
-  const datum = ("bytes" in h) ? fromBase64(h.bytes) : h.json;
-  std.evalScript(h.source);
-  if (typeof globalThis.work !== "function")
-    throw new ReferenceError("the work function's source defines no work(datum, ...args)");
-  const r = globalThis.work(datum, ...h.args);
-  if (r === undefined || r === null)
-    throw new TypeError("work() returned " + r +
-      ": return the result (JSON-encodable, or a Uint8Array)");
-  if (r instanceof Uint8Array) out = r;
-  else if (r instanceof ArrayBuffer) out = new Uint8Array(r);
-  else {
-    const text = JSON.stringify(r);
-    if (text === undefined) throw new TypeError("work() returned a value JSON cannot encode");
-    out = text;
-  }
-} catch (e) {
+// The work function's console.log and print go to stderr: stdout is the result's alone.
+function _log(...a) { std.err.puts(a.map(String).join(" ") + "\n"); }
+globalThis.console = { log: _log, info: _log, warn: _log, error: _log, debug: _log };
+globalThis.print = _log;
+function _fail(e) {
   if (e instanceof InternalError && /out of memory/.test(String(e.message))) {
     std.err.puts("\x1edcp:error\nInternalError: out of memory");
     std.exit(4);
@@ -213,9 +201,46 @@ try {
   std.err.flush();
   std.exit(3);
 }
-if (typeof out === "string") std.out.puts(out);
-else std.out.write(out.buffer, out.byteOffset, out.byteLength);
-std.out.flush();
+function _emit(r) {
+  if (r === undefined || r === null)
+    throw new TypeError("work() returned " + r +
+      ": return the result (JSON-encodable, or a Uint8Array)");
+  let out;
+  if (r instanceof Uint8Array) out = r;
+  else if (r instanceof ArrayBuffer) out = new Uint8Array(r);
+  else {
+    out = JSON.stringify(r);
+    if (out === undefined) throw new TypeError("work() returned a value JSON cannot encode");
+  }
+  // After the mark, so the host knows what the work function wrote there itself (std.puts
+  // and std.out cannot be taken from it), and then the end: no timer of its runs after.
+  std.out.puts("\x1edcp:result\n");
+  if (typeof out === "string") std.out.puts(out);
+  else std.out.write(out.buffer, out.byteOffset, out.byteLength);
+  std.out.flush();
+  std.exit(0);
+}
+try {
+  const h = JSON.parse(std.in.readAsString());
+  const datum = ("bytes" in h) ? fromBase64(h.bytes) : h.json;
+  std.evalScript(h.source);
+  if (typeof globalThis.work !== "function")
+    throw new ReferenceError("the work function's source defines no work(datum, ...args)");
+  const r = globalThis.work(datum, ...h.args);
+  if (r !== null && typeof r === "object" && typeof r.then === "function") {
+    // An async work function (DCP's may be): its result is what the promise settles to.
+    // The timer keeps the job loop alive until then; one that never settles sleeps into
+    // the wall clock.
+    const alive = os.setTimeout(() => {}, 2147483647);
+    Promise.resolve(r).then(
+      (v) => { os.clearTimeout(alive); try { _emit(v); } catch (e) { _fail(e); } },
+      (e) => { os.clearTimeout(alive); _fail(e); });
+  } else {
+    _emit(r);
+  }
+} catch (e) {
+  _fail(e);
+}
 """
 
 
@@ -409,6 +434,24 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return _sha256_file(Path(path))
 
 
+def _js_result(stdout: bytes) -> bytes:
+    """The result in what the JavaScript bootstrap wrote on stdout: its mark, then the result.
+    Anything before the mark was written by the work function itself (std.puts, std.out),
+    which would otherwise have become part of its result.
+
+    Raises:
+        SliceError: WORK_FUNCTION_ERROR when the work function wrote on stdout.
+    """
+    if stdout.startswith(_JS_RESULT_MARK):
+        return stdout[len(_JS_RESULT_MARK) :]
+    wrote = stdout.partition(_JS_RESULT_MARK)[0]
+    raise SliceError(
+        ErrorCode.WORK_FUNCTION_ERROR,
+        f"the work function wrote {len(wrote)} bytes on stdout (std.puts, std.out): stdout is "
+        "the result's; return the result, and log with console.log (stderr)",
+    )
+
+
 def pack(runtime: str, source: bytes, args: tuple[str, ...], datum: bytes, kind: str) -> bytes:
     """The interpreter's stdin for one slice: its source, args and datum. ``kind`` says what
     the datum is: ``json`` (JSON text, decoded here into the value, nested at most as a
@@ -530,11 +573,15 @@ class InterpreterRuntime:
             return self._serve(spec, sha256, argv, limits, stdin, len(datum), started)
         watch = _ProgressWatch(self._wasm, self._progress)
         watch.start()
+        marked = runtime == "js"
         try:
             result, metrics = self._wasm.run(
                 spec.sha256,
                 spec.argv,
-                limits,
+                # The result's mark comes out of the same cap: the result itself gets it all.
+                dataclasses.replace(limits, output_bytes=limits.output_bytes + len(_JS_RESULT_MARK))
+                if marked
+                else limits,
                 stdin,
                 started=started,
                 argv0=runtime,
@@ -547,9 +594,15 @@ class InterpreterRuntime:
                 ) from None
             if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
                 raise _out_of_memory(runtime, limits) from None
+            flood = flood_error(limits.output_bytes + 1, limits)
+            if exc.code is ErrorCode.OUTPUT_TOO_LARGE and flood is not None:
+                raise flood from None  # naming the job's cap, without the mark's bytes
             raise
         finally:
             watch.stop()
+        if marked:
+            result = _js_result(result)
+            metrics = dataclasses.replace(metrics, bytes_out=len(result))
         return result, metrics
 
     def _serve(

@@ -146,6 +146,86 @@ def test_an_exception_reaches_the_owner_as_work_function_error_with_its_tracebac
 
 
 @pytest.mark.parametrize(
+    "source",
+    [
+        b"async function work(d, k) { await null; return {d, k}; }",
+        b"function work(d, k) { return Promise.resolve({d, k}); }",
+        b"function work(d, k) { return new Promise((ok) => os.setTimeout(() => ok({d, k}), 50)); }",
+    ],
+)
+def test_an_async_js_work_function_gives_what_its_promise_settles_to(
+    source: bytes, evaluator: EvaluatorClient
+) -> None:
+    # DCP's work functions may be async. The promise used to be encoded as itself: "{}".
+    assert isinstance(
+        evaluator.assign(source, ("k",), runtime="js", config={"datum": "json"}), p.Ack
+    )
+    reply = evaluator.run(b"[1]")
+    assert isinstance(reply, p.SliceDone), reply
+    assert p.nesting.loads(reply.result) == {"d": [1], "k": "k"}
+
+
+def test_a_rejected_js_promise_is_work_function_error_with_its_stack(
+    evaluator: EvaluatorClient,
+) -> None:
+    # It used to end the interpreter with "Possibly unhandled promise rejection": wasm_exit.
+    source = b"async function work(d) {\n  await null;\n  throw new RangeError('bad ' + d);\n}"
+    assert isinstance(evaluator.assign(source, runtime="js", config={"datum": "json"}), p.Ack)
+    reply = evaluator.run(b"7")
+    assert isinstance(reply, p.Error) and reply.code == "work_function_error", reply
+    assert "RangeError: bad 7" in reply.message and "at work" in reply.message, reply.message
+
+
+@pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", b"def work(d):\n    print('log line')\n    return d\n"),
+        ("js", b"function work(d) { console.log('log', 'line'); print('x'); return d; }"),
+    ],
+)
+def test_what_a_work_function_logs_is_not_its_result(
+    runtime: str, source: bytes, evaluator: EvaluatorClient
+) -> None:
+    # JavaScript's console.log and print wrote on stdout, into the result: "log line\n5".
+    config = {"datum": "json", "interpreter": "fresh"}
+    assert isinstance(evaluator.assign(source, runtime=runtime, config=config), p.Ack)
+    reply = evaluator.run(b"5")
+    assert isinstance(reply, p.SliceDone), reply
+    assert reply.result == b"5"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        b"function work(d) { std.puts('junk'); return d; }",
+        b"function work(d) { std.out.puts('junk'); return d; }",
+    ],
+)
+def test_a_js_work_function_that_writes_on_stdout_fails_by_name(
+    source: bytes, evaluator: EvaluatorClient
+) -> None:
+    # What it wrote there became part of its result ("junk5"), which no reader could tell.
+    assert isinstance(evaluator.assign(source, runtime="js", config={"datum": "json"}), p.Ack)
+    reply = evaluator.run(b"5")
+    assert isinstance(reply, p.Error) and reply.code == "work_function_error", reply
+    assert "wrote 4 bytes on stdout" in reply.message, reply.message
+
+
+def test_a_js_result_may_fill_the_output_cap_exactly(evaluator: EvaluatorClient) -> None:
+    source = b"function work(d) { return new Uint8Array(d).fill(120); }"
+    assert isinstance(
+        evaluator.assign(source, runtime="js", config={"datum": "json"}, output_bytes=4096),
+        p.Ack,
+    )
+    reply = evaluator.run(b"4096")
+    assert isinstance(reply, p.SliceDone) and reply.result == b"x" * 4096, reply
+    reply = evaluator.run(b"4097")
+    assert isinstance(reply, p.Error) and reply.code == "output_too_large", reply
+    assert "cap of 4096 bytes" in reply.message, reply.message
+    evaluator.renew()  # an output_too_large answer may end an evaluator (MAY_END_EVALUATOR)
+
+
+@pytest.mark.parametrize(
     ("runtime", "source"),
     [
         ("python", b"import time\ndef work(d):\n    progress(0.25)\n    time.sleep(0.3)\n"

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 import dcp_protocol as p
+from evaluator.errors import MAY_END_EVALUATOR
+from evaluator.process import EXIT_EXPIRED
 
 from ..evaluator_client import EvaluatorClient
 from ..test_interpreters import installed  # noqa: F401 (the fixture)
@@ -77,6 +79,22 @@ HOSTILE: dict[str, tuple[str, str, dict[str, object], set[str]]] = {
                               {"output_bytes": 4096}, {"output_too_large"}),
     "py_junk_on_fd_1": ("python", "import os\ndef work(d):\n    os.write(1, b'junk')\n"
                         "    return 1\n", {}, {"work_function_error"}),
+    # JavaScript's ways out that do not exist (a module loader, fetch, a socket) and one that
+    # would have written into the result.
+    "js_require_missing_module": ("js", "function work(d) { return require('net').connect(22); }",
+                                  {}, {"work_function_error"}),
+    "js_dynamic_import": ("js", "function work(d) { return import('net'); }", {},
+                          {"work_function_error"}),
+    "js_fetch": ("js", "function work(d) { return fetch('http://127.0.0.1:22/'); }", {},
+                 {"work_function_error"}),
+    "js_socket_by_path": ("js", "function work(d) {\n"
+                          "  const fd = os.open('/dev/tcp/127.0.0.1/22', os.O_RDWR);\n"
+                          "  if (fd < 0) throw new Error('no socket: ' + fd); return fd; }", {},
+                          {"work_function_error", "sandbox_violation"}),
+    "js_junk_on_stdout": ("js", "function work(d) { std.puts('junk'); return 1; }", {},
+                          {"work_function_error"}),
+    "js_promise_never_settles": ("js", "function work(d) { return new Promise(() => {}); }",
+                                 {"wall_seconds": 1}, {"wasm_timeout"}),
     "py_exit": ("python", "import sys\ndef work(d):\n    sys.exit(0)\n", {},
                 {"work_function_error"}),
 }  # fmt: skip
@@ -117,8 +135,10 @@ def test_hostile_work_function_is_contained(evaluator: EvaluatorClient, name: st
     assert isinstance(reply, p.Error), reply
     assert reply.code in codes, (reply.code, reply.message)
     assert reply.message and "root:" not in reply.message  # nothing of /etc/passwd
-    if reply.code == "wasm_timeout":
-        evaluator.replace_expired()
+    if reply.code in MAY_END_EVALUATOR:  # as the worker does: a fresh evaluator
+        status = evaluator.renew()
+        # A loop ends its evaluator; a sleep (a promise that never settles) ends in its call.
+        assert status == EXIT_EXPIRED if "loop" in name else status in (0, EXIT_EXPIRED)
     _next_job_still_works(evaluator, runtime)
 
 
