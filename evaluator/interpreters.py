@@ -103,7 +103,15 @@ def _call(work, h):
     r = work(h["bytes"] if "bytes" in h else h["json"], *h["args"])
     if r is None:
         raise TypeError("work() returned None: return the result (JSON-encodable, or bytes)")
-    return bytes(r) if isinstance(r, (bytes, bytearray, memoryview)) else _dumps(r)
+    raw = isinstance(r, (bytes, bytearray, memoryview))
+    want = h.get("result", "any")
+    if want == "json" and raw:
+        raise TypeError("work() returned bytes; this job's results are JSON (result = 'json')")
+    if want == "bytes" and not raw:
+        raise TypeError(
+            f"work() returned a {type(r).__name__}; this job's results are bytes (result = 'bytes')"
+        )
+    return bytes(r) if raw else _dumps(r)
 def _traceback(e):
     import traceback
     t = e.__traceback__
@@ -201,10 +209,17 @@ function _fail(e) {
   std.err.flush();
   std.exit(3);
 }
+let _want = "any";  // the job's result kind: "json", "bytes" or either
 function _emit(r) {
   if (r === undefined || r === null)
     throw new TypeError("work() returned " + r +
       ": return the result (JSON-encodable, or a Uint8Array)");
+  const raw = r instanceof Uint8Array || r instanceof ArrayBuffer;
+  if (_want === "json" && raw)
+    throw new TypeError("work() returned bytes; this job's results are JSON (result = 'json')");
+  if (_want === "bytes" && !raw)
+    throw new TypeError(
+      "work() returned a " + typeof r + "; this job's results are bytes (result = 'bytes')");
   let out;
   if (r instanceof Uint8Array) out = r;
   else if (r instanceof ArrayBuffer) out = new Uint8Array(r);
@@ -223,6 +238,7 @@ function _emit(r) {
 try {
   const h = JSON.parse(std.in.readAsString());
   const datum = ("bytes" in h) ? fromBase64(h.bytes) : h.json;
+  if ("result" in h) _want = h.result;
   std.evalScript(h.source);
   if (typeof globalThis.work !== "function")
     throw new ReferenceError("the work function's source defines no work(datum, ...args)");
@@ -452,16 +468,27 @@ def _js_result(stdout: bytes) -> bytes:
     )
 
 
-def pack(runtime: str, source: bytes, args: tuple[str, ...], datum: bytes, kind: str) -> bytes:
+def pack(
+    runtime: str,
+    source: bytes,
+    args: tuple[str, ...],
+    datum: bytes,
+    kind: str,
+    result: str = "any",
+) -> bytes:
     """The interpreter's stdin for one slice: its source, args and datum. ``kind`` says what
     the datum is: ``json`` (JSON text, decoded here into the value, nested at most as a
-    frame may be) or ``bytes``. Python's is marshal data (its bootstrap imports nothing),
-    JavaScript's a JSON document (the bytes in base64).
+    frame may be) or ``bytes``; ``result`` what the work function must return (``json``: a
+    value, ``bytes``: bytes, ``any``: either; the bootstrap holds it to that, so that a
+    reader of the job's results knows how to read them). Python's is marshal data (its
+    bootstrap imports nothing), JavaScript's a JSON document (the bytes in base64).
 
     Raises:
         ValueError: the datum is not JSON (or nests too deep).
     """
     doc: dict[str, Any] = {"source": source.decode("utf-8"), "args": list(args)}
+    if result != "any":
+        doc["result"] = result
     if kind == "json":
         doc["json"] = nesting.loads(datum)
     elif runtime == "python":
@@ -553,6 +580,7 @@ class InterpreterRuntime:
         kind: str,
         started: float | None = None,
         fresh: bool = False,
+        result_kind: str = "any",
     ) -> tuple[bytes, Metrics]:
         """One slice; (result, metrics). The slices of one job share a warm interpreter
         where the runtime has one, unless ``fresh`` (the job's ``interpreter = "fresh"``) or
@@ -564,7 +592,7 @@ class InterpreterRuntime:
         """
         spec = INTERPRETERS[runtime]
         try:
-            stdin = pack(runtime, self._sources[sha256], argv, datum, kind)
+            stdin = pack(runtime, self._sources[sha256], argv, datum, kind, result_kind)
         except (ValueError, UnicodeDecodeError) as exc:
             raise SliceError(
                 ErrorCode.WORK_FUNCTION_ERROR, f"the datum is not JSON: {exc}"

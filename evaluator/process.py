@@ -370,6 +370,7 @@ class Evaluator:
                     str(job.config.get("datum", "json")),
                     started=max(self._received_at, self._answered_at),
                     fresh=job.config.get("interpreter") == "fresh",
+                    result_kind=str(job.config.get("result", "any")),
                 )
             else:
                 result, metrics = self._runtime.run(

@@ -15,7 +15,9 @@ wasm sandbox: docs/sandbox.md). What is sent is the function's own source
 standard library only), and define there the helpers it calls; or pass the source text of a
 whole module that defines ``work`` (``runtime="js"`` for JavaScript). Each input is one slice;
 inputs are JSON values (numbers, strings, lists, dicts...) or, all of them, bytes. Results are
-decoded from JSON; a work function that returns bytes gives bytes.
+JSON values, decoded (``result="json"``), or bytes (``result="bytes"``), by default the kind of
+the inputs; the interpreter holds the work function to what the job says, so a result is
+never guessed at (bytes that happened to be JSON text once came back as a number).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from dcp_keys.identity import Identity
 from dcp_protocol import DcpError, nesting
 
-from .client import ComputeClient, SliceResult
+from .client import ComputeClient
 from .jobdoc import SOURCE_RUNTIMES, job_document, parse_document
 
 
@@ -82,10 +84,12 @@ def work_source(work: Callable[..., Any] | str, runtime: str = "python") -> str:
 class Job:
     """A deployed job: its results in slice order, its status, cancel."""
 
-    def __init__(self, compute: Compute, job: str, total: int) -> None:
+    def __init__(self, compute: Compute, job: str, total: int, result: str = "json") -> None:
         self._compute = compute
         self.id = job
         self.total = total
+        #: What the work function returns: "json" values (decoded here) or "bytes".
+        self.result_kind = result
 
     def __repr__(self) -> str:
         return f"<Job {self.id} of {self.total} slices>"
@@ -119,8 +123,14 @@ class Job:
                 why = r.error or {}
                 failures[r.slice] = f"{why.get('code', r.state)}: {why.get('message', '')}"
                 out[r.slice] = SliceFailure(r.slice, failures[r.slice])
+            elif self.result_kind == "bytes":
+                out[r.slice] = r.result
             else:
-                out[r.slice] = _decode(r)
+                try:
+                    out[r.slice] = nesting.loads(r.result)
+                except ValueError as exc:  # the interpreter lets no other through
+                    failures[r.slice] = f"result_not_json: {exc}"
+                    out[r.slice] = SliceFailure(r.slice, failures[r.slice])
             if show:
                 sys.stderr.write(f"\r\x1b[Kjob {self.id}: {seen}/{self.total} slices final")
                 sys.stderr.flush()
@@ -129,14 +139,6 @@ class Job:
         if failures and errors == "raise":
             raise JobFailed(self.id, failures)
         return out
-
-
-def _decode(r: SliceResult) -> Any:
-    assert r.result is not None
-    try:
-        return nesting.loads(r.result)
-    except ValueError:  # not JSON: the work function returned bytes
-        return r.result
 
 
 class Compute:
@@ -170,10 +172,14 @@ class Compute:
         group: str = "",
         max_attempts: int = 2,
         interpreter: str = "warm",
+        result: str | None = None,
     ) -> Job:
         """Deploy one slice per input of ``work(input, *args)``; the job. ``interpreter``:
         ``warm`` (the job's slices share one interpreter per sandbox) or ``fresh`` (one per
-        slice: no state from one slice reaches the next).
+        slice: no state from one slice reaches the next). ``result``: what ``work`` returns,
+        ``json`` values (:meth:`Job.results` decodes them) or ``bytes`` (given as they
+        are); by default the kind of the inputs. A slice whose work function returns the
+        other kind fails with ``work_function_error``.
 
         Raises:
             ValueError: the work function's source cannot be read, or inputs mix bytes
@@ -183,12 +189,15 @@ class Compute:
         """
         if runtime not in SOURCE_RUNTIMES:
             raise ValueError(f"map runs python or js work functions, not {runtime!r}")
+        if result not in (None, "json", "bytes"):
+            raise ValueError(f"result is 'json' or 'bytes', not {result!r}")
         source = work_source(work, runtime)
         items = list(inputs)
         raw = [isinstance(x, (bytes, bytearray)) for x in items]
         if any(raw) and not all(raw):
             raise ValueError("inputs are all bytes or all JSON values, not a mix")
         kind = "bytes" if items and all(raw) else "json"
+        result = result or kind
         try:
             data = [
                 bytes(x) if kind == "bytes" else json.dumps(x, allow_nan=False).encode()
@@ -207,9 +216,9 @@ class Compute:
             max_attempts=max_attempts,
             group=group,
             requirements={f"runtime.{runtime}": "required", **(requirements or {})},
-            config={"datum": kind, "interpreter": interpreter},
+            config={"datum": kind, "interpreter": interpreter, "result": result},
             data=data,
         )
         body = json.dumps(document, separators=(",", ":")).encode()
         parse_document(body, self.identity.address)  # the scheduler's checks, every fault, here
-        return Job(self, self.client.deploy_document(body), len(data))
+        return Job(self, self.client.deploy_document(body), len(data), result)

@@ -82,6 +82,7 @@ _JOB_KEYS = (
     "verifier",
     "opencl",
     "interpreter",
+    "result",
     "redundancy",
 )
 _DOCUMENT_KEYS = (
@@ -525,8 +526,9 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
                 ("inputs", f"a {runtime} job takes values (JSON) or file (bytes), not both")
             )
         config = {"datum": "bytes" if "file" in inputs else "json"}
-        if "interpreter" in spec:
-            config["interpreter"] = spec["interpreter"]
+        for key in ("interpreter", "result"):
+            if key in spec:
+                config[key] = spec[key]
         for value in values:
             try:
                 data.append(json.dumps(value, allow_nan=False).encode())
@@ -534,6 +536,9 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
                 problems.append(("inputs.values", f"{value!r} has no JSON form"))
                 break
     else:
+        for key in ("interpreter", "result"):
+            if key in spec:  # was silently ignored
+                problems.append((key, f"{key} is for python and js jobs, not {runtime}"))
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 problems.append(("inputs.values", "inputs.values holds strings and numbers only"))
@@ -648,22 +653,26 @@ def _check_document(
         except ValueError as exc:
             problems.append(("config", str(exc)))
     elif runtime in SOURCE_RUNTIMES:
-        if not isinstance(config, dict) or set(config) - {"datum", "interpreter"}:
+        if not isinstance(config, dict) or set(config) - {"datum", "interpreter", "result"}:
             problems.append(
                 (
                     "config",
                     f"a {runtime} job's config is {{'datum': 'json' or 'bytes',"
-                    " 'interpreter': 'warm' or 'fresh'}",
+                    " 'interpreter': 'warm' or 'fresh', 'result': 'json', 'bytes' or 'any'}",
                 )
             )
         elif config.get("datum", "json") not in ("json", "bytes"):
             problems.append(("config", "config.datum is 'json' or 'bytes'"))
         elif config.get("interpreter", "warm") not in ("warm", "fresh"):
             problems.append(("config", "interpreter is 'warm' (the default) or 'fresh'"))
+        elif config.get("result", "any") not in ("json", "bytes", "any"):
+            problems.append(("config", "result is 'json', 'bytes' or 'any' (the default)"))
         else:
+            kinds = {"result": config["result"]} if config.get("result", "any") != "any" else {}
             config = {
                 "datum": config.get("datum", "json"),
                 "interpreter": config.get("interpreter", "warm"),
+                **kinds,
             }
     elif config:
         problems.append(("config", f"runtime {runtime!r} takes no [opencl] settings"))

@@ -146,6 +146,28 @@ def test_an_exception_reaches_the_owner_as_work_function_error_with_its_tracebac
 
 
 @pytest.mark.parametrize(
+    ("runtime", "source"),
+    [
+        ("python", b"def work(d):\n    return b'1' if d else 1\n"),
+        ("js", b"function work(d) { return d ? new Uint8Array([49]) : 1; }"),
+    ],
+)
+def test_a_job_that_says_its_result_kind_gets_only_that_kind(
+    runtime: str, source: bytes, evaluator: EvaluatorClient
+) -> None:
+    for kind, fine, wrong in (("json", b"0", b"1"), ("bytes", b"1", b"0")):
+        config = {"datum": "json", "result": kind}
+        assert isinstance(evaluator.assign(source, runtime=runtime, config=config), p.Ack)
+        reply = evaluator.run(fine)
+        assert isinstance(reply, p.SliceDone) and reply.result == b"1", reply
+        reply = evaluator.run(wrong)
+        assert isinstance(reply, p.Error) and reply.code == "work_function_error", reply
+        assert f"this job's results are {kind.upper() if kind == 'json' else kind}" in (
+            reply.message
+        ), reply.message
+
+
+@pytest.mark.parametrize(
     "source",
     [
         b"async function work(d, k) { await null; return {d, k}; }",
@@ -338,6 +360,22 @@ def test_a_python_job_file_carries_its_source_and_json_or_raw_inputs(tmp_path: P
     )
     with pytest.raises(JobFileError, match="values .JSON. or file .bytes., not both"):
         load_job_file(tmp_path / "both.toml")
+    (tmp_path / "kinds.toml").write_text(
+        'runtime = "python"\nmodule = "work.py"\nresult = "bytes"\n[inputs]\nvalues = [1]\n'
+    )
+    job = parse_document(load_job_file(tmp_path / "kinds.toml"), owner)
+    assert job.config == {"datum": "json", "interpreter": "warm", "result": "bytes"}
+    (tmp_path / "kinds.toml").write_text(
+        'runtime = "python"\nmodule = "work.py"\nresult = "text"\n[inputs]\nvalues = [1]\n'
+    )
+    with pytest.raises(JobFileError, match="result is 'json', 'bytes' or 'any'"):
+        parse_document(load_job_file(tmp_path / "kinds.toml"), owner)
+    (tmp_path / "wasm.toml").write_text(
+        f'module = "{EXAMPLES / "echo" / "echo.wasm"}"\nresult = "bytes"\n'
+        'interpreter = "fresh"\n[inputs]\nvalues = ["a"]\n'
+    )
+    with pytest.raises(JobFileError, match="result is for python and js jobs, not wasm"):
+        load_job_file(tmp_path / "wasm.toml")  # both were silently ignored
     example = parse_document(load_job_file(EXAMPLES / "hash-puzzle-py" / "job.toml"), owner)
     assert example.verifier_runtime == "python" and example.verifier is not None
     (tmp_path / "work.py").write_bytes(b"\xff\xfe")
@@ -392,6 +430,13 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
         assert job.status()["runtime"] == "python"
         raw = c.map("def work(d):\n    return d.upper()\n", [b"ab", b"cd"])
         assert raw.results(timeout=120, progress=False) == [b"AB", b"CD"]
+        # Bytes that happen to be JSON text came back as a number (b"123" -> 123): a job
+        # says what its work function returns, and the interpreter holds it to that.
+        digits = "def work(d):\n    return b'123'\n"
+        assert c.map(digits, [1], result="bytes").results(timeout=120, progress=False) == [b"123"]
+        with pytest.raises(JobFailed) as wrong_kind:
+            c.map(digits, [1], max_attempts=1).results(timeout=120, progress=False)
+        assert "this job's results are JSON" in wrong_kind.value.failures[0]
         failing = c.map(cube_root_of_power, [1, -1], "3", max_attempts=1)
         with pytest.raises(JobFailed) as failed:
             failing.results(timeout=120, progress=False)
