@@ -34,6 +34,15 @@ log = logging.getLogger("dcp.scheduler.verifier")
 VERIFIER_LIMITS = Limits(wall_seconds=10.0, memory_bytes=128 * 1024 * 1024, output_bytes=65536)
 
 
+#: What a JS verifier or comparison function said, as the adapters answer it: b"1" for true
+#: only; an async one's (a promise) once it settles (the JS bootstrap waits for it).
+_JS_SAID = (
+    "function _said(v) {\n"
+    "  if (v !== null && typeof v === 'object' && typeof v.then === 'function')\n"
+    "    return Promise.resolve(v).then(_said);\n"
+    "  return Uint8Array.of(v === true ? 49 : 48);\n}\n"
+)
+
 #: Appended to a Python or JS verifier's source: the interpreter runtimes call ``work``.
 _ADAPTERS = {
     "python": (
@@ -45,8 +54,7 @@ _ADAPTERS = {
     "js": (
         "\n;function work(both, n, ...args) {\n"
         "  n = parseInt(n, 10);\n"
-        "  const ok = verify(both.subarray(0, n), both.subarray(n), ...args) === true;\n"
-        "  return Uint8Array.of(ok ? 49 : 48);\n}\n"
+        "  return _said(verify(both.subarray(0, n), both.subarray(n), ...args));\n}\n" + _JS_SAID
     ),
 }
 
@@ -61,9 +69,8 @@ _COMPARE_ADAPTERS = {
     "js": (
         "\n;function work(all, n, m, ...args) {\n"
         "  n = parseInt(n, 10); m = parseInt(m, 10);\n"
-        "  const same = compare(all.subarray(0, n), all.subarray(n, n + m),"
-        " all.subarray(n + m), ...args) === true;\n"
-        "  return Uint8Array.of(same ? 49 : 48);\n}\n"
+        "  return _said(compare(all.subarray(0, n), all.subarray(n, n + m),"
+        " all.subarray(n + m), ...args));\n}\n" + _JS_SAID
     ),
 }
 

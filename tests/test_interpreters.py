@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import wasmtime
 
 import dcp_protocol as p
 from dcp_protocol import Limits
@@ -498,6 +499,59 @@ def test_a_warm_interpreter_serves_one_jobs_slices_and_never_another_job(
     assert isinstance(reply, p.Ack), reply
     after = evaluator.run(b"0")  # a new interpreter for the same job
     assert isinstance(after, p.SliceDone) and after.result == b"1"
+
+
+COMPARE_SOURCES = {
+    "python": b"def compare(d, a, b):\n"
+    b"    return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))\n",
+    "js": b"function compare(d, a, b) {\n"
+    b"  const x = +String.fromCharCode(...a), y = +String.fromCharCode(...b);\n"
+    b"  return Math.abs(x - y) <= 1e-6 * Math.max(1, Math.abs(x));\n}",
+    # DCP's functions may be async: so may a comparison function.
+    "js_async": b"async function compare(d, a, b) {\n  await null;\n"
+    b"  const x = +String.fromCharCode(...a), y = +String.fromCharCode(...b);\n"
+    b"  return Math.abs(x - y) <= 1e-6 * Math.max(1, Math.abs(x));\n}",
+}
+BROKEN_COMPARE = {
+    "python": b"def compare(d, a, b):\n    raise ValueError('broken')\n",
+    "js": b"function compare(d, a, b) { throw new Error('broken'); }",
+}
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "python", "js", "js_async"])
+def test_a_comparison_function_in_each_runtime_decides_which_results_agree(
+    installed: Path, zig_build: Callable[[Path], bytes], runtime: str
+) -> None:
+    """redundancy.compare in wasm, Python or JS (only Python's was tried end to end): two
+    results that differ in their last digits agree, two far apart do not, and a comparison
+    function that fails says they do not, by name."""
+    from scheduler.verifier import VerifierPool
+
+    language = runtime.removesuffix("_async")
+    if language == "wasm":
+        source = zig_build(Path(__file__).parent / "wasm" / "compare.c")
+        broken = bytes(wasmtime.wat2wasm('(module (func (export "_start") unreachable))'))
+    else:
+        source, broken = COMPARE_SOURCES[runtime], BROKEN_COMPARE[language]
+
+    async def verdicts() -> list[tuple[bool, str]]:
+        pool = VerifierPool(size=1)
+        try:
+            out = []
+            for function, first, second in (
+                (source, b"1.41421356", b"1.41421357"),
+                (source, b"1.41421356", b"42"),
+                (broken, b"1", b"1"),
+            ):
+                v = await pool.compare("job", function, (), b"2", first, second, runtime=language)
+                out.append((v.ok, v.code))
+            return out
+        finally:
+            await pool.close()
+
+    said = asyncio.run(verdicts())
+    assert said[:2] == [(True, ""), (False, "result_rejected")], said
+    assert said[2] == (False, "verifier_failed"), said
 
 
 @pytest.mark.parametrize(
