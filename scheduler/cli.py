@@ -787,8 +787,7 @@ def workers_show(db: str, address: str, as_json: bool) -> None:
         sys.exit(EXIT_UNKNOWN_JOB)
     out: dict[str, Any] = {"address": address, "blocked": store.blocked().get(address.lower())}
     if worker is not None:
-        bad = worker.rejected + worker.failed + worker.invalid
-        total = worker.accepted + worker.failed
+        rate = worker.error_rate
         out["worker"] = {
             "accepted": worker.accepted,
             "rejected": worker.rejected,
@@ -798,7 +797,7 @@ def workers_show(db: str, address: str, as_json: bool) -> None:
             "validated": worker.valid,
             "outvoted": worker.invalid,
             "consecutive_valid": worker.consecutive_valid,
-            "error_rate": round(bad / total, 6) if total else None,
+            "error_rate": None if rate is None else round(rate, 6),
             "first_seen": worker.first_seen,
             "last_seen": worker.last_seen,
         }
@@ -807,6 +806,7 @@ def workers_show(db: str, address: str, as_json: bool) -> None:
             "validated": payee.valid,
             "outvoted": payee.invalid,
             "consecutive_valid": payee.consecutive_valid,
+            "error_rate": None if payee.error_rate is None else round(payee.error_rate, 6),
             "earned": credits(payee.earned_micro),
         }
     out["disagreements"] = [

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from dcp_protocol import Metrics
 from scheduler import Store, open_store
 from scheduler.quorum import TRUST_AFTER, Redundancy
-from scheduler.store import MICRO, Lease, NewJob, ResultRow, StaleLease
+from scheduler.store import (
+    MICRO,
+    Lease,
+    NewJob,
+    PayeeRecord,
+    ResultRow,
+    StaleLease,
+    WorkerRecord,
+)
 from tests.test_store import new_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,3 +430,16 @@ def test_replicas_of_one_slice_are_queued_apart_and_every_position_is_used_once(
         gaps = {positions[(i, r + 1)] - positions[(i, r)] for r in range(per_input - 1)}
         block_length = min(REPLICA_SPREAD, total - i // REPLICA_SPREAD * REPLICA_SPREAD)
         assert gaps <= {block_length}
+
+
+def test_an_error_rate_is_a_share_of_what_the_worker_returned() -> None:
+    # Rejections were left out of the whole: 1 accepted and 5 rejected showed 5.0.
+    record = WorkerRecord(
+        "0x" + "ab" * 20, 0.0, 0.0, accepted=1, rejected=5, failed=0, refused=0, earned_micro=0
+    )
+    assert record.error_rate == 5 / 6
+    outvoted = replace(record, accepted=4, rejected=0, failed=1, invalid=4)
+    assert outvoted.error_rate == 1.0  # every result bad: outvoted votes were accepted first
+    assert replace(record, accepted=0, rejected=0).error_rate is None
+    payee = PayeeRecord("0x" + "cd" * 20, valid=3, invalid=1, consecutive_valid=0, earned_micro=0)
+    assert payee.error_rate == 0.25

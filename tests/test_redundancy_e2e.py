@@ -155,6 +155,8 @@ def test_a_cheater_is_outvoted_unpaid_shown_and_can_be_blocked(
     record = json.loads(shown.stdout)
     assert record["worker"]["earned"] == 0 and record["worker"]["consecutive_valid"] == 0
     assert record["worker"]["outvoted"] == sum(1 for r in caught if r["vote"] == "disagreed")
+    if record["worker"]["outvoted"]:
+        assert 0 < record["worker"]["error_rate"] <= 1 and record["payee"]["error_rate"] > 0
     table = admin(scheduler, "jobs", "show", job)
     assert "redundancy: quorum 2, max_replicas 4" in table.stdout
     assert "needed=2 agreed=2" in table.stdout

@@ -277,6 +277,15 @@ class WorkerRecord:
     consecutive_valid: int = 0
     blocked: str | None = None
 
+    @property
+    def error_rate(self) -> float | None:
+        """The share of its results that were bad: rejected by a verifier, failed, or
+        outvoted (an outvoted vote was accepted first, so it is counted once), of all it
+        returned or failed; None before it did any. (Rejections were left out of the whole,
+        so a worker whose results a verifier refused showed rates above 1.)"""
+        total = self.accepted + self.rejected + self.failed
+        return (self.rejected + self.failed + self.invalid) / total if total else None
+
 
 @dataclass(frozen=True)
 class PayeeRecord:
@@ -288,6 +297,12 @@ class PayeeRecord:
     consecutive_valid: int
     earned_micro: int
     blocked: str | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        """The share of its votes that were outvoted or caught; None before any."""
+        total = self.valid + self.invalid
+        return self.invalid / total if total else None
 
 
 @dataclass(frozen=True)
