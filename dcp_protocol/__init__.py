@@ -10,6 +10,7 @@ from __future__ import annotations
 # pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
 from . import limits, nesting, policy
 from .codec import (
+    BLOB_FIELDS,
     PROTOCOL_VERSION,
     StreamDecoder,
     decode,
@@ -44,6 +45,7 @@ __all__ = [
     "decode",
     "encode",
     "frame",
+    "BLOB_FIELDS",
     "encode_json",
     "result_item_bytes",
     "results_frame_bytes",

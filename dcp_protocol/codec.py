@@ -5,7 +5,13 @@ A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
 * On the websocket each frame is one text message.
 * On the evaluator's pipes each frame is preceded by its length as a 4-byte big-endian
   unsigned integer. :class:`StreamDecoder` turns a byte stream into messages however the
-  bytes arrive (one at a time or many frames at once).
+  bytes arrive (one at a time or many frames at once). There a frame may also be *binary*
+  (``frame(message, binary=True)``): the JSON object without the message's one large bytes
+  field (:data:`BLOB_FIELDS`: ``slice``'s datum, ``slice_done``'s result, ``assign``'s
+  module), naming it in ``"blob"``, then a NUL byte (never in JSON text), then that field's
+  bytes as they are. No base64 and no JSON scan of the bytes: a 1 MiB datum cost 7 ms to
+  frame and 7 ms to read back as base64 in JSON, each way. The evaluator answers a binary
+  request in binary, a JSON one in JSON, so either side of another version is understood.
 * A frame nests at most :data:`MAX_NESTING` levels of arrays and objects; a deeper one is
   refused before it is decoded (:mod:`.nesting`), so no decoder recursion depends on a peer.
 * A frame is at most :data:`~.limits.MAX_FRAME_BYTES` (or the smaller ``max_frame_bytes`` a
@@ -15,6 +21,7 @@ A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections import deque
@@ -33,6 +40,7 @@ __all__ = [
     "encode_json",
     "decode",
     "frame",
+    "BLOB_FIELDS",
     "result_item_bytes",
     "results_frame_bytes",
     "StreamDecoder",
@@ -40,6 +48,8 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 _PREFIX = struct.Struct(">I")
+#: The field a binary frame of each message type carries after its JSON header.
+BLOB_FIELDS = {"slice": "datum", "slice_done": "result", "assign": "module"}
 
 
 def encode_json(data: object) -> bytes:
@@ -85,8 +95,10 @@ def decode(
     data: bytes | str,
     registry: Mapping[str, type[Message]],
     max_bytes: int = MAX_FRAME_BYTES,
+    blob: bytes | None = None,
 ) -> Message:
-    """Parse one frame into a message of ``registry``.
+    """Parse one frame into a message of ``registry``; ``blob``: a binary frame's bytes,
+    for the field its header names (``data`` is then the header).
 
     Raises:
         FrameTooLarge: ``data`` exceeds ``max_bytes``.
@@ -117,13 +129,34 @@ def decode(
     cls = registry.get(type_)
     if cls is None:
         raise UnknownMessage(type_)
+    if blob is not None:
+        field = BLOB_FIELDS.get(type_)
+        if field is None:
+            raise FrameError(f"{type_} frames carry no binary part")
+        if obj.pop("blob", None) != field or field in obj:
+            raise FrameError(
+                f"a binary {type_} frame names its bytes field ('blob': {field!r}) and leaves"
+                " it out of its header"
+            )
+        obj[field] = blob  # bytes as they are: JSON never yields bytes, so only from here
     return from_wire(cls, obj)
 
 
-def frame(message: Message) -> bytes:
-    """Encode ``message`` with its 4-byte length prefix, for the evaluator's pipes."""
-    body = encode(message)
-    return _PREFIX.pack(len(body)) + body
+def frame(message: Message, binary: bool = False) -> bytes:
+    """Encode ``message`` with its 4-byte length prefix, for the evaluator's pipes; with
+    ``binary``, its bytes field (:data:`BLOB_FIELDS`) after the JSON header as it is (a
+    message without one, or with None there, goes as JSON)."""
+    field = BLOB_FIELDS.get(message.type) if binary else None
+    blob = getattr(message, field) if field is not None else None
+    if blob is None:
+        body = encode(message)
+        return _PREFIX.pack(len(body)) + body
+    data = to_wire(dataclasses.replace(message, **{field: b""}))  # type: ignore[arg-type]
+    del data[field]
+    data["blob"] = field
+    data["v"] = PROTOCOL_VERSION
+    header = _dumps(data)
+    return b"".join((_PREFIX.pack(len(header) + 1 + len(blob)), header, b"\0", blob))
 
 
 class StreamDecoder:
@@ -146,6 +179,8 @@ class StreamDecoder:
         self._eof = False
         #: True once the stream cannot be resynchronised; the caller must close it.
         self.broken = False
+        #: Whether the message :meth:`next_message` returned last came in a binary frame.
+        self.binary = False
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the stream."""
@@ -185,6 +220,13 @@ class StreamDecoder:
                     f"stream ended inside a frame ({len(self._buffer)} of {end} bytes)"
                 )
             return None
-        body = bytes(self._buffer[_PREFIX.size : end])
+        nul = self._buffer.find(b"\0", _PREFIX.size, end)
+        if nul < 0:
+            body = bytes(self._buffer[_PREFIX.size : end])
+            blob = None
+        else:
+            body = bytes(self._buffer[_PREFIX.size : nul])
+            blob = bytes(self._buffer[nul + 1 : end])
         del self._buffer[:end]
-        return decode(body, self._registry, self._max)
+        self.binary = blob is not None
+        return decode(body, self._registry, self._max, blob)

@@ -879,6 +879,8 @@ def _compile(tp: Any) -> _Converter:
     if tp is bytes:
 
         def blob(value: Any, _where: str) -> Any:
+            if isinstance(value, bytes):  # a binary frame's part (codec.decode): as it is
+                return value
             if not isinstance(value, str):
                 raise _Bad("expected a base64 string")
             try:

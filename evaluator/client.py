@@ -285,7 +285,9 @@ class Sandbox:
         # of 16 KiB slices: the evaluator blocked writing, so it stopped reading).
         drained: asyncio.Future[None] | None = None
         try:
-            self._stdin.write(b"".join(frame(m) for m in messages))
+            # Binary frames: a datum or module goes as it is, not as base64 in JSON (an
+            # evaluator answers a binary slice in binary).
+            self._stdin.write(b"".join(frame(m, binary=True) for m in messages))
             drained = asyncio.ensure_future(self._stdin.drain())
             for index, message in enumerate(messages):
                 rid = message.id

@@ -147,6 +147,8 @@ class Evaluator:
         self._opencl = OpenCLRuntime()
         self._opencl_sources: dict[str, bytes] = {}
         self._assigned: Assign | None = None
+        #: Whether the request being handled came in a binary frame (its answer goes so).
+        self._binary = False
         self._current: int | None = None
         #: Request bytes as they came, with the time (see ``_reader``).
         self._chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
@@ -162,11 +164,12 @@ class Evaluator:
         self._out_lock = threading.RLock()
         self._out_ready = threading.Condition(self._out_lock)
 
-    def send(self, message: Message, flush: bool = False) -> None:
+    def send(self, message: Message, flush: bool = False, binary: bool = False) -> None:
         """Queue a reply; replies go out when the evaluator is about to wait for input, so
         a batch of requests is answered in one write, or once the oldest has waited
-        ``_FLUSH_EVERY`` (progress goes out at once)."""
-        data = frame(message)
+        ``_FLUSH_EVERY`` (progress goes out at once). ``binary``: its bytes as they are
+        (codec.frame), for a request that came so."""
+        data = frame(message, binary)
         with self._out_lock:
             self._out.write(data)
             now = time.monotonic()
@@ -261,6 +264,7 @@ class Evaluator:
                 self._interpreters.release()  # a warm interpreter reads end of file, exits
                 self.send(Ack(re=message.id), flush=True)
                 return EXIT_OK
+            self._binary = self._decoder.binary
             self.handle(message)
 
     def handle(self, message: Message) -> None:
@@ -383,9 +387,15 @@ class Evaluator:
         except SliceError as exc:
             self._answer(message.id, _error(message.id, exc))
         else:
-            self._answer(message.id, SliceDone(re=message.id, result=result, metrics=metrics))
+            self._answer(
+                message.id,
+                SliceDone(re=message.id, result=result, metrics=metrics),
+                binary=self._binary,
+            )
 
-    def _answer(self, request: int, reply: Message, flush: bool = False) -> None:
+    def _answer(
+        self, request: int, reply: Message, flush: bool = False, binary: bool = False
+    ) -> None:
         """Send the one answer to the running slice ``request``: whichever comes first of
         the slice's own thread and the wall clock's (a later one is dropped)."""
         with self._out_lock:
@@ -393,7 +403,7 @@ class Evaluator:
                 return
             self._current = None
             self._answered_at = time.monotonic()
-            self.send(reply, flush)
+            self.send(reply, flush, binary)
 
     def _on_timeout(self, error: SliceError) -> None:
         """From the wall clock's thread: the running wasm slice is due. Its answer goes out

@@ -188,6 +188,58 @@ def test_oversized_frame() -> None:
     assert (info.value.size, info.value.limit) == (101, 100)
 
 
+def test_binary_frames_carry_their_bytes_as_they_are_one_byte_at_a_time() -> None:
+    evaluator_messages = [m for m in MESSAGES if m.type in p.EVALUATOR_MESSAGES]
+    big = p.RunSlice(id=9, slice=1, datum=bytes(range(256)) * 300 + b"\0{}\0")  # NULs too
+    messages = [*evaluator_messages, big]
+    stream = b"".join(p.frame(m, binary=True) for m in messages)
+    assert len(p.frame(big, binary=True)) < len(big.datum) + 100  # no base64, no JSON
+    decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
+    out, binary = [], []
+    for byte in stream:
+        decoder.receive_data(bytes([byte]))
+        while (m := decoder.next_message()) is not None:
+            out.append(m)
+            binary.append(decoder.binary)
+    assert out == messages
+    carried = [m.type in p.BLOB_FIELDS and getattr(m, p.BLOB_FIELDS[m.type]) is not None
+               for m in messages]  # fmt: skip
+    assert binary == carried and any(carried) and not all(carried)
+
+
+def _binary_body(header: dict[str, object], blob: bytes) -> bytes:
+    body = json.dumps({"v": 1, **header}).encode() + b"\0" + blob
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"type": "describe", "id": 1, "blob": "id"},  # a message with no bytes field
+        {"type": "slice", "id": 1, "slice": 0},  # the field unnamed
+        {"type": "slice", "id": 1, "slice": 0, "blob": "slice"},  # another field named
+        {"type": "slice", "id": 1, "slice": 0, "datum": "eA==", "blob": "datum"},  # both
+    ],
+)
+def test_a_binary_frame_that_does_not_say_its_field_is_refused_and_the_stream_goes_on(
+    header: dict[str, object],
+) -> None:
+    decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
+    decoder.receive_data(_binary_body(header, b"raw") + p.frame(p.Describe(id=5)))
+    with pytest.raises(p.FrameError, match="binary"):
+        decoder.next_message()
+    assert not decoder.broken
+    assert decoder.next_message() == p.Describe(id=5) and not decoder.binary
+
+
+def test_json_cannot_pass_bytes_for_a_binary_part() -> None:
+    # Only a binary frame's part may fill a bytes field unencoded: a JSON frame (and every
+    # websocket frame is one) naming "blob" is an unexpected field.
+    frame = json.dumps({"v": 1, "type": "slice", "id": 1, "slice": 0, "datum": "", "blob": "datum"})
+    with pytest.raises(p.InvalidMessage, match="blob"):
+        p.decode(frame, p.EVALUATOR_MESSAGES)
+
+
 def test_stream_recovers_after_a_bad_frame() -> None:
     decoder = p.StreamDecoder(p.EVALUATOR_MESSAGES)
     body = b"{garbage"
