@@ -43,12 +43,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
 
-## Benchmarks against their peers (Dask, native C (a kernel table), SQLite for PostgreSQL, the other drivers) and
+## Benchmarks against their peers (Dask, native C (a kernel table), msgspec, SQLite for PostgreSQL, the other drivers) and
 ## at scale; each prints one JSON line last. The PostgreSQL ones start a throwaway cluster
 ## (tests/postgres.py), or use DCP_TEST_POSTGRES's server.
 bench: $(STAMP)
 	$(PY) benchmarks/hashrate.py
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/codec.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/scale.py --backend postgres --replicas 2 --workers 1000,5000 --compute 0 --pace 500

@@ -38,7 +38,7 @@ def postgres_env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["hashrate", "scale", "sandbox_start", "breakdown", "plots", "kernels"]
+    "name", ["hashrate", "scale", "sandbox_start", "breakdown", "plots", "kernels", "codec"]
 )
 def test_benchmark_smoke(name: str) -> None:
     figures = run_benchmark(name)
@@ -61,6 +61,10 @@ def test_benchmark_smoke(name: str) -> None:
         assert set(figures["kernels"]) == kernels
         assert all(k["wasm_over_native"] > 0 for k in figures["kernels"].values())
         assert figures["median_wasm_simd128_over_native"] > 0
+        return
+    if name == "codec":  # each side decoded what it encoded; every figure measured
+        assert set(figures["frames"]) == {"results_64x16B", "results_1x64KiB", "slice_done_16B"}
+        assert all(v > 0 for row in figures["frames"].values() for v in row.values())
         return
     if name == "sandbox_start":
         assert 0 < figures["warm_switch_ms"] < figures["cold_first_slice_ms"]
