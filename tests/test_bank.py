@@ -1,5 +1,6 @@
 """The bank: escrow on deploy, payment on acceptance, refund on cancel; credits conserved and
-each slice paid exactly once, whatever the sequence of events."""
+each slice paid exactly once, whatever the sequence of events. On both store backends (the
+property test with fewer examples on PostgreSQL: each needs a database of its own)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dcp_protocol import Limits, Metrics
-from scheduler import SQLiteStore, StaleLease, Store, UnknownSlice
+from scheduler import StaleLease, Store, UnknownSlice, open_store
 from scheduler.store import MICRO, InsufficientFunds, NewJob, ResultRow
+
+from .conftest import BACKENDS, postgres_server
 
 OWNERS = ["0x" + f"{i:02x}" * 20 for i in (1, 2)]
 WORKERS = ["0x" + f"{i:02x}" * 20 for i in (0xA1, 0xA2)]
@@ -51,8 +54,8 @@ def check_books(store: Store) -> None:
             assert record.escrow_micro == 0
 
 
-def test_deploy_escrows_and_refuses_without_funds(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+def test_deploy_escrows_and_refuses_without_funds(db: str) -> None:
+    store = open_store(db)
     store.mint(OWNERS[0], 10 * MICRO, 0.0)
     with pytest.raises(InsufficientFunds) as info:
         store.create_job(job(OWNERS[0], 11, MICRO, "big"), 0.0)
@@ -87,8 +90,8 @@ def test_deploy_escrows_and_refuses_without_funds(tmp_path: Path) -> None:
     store.close()
 
 
-def test_rejected_result_is_not_paid_and_goes_back(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+def test_rejected_result_is_not_paid_and_goes_back(db: str) -> None:
+    store = open_store(db)
     store.mint(OWNERS[0], MICRO, 0.0)
     job_id = store.create_job(job(OWNERS[0], 1, MICRO, "r"), 0.0)
     (lease,) = store.lease(WORKERS[0], 1, 0.0, 10.0)
@@ -130,102 +133,115 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS)
-def test_credits_are_conserved_and_slices_paid_once(ops: list[tuple]) -> None:  # type: ignore[type-arg]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "s.db"
-        store = SQLiteStore(path)
-        leases: list[tuple[str, object]] = []  # (worker, Lease), including superseded ones
-        accepted: list[tuple[str, object]] = []
-        now = 0.0
-        prologue = [
-            ("mint", 0, 100 * MICRO),
-            ("mint", 1, 100 * MICRO),
-            ("deploy", 0, 4, MICRO),
-            ("deploy", 1, 3, 2 * MICRO),
-            ("lease", 0, 2),
-            ("lease", 1, 2),
-        ]
-        for n, op in enumerate(prologue + ops):
-            now += 1.0
-            kind = op[0]
-            try:
-                if kind == "mint":
-                    store.mint(OWNERS[op[1]], op[2], now)
-                elif kind == "deploy":
-                    try:
-                        store.create_job(job(OWNERS[op[1]], op[2], op[3], f"j{n}"), now)
-                    except InsufficientFunds:
-                        pass
-                elif kind == "lease":
-                    worker = WORKERS[op[1]]
-                    leases += [(worker, lease) for lease in store.lease(worker, op[2], now, 5.0)]
-                elif kind in ("accept", "reject", "fail") and leases:
-                    worker, lease = leases[op[1] % len(leases)]
-                    if kind == "accept":
-                        store.accept_result(
-                            worker,
-                            ResultRow(
-                                lease.job,
-                                lease.slice,
-                                lease.token,
-                                b"r",
-                                worker,
-                                "00" * 65,
-                                Metrics(),
-                            ),
-                            now,
-                        )
-                        accepted.append((worker, lease))
-                    elif kind == "reject":
-                        store.reject_result(
-                            lease.job,
-                            lease.slice,
-                            lease.token,
-                            worker,  # type: ignore[attr-defined]
-                            "result_rejected",
-                            "",
-                            now,
-                        )
-                    else:
-                        store.fail_slice(
-                            lease.job,
-                            lease.slice,
-                            lease.token,
-                            worker,  # type: ignore[attr-defined]
-                            "wasm_trap",
-                            "",
-                            now,
-                        )
-                elif kind == "resubmit" and accepted:
-                    worker, lease = accepted[op[1] % len(accepted)]
-                    status, paid = store.accept_result(
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_credits_are_conserved_and_slices_paid_once(kind: str) -> None:
+    examples = 150 if kind == "sqlite" else 50
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(OPS)
+    def run(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+        with tempfile.TemporaryDirectory() as tmp:
+            where = str(Path(tmp) / "s.db")
+            if kind == "postgres":
+                where = postgres_server().create_database()
+            _run_ops(open_store(where), where, ops)
+
+    run()
+
+
+def _run_ops(store: Store, where: str, ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """The prologue and ``ops`` on ``store`` (at ``where``: a crash reopens it), the books
+    checked after each step."""
+    leases: list[tuple[str, object]] = []  # (worker, Lease), including superseded ones
+    accepted: list[tuple[str, object]] = []
+    now = 0.0
+    prologue = [
+        ("mint", 0, 100 * MICRO),
+        ("mint", 1, 100 * MICRO),
+        ("deploy", 0, 4, MICRO),
+        ("deploy", 1, 3, 2 * MICRO),
+        ("lease", 0, 2),
+        ("lease", 1, 2),
+    ]
+    for n, op in enumerate(prologue + ops):
+        now += 1.0
+        kind = op[0]
+        try:
+            if kind == "mint":
+                store.mint(OWNERS[op[1]], op[2], now)
+            elif kind == "deploy":
+                try:
+                    store.create_job(job(OWNERS[op[1]], op[2], op[3], f"j{n}"), now)
+                except InsufficientFunds:
+                    pass
+            elif kind == "lease":
+                worker = WORKERS[op[1]]
+                leases += [(worker, lease) for lease in store.lease(worker, op[2], now, 5.0)]
+            elif kind in ("accept", "reject", "fail") and leases:
+                worker, lease = leases[op[1] % len(leases)]
+                if kind == "accept":
+                    store.accept_result(
                         worker,
                         ResultRow(
-                            lease.job, lease.slice, lease.token, b"r", worker, "00" * 65, Metrics()
+                            lease.job,
+                            lease.slice,
+                            lease.token,
+                            b"r",
+                            worker,
+                            "00" * 65,
+                            Metrics(),
                         ),
                         now,
                     )
-                    assert (status, paid) == ("duplicate", 0)
-                elif kind == "expire":
-                    now += 10.0
-                    store.expire_leases(now)
-                elif kind in ("cancel", "remove"):
-                    jobs = store.list_jobs()
-                    if jobs:
-                        target = jobs[op[1] % len(jobs)].id
-                        if kind == "cancel":
-                            store.cancel_job(target, now)
-                        else:
-                            store.remove_job(target, now)
-                elif kind == "crash":
-                    store.close()
-                    store = SQLiteStore(path)
-            except (StaleLease, UnknownSlice):
-                pass  # superseded, final or removed: refused, and never paid
-            check_books(store)
-        t = store.totals()
-        event("some slices paid" if t["paid"] else "nothing paid")
-        event("some credits refunded" if t["refunded"] else "nothing refunded")
-        store.close()
+                    accepted.append((worker, lease))
+                elif kind == "reject":
+                    store.reject_result(
+                        lease.job,
+                        lease.slice,
+                        lease.token,
+                        worker,  # type: ignore[attr-defined]
+                        "result_rejected",
+                        "",
+                        now,
+                    )
+                else:
+                    store.fail_slice(
+                        lease.job,
+                        lease.slice,
+                        lease.token,
+                        worker,  # type: ignore[attr-defined]
+                        "wasm_trap",
+                        "",
+                        now,
+                    )
+            elif kind == "resubmit" and accepted:
+                worker, lease = accepted[op[1] % len(accepted)]
+                status, paid = store.accept_result(
+                    worker,
+                    ResultRow(
+                        lease.job, lease.slice, lease.token, b"r", worker, "00" * 65, Metrics()
+                    ),
+                    now,
+                )
+                assert (status, paid) == ("duplicate", 0)
+            elif kind == "expire":
+                now += 10.0
+                store.expire_leases(now)
+            elif kind in ("cancel", "remove"):
+                jobs = store.list_jobs()
+                if jobs:
+                    target = jobs[op[1] % len(jobs)].id
+                    if kind == "cancel":
+                        store.cancel_job(target, now)
+                    else:
+                        store.remove_job(target, now)
+            elif kind == "crash":
+                store.close()
+                store = open_store(where)
+        except (StaleLease, UnknownSlice):
+            pass  # superseded, final or removed: refused, and never paid
+        check_books(store)
+    t = store.totals()
+    event("some slices paid" if t["paid"] else "nothing paid")
+    event("some credits refunded" if t["refunded"] else "nothing refunded")
+    store.close()

@@ -18,7 +18,7 @@ import pytest
 from dcp_keys.identity import Identity
 from dcp_protocol import Ack, Fetch, Metrics, Result, Work, signing
 from dcp_worker.connection import SessionError, open_session
-from scheduler import SQLiteStore
+from scheduler import open_store
 from scheduler.client import ComputeClient
 from scheduler.jobdoc import job_document
 from scheduler.store import MICRO
@@ -29,10 +29,16 @@ ECHO = (ROOT / "examples" / "echo" / "echo.wasm").read_bytes()
 CAPABILITIES = {"runtimes": {"wasm": {}}}
 
 
+@pytest.fixture
+def scheduler(scheduler_on_every_backend: SchedulerProcess) -> SchedulerProcess:
+    """These tests hold on both store backends."""
+    return scheduler_on_every_backend
+
+
 def deploy(
     scheduler: SchedulerProcess, owner: Keystore, data: list[bytes], redundancy: dict[str, object]
 ) -> str:
-    store = SQLiteStore(scheduler.db)
+    store = open_store(str(scheduler.db))
     try:
         store.mint(owner.identity.address, 100 * MICRO, 0.0)
     finally:

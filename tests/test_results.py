@@ -24,6 +24,7 @@ from aiohttp import web
 
 import dcp_protocol as p
 from dcp_protocol import signing
+from scheduler import Store, open_store
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.plausibility import MetricsRules
 from scheduler.server import Scheduler, SchedulerConfig
@@ -41,9 +42,7 @@ Client = websockets.asyncio.client.ClientConnection
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    store: SQLiteStore, config: SchedulerConfig
-) -> AsyncIterator[tuple[Scheduler, str]]:
+async def serving(store: Store, config: SchedulerConfig) -> AsyncIterator[tuple[Scheduler, str]]:
     """The scheduler's app on 127.0.0.1:0: (the scheduler, its base URL)."""
     scheduler = Scheduler(store, config)
     runner = web.AppRunner(scheduler.app(), access_log=None)
@@ -58,7 +57,7 @@ async def serving(
 
 
 def deploy(
-    store: SQLiteStore,
+    store: Store,
     data: list[bytes],
     verifier: bytes | None = None,
     argv: tuple[str, ...] = (),
@@ -257,13 +256,13 @@ def test_metrics_must_be_finite_and_not_negative() -> None:
 
 
 def test_implausible_metrics_are_refused_and_counted_against_the_worker(
-    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+    db: str, make_keystore: Callable[[str], Keystore]
 ) -> None:
     """A result claiming 1e300 CPU seconds, more wall time than its lease is old, or byte
     counts that are not its datum's and its own is refused (metrics_implausible): not paid,
     the slice goes to another worker, the worker's record shows it; the job's cost is not
     moved, so honest workers with a minimum wage still run it."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     owner = make_keystore("owner")
     job = deploy(store, [b"a"] * 5, max_attempts=3, owner=owner.identity.address)
     liar, honest = make_keystore("liar"), make_keystore("honest")
@@ -321,8 +320,8 @@ def test_implausible_metrics_are_refused_and_counted_against_the_worker(
     store.close()
 
 
-def test_result_lease_fences_before_any_verifier(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+def test_result_lease_fences_before_any_verifier(db: str) -> None:
+    store = open_store(db)
     job = deploy(store, [b"abc"])
     worker = "0x" + "33" * 20
     (lease,) = store.lease(worker, 1, 100.0, 15.0)
@@ -340,10 +339,10 @@ def test_result_lease_fences_before_any_verifier(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(tmp_path: Path) -> None:
+def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(db: str) -> None:
     """Four honest workers measure 1 CPU second per slice, one claims 10^6 on each of its
     (more numerous) slices: the cost stays 1 s. A mean over slices made it 600,000 s."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     job = deploy(store, [b"x"] * 10)
     honest = [f"0x{i:040x}" for i in range(1, 5)]
     liar = "0x" + "ee" * 20
@@ -381,11 +380,11 @@ def test_metrics_are_held_to_the_slices_own_limit_and_one_thread_for_wasm() -> N
     assert problem(2.0, 200.0, "opencl") is not None
 
 
-def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(tmp_path: Path) -> None:
+def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(db: str) -> None:
     """The first (or only) worker of a job claims the most CPU time the slice's limit makes
     plausible: a worker's word alone is not the job's price, so an honest worker with a
     minimum wage still takes the job; once a second worker reports, the lower claim counts."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     job = deploy(store, [b"x"] * 4, limits=p.Limits(wall_seconds=10.0), offer_micro=0)
     liar, honest = "0x" + "ee" * 20, "0x" + "ab" * 20
     (lease,) = store.lease(liar, 1, 100.0, 15.0)
@@ -405,11 +404,11 @@ def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(tmp_path: Pat
     store.close()
 
 
-def test_a_claimed_sliver_of_cpu_time_shows_no_infinite_wage(tmp_path: Path) -> None:
+def test_a_claimed_sliver_of_cpu_time_shows_no_infinite_wage(db: str) -> None:
     """Two workers claim 1e-305 CPU seconds a slice (finite, plausible): the job's wage per
     CPU hour is then not a number anybody can show, and the anonymous market listing stays
     strict JSON (it answered ``Infinity``, which strict clients refuse)."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     store.mint("0x" + "11" * 20, 4_000_000, time.time())
     job = deploy(store, [b"x"] * 4, offer_micro=1_000_000)
     now = time.time()
@@ -436,11 +435,11 @@ def test_a_claimed_sliver_of_cpu_time_shows_no_infinite_wage(tmp_path: Path) -> 
     store.close()
 
 
-def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_path: Path) -> None:
+def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(db: str) -> None:
     """Pricing reads one row per worker of the job: past PRICE_EXACT_WORKERS it is redone at
     most once per PRICE_INTERVAL of the callers' clock, not on each acceptance (with 1,000
     workers that re-read took over half of a saturated scheduler's time)."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     many = PRICE_EXACT_WORKERS + 1
     job = deploy(store, [b"x"] * (3 * many + 1))
 
@@ -474,10 +473,10 @@ def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(tmp_pat
 
 
 def test_a_slice_cursor_out_of_range_is_refused_by_name_not_answered_500(
-    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+    db: str, make_keystore: Callable[[str], Keystore]
 ) -> None:
     """``after=10**30`` overflowed the database's 64-bit integers: a 500 from the driver."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = open_store(db)
     owner = make_keystore("owner")
     job = deploy(store, [b"x"] * 2, owner=owner.identity.address)
 
