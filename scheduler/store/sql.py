@@ -1177,7 +1177,10 @@ class SQLStore:
                 raise InsufficientFunds(owner, need, balance)
             _ledger.move(db, "escrow", owner, f"escrow:{job_id}", need, now, job_id)
         for idx in failed:
-            db.execute("DELETE FROM slices WHERE job=? AND replica_of=?", (job_id, idx))
+            db.execute(
+                "DELETE FROM slices INDEXED BY slices_by_input WHERE job=? AND replica_of=?",
+                (job_id, idx),
+            )
             db.execute(
                 "UPDATE slices SET state='voting', needed=?, error_code=NULL, error=NULL"
                 " WHERE job=? AND idx=?",
@@ -1366,7 +1369,8 @@ class SQLStore:
         params: tuple[Any, ...] = (job_id,) if input_ is None else (job_id, input_)
         rows = self._db.execute(
             "SELECT job, replica_of, idx, state, worker, payment_address, result, vote,"
-            " accepted_at, error_code FROM slices WHERE job=? AND replica_of IS NOT NULL"
+            " accepted_at, error_code FROM slices INDEXED BY slices_by_input"
+            " WHERE job=? AND replica_of IS NOT NULL"
             f"{'' if input_ is None else ' AND replica_of=?'} ORDER BY replica_of, idx",
             params,
         )
@@ -1414,7 +1418,8 @@ class SQLStore:
             out.append((_votes.vote_key(bytes(row[1])), bytes(row[1])))
         seen = {k for k, _ in out}
         for key, result in self._db.execute(
-            "SELECT vote_key, result FROM slices WHERE job=? AND replica_of=? AND state='done'"
+            "SELECT vote_key, result FROM slices INDEXED BY slices_by_input"
+            " WHERE job=? AND replica_of=? AND state='done'"
             " AND vote_key IS NOT NULL AND (vote IS NULL OR vote != 'forfeit') ORDER BY idx",
             (job_id, row[0]),
         ):

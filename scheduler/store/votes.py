@@ -112,7 +112,8 @@ def decide(
     needed, expected = int(row[1]), row[2]
     rows = db.execute(
         "SELECT idx, state, worker, coalesce(payment_address, payee), vote_key, vote, result,"
-        " signature, metrics FROM slices WHERE job=? AND replica_of=? ORDER BY idx",
+        " signature, metrics FROM slices INDEXED BY slices_by_input"
+        " WHERE job=? AND replica_of=? ORDER BY idx",
         (job_id, input_),
     ).fetchall()
     votes = [
