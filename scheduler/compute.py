@@ -22,6 +22,7 @@ never guessed at (bytes that happened to be JSON text once came back as a number
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import sys
@@ -58,9 +59,10 @@ class SliceFailure:
     error: str
 
 
-def work_source(work: Callable[..., Any] | str, runtime: str = "python") -> str:
+def work_source(work: Callable[..., Any] | str, runtime: str = "python", bind: str = "work") -> str:
     """The source text to send for ``work``: a string as it is; a Python function's own
-    source, dedented, with ``work`` bound to it when it has another name.
+    source, dedented, with ``bind`` (``work``, or ``compare`` for a comparison function)
+    bound to it when it has another name.
 
     Raises:
         ValueError: a function for ``js``, or one whose source cannot be read (a lambda, a
@@ -76,8 +78,8 @@ def work_source(work: Callable[..., Any] | str, runtime: str = "python") -> str:
         source = textwrap.dedent(inspect.getsource(work))
     except (OSError, TypeError) as exc:
         raise ValueError(f"cannot read the source of {work!r}: {exc}") from None
-    if work.__name__ != "work":
-        source += f"\n\nwork = {work.__name__}\n"
+    if work.__name__ != bind:
+        source += f"\n\n{bind} = {work.__name__}\n"
     return source
 
 
@@ -141,6 +143,21 @@ class Job:
         return out
 
 
+def _policy(redundancy: dict[str, Any], runtime: str) -> dict[str, Any]:
+    """``map``'s redundancy as the job document's: the comparison function's source in
+    base64 (of ``runtime``), known results in base64 by slice index."""
+    policy = dict(redundancy)
+    compare = policy.pop("compare", None)
+    if compare is not None:
+        source = work_source(compare, runtime, bind="compare")
+        policy["compare"] = base64.b64encode(source.encode()).decode()
+        policy["compare_runtime"] = runtime
+    known = policy.pop("known", None)
+    if known is not None:
+        policy["known"] = {str(i): base64.b64encode(bytes(v)).decode() for i, v in known.items()}
+    return policy
+
+
 class Compute:
     """An owner's connection to a scheduler (or its replicas), for :meth:`map`."""
 
@@ -173,13 +190,18 @@ class Compute:
         max_attempts: int = 2,
         interpreter: str = "warm",
         result: str | None = None,
+        redundancy: dict[str, Any] | None = None,
     ) -> Job:
         """Deploy one slice per input of ``work(input, *args)``; the job. ``interpreter``:
         ``warm`` (the job's slices share one interpreter per sandbox) or ``fresh`` (one per
         slice: no state from one slice reaches the next). ``result``: what ``work`` returns,
         ``json`` values (:meth:`Job.results` decodes them) or ``bytes`` (given as they
         are); by default the kind of the inputs. A slice whose work function returns the
-        other kind fails with ``work_function_error``.
+        other kind fails with ``work_function_error``. ``redundancy``: trust without a
+        verifier, as a job file's ``[redundancy]`` (``quorum``, ``max_replicas``,
+        ``adaptive``, ``spot_check_rate``, ``distinct_networks``), with ``compare`` a
+        function (or source) of ``runtime`` deciding whether two results agree, and
+        ``known`` a mapping of slice index to its right result (bytes).
 
         Raises:
             ValueError: the work function's source cannot be read, or inputs mix bytes
@@ -206,6 +228,7 @@ class Compute:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"an input has no JSON form: {exc}") from None
         fallback = getattr(work, "__name__", "work") if not isinstance(work, str) else "work"
+        policy = None if redundancy is None else _policy(redundancy, runtime)
         document = job_document(
             name=name or fallback,
             runtime=runtime,
@@ -218,6 +241,7 @@ class Compute:
             requirements={f"runtime.{runtime}": "required", **(requirements or {})},
             config={"datum": kind, "interpreter": interpreter, "result": result},
             data=data,
+            redundancy=policy,
         )
         body = json.dumps(document, separators=(",", ":")).encode()
         parse_document(body, self.identity.address)  # the scheduler's checks, every fault, here

@@ -453,6 +453,44 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
     assert worker.stop() == 0
 
 
+def close_enough(datum, a, b):  # type: ignore[no-untyped-def]
+    return abs(float(a) - float(b)) < 1e-9
+
+
+def test_compute_map_deploys_a_replicated_job_with_a_comparison_function(
+    tmp_path: Path,
+    installed: Path,
+    scheduler: SchedulerProcess,
+    make_keystore: Callable[[str], Keystore],
+    workers: Callable[..., WorkerProcess],
+) -> None:
+    """``Compute.map(redundancy=...)``: the job file's [redundancy] from Python, with the
+    comparison function given as a function (it had no way to ask for redundancy)."""
+    from scheduler.compute import Compute
+
+    owner = make_keystore("owner")
+    with Compute(scheduler.url, owner.identity) as c:
+        job = c.map(
+            cube_root_of_power,
+            range(4),
+            "3",
+            redundancy={"quorum": 2, "max_replicas": 3, "compare": close_enough},
+        )
+        status = job.status()
+        assert status["redundancy"]["quorum"] == 2 and status["compare"] is True
+        runners = [
+            workers(scheduler.url, make_keystore(f"w{i}"), 1, state_dir=tmp_path / f"w{i}")
+            for i in range(2)
+        ]
+        assert job.results(timeout=120, progress=False) == [
+            {"x": x, "root": float(x)} for x in range(4)
+        ]
+        votes = list(c.client.votes(job.id))
+    assert all(v["votes"]["agreed"] == 2 for v in votes), votes
+    for runner in runners:
+        assert runner.stop() == 0
+
+
 COUNTER = b"count = 0\ndef work(d):\n    global count\n    count += 1\n    return count\n"
 
 
