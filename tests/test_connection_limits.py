@@ -4,6 +4,7 @@ scheduler on loopback with short configured limits, raw sockets and websockets."
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import time
@@ -192,13 +193,7 @@ def test_half_sent_requests_count_against_the_per_address_limit_from_their_accep
         for sock in held:
             sock.sendall(b"GET /api/v1/sta")
 
-        def refused() -> bytes:
-            with _raw(limited.url) as sock:
-                sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                data, _ = _read_until_closed(sock)
-            assert data.startswith(b"HTTP/1.1 503"), data[:80]
-            return data
-
+        refused = functools.partial(_status_answered, limited.url, b"503")
         data = asyncio.run(eventually(lambda: _async(refused), AssertionError, PATIENCE))
         head, _, body = data.partition(b"\r\n\r\n")
         assert json.loads(body)["error"]["code"] == "too_many_unauthenticated_from_address"
@@ -206,14 +201,18 @@ def test_half_sent_requests_count_against_the_per_address_limit_from_their_accep
         for sock in held:
             sock.close()
 
-    def served() -> bytes:
-        with _raw(limited.url) as sock:
-            sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data, _ = _read_until_closed(sock)
-        assert data.startswith(b"HTTP/1.1 200"), data[:80]
-        return data
-
+    served = functools.partial(_status_answered, limited.url, b"200")
     asyncio.run(eventually(lambda: _async(served), AssertionError, PATIENCE))
+
+
+def _status_answered(url: str, status: bytes) -> bytes:
+    """A whole status request on a fresh connection, its answer read to the close; it must
+    have this HTTP ``status``."""
+    with _raw(url) as sock:
+        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, _ = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 " + status), data[:80]
+    return data
 
 
 async def _async(call: Callable[[], bytes]) -> bytes:
