@@ -55,7 +55,7 @@ from dcp_protocol import (  # noqa: E402
     signing,
 )
 from dcp_worker.outbox import Outbox, PendingResult  # noqa: E402
-from evaluator.client import Sandbox  # noqa: E402
+from evaluator.client import Sandbox, SliceWork  # noqa: E402
 from evaluator.wasm import WasmRuntime  # noqa: E402
 from scheduler.store import NewJob, ResultRow  # noqa: E402
 from scheduler.store.sqlite import SQLiteStore  # noqa: E402
@@ -214,7 +214,7 @@ class Steps:
         async def exchange() -> float:
             sandbox = Sandbox(0, slices_per_evaluator=10**9)
             try:
-                batch = [(k, b"x") for k in range(32)]
+                batch = [SliceWork(k, b"x") for k in range(32)]
                 await sandbox.run_batch(self.spec, LIMITS, batch)
                 times = []
                 for _ in range(self.reps):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, median, ms, per_slice, report, us  # noqa: E402
 
 from dcp_protocol import JobSpec, Limits  # noqa: E402
-from evaluator.client import Sandbox  # noqa: E402
+from evaluator.client import Sandbox, SliceWork  # noqa: E402
 from evaluator.wasm import WasmRuntime  # noqa: E402
 
 ECHO = ROOT / "examples" / "echo" / "echo.wasm"
@@ -110,7 +110,7 @@ async def warm(n: int) -> dict[str, float]:
             singles.append(time.perf_counter() - started)
         batched = []
         for _ in range(max(1, n // 32)):
-            items = [(k, b"x") for k in range(32)]
+            items = [SliceWork(k, b"x") for k in range(32)]
             started = time.perf_counter()
             await sandbox.run_batch(echo, LIMITS, items)
             batched.append((time.perf_counter() - started) / len(items))

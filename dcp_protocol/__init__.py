@@ -27,6 +27,7 @@ from .errors import (
     FrameTooLarge,
     InvalidMessage,
     ProtocolError,
+    SliceFailure,
     UnknownMessage,
     UnsupportedVersion,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidMessage",
     "NestingTooDeep",
     "ProtocolError",
+    "SliceFailure",
     "UnknownMessage",
     "UnsupportedVersion",
     "IllegalTransition",

@@ -151,3 +151,21 @@ class UnsupportedVersion(ProtocolError):
     """The frame names a protocol version this side does not speak."""
 
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class SliceFailure(DcpError):
+    """A slice (or its job's assignment) failed in a contained way: a trap, a limit, a refused
+    module, a work function's exception, or the evaluator's death. ``code`` names the reason on
+    the wire (an :class:`ErrorCode` when this side knows it; a newer evaluator's code stays a
+    string), ``message`` says what happened.
+
+    One failure, one name on every side: the evaluator raises it inside its process and answers
+    with its code (an ``error`` reply); the sandbox handle returns it as that slice's outcome;
+    the worker reports it to the scheduler in a ``slice_failed`` message."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        if not isinstance(code, ErrorCode) and code in ErrorCode._value2member_map_:
+            code = ErrorCode(code)
+        super().__init__(f"{code}: {message}")
+        self.code: ErrorCode | str = code
+        self.message = message

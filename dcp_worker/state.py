@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dcp_protocol import (
     DcpError,
@@ -41,19 +41,18 @@ from dcp_protocol import (
     Metrics,
     Refusal,
     ResultsAck,
+    SliceFailure,
     SliceLease,
     Work,
     policy,
 )
+from dcp_protocol.evaluator_channel import SliceOutcome, SliceResult
 from dcp_protocol.limits import MAX_UINT64
 from dcp_protocol.policy import WorkerTerms
 
 from .config import WorkerConfig
 from .levels import NOTICE
 from .result import LeaseKey, PendingResult
-
-if TYPE_CHECKING:
-    from evaluator.client import SliceFailure
 
 __all__ = [
     "BUSY_CODES",
@@ -421,7 +420,7 @@ class BatchFinished(Event):
     """The sandbox answered a batch: one outcome per slice, in order, after ``elapsed`` s."""
 
     batch: tuple[HeldLease, ...]
-    outcomes: list[tuple[bytes, Metrics] | SliceFailure]
+    outcomes: list[SliceOutcome]
     elapsed: float
     now: float
 
@@ -1102,7 +1101,7 @@ class WorkerState:
             self._opencl_used.append((event.now, event.elapsed))
         # Each slice is charged its evaluator time plus an equal share of the round trip.
         outcomes = event.outcomes
-        inside = sum(o[1].wall_seconds for o in outcomes if isinstance(o, tuple))
+        inside = sum(o.metrics.wall_seconds for o in outcomes if isinstance(o, SliceResult))
         extra = max(0.0, event.elapsed - inside) / len(event.batch)
         out: list[Instruction] = []
         started = event.now - event.elapsed
@@ -1127,12 +1126,12 @@ class WorkerState:
     def _outcome(
         self,
         lease: SliceLease,
-        outcome: tuple[bytes, Metrics] | SliceFailure,
+        outcome: SliceOutcome,
         extra: float,
         now: float,
     ) -> Instruction:
         """One slice's outcome: a result to sign and keep, or its failure to report."""
-        if not isinstance(outcome, tuple):
+        if isinstance(outcome, SliceFailure):
             if outcome.code in BUSY_CODES:
                 # The machine's owner needs it: give the slice back, lose nothing.
                 self._on_machine_busy(MachineBusy(outcome.message))
@@ -1147,7 +1146,7 @@ class WorkerState:
                 extra=_fields(lease.job, lease.slice, outcome.code),
             )
             return ReportFailure(lease, outcome)
-        result, metrics = outcome
+        result, metrics = outcome.result, outcome.metrics
         inside = metrics.wall_seconds
         metrics = replace(metrics, wall_seconds=inside + extra)
         self.counters.done += 1

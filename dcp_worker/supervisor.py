@@ -40,7 +40,6 @@ from dcp_protocol import (
     Heartbeat,
     HeartbeatAck,
     LeaseRef,
-    Metrics,
     Refusal,
     ResultItem,
     Results,
@@ -54,7 +53,7 @@ from dcp_protocol import (
 )
 from dcp_protocol import Decline as DeclineWire
 from dcp_protocol import Fetch as FetchWire
-from evaluator.client import Sandbox, SliceFailure
+from evaluator.client import Sandbox, SliceFailure, SliceOutcome, SliceWork
 
 from .config import WorkerConfig
 from .connection import Session, SessionError, open_session
@@ -924,12 +923,12 @@ class Supervisor:
             extra={"DCP_JOB": first.job, "DCP_SLICE": first.slice},
         )
         try:
-            outcomes: list[tuple[bytes, Metrics] | SliceFailure]
+            outcomes: list[SliceOutcome]
 
             def progress(index: int, fraction: float) -> None:
                 self.state.handle(SliceProgressed(batch[index], fraction, time.monotonic()))
 
-            items = [(held.lease.slice, held.lease.datum) for held in batch]
+            items = [SliceWork(held.lease.slice, held.lease.datum) for held in batch]
             started = time.monotonic()
             if job.runtime == "opencl":
                 async with self._opencl_slots:
@@ -992,7 +991,7 @@ class Supervisor:
                     job=lease.job,
                     slice=lease.slice,
                     token=lease.token,
-                    code=exc.code,
+                    code=str(exc.code),
                     message=exc.message[:2000],
                 )
             )

@@ -1,7 +1,5 @@
-"""The sandbox: evaluator processes and their runtimes (wasm on wasmtime)."""
+"""The sandbox: evaluator processes and their runtimes (wasm on wasmtime, OpenCL, and the
+python and js interpreters as WASI modules). A slice's failure is
+:class:`dcp_protocol.SliceFailure` on every side."""
 
 from __future__ import annotations
-
-from .errors import EvaluatorError, SliceError
-
-__all__ = ["EvaluatorError", "SliceError"]

@@ -21,37 +21,28 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import (
-    EVALUATOR_MESSAGES,
-    Ack,
-    Assign,
-    Capabilities,
-    DcpError,
-    Describe,
-    Die,
-    Error,
-    ErrorCode,
-    JobSpec,
-    Limits,
-    Message,
-    Metrics,
-    Progress,
-    ProtocolError,
-    RunSlice,
-    SliceDone,
-    StreamDecoder,
-    frame,
+from dcp_protocol import Ack, Capabilities, Error, ErrorCode, JobSpec, Limits, Message, SliceFailure
+from dcp_protocol.evaluator_channel import (
+    ChannelEvent,
+    ChannelState,
+    Ended,
+    EvaluatorChannel,
+    Progressed,
+    Replied,
+    SliceAnswered,
+    SliceOutcome,
+    SliceResult,
+    SliceWork,
 )
 
-from .errors import MAY_END_EVALUATOR
 from .launch import Hardening, evaluator_command
 from .manager import TOKEN_PREFIX
 
-__all__ = ["Sandbox", "SliceFailure"]
+__all__ = ["Sandbox", "SliceFailure", "SliceOutcome", "SliceResult", "SliceWork"]
 
 log = logging.getLogger("dcp.worker.sandbox")
 
@@ -91,30 +82,14 @@ async def _connect(
     return reader, writer
 
 
-def _outcome(reply: Message) -> tuple[bytes, Metrics] | SliceFailure:
-    """What an evaluator's reply to a slice says of it."""
-    if isinstance(reply, SliceDone):
-        return reply.result, reply.metrics
-    if isinstance(reply, Error):
-        return SliceFailure(reply.code, reply.message)
-    return SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"slice got {reply.type}")
-
-
 def _read_token(path: str) -> bytes:
     return Path(path).read_bytes().strip()
 
 
-class SliceFailure(DcpError):
-    """A slice failed in the sandbox, as its handle sees it; ``code`` is the wire reason.
-
-    One failure, one name per side: the evaluator raises :class:`evaluator.errors.SliceError`
-    inside its process and answers with the code; this handle returns (or raises) it as a
-    ``SliceFailure``; the worker reports it to the scheduler in a ``slice_failed`` message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+def _progress(
+    on_progress: Callable[[int, float], None], todo: list[int], index: int, fraction: float
+) -> None:
+    on_progress(todo[index], fraction)  # the exchange's index -> the batch's
 
 
 class Sandbox:
@@ -144,13 +119,11 @@ class Sandbox:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._stdin: asyncio.StreamWriter = None  # type: ignore[assignment]
-        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._channel = EvaluatorChannel(relayed=endpoint is not None)
         self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         self._stderr_task: asyncio.Task[None] | None = None
         self._workdir: str | None = None
-        self._next_id = 0
         self._slices_run = 0
-        self._assigned: tuple[str, str, tuple[str, ...], Limits] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,9 +133,8 @@ class Sandbox:
         Raises:
             SliceFailure: EVALUATOR_DIED when the manager cannot be reached.
         """
-        self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
+        self._channel = EvaluatorChannel(relayed=self.endpoint is not None)
         self._stderr.clear()
-        self._assigned = None
         self._slices_run = 0
         if self.endpoint is not None:
             try:
@@ -211,18 +183,18 @@ class Sandbox:
     async def stop(self, graceful: bool = True) -> None:
         proc, self._proc = self._proc, None
         reader, self._reader = self._reader, None
-        self._assigned = None
+        die = self._channel.die()
         if self.endpoint is not None and reader is not None:
             # The manager kills the evaluator when its connection closes.
             with contextlib.suppress(OSError, RuntimeError):
                 if graceful:
-                    self._stdin.write(frame(Die(id=0)))
+                    self._stdin.write(die)
                 self._stdin.close()
             return
         if proc is not None and proc.returncode is None:
             if graceful and proc.stdin is not None:
                 with contextlib.suppress(OSError, RuntimeError):
-                    proc.stdin.write(frame(Die(id=0)))
+                    proc.stdin.write(die)
                     proc.stdin.close()
                 try:
                     await asyncio.wait_for(proc.wait(), 2.0)
@@ -247,101 +219,70 @@ class Sandbox:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    # ------------------------------------------------------------------ requests
-
-    async def _request(
-        self,
-        message: Describe | Assign | RunSlice,
-        timeout: float,
-        on_progress: Callable[[float], None] | None = None,
-    ) -> Message:
-        replies: list[Message] = []
-        await self._exchange(
-            [message],
-            timeout,
-            None if on_progress is None else (lambda _i, fraction: on_progress(fraction)),
-            replies,
-        )
-        return replies[0]
+    # ------------------------------------------------------------------ exchanges
 
     async def _exchange(
         self,
-        messages: list[Describe | Assign | RunSlice],
+        data: bytes,
         timeout: float,
-        on_progress: Callable[[int, float], None] | None,
-        replies: list[Message],
-    ) -> None:
-        """Write ``messages`` in one go and collect one reply each, in order, into
-        ``replies`` (filled as they come, so a caller sees what arrived before a failure).
-        Each reply must come within ``timeout`` of the previous one.
-
-        Raises:
-            SliceFailure: the evaluator died, timed out (it is killed) or broke the protocol.
-        """
-        reader = self._reader
+        on_progress: Callable[[int, float], None] | None = None,
+    ) -> list[ChannelEvent]:
+        """Write ``data`` (the channel's requests) and read until the channel has every reply
+        or has ended; each reply must come within ``timeout`` of the one before, or the
+        evaluator is killed. The events, progress aside (given to ``on_progress``)."""
+        channel, reader = self._channel, self._reader
         assert reader is not None
+        events: list[ChannelEvent] = []
         # The requests are written while the replies are read: waiting for the whole batch to
         # be taken first deadlocked once the replies filled the evaluator's stdout pipe (a batch
         # of 16 KiB slices: the evaluator blocked writing, so it stopped reading).
         drained: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
         try:
-            # Binary frames: a datum or module goes as it is, not as base64 in JSON (an
-            # evaluator answers a binary slice in binary).
-            self._stdin.write(b"".join(frame(m, binary=True) for m in messages))
+            self._stdin.write(data)
             drained = asyncio.ensure_future(self._stdin.drain())
-            for index, message in enumerate(messages):
-                rid = message.id
-                async with asyncio.timeout(timeout):
-                    while True:
-                        try:
-                            reply = self._decoder.next_message()
-                        except ProtocolError as exc:
-                            raise SliceFailure(
-                                ErrorCode.EVALUATOR_PROTOCOL.value,
-                                f"evaluator sent a bad frame: {exc.message}",
-                            ) from None
-                        if reply is None:
-                            chunk = await reader.read(1 << 16)
-                            if not chunk:
-                                raise SliceFailure(
-                                    ErrorCode.EVALUATOR_DIED.value, await self._death()
-                                )
-                            self._decoder.receive_data(chunk)
-                            continue
-                        if isinstance(reply, Progress):
-                            if reply.re == rid and on_progress is not None:
-                                on_progress(index, reply.fraction)
-                            continue
-                        if (
-                            self.endpoint is not None
-                            and isinstance(reply, Error)
-                            and reply.re is None
-                        ):
-                            # The manager's word on the connection (machine_busy, preempted,
-                            # a refusal): it closes it, so every request left gets the same.
-                            replies.extend([reply] * (len(messages) - index))
-                            await self.stop(graceful=False)
-                            return
-                        if getattr(reply, "re", None) in (rid, None):
-                            replies.append(reply)
-                            break
-            await drained  # every reply is in, so every request was taken
+            answered, deadline = channel.answered, loop.time() + timeout
+            while channel.state is ChannelState.WAITING:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await reader.read(1 << 16)
+                if not chunk:
+                    events += channel.connection_lost(await self._death())
+                    break
+                for event in channel.receive_data(chunk):
+                    if isinstance(event, Progressed):
+                        if on_progress is not None:
+                            on_progress(event.index, event.fraction)
+                    else:
+                        events.append(event)
+                if channel.answered != answered:
+                    answered, deadline = channel.answered, loop.time() + timeout
+            if channel.state is not ChannelState.ENDED:
+                await drained  # every reply is in, so every request was taken
         except TimeoutError:
-            await self.stop(graceful=False)
-            raise SliceFailure(
-                ErrorCode.EVALUATOR_TIMEOUT.value,
-                f"no answer within {timeout:g} s; the evaluator was killed",
-            ) from None
+            events += channel.timed_out(timeout)
         except (BrokenPipeError, ConnectionResetError):
-            raise SliceFailure(ErrorCode.EVALUATOR_DIED.value, await self._death()) from None
-        except SliceFailure:
-            await self.stop(graceful=False)
-            raise
+            events += channel.connection_lost(await self._death())
         finally:
             if drained is not None and not drained.done():
                 drained.cancel()
             elif drained is not None and not drained.cancelled():
                 drained.exception()  # retrieved: a dead evaluator is reported from the reads
+        if channel.state is ChannelState.ENDED:
+            await self.stop(graceful=False)
+        return events
+
+    async def _request(self, data: bytes, timeout: float) -> Message:
+        """The reply to one ``describe`` or ``assign`` (``data``, from the channel).
+
+        Raises:
+            SliceFailure: the evaluator died, timed out (it is killed) or broke the protocol.
+        """
+        for event in await self._exchange(data, timeout):
+            if isinstance(event, Replied):
+                return event.reply
+            if isinstance(event, Ended) and event.failure is not None:
+                raise event.failure
+        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL, "the evaluator ended unanswered")
 
     async def _death(self) -> str:
         if self.endpoint is not None:
@@ -362,10 +303,6 @@ class Sandbox:
         tail = self._stderr[-1] if self._stderr else ""
         return f"the evaluator {how}" + (f" ({tail})" if tail else "")
 
-    def _id(self) -> int:
-        self._next_id += 1
-        return self._next_id
-
     def spare(self) -> Sandbox:
         """Another sandbox with the same settings (a probe beside this one)."""
         return Sandbox(
@@ -385,14 +322,15 @@ class Sandbox:
             SliceFailure: it failed to start or answer; or the manager refused it
                 (``machine_busy`` with the manager's reason, or a refusal of this client).
         """
-        if not self.running:
+        if not self.running or self._channel.state is ChannelState.ENDED:
+            await self.stop(graceful=False)
             await self.start()
-        reply = await self._request(Describe(id=self._id()), 30.0)
+        reply = await self._request(self._channel.describe(), 30.0)
         if isinstance(reply, Error):
             await self.stop(graceful=False)
             raise SliceFailure(reply.code, reply.message)
         if not isinstance(reply, Capabilities):
-            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"describe got {reply.type}")
+            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL, f"describe got {reply.type}")
         return reply.capabilities
 
     async def run(
@@ -402,7 +340,7 @@ class Sandbox:
         datum: bytes,
         slice_: int,
         on_progress: Callable[[float], None] | None = None,
-    ) -> tuple[bytes, Metrics]:
+    ) -> SliceResult:
         """Run one slice of ``job`` under ``limits``.
 
         Raises:
@@ -411,7 +349,7 @@ class Sandbox:
         (outcome,) = await self.run_batch(
             job,
             limits,
-            [(slice_, datum)],
+            [SliceWork(slice_, datum)],
             None if on_progress is None else (lambda _i, fraction: on_progress(fraction)),
         )
         if isinstance(outcome, SliceFailure):
@@ -422,75 +360,66 @@ class Sandbox:
         self,
         job: JobSpec,
         limits: Limits,
-        items: list[tuple[int, bytes]],
+        work: Sequence[SliceWork],
         on_progress: Callable[[int, float], None] | None = None,
-    ) -> list[tuple[bytes, Metrics] | SliceFailure]:
+    ) -> list[SliceOutcome]:
         """Run several slices of one job: their requests go to the evaluator in one write
         and it answers each in turn (short slices pay one pipe round trip per batch, not per
-        slice). One outcome per item, in order: (result, metrics) or the slice's failure. A
-        failure of the evaluator itself (death, timeout) is the outcome of every slice it had
-        not answered."""
+        slice). One outcome per slice, in order: a :class:`SliceResult` or the slice's
+        :class:`SliceFailure`. A failure of the evaluator itself (death, timeout) is the
+        outcome of every slice it had not answered; slices left unanswered behind an answer
+        after which an evaluator may end (the wall clock) run on a fresh one."""
         # The same evaluator serves batch after batch, started here or reached through the
-        # manager (one connection), until slices_per_evaluator, its death or a timeout.
-        outcomes: list[tuple[bytes, Metrics] | SliceFailure] = []
-        failure: SliceFailure | None = None
-        while len(outcomes) < len(items):
-            pending = items[len(outcomes) :]
-            if not self.running or self._slices_run >= self.slices_per_evaluator:
+        # manager (one connection), until slices_per_evaluator, its end or a timeout.
+        outcomes: list[SliceOutcome | None] = [None] * len(work)
+        todo = list(range(len(work)))
+        while todo:
+            if (
+                not self.running
+                or self._channel.state is ChannelState.ENDED
+                or self._slices_run >= self.slices_per_evaluator
+            ):
                 await self.stop(graceful=True)
                 await self.start()
-            replies: list[Message] = []
             try:
                 await self._assign(job, limits)
-                requests: list[Describe | Assign | RunSlice] = [
-                    RunSlice(id=self._id(), slice=slice_, datum=datum) for slice_, datum in pending
-                ]
-                await self._exchange(requests, limits.wall_seconds + _MARGIN, on_progress, replies)
-            except SliceFailure as exc:
-                failure = exc
-            finally:
-                self._slices_run += len(pending)
-            outcomes += [_outcome(reply) for reply in replies]
-            if not any(isinstance(r, Error) and r.code in MAY_END_EVALUATOR for r in replies):
+            except SliceFailure as failure:
+                for i in todo:
+                    outcomes[i] = failure
                 break
-            # A slice that reached its wall clock in wasm ends its evaluator after its answer
-            # (evaluator.errors): the slices queued behind it, unanswered, go to a fresh
-            # one, as does the next batch.
-            await self.stop(graceful=False)
-            if failure is not None and failure.code != ErrorCode.EVALUATOR_DIED.value:
-                break
-            failure = None
-        while len(outcomes) < len(items):
-            assert failure is not None
-            outcomes.append(failure)
-        return outcomes
+            self._slices_run += len(todo)
+            events = await self._exchange(
+                self._channel.run([work[i] for i in todo]),
+                limits.wall_seconds + _MARGIN,
+                None if on_progress is None else functools.partial(_progress, on_progress, todo),
+            )
+            queued: list[int] = []
+            for event in events:
+                if isinstance(event, SliceAnswered):
+                    outcomes[todo[event.index]] = event.outcome
+                elif isinstance(event, Ended) and event.failure is None:
+                    queued = [todo[i] for i in event.unanswered]
+                elif isinstance(event, Ended):
+                    for i in event.unanswered:
+                        outcomes[todo[i]] = event.failure
+            todo = queued
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
 
     async def _assign(self, job: JobSpec, limits: Limits) -> None:
-        key = (job.job, job.sha256, job.argv, limits)
-        if self._assigned == key:
+        if self._channel.is_assigned(job, limits):
             return
         # Try without the module bytes first: a warm evaluator has it compiled already.
-        for module in (None, job.module):
+        options = self.runtime_options.get(job.runtime, {})
+        for with_module in (False, True):
             reply = await self._request(
-                Assign(
-                    id=self._id(),
-                    job=job.job,
-                    runtime=job.runtime,
-                    sha256=job.sha256,
-                    module=module,
-                    argv=job.argv,
-                    limits=limits,
-                    config=job.config,
-                    options=self.runtime_options.get(job.runtime, {}),
-                ),
-                _ASSIGN_TIMEOUT,
+                self._channel.assign(job, limits, options, with_module), _ASSIGN_TIMEOUT
             )
             if isinstance(reply, Ack):
-                self._assigned = key
                 return
             if isinstance(reply, Error) and reply.code == ErrorCode.MODULE_NOT_CACHED.value:
                 continue
             if isinstance(reply, Error):
                 raise SliceFailure(reply.code, reply.message)
-            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, f"assign got {reply.type}")
-        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL.value, "the evaluator refused the module")
+            raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL, f"assign got {reply.type}")
+        raise SliceFailure(ErrorCode.EVALUATOR_PROTOCOL, "the evaluator refused the module")

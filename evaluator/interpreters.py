@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcp_protocol import DcpError, ErrorCode, Limits, Metrics, nesting
+from dcp_protocol import DcpError, ErrorCode, Limits, SliceFailure, nesting
+from dcp_protocol.evaluator_channel import SliceResult
 
-from .errors import SliceError
 from .wasm import Serving, WasmRuntime, flood_error
 
 #: The exit status of the interpreters' bootstrap when the work function raised (or returned
@@ -456,12 +456,12 @@ def _js_result(stdout: bytes) -> bytes:
     which would otherwise have become part of its result.
 
     Raises:
-        SliceError: WORK_FUNCTION_ERROR when the work function wrote on stdout.
+        SliceFailure: WORK_FUNCTION_ERROR when the work function wrote on stdout.
     """
     if stdout.startswith(_JS_RESULT_MARK):
         return stdout[len(_JS_RESULT_MARK) :]
     wrote = stdout.partition(_JS_RESULT_MARK)[0]
-    raise SliceError(
+    raise SliceFailure(
         ErrorCode.WORK_FUNCTION_ERROR,
         f"the work function wrote {len(wrote)} bytes on stdout (std.puts, std.out): stdout is "
         "the result's; return the result, and log with console.log (stderr)",
@@ -545,7 +545,7 @@ class InterpreterRuntime:
         the same owner) ends it.
 
         Raises:
-            SliceError: UNSUPPORTED_RUNTIME (not installed, or not the pinned file),
+            SliceFailure: UNSUPPORTED_RUNTIME (not installed, or not the pinned file),
                 MODULE_NOT_CACHED, INVALID_MODULE (the source is not UTF-8 or not its hash).
         """
         if self._session_key is not None and self._session_key[0] != job:
@@ -554,17 +554,17 @@ class InterpreterRuntime:
         spec = INTERPRETERS.get(runtime)
         if spec is None or runtime not in self.available():
             why = self._why_not.get(runtime) or "unknown runtime"
-            raise SliceError(ErrorCode.UNSUPPORTED_RUNTIME, f"no {runtime} interpreter: {why}")
+            raise SliceFailure(ErrorCode.UNSUPPORTED_RUNTIME, f"no {runtime} interpreter: {why}")
         if source is None:
             if sha256 not in self._sources:
-                raise SliceError(ErrorCode.MODULE_NOT_CACHED, f"source {sha256} is not cached")
+                raise SliceFailure(ErrorCode.MODULE_NOT_CACHED, f"source {sha256} is not cached")
         else:
             if hashlib.sha256(source).hexdigest() != sha256:
-                raise SliceError(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
+                raise SliceFailure(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
             try:
                 source.decode("utf-8")
             except UnicodeDecodeError:
-                raise SliceError(ErrorCode.INVALID_MODULE, "the source is not UTF-8") from None
+                raise SliceFailure(ErrorCode.INVALID_MODULE, "the source is not UTF-8") from None
             self._sources[sha256] = source
         if not self._wasm.has(spec.sha256, limits):
             path = find(self._directory)[runtime]
@@ -581,20 +581,20 @@ class InterpreterRuntime:
         started: float | None = None,
         fresh: bool = False,
         result_kind: str = "any",
-    ) -> tuple[bytes, Metrics]:
-        """One slice; (result, metrics). The slices of one job share a warm interpreter
+    ) -> SliceResult:
+        """One slice: its result and metrics. The slices of one job share a warm interpreter
         where the runtime has one, unless ``fresh`` (the job's ``interpreter = "fresh"``) or
         the job is fuel-metered: then each gets a fresh one.
 
         Raises:
-            SliceError: as the wasm runtime's, and WORK_FUNCTION_ERROR (the work function
+            SliceFailure: as the wasm runtime's, and WORK_FUNCTION_ERROR (the work function
                 raised, or returned nothing) with the bounded traceback or stack.
         """
         spec = INTERPRETERS[runtime]
         try:
             stdin = pack(runtime, self._sources[sha256], argv, datum, kind, result_kind)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.WORK_FUNCTION_ERROR, f"the datum is not JSON: {exc}"
             ) from None
         if spec.serving_argv is not None and not fresh and limits.fuel is None:
@@ -603,7 +603,7 @@ class InterpreterRuntime:
         watch.start()
         marked = runtime == "js"
         try:
-            result, metrics = self._wasm.run(
+            done = self._wasm.run(
                 spec.sha256,
                 spec.argv,
                 # The result's mark comes out of the same cap: the result itself gets it all.
@@ -615,9 +615,9 @@ class InterpreterRuntime:
                 argv0=runtime,
                 bytes_in=len(datum),
             )
-        except SliceError as exc:
+        except SliceFailure as exc:
             if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == WORK_FAILED:
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.WORK_FUNCTION_ERROR, _traceback(self._wasm.stderr())
                 ) from None
             if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
@@ -629,9 +629,9 @@ class InterpreterRuntime:
         finally:
             watch.stop()
         if marked:
-            result = _js_result(result)
-            metrics = dataclasses.replace(metrics, bytes_out=len(result))
-        return result, metrics
+            result = _js_result(done.result)
+            done = SliceResult(result, dataclasses.replace(done.metrics, bytes_out=len(result)))
+        return done
 
     def _serve(
         self,
@@ -642,7 +642,7 @@ class InterpreterRuntime:
         request: bytes,
         bytes_in: int,
         started: float | None,
-    ) -> tuple[bytes, Metrics]:
+    ) -> SliceResult:
         key = (self._job, sha256, argv, limits)
         if self._session is None or not self._session.alive or self._session_key != key:
             self.release()
@@ -652,31 +652,32 @@ class InterpreterRuntime:
             )
             self._session_key = key
         try:
-            answer, metrics = self._session.run(
-                len(request).to_bytes(8, "little") + request, started
-            )
-        except SliceError as exc:
+            done = self._session.run(len(request).to_bytes(8, "little") + request, started)
+        except SliceFailure as exc:
             self.release()
             if exc.code is ErrorCode.WASM_EXIT and self._wasm.exit_code == OUT_OF_MEMORY:
                 raise _out_of_memory(spec.runtime, limits) from None
             raise
+        answer = done.result
         status, size, payload = answer[:1], int.from_bytes(answer[1:9], "little"), answer[9:]
         if len(answer) < 9 or size != len(payload) or status not in (b"\0", b"\3", b"\4"):
             self.release()
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.WORK_FUNCTION_ERROR,
                 "the work function wrote on the interpreter's own stdout (sys.__stdout__ or"
                 " fd 1): its answer is unreadable; print() goes to stderr",
             )
         if status == b"\3":
-            raise SliceError(ErrorCode.WORK_FUNCTION_ERROR, _bounded(payload))
+            raise SliceFailure(ErrorCode.WORK_FUNCTION_ERROR, _bounded(payload))
         if status == b"\4":
             self.release()
             raise _out_of_memory(spec.runtime, limits)
         flood = flood_error(len(payload), limits)
         if flood is not None:
             raise flood
-        return payload, dataclasses.replace(metrics, bytes_in=bytes_in, bytes_out=len(payload))
+        return SliceResult(
+            payload, dataclasses.replace(done.metrics, bytes_in=bytes_in, bytes_out=len(payload))
+        )
 
     def _stderr(self, data: bytes) -> None:
         """A warm interpreter's stderr, as it writes it: its progress calls."""
@@ -699,8 +700,8 @@ def _last_progress(stderr: bytes) -> float | None:
     return fraction if 0.0 <= fraction <= 1.0 else None
 
 
-def _out_of_memory(runtime: str, limits: Limits) -> SliceError:
-    return SliceError(
+def _out_of_memory(runtime: str, limits: Limits) -> SliceFailure:
+    return SliceFailure(
         ErrorCode.MEMORY_LIMIT,
         f"the {runtime} work function ran out of memory under the memory cap of"
         f" {limits.memory_bytes} bytes",

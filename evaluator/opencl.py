@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dcp_protocol import ErrorCode, Limits, Metrics, nesting
+from dcp_protocol import ErrorCode, Limits, Metrics, SliceFailure, nesting
+from dcp_protocol.evaluator_channel import SliceResult
 
-from .errors import SliceError
 from .scratch import private_dir
 
 DTYPES = {
@@ -169,7 +169,7 @@ class OpenCLRuntime:
             try:
                 import pyopencl
             except ImportError as exc:
-                raise SliceError(ErrorCode.OPENCL_UNAVAILABLE, f"pyopencl: {exc}") from None
+                raise SliceFailure(ErrorCode.OPENCL_UNAVAILABLE, f"pyopencl: {exc}") from None
             self._cl = pyopencl
         return self._cl
 
@@ -178,7 +178,7 @@ class OpenCLRuntime:
         try:
             cl = self._import()
             platforms = cl.get_platforms()
-        except (SliceError, Exception):  # no ICD loader, no platform: simply no OpenCL
+        except (SliceFailure, Exception):  # no ICD loader, no platform: simply no OpenCL
             return {}
         devices = []
         for platform in platforms:
@@ -210,7 +210,7 @@ class OpenCLRuntime:
                     candidates.append(device)
                 index += 1
         if not candidates:
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.OPENCL_UNAVAILABLE,
                 "no OpenCL device this worker lends (none found, or all banned)",
             )
@@ -223,7 +223,7 @@ class OpenCLRuntime:
         try:
             validate_config(config)
         except ValueError as exc:
-            raise SliceError(ErrorCode.INVALID_MODULE, str(exc)) from None
+            raise SliceFailure(ErrorCode.INVALID_MODULE, str(exc)) from None
         cl = self._import()
         if self._device is None:
             self._device = self._select(options)
@@ -238,19 +238,17 @@ class OpenCLRuntime:
                 program = cl.Program(self._context, source.decode("utf-8", "replace")).build()
             except cl.RuntimeError as exc:
                 log = getattr(exc, "build_log", None) or str(exc)
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.OPENCL_BUILD_FAILED,
                     f"the kernel source does not build: {str(log)[-1500:]}",
                 ) from None
             built = self._programs[key] = _Built(program)
         if config["kernel"] not in built.program.kernel_names.split(";"):
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.INVALID_MODULE, f"the source has no kernel {config['kernel']!r}"
             )
 
-    def run(
-        self, sha256: str, config: dict[str, Any], limits: Limits, datum: bytes
-    ) -> tuple[bytes, Metrics]:
+    def run(self, sha256: str, config: dict[str, Any], limits: Limits, datum: bytes) -> SliceResult:
         import numpy as np
 
         cl = self._import()
@@ -264,22 +262,22 @@ class OpenCLRuntime:
                 try:
                     doc = nesting.loads(datum)  # the job owner's bytes
                 except nesting.NestingTooDeep as exc:
-                    raise SliceError(ErrorCode.DATUM_INVALID, f"the datum {exc}") from None
+                    raise SliceFailure(ErrorCode.DATUM_INVALID, f"the datum {exc}") from None
                 except ValueError:
                     doc = None
                 if not isinstance(doc, dict):
-                    raise SliceError(
+                    raise SliceFailure(
                         ErrorCode.DATUM_INVALID, "this job's datum must be a JSON object"
                     )
             key = ref.removeprefix("datum:")
             if key not in doc:
-                raise SliceError(ErrorCode.DATUM_INVALID, f"the datum has no {key!r}")
+                raise SliceFailure(ErrorCode.DATUM_INVALID, f"the datum has no {key!r}")
             return doc[key]
 
         def size(value: int | str) -> int:
             n = from_datum(value) if isinstance(value, str) else value
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise SliceError(ErrorCode.DATUM_INVALID, f"{value}: not a positive size")
+                raise SliceFailure(ErrorCode.DATUM_INVALID, f"{value}: not a positive size")
             return n
 
         started_cpu = time.process_time()
@@ -306,7 +304,7 @@ class OpenCLRuntime:
                     try:
                         value = dtype.type(raw)
                     except (TypeError, ValueError, OverflowError):
-                        raise SliceError(
+                        raise SliceFailure(
                             ErrorCode.DATUM_INVALID, f"{arg['name']}: {raw!r} is not a {dtype}"
                         ) from None
                     values.append(value)
@@ -317,7 +315,7 @@ class OpenCLRuntime:
                         data = np.asarray(arg["value"], dtype=dtype)
                     elif arg["source"] == "datum":
                         if len(datum) % dtype.itemsize:
-                            raise SliceError(
+                            raise SliceFailure(
                                 ErrorCode.DATUM_INVALID,
                                 f"a datum of {len(datum)} bytes is not an array of {dtype}",
                             )
@@ -326,7 +324,7 @@ class OpenCLRuntime:
                         try:
                             data = np.asarray(from_datum(arg["source"]), dtype=dtype)
                         except (TypeError, ValueError, OverflowError):
-                            raise SliceError(
+                            raise SliceFailure(
                                 ErrorCode.DATUM_INVALID, f"{arg['name']}: not an array of {dtype}"
                             ) from None
                     nbytes = max(data.nbytes, dtype.itemsize)
@@ -334,7 +332,7 @@ class OpenCLRuntime:
                     nbytes = size(arg["count"]) * dtype.itemsize
                 total += nbytes
                 if total > limits.memory_bytes or nbytes > self._device.max_mem_alloc_size:
-                    raise SliceError(
+                    raise SliceFailure(
                         ErrorCode.BUFFER_TOO_LARGE,
                         f"buffers of {total} bytes exceed the limit of "
                         f"{min(limits.memory_bytes, self._device.max_mem_alloc_size)}",
@@ -358,7 +356,7 @@ class OpenCLRuntime:
                     outputs.append((arg["name"], (buffer, host)))
             out_bytes = sum(host.nbytes for _name, (_b, host) in outputs)
             if out_bytes > limits.output_bytes:
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.OUTPUT_TOO_LARGE,
                     f"outputs of {out_bytes} bytes exceed the cap of {limits.output_bytes}",
                 )
@@ -383,15 +381,18 @@ class OpenCLRuntime:
             for _name, (buffer, host) in outputs:
                 cl.enqueue_copy(self._queue, host, buffer).wait()
         except cl.Error as exc:
-            raise SliceError(ErrorCode.OPENCL_ERROR, f"OpenCL: {exc}") from None
+            raise SliceFailure(ErrorCode.OPENCL_ERROR, f"OpenCL: {exc}") from None
         result = b"".join(host.tobytes() for _name, (_b, host) in outputs)
         device_seconds = device_ns / 1e9
         on_gpu = bool(self._device.type & cl.device_type.GPU)
         cpu = time.process_time() - started_cpu
-        return result, Metrics(
-            wall_seconds=time.monotonic() - started,
-            cpu_seconds=cpu if on_gpu else max(cpu, device_seconds),
-            gpu_seconds=device_seconds if on_gpu else 0.0,
-            bytes_in=len(datum),
-            bytes_out=len(result),
+        return SliceResult(
+            result,
+            Metrics(
+                wall_seconds=time.monotonic() - started,
+                cpu_seconds=cpu if on_gpu else max(cpu, device_seconds),
+                gpu_seconds=device_seconds if on_gpu else 0.0,
+                bytes_in=len(datum),
+                bytes_out=len(result),
+            ),
         )

@@ -41,12 +41,12 @@ from dcp_protocol import (
     ProtocolError,
     RunSlice,
     SliceDone,
+    SliceFailure,
     StreamDecoder,
     frame,
     prepare_codecs,
 )
 
-from .errors import SliceError
 from .interpreters import RUNTIMES as INTERPRETER_RUNTIMES
 from .interpreters import Interpreter, InterpreterRuntime, compiled_cache_dir
 from .opencl import OpenCLRuntime
@@ -241,7 +241,7 @@ class Evaluator:
             try:
                 message = self._decoder.next_message()
             except ProtocolError as exc:
-                self.send(Error(re=None, code=exc.code.value, message=exc.message))
+                self.send(Error(re=None, code=str(exc.code), message=exc.message))
                 if self._decoder.broken:
                     log.error("closing the stream: %s", exc.message)
                     with self._out_lock:
@@ -323,7 +323,7 @@ class Evaluator:
                 )
             else:
                 self._compile_opencl(message)
-        except SliceError as exc:
+        except SliceFailure as exc:
             self._assigned = None
             self.send(_error(message.id, exc))
             return
@@ -334,14 +334,14 @@ class Evaluator:
     def _compile_opencl(self, message: Assign) -> None:
         if message.module is None:
             if message.sha256 not in self._opencl_sources:
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.MODULE_NOT_CACHED, f"module {message.sha256} is not cached"
                 )
             source = self._opencl_sources[message.sha256]
         else:
             source = message.module
             if hashlib.sha256(source).hexdigest() != message.sha256:
-                raise SliceError(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
+                raise SliceFailure(ErrorCode.INVALID_MODULE, "the source does not hash to sha256")
         self._opencl.compile(source, message.sha256, message.config, message.options)
         self._opencl_sources[message.sha256] = source
 
@@ -361,11 +361,9 @@ class Evaluator:
         self._last_progress = 0.0
         try:
             if job.runtime == "opencl":
-                result, metrics = self._opencl.run(
-                    job.sha256, job.config, job.limits, message.datum
-                )
+                done = self._opencl.run(job.sha256, job.config, job.limits, message.datum)
             elif job.runtime in INTERPRETER_RUNTIMES:
-                result, metrics = self._interpreters.run(
+                done = self._interpreters.run(
                     job.runtime,
                     job.sha256,
                     job.argv,
@@ -377,19 +375,19 @@ class Evaluator:
                     result_kind=str(job.config.get("result", "any")),
                 )
             else:
-                result, metrics = self._runtime.run(
+                done = self._runtime.run(
                     job.sha256,
                     job.argv,
                     job.limits,
                     message.datum,
                     started=max(self._received_at, self._answered_at),
                 )
-        except SliceError as exc:
+        except SliceFailure as exc:
             self._answer(message.id, _error(message.id, exc))
         else:
             self._answer(
                 message.id,
-                SliceDone(re=message.id, result=result, metrics=metrics),
+                SliceDone(re=message.id, result=done.result, metrics=done.metrics),
                 binary=self._binary,
             )
 
@@ -405,7 +403,7 @@ class Evaluator:
             self._answered_at = time.monotonic()
             self.send(reply, flush, binary)
 
-    def _on_timeout(self, error: SliceError) -> None:
+    def _on_timeout(self, error: SliceFailure) -> None:
         """From the wall clock's thread: the running wasm slice is due. Its answer goes out
         now; on a loaded machine the slice's own thread, starved of CPU, took 0.1-0.4 s more
         to unwind (the next request waits for it)."""
@@ -442,9 +440,9 @@ class Evaluator:
                 )
 
 
-def _error(request: int, exc: SliceError) -> Error:
+def _error(request: int, exc: SliceFailure) -> Error:
     """The reply to request ``request`` that failed with ``exc``."""
-    return Error(re=request, code=exc.code.value, message=exc.message)
+    return Error(re=request, code=str(exc.code), message=exc.message)
 
 
 def serve_stdio(

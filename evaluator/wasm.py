@@ -44,9 +44,8 @@ from typing import Any
 
 import wasmtime
 
-from dcp_protocol import ErrorCode, Limits, Metrics
-
-from .errors import SliceError
+from dcp_protocol import ErrorCode, Limits, Metrics, SliceFailure
+from dcp_protocol.evaluator_channel import SliceResult
 
 _WASI = "wasi_snapshot_preview1"
 #: WASI calls a work function may import but never successfully use: trap with a named reason.
@@ -184,7 +183,7 @@ class Serving:
     the limits a slice gets (the wall clock from ``started``, fuel, the output cap; memory is
     the Store's, for every request of the session). A request that ends otherwise (a trap, a
     limit, an exit) ends the session: :attr:`alive` is then False and it raises the
-    SliceError a slice would. :meth:`close` ends it (the module reads end of file)."""
+    SliceFailure a slice would. :meth:`close` ends it (the module reads end of file)."""
 
     def __init__(
         self,
@@ -218,7 +217,7 @@ class Serving:
         self._err = 0
         self._done = False  # the module asked for the next request: the current one is done
         self._closing = False
-        self._ended: SliceError | None = None
+        self._ended: SliceFailure | None = None
         self.alive = True
         wasi = wasmtime.WasiConfig()
         wasi.argv = [argv0, *argv]
@@ -245,33 +244,33 @@ class Serving:
     def _main(self) -> None:
         start = self._instance.exports(self._store)["_start"]
         assert isinstance(start, wasmtime.Func)
-        ended: SliceError
+        ended: SliceFailure
         try:
             start(self._store)
-            ended = SliceError(ErrorCode.WASM_EXIT, "exited with status 0 (the session ended)")
+            ended = SliceFailure(ErrorCode.WASM_EXIT, "exited with status 0 (the session ended)")
         except wasmtime.ExitTrap as exc:
-            ended = SliceError(ErrorCode.WASM_EXIT, f"exited with status {exc.code}")
+            ended = SliceFailure(ErrorCode.WASM_EXIT, f"exited with status {exc.code}")
             self._wasm.exit_code = exc.code
         except wasmtime.Trap as exc:
             ended = self._wasm._classify_trap(
                 exc, self._store, self._instance, self._limits, self._budget
             )
         except wasmtime.WasmtimeError as exc:
-            ended = SliceError(ErrorCode.WASM_TRAP, _first_line(str(exc)))
+            ended = SliceFailure(ErrorCode.WASM_TRAP, _first_line(str(exc)))
         with self._lock:
             self.alive = False
             self._ended = ended
             self._lock.notify_all()
 
-    def run(self, request: bytes, started: float | None = None) -> tuple[bytes, Metrics]:
+    def run(self, request: bytes, started: float | None = None) -> SliceResult:
         """One request: the module's answer and the request's metrics.
 
         Raises:
-            SliceError: the request ended the session (see the class).
+            SliceFailure: the request ended the session (see the class).
         """
         wasm, limits = self._wasm, self._limits
         if not self.alive:
-            raise self._ended or SliceError(ErrorCode.WASM_EXIT, "the session has ended")
+            raise self._ended or SliceFailure(ErrorCode.WASM_EXIT, "the session has ended")
         deadline = (time.monotonic() if started is None else started) + limits.wall_seconds
         wasm._limits = limits
         wasm._host_error = None
@@ -294,11 +293,14 @@ class Serving:
         if not self._done:
             assert self._ended is not None
             raise wasm._host_error or self._ended
-        return answer, Metrics(
-            wall_seconds=time.monotonic() - started_wall,
-            cpu_seconds=time.process_time() - started_cpu,
-            bytes_in=len(request),
-            bytes_out=len(answer),
+        return SliceResult(
+            answer,
+            Metrics(
+                wall_seconds=time.monotonic() - started_wall,
+                cpu_seconds=time.process_time() - started_cpu,
+                bytes_in=len(request),
+                bytes_out=len(answer),
+            ),
         )
 
     def close(self) -> None:
@@ -437,7 +439,7 @@ class WasmRuntime:
     def __init__(
         self,
         progress: Callable[[float], None] | None = None,
-        timed_out: Callable[[SliceError], None] | None = None,
+        timed_out: Callable[[SliceFailure], None] | None = None,
         expire: Callable[[str], None] | None = None,
     ) -> None:
         """``progress`` gets the work function's progress calls. ``timed_out``, when given,
@@ -462,7 +464,7 @@ class WasmRuntime:
         self._limits: Limits | None = None
         #: Set by a host function that ends the slice (a forbidden call, the wall clock
         #: reached while sleeping): it names the reason better than the trap it raises.
-        self._host_error: SliceError | None = None
+        self._host_error: SliceFailure | None = None
         #: The running slice's deadline and the origin of its WASI monotonic clock (which
         #: counts from its WASI context's creation), both by time.monotonic_ns().
         self._deadline_ns = 0
@@ -498,7 +500,7 @@ class WasmRuntime:
         """Make sure the module is compiled and cached.
 
         Raises:
-            SliceError: MODULE_NOT_CACHED (no bytes and not cached), INVALID_MODULE,
+            SliceFailure: MODULE_NOT_CACHED (no bytes and not cached), INVALID_MODULE,
                 FORBIDDEN_IMPORT.
         """
         key = (sha256, limits.fuel is not None)
@@ -506,20 +508,20 @@ class WasmRuntime:
             self._cache.move_to_end(key)
             return
         if module_bytes is None:
-            raise SliceError(ErrorCode.MODULE_NOT_CACHED, f"module {sha256} is not cached")
+            raise SliceFailure(ErrorCode.MODULE_NOT_CACHED, f"module {sha256} is not cached")
         actual = hashlib.sha256(module_bytes).hexdigest()
         if actual != sha256:
-            raise SliceError(ErrorCode.INVALID_MODULE, f"module hashes to {actual}, not {sha256}")
+            raise SliceFailure(ErrorCode.INVALID_MODULE, f"module hashes to {actual}, not {sha256}")
         engine = self._engine(limits.fuel is not None)
         try:
             module = wasmtime.Module(engine, module_bytes)
         except wasmtime.WasmtimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.INVALID_MODULE, f"not a valid wasm module: {first}"
             ) from None
         if "_start" not in {e.name for e in module.exports}:
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.INVALID_MODULE, "module exports no _start (not a WASI command)"
             )
         linker = self._linker(engine, module)
@@ -536,7 +538,7 @@ class WasmRuntime:
         """WASI, with forbidden calls shadowed by traps and ``dcp.progress`` defined.
 
         Raises:
-            SliceError: FORBIDDEN_IMPORT for anything else the module imports.
+            SliceFailure: FORBIDDEN_IMPORT for anything else the module imports.
         """
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
@@ -550,7 +552,7 @@ class WasmRuntime:
                 elif name == "poll_oneoff":
                     # wasmtime's own blocks in the host, where the epoch cannot interrupt it.
                     if not _has_type(func_type, ["i32"] * 4, ["i32"]):
-                        raise SliceError(
+                        raise SliceFailure(
                             ErrorCode.FORBIDDEN_IMPORT,
                             f"module imports {_WASI}.poll_oneoff with the wrong type",
                         )
@@ -565,7 +567,7 @@ class WasmRuntime:
                 assert func_type is not None
                 linker.define_func(imp.module, name, func_type, _trapping(self._on_progress))
             else:
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.FORBIDDEN_IMPORT,
                     f"module imports {imp.module}.{name}, which the sandbox does not provide",
                 )
@@ -582,15 +584,15 @@ class WasmRuntime:
         started: float | None = None,
         argv0: str = "work",
         bytes_in: int | None = None,
-    ) -> tuple[bytes, Metrics]:
-        """Run one slice; returns (stdout, metrics). Its wall clock runs from ``started``
+    ) -> SliceResult:
+        """Run one slice; returns its stdout and metrics. Its wall clock runs from ``started``
         (by time.monotonic(); default: now), which the setup counts against. ``datum`` is
         the module's stdin; ``bytes_in`` what the metrics count of it (default: all);
         ``argv0`` the module's name for itself. After the slice, :attr:`exit_code` and
         :meth:`stderr` tell how it ended.
 
         Raises:
-            SliceError: the slice failed; ``code`` says how.
+            SliceFailure: the slice failed; ``code`` says how.
         """
         fuel = limits.fuel is not None
         compiled = self._cache[(sha256, fuel)]
@@ -599,12 +601,12 @@ class WasmRuntime:
         self.exit_code = 0
         os.ftruncate(self._fds["stderr"], 0)
         try:
-            result, metrics = self._run_in(
-                engine, store, compiled, (argv0, *argv), limits, datum, started
-            )
+            done = self._run_in(engine, store, compiled, (argv0, *argv), limits, datum, started)
             if bytes_in is not None:
-                metrics = dataclasses.replace(metrics, bytes_in=bytes_in)
-            return result, metrics
+                done = SliceResult(
+                    done.result, dataclasses.replace(done.metrics, bytes_in=bytes_in)
+                )
+            return done
         finally:
             self._clock.disarm()
             self._limits = None
@@ -625,7 +627,7 @@ class WasmRuntime:
         limits: Limits,
         datum: bytes,
         started: float | None,
-    ) -> tuple[bytes, Metrics]:
+    ) -> SliceResult:
         stdin_fd = self._fds["stdin"]
         os.pwrite(stdin_fd, datum, 0)
         os.ftruncate(stdin_fd, len(datum))
@@ -678,15 +680,15 @@ class WasmRuntime:
             if ("memory" in text or "table" in text) and (
                 "limit" in text or "minimum" in text or "grow" in text
             ):
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.MEMORY_LIMIT,
                     "instantiation needs more than the memory cap allows: "
                     f"{_first_line(text)} (linear memory {budget.memory_bytes} bytes, "
                     f"{budget.table_elements} elements a table, of {limits.memory_bytes})",
                 ) from None
             if "unknown import" in text:
-                raise SliceError(ErrorCode.FORBIDDEN_IMPORT, _first_line(text)) from None
-            raise SliceError(ErrorCode.WASM_TRAP, _first_line(text)) from None
+                raise SliceFailure(ErrorCode.FORBIDDEN_IMPORT, _first_line(text)) from None
+            raise SliceFailure(ErrorCode.WASM_TRAP, _first_line(text)) from None
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             wall = time.monotonic() - started_wall
@@ -698,19 +700,20 @@ class WasmRuntime:
         if exit_code != 0:
             exhausted = _exhausted(store, instance, budget)
             if exhausted is not None:
-                raise SliceError(
+                raise SliceFailure(
                     ErrorCode.MEMORY_LIMIT,
                     f"exited with status {exit_code} after {exhausted} reached its share of "
                     f"the memory cap of {limits.memory_bytes} bytes",
                 )
             tail = _tail(self._fds["stderr"])
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.WASM_EXIT,
                 f"exited with status {exit_code}" + (f": {tail}" if tail else ""),
             )
         result = os.pread(stdout_fd, out_size, 0)
-        return result, Metrics(
-            wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)
+        return SliceResult(
+            result,
+            Metrics(wall_seconds=wall, cpu_seconds=cpu, bytes_in=len(datum), bytes_out=len(result)),
         )
 
     def serve(
@@ -798,7 +801,7 @@ class WasmRuntime:
         instance: wasmtime.Instance | None,
         limits: Limits,
         budget: StoreBudget,
-    ) -> SliceError:
+    ) -> SliceFailure:
         if self._host_error is not None:
             return self._host_error
         # A limit that was hit explains the trap better than the trap itself: a flood that
@@ -810,22 +813,22 @@ class WasmRuntime:
         if code == wasmtime.TrapCode.INTERRUPT:
             return _wall_clock_error(limits)
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
-            return SliceError(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
+            return SliceFailure(ErrorCode.WASM_FUEL, f"used all {limits.fuel} units of fuel")
         exhausted = _exhausted(store, instance, budget)
         if exhausted is not None:
-            return SliceError(
+            return SliceFailure(
                 ErrorCode.MEMORY_LIMIT,
                 f"trapped after {exhausted} reached its share of the memory cap of "
                 f"{limits.memory_bytes} bytes",
             )
         message = _first_line(exc.message)
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
-            return SliceError(ErrorCode.WASM_TRAP, "stack overflow")
-        return SliceError(ErrorCode.WASM_TRAP, message)
+            return SliceFailure(ErrorCode.WASM_TRAP, "stack overflow")
+        return SliceFailure(ErrorCode.WASM_TRAP, message)
 
     def _forbid(self, name: str) -> Callable[..., object]:
         def forbidden(*_args: object) -> object:
-            self._host_error = SliceError(
+            self._host_error = SliceFailure(
                 ErrorCode.SANDBOX_VIOLATION,
                 f"the work function called {name}, which the sandbox forbids",
             )
@@ -1038,17 +1041,17 @@ def _has_type(func_type: wasmtime.FuncType | None, params: list[str], results: l
     )
 
 
-def flood_error(size: int, limits: Limits) -> SliceError | None:
+def flood_error(size: int, limits: Limits) -> SliceFailure | None:
     """The error of a slice whose output reached ``size`` bytes, if that is over its cap."""
     if size > limits.output_bytes:
-        return SliceError(
+        return SliceFailure(
             ErrorCode.OUTPUT_TOO_LARGE, f"output exceeded the cap of {limits.output_bytes} bytes"
         )
     return None
 
 
-def _wall_clock_error(limits: Limits, where: str = "") -> SliceError:
-    return SliceError(
+def _wall_clock_error(limits: Limits, where: str = "") -> SliceFailure:
+    return SliceFailure(
         ErrorCode.WASM_TIMEOUT, f"exceeded the wall-clock limit of {limits.wall_seconds:g} s{where}"
     )
 
@@ -1087,7 +1090,7 @@ def _check_counts(module_bytes: bytes) -> None:
     Imported memories and tables need no count: the linker refuses them.
 
     Raises:
-        SliceError: MEMORY_LIMIT, naming the count and the most allowed.
+        SliceFailure: MEMORY_LIMIT, naming the count and the most allowed.
     """
     counts = {4: 0, 5: 0}
     offset = 8  # the magic number and the version; wasmtime has validated the rest
@@ -1099,7 +1102,7 @@ def _check_counts(module_bytes: bytes) -> None:
         offset += size
     for section, what, most in ((5, "linear memories", MAX_MEMORIES), (4, "tables", MAX_TABLES)):
         if counts[section] > most:
-            raise SliceError(
+            raise SliceFailure(
                 ErrorCode.MEMORY_LIMIT,
                 f"module defines {counts[section]} {what}; the sandbox allows {most}, "
                 "so that the memory cap holds for all of them together",

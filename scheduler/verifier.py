@@ -206,7 +206,7 @@ class VerifierPool:
             if started is not None:
                 started()
             self._runs += 1
-            said, _metrics = await sandbox.run(spec, self.limits, stdin, 0)
+            said = (await sandbox.run(spec, self.limits, stdin, 0)).result
             if spec.runtime != "wasm" and said != b"1":
                 return Verdict(
                     False,

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from dcp_protocol import JobSpec, Limits
-from evaluator.client import Sandbox, SliceFailure
+from evaluator.client import Sandbox, SliceFailure, SliceWork
 from scheduler.client import ComputeClient
 
 from .conftest import Keystore, SchedulerProcess, WorkerProcess
 from .test_pipeline import ECHO, job_file
+
+
+def _work(data: list[bytes]) -> list[SliceWork]:
+    return [SliceWork(i, datum) for i, datum in enumerate(data)]
 
 
 def test_one_batch_many_outcomes_and_a_failure_stays_its_own() -> None:
@@ -27,20 +31,20 @@ def test_one_batch_many_outcomes_and_a_failure_stays_its_own() -> None:
         sandbox = Sandbox(0)
         try:
             data = [b"ab", b"far too long", b"cd", *(b"%d" % i for i in range(50))]
-            first = await sandbox.run_batch(job, limits, list(enumerate(data)))
+            first = await sandbox.run_batch(job, limits, _work(data))
             # The same evaluator goes on with the next batch.
-            second = await sandbox.run_batch(job, limits, [(0, b"ok")])
+            second = await sandbox.run_batch(job, limits, [SliceWork(0, b"ok")])
             return first, second
         finally:
             await sandbox.stop(graceful=True)
 
     first, second = asyncio.run(go())
     assert len(first) == 53
-    assert first[0][0] == b"ab" and first[2][0] == b"cd"  # type: ignore[index]
+    assert first[0].result == b"ab" and first[2].result == b"cd"  # type: ignore[union-attr]
     failure = first[1]
     assert isinstance(failure, SliceFailure) and failure.code == "output_too_large"
-    assert [o[0] for o in first[3:]] == [b"%d" % i for i in range(50)]  # type: ignore[index]
-    assert second[0][0] == b"ok"  # type: ignore[index]
+    assert [o.result for o in first[3:]] == [b"%d" % i for i in range(50)]  # type: ignore[union-attr]
+    assert second[0].result == b"ok"  # type: ignore[union-attr]
 
 
 @pytest.mark.timeout(120)
@@ -54,14 +58,12 @@ def test_a_batch_of_large_slices_does_not_deadlock_on_the_pipes() -> None:
     async def go() -> list[object]:
         sandbox = Sandbox(0)
         try:
-            return await asyncio.wait_for(
-                sandbox.run_batch(job, Limits(), list(enumerate(data))), 60
-            )
+            return await asyncio.wait_for(sandbox.run_batch(job, Limits(), _work(data)), 60)
         finally:
             await sandbox.stop(graceful=False)
 
     outcomes = asyncio.run(go())
-    assert [o[0] for o in outcomes] == data  # type: ignore[index]
+    assert [o.result for o in outcomes] == data  # type: ignore[union-attr]
 
 
 def test_a_dead_evaluator_fails_what_it_had_not_answered() -> None:
@@ -74,15 +76,15 @@ def test_a_dead_evaluator_fails_what_it_had_not_answered() -> None:
             await sandbox.describe()
             assert sandbox._proc is not None
             sandbox._proc.kill()  # dies while the batch is on its way
-            lost = await sandbox.run_batch(job, Limits(), [(0, b"a"), (1, b"b")])
-            again = await sandbox.run_batch(job, Limits(), [(2, b"c")])  # a new evaluator
+            lost = await sandbox.run_batch(job, Limits(), _work([b"a", b"b"]))
+            again = await sandbox.run_batch(job, Limits(), [SliceWork(2, b"c")])  # a new evaluator
             return lost, again
         finally:
             await sandbox.stop(graceful=False)
 
     lost, again = asyncio.run(go())
     assert all(isinstance(o, SliceFailure) and o.code == "evaluator_died" for o in lost)
-    assert again[0][0] == b"c"  # type: ignore[index]
+    assert again[0].result == b"c"  # type: ignore[union-attr]
 
 
 def test_short_slices_are_batched_end_to_end(

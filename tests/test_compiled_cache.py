@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import dcp_protocol as p
-from dcp_protocol import Limits
-from evaluator.errors import SliceError
+from dcp_protocol import Limits, SliceFailure
 from evaluator.wasm import WasmRuntime, _prune
 from tests.conftest import EXAMPLES
 from tests.evaluator_client import EvaluatorClient
@@ -35,12 +34,12 @@ def test_a_job_module_compiled_once_is_loaded_from_disk_by_the_next_evaluator(
     # can serve it, and it runs.
     restarted = WasmRuntime()
     restarted.compile_cached(None, ECHO_SHA, Limits(), cache)
-    out, _metrics = restarted.run(ECHO_SHA, (), Limits(), b"hello")
+    out = restarted.run(ECHO_SHA, (), Limits(), b"hello").result
     assert out == b"hello"
     assert entry.stat().st_mtime_ns == written  # read, not written again
 
     # Without the cache, no bytes is what it always was: refused by name.
-    with pytest.raises(SliceError) as refused:
+    with pytest.raises(SliceFailure) as refused:
         WasmRuntime().compile_cached(None, ECHO_SHA, Limits(), None)
     assert refused.value.code is p.ErrorCode.MODULE_NOT_CACHED
 
@@ -53,15 +52,15 @@ def test_a_cached_module_that_was_altered_or_is_writable_by_others_is_compiled_a
     (entry,) = cache.iterdir()
     entry.write_bytes(entry.read_bytes()[:-100])
     os.chmod(entry, 0o600)
-    with pytest.raises(SliceError) as refused:  # truncated: not loaded, and no bytes came
+    with pytest.raises(SliceFailure) as refused:  # truncated: not loaded, and no bytes came
         WasmRuntime().compile_cached(None, ECHO_SHA, Limits(), cache)
     assert refused.value.code is p.ErrorCode.MODULE_NOT_CACHED
     runtime = WasmRuntime()
     runtime.compile_cached(ECHO, ECHO_SHA, Limits(), cache)  # compiled again, replaced
-    assert runtime.run(ECHO_SHA, (), Limits(), b"x")[0] == b"x"
+    assert runtime.run(ECHO_SHA, (), Limits(), b"x").result == b"x"
     WasmRuntime().compile_cached(None, ECHO_SHA, Limits(), cache)  # whole again
     os.chmod(entry, 0o644 | 0o022)
-    with pytest.raises(SliceError):
+    with pytest.raises(SliceFailure):
         WasmRuntime().compile_cached(None, ECHO_SHA, Limits(), cache)
 
 
@@ -69,10 +68,10 @@ def test_modules_that_are_refused_are_never_written(tmp_path: Path) -> None:
     cache = tmp_path / "compiled"
     no_start = b"\0asm\x01\0\0\0"  # valid, empty: exports no _start
     for body in (no_start, b"not wasm at all"):
-        with pytest.raises(SliceError) as refused:
+        with pytest.raises(SliceFailure) as refused:
             WasmRuntime().compile_cached(body, hashlib.sha256(body).hexdigest(), Limits(), cache)
         assert refused.value.code is p.ErrorCode.INVALID_MODULE
-    with pytest.raises(SliceError) as refused:  # bytes that are not the module named
+    with pytest.raises(SliceFailure) as refused:  # bytes that are not the module named
         WasmRuntime().compile_cached(ECHO, "00" * 32, Limits(), cache)
     assert refused.value.code is p.ErrorCode.INVALID_MODULE
     assert not cache.exists() or not any(cache.iterdir())

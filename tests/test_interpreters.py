@@ -16,8 +16,7 @@ import pytest
 import wasmtime
 
 import dcp_protocol as p
-from dcp_protocol import Limits
-from evaluator.errors import SliceError
+from dcp_protocol import Limits, SliceFailure
 from evaluator.interpreters import (
     INTERPRETERS,
     InterpreterRuntime,
@@ -310,7 +309,7 @@ def test_an_interpreter_that_is_not_its_pin_is_not_offered(installed: Path, tmp_
     runtime = InterpreterRuntime(WasmRuntime(), directory=tmp_path, cache_dir=None)
     assert set(runtime.available()) == {"python"}
     source = b"function work(d) { return d; }"
-    with pytest.raises(SliceError) as refused:
+    with pytest.raises(SliceFailure) as refused:
         runtime.assign("js", source, hashlib.sha256(source).hexdigest(), Limits())
     assert refused.value.code is p.ErrorCode.UNSUPPORTED_RUNTIME
     assert "hashes to" in refused.value.message
@@ -326,7 +325,7 @@ def test_the_compiled_interpreter_is_cached_on_disk_privately_and_checked(
     def one_slice() -> bytes:
         runtime = InterpreterRuntime(WasmRuntime(), directory=installed, cache_dir=cache)
         runtime.assign("js", source, sha, Limits())
-        out, _metrics = runtime.run("js", sha, (), Limits(), b"41", "json")
+        out = runtime.run("js", sha, (), Limits(), b"41", "json").result
         return out
 
     assert one_slice() == b"42"

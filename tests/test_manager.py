@@ -24,7 +24,7 @@ import pytest
 import wasmtime
 
 import dcp_protocol as p
-from evaluator.client import Sandbox
+from evaluator.client import Sandbox, SliceWork
 from evaluator.launch import Hardening, _runnable_by_others, evaluator_command, probe_layers
 from evaluator.manager import Access, Manager, bind_unix
 from evaluator.manager.monitors import BusyPolicy, RateMonitor
@@ -382,7 +382,9 @@ def test_a_manager_evaluator_is_reused_across_batches(
         sandbox = Sandbox(0, endpoint=path, slices_per_evaluator=10)
         await sandbox.describe()
         for batch in range(3):
-            outcomes = await sandbox.run_batch(job, job.limits, [(batch, b""), (batch + 3, b"")])
+            outcomes = await sandbox.run_batch(
+                job, job.limits, [SliceWork(batch, b""), SliceWork(batch + 3, b"")]
+            )
             assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
         await sandbox.stop()
 

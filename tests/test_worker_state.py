@@ -18,10 +18,12 @@ from dcp_protocol import (
     Metrics,
     Refusal,
     ResultsAck,
+    SliceFailure,
     SliceLease,
     Wage,
     Work,
 )
+from dcp_protocol.evaluator_channel import SliceResult
 from dcp_worker.config import WorkerConfig
 from dcp_worker.result import LeaseKey, PendingResult
 from dcp_worker.state import (
@@ -62,7 +64,6 @@ from dcp_worker.state import (
     WorkerState,
 )
 from dcp_worker.supervisor import backoff
-from evaluator.client import SliceFailure
 
 CAPS = {"runtimes": {"wasm": {}, "opencl": {}}}
 MODULE = b"\0asm"
@@ -93,8 +94,8 @@ def lease_slices(state: WorkerState, *leases: SliceLease, jobs: tuple[JobSpec, .
     return state.handle(SlicesLeased(work, state.worker_terms(0.0)))
 
 
-def done(wall: float = 0.001, cpu: float = 0.001) -> tuple[bytes, Metrics]:
-    return (b"ok", Metrics(cpu_seconds=cpu, wall_seconds=wall))
+def done(wall: float = 0.001, cpu: float = 0.001) -> SliceResult:
+    return SliceResult(b"ok", Metrics(cpu_seconds=cpu, wall_seconds=wall))
 
 
 def run_next(state: WorkerState, sandbox: int = 0, now: float = 0.0) -> list:  # type: ignore[type-arg]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import dcp_protocol as p
-from evaluator.errors import MAY_END_EVALUATOR
+from dcp_protocol.evaluator_channel import MAY_END_EVALUATOR
 from evaluator.process import EXIT_EXPIRED
 
 from ..evaluator_client import EvaluatorClient

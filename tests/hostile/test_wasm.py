@@ -11,7 +11,7 @@ import pytest
 import wasmtime
 
 import dcp_protocol as p
-from evaluator.errors import MAY_END_EVALUATOR
+from dcp_protocol.evaluator_channel import MAY_END_EVALUATOR
 from evaluator.process import EXIT_EXPIRED
 
 from ..conftest import EXAMPLES

@@ -25,7 +25,7 @@ import wasmtime
 
 import dcp_protocol as p
 from dcp_protocol import JobSpec, Limits
-from evaluator.client import Sandbox, SliceFailure
+from evaluator.client import Sandbox, SliceFailure, SliceWork
 from evaluator.process import EXIT_EXPIRED
 
 from ..conftest import wait_for
@@ -319,11 +319,13 @@ def test_slices_queued_behind_a_timeout_run_on_a_fresh_evaluator_with_their_whol
         sandbox = Sandbox(0)
         try:
             started = time.monotonic()
-            first = await sandbox.run_batch(job, Limits(wall_seconds=wall), [(0, b""), (1, b"")])
+            first = await sandbox.run_batch(
+                job, Limits(wall_seconds=wall), [SliceWork(0, b""), SliceWork(1, b"")]
+            )
             took = time.monotonic() - started
             echo = ECHO.read_bytes()
             echo_job = JobSpec("echo", "wasm", echo, hashlib.sha256(echo).hexdigest())
-            then = await sandbox.run_batch(echo_job, Limits(), [(0, b"after")])
+            then = await sandbox.run_batch(echo_job, Limits(), [SliceWork(0, b"after")])
             return first, took, then
         finally:
             await sandbox.stop(graceful=True)
@@ -331,7 +333,7 @@ def test_slices_queued_behind_a_timeout_run_on_a_fresh_evaluator_with_their_whol
     first, took, then = asyncio.run(go())
     assert [o.code for o in first if isinstance(o, SliceFailure)] == ["wasm_timeout"] * 2, first
     assert took >= 2 * wall, f"two queued {wall} s slices answered after {took:.3f} s"
-    assert then[0][0] == b"after", then  # type: ignore[index]
+    assert then[0].result == b"after", then  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("count", "pages"), [(-1, 1), (-48, 1), (5000, 8)])
