@@ -14,6 +14,7 @@ Methods may be called from one thread at a time or several
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -22,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from dcp_protocol import DcpError, Metrics
 
 from .result import LeaseKey, PendingResult
 
-__all__ = ["Outbox", "OutboxError", "PendingResult"]
+__all__ = ["GroupCommit", "Outbox", "OutboxError", "PendingResult"]
 
 log = logging.getLogger("dcp.worker.outbox")
 
@@ -208,3 +210,93 @@ class Outbox:
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
+
+
+class GroupCommit:
+    """The outbox written in groups: every result finished (:meth:`keep`) and every
+    acknowledgement received (:meth:`acknowledge`) since the last commit go to disk in one
+    transaction, one fsync, off the event loop (:meth:`run`); a result is handed on to be
+    submitted (``committed``) only once the commit that holds it returned. A failing disk keeps
+    everything in memory (``failed`` is told why, ``written`` once a commit succeeds again) and
+    retries every ``retry`` seconds. :meth:`close` commits what is left, synchronously, and
+    closes the outbox."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        committed: Callable[[list[PendingResult]], None],
+        failed: Callable[[str], object],
+        written: Callable[[], object],
+        retry: float = 2.0,
+    ) -> None:
+        self.outbox = outbox
+        self._committed, self._failed, self._written = committed, failed, written
+        self.retry = retry
+        #: Results on disk, not yet acknowledged.
+        self.unsent = len(outbox)
+        #: Set after each commit (for a stop that waits until everything was delivered).
+        self.changed = asyncio.Event()
+        self._unsaved: list[PendingResult] = []
+        self._acked: list[LeaseKey] = []
+        self._saving = 0  # results in the commit under way
+        self._wanted = asyncio.Event()
+
+    @property
+    def undelivered(self) -> int:
+        """Results computed and not yet acknowledged, wherever they are."""
+        return len(self._unsaved) + self._saving + self.unsent
+
+    def keep(self, result: PendingResult) -> None:
+        """Store ``result`` at the next commit."""
+        self._unsaved.append(result)
+        self._wanted.set()
+
+    def acknowledge(self, keys: Iterable[LeaseKey]) -> None:
+        """Drop the results of ``keys`` at the next commit: the scheduler has answered them."""
+        self._acked.extend(keys)
+        self._wanted.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            puts, self._unsaved = self._unsaved, []
+            removes, self._acked = self._acked, []
+            self._saving = len(puts)
+            try:
+                removed = await asyncio.to_thread(self.outbox.commit, puts, removes)
+            except OutboxError as exc:
+                # A full (or failing) disk: keep what we have in memory and try again shortly;
+                # nothing is submitted until it is on disk. (Counted once while it waits: the
+                # results in a failed commit were counted twice until the retry.)
+                self._saving = 0
+                self._unsaved[:0], self._acked[:0] = puts, removes
+                self._failed(str(exc))
+                await asyncio.sleep(self.retry)
+                self._wanted.set()
+                continue
+            except BaseException:
+                self._saving = 0
+                self._unsaved[:0], self._acked[:0] = puts, removes  # kept for close()
+                raise
+            self._saving = 0
+            self._written()
+            self.unsent += len(puts) - removed
+            self._committed(puts)
+            self.changed.set()
+
+    def close(self) -> None:
+        """Commit whatever finished but was not committed yet, then close the outbox."""
+        try:
+            self.outbox.commit(self._unsaved, self._acked)
+            self._unsaved, self._acked = [], []
+        except OutboxError as exc:
+            log.error(
+                "%s: %d finished result(s) could not be stored and will be computed again",
+                exc,
+                len(self._unsaved),
+            )
+        try:
+            self.unsent = len(self.outbox)  # exact, whatever a cancelled commit managed
+        finally:
+            self.outbox.close()

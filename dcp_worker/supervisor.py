@@ -59,7 +59,7 @@ from .config import WorkerConfig
 from .connection import Session, SessionError, open_session
 from .earnings import Balance, BalanceReader
 from .levels import NOTICE
-from .outbox import Outbox, OutboxError
+from .outbox import GroupCommit, Outbox
 from .result import LeaseKey, PendingResult
 from .rotation import SchedulerRotation
 from .state import (
@@ -200,7 +200,6 @@ class Supervisor:
         self._work_queued = asyncio.Event()  # the state's run queue got slices
         self._capacity = asyncio.Event()  # a fetch may be due (slices taken, a stop)
         self._slice_ended = asyncio.Event()
-        self._outbox_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stop_now = asyncio.Event()
         self._resumed = asyncio.Event()
@@ -218,12 +217,14 @@ class Supervisor:
         self.exit_reason = ""
         self.evaluator_broken = False
         self._fatal: SessionError | None = None
-        # Group commit: results not yet on disk, and acknowledged keys not yet deleted.
-        self._unsaved: list[PendingResult] = []
-        self._acked: list[LeaseKey] = []
-        self._persist_wanted = asyncio.Event()
-        self._unsent = len(self.outbox)  # results on disk, not yet acknowledged
-        self._saving = 0  # results in the commit under way
+        #: The outbox written in groups; results go to the scheduler once committed.
+        self.commit = GroupCommit(
+            self.outbox,
+            self._committed,
+            lambda why: self.state.handle(OutboxFailed(why)),
+            lambda: self.state.handle(OutboxWritten()),
+            _OUTBOX_RETRY,
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -242,7 +243,7 @@ class Supervisor:
             held_reason=state.busy_reason,
             queued=len(state.queue),
             running=state.running,
-            outbox=self._undelivered(),
+            outbox=self.commit.undelivered,
         )
 
     def snapshot(self) -> dict[str, Any]:
@@ -448,7 +449,7 @@ class Supervisor:
                 with contextlib.suppress(asyncio.CancelledError, SliceFailure):
                     await describe
                 await self._close()
-                return self._unsent == 0 and not self._stop_now.is_set()
+                return self.commit.unsent == 0 and not self._stop_now.is_set()
             try:
                 self.state.handle(EvaluatorDescribed(describe.result()))
                 break
@@ -468,7 +469,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stopping.wait(), self.config.busy_retry_seconds)
                 if self._stopping.is_set():
                     await self._close()
-                    return self._unsent == 0
+                    return self.commit.unsent == 0
         log.log(
             NOTICE,
             "worker %s paying %s, %d sandbox(es), outbox %s (%d pending)",
@@ -481,7 +482,7 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as tg:
                 runners = [tg.create_task(self._runner(s)) for s in self.sandboxes]
-                runners.append(tg.create_task(self._persister()))
+                runners.append(tg.create_task(self.commit.run()))
                 runners.append(tg.create_task(self.balance_reader.run()))
                 conn = tg.create_task(self._connection_loop())
                 await self._stopping.wait()
@@ -495,7 +496,7 @@ class Supervisor:
                     task.cancel()
         finally:
             await self._close()
-        return self._unsent == 0 and not self._stop_now.is_set() and self._fatal is None
+        return self.commit.unsent == 0 and not self._stop_now.is_set() and self._fatal is None
 
     async def _wait_for(self, coro: Any, timeout: float) -> None:
         task = asyncio.ensure_future(coro)
@@ -512,7 +513,7 @@ class Supervisor:
         if not task.done() or task.cancelled():
             log.warning(
                 "graceful stop did not complete: %d result(s) stay in the outbox",
-                self._undelivered(),
+                self.commit.undelivered,
             )
 
     async def _graceful_end(self) -> None:
@@ -528,9 +529,9 @@ class Supervisor:
         while self.state.running:
             self._slice_ended.clear()
             await self._slice_ended.wait()
-        while self._undelivered() and self._fatal is None:
-            self._outbox_changed.clear()
-            await self._outbox_changed.wait()
+        while self.commit.undelivered and self._fatal is None:
+            self.commit.changed.clear()
+            await self.commit.changed.wait()
 
     async def _return_everything(self) -> None:
         """Immediate stop: give back every lease held, queued or running (best effort, 2 s);
@@ -552,26 +553,14 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session.close(), _CLOSE_SECONDS)
         # Whatever finished but was not committed yet still goes to disk.
-        try:
-            self.outbox.commit(self._unsaved, self._acked)
-            self._unsaved, self._acked = [], []
-        except OutboxError as exc:
-            log.error(
-                "%s: %d finished result(s) could not be stored and will be computed again",
-                exc,
-                len(self._unsaved),
-            )
-        try:
-            self._unsent = len(self.outbox)  # exact, whatever a cancelled commit managed
-        finally:
-            self.outbox.close()
+        self.commit.close()
 
     # ------------------------------------------------------------------ connection
 
     def _backoff(self) -> Iterator[float]:
         return backoff(
             self.config.reconnect_max_delay,
-            bound=lambda: self.state.reconnect_bound(self._undelivered()),
+            bound=lambda: self.state.reconnect_bound(self.commit.undelivered),
         )
 
     async def _connection_loop(self) -> None:
@@ -839,54 +828,23 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for instruction in instructions:
             if isinstance(instruction, RemoveFromOutbox):
-                self._acked.extend(instruction.keys)
-                self._persist_wanted.set()
+                self.commit.acknowledge(instruction.keys)
             elif isinstance(instruction, SubmitLater):
                 loop.call_later(instruction.delay, self._resubmit, session, instruction.item)
             else:
                 raise TypeError(f"not a submission instruction: {instruction!r}")
 
+    def _committed(self, results: list[PendingResult]) -> None:
+        """Results now on disk: to the scheduler, if a session is up (a new one sends the
+        whole outbox anyway)."""
+        if self._submit_q is not None:
+            for item in results:
+                self._submit_q.put_nowait(item)
+
     def _resubmit(self, session: Session, item: PendingResult) -> None:
         # A new session sends everything in the outbox anyway.
         if self._session is session and self._submit_q is not None:
             self._submit_q.put_nowait(item)
-
-    # ------------------------------------------------------------------ the outbox
-
-    def _undelivered(self) -> int:
-        """Results computed and not yet acknowledged, wherever they are."""
-        return len(self._unsaved) + self._saving + self._unsent
-
-    async def _persister(self) -> None:
-        """Group commit: one transaction (one fsync) for everything finished or acknowledged
-        since the last one; results are submitted only once committed."""
-        while True:
-            await self._persist_wanted.wait()
-            self._persist_wanted.clear()
-            puts, self._unsaved = self._unsaved, []
-            removes, self._acked = self._acked, []
-            self._saving = len(puts)
-            try:
-                removed = await asyncio.to_thread(self.outbox.commit, puts, removes)
-            except OutboxError as exc:
-                # A full (or failing) disk: keep what we have in memory, stop taking work we
-                # could not keep, and try again shortly. Nothing is submitted until it is on disk.
-                self._unsaved[:0], self._acked[:0] = puts, removes
-                self.state.handle(OutboxFailed(str(exc)))
-                await asyncio.sleep(_OUTBOX_RETRY)
-                self._persist_wanted.set()
-                continue
-            except BaseException:
-                self._unsaved[:0], self._acked[:0] = puts, removes  # kept for _close
-                raise
-            finally:
-                self._saving = 0
-            self.state.handle(OutboxWritten())
-            self._unsent += len(puts) - removed
-            if self._submit_q is not None:
-                for item in puts:
-                    self._submit_q.put_nowait(item)
-            self._outbox_changed.set()
 
     # ------------------------------------------------------------------ running
 
@@ -957,7 +915,7 @@ class Supervisor:
         payload = signing.result_payload(
             lease.job, lease.slice, lease.token, kept.result, self.payment_address
         )
-        self._unsaved.append(
+        self.commit.keep(
             PendingResult(
                 job=lease.job,
                 slice=lease.slice,
@@ -968,7 +926,6 @@ class Supervisor:
                 metrics=kept.metrics,
             )
         )
-        self._persist_wanted.set()
 
     async def _decline(self, lease: SliceLease, why: Refusal) -> None:
         self._capacity.set()
