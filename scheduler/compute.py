@@ -52,7 +52,7 @@ class JobFailed(DcpError):
 
 
 @dataclass(frozen=True)
-class SliceFailure:
+class FailedSlice:
     """In place of a result when ``results(errors="return")``: why the slice failed."""
 
     slice: int
@@ -110,7 +110,7 @@ class Job:
     ) -> list[Any]:
         """Every slice's result in slice order, once all are final (waits; ``timeout``
         seconds at most, then :class:`scheduler.client.WaitTimeout`). ``errors="raise"``:
-        :class:`JobFailed` if a slice failed; ``"return"``: a :class:`SliceFailure` in its
+        :class:`JobFailed` if a slice failed; ``"return"``: a :class:`FailedSlice` in its
         place. ``progress``: a ``job J: N/T`` line on stderr (default: when it is a
         terminal)."""
         if errors not in ("raise", "return"):
@@ -124,7 +124,7 @@ class Job:
             if r.result is None:
                 why = r.error or {}
                 failures[r.slice] = f"{why.get('code', r.state)}: {why.get('message', '')}"
-                out[r.slice] = SliceFailure(r.slice, failures[r.slice])
+                out[r.slice] = FailedSlice(r.slice, failures[r.slice])
             elif self.result_kind == "bytes":
                 out[r.slice] = r.result
             else:
@@ -132,7 +132,7 @@ class Job:
                     out[r.slice] = nesting.loads(r.result)
                 except ValueError as exc:  # the interpreter lets no other through
                     failures[r.slice] = f"result_not_json: {exc}"
-                    out[r.slice] = SliceFailure(r.slice, failures[r.slice])
+                    out[r.slice] = FailedSlice(r.slice, failures[r.slice])
             if show:
                 sys.stderr.write(f"\r\x1b[Kjob {self.id}: {seen}/{self.total} slices final")
                 sys.stderr.flush()

@@ -39,8 +39,8 @@ from dcp_protocol import (
     from_wire,
     nesting,
 )
+from dcp_protocol.opencl_config import validate_config
 from dcp_protocol.policy import validate_requirements
-from evaluator.opencl import validate_config
 
 from .quorum import MAX_QUORUM, MAX_REPLICAS, Redundancy
 from .store import NewJob, to_micro

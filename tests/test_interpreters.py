@@ -418,7 +418,7 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    from scheduler.compute import Compute, JobFailed, SliceFailure
+    from scheduler.compute import Compute, JobFailed, FailedSlice
 
     owner = make_keystore("owner")
     worker = workers(scheduler.url, make_keystore("worker"), 2)
@@ -444,7 +444,7 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
         assert "work_function_error" in failed.value.failures[1]
         assert "no negative inputs, got -1" in failed.value.failures[1]
         mixed = failing.results(timeout=120, errors="return", progress=False)
-        assert mixed[0] == {"x": 1, "root": 1.0} and isinstance(mixed[1], SliceFailure)
+        assert mixed[0] == {"x": 1, "root": 1.0} and isinstance(mixed[1], FailedSlice)
         with pytest.raises(ValueError, match="lambda"):
             c.map(lambda x: x, [1])
         with pytest.raises(ValueError, match="not a mix"):

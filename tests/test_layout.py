@@ -126,6 +126,27 @@ def test_no_module_of_ours_takes_part_in_an_import_circle() -> None:
     assert not circles, circles
 
 
+#: What a package offers the packages above it, where that is less than all of it: the evaluator
+#: is driven through its handle (``client``: the worker's sandboxes, the scheduler's verifiers)
+#: and its interpreters installed and checked through ``interpreters``; its runtimes, process,
+#: launcher and manager are its own.
+PUBLIC: dict[str, set[str]] = {
+    "evaluator": {"evaluator.client", "evaluator.interpreters"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_other_packages_use_only_a_packages_public_faces(package: str) -> None:
+    wrong = [
+        f"{MODULES[name].relative_to(ROOT)}:{line} imports {target}"
+        for name, targets in GRAPH.items()
+        if name.split(".")[0] != package
+        for target, line in targets.items()
+        if target.split(".")[0] == package and target not in PUBLIC[package]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_graph_sees_the_imports_it_checks() -> None:
     """The checks above would pass on an empty graph: the parser must see these arrows."""
     assert "dcp_protocol.errors" in GRAPH["dcp_protocol.codec"]
