@@ -418,7 +418,7 @@ def test_compute_map_runs_a_python_function_and_gives_results_in_order(
     make_keystore: Callable[[str], Keystore],
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    from scheduler.compute import Compute, JobFailed, FailedSlice
+    from scheduler.compute import Compute, FailedSlice, JobFailed
 
     owner = make_keystore("owner")
     worker = workers(scheduler.url, make_keystore("worker"), 2)
