@@ -175,6 +175,12 @@ class Sandbox:
             log.debug("sandbox %d evaluator: %s", self.index, line)
 
     @property
+    def pid(self) -> int | None:
+        """The evaluator's process id when started here and running; None through a manager."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
     def running(self) -> bool:
         if self.endpoint is not None:
             return self._reader is not None and not self._reader.at_eof()

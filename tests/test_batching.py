@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,8 +76,8 @@ def test_a_dead_evaluator_fails_what_it_had_not_answered() -> None:
         sandbox = Sandbox(0)
         try:
             await sandbox.describe()
-            assert sandbox._proc is not None
-            sandbox._proc.kill()  # dies while the batch is on its way
+            assert sandbox.pid is not None
+            os.kill(sandbox.pid, signal.SIGKILL)  # dies while the batch is on its way
             lost = await sandbox.run_batch(job, Limits(), _work([b"a", b"b"]))
             again = await sandbox.run_batch(job, Limits(), [SliceWork(2, b"c")])  # a new evaluator
             return lost, again
