@@ -136,7 +136,7 @@ class Acceptance:
                             Error(re=None, code=outcome.code.value, message=str(outcome))
                         )
                     else:
-                        acks[i] = ItemAck(outcome[0], credits(outcome[1]))
+                        acks[i] = ItemAck(outcome.status, credits(outcome.credited_micro))
                 if any(a is not None and a.status == "accepted" for a in acks):
                     self.wakeups.wake_results()
         if not checked:
@@ -229,10 +229,10 @@ class Acceptance:
         return Error(re=None, code=code, message=why)
 
     def _accept(self, worker: str, row: ResultRow, rid: int, now: float) -> Message:
-        status, paid = self.store.accept_result(worker, row, now)
-        if status == "accepted":
+        settled = self.store.accept_result(worker, row, now)
+        if settled.status == "accepted":
             self.wakeups.wake_results()
-        return Ack(re=rid, status=status, credited=credits(paid))
+        return Ack(re=rid, status=settled.status, credited=credits(settled.credited_micro))
 
     async def _checked(self, worker: str, owner: str, row: ResultRow, rid: int) -> Message:
         """Run the job's verifier on an admitted result, then accept or reject it; the reply.

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dcp_protocol import Limits, Metrics
 from scheduler import StaleLease, Store, UnknownSlice, open_store
-from scheduler.store import MICRO, InsufficientFunds, NewJob, ResultRow
+from scheduler.store import MICRO, InsufficientFunds, NewJob, ResultRow, Settled
 
 from .conftest import BACKENDS, postgres_server
 
@@ -67,20 +67,20 @@ def test_deploy_escrows_and_refuses_without_funds(db: str) -> None:
     assert store.job(job_id).escrow_micro == 8 * MICRO
     (lease,) = store.lease(WORKERS[0], 1, 0.0, 10.0)
     assert lease.offer_micro == 2 * MICRO
-    status, paid = store.accept_result(
+    settled = store.accept_result(
         WORKERS[0],
         ResultRow(
             job_id, lease.slice, lease.token, b"r", WORKERS[1], "00" * 65, Metrics(cpu_seconds=2)
         ),
         1.0,
     )
-    assert (status, paid) == ("accepted", 2 * MICRO)
+    assert settled == Settled("accepted", 2 * MICRO)
     assert store.balance(WORKERS[1]) == 2 * MICRO  # the payment address, not the identity
     assert store.accept_result(
         WORKERS[0],
         ResultRow(job_id, lease.slice, lease.token, b"r", WORKERS[1], "00" * 65, Metrics()),
         2.0,
-    ) == ("duplicate", 0)
+    ) == Settled("duplicate", 0)
     assert store.cancel_job(job_id, 3.0) == 3
     assert store.balance(OWNERS[0]) == 8 * MICRO
     assert [e.kind for e in store.ledger()] == ["mint", "escrow", "payment", "refund"]
@@ -105,7 +105,7 @@ def test_rejected_result_is_not_paid_and_goes_back(db: str) -> None:
     (again,) = store.lease(WORKERS[1], 1, 2.0, 10.0)
     assert store.accept_result(
         WORKERS[1], ResultRow(job_id, 0, again.token, b"r", WORKERS[1], "00" * 65, Metrics()), 3.0
-    ) == ("accepted", MICRO)
+    ) == Settled("accepted", MICRO)
     (cheat,) = [w for w in store.workers() if w.address == WORKERS[0]]
     assert (cheat.rejected, cheat.earned_micro) == (1, 0)
     assert [(r.worker, r.code) for r in store.refusals(job_id)] == [(WORKERS[0], "result_rejected")]
@@ -216,14 +216,14 @@ def _run_ops(store: Store, where: str, ops: list[tuple]) -> None:  # type: ignor
                     )
             elif kind == "resubmit" and accepted:
                 worker, lease = accepted[op[1] % len(accepted)]
-                status, paid = store.accept_result(
+                settled = store.accept_result(
                     worker,
                     ResultRow(
                         lease.job, lease.slice, lease.token, b"r", worker, "00" * 65, Metrics()
                     ),
                     now,
                 )
-                assert (status, paid) == ("duplicate", 0)
+                assert settled == Settled("duplicate", 0)
             elif kind == "expire":
                 now += 10.0
                 store.expire_leases(now)

@@ -73,7 +73,7 @@ def submit(
     row = ResultRow(
         lease.job, lease.slice, lease.token, result, payee or worker, "00" * 65, Metrics()
     )
-    return store.accept_result(worker, row, now)[0]
+    return store.accept_result(worker, row, now).status
 
 
 def one(store: Store, worker: str) -> Lease:

@@ -16,7 +16,7 @@ import pytest
 
 from dcp_protocol import Metrics
 from scheduler import PostgresStore, Store, StoreError, open_store
-from scheduler.store import ResultRow
+from scheduler.store import ResultRow, Settled
 from scheduler.store.migrations import LATEST, MIGRATIONS, SET_VERSION, statements
 from scheduler.store.postgres import display_url
 from tests.conftest import postgres_server, wait_until
@@ -92,7 +92,7 @@ def test_one_result_sent_to_both_replicas_is_accepted_and_paid_once(
             lambda r=result: a.accept_result(W1, r, 1.0),  # type: ignore[misc]
             lambda r=result: b.accept_result(W1, r, 1.0),  # type: ignore[misc]
         )
-        assert sorted(o[0] for o in outcomes) == ["accepted", "duplicate"], outcomes
+        assert sorted(o.status for o in outcomes) == ["accepted", "duplicate"], outcomes
     assert a.balance(PAY) == 50 * 10
     assert a.job(job).state == "finished"
     check_books(a)
@@ -111,7 +111,7 @@ def test_batches_in_opposite_orders_do_not_deadlock(
     )
     for batch in outcomes:
         assert not isinstance(batch, Exception), batch
-    accepted = sum(o[0] == "accepted" for batch in outcomes for o in batch)
+    accepted = sum(o.status == "accepted" for batch in outcomes for o in batch)
     assert accepted == 40
     assert a.job(one).state == a.job(two).state == "finished"
     check_books(a)
@@ -306,7 +306,7 @@ def test_a_write_failing_mid_batch_fails_the_whole_batch_and_changes_nothing(pg_
         assert store.job(job).counts == {"leased": 6} and store.balance(PAY) == 0
         conn.execute("DROP TRIGGER refuse ON ledger")
     outcomes = store.accept_results(W1, rows, 2.0)
-    assert [o[0] for o in outcomes] == ["accepted"] * 6  # type: ignore[index]
+    assert [o.status for o in outcomes] == ["accepted"] * 6  # type: ignore[index]
     assert store.balance(PAY) == 60 and store.job(job).state == "finished"
     check_books(store)
     store.close()
@@ -395,5 +395,5 @@ def test_the_busy_timeout_bounds_a_wait_for_a_row_lock(pg_db: str, busy_timeout:
         holder.execute("SELECT 1 FROM slices WHERE job=%s FOR UPDATE", (job,))
         with pytest.raises(StoreError, match="lock timeout"):
             store.accept_results(W1, [row], 1.0)
-    assert store.accept_results(W1, [row], 1.0) == [("accepted", 0)]
+    assert store.accept_results(W1, [row], 1.0) == [Settled("accepted", 0)]
     store.close()

@@ -28,7 +28,7 @@ from scheduler import Store, open_store
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.plausibility import MetricsRules
 from scheduler.server import Scheduler, SchedulerConfig
-from scheduler.store import NewJob, ResultLease, ResultRow, StaleLease
+from scheduler.store import NewJob, ResultLease, ResultRow, Settled, StaleLease
 from scheduler.store.sqlite import PRICE_EXACT_WORKERS, PRICE_INTERVAL, SQLiteStore
 
 from .conftest import EXAMPLES, Keystore, wait_until
@@ -353,7 +353,7 @@ def test_a_jobs_cost_is_a_median_over_workers_not_a_mean(db: str) -> None:
             )
             for lease in store.lease(worker, n, 1.0, 15.0)
         ]
-        assert [o for o in store.accept_results(worker, rows, 2.0)] == [("accepted", 0)] * n
+        assert [o for o in store.accept_results(worker, rows, 2.0)] == [Settled("accepted", 0)] * n
     cost = store.job(job).cost
     assert cost is not None
     assert (cost.cpu_seconds, cost.bytes_in, cost.bytes_out) == (1.0, 1, 1)
@@ -390,7 +390,7 @@ def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(db: str) -> N
     (lease,) = store.lease(liar, 1, 100.0, 15.0)
     claim = p.Metrics(wall_seconds=10.0, cpu_seconds=15.0, bytes_in=1, bytes_out=1)
     row = ResultRow(job, lease.slice, lease.token, b"x", liar, "00" * 65, claim)
-    assert store.accept_results(liar, [row], 111.0) == [("accepted", 0)]
+    assert store.accept_results(liar, [row], 111.0) == [Settled("accepted", 0)]
     wage = p.Wage(cpu_hour=1.0)  # 15 CPU s a slice would cost 0.0042 at it
     cost = store.job(job).cost
     assert cost is not None and cost.cpu_seconds == 0.0 and cost.bytes_in == 1
@@ -398,7 +398,7 @@ def test_a_lone_first_workers_cpu_claim_does_not_price_the_job_out(db: str) -> N
     (lease,) = store.lease(honest, 1, 200.0, 15.0)
     measured = p.Metrics(wall_seconds=0.5, cpu_seconds=0.5, bytes_in=1, bytes_out=1)
     row = ResultRow(job, lease.slice, lease.token, b"x", honest, "00" * 65, measured)
-    assert store.accept_results(honest, [row], 201.0) == [("accepted", 0)]
+    assert store.accept_results(honest, [row], 201.0) == [Settled("accepted", 0)]
     cost = store.job(job).cost
     assert cost is not None and cost.cpu_seconds == 0.5  # the lower of the two claims
     store.close()
@@ -416,7 +416,7 @@ def test_a_claimed_sliver_of_cpu_time_shows_no_infinite_wage(db: str) -> None:
         (lease,) = store.lease(worker, 1, now, 15.0)
         tiny = p.Metrics(wall_seconds=0.0, cpu_seconds=1e-305, bytes_in=1, bytes_out=1)
         row = ResultRow(job, lease.slice, lease.token, b"x", worker, "00" * 65, tiny)
-        assert store.accept_results(worker, [row], now + 0.5) == [("accepted", 1_000_000)]
+        assert store.accept_results(worker, [row], now + 0.5) == [Settled("accepted", 1_000_000)]
 
     def refuse(name: str) -> object:
         raise AssertionError(f"not JSON: {name}")
@@ -456,7 +456,7 @@ def test_a_jobs_price_with_many_workers_is_set_at_most_once_per_interval(db: str
                 "00" * 65,
                 p.Metrics(1.0, cpu, 1, 1),
             )
-            assert store.accept_results(worker, [row], now) == [("accepted", 0)]
+            assert store.accept_results(worker, [row], now) == [Settled("accepted", 0)]
 
     def cpu() -> float:
         cost = store.job(job).cost

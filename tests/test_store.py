@@ -13,7 +13,7 @@ import pytest
 
 from dcp_protocol import LeaseRef, Limits, Metrics
 from scheduler import NewJob, SQLiteStore, StaleLease, Store, UnknownJob, UnknownSlice, open_store
-from scheduler.store import ResultRow
+from scheduler.store import ResultRow, Settled
 
 W1 = "0x" + "11" * 20
 W2 = "0x" + "22" * 20
@@ -44,10 +44,10 @@ def new_job(n: int = 3, attempts: int = 2, tag: str = "a", offer: int = 0) -> Ne
 
 
 def accept(store: Store, lease_job: str, idx: int, token: str, worker: str = W1) -> str:
-    status, _paid = store.accept_result(
+    settled = store.accept_result(
         worker, ResultRow(lease_job, idx, token, b"r", PAY, "00" * 65, Metrics()), 1.0
     )
-    return status
+    return settled.status
 
 
 def test_lease_is_fifo_and_disjoint(store: Store) -> None:
@@ -96,13 +96,13 @@ def test_a_batch_of_results_is_one_transaction_with_outcomes_of_its_own(store: S
         ],
         1.0,
     )
-    assert outcomes[0] == ("duplicate", 0)
+    assert outcomes[0] == Settled("duplicate", 0)
     assert isinstance(outcomes[1], StaleLease)
-    assert outcomes[2][0] == "accepted" and outcomes[3][0] == "accepted"  # type: ignore[index]
+    assert outcomes[2].status == "accepted" and outcomes[3].status == "accepted"  # type: ignore[union-attr]
     record = store.job(job)
     assert record.state == "active" and record.counts == {"done": 3, "leased": 1}
     (last,) = store.accept_results(W1, [row(1, leases[1].token)], 2.0)
-    assert last[0] == "accepted"  # type: ignore[index]
+    assert last == Settled("accepted")
     record = store.job(job)
     assert record.state == "finished" and record.counts == {"done": 4}
 
@@ -343,8 +343,8 @@ def test_one_result_twice_in_a_batch_is_paid_once_across_jobs_and_unknown_slices
     outcomes = store.accept_results(
         W2, [row(other, 0), row(job, 1), row(job, 5), row(job, 1), row(job, 0)], 1.0
     )
-    assert outcomes[0] == ("accepted", 5) and outcomes[4] == ("accepted", 7)
-    assert outcomes[1] == ("accepted", 7) and outcomes[3] == ("duplicate", 0)
+    assert outcomes[0] == Settled("accepted", 5) and outcomes[4] == Settled("accepted", 7)
+    assert outcomes[1] == Settled("accepted", 7) and outcomes[3] == Settled("duplicate", 0)
     assert isinstance(outcomes[2], UnknownSlice)
     assert store.balance(PAY) == 19 and store.balance(W1) == 100 - 19
     assert store.job(job).state == "finished" and store.job(other).state == "finished"

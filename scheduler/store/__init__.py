@@ -158,6 +158,16 @@ class ResultRow:
 
 
 @dataclass(frozen=True)
+class Settled:
+    """What accepting a result came to: ``accepted`` (``credited_micro`` paid to its payment
+    address; 0 for a replica's result, paid once its slice's replicas agree) or ``duplicate``
+    (the accepted result sent again: nothing paid)."""
+
+    status: str
+    credited_micro: int = 0
+
+
+@dataclass(frozen=True)
 class JobRecord:
     id: str
     owner: str
@@ -412,10 +422,10 @@ class Store(Protocol):
         :class:`DatabaseError` (for all of them)."""
         ...
 
-    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]: ...
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> Settled: ...
     def accept_results(
         self, worker: str, rows: list[ResultRow], now: float
-    ) -> list[tuple[str, int] | StoreError]: ...
+    ) -> list[Settled | StoreError]: ...
     def reject_result(
         self,
         job_id: str,

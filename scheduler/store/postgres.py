@@ -42,7 +42,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
-from . import DatabaseError, ResultRow, StoreError
+from . import DatabaseError, ResultRow, Settled, StoreError
 from .migrations import META, SET_VERSION, Migration, SchemaError, pending
 from .sql import SQLStore
 
@@ -245,7 +245,7 @@ class PostgresStore(SQLStore):
 
     def accept_results(
         self, worker: str, rows: list[ResultRow], now: float
-    ) -> list[tuple[str, int] | StoreError]:
+    ) -> list[Settled | StoreError]:
         """SQLStore's, in libpq's pipeline mode: a write is sent without waiting for its
         reply, so a batch costs one round trip for its fenced read (one statement per job,
         which locks its slices) and one for the commit, not one per statement (11 per

@@ -22,6 +22,7 @@ from . import (
     DatabaseError,
     ResultLease,
     ResultRow,
+    Settled,
     StaleLease,
     StoreError,
     UnknownSlice,
@@ -87,11 +88,11 @@ class ResultsRoom(LeasesRoom):
                 return StaleLease(f"slice {job_id}/{slice_} is {state.value}")
         return ResultLease(job_id, slice_, state.value, leased_at, int(datum_bytes))
 
-    def accept_result(self, worker: str, row: ResultRow, now: float) -> tuple[str, int]:
+    def accept_result(self, worker: str, row: ResultRow, now: float) -> Settled:
         """Accept a result once and pay its slice's offer to its payment address.
 
         Returns:
-            ("accepted", micro-credits paid) or ("duplicate", 0) for a resubmission.
+            ``accepted`` with the micro-credits paid, or ``duplicate`` for a resubmission.
         """
         (outcome,) = self.accept_results(worker, [row], now)
         if isinstance(outcome, StoreError):
@@ -100,11 +101,11 @@ class ResultsRoom(LeasesRoom):
 
     def accept_results(
         self, worker: str, rows: list[ResultRow], now: float
-    ) -> list[tuple[str, int] | StoreError]:
+    ) -> list[Settled | StoreError]:
         """:meth:`accept_result` for many results in one transaction (one commit for a
         batch). Each item's outcome is its own: a stale or unknown one is its StoreError and
         changes nothing, the others are accepted."""
-        outcomes: list[tuple[str, int] | StoreError] = [StoreError("not accepted")] * len(rows)
+        outcomes: list[Settled | StoreError] = [StoreError("not accepted")] * len(rows)
         # Slices (and their jobs) locked in one order by every transaction, so that two
         # replicas' batches never wait on each other in a cycle.
         order = sorted(range(len(rows)), key=lambda i: (rows[i].job, rows[i].slice))
@@ -132,10 +133,17 @@ class ResultsRoom(LeasesRoom):
                     outcomes[i] = exc
                 else:
                     outcomes[i] = outcome
-                    if outcome[0] == "accepted":
+                    if outcome.status == "accepted":
                         m = row.metrics
                         vote = (row.job, row.slice) in inputs
-                        add = (1, outcome[1], m.cpu_seconds, m.gpu_seconds, m.bytes_in, m.bytes_out)
+                        add = (
+                            1,
+                            outcome.credited_micro,
+                            m.cpu_seconds,
+                            m.gpu_seconds,
+                            m.bytes_in,
+                            m.bytes_out,
+                        )
                         acc = sums.setdefault(row.job, [0, 0, 0.0, 0.0, 0, 0, 0])
                         for k, v in enumerate(add):
                             acc[k] += v
@@ -237,7 +245,7 @@ class ResultsRoom(LeasesRoom):
         row: ResultRow,
         now: float,
         locked: dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]],
-    ) -> tuple[str, int]:
+    ) -> Settled:
         """Accept one result of a batch whose slices ``locked`` holds (kept current: an
         accepted slice is marked done there, so the same result twice is a duplicate)."""
         job_id, slice_, metrics = row.job, row.slice, row.metrics
@@ -252,7 +260,7 @@ class ResultsRoom(LeasesRoom):
                 f"slice {job_id}/{slice_}: lease {row.token[:8]}... is not the current lease"
             )
         if state is SliceState.DONE:
-            return "duplicate", 0  # resubmission of the accepted result: harmless
+            return Settled("duplicate")  # resubmission of the accepted result: harmless
         try:
             new = transition(state, SliceEvent.ACCEPT)
         except IllegalTransition:
@@ -276,7 +284,7 @@ class ResultsRoom(LeasesRoom):
             ),
         )
         if replica:
-            return "accepted", 0  # a vote: paid once its slice's replicas agree
+            return Settled("accepted")  # a vote: paid once its slice's replicas agree
         # The job's row, its cost sums and the worker's counters: once per batch
         # (accept_results); the escrow is debited there too.
         _ledger.move(
@@ -290,7 +298,7 @@ class ResultsRoom(LeasesRoom):
             slice_,
             escrow_debited=True,
         )
-        return "accepted", offer
+        return Settled("accepted", offer)
 
     def reject_result(
         self,
