@@ -14,7 +14,8 @@ cut its connection (results in flight are lost), lock the scheduler's database f
 With ``--backend postgres`` (tests/postgres.py's server) each round runs two replicas on one
 database, each behind its own cutting proxy, and the worker is given both. Faults there:
 SIGKILL a replica (restarted), cut one replica's connections, kill every backend of the
-database (pg_terminate_backend), restart PostgreSQL (when the server is the soak's own), open
+database (pg_terminate_backend), restart PostgreSQL and take every connection slot of the
+database's role away for up to 2 s (both when the server is the soak's own), open
 a transaction that stays idle for the rest of the round (vacuum cannot clean meanwhile), and
 the worker faults above. The summary adds the dead tuples of the queue's tables at the end of
 each round (the largest), and after a VACUUM once the idle transactions ended.
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import sqlite3
@@ -126,7 +128,19 @@ class Round:
         self.work = work
         self.rng = rng
         self.pg = pg
-        self.db = pg.create_database("soak") if pg is not None else str(work / "s.db")
+        #: The database's own login role (on the soak's own server), whose connection slots
+        #: the exhaust_connections fault takes away; None: the admin's URL is used.
+        self.role: str | None = None
+        if pg is not None and pg.cluster is not None:
+            self.role = f"soak_{secrets.token_hex(4)}"
+            pg.admin(f"CREATE ROLE {self.role} LOGIN")
+            name = f"soak_{secrets.token_hex(6)}"
+            pg.admin(f"CREATE DATABASE {name} OWNER {self.role} STRATEGY FILE_COPY")
+            self.db = pg.cluster.url(name).replace(f"{pg.cluster.user}@", f"{self.role}@")
+        elif pg is not None:
+            self.db = pg.create_database("soak")
+        else:
+            self.db = str(work / "s.db")
         replicas = 2 if pg is not None else 1
         self.ports = [_free_port() for _ in range(replicas)]
         self.port = self.ports[0]
@@ -220,6 +234,8 @@ class Round:
             kinds += ["kill_backends", "kill_backends", "idle_transaction"]
             if self.pg.cluster is not None:
                 kinds.append("restart_postgres")
+            if self.role is not None:
+                kinds.append("exhaust_connections")
         kind = self.rng.choice(kinds)
         self.faults[kind] = self.faults.get(kind, 0) + 1
         if kind == "kill_worker":
@@ -244,6 +260,18 @@ class Round:
         elif kind == "restart_postgres":
             assert self.pg is not None and self.pg.cluster is not None
             self.pg.cluster.restart()
+        elif kind == "exhaust_connections":  # no connection slot left for the replicas
+            assert self.pg is not None and self.role is not None
+            self.pg.admin(f"ALTER ROLE {self.role} CONNECTION LIMIT 0")
+            try:
+                self.pg.admin(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE usename = %s AND pid <> pg_backend_pid()",
+                    (self.role,),
+                )
+                time.sleep(self.rng.uniform(0.3, 2.0))  # the fault: how long none is free
+            finally:
+                self.pg.admin(f"ALTER ROLE {self.role} CONNECTION LIMIT -1")
         elif kind == "idle_transaction":  # held to the end of the round: vacuum must wait
             import psycopg
 
