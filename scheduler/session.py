@@ -17,6 +17,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from dcp_protocol import (
@@ -145,6 +146,10 @@ def _ref(lease: SliceLease) -> LeaseRef:
     return LeaseRef(lease.job, lease.slice, lease.token)
 
 
+#: Seconds the active jobs read for one fetch serve the next (Dispatcher._active_jobs).
+ACTIVE_JOBS_TTL = 0.5
+
+
 class Dispatcher:
     """Answers the frames of every worker session over one store: auth, fetch (eligibility,
     leasing, fitting the ``work`` frame), heartbeat, results (through ``acceptance``), slice
@@ -157,12 +162,17 @@ class Dispatcher:
         specs: JobSpecs,
         acceptance: Acceptance,
         wakeups: Wakeups,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.config = config
         self.specs = specs
         self.acceptance = acceptance
         self.wakeups = wakeups
+        self.clock = clock
+        #: The active jobs as last read, with the work event of the time and when: they
+        #: serve the fetches that follow (ACTIVE_JOBS_TTL), until the event fires.
+        self._active: tuple[object, float, list[JobRecord]] | None = None
 
     def open(self, network: str = "") -> WorkerSession:
         """A new session with its own id and challenge, from ``network``."""
@@ -349,7 +359,7 @@ class Dispatcher:
         )
         eligible, report = [], []
         now = time.time()
-        for job in self.store.active_jobs():
+        for job in self._active_jobs():
             why = policy.refusal(_terms(job), terms)
             if why is None:
                 eligible.append(job.id)
@@ -362,6 +372,20 @@ class Dispatcher:
             if not private:  # never tell a non-member that a private job exists
                 report.append(_as_told(why, job, terms, session))
         return eligible, report
+
+    def _active_jobs(self) -> list[JobRecord]:
+        """The active jobs with queued slices, read at most once per ACTIVE_JOBS_TTL while no
+        slices became available (the work event: a deploy, a return, an expiry, a rejection,
+        here or, told by NOTIFY or the peer poll, in another replica). Every fetch asked it
+        anew, the same answer between two changes: one round trip of 7 a fetch on PostgreSQL.
+        A job whose queue emptied meanwhile costs its next lease one empty read."""
+        now, event = self.clock(), self.wakeups.work
+        cached = self._active
+        if cached is not None and cached[0] is event and now - cached[1] < ACTIVE_JOBS_TTL:
+            return cached[2]
+        jobs = self.store.active_jobs()  # the event taken before: a change meanwhile shows
+        self._active = (event, now, jobs)
+        return jobs
 
     def fetch(self, session: WorkerSession, message: Fetch, now: float) -> Work:
         """Lease what this worker may have, up to ``max_slices`` and its lease allowance; the

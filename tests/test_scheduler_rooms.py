@@ -152,3 +152,46 @@ def test_the_session_and_acceptance_rooms_import_no_http() -> None:
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def _deploy(rooms: Rooms, data: tuple[bytes, ...]) -> str:
+    return rooms.store.create_job(
+        NewJob(
+            owner="0x" + "22" * 20,
+            name="more",
+            runtime="wasm",
+            module=ECHO,
+            module_sha256=hashlib.sha256(ECHO).hexdigest(),
+            argv=(),
+            limits=p.Limits(),
+            offer_micro=0,
+            data=data,
+            payload_sha256=secrets.token_hex(32),
+        ),
+        time.time(),
+    )
+
+
+def test_the_active_jobs_serve_the_next_fetches_until_slices_become_available(
+    rooms: Rooms,
+) -> None:
+    """One read of the active jobs serves the fetches after it (every fetch asked it anew,
+    one round trip of 7 on PostgreSQL) until the work event fires, or half a second passed:
+    a job deployed unannounced (by another process, with no NOTIFY) shows within that."""
+    now = [100.0]
+    rooms.dispatcher.clock = lambda: now[0]
+    session = _welcomed(rooms)
+
+    def fetch() -> list[str]:
+        work = rooms.dispatcher.dispatch(session, p.Fetch(id=2, max_slices=10))
+        assert isinstance(work, p.Work)
+        return [x.job for x in work.slices]
+
+    assert fetch() == [rooms.job] * 2
+    unannounced = _deploy(rooms, (b"x",))
+    assert fetch() == []  # the jobs read for the fetch before: nothing was announced
+    now[0] += 0.6
+    assert fetch() == [unannounced]
+    announced = _deploy(rooms, (b"y", b"z"))
+    rooms.dispatcher.wakeups.wake_work()  # as a deploy through the API, or a peer's NOTIFY
+    assert fetch() == [announced] * 2

@@ -58,18 +58,26 @@ class LeasesRoom(JobsRoom):
         new_state = transition(SliceState.QUEUED, SliceEvent.LEASE).value
         updates = []
         with self._tx() as db:
-            if max_held is not None:
-                (held,) = db.execute(
+            # Both reads asked before either is read: one round trip for the two in
+            # PostgreSQL's pipeline mode (scheduler/store/postgres.py).
+            holding = (
+                db.execute(
                     "SELECT count(*) FROM slices INDEXED BY slices_by_worker"
                     " WHERE worker=? AND state='leased'",
                     (worker,),
-                ).fetchone()
-                max_slices = min(max_slices, max_held - held)
-            order = db.execute(
+                )
+                if max_held is not None
+                else None
+            )
+            jobs_in_order = db.execute(
                 "SELECT id, offer_micro, redundancy IS NOT NULL FROM jobs"
                 f" WHERE state='active'{where} ORDER BY seq",
                 params,
-            ).fetchall()
+            )
+            if holding is not None and max_held is not None:
+                (held,) = holding.fetchone()
+                max_slices = min(max_slices, max_held - held)
+            order = jobs_in_order.fetchall()
             who, pays = worker.lower(), (payee or worker).lower()
             for job_id, offer, replicated in order:
                 want = max_slices - len(leases)
