@@ -149,6 +149,9 @@ class Round:
         self.proxy = self.proxies[0]
         #: Transactions opened by the idle_transaction fault, held to the round's end.
         self.idle: list[object] = []
+        #: When each of them was opened, and how long the longest was held (s).
+        self.idle_since: list[float] = []
+        self.idle_held_max = 0.0
         (work / "pw").write_text("soak\n")
         self.owner = create_keystore(work / "owner.json", b"soak", iterations=1024)
         create_keystore(work / "worker.json", b"soak", iterations=1024)
@@ -279,6 +282,7 @@ class Round:
             holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             holder.execute("SELECT count(*) FROM slices").fetchone()
             self.idle.append(holder)
+            self.idle_since.append(time.monotonic())
         elif kind == "lock_database":  # submissions (and every write) fail for a while
             lock = sqlite3.connect(self.db, timeout=10, isolation_level=None)
             try:
@@ -352,6 +356,9 @@ class Round:
         return {name: int(n) for name, n in rows}
 
     def release_idle(self) -> None:
+        now = time.monotonic()
+        self.idle_held_max = max([self.idle_held_max, *(now - t for t in self.idle_since)])
+        self.idle_since.clear()
         for holder in self.idle:
             with contextlib.suppress(Exception):
                 holder.close()  # type: ignore[attr-defined]
@@ -446,6 +453,7 @@ def run_round(
         "graceful_exits": r.graceful_exits,
         "dead_tuples": dead,
         "dead_tuples_after_vacuum": dead_after_vacuum,
+        "idle_transaction_held_s": round(r.idle_held_max, 1),
     }
 
 
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     dead_max: dict[str, int] = {}
     dead_after: dict[str, int] = {}
-    worst = 0.0
+    worst = idle_held = 0.0
     with tempfile.TemporaryDirectory(prefix="dcp-soak-") as tmp:
         while summary["faults"] < args.faults and time.monotonic() < deadline:  # type: ignore[operator]
             work = Path(tmp) / f"round{summary['rounds']}"
@@ -507,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             for kind, n in result["fault_kinds"].items():  # type: ignore[attr-defined]
                 kinds[kind] = kinds.get(kind, 0) + n  # type: ignore[index,attr-defined]
             worst = max([worst, *result["graceful_exits"]])  # type: ignore[list-item]
+            idle_held = max(idle_held, float(result["idle_transaction_held_s"]))  # type: ignore[arg-type]
             for table, n in result["dead_tuples"].items():  # type: ignore[attr-defined]
                 dead_max[table] = max(dead_max.get(table, 0), n)
             for table, n in result["dead_tuples_after_vacuum"].items():  # type: ignore[attr-defined]
@@ -523,6 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if pg is not None:
         summary["dead_tuples_max"] = dead_max
         summary["dead_tuples_after_vacuum_max"] = dead_after
+        # The longest a transaction stayed open, idle, while work flowed (vacuum held back).
+        summary["idle_transaction_held_max_s"] = idle_held
     print(json.dumps(summary, sort_keys=True))
     return summary
 
