@@ -176,11 +176,11 @@ class EvaluatorChannel:
     whose error with no ``re`` is its word on the whole connection (``machine_busy``,
     ``evaluator_preempted``, a refusal of this client): every request left gets it."""
 
-    def __init__(self, relayed: bool = False, first_id: int = 0) -> None:
+    def __init__(self, relayed: bool = False) -> None:
         self.relayed = relayed
         self.state = ChannelState.FRESH
         self._decoder = StreamDecoder(EVALUATOR_MESSAGES)
-        self._next_id = first_id
+        self._next_id = 0
         self._assigned: tuple[Any, ...] | None = None
         self._assigning: tuple[Any, ...] | None = None
         #: The request ids of the exchange in flight, in order, and how many are answered.

@@ -40,24 +40,29 @@ class Rooms:
     job: str
 
 
-@pytest.fixture
-def rooms(tmp_path: Path) -> Iterator[Rooms]:
-    store = SQLiteStore(tmp_path / "s.db")
-    job = store.create_job(
+def _deploy(store: SQLiteStore, data: tuple[bytes, ...], name: str = "more") -> str:
+    """An echo job of ``data``, straight into the store (no API, so nothing is announced)."""
+    return store.create_job(
         NewJob(
             owner="0x" + "22" * 20,
-            name="echo",
+            name=name,
             runtime="wasm",
             module=ECHO,
             module_sha256=hashlib.sha256(ECHO).hexdigest(),
             argv=(),
             limits=p.Limits(),
             offer_micro=0,
-            data=(b"abc", b"def"),
+            data=data,
             payload_sha256=secrets.token_hex(32),
         ),
         time.time(),
     )
+
+
+@pytest.fixture
+def rooms(tmp_path: Path) -> Iterator[Rooms]:
+    store = SQLiteStore(tmp_path / "s.db")
+    job = _deploy(store, (b"abc", b"def"), "echo")
     config = SchedulerConfig()
     specs, wakeups = JobSpecs(store), Wakeups()
     acceptance = Acceptance(store, config, specs, VerifierPool(size=1), wakeups)
@@ -154,24 +159,6 @@ def test_the_session_and_acceptance_rooms_import_no_http() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def _deploy(rooms: Rooms, data: tuple[bytes, ...]) -> str:
-    return rooms.store.create_job(
-        NewJob(
-            owner="0x" + "22" * 20,
-            name="more",
-            runtime="wasm",
-            module=ECHO,
-            module_sha256=hashlib.sha256(ECHO).hexdigest(),
-            argv=(),
-            limits=p.Limits(),
-            offer_micro=0,
-            data=data,
-            payload_sha256=secrets.token_hex(32),
-        ),
-        time.time(),
-    )
-
-
 def test_the_active_jobs_serve_the_next_fetches_until_slices_become_available(
     rooms: Rooms,
 ) -> None:
@@ -188,10 +175,10 @@ def test_the_active_jobs_serve_the_next_fetches_until_slices_become_available(
         return [x.job for x in work.slices]
 
     assert fetch() == [rooms.job] * 2
-    unannounced = _deploy(rooms, (b"x",))
+    unannounced = _deploy(rooms.store, (b"x",))
     assert fetch() == []  # the jobs read for the fetch before: nothing was announced
     now[0] += 0.6
     assert fetch() == [unannounced]
-    announced = _deploy(rooms, (b"y", b"z"))
+    announced = _deploy(rooms.store, (b"y", b"z"))
     rooms.dispatcher.wakeups.wake_work()  # as a deploy through the API, or a peer's NOTIFY
     assert fetch() == [announced] * 2
