@@ -270,10 +270,10 @@ class PostgresStore(SQLStore):
         payee: str | None = None,
         network: str | None = None,
     ) -> list[Lease]:
-        """SQLStore's, in pipeline mode: BEGIN goes with the first read and the UPDATE with
-        the COMMIT, so a fetch costs a round trip per read (3: the leases held, the jobs, the
-        queue) and one for the writes, not 6 (5,000 workers on two replicas queued at the p99
-        for the round trips; docs/performance.md)."""
+        """SQLStore's, in pipeline mode: BEGIN goes with the first reads (the leases held and
+        the jobs, asked together), and the UPDATE with the COMMIT, so a lease costs 3 round
+        trips (those reads, the queue, the writes), not 6 (5,000 workers on two replicas
+        queued at the p99 for the round trips; docs/performance.md)."""
         return self._pipelined(
             lambda: super(PostgresStore, self).lease(
                 worker, max_slices, now, timeout, jobs, max_held, payee, network
