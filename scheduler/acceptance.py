@@ -7,7 +7,8 @@ verifier, if it has one, in the sandboxes of scheduler/verifier.py; for a replic
 comparison function, which earlier vote it agrees with (its vote key); then the store accepts
 it, paying the offer (a replica's vote: once its slice's replicas agree, scheduler/quorum.py),
 or rejects it, queueing the slice again. Nothing here touches a socket: a reply is a
-message, or a coroutine that returns one once a verifier has spoken.
+message, or a coroutine that returns one once a verifier has spoken; a store call is awaited
+(scheduler/store/pool.py runs it off the event loop where it can).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .blocklist import Blocklist
 from .config import SchedulerConfig
 from .plausibility import MetricsRules
 from .specs import JobSpecs
-from .store import ResultLease, ResultRow, Store, StoreError, credits
+from .store import ResultLease, ResultRow, Store, StoreError, VotesChanged, credits
+from .store.pool import StorePool
 from .store.votes import vote_key
 from .verifier import VerifierPool
 from .wakeups import Wakeups
@@ -45,6 +47,10 @@ from .wakeups import Wakeups
 __all__ = ["Acceptance", "Reply"]
 
 log = logging.getLogger("dcp.scheduler")
+
+#: Comparisons and acceptances a replica's result is given while other replicas' results of
+#: its slice are accepted between them (each pass compares with the new votes only).
+VOTE_ATTEMPTS = 8
 
 #: A reply now, or one a verifier's verdict decides.
 Reply = Message | Coroutine[Any, Any, Message]
@@ -70,19 +76,19 @@ class Acceptance:
 
     def __init__(
         self,
-        store: Store,
+        db: StorePool,
         config: SchedulerConfig,
         specs: JobSpecs,
         verifiers: VerifierPool,
         wakeups: Wakeups,
         blocklist: Blocklist | None = None,
     ) -> None:
-        self.store = store
+        self.db = db
         self.config = config
         self.specs = specs
         self.verifiers = verifiers
         self.wakeups = wakeups
-        self.blocklist = blocklist or Blocklist(store)
+        self.blocklist = blocklist or Blocklist(db)
         self._rules = MetricsRules(
             slack_seconds=config.metrics_slack_seconds, parallelism=config.metrics_parallelism
         )
@@ -90,42 +96,43 @@ class Acceptance:
         #: that verdict instead of running the verifier again.
         self._verifying: dict[LeaseRef, asyncio.Event] = {}
 
-    def result(self, worker: str, owner: str, message: Result, now: float) -> Reply:
+    async def result(self, worker: str, owner: str, message: Result, now: float) -> Reply:
         """The reply to one ``result``."""
-        (found,) = self._leases(worker, [message])
-        admitted = self._admit(worker, message, found, now)
+        (found,) = await self._leases(worker, [message])
+        admitted = await self._admit(worker, message, found, now)
         if isinstance(admitted, Error):
             return replace(admitted, re=message.id)
         lease, row = admitted
-        if lease.state != "done" and self._sandboxed(message.job):
+        if lease.state != "done" and await self._sandboxed(message.job):
             return self._checked(worker, owner, row, message.id)
-        return self._accept(worker, row, message.id, now)
+        return await self._accept(worker, row, message.id, now)
 
-    def _sandboxed(self, job: str) -> bool:
+    async def _sandboxed(self, job: str) -> bool:
         """Whether the job's results go through a sandbox here: its verifier, or its
         comparison function (a replicated job's)."""
-        info = self.specs.get(job)
+        info = await self.specs.get(job)
         return info.has_verifier or info.has_compare
 
-    def results(self, worker: str, owner: str, message: Results, now: float) -> Reply:
+    async def results(self, worker: str, owner: str, message: Results, now: float) -> Reply:
         """Many results, one transaction for those without a verifier; one reply."""
         acks: list[ItemAck | None] = [None] * len(message.results)
         plain: list[tuple[int, ResultRow]] = []
         checked: list[tuple[int, ResultRow]] = []
-        leases = self._leases(worker, message.results)
+        leases = await self._leases(worker, message.results)
         for i, (item, found) in enumerate(zip(message.results, leases, strict=True)):
-            admitted = self._admit(worker, item, found, now)
+            admitted = await self._admit(worker, item, found, now)
             if isinstance(admitted, Error):
                 acks[i] = _item_ack(admitted)
                 continue
             lease, row = admitted
-            if lease.state != "done" and self._sandboxed(item.job):
+            if lease.state != "done" and await self._sandboxed(item.job):
                 checked.append((i, row))
             else:
                 plain.append((i, row))
         if plain:
             try:
-                outcomes = self.store.accept_results(worker, [row for _, row in plain], now)
+                rows = [row for _, row in plain]
+                outcomes = await self.db.run(lambda s: s.accept_results(worker, rows, now))
             except StoreError as exc:  # the whole transaction: nothing of it happened
                 for i, _ in plain:
                     acks[i] = ItemAck("retry", code=exc.code.value, message=str(exc))
@@ -152,17 +159,17 @@ class Acceptance:
 
         return verify_then_reply()
 
-    def _leases(
+    async def _leases(
         self, worker: str, items: Sequence[Result | ResultItem]
     ) -> list[ResultLease | StoreError]:
         """The leases the results name, read in one go (a batch's, one statement per job)."""
         refs = [LeaseRef(item.job, item.slice, item.token) for item in items]
         try:
-            return self.store.result_leases(worker, refs)
+            return await self.db.run(lambda s: s.result_leases(worker, refs))
         except StoreError as exc:  # the database, for all of them
             return [exc] * len(refs)
 
-    def _admit(
+    async def _admit(
         self,
         worker: str,
         item: Result | ResultItem,
@@ -190,7 +197,7 @@ class Acceptance:
                 code=ErrorCode.BAD_SIGNATURE.value,
                 message="the result is not signed by this session's identity",
             )
-        if (why := self.blocklist.reason(worker, item.payment_address)) is not None:
+        if (why := await self.blocklist.reason(worker, item.payment_address)) is not None:
             return Error(re=None, code=ErrorCode.BLOCKED.value, message=why)
         row = ResultRow(
             job=item.job,
@@ -204,7 +211,7 @@ class Acceptance:
         if lease.state == "done":
             return lease, row  # a resubmission of the accepted result: acceptance says duplicate
         try:
-            spec = self.specs.get(item.job).spec
+            spec = (await self.specs.get(item.job)).spec
         except StoreError as exc:
             return Error(re=None, code=exc.code.value, message=str(exc))
         problem = self._rules.problem(
@@ -212,13 +219,15 @@ class Acceptance:
         )
         if problem is None:
             return lease, row
-        return self._reject(worker, row, ErrorCode.METRICS_IMPLAUSIBLE.value, problem, now)
+        return await self._reject(worker, row, ErrorCode.METRICS_IMPLAUSIBLE.value, problem, now)
 
-    def _reject(self, worker: str, row: ResultRow, code: str, why: str, now: float) -> Error:
+    async def _reject(self, worker: str, row: ResultRow, code: str, why: str, now: float) -> Error:
         """Refuse a result as the verifier's rejection does: unpaid, counted against the
         worker, the slice queued again for other workers (or failed after its attempts)."""
         try:
-            state = self.store.reject_result(row.job, row.slice, row.token, worker, code, why, now)
+            state = await self.db.run(
+                lambda s: s.reject_result(row.job, row.slice, row.token, worker, code, why, now)
+            )
         except StoreError as exc:
             return Error(re=None, code=exc.code.value, message=str(exc))
         log.warning("result %s/%d from %s rejected: %s %s", row.job, row.slice, worker, code, why)
@@ -228,8 +237,8 @@ class Acceptance:
             self.wakeups.wake_results()
         return Error(re=None, code=code, message=why)
 
-    def _accept(self, worker: str, row: ResultRow, rid: int, now: float) -> Message:
-        settled = self.store.accept_result(worker, row, now)
+    async def _accept(self, worker: str, row: ResultRow, rid: int, now: float) -> Message:
+        settled = await self.db.run(lambda s: s.accept_result(worker, row, now))
         if settled.status == "accepted":
             self.wakeups.wake_results()
         return Ack(re=rid, status=settled.status, credited=credits(settled.credited_micro))
@@ -242,9 +251,11 @@ class Acceptance:
         try:
             while (running := self._verifying.get(ref)) is not None:
                 await running.wait()
-                lease = self.store.result_lease(row.job, row.slice, row.token, worker)
+                lease = await self.db.run(
+                    lambda s: s.result_lease(row.job, row.slice, row.token, worker)
+                )
                 if lease.state == "done":
-                    return self._accept(worker, row, rid, time.time())
+                    return await self._accept(worker, row, rid, time.time())
             done = self._verifying[ref] = asyncio.Event()
             try:
                 return await self._verify(worker, owner, row, ref, rid)
@@ -257,21 +268,25 @@ class Acceptance:
     async def _verify(
         self, worker: str, owner: str, row: ResultRow, ref: LeaseRef, rid: int
     ) -> Message:
-        info = self.specs.get(row.job)
+        info = await self.specs.get(row.job)
         argv = info.spec.argv
-        datum = self.store.datum(row.job, row.slice)
         # The worker stopped heartbeating this slice when it finished it: keep the lease alive
         # while its result waits for a sandbox and while it is checked.
         hold = self.config.lease_timeout + self.verifiers.limits.wall_seconds + 5
-        self.store.heartbeat(worker, [ref], time.time(), hold)
+        datum, _ = await self.db.run(
+            lambda s: (s.datum(row.job, row.slice), s.heartbeat(worker, [ref], time.time(), hold))
+        )
 
-        def started() -> None:
+        def still_leased(s: Store) -> None:
+            s.result_lease(row.job, row.slice, row.token, worker)
+            s.heartbeat(worker, [ref], time.time(), hold)
+
+        async def started() -> None:
             # Its turn came: still the current lease? (else StaleLease, and nothing runs)
-            self.store.result_lease(row.job, row.slice, row.token, worker)
-            self.store.heartbeat(worker, [ref], time.time(), hold)
+            await self.db.run(still_leased)
 
         if info.has_verifier:
-            found = self.store.job_verifier(row.job)
+            found = await self.db.run(lambda s: s.job_verifier(row.job))
             assert found is not None
             verifier, runtime = found
             verdict = await self.verifiers.verify(
@@ -285,24 +300,58 @@ class Acceptance:
                 runtime=runtime,
             )
             if not verdict.ok:
-                error = self._reject(worker, row, verdict.code, verdict.message, time.time())
+                error = await self._reject(worker, row, verdict.code, verdict.message, time.time())
                 return replace(error, re=rid)
-        if info.has_compare:
-            row = replace(row, vote_key=await self._vote_key(owner, row, argv, datum))
-        return self._accept(worker, row, rid, time.time())
+        if not info.has_compare:
+            return await self._accept(worker, row, rid, time.time())
+        verdicts: dict[str, bool] = {}
+        for _ in range(VOTE_ATTEMPTS):
+            key, seen = await self._vote_key(owner, row, argv, datum, verdicts)
+            try:
+                voted = replace(row, vote_key=key, votes_seen=seen)
+                return await self._accept(worker, voted, rid, time.time())
+            except VotesChanged:
+                # Another replica's result was accepted meanwhile (here or in another
+                # replica): compare with it too, then try again.
+                continue
+        return Error(
+            re=rid,
+            code=ErrorCode.INTERNAL.value,
+            message=f"the votes of slice {row.job}/{row.slice} kept changing; send it again",
+        )
 
     async def _vote_key(
-        self, owner: str, row: ResultRow, argv: tuple[str, ...], datum: bytes
-    ) -> str:
+        self,
+        owner: str,
+        row: ResultRow,
+        argv: tuple[str, ...],
+        datum: bytes,
+        verdicts: dict[str, bool],
+    ) -> tuple[str, tuple[str, ...]]:
         """The key of the earlier vote (or known answer) of the slice that the job's
-        comparison function says ``row`` agrees with, first match in order; else its own."""
-        found = self.store.job_compare(row.job)
+        comparison function says ``row`` agrees with, first match in order, else its own; and
+        the keys of the votes compared with, which acceptance checks are still the slice's
+        (:class:`VotesChanged`). ``verdicts``: what the function said of a key before (a
+        second pass compares only with the votes that are new)."""
+        found, votes = await self.db.run(
+            lambda s: (s.job_compare(row.job), s.vote_representatives(row.job, row.slice))
+        )
         assert found is not None
         compare, runtime = found
-        for key, earlier in self.store.vote_representatives(row.job, row.slice):
-            verdict = await self.verifiers.compare(
-                row.job, compare, argv, datum, earlier, row.result, owner=owner, runtime=runtime
-            )
-            if verdict.ok:
-                return key
-        return vote_key(row.result)
+        seen = tuple(key for key, _ in votes)
+        for key, earlier in votes:
+            if key not in verdicts:
+                verdict = await self.verifiers.compare(
+                    row.job,
+                    compare,
+                    argv,
+                    datum,
+                    earlier,
+                    row.result,
+                    owner=owner,
+                    runtime=runtime,
+                )
+                verdicts[key] = verdict.ok
+            if verdicts[key]:
+                return key, seen
+        return vote_key(row.result), seen

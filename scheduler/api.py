@@ -43,6 +43,7 @@ from .store import (
     UnknownJob,
     credits,
 )
+from .store.pool import StorePool
 from .wakeups import Wakeups
 
 __all__ = [
@@ -100,15 +101,16 @@ def _answers_refusals(handler: _ApiHandler[_S]) -> _ApiHandler[_S]:
 
 
 class ComputeApi:
-    """The compute API's handlers over one store.
+    """The compute API's handlers over one store, whose calls ``db`` runs (off the event loop
+    where the backend allows: a deploy's inserts hold up no session).
 
     ``clock``: Unix seconds for request freshness and read token expiry (tests inject one).
     ``wakeups``: a deploy wakes parked fetches; a long-polled read of results waits for a
     slice to become final.
     """
 
-    def __init__(self, store: Store, clock: Callable[[], float], wakeups: Wakeups) -> None:
-        self.store = store
+    def __init__(self, db: StorePool, clock: Callable[[], float], wakeups: Wakeups) -> None:
+        self.db = db
         self.clock = clock
         self.wakeups = wakeups
 
@@ -157,18 +159,17 @@ class ComputeApi:
         if not signing.verify(payload, signature, address):
             raise Refused(401, ErrorCode.BAD_SIGNATURE, "the request is not signed by X-DCP-Owner")
         try:
-            fresh = self.store.use_nonce(
-                address, nonce, now, timestamp + REQUEST_WINDOW + NONCE_MARGIN
-            )
+            until = timestamp + REQUEST_WINDOW + NONCE_MARGIN
+            fresh = await self.db.run(lambda s: s.use_nonce(address, nonce, now, until))
         except StoreError as exc:
             raise Refused(503, ErrorCode.INTERNAL, str(exc)) from None
         if not fresh:
             raise Refused(409, ErrorCode.REPLAYED_REQUEST, "this request was made before")
         return address
 
-    def _owner_of(self, job_id: str) -> str:
+    async def _owner_of(self, job_id: str) -> str:
         try:
-            return self.store.job(job_id, counts=False).owner
+            return (await self.db.run(lambda s: s.job(job_id, counts=False))).owner
         except UnknownJob as exc:
             raise Refused(404, ErrorCode.UNKNOWN_SLICE, str(exc)) from None
 
@@ -177,7 +178,7 @@ class ComputeApi:
         signer = await self._signer(request)
         if signer is None:
             raise Refused(401, ErrorCode.UNAUTHENTICATED, "this request must be signed")
-        owner = self._owner_of(job_id)
+        owner = await self._owner_of(job_id)
         if signer != owner:
             raise Refused(403, ErrorCode.NOT_OWNER, f"{signer} does not own job {job_id}")
         return owner
@@ -195,7 +196,8 @@ class ComputeApi:
                 ErrorCode.UNAUTHENTICATED,
                 "reading a job needs its owner's signature or a read token",
             )
-        check_read_token(self.store, token.strip(), job_id, self.clock())
+        now = self.clock()
+        await self.db.run(lambda s: check_read_token(s, token.strip(), job_id, now))
 
     @_answers_refusals
     async def deploy(self, request: web.Request) -> web.Response:
@@ -220,7 +222,7 @@ class ComputeApi:
                 why = f"this scheduler cannot run a {runtime} {what}: {lacking}"
                 return _error(400, ErrorCode.INVALID_JOB, why, problems=[why])
         try:
-            job_id = self.store.create_job(job, time.time())
+            job_id = await self.db.run(lambda s: s.create_job(job, time.time()))
         except InsufficientFunds as exc:
             return _error(402, exc.code, str(exc), missing=credits(exc.missing))
         self.wakeups.wake_work()
@@ -232,7 +234,7 @@ class ComputeApi:
         """Signed: the signer's jobs, in full. Anonymous: what a worker weighs of the active
         public jobs, and nothing else (no id, name, owner, argv or results)."""
         signer = await self._signer(request)
-        jobs = self.store.list_jobs()
+        jobs = await self.db.run(lambda s: s.list_jobs())
         if signer is not None:
             return _json_response({"jobs": [_job_json(j) for j in jobs if j.owner == signer]})
         return _json_response({"jobs": [_market_json(j) for j in market(jobs)]})
@@ -242,11 +244,12 @@ class ComputeApi:
         job_id = request.match_info["job"]
         await self._check_reader(request, job_id)
         try:
-            out = _job_json(self.store.job(job_id))
+            record, refused = await self.db.run(lambda s: (s.job(job_id), s.refusals(job_id)))
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
+        out = _job_json(record)
         refusals: dict[str, int] = {}
-        for r in self.store.refusals(job_id):
+        for r in refused:
             refusals[r.code] = refusals.get(r.code, 0) + r.count
         out["refusals"] = refusals
         return _json_response(out)
@@ -256,7 +259,7 @@ class ComputeApi:
             address = signing.checksum(request.match_info["address"])
         except ValueError:
             return _error(400, ErrorCode.INVALID_MESSAGE, "not an address")
-        micro = self.store.balance(address)
+        micro = await self.db.run(lambda s: s.balance(address))
         return _json_response(
             {"address": address, "balance": credits(micro), "balance_micro": micro}
         )
@@ -283,8 +286,12 @@ class ComputeApi:
         while True:
             event = self.wakeups.results  # taken before reading, so no wake-up is missed
             try:
-                state = self.store.job_state(job_id)
-                slices = self.store.slices(job_id, after, limit, final_prefix=True)
+                state, slices = await self.db.run(
+                    lambda s: (
+                        s.job_state(job_id),
+                        s.slices(job_id, after, limit, final_prefix=True),
+                    )
+                )
             except UnknownJob as exc:
                 return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
             remaining = deadline - loop.time()
@@ -312,10 +319,12 @@ class ComputeApi:
             )
         await self._check_reader(request, job_id)
         try:
-            shown = [
-                quorum_json(s, self.store.replicas(job_id, s.slice))
-                for s in self.store.slices(job_id, after, limit)
-            ]
+            shown = await self.db.run(
+                lambda store: [
+                    quorum_json(s, store.replicas(job_id, s.slice))
+                    for s in store.slices(job_id, after, limit)
+                ]
+            )
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
         return _json_response({"job": job_id, "slices": shown})
@@ -324,7 +333,7 @@ class ComputeApi:
     async def cancel(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
         await self._check_owner(request, job_id)
-        n = self.store.cancel_job(job_id, time.time())
+        n = await self.db.run(lambda s: s.cancel_job(job_id, time.time()))
         self.wakeups.wake_results()
         return _json_response({"job": job_id, "cancelled_slices": n})
 
@@ -337,7 +346,10 @@ class ComputeApi:
         token = READ_TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = self.clock()
         try:
-            record = self.store.create_read_token(job_id, _token_sha256(token), now, now + ttl)
+            digest = _token_sha256(token)
+            record = await self.db.run(
+                lambda s: s.create_read_token(job_id, digest, now, now + ttl)
+            )
         except UnknownJob as exc:
             return _error(404, ErrorCode.UNKNOWN_SLICE, str(exc))
         log.info("read token %s issued for job %s, expires in %g s", record.id, job_id, ttl)
@@ -350,7 +362,8 @@ class ComputeApi:
     async def revoke_token(self, request: web.Request) -> web.Response:
         job_id, token_id = request.match_info["job"], request.match_info["token"]
         await self._check_owner(request, job_id)
-        if not self.store.revoke_read_token(job_id, token_id, self.clock()):
+        now = self.clock()
+        if not await self.db.run(lambda s: s.revoke_read_token(job_id, token_id, now)):
             return _error(
                 404, ErrorCode.READ_TOKEN_INVALID, f"job {job_id} has no token {token_id}"
             )

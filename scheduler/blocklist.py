@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .store import Store
+from .store.pool import StorePool
 
 __all__ = ["Blocklist", "REFRESH_SECONDS"]
 
@@ -18,18 +18,18 @@ REFRESH_SECONDS = 2.0
 
 
 class Blocklist:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
-        self.store = store
+    def __init__(self, db: StorePool, clock: Callable[[], float] = time.monotonic) -> None:
+        self.db = db
         self.clock = clock
         self._read_at: float | None = None
         self._blocked: dict[str, str] = {}
 
-    def reason(self, *addresses: str) -> str | None:
+    async def reason(self, *addresses: str) -> str | None:
         """Why the first blocked one of ``addresses`` is blocked (the operator's words, with
         the address), or None when none is."""
         now = self.clock()
         if self._read_at is None or not 0 <= now - self._read_at < REFRESH_SECONDS:
-            self._blocked = self.store.blocked()
+            self._blocked = await self.db.run(lambda s: s.blocked())
             self._read_at = now
         for address in addresses:
             why = self._blocked.get(address.lower())

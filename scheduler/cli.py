@@ -248,6 +248,16 @@ def main(verbose: int) -> None:
     "meanwhile, so keep it short.",
 )
 @click.option(
+    "--db-connections",
+    type=click.IntRange(0, 64),
+    default=SchedulerConfig.db_connections,
+    show_default=True,
+    help="PostgreSQL: connections (each on a thread of its own) that the store calls run on, "
+    "off the server's event loop, so one slow call holds up only its own request; 0 runs "
+    "them on the loop. A replica opens two more (start-up and admin reads, LISTEN). SQLite "
+    "runs its calls inline whatever this says.",
+)
+@click.option(
     "--auth-timeout",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -344,6 +354,7 @@ def serve(
     metrics_parallelism: float,
     job_lifetime: float,
     db_busy_timeout: float,
+    db_connections: int,
     auth_timeout: float,
     max_unauthenticated_per_address: int,
     max_unauthenticated: int,
@@ -383,6 +394,7 @@ def serve(
             http_body_timeout=http_body_timeout,
             refusals=RefusalLimits(burst=refusal_burst, rate=refusal_rate),
             max_leases_per_worker=max_leases_per_worker,
+            db_connections=db_connections,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -53,10 +53,15 @@ class SchedulerConfig:
     #: session fetching with capabilities that fit everything would otherwise hold every
     #: queued slice until its leases expired, again and again.
     max_leases_per_worker: int = 4096
+    #: Threads, each with its own database connection, that a replica's store calls run on
+    #: off its event loop (PostgreSQL; scheduler/store/pool.py); SQLite, or 0: inline.
+    db_connections: int = 4
 
     def __post_init__(self) -> None:
         if self.max_leases_per_worker < 1:
             raise ValueError("max_leases_per_worker must be at least 1")
+        if not 0 <= self.db_connections <= 64:
+            raise ValueError("db_connections must be within 0..64")
         if not 1 <= self.max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be within 1..{MAX_FRAME_BYTES}")
         if not 1 <= self.max_result_bytes or (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -49,6 +50,7 @@ from .quorum import network_of
 from .session import Dispatcher, Park, WorkerSession
 from .specs import JobSpecs
 from .store import PeerNotifier, Store, StoreError
+from .store.pool import StorePool
 from .verifier import VERIFIER_LIMITS, VerifierPool
 from .wakeups import RESULTS, WORK, Wakeups
 from .web import Console
@@ -113,6 +115,8 @@ class Scheduler:
         that period (any backend)."""
         self.store = store
         self.config = config or SchedulerConfig()
+        #: Where every store call of serving runs (off the event loop on PostgreSQL).
+        self.db = StorePool(store, self.config.db_connections)
         self._sockets: set[web.WebSocketResponse] = set()
         self.verifiers = VerifierPool(
             size=self.config.verifier_sandboxes or None,
@@ -123,18 +127,18 @@ class Scheduler:
         self._peer_poll = peer_wakeups
         self.notifier: PeerNotifier | None = None
         if peer_wakeups is None:
-            self.notifier = store.notifier((WORK, RESULTS), self.wakeups.woken)
+            self.notifier = store.notifier((WORK, RESULTS), self.wakeups.woken, self.db)
         if self.notifier is not None:
             self.wakeups.publish = self.notifier.publish
             self._peer_poll = SAFETY_POLL
-        specs = JobSpecs(store)
-        acceptance = Acceptance(store, self.config, specs, self.verifiers, self.wakeups)
-        self.dispatcher = Dispatcher(store, self.config, specs, acceptance, self.wakeups)
-        self.api = ComputeApi(store, clock, self.wakeups)
+        specs = JobSpecs(self.db)
+        acceptance = Acceptance(self.db, self.config, specs, self.verifiers, self.wakeups)
+        self.dispatcher = Dispatcher(self.db, self.config, specs, acceptance, self.wakeups)
+        self.api = ComputeApi(self.db, clock, self.wakeups)
         #: Worker sessions open now (an address once authenticated).
         self._live: dict[str, WorkerSession] = {}
         self.console = Console(
-            store,
+            self.db,
             self.connected_workers,
             operator_token or OPERATOR_PREFIX + secrets.token_urlsafe(32),
             clock,
@@ -167,6 +171,7 @@ class Scheduler:
         app.router.add_delete(f"{API}/jobs/{{job}}/tokens/{{token}}", self.api.revoke_token)
         app.router.add_get(f"{API}/accounts/{{address}}", self.api.account)
         self.console.add_routes(app)  # /console/... and / (scheduler/web/)
+        app.cleanup_ctx.append(self._pool_ctx)  # first in, last out: after every handler
         app.cleanup_ctx.append(self._expiry_ctx)
         app.cleanup_ctx.append(self._peers_ctx)
         app.cleanup_ctx.append(self._auth_deadline_ctx)
@@ -279,6 +284,11 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"scheduler shutting down")
 
+    async def _pool_ctx(self, app: web.Application) -> Any:
+        yield
+        # The handlers are done: wait for their calls on the pool's threads, then close them.
+        await asyncio.get_running_loop().run_in_executor(None, self.db.close)
+
     async def _peers_ctx(self, app: web.Application) -> Any:
         """Listen to the other replicas, and poll: what a lost notification missed is found
         within one period."""
@@ -302,7 +312,7 @@ class Scheduler:
         while True:
             await asyncio.sleep(period)
             try:
-                queued = self.store.has_queued()
+                queued = await self.db.run(lambda s: s.has_queued())
             except StoreError:
                 queued = True  # cannot tell: let the fetches find out, as they would
             self.wakeups.woken(RESULTS)
@@ -313,7 +323,9 @@ class Scheduler:
         # Leases held while the scheduler was down would expire at the first pass: give their
         # workers one lease timeout from now to reconnect and deliver (they retry well within).
         now = time.time()
-        extended = self.store.extend_leases(now + self.config.lease_timeout, now)
+        extended = await self.db.run(
+            lambda s: s.extend_leases(now + self.config.lease_timeout, now)
+        )
         if extended:
             log.info(
                 "%d lease(s) held across the restart get %g s more",
@@ -333,10 +345,13 @@ class Scheduler:
             await asyncio.sleep(self.config.expiry_interval)
             now = time.time()
             try:
-                n = self.store.expire_leases(now)
+                n = await self.db.run(functools.partial(_expire, now=now))
                 if now - last_gc >= self.config.gc_interval:
                     last_gc = now
-                    for job_id in self.store.collect_garbage(now, self.config.job_lifetime):
+                    collect = functools.partial(
+                        _collect_garbage, now=now, lifetime=self.config.job_lifetime
+                    )
+                    for job_id in await self.db.run(collect):
                         log.info(
                             "job %s removed %g h after it ended",
                             job_id,
@@ -385,7 +400,7 @@ class Scheduler:
                 async for frame in ws:
                     if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                         break
-                    reply, close = self.dispatcher.receive(session, frame.data)
+                    reply, close = await self.dispatcher.receive(session, frame.data)
                     if isinstance(reply, Park):
                         later: Coroutine[Any, Any, None] | None = self._long_fetch(
                             session, send, reply.fetch
@@ -449,7 +464,7 @@ class Scheduler:
             while True:
                 event = self.wakeups.work  # taken before leasing, so no wake-up is missed
                 try:
-                    work = self.dispatcher.fetch(session, message, time.time())
+                    work = await self.dispatcher.fetch(session, message, time.time())
                 except StoreError as exc:
                     await send(Error(re=message.id, code=exc.code.value, message=str(exc)))
                     return
@@ -465,7 +480,7 @@ class Scheduler:
         except (ConnectionError, RuntimeError):
             # The worker left while its fetch was parked: give the slices back at once rather
             # than letting them expire (which would cost them an attempt).
-            n = self.dispatcher.return_unsent(session, work)
+            n = await self.dispatcher.return_unsent(session, work)
             log.info("session %s left during a long poll; returned %d slice(s)", session.id, n)
 
     def connected_workers(self) -> set[str]:
@@ -485,6 +500,14 @@ class Scheduler:
                 "throttled_sessions": self.throttled,
             }
         )
+
+
+def _expire(store: Store, now: float) -> int:
+    return store.expire_leases(now)
+
+
+def _collect_garbage(store: Store, now: float, lifetime: float) -> list[str]:
+    return store.collect_garbage(now, lifetime)
 
 
 async def _send_when_ready(

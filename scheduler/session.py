@@ -60,6 +60,7 @@ from .acceptance import Reply as AcceptanceReply
 from .config import SchedulerConfig
 from .specs import JobSpecs
 from .store import JobRecord, Store, StoreError, credits
+from .store.pool import StorePool
 from .wakeups import Wakeups
 
 __all__ = ["Dispatcher", "Park", "Reply", "WorkerSession"]
@@ -153,18 +154,19 @@ ACTIVE_JOBS_TTL = 0.5
 class Dispatcher:
     """Answers the frames of every worker session over one store: auth, fetch (eligibility,
     leasing, fitting the ``work`` frame), heartbeat, results (through ``acceptance``), slice
-    failures and returns."""
+    failures and returns. Its store calls are awaited (on the pool's threads where the
+    backend allows), so a slow one holds up its own session's frame, not the others'."""
 
     def __init__(
         self,
-        store: Store,
+        db: StorePool,
         config: SchedulerConfig,
         specs: JobSpecs,
         acceptance: Acceptance,
         wakeups: Wakeups,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store = store
+        self.db = db
         self.config = config
         self.specs = specs
         self.acceptance = acceptance
@@ -186,7 +188,7 @@ class Dispatcher:
             protocol=PROTOCOL_VERSION, challenge=session.challenge, server=self.config.name
         )
 
-    def receive(self, session: WorkerSession, data: str | bytes) -> tuple[Reply, bool]:
+    async def receive(self, session: WorkerSession, data: str | bytes) -> tuple[Reply, bool]:
         """Handle one frame; returns (its reply, whether to close the session).
 
         Every frame gets an answer: a malformed one its error (the field and why), and a
@@ -205,9 +207,9 @@ class Dispatcher:
                     code=ErrorCode.AUTH_FAILED.value,
                     message="the first message of a session must be auth",
                 ), True
-            return self.auth(session, message)
+            return await self.auth(session, message)
         try:
-            return self.dispatch(session, message), False
+            return await self.dispatch(session, message), False
         except StoreError as exc:
             return Error(re=rid, code=exc.code.value, message=str(exc)), False
         except Exception:
@@ -216,7 +218,7 @@ class Dispatcher:
                 re=rid, code=ErrorCode.INTERNAL.value, message=f"{message.type} failed here"
             ), False
 
-    def auth(self, session: WorkerSession, message: Auth) -> tuple[Message, bool]:
+    async def auth(self, session: WorkerSession, message: Auth) -> tuple[Message, bool]:
         """Check the signed answer to the challenge and the group proofs; ``welcome`` or the
         refusal that closes the session."""
         payload = signing.session_payload(session.challenge, self.config.name, message.address)
@@ -227,13 +229,14 @@ class Dispatcher:
                 code=ErrorCode.AUTH_FAILED.value,
                 message="the challenge signature does not match the address",
             ), True
-        if why := self.acceptance.blocklist.reason(message.address, message.payment_address):
+        blocklist = self.acceptance.blocklist
+        if why := await blocklist.reason(message.address, message.payment_address):
             log.warning("session %s: %s", session.id, why)
             return Error(re=message.id, code=ErrorCode.BLOCKED.value, message=why), True
         session.address = signing.checksum(message.address)
         session.payment_address = signing.checksum(message.payment_address)
         session.leave_public_group = message.leave_public_group
-        hashes = {g.join_key: g.join_hash for g in self.store.groups()}
+        hashes = {g.join_key: g.join_hash for g in await self.db.run(lambda s: s.groups())}
         joined, refused = set(), []
         for proof in message.groups:
             expected = hashes.get(proof.join_key)
@@ -250,7 +253,8 @@ class Dispatcher:
                     )
                 )
         session.groups = frozenset(joined)
-        self.store.seen_worker(session.address, time.time())
+        address = session.address
+        await self.db.run(lambda s: s.seen_worker(address, time.time()))
         log.info(
             "session %s: worker %s (%s), groups %s%s",
             session.id,
@@ -271,7 +275,7 @@ class Dispatcher:
             max_frame_bytes=self.config.max_frame_bytes,
         ), False
 
-    def dispatch(self, session: WorkerSession, message: Message) -> Reply:
+    async def dispatch(self, session: WorkerSession, message: Message) -> Reply:
         """The reply to a decoded message of an authenticated session.
 
         Raises:
@@ -282,37 +286,33 @@ class Dispatcher:
             if message.wait_seconds > 0 and not session.parked:
                 session.parked = True
                 return Park(message)
-            return self.fetch(session, message, now)
+            return await self.fetch(session, message, now)
         if isinstance(message, Heartbeat):
-            lost = self.store.heartbeat(
-                session.address, list(message.leases), now, self.config.lease_timeout
-            )
+            leases, timeout = list(message.leases), self.config.lease_timeout
+            lost = await self.db.run(lambda s: s.heartbeat(session.address, leases, now, timeout))
             return HeartbeatAck(
                 re=message.id, deadline=now + self.config.lease_timeout, lost=tuple(lost)
             )
         if isinstance(message, Result):
-            return self.acceptance.result(session.address, session.id, message, now)
+            return await self.acceptance.result(session.address, session.id, message, now)
         if isinstance(message, Results):
-            return self.acceptance.results(session.address, session.id, message, now)
+            return await self.acceptance.results(session.address, session.id, message, now)
         if isinstance(message, SliceFailed):
-            return self._slice_failed(session, message, now)
+            return await self._slice_failed(session, message, now)
         if isinstance(message, Return):
-            return self._return(session, message, now)
+            return await self._return(session, message, now)
         return Error(
             re=getattr(message, "id", None),
             code=ErrorCode.UNEXPECTED_MESSAGE.value,
             message=f"a scheduler does not accept {message.type!r} here",
         )
 
-    def _slice_failed(self, session: WorkerSession, message: SliceFailed, now: float) -> Message:
-        state = self.store.fail_slice(
-            message.job,
-            message.slice,
-            message.token,
-            session.address,
-            message.code,
-            message.message,
-            now,
+    async def _slice_failed(
+        self, session: WorkerSession, message: SliceFailed, now: float
+    ) -> Message:
+        m, worker = message, session.address
+        state = await self.db.run(
+            lambda s: s.fail_slice(m.job, m.slice, m.token, worker, m.code, m.message, now)
         )
         log.info(
             "slice %s/%d failed on %s: %s %s -> %s",
@@ -329,9 +329,10 @@ class Dispatcher:
             self.wakeups.wake_results()
         return Ack(re=message.id, status=state)
 
-    def _return(self, session: WorkerSession, message: Return, now: float) -> Message:
-        n = self.store.return_slices(
-            session.address, list(message.leases), message.code, message.message, now
+    async def _return(self, session: WorkerSession, message: Return, now: float) -> Message:
+        m, worker = message, session.address
+        n = await self.db.run(
+            lambda s: s.return_slices(worker, list(m.leases), m.code, m.message, now)
         )
         if message.code:
             log.warning(
@@ -345,7 +346,9 @@ class Dispatcher:
             self.wakeups.wake_work()
         return Ack(re=message.id, status=f"returned {n}")
 
-    def eligible(self, session: WorkerSession, message: Fetch) -> tuple[list[str], list[Refusal]]:
+    async def eligible(
+        self, session: WorkerSession, message: Fetch
+    ) -> tuple[list[str], list[Refusal]]:
         """The active jobs this worker may be given, and the refusals to report for the rest."""
         terms = WorkerTerms(
             groups=session.groups,
@@ -359,7 +362,8 @@ class Dispatcher:
         )
         eligible, report = [], []
         now = time.time()
-        for job in self._active_jobs():
+        refusals: list[tuple[str, str, str]] = []
+        for job in await self._active_jobs():
             why = policy.refusal(_terms(job), terms)
             if why is None:
                 eligible.append(job.id)
@@ -367,13 +371,21 @@ class Dispatcher:
             if (job.id, why.code) in session.reported:
                 continue
             session.reported.add((job.id, why.code))
-            self.store.record_refusal(job.id, session.address, why.code, why.message, now)
+            refusals.append((job.id, why.code, why.message))
             private = job.group != policy.PUBLIC_GROUP and job.group not in session.groups
             if not private:  # never tell a non-member that a private job exists
                 report.append(_as_told(why, job, terms, session))
+        if refusals:
+            worker = session.address
+
+            def record(s: Store) -> None:
+                for job_id, code, text in refusals:
+                    s.record_refusal(job_id, worker, code, text, now)
+
+            await self.db.run(record)
         return eligible, report
 
-    def _active_jobs(self) -> list[JobRecord]:
+    async def _active_jobs(self) -> list[JobRecord]:
         """The active jobs with queued slices, read at most once per ACTIVE_JOBS_TTL while no
         slices became available (the work event: a deploy, a return, an expiry, a rejection,
         here or, told by NOTIFY or the peer poll, in another replica). Every fetch asked it
@@ -383,27 +395,31 @@ class Dispatcher:
         cached = self._active
         if cached is not None and cached[0] is event and now - cached[1] < ACTIVE_JOBS_TTL:
             return cached[2]
-        jobs = self.store.active_jobs()  # the event taken before: a change meanwhile shows
+        # The event was taken before the read: a change meanwhile shows.
+        jobs = await self.db.run(lambda s: s.active_jobs())
         self._active = (event, now, jobs)
         return jobs
 
-    def fetch(self, session: WorkerSession, message: Fetch, now: float) -> Work:
+    async def fetch(self, session: WorkerSession, message: Fetch, now: float) -> Work:
         """Lease what this worker may have, up to ``max_slices`` and its lease allowance; the
         ``work`` reply (possibly empty).
 
         Raises:
             StoreError: the store failed.
         """
-        eligible, skipped = self.eligible(session, message)
-        leases = self.store.lease(
-            session.address,
-            message.max_slices,
-            now,
-            self.config.lease_timeout,
-            eligible,
-            max_held=self.config.max_leases_per_worker,
-            payee=session.payment_address,
-            network=session.network,
+        eligible, skipped = await self.eligible(session, message)
+        config = self.config
+        leases = await self.db.run(
+            lambda s: s.lease(
+                session.address,
+                message.max_slices,
+                now,
+                config.lease_timeout,
+                eligible,
+                max_held=config.max_leases_per_worker,
+                payee=session.payment_address,
+                network=session.network,
+            )
         )
         known = set(message.known_jobs)
         slices = [
@@ -413,14 +429,14 @@ class Dispatcher:
             for x in leases
         ]
         jobs = {
-            job_id: self.specs.get(job_id).spec
+            job_id: (await self.specs.get(job_id)).spec
             for job_id in dict.fromkeys(lease.job for lease in leases)
             if job_id not in known
         }
-        kept, specs = self.fit_frame(session, slices, jobs, skipped)
+        kept, specs = await self.fit_frame(session, slices, jobs, skipped)
         return Work(re=message.id, slices=kept, jobs=specs, skipped=tuple(skipped))
 
-    def fit_frame(
+    async def fit_frame(
         self,
         session: WorkerSession,
         slices: list[SliceLease],
@@ -455,7 +471,8 @@ class Dispatcher:
                 specs[lease.job] = spec
         rest = slices[len(kept) :]
         if rest:
-            self.store.return_slices(session.address, [_ref(x) for x in rest])
+            refs = [_ref(x) for x in rest]
+            await self.db.run(lambda s: s.return_slices(session.address, refs))
             if not kept:
                 log.error(
                     "slice %s/%d does not fit in a frame of %d bytes: not sent",
@@ -465,7 +482,8 @@ class Dispatcher:
                 )
         return tuple(kept), tuple(specs.values())
 
-    def return_unsent(self, session: WorkerSession, work: Work) -> int:
+    async def return_unsent(self, session: WorkerSession, work: Work) -> int:
         """Give back the slices of a ``work`` reply that could not be sent (the worker left):
         at once, rather than letting them expire (which would cost them an attempt)."""
-        return self.store.return_slices(session.address, [_ref(x) for x in work.slices])
+        refs = [_ref(x) for x in work.slices]
+        return await self.db.run(lambda s: s.return_slices(session.address, refs))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from dcp_protocol import JobSpec
 
-from .store import Store
+from .store.pool import StorePool
 
 __all__ = ["CACHED_JOBS", "JobInfo", "JobSpecs"]
 
@@ -32,13 +32,13 @@ class JobInfo:
 
 
 class JobSpecs:
-    """The most recently used jobs' :class:`JobInfo`, read from ``store`` on a miss."""
+    """The most recently used jobs' :class:`JobInfo`, read from the store on a miss."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, db: StorePool) -> None:
+        self.db = db
         self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
 
-    def get(self, job_id: str) -> JobInfo:
+    async def get(self, job_id: str) -> JobInfo:
         """The job's info.
 
         Raises:
@@ -48,11 +48,13 @@ class JobSpecs:
         if info is not None:
             self._jobs.move_to_end(job_id)
             return info
-        record = self.store.job(job_id, counts=False)
+        record, module = await self.db.run(
+            lambda s: (s.job(job_id, counts=False), s.job_module(job_id))
+        )
         spec = JobSpec(
             job=job_id,
             runtime=record.runtime,
-            module=self.store.job_module(job_id),
+            module=module,
             sha256=record.module_sha256,
             argv=record.argv,
             limits=record.limits,

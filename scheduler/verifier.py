@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dcp_protocol import ErrorCode, JobSpec, Limits
@@ -159,13 +159,13 @@ class VerifierPool:
         datum: bytes,
         result: bytes,
         owner: str = "",
-        started: Callable[[], object] | None = None,
+        started: Callable[[], Awaitable[object]] | None = None,
         runtime: str = "wasm",
     ) -> Verdict:
         """Run ``verifier`` (of ``runtime``: wasm, python or js) on one result once ``owner``
         has its turn at a sandbox.
 
-        ``started`` is called when the sandbox is lent, before the run: an exception from it
+        ``started`` is awaited when the sandbox is lent, before the run: an exception from it
         ends the verification unrun (the result's lease went stale while it waited).
         """
         spec = verifier_spec(job, runtime, verifier, argv, len(datum))
@@ -195,7 +195,7 @@ class VerifierPool:
         spec: JobSpec,
         stdin: bytes,
         owner: str,
-        started: Callable[[], object] | None,
+        started: Callable[[], Awaitable[object]] | None,
         what: str,
         function: str,
     ) -> Verdict:
@@ -204,7 +204,7 @@ class VerifierPool:
         sandbox = await self._acquire(owner)
         try:
             if started is not None:
-                started()
+                await started()
             self._runs += 1
             said = (await sandbox.run(spec, self.limits, stdin, 0)).result
             if spec.runtime != "wasm" and said != b"1":

@@ -26,6 +26,7 @@ from scheduler.store import (
     PayeeRecord,
     ResultRow,
     StaleLease,
+    VotesChanged,
     WorkerRecord,
 )
 from tests.test_store import new_job
@@ -124,6 +125,44 @@ def test_two_workers_agree_and_both_are_paid(store: Store) -> None:
     assert store.job(job).state == "finished"
     w = store.worker(WORKERS[0])
     assert w is not None and (w.valid, w.invalid, w.consecutive_valid) == (1, 0, 1)
+    check_books(store)
+
+
+def test_a_vote_keyed_against_votes_that_changed_meanwhile_is_refused_unstored(
+    store: Store,
+) -> None:
+    """A comparison function's vote key is found outside the acceptance transaction: two
+    replicas compared at once each saw no vote and took their own keys, and their slice never
+    reached a quorum (on PostgreSQL with the store calls on several connections, 1 run in 2 of
+    tests/test_redundancy_e2e.py). Acceptance checks under the slice's lock that the votes it
+    was compared with are the slice's votes still."""
+    job = store.create_job(replicated(), 0.0)
+    a, b = one(store, WORKERS[0]), one(store, WORKERS[1])
+
+    def row(lease: Lease, result: bytes, key: str, seen: tuple[str, ...]) -> ResultRow:
+        return ResultRow(
+            lease.job,
+            lease.slice,
+            lease.token,
+            result,
+            lease_worker[lease.slice],
+            "00" * 65,
+            Metrics(),
+            vote_key=key,
+            votes_seen=seen,
+        )
+
+    lease_worker = {a.slice: WORKERS[0], b.slice: WORKERS[1]}
+    assert store.accept_result(WORKERS[0], row(a, b"1.41421", "ka", ()), 1.0).status == "accepted"
+    assert store.vote_representatives(job, b.slice) == [("ka", b"1.41421")]
+    with pytest.raises(VotesChanged):  # b compared while a's vote was not in yet
+        store.accept_result(WORKERS[1], row(b, b"1.41422", "kb", ()), 1.0)
+    assert [s.state for s in store.slices(job)] == ["voting"]  # nothing of b was stored
+    assert store.accept_result(WORKERS[1], row(b, b"1.41422", "ka", ("ka",)), 1.0).status == (
+        "accepted"
+    )
+    (s,) = store.slices(job)
+    assert (s.state, s.result) == ("done", b"1.41421")
     check_books(store)
 
 

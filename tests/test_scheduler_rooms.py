@@ -3,6 +3,7 @@ dispatcher and to result acceptance over a real SQLite store, their replies chec
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import subprocess
@@ -21,6 +22,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.session import Dispatcher, Park, WorkerSession
 from scheduler.specs import JobSpecs
 from scheduler.store import NewJob
+from scheduler.store.pool import StorePool
 from scheduler.store.sqlite import SQLiteStore
 from scheduler.verifier import VerifierPool
 from scheduler.wakeups import Wakeups
@@ -64,9 +66,10 @@ def rooms(tmp_path: Path) -> Iterator[Rooms]:
     store = SQLiteStore(tmp_path / "s.db")
     job = _deploy(store, (b"abc", b"def"), "echo")
     config = SchedulerConfig()
-    specs, wakeups = JobSpecs(store), Wakeups()
-    acceptance = Acceptance(store, config, specs, VerifierPool(size=1), wakeups)
-    yield Rooms(store, Dispatcher(store, config, specs, acceptance, wakeups), acceptance, job)
+    db = StorePool(store)  # SQLite: every call inline
+    specs, wakeups = JobSpecs(db), Wakeups()
+    acceptance = Acceptance(db, config, specs, VerifierPool(size=1), wakeups)
+    yield Rooms(store, Dispatcher(db, config, specs, acceptance, wakeups), acceptance, job)
     store.close()
 
 
@@ -75,7 +78,7 @@ def _welcomed(rooms: Rooms) -> WorkerSession:
     hello = rooms.dispatcher.hello(session)
     signature = signing.sign(KEY, signing.session_payload(hello.challenge, hello.server, WORKER))
     frame = p.encode(p.Auth(id=1, address=WORKER, signature=signature, payment_address=WORKER))
-    reply, close = rooms.dispatcher.receive(session, frame)
+    reply, close = asyncio.run(rooms.dispatcher.receive(session, frame))
     assert isinstance(reply, p.Welcome) and not close
     assert (reply.re, reply.address, session.address) == (1, WORKER, WORKER)
     return session
@@ -83,7 +86,9 @@ def _welcomed(rooms: Rooms) -> WorkerSession:
 
 def test_a_frame_before_auth_is_refused_and_closes_the_session(rooms: Rooms) -> None:
     session = rooms.dispatcher.open()
-    reply, close = rooms.dispatcher.receive(session, p.encode(p.Fetch(id=3, max_slices=1)))
+    reply, close = asyncio.run(
+        rooms.dispatcher.receive(session, p.encode(p.Fetch(id=3, max_slices=1)))
+    )
     assert isinstance(reply, p.Error) and close
     assert (reply.re, reply.code) == (3, p.ErrorCode.AUTH_FAILED.value)
     assert session.address == ""
@@ -93,7 +98,7 @@ def test_a_fetch_leases_slices_with_their_jobs_spec_and_a_heartbeat_keeps_them(
     rooms: Rooms,
 ) -> None:
     session = _welcomed(rooms)
-    work = rooms.dispatcher.dispatch(session, p.Fetch(id=2, max_slices=5))
+    work = asyncio.run(rooms.dispatcher.dispatch(session, p.Fetch(id=2, max_slices=5)))
     assert isinstance(work, p.Work) and work.re == 2
     assert [(x.job, x.slice, x.datum) for x in work.slices] == [
         (rooms.job, 0, b"abc"),
@@ -102,19 +107,23 @@ def test_a_fetch_leases_slices_with_their_jobs_spec_and_a_heartbeat_keeps_them(
     assert [(spec.job, spec.module) for spec in work.jobs] == [(rooms.job, ECHO)]
     held = p.LeaseRef(rooms.job, 0, work.slices[0].token)
     forged = p.LeaseRef(rooms.job, 1, "f" * 32)
-    ack = rooms.dispatcher.dispatch(session, p.Heartbeat(id=4, leases=(held, forged)))
+    ack = asyncio.run(rooms.dispatcher.dispatch(session, p.Heartbeat(id=4, leases=(held, forged))))
     assert isinstance(ack, p.HeartbeatAck) and ack.re == 4
     assert ack.lost == (forged,)
-    again = rooms.dispatcher.dispatch(session, p.Fetch(id=5, max_slices=5, known_jobs=(rooms.job,)))
+    again = asyncio.run(
+        rooms.dispatcher.dispatch(session, p.Fetch(id=5, max_slices=5, known_jobs=(rooms.job,)))
+    )
     assert isinstance(again, p.Work) and again.slices == () and again.jobs == ()
 
 
 def test_a_fetch_that_may_wait_is_parked_once(rooms: Rooms) -> None:
     session = _welcomed(rooms)
     fetch = p.Fetch(id=6, max_slices=1, wait_seconds=5.0)
-    assert rooms.dispatcher.dispatch(session, fetch) == Park(fetch)
+    assert asyncio.run(rooms.dispatcher.dispatch(session, fetch)) == Park(fetch)
     assert session.parked
-    second = rooms.dispatcher.dispatch(session, p.Fetch(id=7, max_slices=1, wait_seconds=5.0))
+    second = asyncio.run(
+        rooms.dispatcher.dispatch(session, p.Fetch(id=7, max_slices=1, wait_seconds=5.0))
+    )
     assert isinstance(second, p.Work) and second.re == 7  # one parked fetch per session
 
 
@@ -134,16 +143,18 @@ def _signed(job: str, slice_: int, token: str, result: bytes) -> p.Result:
 
 def test_acceptance_refuses_a_stale_token_and_accepts_the_current_one(rooms: Rooms) -> None:
     (lease,) = rooms.store.lease(WORKER, 1, time.time(), 15.0)
-    stale = rooms.acceptance.result(
-        WORKER, "s1", _signed(rooms.job, lease.slice, "f" * 32, b"r"), time.time()
+    stale = asyncio.run(
+        rooms.acceptance.result(
+            WORKER, "s1", _signed(rooms.job, lease.slice, "f" * 32, b"r"), time.time()
+        )
     )
     assert isinstance(stale, p.Error)
     assert (stale.re, stale.code) == (8, p.ErrorCode.STALE_LEASE.value)
     assert rooms.store.job(rooms.job).counts == {"leased": 1, "queued": 1}
     current = _signed(rooms.job, lease.slice, lease.token, b"r")
-    accepted = rooms.acceptance.result(WORKER, "s1", current, time.time())
+    accepted = asyncio.run(rooms.acceptance.result(WORKER, "s1", current, time.time()))
     assert accepted == p.Ack(re=8, status="accepted", credited=0.0)
-    duplicate = rooms.acceptance.result(WORKER, "s1", current, time.time())
+    duplicate = asyncio.run(rooms.acceptance.result(WORKER, "s1", current, time.time()))
     assert duplicate == p.Ack(re=8, status="duplicate", credited=0.0)
 
 
@@ -170,7 +181,7 @@ def test_the_active_jobs_serve_the_next_fetches_until_slices_become_available(
     session = _welcomed(rooms)
 
     def fetch() -> list[str]:
-        work = rooms.dispatcher.dispatch(session, p.Fetch(id=2, max_slices=10))
+        work = asyncio.run(rooms.dispatcher.dispatch(session, p.Fetch(id=2, max_slices=10)))
         assert isinstance(work, p.Work)
         return [x.job for x in work.slices]
 

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dcp_protocol import DcpError, ErrorCode, LeaseRef, Limits, Metrics
 
 from ..quorum import Redundancy
 from .migrations import Migration
+
+if TYPE_CHECKING:
+    from .pool import StorePool
 
 MICRO = 1_000_000
 
@@ -66,6 +69,12 @@ class UnknownSlice(StoreError):
 
 class StaleLease(StoreError):
     code = ErrorCode.STALE_LEASE
+
+
+class VotesChanged(StoreError):
+    """A replicated slice's votes changed between the comparison that gave a result its vote
+    key and its acceptance (another replica's result was accepted meanwhile): compare with the
+    votes as they are now and try again. Nothing of the result was stored."""
 
 
 class InsufficientFunds(StoreError):
@@ -155,6 +164,10 @@ class ResultRow:
     #: A replicated job's vote: results with equal keys agree (None: by their bytes; set by
     #: acceptance from the job's comparison function).
     vote_key: str | None = None
+    #: The keys of the votes that comparison saw (:meth:`Store.vote_representatives`), in
+    #: order: acceptance refuses the result with VotesChanged unless they are still the
+    #: slice's votes once it holds the slice's lock. None: not checked (no comparison).
+    votes_seen: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -344,13 +357,26 @@ class Store(Protocol):
     where: str
     #: The schema migrations that opening this store applied (scheduler/store/migrations.py).
     applied: tuple[Migration, ...]
+    #: Whether :meth:`sibling` opens another connection, so that calls may run on several
+    #: threads at once (scheduler/store/pool.py); false where one connection serves all
+    #: (SQLite).
+    poolable: bool
+
+    def sibling(self) -> Store:
+        """Another store on the same database, with a connection of its own (opened on its
+        first call), for one thread of a pool; only where :attr:`poolable`."""
+        ...
 
     def schema_version(self) -> int: ...
     def notifier(
-        self, channels: tuple[str, ...], wake: Callable[[str | None], None]
+        self,
+        channels: tuple[str, ...],
+        wake: Callable[[str | None], None],
+        pool: StorePool | None = None,
     ) -> PeerNotifier | None:
         """What tells other replicas of this database, and hears them; None where the
-        backend has no replicas (SQLite)."""
+        backend has no replicas (SQLite). Its NOTIFYs go through ``pool`` where given (off
+        the event loop), else on this store's connection."""
         ...
 
     # jobs

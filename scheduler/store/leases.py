@@ -327,9 +327,11 @@ class LeasesRoom(JobsRoom):
         return new
 
     def _lock_input(self, db: Connection, job_id: str, idx: int) -> int | None:
-        """Before a single replica's row is locked: lock its slice's (the order every
-        transaction takes them in); the slice, or None for a slice of an unreplicated job."""
+        """Before a single replica's row is locked: lock its job's row and its slice's (the
+        order every transaction that may decide votes takes them in: :meth:`_lock_job`); the
+        slice, or None for a slice of an unreplicated job."""
         of = self._inputs_of(db, [(job_id, idx)]).get((job_id, idx))
         if of is not None:
+            self._lock_job(db, job_id)
             db.execute("SELECT 1 FROM slices WHERE job=? AND idx=?" + self._lock(), (job_id, of))
         return of

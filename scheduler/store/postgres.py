@@ -36,7 +36,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 import psycopg.conninfo
@@ -45,6 +45,9 @@ import psycopg.errors
 from . import DatabaseError, Lease, ResultRow, Settled, StoreError
 from .migrations import META, SET_VERSION, Migration, SchemaError, pending
 from .sql import SQLStore
+
+if TYPE_CHECKING:
+    from .pool import StorePool
 
 __all__ = ["NOTIFY_INTERVAL", "Notifier", "PostgresStore", "display_url"]
 
@@ -57,6 +60,17 @@ NOTIFY_INTERVAL = 0.02
 
 
 _T = TypeVar("_T")
+
+#: What ends a transaction of ours and nothing more: the server rolled it back to break a
+#: deadlock, or its wait for a row passed ``lock_timeout`` (which, at the same second as the
+#: server's ``deadlock_timeout``, a deadlock may show as). Running it again is safe.
+_ROLLED_BACK = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable)
+#: Runs of one call that the server rolled back so, before its error is the caller's.
+ATTEMPTS = 3
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    return isinstance(exc, _ROLLED_BACK) or isinstance(exc.__cause__, _ROLLED_BACK)
 
 
 def display_url(url: str) -> str:
@@ -122,12 +136,22 @@ class PostgresStore(SQLStore):
         statement_timeout: float = 10.0,
         lock_timeout: float = 5.0,
         idle_in_transaction_timeout: float = 60.0,
+        *,
+        migrate: bool = True,
     ) -> None:
         """``statement_timeout``, ``lock_timeout``: the longest one statement runs, or
         waits for a row another transaction holds, before the call fails (StoreError);
         ``idle_in_transaction_timeout``: the server ends a session of ours whose transaction
-        was left open longer (none should be). ``upgrade``: as SQLiteStore's."""
+        was left open longer (none should be). ``upgrade``: as SQLiteStore's. ``migrate``
+        false: the schema is not looked at, nor a connection opened until the first call
+        (:meth:`sibling`)."""
         super().__init__()
+        self._settings = (
+            connect_timeout,
+            statement_timeout,
+            lock_timeout,
+            idle_in_transaction_timeout,
+        )
         self.url = url
         self.where = display_url(url)
         options = " ".join(
@@ -141,11 +165,21 @@ class PostgresStore(SQLStore):
         self._connect_timeout = max(1, round(connect_timeout))
         self._options = options
         self._conn: _Connection | None = None
+        self.applied: tuple[Migration, ...] = ()
+        if not migrate:
+            return
         try:
             self.applied = self._migrate(upgrade)
         except SchemaError as exc:
             self.close()
             raise StoreError(str(exc)) from None
+
+    poolable = True
+
+    def sibling(self) -> PostgresStore:
+        """A store on the same database and with the same limits, on a connection of its
+        own (opened by its first call)."""
+        return PostgresStore(self.url, False, *self._settings, migrate=False)
 
     # ------------------------------------------------------------------ connection
 
@@ -280,10 +314,65 @@ class PostgresStore(SQLStore):
             )
         )
 
+    def fail_slice(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
+    ) -> str:
+        """SQLStore's, run again where the server rolled it back: a failure that reopens a
+        replicated slice's decision may lock other slices after its job's row."""
+        return self._again(
+            lambda: super(PostgresStore, self).fail_slice(
+                job_id, slice_, token, worker, code, message, now
+            )
+        )
+
+    def reject_result(
+        self,
+        job_id: str,
+        slice_: int,
+        token: str,
+        worker: str,
+        code: str,
+        message: str,
+        now: float,
+    ) -> str:
+        """SQLStore's, run again where the server rolled it back (as :meth:`fail_slice`)."""
+        return self._again(
+            lambda: super(PostgresStore, self).reject_result(
+                job_id, slice_, token, worker, code, message, now
+            )
+        )
+
+    def expire_leases(self, now: float) -> int:
+        """SQLStore's, run again where the server rolled it back (as :meth:`fail_slice`)."""
+        return self._again(lambda: super(PostgresStore, self).expire_leases(now))
+
+    def _again(self, call: Callable[[], _T]) -> _T:
+        """``call`` (one transaction), run again where the server rolled it back
+        (:func:`_rolled_back`): a vote decided in one transaction may reopen the decision of
+        other slices of the job, whose rows it can only lock after the job's row; another
+        transaction holding one of them and waiting for the job's row is a deadlock, which
+        the server breaks by rolling one back, and that one runs again."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return call()
+            except StoreError as exc:
+                if attempt == ATTEMPTS or not _rolled_back(exc):
+                    raise
+                log.info("a transaction was rolled back (%s); running it again", exc)
+        raise AssertionError("unreachable")
+
     def _pipelined(self, call: Callable[[], _T]) -> _T:
         """``call`` (one transaction of SQLStore's) in libpq's pipeline mode: statements go
-        without waiting for their replies until a read needs its rows."""
-        for attempt in (1, 2):
+        without waiting for their replies until a read needs its rows. Run again where the
+        server rolled it back (:func:`_rolled_back`), up to ATTEMPTS times."""
+        for attempt in range(1, ATTEMPTS + 1):
             db = self._connection()
             db.committing = False
             done: list[_T] = []
@@ -310,6 +399,9 @@ class PostgresStore(SQLStore):
                     # the first read, before the COMMIT went: nothing of it can have happened,
                     # so once more on a new one (as _begin does out of pipeline mode).
                     continue
+                if attempt < ATTEMPTS and _rolled_back(exc):
+                    log.info("a transaction was rolled back (%s); running it again", exc)
+                    continue
                 if isinstance(exc, psycopg.Error):  # read when the pipeline ended: the commit's
                     raise DatabaseError(f"database unavailable: {exc}".strip()) from exc
                 raise
@@ -332,8 +424,13 @@ class PostgresStore(SQLStore):
         """NOTIFY the other replicas on ``channel``, as ``sender``."""
         self._db.execute("SELECT pg_notify(?, ?)", (channel, sender))
 
-    def notifier(self, channels: tuple[str, ...], wake: Callable[[str | None], None]) -> Notifier:
-        return Notifier(self, channels, wake)
+    def notifier(
+        self,
+        channels: tuple[str, ...],
+        wake: Callable[[str | None], None],
+        pool: StorePool | None = None,
+    ) -> Notifier:
+        return Notifier(self, channels, wake, pool)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -352,9 +449,18 @@ class Notifier:
     the interval."""
 
     def __init__(
-        self, store: PostgresStore, channels: tuple[str, ...], wake: Callable[[str | None], None]
+        self,
+        store: PostgresStore,
+        channels: tuple[str, ...],
+        wake: Callable[[str | None], None],
+        pool: StorePool | None = None,
     ) -> None:
+        """``pool``: where the NOTIFYs run (a thread's connection, off the event loop); else
+        on ``store``'s connection, on the caller's thread."""
         self.store = store
+        self.pool = pool if pool is not None and pool.threaded else None
+        #: NOTIFYs under way on the pool (kept until done, as a task must be).
+        self._sending: set[asyncio.Future[None]] = set()
         self.channels = channels
         self.wake = wake
         self.sender = secrets.token_hex(8)
@@ -382,11 +488,31 @@ class Notifier:
 
     def _send(self, channel: str, now: float) -> None:
         self._last[channel] = now
-        try:
-            self.store.publish(channel, self.sender)
+        if self.pool is None:
+            try:
+                self.store.publish(channel, self.sender)
+                self.sent += 1
+            except StoreError as exc:  # the other replicas' safety poll still wakes them
+                log.warning("cannot notify the other replicas: %s", exc)
+            return
+        sender = self.sender
+        sending = asyncio.ensure_future(
+            self.pool.run(lambda s: cast(PostgresStore, s).publish(channel, sender))
+        )
+        self._sending.add(sending)
+        sending.add_done_callback(self._sent)
+
+    def _sent(self, sending: asyncio.Future[None]) -> None:
+        self._sending.discard(sending)
+        if sending.cancelled():
+            return
+        exc = sending.exception()
+        if exc is None:
             self.sent += 1
-        except StoreError as exc:  # the other replicas' safety poll still wakes them
+        elif isinstance(exc, StoreError):  # the other replicas' safety poll still wakes them
             log.warning("cannot notify the other replicas: %s", exc)
+        else:
+            log.error("notifying the other replicas failed", exc_info=exc)
 
     async def listen(self, retry_delay: float = 1.0) -> None:
         """LISTEN until cancelled, reconnecting after a lost connection."""

@@ -26,6 +26,7 @@ from . import (
     StaleLease,
     StoreError,
     UnknownSlice,
+    VotesChanged,
 )
 from . import ledger as _ledger
 from . import votes as _votes
@@ -116,6 +117,8 @@ class ResultsRoom(LeasesRoom):
         with self._tx() as db:
             keys = [(rows[i].job, rows[i].slice) for i in order]
             inputs = self._inputs_of(db, keys)
+            for job_id in sorted({j for j, _ in inputs}):  # votes are decided below
+                self._lock_job(db, job_id)
             # A replicated slice's row before its replicas' (scheduler/store/votes.py): inputs
             # have lower indices than every replica, so one sorted order takes both.
             locked = self._lock_slices(
@@ -265,8 +268,17 @@ class ResultsRoom(LeasesRoom):
             new = transition(state, SliceEvent.ACCEPT)
         except IllegalTransition:
             raise StaleLease(f"slice {job_id}/{slice_} is {state.value}") from None
-        locked[key] = (new, current, holder, offer)
         replica = self._policy(db, job_id)[0] is not None
+        if replica and row.votes_seen is not None:
+            # The slice's input is locked (accept_results): no vote can be accepted between
+            # this read and the commit.
+            now_seen = tuple(k for k, _ in self._representatives(db, job_id, slice_))
+            if now_seen != row.votes_seen:
+                raise VotesChanged(
+                    f"slice {job_id}/{slice_}: {len(now_seen)} vote(s) now, where its"
+                    f" comparison saw {len(row.votes_seen)}"
+                )
+        locked[key] = (new, current, holder, offer)
         db.execute(
             "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
             " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL, vote_key=?"

@@ -23,19 +23,23 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..quorum import Redundancy
 from . import (
     LedgerEntry,
     PeerNotifier,
     ReplicaRecord,
+    Store,
     StoreError,
     UnknownJob,
 )
 from . import ledger as _ledger
 from . import votes as _votes
 from .dbapi import Connection
+
+if TYPE_CHECKING:
+    from .pool import StorePool
 
 #: A job's price reads one row per worker of the job (:meth:`SQLStore._price`). It is set on
 #: every acceptance while the job had at most PRICE_EXACT_WORKERS workers when last priced, then
@@ -176,8 +180,16 @@ class SQLBase:
     def close(self) -> None:
         raise NotImplementedError
 
+    poolable = False
+
+    def sibling(self) -> Store:
+        raise NotImplementedError(f"{type(self).__name__} runs its calls on one connection")
+
     def notifier(
-        self, channels: tuple[str, ...], wake: Callable[[str | None], None]
+        self,
+        channels: tuple[str, ...],
+        wake: Callable[[str | None], None],
+        pool: StorePool | None = None,
     ) -> PeerNotifier | None:
         return None
 

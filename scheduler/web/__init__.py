@@ -2,7 +2,7 @@
 for operators and job owners, over the same store and the same read-token check as the
 compute API (scheduler/api.py).
 
-    Console(store, connected, operator_token).add_routes(app)
+    Console(StorePool(store), connected, operator_token).add_routes(app)
 """
 
 from __future__ import annotations

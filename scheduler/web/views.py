@@ -15,7 +15,8 @@ from aiohttp import web
 from dcp_protocol import signing
 
 from ..api import market, slice_cursor
-from ..store import JobRecord, Store, UnknownJob, credits
+from ..store import JobRecord, UnknownJob, credits
+from ..store.pool import StorePool
 from .access import (
     OPERATOR_COOKIE,
     READ_COOKIE,
@@ -101,7 +102,7 @@ class Console:
     """The web console over one store.
 
     Args:
-        store: the scheduler's store.
+        db: where the scheduler's store calls run (scheduler/store/pool.py).
         connected: the addresses of the workers connected now (authenticated sessions).
         operator_token: what the operator pastes to see workers and the ledger.
         clock: Unix seconds, for read token expiry (the compute API's clock).
@@ -109,12 +110,12 @@ class Console:
 
     def __init__(
         self,
-        store: Store,
+        db: StorePool,
         connected: Callable[[], set[str]],
         operator_token: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self.db = db
         self.connected = connected
         self.operator_token = operator_token
         self.clock = clock
@@ -143,10 +144,9 @@ class Console:
 
     # ------------------------------------------------------------------ helpers
 
-    def _visitor(self, request: web.Request) -> Visitor:
-        return Visitor.from_cookies(
-            self.store, dict(request.cookies), self.operator_token, self.clock()
-        )
+    async def _visitor(self, request: web.Request) -> Visitor:
+        cookies, token, now = dict(request.cookies), self.operator_token, self.clock()
+        return await self.db.run(lambda s: Visitor.from_cookies(s, cookies, token, now))
 
     def _render(
         self, request: web.Request, visitor: Visitor, name: str, status: int = 200, **context: Any
@@ -163,7 +163,7 @@ class Console:
             request, visitor, "refusal.html", status=refusal.status, refusal=refusal
         )
 
-    def _readable_job(self, visitor: Visitor, job_id: str) -> JobRecord | Refusal:
+    async def _readable_job(self, visitor: Visitor, job_id: str) -> JobRecord | Refusal:
         """The job, if this visitor may read it (the compute API's order: who, then which)."""
         if not visitor.signed_in:
             return Refusal(
@@ -174,7 +174,7 @@ class Console:
                 403, "read_token_wrong_job", "none of this browser's read tokens is for that job"
             )
         try:
-            return self.store.job(job_id)
+            return await self.db.run(lambda s: s.job(job_id))
         except UnknownJob as exc:
             return Refusal(404, "unknown_slice", str(exc))
 
@@ -221,8 +221,8 @@ class Console:
         raise web.HTTPFound("/console/")
 
     async def overview(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
-        jobs = self.store.list_jobs()
+        visitor = await self._visitor(request)
+        jobs = await self.db.run(lambda s: s.list_jobs())
         readable = [j for j in jobs if visitor.may_read(j.id)]
         totals = {s: sum(j.counts.get(s, 0) for j in readable) for s in STATES}
         public = [
@@ -250,16 +250,19 @@ class Console:
         )
 
     async def job(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
-        found = self._readable_job(visitor, request.match_info["job"])
+        visitor = await self._visitor(request)
+        found = await self._readable_job(visitor, request.match_info["job"])
         if isinstance(found, Refusal):
             return self._refuse(request, visitor, found)
         try:
             after = slice_cursor(request.query.get("after", "-1"))
         except ValueError:
             after = -1
-        slices = self.store.slices(found.id, after, PAGE_SLICES)
-        refusals = sorted(self.store.refusals(found.id), key=lambda r: -r.last)[:REFUSAL_ROWS]
+        job_id = found.id
+        slices, refused = await self.db.run(
+            lambda s: (s.slices(job_id, after, PAGE_SLICES), s.refusals(job_id))
+        )
+        refusals = sorted(refused, key=lambda r: -r.last)[:REFUSAL_ROWS]
         return self._render(
             request,
             visitor,
@@ -275,8 +278,8 @@ class Console:
 
     async def job_counts(self, request: web.Request) -> web.Response:
         """The job page's numbers, for its script to refresh them."""
-        visitor = self._visitor(request)
-        found = self._readable_job(visitor, request.match_info["job"])
+        visitor = await self._visitor(request)
+        found = await self._readable_job(visitor, request.match_info["job"])
         if isinstance(found, Refusal):
             return web.json_response(
                 {"error": {"code": found.code, "message": found.message}},
@@ -295,46 +298,49 @@ class Console:
         )
 
     async def workers(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
+        visitor = await self._visitor(request)
         refusal = self._operator_only(visitor)
         if refusal is not None:
             return self._refuse(request, visitor, refusal)
         connected = {_shown(a) for a in self.connected()}
         workers = sorted(
-            (replace(w, address=_shown(w.address)) for w in self.store.workers()),
+            (
+                replace(w, address=_shown(w.address))
+                for w in await self.db.run(lambda s: s.workers())
+            ),
             key=lambda w: (w.address not in connected, -w.last_seen),
         )
         return self._render(request, visitor, "workers.html", workers=workers, connected=connected)
 
     async def ledger(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
+        visitor = await self._visitor(request)
         refusal = self._operator_only(visitor)
         if refusal is not None:
             return self._refuse(request, visitor, refusal)
-        entries = sorted(self.store.ledger(limit=LEDGER_ROWS), key=lambda e: -e.seq)
+        found, totals = await self.db.run(lambda s: (s.ledger(limit=LEDGER_ROWS), s.totals()))
+        entries = sorted(found, key=lambda e: -e.seq)
         return self._render(
             request,
             visitor,
             "ledger.html",
             entries=entries,
-            totals=sorted(self.store.totals().items()),
+            totals=sorted(totals.items()),
             limit=LEDGER_ROWS,
         )
 
     async def sign_in_page(self, request: web.Request) -> web.Response:
-        return self._render(request, self._visitor(request), "sign_in.html", problem=None)
+        return self._render(request, await self._visitor(request), "sign_in.html", problem=None)
 
     async def sign_in(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
+        visitor = await self._visitor(request)
         refusal = self._same_origin(request)
         if refusal is not None:
             return self._refuse(request, visitor, refusal)
         form = await request.post()
         pasted = form.get("token", "")
         try:
-            kind, job_id = sign_in(
-                self.store, visitor, str(pasted), self.operator_token, self.clock()
-            )
+            token, now = self.operator_token, self.clock()
+            kind, job_id = await self.db.run(lambda s: sign_in(s, visitor, str(pasted), token, now))
         except SignInRefused as exc:
             return self._render(
                 request,
@@ -353,7 +359,7 @@ class Console:
         return response
 
     async def sign_out(self, request: web.Request) -> web.Response:
-        visitor = self._visitor(request)
+        visitor = await self._visitor(request)
         refusal = self._same_origin(request)
         if refusal is not None:
             return self._refuse(request, visitor, refusal)
