@@ -67,7 +67,7 @@ bench: $(STAMP)
 ## slices must be 0; PostgreSQL's adds dead tuples). Bounded to 8 minutes each.
 soak: $(STAMP)
 	$(PY) tests/faults/soak.py --minutes 8 --faults 120
-	$(PY) tests/faults/soak.py --backend postgres --minutes 8 --faults 120
+	$(PY) tests/faults/soak.py --backend postgres --minutes 8 --faults 120 --hold-minutes 3
 
 ## The Debian package: dist/dcp-worker_<version>_amd64.deb (wheels, units, /etc config).
 deb: $(STAMP)

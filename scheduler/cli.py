@@ -249,6 +249,7 @@ def main(verbose: int) -> None:
 )
 @click.option(
     "--db-connections",
+    envvar="DCP_SCHEDULER_DB_CONNECTIONS",
     type=click.IntRange(0, 64),
     default=SchedulerConfig.db_connections,
     show_default=True,

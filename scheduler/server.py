@@ -498,6 +498,9 @@ class Scheduler:
                 "protocol": PROTOCOL_VERSION,
                 "sessions": self.sessions,
                 "throttled_sessions": self.throttled,
+                # Store calls under way on the pool's threads (PostgreSQL): how many requests
+                # wait for the database now.
+                "store_calls_in_flight": self.db.in_flight,
             }
         )
 

@@ -5,7 +5,9 @@ request and not every session of the replica."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,6 +81,11 @@ def test_postgres_calls_run_at_once_on_connections_of_their_own(pg_db: str) -> N
         store.close()
 
 
+def _status(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{url}/api/v1/status", timeout=10) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
 async def _session(url: str, keystore: Keystore) -> ClientConnection:
     ws = await connect(url, compression=None, max_size=None)
     hello = p.decode(await ws.recv(), p.SCHEDULER_MESSAGES)
@@ -131,6 +138,8 @@ def test_a_call_waiting_on_a_lock_holds_up_its_session_only(
                 b_ack = p.decode(await asyncio.wait_for(b.recv(), 50), p.SCHEDULER_MESSAGES)
                 assert isinstance(b_ack, p.HeartbeatAck) and b_ack.lost == ()
                 assert not a_reply.done(), "A's call ended before B was answered"
+                status = await asyncio.to_thread(_status, scheduler.url)
+                assert status["store_calls_in_flight"] >= 1  # A's, waiting
             a_ack = p.decode(await asyncio.wait_for(a_reply, 30), p.SCHEDULER_MESSAGES)
             assert isinstance(a_ack, p.HeartbeatAck) and a_ack.lost == ()
             await a.close()

@@ -55,7 +55,7 @@ class StorePool:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[Store] = []
-        #: Calls begun on a thread and not yet done (the status page's figure).
+        #: Calls begun on a thread and not yet done (``GET /api/v1/status``).
         self.in_flight = 0
 
     @property

@@ -2,6 +2,7 @@
 random while jobs run, and count what was lost or paid twice.
 
     python tests/faults/soak.py [--minutes M] [--faults F] [--seed S] [--backend postgres]
+        [--hold-minutes M]
 
 Each round deploys a paid echo job to a scheduler (SQLite) served to one worker, injects faults
 until the job completes, then checks every slice against the store and the ledger. Faults:
@@ -19,6 +20,12 @@ database's role away for up to 2 s (both when the server is the soak's own), ope
 a transaction that stays idle for the rest of the round (vacuum cannot clean meanwhile), and
 the worker faults above. The summary adds the dead tuples of the queue's tables at the end of
 each round (the largest), and after a VACUUM once the idle transactions ended.
+
+``--hold-minutes M`` (PostgreSQL) adds one round on one database whose transaction stays idle
+for M minutes while job after job runs through it, with the faults that spare that transaction
+(everything above but restarting PostgreSQL): the dead slice versions that vacuum cannot remove
+meanwhile are sampled after each job (pgstattuple's exact count where the extension is there),
+and counted again after a VACUUM once the transaction ended ("hold" in the summary).
 Ends with one JSON line: rounds, faults, slices deployed / completed, lost, paid twice, results
 wrong, the worst graceful exit time, and whether the books balance.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -124,10 +132,23 @@ def _free_port() -> int:
 
 
 class Round:
-    def __init__(self, work: Path, rng: random.Random, pg: postgres.Server | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        rng: random.Random,
+        pg: postgres.Server | None = None,
+        hold: bool = False,
+    ) -> None:
+        """``hold``: the round of ``--hold-minutes``, whose idle transaction (:meth:`hold`) is
+        opened as the server's admin and held throughout: the faults that would end it (a
+        restart of PostgreSQL, another idle transaction) are left out, and killing the
+        database's backends spares it."""
         self.work = work
         self.rng = rng
         self.pg = pg
+        self.holding = hold
+        #: The database as its admin sees it (the idle transaction of a hold round).
+        self.admin_db = ""
         #: The database's own login role (on the soak's own server), whose connection slots
         #: the exhaust_connections fault takes away; None: the admin's URL is used.
         self.role: str | None = None
@@ -137,8 +158,9 @@ class Round:
             name = f"soak_{secrets.token_hex(6)}"
             pg.admin(f"CREATE DATABASE {name} OWNER {self.role} STRATEGY FILE_COPY")
             self.db = pg.cluster.url(name).replace(f"{pg.cluster.user}@", f"{self.role}@")
+            self.admin_db = pg.cluster.url(name)
         elif pg is not None:
-            self.db = pg.create_database("soak")
+            self.db = self.admin_db = pg.create_database("soak")
         else:
             self.db = str(work / "s.db")
         replicas = 2 if pg is not None else 1
@@ -233,6 +255,8 @@ class Round:
         ]
         if self.pg is None:
             kinds.append("lock_database")
+        elif self.holding:
+            kinds += ["kill_backends", "kill_backends"]
         else:
             kinds += ["kill_backends", "kill_backends", "idle_transaction"]
             if self.pg.cluster is not None:
@@ -259,7 +283,11 @@ class Round:
             self.schedulers[i] = self._start_scheduler(i)
         elif kind == "kill_backends":  # every session of the database, the replicas' too
             assert self.pg is not None
-            self.pg.terminate_backends(self.db.split("?")[0].rsplit("/", 1)[1])
+            self.pg.admin(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"
+                " AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+                (self.db.split("?")[0].rsplit("/", 1)[1], self.held_pids),
+            )
         elif kind == "restart_postgres":
             assert self.pg is not None and self.pg.cluster is not None
             self.pg.cluster.restart()
@@ -276,13 +304,7 @@ class Round:
             finally:
                 self.pg.admin(f"ALTER ROLE {self.role} CONNECTION LIMIT -1")
         elif kind == "idle_transaction":  # held to the end of the round: vacuum must wait
-            import psycopg
-
-            holder = psycopg.connect(self.db)
-            holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            holder.execute("SELECT count(*) FROM slices").fetchone()
-            self.idle.append(holder)
-            self.idle_since.append(time.monotonic())
+            self.hold(self.db)
         elif kind == "lock_database":  # submissions (and every write) fail for a while
             lock = sqlite3.connect(self.db, timeout=10, isolation_level=None)
             try:
@@ -355,6 +377,37 @@ class Round:
             ).fetchall()
         return {name: int(n) for name, n in rows}
 
+    def dead_versions(self) -> int | None:
+        """The dead row versions in ``slices`` now, counted by pgstattuple (exact, unlike the
+        statistics' n_dead_tup, which lag); None where the extension is not installed."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.admin_db, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+                (n,) = conn.execute("SELECT dead_tuple_count FROM pgstattuple('slices')").fetchone()  # type: ignore[misc]
+        except psycopg.Error:
+            return None
+        return int(n)
+
+    def hold(self, url: str) -> None:
+        """Open a transaction on ``url`` that stays idle (with a snapshot: vacuum can remove
+        no row version dead since) until :meth:`release_idle`."""
+        import psycopg
+
+        holder = psycopg.connect(url)
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT count(*) FROM slices").fetchone()
+        self.idle.append(holder)
+        self.idle_since.append(time.monotonic())
+
+    @property
+    def held_pids(self) -> list[int]:
+        """The server pids of the hold round's idle transactions (kill_backends spares them)."""
+        if not self.holding:
+            return []
+        return [int(h.info.backend_pid) for h in self.idle]  # type: ignore[attr-defined]
+
     def release_idle(self) -> None:
         now = time.monotonic()
         self.idle_held_max = max([self.idle_held_max, *(now - t for t in self.idle_since)])
@@ -423,37 +476,119 @@ def run_round(
         r.release_idle()
         r.vacuum()
         dead_after_vacuum = r.dead_tuples()
-    store = open_store(r.db)
-    try:
-        records = store.slices(job, limit=slices)
-        payments: dict[int, int] = {}
-        for entry in store.ledger(limit=10**9):
-            if entry.kind == "payment" and entry.job == job and entry.slice is not None:
-                payments[entry.slice] = payments.get(entry.slice, 0) + 1
-        totals = store.totals()
-    finally:
-        store.close()
-    done = [s for s in records if s.state == "done"]
-    states: dict[str, int] = {}
-    for record in records:
-        states[record.state] = states.get(record.state, 0) + 1
-    errors = sorted({f"{s.error_code}" for s in records if s.state != "done"})
     return {
-        "states": states,
-        "errors": errors,
+        **_tally(r.db, {job: values}),
         "faults": injected,
         "fault_kinds": r.faults,
-        "deployed": slices,
-        "completed": len(done),
-        "lost": slices - len(done),
-        "paid_twice": sum(1 for n in payments.values() if n > 1),
-        "unpaid_done": sum(1 for s in done if payments.get(s.slice, 0) != 1),
-        "wrong": sum(1 for s in done if s.result != values[s.slice].encode()),
-        "books_balance": totals["minted"] == totals["accounts"] + totals["escrow"],
         "graceful_exits": r.graceful_exits,
         "dead_tuples": dead,
         "dead_tuples_after_vacuum": dead_after_vacuum,
         "idle_transaction_held_s": round(r.idle_held_max, 1),
+    }
+
+
+def _tally(db: str, jobs: dict[str, list[str]]) -> dict[str, object]:
+    """What became of the slices of ``jobs`` (each with its input values), from the store and
+    the ledger."""
+    store = open_store(db)
+    try:
+        records = {job: store.slices(job, limit=len(values)) for job, values in jobs.items()}
+        payments: dict[tuple[str, int], int] = {}
+        for entry in store.ledger(limit=10**9):
+            if entry.kind == "payment" and entry.job in jobs and entry.slice is not None:
+                key = (entry.job, entry.slice)
+                payments[key] = payments.get(key, 0) + 1
+        totals = store.totals()
+    finally:
+        store.close()
+    every = [(job, s) for job, found in records.items() for s in found]
+    done = [(job, s) for job, s in every if s.state == "done"]
+    states: dict[str, int] = {}
+    for _job, record in every:
+        states[record.state] = states.get(record.state, 0) + 1
+    deployed = sum(len(values) for values in jobs.values())
+    return {
+        "states": states,
+        "errors": sorted({f"{s.error_code}" for _job, s in every if s.state != "done"}),
+        "deployed": deployed,
+        "completed": len(done),
+        "lost": deployed - len(done),
+        "paid_twice": sum(1 for n in payments.values() if n > 1),
+        "unpaid_done": sum(1 for job, s in done if payments.get((job, s.slice), 0) != 1),
+        "wrong": sum(1 for job, s in done if s.result != jobs[job][s.slice].encode()),
+        "books_balance": totals["minted"] == totals["accounts"] + totals["escrow"],
+    }
+
+
+def run_hold(
+    work: Path,
+    rng: random.Random,
+    slices: int,
+    faults: int,
+    seconds: float,
+    pg: postgres.Server,
+) -> dict[str, object]:
+    """One database, a transaction held idle on it for ``seconds`` while job after job of
+    ``slices`` slices runs through two replicas (``faults`` faults each, none that ends the
+    held transaction): the dead row versions vacuum cannot remove meanwhile, sampled after
+    each job, and what a VACUUM leaves once the transaction ended."""
+    r = Round(work, rng, pg, hold=True)
+    jobs: dict[str, list[str]] = {}
+    samples: list[tuple[float, int, int]] = []  # (s held, slices done, dead slice versions)
+    injected = 0
+    try:
+        r.hold(r.admin_db)
+        start = time.monotonic()
+        urls = [f"http://127.0.0.1:{port}" for port in r.ports]
+        with ComputeClient(urls, r.owner, timeout=30) as client:
+            while time.monotonic() - start < seconds:
+                values = [f"{work.name}-{len(jobs)}-{i}" for i in range(slices)]
+                job_toml = work / "job.toml"
+                job_toml.write_text(
+                    f'module = "{ECHO}"\noffer = {OFFER}\nmax_attempts = 10\n'
+                    f"[inputs]\nvalues = {json.dumps(values)}\n"
+                )
+                job = client.deploy(job_toml)
+                jobs[job] = values
+                for _ in range(faults):
+                    if time.monotonic() - start >= seconds:
+                        break
+                    time.sleep(rng.uniform(0.05, 0.6))
+                    r.inject()
+                    injected += 1
+                with contextlib.suppress(AssertionError):
+                    wait_for(functools.partial(_settled, client, job), 180)
+                versions = r.dead_versions()
+                if versions is None:
+                    versions = r.dead_tuples().get("slices", 0)
+                samples.append((round(time.monotonic() - start, 1), slices * len(jobs), versions))
+    finally:
+        r.close()
+    dead = r.dead_tuples()
+    dead_versions = r.dead_versions()
+    r.release_idle()
+    r.vacuum()
+    after = r.dead_tuples()
+    after_versions = r.dead_versions()
+    done = max(1, samples[-1][1]) if samples else 1
+    return {
+        **_tally(r.db, jobs),
+        "faults": injected,
+        "fault_kinds": r.faults,
+        "graceful_exits": r.graceful_exits,
+        "jobs": len(jobs),
+        "idle_transaction_held_s": round(r.idle_held_max, 1),
+        "dead_tuples": dead,
+        "dead_tuples_after_vacuum": after,
+        # pgstattuple's exact counts of slices (None without the extension).
+        "dead_slice_versions": dead_versions,
+        "dead_slice_versions_after_vacuum": after_versions,
+        # Dead slice versions per slice run while vacuum was held back: what bounds the
+        # queue's bloat is the hold's length times the rate, not the soak's length.
+        "dead_slice_versions_per_slice": round(
+            (dead_versions if dead_versions is not None else dead.get("slices", 0)) / done, 2
+        ),
+        "samples": samples,
     }
 
 
@@ -467,7 +602,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--slices", type=int, default=300, help="slices per round")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--hold-minutes",
+        type=float,
+        default=0.0,
+        help="PostgreSQL: after the rounds, one more whose transaction stays idle this long "
+        "while job after job runs (issue 17's 'held idle for minutes'); its dead tuples are "
+        "reported as 'hold'",
+    )
     args = parser.parse_args(argv)
+    if args.hold_minutes and args.backend != "postgres":
+        parser.error("--hold-minutes needs --backend postgres")
     pg = None
     if args.backend == "postgres":
         pg = postgres.server()
@@ -528,6 +673,37 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 for log in sorted(work.glob("worker-*.log"))[-2:]:
                     tail = log.read_text(errors="replace").splitlines()[-8:]
                     print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+        if pg is not None and args.hold_minutes > 0:
+            work = Path(tmp) / "hold"
+            work.mkdir()
+            held = run_hold(work, rng, args.slices, args.per_round, args.hold_minutes * 60, pg)
+            summary["rounds"] += 1  # type: ignore[operator]
+            for key in ("faults", "deployed", "completed", "lost", "paid_twice", "unpaid_done"):
+                summary[key] += held[key]  # type: ignore[operator]
+            summary["wrong"] += held["wrong"]  # type: ignore[operator]
+            summary["books_balance"] = summary["books_balance"] and held["books_balance"]
+            kinds = summary["fault_kinds"]
+            for kind, n in held["fault_kinds"].items():  # type: ignore[attr-defined]
+                kinds[kind] = kinds.get(kind, 0) + n  # type: ignore[index,attr-defined]
+            worst = max([worst, *held["graceful_exits"]])  # type: ignore[list-item]
+            idle_held = max(idle_held, float(held["idle_transaction_held_s"]))  # type: ignore[arg-type]
+            summary["hold"] = {
+                k: held[k]
+                for k in (
+                    "jobs",
+                    "deployed",
+                    "lost",
+                    "idle_transaction_held_s",
+                    "dead_tuples",
+                    "dead_tuples_after_vacuum",
+                    "dead_slice_versions",
+                    "dead_slice_versions_after_vacuum",
+                    "dead_slice_versions_per_slice",
+                    "samples",
+                )
+            }
+            if held["lost"]:
+                print(f"hold round: {held['states']} {held['errors']}", file=sys.stderr)
     summary["worst_graceful_exit_s"] = round(worst, 2)
     if pg is not None:
         summary["dead_tuples_max"] = dead_max
