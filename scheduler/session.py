@@ -59,7 +59,7 @@ from .acceptance import Acceptance
 from .acceptance import Reply as AcceptanceReply
 from .config import SchedulerConfig
 from .specs import JobSpecs
-from .store import JobRecord, Store, StoreError, credits
+from .store import GroupRecord, JobRecord, Store, StoreError, credits
 from .store.pool import StorePool
 from .wakeups import Wakeups
 
@@ -207,7 +207,11 @@ class Dispatcher:
                     code=ErrorCode.AUTH_FAILED.value,
                     message="the first message of a session must be auth",
                 ), True
-            return await self.auth(session, message)
+            try:
+                return await self.auth(session, message)
+            except StoreError as exc:  # the session stays unauthenticated: it may try again
+                log.warning("session %s: auth: %s", session.id, exc)
+                return Error(re=rid, code=exc.code.value, message=str(exc)), False
         try:
             return await self.dispatch(session, message), False
         except StoreError as exc:
@@ -233,10 +237,16 @@ class Dispatcher:
         if why := await blocklist.reason(message.address, message.payment_address):
             log.warning("session %s: %s", session.id, why)
             return Error(re=message.id, code=ErrorCode.BLOCKED.value, message=why), True
-        session.address = signing.checksum(message.address)
+        address = signing.checksum(message.address)
+
+        def login(s: Store) -> list[GroupRecord]:
+            s.seen_worker(address, time.time())
+            return s.groups()
+
+        hashes = {g.join_key: g.join_hash for g in await self.db.run(login)}
+        session.address = address  # authenticated from here on
         session.payment_address = signing.checksum(message.payment_address)
         session.leave_public_group = message.leave_public_group
-        hashes = {g.join_key: g.join_hash for g in await self.db.run(lambda s: s.groups())}
         joined, refused = set(), []
         for proof in message.groups:
             expected = hashes.get(proof.join_key)
@@ -253,8 +263,6 @@ class Dispatcher:
                     )
                 )
         session.groups = frozenset(joined)
-        address = session.address
-        await self.db.run(lambda s: s.seen_worker(address, time.time()))
         log.info(
             "session %s: worker %s (%s), groups %s%s",
             session.id,

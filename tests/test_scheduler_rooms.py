@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import sqlite3
 import subprocess
 import sys
 import time
@@ -82,6 +83,37 @@ def _welcomed(rooms: Rooms) -> WorkerSession:
     assert isinstance(reply, p.Welcome) and not close
     assert (reply.re, reply.address, session.address) == (1, WORKER, WORKER)
     return session
+
+
+def test_an_auth_the_database_cannot_record_is_answered_and_may_be_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A login's store call failing (the database locked past the busy timeout) raised out
+    of the dispatcher, which ended the session with a traceback and no reply; now it is
+    answered with its code, the session stays unauthenticated, and an auth sent again once
+    the database is free is welcomed."""
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout=0.05)
+    db, config = StorePool(store), SchedulerConfig()
+    specs, wakeups = JobSpecs(db), Wakeups()
+    acceptance = Acceptance(db, config, specs, VerifierPool(size=1), wakeups)
+    dispatcher = Dispatcher(db, config, specs, acceptance, wakeups)
+    session = dispatcher.open()
+    hello = dispatcher.hello(session)
+    signature = signing.sign(KEY, signing.session_payload(hello.challenge, hello.server, WORKER))
+    frame = p.encode(p.Auth(id=1, address=WORKER, signature=signature, payment_address=WORKER))
+    lock = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        reply, close = asyncio.run(dispatcher.receive(session, frame))
+        assert isinstance(reply, p.Error) and not close
+        assert (reply.re, reply.code) == (1, p.ErrorCode.INTERNAL.value)
+        assert "locked" in reply.message and session.address == ""
+        lock.execute("ROLLBACK")
+        reply, close = asyncio.run(dispatcher.receive(session, frame))
+        assert isinstance(reply, p.Welcome) and not close and session.address == WORKER
+    finally:
+        lock.close()
+        store.close()
 
 
 def test_a_frame_before_auth_is_refused_and_closes_the_session(rooms: Rooms) -> None:
