@@ -255,8 +255,8 @@ def main(verbose: int) -> None:
     show_default=True,
     help="PostgreSQL: connections (each on a thread of its own) that the store calls run on, "
     "off the server's event loop, so one slow call holds up only its own request; 0 runs "
-    "them on the loop. A replica opens two more (start-up and admin reads, LISTEN). SQLite "
-    "runs its calls inline whatever this says.",
+    "them on the loop. A replica opens one more, to LISTEN. SQLite runs its calls inline "
+    "whatever this says.",
 )
 @click.option(
     "--auth-timeout",
@@ -421,6 +421,10 @@ def serve(
         raise click.ClickException(f"cannot keep the console's operator token: {exc}") from None
     try:
         scheduler = Scheduler(store, config, operator_token=operator_token, peer_wakeups=wakeups)
+        if scheduler.db.threaded:
+            # The pool's connections serve from here on: the one the migrations ran on goes
+            # back to the server (a PostgreSQL store opens another if it is used again).
+            store.close()
         asyncio.run(_serve(scheduler, host, port, token_path))
     finally:
         store.close()

@@ -103,9 +103,16 @@ def test_a_call_waiting_on_a_lock_holds_up_its_session_only(
 ) -> None:
     """A's heartbeat waits for a row another transaction holds (a vacuum, an admin, another
     replica); B's heartbeat, frames later, is answered meanwhile. With the calls on the event
-    loop (``--db-connections 0``) B's answer came only after A's call ended."""
+    loop (``--db-connections 0``) B's answer came only after A's call ended. Two threads
+    serve: one waits with A's call, the other answers B."""
     scheduler = SchedulerProcess(
-        pg_db, *QUICK, "--db-busy-timeout", "60", log=tmp_path / "scheduler.log"
+        pg_db,
+        *QUICK,
+        "--db-busy-timeout",
+        "60",
+        "--db-connections",
+        "2",
+        log=tmp_path / "scheduler.log",
     )
     try:
         job_toml = tmp_path / "echo.toml"
@@ -140,6 +147,8 @@ def test_a_call_waiting_on_a_lock_holds_up_its_session_only(
                 assert not a_reply.done(), "A's call ended before B was answered"
                 status = await asyncio.to_thread(_status, scheduler.url)
                 assert status["store_calls_in_flight"] >= 1  # A's, waiting
+                # The two threads' connections, and not the one serve migrated on.
+                assert _our_connections(pg_db) == 2
             a_ack = p.decode(await asyncio.wait_for(a_reply, 30), p.SCHEDULER_MESSAGES)
             assert isinstance(a_ack, p.HeartbeatAck) and a_ack.lost == ()
             await a.close()

@@ -28,8 +28,9 @@ from . import Store
 
 __all__ = ["DEFAULT_CONNECTIONS", "StorePool"]
 
-#: A replica's store connections on PostgreSQL (beside the one it was opened with and the
-#: LISTEN of scheduler/store/postgres.py's Notifier): docs/scaling.md.
+#: A replica's store connections on PostgreSQL (beside the LISTEN of
+#: scheduler/store/postgres.py's Notifier; ``serve`` closes the one it migrated on):
+#: docs/scaling.md.
 DEFAULT_CONNECTIONS = 4
 
 _T = TypeVar("_T")
