@@ -27,15 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dcp_protocol import DcpError, ErrorCode, LeaseRef, Limits, Metrics
 
 from ..quorum import Redundancy
 from .migrations import Migration
 
-if TYPE_CHECKING:
-    from .pool import StorePool
+_T = TypeVar("_T")
 
 MICRO = 1_000_000
 
@@ -338,6 +337,16 @@ class RefusalRecord:
     last: float
 
 
+class CallRunner(Protocol):
+    """Where store calls run (scheduler/store/pool.py's StorePool): on threads with
+    connections of their own (``threaded``), or inline."""
+
+    @property
+    def threaded(self) -> bool: ...
+
+    async def run(self, call: Callable[[Store], _T]) -> _T: ...
+
+
 class PeerNotifier(Protocol):
     """How replicas on one database wake each other's waiters (scheduler/wakeups.py)."""
 
@@ -372,7 +381,7 @@ class Store(Protocol):
         self,
         channels: tuple[str, ...],
         wake: Callable[[str | None], None],
-        pool: StorePool | None = None,
+        pool: CallRunner | None = None,
     ) -> PeerNotifier | None:
         """What tells other replicas of this database, and hears them; None where the
         backend has no replicas (SQLite). Its NOTIFYs go through ``pool`` where given (off

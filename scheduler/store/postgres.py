@@ -36,18 +36,15 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
-from . import DatabaseError, Lease, ResultRow, Settled, StoreError
+from . import CallRunner, DatabaseError, Lease, ResultRow, Settled, StoreError
 from .migrations import META, SET_VERSION, Migration, SchemaError, pending
 from .sql import SQLStore
-
-if TYPE_CHECKING:
-    from .pool import StorePool
 
 __all__ = ["NOTIFY_INTERVAL", "Notifier", "PostgresStore", "display_url"]
 
@@ -428,7 +425,7 @@ class PostgresStore(SQLStore):
         self,
         channels: tuple[str, ...],
         wake: Callable[[str | None], None],
-        pool: StorePool | None = None,
+        pool: CallRunner | None = None,
     ) -> Notifier:
         return Notifier(self, channels, wake, pool)
 
@@ -453,7 +450,7 @@ class Notifier:
         store: PostgresStore,
         channels: tuple[str, ...],
         wake: Callable[[str | None], None],
-        pool: StorePool | None = None,
+        pool: CallRunner | None = None,
     ) -> None:
         """``pool``: where the NOTIFYs run (a thread's connection, off the event loop); else
         on ``store``'s connection, on the caller's thread."""

@@ -23,10 +23,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..quorum import Redundancy
 from . import (
+    CallRunner,
     LedgerEntry,
     PeerNotifier,
     ReplicaRecord,
@@ -37,9 +38,6 @@ from . import (
 from . import ledger as _ledger
 from . import votes as _votes
 from .dbapi import Connection
-
-if TYPE_CHECKING:
-    from .pool import StorePool
 
 #: A job's price reads one row per worker of the job (:meth:`SQLStore._price`). It is set on
 #: every acceptance while the job had at most PRICE_EXACT_WORKERS workers when last priced, then
@@ -189,7 +187,7 @@ class SQLBase:
         self,
         channels: tuple[str, ...],
         wake: Callable[[str | None], None],
-        pool: StorePool | None = None,
+        pool: CallRunner | None = None,
     ) -> PeerNotifier | None:
         return None
 
