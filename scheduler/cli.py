@@ -255,8 +255,9 @@ def main(verbose: int) -> None:
     show_default=True,
     help="PostgreSQL: connections (each on a thread of its own) that the store calls run on, "
     "off the server's event loop, so one slow call holds up only its own request; 0 runs "
-    "them on the loop. A replica opens one more, to LISTEN. SQLite runs its calls inline "
-    "whatever this says.",
+    "them on the loop, which is faster where the database shares the replica's CPUs "
+    "(docs/performance.md). A replica opens one more, to LISTEN. SQLite runs its calls "
+    "inline whatever this says.",
 )
 @click.option(
     "--auth-timeout",

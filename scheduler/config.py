@@ -54,8 +54,9 @@ class SchedulerConfig:
     #: queued slice until its leases expired, again and again.
     max_leases_per_worker: int = 4096
     #: Threads, each with its own database connection, that a replica's store calls run on
-    #: off its event loop (PostgreSQL; scheduler/store/pool.py); SQLite, or 0: inline.
-    db_connections: int = 4
+    #: off its event loop (PostgreSQL; scheduler/store/pool.py); SQLite, or 0: inline, which
+    #: measured faster with the database on the replica's own two cores (docs/performance.md).
+    db_connections: int = 0
 
     def __post_init__(self) -> None:
         if self.max_leases_per_worker < 1:

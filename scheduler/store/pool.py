@@ -10,7 +10,11 @@ store is written for (row locks, ``SKIP LOCKED``, advisory locks per connection)
 
 SQLite has no siblings (one connection, in-process, microseconds a call): there the pool runs
 each call inline, on the caller's thread, as before; a thread hop would cost more than the
-call.
+call. On PostgreSQL it runs them inline too unless asked for threads (``serve
+--db-connections N``): with the database on the replica's own CPUs, as on the 2-core machine
+of docs/performance.md, the threads cost more (the hops, the GIL they share with the event
+loop) than overlapping the round trips gains; with the database on a machine of its own, a
+round trip is time the loop could serve others in.
 
 Everything else (caches, sessions, wake-ups) stays on the event loop: only the call given to
 :meth:`StorePool.run` crosses to a thread, and it touches nothing but the store it is handed.
@@ -26,12 +30,7 @@ from typing import TypeVar
 
 from . import Store
 
-__all__ = ["DEFAULT_CONNECTIONS", "StorePool"]
-
-#: A replica's store connections on PostgreSQL (beside the LISTEN of
-#: scheduler/store/postgres.py's Notifier; ``serve`` closes the one it migrated on):
-#: docs/scaling.md.
-DEFAULT_CONNECTIONS = 4
+__all__ = ["StorePool"]
 
 _T = TypeVar("_T")
 
@@ -43,7 +42,7 @@ class StorePool:
     ``store`` itself stays the caller's (start-up, admin reads); the threads never use it.
     """
 
-    def __init__(self, store: Store, connections: int = DEFAULT_CONNECTIONS) -> None:
+    def __init__(self, store: Store, connections: int = 0) -> None:
         if connections < 0:
             raise ValueError("connections must be at least 0")
         self.store = store
