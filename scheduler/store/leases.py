@@ -4,6 +4,7 @@ apart), heartbeats, a worker's failures and returns, and the expiry of leases no
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterable
 
@@ -276,9 +277,14 @@ class LeasesRoom(JobsRoom):
         # A replica that used its attempts: its slice is decided in a transaction of its own,
         # which locks the slice before its replicas (this one locked replicas first).
         for (job_id, _idx), of in sorted(inputs.items()):
-            with self._tx() as db:
-                self._decide(db, job_id, [of], now)
+            # Each run again on its own where the engine rolled it back (the releases above
+            # are committed: running the whole call again would find nothing to decide).
+            self._again(functools.partial(self._decide_alone, job_id, of, now))
         return len(rows)
+
+    def _decide_alone(self, job_id: str, input_: int, now: float) -> None:
+        with self._tx() as db:
+            self._decide(db, job_id, [input_], now)
 
     def extend_leases(self, deadline: float, now: float) -> int:
         """Move every lease's deadline to at least ``deadline``: at start (at ``now``), so

@@ -59,9 +59,9 @@ NOTIFY_INTERVAL = 0.02
 _T = TypeVar("_T")
 
 #: What ends a transaction of ours and nothing more: the server rolled it back to break a
-#: deadlock, or its wait for a row passed ``lock_timeout`` (which, at the same second as the
-#: server's ``deadlock_timeout``, a deadlock may show as). Running it again is safe.
-_ROLLED_BACK = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable)
+#: deadlock. Running it again is safe. (A wait past ``lock_timeout`` is not run again: the
+#: lock is held elsewhere, and ``--db-busy-timeout`` promises the refusal after that long.)
+_ROLLED_BACK = (psycopg.errors.DeadlockDetected,)
 #: Runs of one call that the server rolled back so, before its error is the caller's.
 ATTEMPTS = 3
 
@@ -345,10 +345,6 @@ class PostgresStore(SQLStore):
                 job_id, slice_, token, worker, code, message, now
             )
         )
-
-    def expire_leases(self, now: float) -> int:
-        """SQLStore's, run again where the server rolled it back (as :meth:`fail_slice`)."""
-        return self._again(lambda: super(PostgresStore, self).expire_leases(now))
 
     def _again(self, call: Callable[[], _T]) -> _T:
         """``call`` (one transaction), run again where the server rolled it back

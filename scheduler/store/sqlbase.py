@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 from ..quorum import Redundancy
 from . import (
@@ -38,6 +38,8 @@ from . import (
 from . import ledger as _ledger
 from . import votes as _votes
 from .dbapi import Connection
+
+_T = TypeVar("_T")
 
 #: A job's price reads one row per worker of the job (:meth:`SQLStore._price`). It is set on
 #: every acceptance while the job had at most PRICE_EXACT_WORKERS workers when last priced, then
@@ -179,6 +181,11 @@ class SQLBase:
         raise NotImplementedError
 
     poolable = False
+
+    def _again(self, call: Callable[[], _T]) -> _T:
+        """``call``, one transaction; a backend whose server may roll one back to break a
+        deadlock runs it again (PostgresStore)."""
+        return call()
 
     def sibling(self) -> Store:
         raise NotImplementedError(f"{type(self).__name__} runs its calls on one connection")
