@@ -180,27 +180,32 @@ class LeasesRoom(JobsRoom):
         message: str,
         now: float,
     ) -> str:
-        with self._tx() as db:
-            of = self._lock_input(db, job_id, slice_)
-            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
-            if state is not SliceState.LEASED:
-                raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
-            new = self._release(
-                db,
-                job_id,
-                slice_,
-                state,
-                attempts,
-                max_attempts,
-                SliceEvent.FAIL,
-                code,
-                message[:2000],
-                now,
-            )
-            self._count(db, worker, "failed", now)
-            if of is not None and new is SliceState.FAILED:
-                self._decide(db, job_id, [of], now)
-        return new.value
+        def once() -> str:  # one transaction: run again where the engine rolled it back
+            with self._tx() as db:
+                of = self._lock_input(db, job_id, slice_)
+                state, attempts, max_attempts, _offer = self._fenced(
+                    db, job_id, slice_, token, worker
+                )
+                if state is not SliceState.LEASED:
+                    raise StaleLease(f"slice {job_id}/{slice_}: not leased under this token")
+                new = self._release(
+                    db,
+                    job_id,
+                    slice_,
+                    state,
+                    attempts,
+                    max_attempts,
+                    SliceEvent.FAIL,
+                    code,
+                    message[:2000],
+                    now,
+                )
+                self._count(db, worker, "failed", now)
+                if of is not None and new is SliceState.FAILED:
+                    self._decide(db, job_id, [of], now)
+            return new.value
+
+        return self._again(once)
 
     def return_slices(
         self,

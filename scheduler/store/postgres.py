@@ -311,47 +311,12 @@ class PostgresStore(SQLStore):
             )
         )
 
-    def fail_slice(
-        self,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        code: str,
-        message: str,
-        now: float,
-    ) -> str:
-        """SQLStore's, run again where the server rolled it back: a failure that reopens a
-        replicated slice's decision may lock other slices after its job's row."""
-        return self._again(
-            lambda: super(PostgresStore, self).fail_slice(
-                job_id, slice_, token, worker, code, message, now
-            )
-        )
-
-    def reject_result(
-        self,
-        job_id: str,
-        slice_: int,
-        token: str,
-        worker: str,
-        code: str,
-        message: str,
-        now: float,
-    ) -> str:
-        """SQLStore's, run again where the server rolled it back (as :meth:`fail_slice`)."""
-        return self._again(
-            lambda: super(PostgresStore, self).reject_result(
-                job_id, slice_, token, worker, code, message, now
-            )
-        )
-
     def _again(self, call: Callable[[], _T]) -> _T:
         """``call`` (one transaction), run again where the server rolled it back
-        (:func:`_rolled_back`): a vote decided in one transaction may reopen the decision of
-        other slices of the job, whose rows it can only lock after the job's row; another
-        transaction holding one of them and waiting for the job's row is a deadlock, which
-        the server breaks by rolling one back, and that one runs again."""
+        (:func:`_rolled_back`): the rooms run their transactions that decide votes (a slice's
+        failure, a rejection, an expired replica's decision) through it. A deadlock the
+        job's row taken first does not prevent (one replica's threads, or two replicas, on
+        other rows) is broken by the server rolling one back, and that one runs again."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return call()

@@ -325,33 +325,39 @@ class ResultsRoom(LeasesRoom):
         """The result failed verification (or its metrics are implausible): not paid, the
         slice goes back to the queue (or fails once its attempts are used), the worker's record
         shows it, and the lease's token ends."""
-        with self._tx() as db:
-            of = self._lock_input(db, job_id, slice_)
-            state, attempts, max_attempts, _offer = self._fenced(db, job_id, slice_, token, worker)
-            if state is not SliceState.LEASED and state is not SliceState.QUEUED:
-                raise StaleLease(f"slice {job_id}/{slice_} is {state.value}")
-            new: SliceState = state
-            if state is SliceState.LEASED:  # if it expired meanwhile, nothing to release
-                new = self._release(
-                    db,
-                    job_id,
-                    slice_,
-                    state,
-                    attempts,
-                    max_attempts,
-                    SliceEvent.FAIL,
-                    code,
-                    message[:2000],
-                    now,
+
+        def once() -> str:  # one transaction: run again where the engine rolled it back
+            with self._tx() as db:
+                of = self._lock_input(db, job_id, slice_)
+                state, attempts, max_attempts, _offer = self._fenced(
+                    db, job_id, slice_, token, worker
                 )
-            # The token dies with the rejection: a resubmission under it is stale_lease and
-            # costs no second verifier run.
-            db.execute(
-                "UPDATE slices SET rejected_by=?, token=NULL WHERE job=? AND idx=?",
-                (worker.lower(), job_id, slice_),
-            )
-            self._count(db, worker, "rejected", now)
-            self._refusal(db, job_id, worker, code, message, now)
-            if of is not None and new is SliceState.FAILED:
-                self._decide(db, job_id, [of], now)
-        return new.value
+                if state is not SliceState.LEASED and state is not SliceState.QUEUED:
+                    raise StaleLease(f"slice {job_id}/{slice_} is {state.value}")
+                new: SliceState = state
+                if state is SliceState.LEASED:  # if it expired meanwhile, nothing to release
+                    new = self._release(
+                        db,
+                        job_id,
+                        slice_,
+                        state,
+                        attempts,
+                        max_attempts,
+                        SliceEvent.FAIL,
+                        code,
+                        message[:2000],
+                        now,
+                    )
+                # The token dies with the rejection: a resubmission under it is stale_lease and
+                # costs no second verifier run.
+                db.execute(
+                    "UPDATE slices SET rejected_by=?, token=NULL WHERE job=? AND idx=?",
+                    (worker.lower(), job_id, slice_),
+                )
+                self._count(db, worker, "rejected", now)
+                self._refusal(db, job_id, worker, code, message, now)
+                if of is not None and new is SliceState.FAILED:
+                    self._decide(db, job_id, [of], now)
+            return new.value
+
+        return self._again(once)

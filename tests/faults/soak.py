@@ -553,7 +553,7 @@ def run_hold(
                 for _ in range(faults):
                     if time.monotonic() - start >= seconds:
                         break
-                    time.sleep(rng.uniform(0.05, 0.6))
+                    time.sleep(rng.uniform(0.05, 0.6))  # the fault schedule, as in run_round
                     r.inject()
                     injected += 1
                 with contextlib.suppress(AssertionError):
