@@ -115,7 +115,8 @@ class Scheduler:
         that period (any backend)."""
         self.store = store
         self.config = config or SchedulerConfig()
-        #: Where every store call of serving runs (off the event loop on PostgreSQL).
+        #: Where every store call of serving runs: inline, or on threads (PostgreSQL with
+        #: ``db_connections``).
         self.db = StorePool(store, self.config.db_connections)
         self._sockets: set[web.WebSocketResponse] = set()
         self.verifiers = VerifierPool(
