@@ -15,6 +15,10 @@ schedulers"): a request no replica could be reached for goes to the next one, an
 request is never sent elsewhere (the answer stands):
 
 client = ComputeClient(["http://a:8500", "http://b:8500"], identity)
+
+A scheduler that is starting (or restarting) refuses connections for a moment: with
+``connect_wait=S`` a request that reached no replica tries them all again, backing off, for up
+to S seconds (``dcp-compute``'s ``--connect-wait``, 10 s by default; 0 here).
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ class ComputeClient:
         identity: the job owner's key; every request is then signed.
         token: a read token (used when there is no identity): reads the job it was issued for.
         clock: Unix seconds for the signed timestamps (tests inject a skewed one).
+        connect_wait: seconds a request that reached no replica (each refused the connection
+            or did not resolve) goes on trying them, backing off from 0.1 s to 1 s; 0 fails
+            at once. Nothing was sent, so trying again is always safe.
+        notice: called once per request that waits so, with what the first round found.
 
     Raises:
         ComputeError: no URL, or one of an unsupported scheme.
@@ -120,6 +128,8 @@ class ComputeClient:
         timeout: float = 60.0,
         token: str | None = None,
         clock: Callable[[], float] = time.time,
+        connect_wait: float = 0.0,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         urls = (scheduler,) if isinstance(scheduler, str) else tuple(scheduler)
         if not urls:
@@ -129,6 +139,8 @@ class ComputeClient:
         self.identity = identity
         self.token = token
         self._clock = clock
+        self.connect_wait = connect_wait
+        self._notice = notice
         self._current = 0  # the replica that answered last: the first one tried
         self._http = httpx.Client(timeout=timeout)
 
@@ -221,21 +233,41 @@ class ComputeClient:
             ComputeError: no replica could be reached (each one's reason), or the one reached
                 failed before answering.
         """
-        unreachable: list[str] = []
-        for step in range(len(self.bases)):
-            index = (self._current + step) % len(self.bases)
-            base = self.bases[index]
-            try:
-                request = self._http.build_request(method, f"{base}/api/v1{path}", **kwargs)
-                self._authorize(request)
-                response = self._http.send(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                unreachable.append(f"{base}: {exc}")
-                continue
-            except httpx.HTTPError as exc:
-                raise ComputeError(f"cannot reach the scheduler at {base}: {exc}") from None
-            self._current = index
-            return response
+        deadline: float | None = None
+        delay = 0.1
+        while True:
+            unreachable: list[str] = []
+            refused = True  # every replica refused or did not resolve: nothing to wait out
+            for step in range(len(self.bases)):
+                index = (self._current + step) % len(self.bases)
+                base = self.bases[index]
+                try:
+                    request = self._http.build_request(method, f"{base}/api/v1{path}", **kwargs)
+                    self._authorize(request)
+                    response = self._http.send(request)
+                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                    unreachable.append(f"{base}: {exc}")
+                    refused = refused and isinstance(exc, httpx.ConnectError)
+                    continue
+                except httpx.HTTPError as exc:
+                    raise ComputeError(f"cannot reach the scheduler at {base}: {exc}") from None
+                self._current = index
+                return response
+            # A connect that timed out has already waited its timeout: no second round.
+            if not refused or self.connect_wait <= 0:
+                break
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.connect_wait
+                if self._notice is not None:
+                    self._notice(
+                        f"no scheduler answers yet ({'; '.join(unreachable)}); trying again "
+                        f"for up to {self.connect_wait:g} s"
+                    )
+            if now >= deadline:
+                break
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 1.0)
         if len(unreachable) == 1:
             raise ComputeError(f"cannot reach the scheduler at {unreachable[0]}")
         raise ComputeError(f"cannot reach any scheduler: {'; '.join(unreachable)}")

@@ -112,8 +112,19 @@ class _Progress:
     "sharing one database; a request that cannot connect to one goes to the next, an "
     "answered one is never resent. $DCP_SCHEDULER may list several (spaces or commas).",
 )
+@click.option(
+    "--connect-wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    envvar="DCP_CONNECT_WAIT",
+    metavar="SECONDS",
+    help="How long a request that no scheduler accepted the connection for (one starting or "
+    "restarting) goes on trying them before it fails; 0 fails at once. Nothing was sent, so "
+    "trying again is safe.",
+)
 @click.pass_context
-def main(ctx: click.Context, scheduler: tuple[str, ...]) -> None:
+def main(ctx: click.Context, scheduler: tuple[str, ...], connect_wait: float) -> None:
     """Deploy jobs to a scheduler and collect their results.
 
     \b
@@ -129,7 +140,26 @@ def main(ctx: click.Context, scheduler: tuple[str, ...]) -> None:
     urls = tuple(url.strip() for value in scheduler for url in value.split(",") if url.strip())
     if not urls:
         raise click.BadParameter("no URL given", param_hint="--scheduler")
-    ctx.obj = urls
+    ctx.obj = _Connect(urls, connect_wait)
+
+
+class _Connect:
+    """The commands' way to a client: the --scheduler URLs and --connect-wait, with the
+    wait's notice on stderr."""
+
+    def __init__(self, urls: tuple[str, ...], connect_wait: float) -> None:
+        self.urls, self.connect_wait = urls, connect_wait
+
+    def __call__(
+        self, identity: idmod.Identity | None = None, token: str | None = None
+    ) -> ComputeClient:
+        return ComputeClient(
+            self.urls,
+            identity,
+            token=token,
+            connect_wait=self.connect_wait,
+            notice=lambda text: click.echo(f"dcp-compute: {text}", err=True),
+        )
 
 
 _identity_opt = click.option(
@@ -147,16 +177,16 @@ _token_opt = click.option(
 
 
 def _reader(
-    scheduler: tuple[str, ...], identity: str | None, passphrase_file: str | None, token: str | None
+    connect: _Connect, identity: str | None, passphrase_file: str | None, token: str | None
 ) -> ComputeClient:
     """A client that reads a job: signed with --identity, or with a read token."""
     if identity is None and token is None:
         # Sent anyway: the scheduler answers why (unauthenticated), and a public listing
         # needs neither.
-        return ComputeClient(scheduler)
+        return connect()
     if identity is not None and token is not None:
         raise click.UsageError("give --identity or --token, not both")
-    return ComputeClient(scheduler, _identity(identity, passphrase_file), token=token)
+    return connect(_identity(identity, passphrase_file), token=token)
 
 
 @main.command(cls=_Command)
@@ -165,13 +195,13 @@ def _reader(
 @_pass_opt
 @click.pass_obj
 def deploy(
-    scheduler: tuple[str, ...], job_file: str, identity: str | None, passphrase_file: str | None
+    connect: _Connect, job_file: str, identity: str | None, passphrase_file: str | None
 ) -> None:
     """Deploy JOB_FILE (TOML) and print the job id. A bad JOB_FILE is reported whole, every
     fault with its line, and nothing is sent (exit status 1)."""
     if identity is None:
         raise click.UsageError("deploys are signed: give --identity and --passphrase-file")
-    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+    with connect(_identity(identity, passphrase_file)) as client:
         with _doing(f"deploying {job_file}"):
             job = client.deploy(job_file)
     click.echo(job)
@@ -185,7 +215,7 @@ def deploy(
     help="Show this keystore's account (its declared address; no passphrase needed).",
 )
 @click.pass_obj
-def account(scheduler: tuple[str, ...], address: str | None, identity: str | None) -> None:
+def account(connect: _Connect, address: str | None, identity: str | None) -> None:
     """Print an account's balance (ADDRESS, or --identity's) in credits."""
     if address is None:
         if identity is None:
@@ -193,7 +223,7 @@ def account(scheduler: tuple[str, ...], address: str | None, identity: str | Non
         address = idmod.keystore_address(identity)
         if address is None:
             raise click.UsageError(f"{identity} declares no address")
-    with ComputeClient(scheduler) as client, _doing(f"reading the account of {address}"):
+    with connect() as client, _doing(f"reading the account of {address}"):
         reply = client.account(address)
     click.echo(f"{reply['address']} {reply['balance']:.6f}")
 
@@ -205,14 +235,14 @@ def account(scheduler: tuple[str, ...], address: str | None, identity: str | Non
 @_token_opt
 @click.pass_obj
 def status(
-    scheduler: tuple[str, ...],
+    connect: _Connect,
     job: str,
     identity: str | None,
     passphrase_file: str | None,
     token: str | None,
 ) -> None:
     """Print a job's state and slice counts as JSON (its owner's --identity, or --token)."""
-    with _reader(scheduler, identity, passphrase_file, token) as client:
+    with _reader(connect, identity, passphrase_file, token) as client:
         with _doing(f"reading the status of job {job}"):
             shown = client.status(job)
     click.echo(json.dumps(shown, indent=2))
@@ -237,7 +267,7 @@ def status(
 @_token_opt
 @click.pass_obj
 def results(
-    scheduler: tuple[str, ...],
+    connect: _Connect,
     job: str,
     wait: bool,
     timeout: float | None,
@@ -252,7 +282,7 @@ def results(
     expired while the job was still running."""
     incomplete = False
     with (
-        _reader(scheduler, identity, passphrase_file, token) as client,
+        _reader(connect, identity, passphrase_file, token) as client,
         _doing(f"reading the results of job {job}"),
     ):
         progress = _Progress(job, client.status(job)["slices"]) if wait and _tty() else None
@@ -289,7 +319,7 @@ def results(
 @_token_opt
 @click.pass_obj
 def votes(
-    scheduler: tuple[str, ...],
+    connect: _Connect,
     job: str,
     identity: str | None,
     passphrase_file: str | None,
@@ -299,7 +329,7 @@ def votes(
     results it needs, its votes by kind, and each replica with its worker, vote and result
     (its owner's --identity, or --token)."""
     with (
-        _reader(scheduler, identity, passphrase_file, token) as client,
+        _reader(connect, identity, passphrase_file, token) as client,
         _doing(f"reading the votes of job {job}"),
     ):
         for s in client.votes(job):
@@ -311,11 +341,9 @@ def votes(
 @_identity_opt
 @_pass_opt
 @click.pass_obj
-def cancel(
-    scheduler: tuple[str, ...], job: str, identity: str | None, passphrase_file: str | None
-) -> None:
+def cancel(connect: _Connect, job: str, identity: str | None, passphrase_file: str | None) -> None:
     """Cancel a job you own."""
-    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+    with connect(_identity(identity, passphrase_file)) as client:
         with _doing(f"cancelling job {job}"):
             n = client.cancel(job)
     click.echo(f"cancelled {n} slice(s)")
@@ -328,7 +356,7 @@ def cancel(
 @click.option("--ttl", type=float, default=None, help="Seconds the token lives (default 24 h).")
 @click.pass_obj
 def token(
-    scheduler: tuple[str, ...],
+    connect: _Connect,
     job: str,
     identity: str | None,
     passphrase_file: str | None,
@@ -339,7 +367,7 @@ def token(
     `dcp-compute revoke-token` revokes it."""
     if identity is None:
         raise click.UsageError("tokens are issued by the job's owner: give --identity")
-    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+    with connect(_identity(identity, passphrase_file)) as client:
         with _doing(f"issuing a read token for job {job}"):
             issued = client.issue_token(job, ttl)
     click.echo(issued.token)
@@ -353,7 +381,7 @@ def token(
 @_pass_opt
 @click.pass_obj
 def revoke_token(
-    scheduler: tuple[str, ...],
+    connect: _Connect,
     job: str,
     token_id: str,
     identity: str | None,
@@ -362,7 +390,7 @@ def revoke_token(
     """Revoke a read token (by the id `dcp-compute token` printed) of a job you own."""
     if identity is None:
         raise click.UsageError("tokens are revoked by the job's owner: give --identity")
-    with ComputeClient(scheduler, _identity(identity, passphrase_file)) as client:
+    with connect(_identity(identity, passphrase_file)) as client:
         with _doing(f"revoking read token {token_id} of job {job}"):
             client.revoke_token(job, token_id)
     click.echo(f"revoked {token_id}")

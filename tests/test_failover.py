@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +146,8 @@ def test_an_owner_skips_a_dead_first_url(
             command("dcp-compute"),
             "--scheduler",
             f"{dead},{other}",
+            "--connect-wait",
+            "0.3",
             "account",
             "--identity",
             keys[1],
@@ -156,6 +159,41 @@ def test_an_owner_skips_a_dead_first_url(
     assert out.returncode == 1
     assert "cannot reach any scheduler" in out.stderr
     assert dead in out.stderr and other in out.stderr
+    assert "trying again for up to 0.3 s" in out.stderr  # it waited, and said so once
+    assert out.stderr.count("trying again") == 1
+
+
+def test_an_owner_waits_for_a_scheduler_that_is_starting(
+    tmp_path: Path, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """The README starts `serve &` and deploys at once: a deploy that finds the port not yet
+    listening tries again (--connect-wait) instead of failing; with 0 it fails at once."""
+    owner = make_keystore("owner")
+    url = _dead_url()
+    with ComputeClient(url, owner.identity) as client, pytest.raises(ComputeError) as refused:
+        client.account()  # the library's default: no wait
+    assert "cannot reach the scheduler" in str(refused.value)
+    refusals = threading.Event()
+    answers: list[object] = []
+
+    def ask() -> None:
+        with ComputeClient(
+            url, owner.identity, connect_wait=300, notice=lambda _: refusals.set()
+        ) as client:
+            answers.append(client.account())
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        assert refusals.wait(60), "the client never found the port refusing"
+        scheduler = SchedulerProcess(tmp_path / "late.db", listen=url.removeprefix("http://"))
+        try:
+            asking.join(120)
+            assert answers and answers[0]["balance"] == 0  # type: ignore[index]
+        finally:
+            scheduler.stop()
+    finally:
+        asking.join(300)
 
 
 def test_an_answer_is_not_resent_to_another_replica(
