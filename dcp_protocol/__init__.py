@@ -10,15 +10,21 @@ from __future__ import annotations
 # pulls in eth-utils (about 120 ms), which an evaluator, started often, never needs.
 from . import limits, nesting, policy
 from .codec import (
+    BINARY_VERSION,
     BLOB_FIELDS,
     PROTOCOL_VERSION,
     StreamDecoder,
     decode,
+    decode_binary,
+    decode_frame,
     encode,
+    encode_binary,
     encode_json,
     frame,
+    peek,
     result_item_bytes,
     results_frame_bytes,
+    wire_bytes,
 )
 from .errors import (
     DcpError,
@@ -44,8 +50,14 @@ __all__ = [
     "PROTOCOL_VERSION",
     "StreamDecoder",
     "decode",
+    "decode_binary",
+    "decode_frame",
+    "encode_binary",
+    "peek",
+    "wire_bytes",
     "encode",
     "frame",
+    "BINARY_VERSION",
     "BLOB_FIELDS",
     "encode_json",
     "result_item_bytes",

@@ -1,8 +1,14 @@
 """Bytes <-> messages, with no I/O.
 
-A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
+A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``, or, in protocol
+version 2, one MessagePack map: ``{"v": 2, "type": "...", ...fields}`` with bytes fields as
+MessagePack ``bin``, as they are (:func:`encode_binary`, :func:`decode_binary`).
 
-* On the websocket each frame is one text message.
+* On the websocket each frame is one message: JSON in a text message, MessagePack in a
+  binary one (:func:`decode_frame` tells them apart). A scheduler announces the highest
+  version it speaks in ``hello.protocol``; a worker that speaks 2 and reads 2 there sends
+  its frames in MessagePack from ``auth`` on, and a scheduler answers a session whose
+  frames came in MessagePack in MessagePack. Either side of another version is understood.
 * On the evaluator's pipes each frame is preceded by its length as a 4-byte big-endian
   unsigned integer. :class:`StreamDecoder` turns a byte stream into messages however the
   bytes arrive (one at a time or many frames at once). There a frame may also be *binary*
@@ -22,23 +28,32 @@ A frame is one UTF-8 JSON object: ``{"v": 1, "type": "...", ...fields}``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 from collections import deque
 from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
 
 from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
 from .limits import MAX_FRAME_BYTES, MAX_UINT64
-from .messages import Message, ResultItem, Results, from_wire, to_wire
+from .messages import Message, ResultItem, Results, from_wire, to_native, to_wire
 from .nesting import MAX_NESTING, check_json, strict_loads
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "BINARY_VERSION",
     "MAX_FRAME_BYTES",
     "MAX_NESTING",
     "encode",
     "encode_json",
     "decode",
+    "encode_binary",
+    "decode_binary",
+    "decode_frame",
+    "peek",
+    "wire_bytes",
     "frame",
     "BLOB_FIELDS",
     "result_item_bytes",
@@ -47,6 +62,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: MessagePack frames, bytes as they are (docs/protocol.md section 1); the highest version a
+#: scheduler of this code announces in ``hello.protocol``.
+BINARY_VERSION = 2
 _PREFIX = struct.Struct(">I")
 #: The field a binary frame of each message type carries after its JSON header.
 BLOB_FIELDS = {"slice": "datum", "slice_done": "result", "assign": "module"}
@@ -68,27 +86,148 @@ def encode(message: Message) -> bytes:
     return _dumps(data)
 
 
-def result_item_bytes(item: ResultItem) -> int:
-    """The exact bytes ``item`` takes inside a ``results`` frame, without encoding its result
-    (base64 needs no JSON escapes, so its length is known from the result's)."""
+@functools.cache
+def _msgspec() -> ModuleType:
+    """msgspec, imported on first use: an evaluator, which reads only its pipes' frames, does
+    not pay its import (13-20 ms of a cold start)."""
+    import msgspec
+    import msgspec.msgpack
+
+    return msgspec
+
+
+@functools.cache
+def _packer() -> Any:
+    return _msgspec().msgpack.Encoder()
+
+
+def encode_binary(message: Message) -> bytes:
+    """Serialize ``message`` to one MessagePack frame (protocol version 2)."""
+    data = to_native(message)
+    data["v"] = BINARY_VERSION
+    packed: bytes = _packer().encode(data)
+    return packed
+
+
+def wire_bytes(value: Any, binary: bool = False) -> int:
+    """The bytes a record (or field value) takes in a JSON frame, or with ``binary`` in a
+    MessagePack one."""
+    return len(_packer().encode(to_native(value))) if binary else len(_dumps(to_wire(value)))
+
+
+def _bin_header(size: int) -> int:
+    return 2 if size < 1 << 8 else 3 if size < 1 << 16 else 5
+
+
+def result_item_bytes(item: ResultItem, binary: bool = False) -> int:
+    """The exact bytes ``item`` takes inside a ``results`` frame (JSON, or with ``binary``
+    MessagePack), without encoding its result: base64 needs no JSON escapes, and a ``bin``
+    is a header and the bytes, so either length is known from the result's."""
+    if binary:
+        data = to_native(item)
+        data["result"] = b""
+        return len(_packer().encode(data)) - 2 + _bin_header(len(item.result)) + len(item.result)
     data = to_wire(item)
     data["result"] = ""
     return len(_dumps(data)) + 4 * -(-len(item.result) // 3)
 
 
-def _results_frame_base() -> int:
+def _results_frame_base(binary: bool) -> int:
     item = ResultItem("", 0, "", b"", "0x" + "0" * 40, "0" * 130)
-    return len(encode(Results(id=MAX_UINT64, results=(item,)))) - result_item_bytes(item)
+    frame_ = Results(id=MAX_UINT64, results=(item,))
+    size = len(encode_binary(frame_)) if binary else len(encode(frame_))
+    return size - result_item_bytes(item, binary)
 
 
-#: A ``results`` frame's bytes beside its results, with the longest id.
-_RESULTS_FRAME_BASE = _results_frame_base()
+#: A ``results`` frame's bytes beside its results, with the longest id (JSON).
+_RESULTS_FRAME_BASE = _results_frame_base(False)
 
 
-def results_frame_bytes(item_bytes: int, count: int) -> int:
+@functools.cache
+def _results_frame_base_binary() -> int:
+    return _results_frame_base(True)
+
+
+def results_frame_bytes(item_bytes: int, count: int, binary: bool = False) -> int:
     """The most bytes a ``results`` frame of ``count`` results whose
     :func:`result_item_bytes` add up to ``item_bytes`` encodes to (exact but for the id)."""
+    if binary:  # the array's header: 1 byte up to 15 items, 3 up to 65535
+        return _results_frame_base_binary() + item_bytes + (2 if count > 15 else 0)
     return _RESULTS_FRAME_BASE + item_bytes + max(0, count - 1)
+
+
+#: The first byte of a MessagePack map (fixmap, map 16, map 32): a binary frame. A JSON
+#: object starts with ``{`` or whitespace, never one of these.
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
+def decode_frame(
+    data: bytes | str, registry: Mapping[str, type[Message]], max_bytes: int = MAX_FRAME_BYTES
+) -> tuple[Message, bool]:
+    """A websocket message's frame, and whether it was MessagePack: text is JSON, and so is
+    a binary message that does not start as a MessagePack map (a version 1 peer's JSON sent
+    as bytes); anything else is :func:`decode_binary`'s."""
+    if isinstance(data, bytes) and data and data[0] in _MAP_MARKERS:
+        return decode_binary(data, registry, max_bytes), True
+    return decode(data, registry, max_bytes), False
+
+
+def peek(data: bytes | str) -> Any:
+    """A frame's data as parsed, its fields unchecked (the ``id`` of a frame that failed to
+    decode, for its error's ``re``), or None when it cannot be parsed at all; the nesting
+    bound holds as for :func:`decode`."""
+    msgspec = _msgspec()
+    try:
+        if isinstance(data, bytes) and data and data[0] in _MAP_MARKERS:
+            return msgspec.msgpack.decode(data)
+        check_json(data, MAX_NESTING, "frame")
+        return strict_loads(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError):
+        return None  # NestingTooDeep is a ValueError
+
+
+def decode_binary(
+    data: bytes, registry: Mapping[str, type[Message]], max_bytes: int = MAX_FRAME_BYTES
+) -> Message:
+    """Parse one MessagePack frame (protocol version 2) into a message of ``registry``. The
+    same checks as :func:`decode` hold: every field's type and range (a ``bin`` for a bytes
+    field; a base64 string is also read), and free-form fields hold JSON data only.
+
+    Raises:
+        FrameTooLarge: ``data`` exceeds ``max_bytes``.
+        FrameError: not one MessagePack map, trailing bytes, or nested beyond what the
+            decoder's recursion allows (free-form fields are held to :data:`MAX_NESTING`).
+        UnsupportedVersion: ``v`` is not :data:`BINARY_VERSION`.
+        UnknownMessage, InvalidMessage: as :func:`decode`.
+    """
+    if len(data) > max_bytes:
+        raise FrameTooLarge(len(data), max_bytes)
+    msgspec = _msgspec()
+    try:
+        obj = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError as exc:
+        raise FrameError(f"frame is not valid MessagePack: {exc}") from None
+    except RecursionError:
+        raise FrameError(f"frame nests deeper than {MAX_NESTING} levels") from None
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a MessagePack map")
+    version = obj.pop("v", None)
+    if version != BINARY_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported in a MessagePack frame (this side"
+            f" speaks {BINARY_VERSION} there)"
+        )
+    return _message(obj, registry)
+
+
+def _message(obj: dict[Any, Any], registry: Mapping[str, type[Message]]) -> Message:
+    type_ = obj.get("type")
+    if not isinstance(type_, str):
+        raise FrameError("frame has no string 'type'")
+    cls = registry.get(type_)
+    if cls is None:
+        raise UnknownMessage(type_)
+    return from_wire(cls, obj)
 
 
 def decode(

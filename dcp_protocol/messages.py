@@ -36,6 +36,7 @@ from .limits import (
     Range,
     result_frame_bytes,
 )
+from .nesting import MAX_NESTING
 
 __all__ = [
     "Message",
@@ -636,31 +637,49 @@ EVALUATOR_MESSAGES: dict[str, type[Message]] = {
 def to_wire(value: Any) -> Any:
     """Turn a message (or a field value) into JSON-compatible data: bytes as base64, tuples
     as lists, records as objects (a message's ``type`` first); anything else as it is."""
-    encoder = _ENCODERS.get(type(value))
+    return _encode(value, _ENCODERS, _b64)
+
+
+def to_native(value: Any) -> Any:
+    """As :func:`to_wire`, but bytes stay bytes: the data of a MessagePack frame (protocol
+    version 2, docs/protocol.md section 1), where bytes travel as they are."""
+    return _encode(value, _NATIVE_ENCODERS, None)
+
+
+def _encode(
+    value: Any,
+    encoders: dict[type, typing.Callable[[Any], Any]],
+    blob: typing.Callable[[bytes], Any] | None,
+) -> Any:
+    encoder = encoders.get(type(value))
     if encoder is not None:
         return encoder(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        encoder = _ENCODERS[type(value)] = _compile_encoder(type(value))
+        encoder = encoders[type(value)] = _compile_encoder(type(value), blob)
         return encoder(value)
     if isinstance(value, bytes):
-        return _b64(value)
+        return value if blob is None else blob(value)
     if isinstance(value, tuple):
-        return [to_wire(v) for v in value]
+        return [_encode(v, encoders, blob) for v in value]
     return value
 
 
 #: Per record class, an encoder planned once from its field types (encoding is on every hot
-#: path, like decoding: a field whose JSON form is itself costs no call at all).
+#: path, like decoding: a field whose JSON form is itself costs no call at all); one table
+#: for JSON frames (bytes as base64), one for MessagePack frames (bytes as they are).
 _ENCODERS: dict[type, typing.Callable[[Any], Any]] = {}
+_NATIVE_ENCODERS: dict[type, typing.Callable[[Any], Any]] = {}
 
 
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
-def _compile_encoder(cls: type) -> typing.Callable[[Any], Any]:
+def _compile_encoder(
+    cls: type, blob: typing.Callable[[bytes], Any] | None
+) -> typing.Callable[[Any], Any]:
     hints = _hints(cls)
-    plan = [(f.name, _field_encoder(hints[f.name])) for f in dataclasses.fields(cls)]
+    plan = [(f.name, _field_encoder(hints[f.name], blob)) for f in dataclasses.fields(cls)]
     tag = cls.type if issubclass(cls, Message) else None
 
     def encode(value: Any) -> dict[str, Any]:
@@ -673,28 +692,30 @@ def _compile_encoder(cls: type) -> typing.Callable[[Any], Any]:
     return encode
 
 
-def _field_encoder(tp: Any) -> typing.Callable[[Any], Any] | None:
-    """How to encode a field of type ``tp``; None when its value is its JSON form."""
+def _field_encoder(
+    tp: Any, blob: typing.Callable[[bytes], Any] | None
+) -> typing.Callable[[Any], Any] | None:
+    """How to encode a field of type ``tp``; None when its value is its wire form."""
     origin = get_origin(tp)
     if tp in (str, int, float, bool) or origin is dict or tp is dict:
         return None
     if tp is bytes:
-        return _b64
+        return blob
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            inner = _field_encoder(args[0])
+            inner = _field_encoder(args[0], blob)
             if inner is None:
                 return None
             return lambda value: None if value is None else inner(value)
     if origin is tuple:
         items = get_args(tp)
         if len(items) == 2 and items[1] is Ellipsis:
-            item = _field_encoder(items[0])
+            item = _field_encoder(items[0], blob)
             if item is None:
                 return list
             return lambda value: [item(v) for v in value]
-    return to_wire  # records (planned on first use), Any, anything unusual
+    return to_wire if blob is not None else to_native  # records, Any, anything unusual
 
 
 def prepare_codecs(*classes: type) -> None:
@@ -704,7 +725,9 @@ def prepare_codecs(*classes: type) -> None:
     answer came that much later than the next ones)."""
     for cls in classes:
         if cls not in _ENCODERS:
-            _ENCODERS[cls] = _compile_encoder(cls)
+            _ENCODERS[cls] = _compile_encoder(cls, _b64)
+        if cls not in _NATIVE_ENCODERS:
+            _NATIVE_ENCODERS[cls] = _compile_encoder(cls, None)
         _plan(cls)
 
 
@@ -769,7 +792,9 @@ def _compile_dataclass(cls: type) -> _Converter:
         if not isinstance(data, dict):
             raise InvalidMessage(f"{where}: expected an object")
         if not known.issuperset(data):
-            raise InvalidMessage(f"{where}: unexpected field(s) {sorted(set(data) - known)}")
+            # str(): a MessagePack map's keys need not be strings, nor sort with them.
+            extra = sorted(map(str, set(data) - known))
+            raise InvalidMessage(f"{where}: unexpected field(s) {extra}")
         kwargs: dict[str, Any] = {}
         for name, conv, required, nests in fields_:
             if name in data:
@@ -785,6 +810,31 @@ def _compile_dataclass(cls: type) -> _Converter:
             raise InvalidMessage(f"{where}: {exc.message}") from None
 
     return convert
+
+
+def _plain(value: Any, depth: int) -> None:
+    """Check that a free-form value (a ``dict`` or ``Any`` field) is JSON data: objects with
+    string keys, arrays, strings, finite numbers, booleans and null, at most
+    :data:`~.nesting.MAX_NESTING` levels deep. A JSON frame holds nothing else; a MessagePack
+    frame could (bytes, integer keys, extension types, NaN, a negative integer where the
+    field's reader expects none of them), and such a value would fail far from here, in
+    the store's JSON or in a comparison."""
+    if depth > MAX_NESTING:
+        raise _Bad(f"nests deeper than {MAX_NESTING} levels")
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _Bad("object keys must be strings")
+            _plain(item, depth + 1)
+    elif kind is list:
+        for item in value:
+            _plain(item, depth + 1)
+    elif kind is float:
+        if not math.isfinite(value):
+            raise _Bad("numbers must be finite")
+    elif value is not None and kind is not str and kind is not bool and kind is not int:
+        raise _Bad(f"{kind.__name__} is not JSON data")
 
 
 def _nests(tp: Any) -> bool:
@@ -855,7 +905,12 @@ def _compile(tp: Any) -> _Converter:
 
         return optional
     if tp is Any:
-        return lambda value, _where: value
+
+        def anything(value: Any, _where: str) -> Any:
+            _plain(value, 1)
+            return value
+
+        return anything
     if tp is bool:
 
         def boolean(value: Any, _where: str) -> Any:
@@ -912,6 +967,7 @@ def _compile(tp: Any) -> _Converter:
         def mapping(value: Any, _where: str) -> Any:
             if not isinstance(value, dict):
                 raise _Bad("expected an object")
+            _plain(value, 1)
             return value
 
         return mapping

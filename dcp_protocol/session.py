@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from . import policy, signing
-from .codec import decode, encode
+from .codec import BINARY_VERSION, decode_frame, encode, encode_binary
 from .errors import ErrorCode, ProtocolError
 from .limits import MAX_FRAME_BYTES
 from .messages import SCHEDULER_MESSAGES, Auth, Error, GroupProof, Hello, Message, Welcome
@@ -91,6 +91,8 @@ class WorkerSession:
         agent: the ``auth.agent`` string (program/version).
         groups: join key -> join hash (hex) of the compute groups to prove membership of.
         leave_public_group: ask for no public work.
+        binary: send MessagePack frames (protocol version 2) to a scheduler whose ``hello``
+            announces it; False keeps every frame JSON (version 1).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class WorkerSession:
         agent: str = "",
         groups: Mapping[str, str] | None = None,
         leave_public_group: bool = False,
+        binary: bool = True,
     ) -> None:
         self.address = address
         self._sign = sign
@@ -112,6 +115,11 @@ class WorkerSession:
         self.welcome: Welcome | None = None
         #: The largest frame either side sends: MAX_FRAME_BYTES until welcome says less.
         self.max_frame_bytes = MAX_FRAME_BYTES
+        self._allow_binary = binary
+        #: Whether this session's frames go as MessagePack (from ``auth`` on): the
+        #: scheduler's ``hello`` announced version 2 and ``binary`` allows it. A transport
+        #: sends them as binary websocket messages, JSON ones as text.
+        self.binary = False
         self._outgoing: list[bytes] = []
         self._next_id = 1
         self._pending: set[int] = set()
@@ -123,13 +131,14 @@ class WorkerSession:
         if self.state is SessionState.CLOSED:
             return []
         try:
-            message = decode(data, SCHEDULER_MESSAGES, self.max_frame_bytes)
+            message, _binary = decode_frame(data, SCHEDULER_MESSAGES, self.max_frame_bytes)
         except ProtocolError as exc:
             # A frame we cannot read leaves its request unanswered for good.
             return [self._fail(exc.code.value, f"bad frame: {exc.message}")]
         if self.state is SessionState.AWAITING_HELLO:
             if not isinstance(message, Hello):
                 return [self._unexpected("hello", message)]
+            self.binary = self._allow_binary and message.protocol >= BINARY_VERSION
             self._answer(message)
             self.state = SessionState.AWAITING_WELCOME
             return []
@@ -165,7 +174,7 @@ class WorkerSession:
             raise RuntimeError(f"the session is {self.state.value}")
         rid = self._next_id
         self._next_id += 1
-        data = encode(build(rid))
+        data = self._encode(build(rid))
         if len(data) > self.max_frame_bytes:
             return rid, Error(
                 re=rid,
@@ -206,7 +215,10 @@ class WorkerSession:
             ),
             leave_public_group=self.leave_public_group,
         )
-        self._outgoing.append(encode(auth))
+        self._outgoing.append(self._encode(auth))
+
+    def _encode(self, message: Message) -> bytes:
+        return encode_binary(message) if self.binary else encode(message)
 
     def _unexpected(self, wanted: str, got: Message) -> Failed:
         return self._fail(ErrorCode.UNEXPECTED_MESSAGE.value, f"expected {wanted}, got {got.type}")

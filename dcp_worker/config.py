@@ -113,6 +113,9 @@ class WorkerConfig:
     # checks their memory accesses), so only the process layers contain them. As root, with no
     # unprivileged account to drop to, OpenCL is not offered unless this says so.
     opencl_as_root: bool = False
+    # Frames to the scheduler as JSON text (protocol version 1) even where it speaks version 2
+    # (MessagePack, bytes as they are): readable in -vv wire logs, larger and slower.
+    json_frames: bool = False
     # Who may run what, at what price (docs/configuration.md "Policy").
     leave_public_group: bool = False
     groups: tuple[GroupConfig, ...] = ()

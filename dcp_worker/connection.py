@@ -118,7 +118,7 @@ class Session:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            await self.ws.send(data.decode())
+            await self.ws.send(data if self.core.binary else data.decode())
         except websockets.ConnectionClosed as exc:
             self._pending.pop(rid, None)
             self.core.forget(rid)
@@ -140,8 +140,11 @@ async def open_session(
     timeout: float = 15.0,
     groups: dict[str, str] | None = None,
     leave_public_group: bool = False,
+    json_frames: bool = False,
 ) -> Session:
-    """Connect and authenticate, proving membership of ``groups`` (join key -> join hash).
+    """Connect and authenticate, proving membership of ``groups`` (join key -> join hash);
+    frames go in MessagePack where the scheduler speaks protocol version 2, unless
+    ``json_frames``.
 
     Raises:
         SessionError: unreachable scheduler, protocol violation, or refused identity (fatal).
@@ -154,6 +157,7 @@ async def open_session(
         agent=f"dcp-worker/{__version__}",
         groups=groups,
         leave_public_group=leave_public_group,
+        binary=not json_frames,
     )
     try:
         async with asyncio.timeout(timeout):
@@ -171,7 +175,7 @@ async def open_session(
                 while outcome is None:
                     events = core.receive(await ws.recv())
                     for frame in core.data_to_send():
-                        await ws.send(frame.decode())
+                        await ws.send(frame if core.binary else frame.decode())
                     outcome = next((e for e in events if isinstance(e, Opened | Failed)), None)
             except BaseException:
                 await ws.close()

@@ -577,6 +577,7 @@ class Supervisor:
                     self.payment_address,
                     groups=self.config.group_hashes(),
                     leave_public_group=self.config.leave_public_group,
+                    json_frames=self.config.json_frames,
                 )
             except SessionError as exc:
                 if exc.fatal:
@@ -767,6 +768,7 @@ class Supervisor:
         # as fit in the session's max_frame_bytes (a result that does not waits for the next).
         window = asyncio.Semaphore(_SUBMIT_WINDOW)
         limit = session.max_frame_bytes
+        binary = session.core.binary  # MessagePack frames: sizes counted as they go
         next_up: _Outgoing | None = None
         while True:
             first = next_up or self._outgoing(session, await queue.get())
@@ -779,7 +781,7 @@ class Supervisor:
                 more = self._outgoing(session, queue.get_nowait())
                 if more is None or more.pending.key in keys:
                     continue
-                if results_frame_bytes(size + more.size, len(batch) + 1) > limit:
+                if results_frame_bytes(size + more.size, len(batch) + 1, binary) > limit:
                     next_up = more
                     break
                 batch.append(more)
@@ -795,12 +797,13 @@ class Supervisor:
         if pending.key in self._inflight:
             return None
         item = pending.item()
-        size = result_item_bytes(item)
+        binary = session.core.binary
+        size = result_item_bytes(item, binary)
         limit = session.welcome.max_result_bytes
         if len(pending.result) > limit:
             why = f"{len(pending.result)} bytes, above max_result_bytes {limit} (not sent)"
-        elif results_frame_bytes(size, 1) > session.max_frame_bytes:
-            why = f"a frame of {results_frame_bytes(size, 1)} bytes, above max_frame_bytes"
+        elif results_frame_bytes(size, 1, binary) > session.max_frame_bytes:
+            why = f"a frame of {results_frame_bytes(size, 1, binary)} bytes, above max_frame_bytes"
         else:
             return _Outgoing(pending, item, size)
         self._carry_out(session, self.state.handle(ResultUnsendable(pending, why)))

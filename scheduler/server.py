@@ -25,8 +25,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from dcp_protocol import (
+    BINARY_VERSION,
     MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
     Error,
     ErrorCode,
     Fetch,
@@ -34,7 +34,6 @@ from dcp_protocol import (
     Message,
     ResultsAck,
     Welcome,
-    encode,
 )
 
 from .acceptance import Acceptance
@@ -387,8 +386,12 @@ class Scheduler:
                 if ticket is not None:
                     self._unauthenticated.pop(ticket.serial, None)
                     self.limiter.release(ticket)
+            data = session.encode(message)  # MessagePack to a session whose frames are
             async with send_lock:
-                await ws.send_str(encode(message).decode())
+                if session.binary:
+                    await ws.send_bytes(data)
+                else:
+                    await ws.send_str(data.decode())
 
         session = self.dispatcher.open(network_of(request.remote or ""))
         self._live[session.id] = session
@@ -496,7 +499,7 @@ class Scheduler:
         return web.json_response(
             {
                 "server": self.config.name,
-                "protocol": PROTOCOL_VERSION,
+                "protocol": BINARY_VERSION,  # the highest it speaks, as in hello
                 "sessions": self.sessions,
                 "throttled_sessions": self.throttled,
                 # Store calls under way on the pool's threads (PostgreSQL): how many requests

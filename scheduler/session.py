@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from dcp_protocol import (
-    PROTOCOL_VERSION,
+    BINARY_VERSION,
     SCHEDULER_MESSAGES,
     Ack,
     Auth,
@@ -43,14 +43,16 @@ from dcp_protocol import (
     SliceLease,
     Welcome,
     Work,
-    decode,
+    decode_frame,
     encode,
+    encode_binary,
     encode_json,
     limits,
-    nesting,
+    peek,
     policy,
     signing,
     to_wire,
+    wire_bytes,
 )
 from dcp_protocol import Hello as HelloMsg
 from dcp_protocol.policy import JobTerms, WorkerTerms
@@ -84,6 +86,12 @@ class WorkerSession:
     leave_public_group: bool = False
     #: (job, code) refusals already reported on this session (each is reported once).
     reported: set[tuple[str, str]] = field(default_factory=set)
+    #: Its frames come in MessagePack (protocol version 2): it is answered so.
+    binary: bool = False
+
+    def encode(self, message: Message) -> bytes:
+        """``message`` as this session's frames go: MessagePack or JSON."""
+        return encode_binary(message) if self.binary else encode(message)
 
 
 @dataclass(frozen=True)
@@ -98,8 +106,11 @@ class Park:
 Reply = Message | Park | AcceptanceReply
 
 
-def _spec_bytes(spec: JobSpec) -> int:
-    """What ``spec`` takes in a ``work`` frame (exact: base64 needs no escapes)."""
+def _spec_bytes(spec: JobSpec, binary: bool) -> int:
+    """What ``spec`` takes in a ``work`` frame (exact: base64 needs no escapes; a ``bin``
+    is its bytes and a header of at most 5)."""
+    if binary:
+        return wire_bytes(replace(spec, module=b""), True) + len(spec.module) + 4
     return len(encode_json(to_wire(replace(spec, module=b"")))) + 4 * -(-len(spec.module) // 3) + 1
 
 
@@ -108,11 +119,8 @@ def _peek_id(data: str | bytes, error: ProtocolError) -> int | None:
     (an error's ``re`` must be one the worker can decode)."""
     if isinstance(error, FrameTooLarge):
         return None  # never parse what is refused for its size
-    try:
-        obj = nesting.loads(data)  # the frame may be the one too deep to decode
-        value = obj.get("id") if isinstance(obj, dict) else None
-    except ValueError:  # NestingTooDeep included
-        return None
+    obj = peek(data)  # the frame may be the one too deep to decode
+    value = obj.get("id") if isinstance(obj, dict) else None
     if type(value) is not int or not 0 <= value <= limits.MAX_UINT64:
         return None
     return value
@@ -185,7 +193,7 @@ class Dispatcher:
     def hello(self, session: WorkerSession) -> HelloMsg:
         """The session's first frame: the challenge its ``auth`` must sign."""
         return HelloMsg(
-            protocol=PROTOCOL_VERSION, challenge=session.challenge, server=self.config.name
+            protocol=BINARY_VERSION, challenge=session.challenge, server=self.config.name
         )
 
     async def receive(self, session: WorkerSession, data: str | bytes) -> tuple[Reply, bool]:
@@ -195,7 +203,9 @@ class Dispatcher:
         fault of ours ``internal`` (logged), never an exception that ends the session.
         """
         try:
-            message = decode(data, SCHEDULER_MESSAGES, self.config.max_frame_bytes)
+            message, session.binary = decode_frame(
+                data, SCHEDULER_MESSAGES, self.config.max_frame_bytes
+            )
         except ProtocolError as exc:
             log.warning("session %s: %s", session.id, exc.message)
             return Error(re=_peek_id(data, exc), code=exc.code.value, message=exc.message), False
@@ -461,16 +471,18 @@ class Dispatcher:
         )
         rough += sum(len(encode_json(j.requirements)) + 4096 for j in jobs.values())
         rough += len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
-        if rough <= limit:
+        if rough <= limit:  # base64 bounds a MessagePack bin as well
             return tuple(slices), tuple(jobs.values())
-        size = len(encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        binary = session.binary
+        size = len(session.encode(Work(re=limits.MAX_UINT64, skipped=tuple(skipped))))
+        size += 10 if binary else 0  # the arrays' headers, up to 5 bytes each
         kept: list[SliceLease] = []
         specs: dict[str, JobSpec] = {}
         for lease in slices:
-            more = len(encode_json(to_wire(lease))) + 1
+            more = wire_bytes(lease, binary) + (0 if binary else 1)
             spec = jobs.get(lease.job) if lease.job not in specs else None
             if spec is not None:
-                more += _spec_bytes(spec)
+                more += _spec_bytes(spec, binary)
             if size + more > limit:
                 break
             size += more

@@ -192,6 +192,7 @@ class WorkerProcess:
         sandboxes: int = 2,
         *extra: str,
         log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.log = (log_dir or state_dir.parent) / f"worker-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log, "w")
@@ -215,6 +216,7 @@ class WorkerProcess:
             ],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def output(self) -> str:
@@ -239,7 +241,12 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(
-        url: str, keystore: Keystore, sandboxes: int = 2, *extra: str, state_dir: Path | None = None
+        url: str,
+        keystore: Keystore,
+        sandboxes: int = 2,
+        *extra: str,
+        state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         w = WorkerProcess(
             url,
@@ -248,6 +255,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
             sandboxes,
             *extra,
             log_dir=tmp_path,
+            env=env,
         )
         started.append(w)
         return w

@@ -54,7 +54,11 @@ def test_control_socket_status_pause_resume_stop(
 ) -> None:
     keystore = make_keystore("w")
     state = tmp_path / "state-with-a-rather-long-name" / ("deep" * 20)  # > 108 bytes
-    worker = workers(scheduler.url, keystore, 2, state_dir=state)
+    # JSON frames: the checks below read the frames in the wire log (-vv), which shows a
+    # MessagePack frame as hex, cut in its middle.
+    worker = workers(
+        scheduler.url, keystore, 2, state_dir=state, env={"DCP_WORKER_JSON_FRAMES": "1"}
+    )
     sock = state / "control.sock"
     wait_for(lambda: "connected to" in worker.output(), 30)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o660

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -562,3 +563,147 @@ def test_one_frame_limit_announced_in_welcome() -> None:
     assert isinstance(welcome, p.Welcome) and welcome.max_frame_bytes == p.MAX_FRAME_BYTES
     smaller = p.decode(_wire(welcome, max_frame_bytes=70000), p.SCHEDULER_MESSAGES)
     assert isinstance(smaller, p.Welcome) and smaller.max_frame_bytes == 70000
+
+
+# ------------------------------------------------------------------ MessagePack (version 2)
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.type)
+def test_binary_round_trip(message: p.Message) -> None:
+    registry = p.SCHEDULER_MESSAGES if message.type in p.SCHEDULER_MESSAGES else None
+    registry = registry or p.EVALUATOR_MESSAGES
+    data = p.encode_binary(message)
+    assert msgspec.msgpack.decode(data)["v"] == p.BINARY_VERSION
+    assert p.decode_binary(data, registry) == message
+    assert p.decode_frame(data, registry) == (message, True)
+    assert p.decode_frame(p.encode(message), registry) == (message, False)  # JSON as bytes
+    assert p.decode_frame(p.encode(message).decode(), registry) == (message, False)
+
+
+def test_binary_frames_carry_bytes_as_they_are() -> None:
+    datum = bytes(range(256)) * 256  # 64 KiB
+    lease = p.SliceLease("j", 0, "t", 1, 1.0, datum)
+    data = p.encode_binary(p.Work(re=1, slices=(lease,)))
+    assert len(data) < len(datum) + 200  # no base64
+    assert datum in data
+
+
+def _pack(**fields: object) -> bytes:
+    return msgspec.msgpack.encode({"v": 2, **fields})
+
+
+RESULT = {"job": "j", "slice": 0, "token": "t", "payment_address": ADDR, "signature": SIG}
+FETCH = {"type": "fetch", "id": 3, "max_slices": 1}
+
+BAD_BINARY = [
+    (b"\x80\xc1", p.FrameError, "malformed_frame"),  # 0xc1 is never used
+    (msgspec.msgpack.encode({"v": 2, "type": "ack"}) + b"\x00", p.FrameError, "malformed_frame"),
+    (b"\x81\xa1v" + b"\x91" * 100_000 + b"\xc0", p.FrameError, "malformed_frame"),
+    (_pack(**{**FETCH, "v": 1}), p.UnsupportedVersion, "unsupported_version"),
+    (msgspec.msgpack.encode({"type": "ack"}), p.UnsupportedVersion, "unsupported_version"),
+    (_pack(type=b"fetch", id=3), p.FrameError, "malformed_frame"),
+    (_pack(type="teleport"), p.UnknownMessage, "unknown_message"),
+    (_pack(**FETCH, extra=1), p.InvalidMessage, "invalid_message"),
+    (msgspec.msgpack.encode({"v": 2, **FETCH, 7: 1}), p.InvalidMessage, "invalid_message"),
+    (_pack(**{**FETCH, "id": -1}), p.InvalidMessage, "invalid_message"),
+    (_pack(**{**FETCH, "max_slices": 1.5}), p.InvalidMessage, "invalid_message"),
+    (_pack(**FETCH, wait_seconds=float("nan")), p.InvalidMessage, "invalid_message"),
+    (_pack(**FETCH, capabilities={"k": b"bytes"}), p.InvalidMessage, "invalid_message"),
+    (_pack(**FETCH, capabilities={1: "int key"}), p.InvalidMessage, "invalid_message"),
+    (_pack(**FETCH, capabilities={"k": float("inf")}), p.InvalidMessage, "invalid_message"),
+    (
+        _pack(**FETCH, capabilities={"k": msgspec.msgpack.Ext(1, b"x")}),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        msgspec.msgpack.encode({"v": 2, **FETCH, "capabilities": {"k": [[[]]]}}).replace(
+            b"\x91\x91\x90", b"\x91" * 80 + b"\x90"
+        ),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _pack(type="result", id=1, **RESULT, result="not base64!"),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+    (
+        _pack(type="result", id=1, **{**RESULT, "job": b"j"}, result=b""),
+        p.InvalidMessage,
+        "invalid_message",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "exc", "code"), BAD_BINARY)
+def test_bad_binary_frames_are_named(data: bytes, exc: type[p.ProtocolError], code: str) -> None:
+    with pytest.raises(exc) as info:
+        p.decode_frame(data, p.SCHEDULER_MESSAGES)
+    assert info.value.code.value == code
+
+
+def test_a_binary_frame_decodes_as_its_json_twin() -> None:
+    """The same checks hold: a result's base64 string is read as in JSON, a bin as bytes."""
+    assert p.decode_binary(
+        _pack(type="result", id=1, **RESULT, result="YWJj"), p.SCHEDULER_MESSAGES
+    ) == p.decode_binary(_pack(type="result", id=1, **RESULT, result=b"abc"), p.SCHEDULER_MESSAGES)
+    assert p.peek(_pack(**FETCH, extra=1)) == {"v": 2, **FETCH, "extra": 1}  # the id to answer
+    assert p.peek(b"\x80\xc1") is None
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_decode_binary_raises_only_protocol_errors(data: bytes) -> None:
+    for frame in (data, b"\x83" + data):
+        try:
+            p.decode_frame(frame, p.SCHEDULER_MESSAGES)
+        except p.ProtocolError:
+            pass
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=10)
+        | st.binary(max_size=10),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=10) | st.integers(0, 9), children, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    st.sampled_from(sorted(p.SCHEDULER_MESSAGES)),
+)
+def test_fuzz_binary_structured_fields(value: object, type_: str) -> None:
+    """Well-formed MessagePack with arbitrary field values (bytes, integer keys, NaN among
+    them): only documented errors escape, and what decodes is JSON data where it is free."""
+    cls = p.SCHEDULER_MESSAGES[type_]
+    fields = {f: value for f in cls.__dataclass_fields__}
+    try:
+        message = p.decode_binary(_pack(**{**fields, "type": type_}), p.SCHEDULER_MESSAGES)
+    except p.ProtocolError:
+        return
+    json.dumps(p.to_wire(message), allow_nan=False)  # storable as JSON
+
+
+def test_binary_result_item_bytes_is_exact_and_frames_stay_under_their_bound() -> None:
+    items = [
+        p.ResultItem("job", 0, "tok", b"", ADDR, SIG),
+        p.ResultItem('j\u00e9"b', 2**63 - 1, "t" * 40, b"\x00" * 1000, ADDR, SIG),
+        p.ResultItem("j", 5, "t", b"abcd", ADDR, SIG, p.Metrics(1.25, 0.5, 3, 2**63 - 1, 1e-9)),
+        p.ResultItem("j", 5, "t", b"\x01" * 70_000, ADDR, SIG),
+    ]
+    for item in items:
+        frame = p.encode_binary(p.Results(id=0, results=(item,)))
+        bound = p.results_frame_bytes(p.result_item_bytes(item, True), 1, True)
+        assert len(frame) <= bound <= len(frame) + 8  # exact but for the id's bytes
+        # And never above the JSON frame's size, which the welcome's limit is checked by.
+        assert bound <= p.results_frame_bytes(p.result_item_bytes(item), 1)
+    for n in (1, 15, 16, 200):
+        batch = tuple((items * 60)[:n])
+        frame = p.encode_binary(p.Results(id=2**64 - 1, results=batch))
+        bound = p.results_frame_bytes(sum(p.result_item_bytes(i, True) for i in batch), n, True)
+        assert len(frame) == bound

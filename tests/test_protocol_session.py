@@ -160,3 +160,33 @@ def test_frames_above_the_limit_are_refused_once_welcome_set_it() -> None:
     big = p.encode(p.Error(re=None, code="internal", message="x" * 20_000))
     (failed,) = session.receive(big)
     assert isinstance(failed, Failed) and failed.code == "frame_too_large"
+
+
+# ------------------------------------------------------------------ protocol version 2
+
+
+@pytest.mark.parametrize(
+    ("announced", "allowed", "binary"),
+    [(p.BINARY_VERSION, True, True), (p.PROTOCOL_VERSION, True, False), (2, False, False)],
+)
+def test_frames_go_as_messagepack_only_where_hello_announces_version_2(
+    announced: int, allowed: bool, binary: bool
+) -> None:
+    """A scheduler that speaks only version 1 announces 1, and gets JSON; one that speaks 2
+    gets MessagePack from auth on, unless the worker was told to keep to JSON."""
+    session = WorkerSession(IDENTITY.address, IDENTITY.sign, IDENTITY.address, binary=allowed)
+    session.receive(p.encode(p.Hello(protocol=announced, challenge=CHALLENGE)))
+    assert session.binary is binary
+    (frame,) = session.data_to_send()
+    message, was_binary = p.decode_frame(frame, p.SCHEDULER_MESSAGES)
+    assert isinstance(message, p.Auth) and was_binary is binary
+    welcome = p.decode(_welcome(), p.SCHEDULER_MESSAGES)
+    # The scheduler's frames are read in either form, whatever this side sends.
+    answer = p.encode_binary(welcome) if binary else p.encode(welcome)
+    assert isinstance(session.receive(answer)[0], Opened)
+    rid, data = session.request(partial(p.Fetch, max_slices=1))
+    assert isinstance(data, bytes)
+    assert p.decode_frame(data, p.SCHEDULER_MESSAGES) == (p.Fetch(id=rid, max_slices=1), binary)
+    reply = p.Work(re=rid)
+    assert session.receive(p.encode_binary(reply)) == [Replied(rid, reply)]
+    assert session.receive(p.encode(p.Work(re=rid))) == [Unsolicited(reply)]

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import websockets
 from websockets.asyncio.client import connect
 
@@ -24,7 +25,7 @@ async def _recv(ws: websockets.asyncio.client.ClientConnection) -> p.Message:
 async def _open(url: str, keystore: Keystore) -> websockets.asyncio.client.ClientConnection:
     ws = await connect(url, compression=None, max_size=None)
     hello = await _recv(ws)
-    assert isinstance(hello, p.Hello) and hello.protocol == p.PROTOCOL_VERSION
+    assert isinstance(hello, p.Hello) and hello.protocol == p.BINARY_VERSION  # it speaks 1 and 2
     identity = keystore.identity
     sig = identity.sign(signing.session_payload(hello.challenge, hello.server, identity.address))
     await ws.send(
@@ -449,3 +450,63 @@ def test_a_worker_identity_holds_at_most_max_leases_per_worker(
                 await ws.close()
 
         asyncio.run(main())
+
+
+def test_a_messagepack_session_is_answered_in_messagepack_and_survives_bad_frames(
+    scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    """Protocol version 2: an auth in MessagePack (a binary websocket message) makes the
+    session's replies MessagePack too; a bad binary frame is named, as a bad JSON one is."""
+    keystore = make_keystore("worker")
+    identity = keystore.identity
+
+    async def recv_binary(ws: websockets.asyncio.client.ClientConnection) -> p.Message:
+        data = await asyncio.wait_for(ws.recv(), 10)
+        assert isinstance(data, bytes), data  # a binary message
+        return p.decode_binary(data, p.SCHEDULER_MESSAGES)
+
+    async def main() -> None:
+        ws = await connect(scheduler.ws_url, compression=None, max_size=None)
+        hello = await _recv(ws)
+        assert isinstance(hello, p.Hello) and hello.protocol == p.BINARY_VERSION
+        sig = identity.sign(
+            signing.session_payload(hello.challenge, hello.server, identity.address)
+        )
+        auth = p.Auth(
+            id=1, address=identity.address, signature=sig, payment_address=identity.address
+        )
+        await ws.send(p.encode_binary(auth))
+        welcome = await recv_binary(ws)
+        assert isinstance(welcome, p.Welcome) and welcome.address == identity.address
+        pack = msgspec.msgpack.encode
+        cases = [
+            (b"\x80\xc1", None, "malformed_frame"),
+            (pack({"v": 2, "type": "teleport", "id": 7}), 7, "unknown_message"),
+            (pack({"v": 2, "type": "fetch", "id": 8, "max_slices": 1, 9: 9}), 8, "invalid_message"),
+            (pack({"v": 1, "type": "fetch", "id": 9, "max_slices": 1}), 9, "unsupported_version"),
+            (
+                pack(
+                    {
+                        "v": 2,
+                        "type": "fetch",
+                        "id": 10,
+                        "max_slices": 1,
+                        "capabilities": {"a": b"b"},
+                    }
+                ),
+                10,
+                "invalid_message",
+            ),
+            (b"\x81\xa1v" + b"\x91" * 100_000 + b"\xc0", None, "malformed_frame"),
+        ]
+        for frame, re, code in cases:
+            await ws.send(frame)
+            reply = await recv_binary(ws)
+            assert isinstance(reply, p.Error), reply
+            assert (reply.re, reply.code) == (re, code), reply
+        await ws.send(p.encode_binary(p.Fetch(id=11, max_slices=1)))
+        reply = await recv_binary(ws)
+        assert isinstance(reply, p.Work) and reply.re == 11
+        await ws.close()
+
+    asyncio.run(main())
