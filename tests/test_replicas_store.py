@@ -408,3 +408,54 @@ def test_the_busy_timeout_bounds_a_wait_for_a_row_lock(pg_db: str, busy_timeout:
             store.accept_results(W1, [row], 1.0)
     assert store.accept_results(W1, [row], 1.0) == [Settled("accepted", 0)]
     store.close()
+
+
+def _as_schema_8(db: str) -> None:
+    """Put ``db`` (at the latest schema) back as schema 8 left it: each slice's datum in its
+    row, a replica's a copy of its input's, and no slice_data."""
+    copy = (
+        "UPDATE slices SET datum = (SELECT d.datum FROM slice_data d WHERE d.job = slices.job"
+        " AND d.idx = coalesce(slices.replica_of, slices.idx))"
+    )
+    if db.startswith("postgresql"):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("ALTER TABLE slices ADD COLUMN datum BYTEA NOT NULL DEFAULT ''::bytea")
+            conn.execute(copy)
+            conn.execute("DROP TABLE slice_data")
+            conn.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("ALTER TABLE slices ADD COLUMN datum BLOB NOT NULL DEFAULT x''")
+            conn.execute(copy)
+            conn.execute("DROP TABLE slice_data")
+            conn.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
+        conn.close()
+
+
+def test_schema_9_moves_the_datums_out_of_the_slice_rows_and_keeps_them(db: str) -> None:
+    """Schema 9 (slice_data): a database of schema 8, with plain slices and replicated ones,
+    upgrades and leases every slice with its own datum, a replica with its input's."""
+    from tests.test_redundancy import replicated
+
+    store = open_store(db)
+    plain = store.create_job(new_job(3, tag="plain"), 0.0)
+    store.mint(replicated().owner, 10**9, 0.0)
+    voted = store.create_job(replicated(2, tag="voted"), 0.0)
+    store.close()
+    _as_schema_8(db)
+    store = open_store(db, upgrade=True)
+    try:
+        assert [m.version for m in store.applied] == [9]
+        got: dict[tuple[str, int], bytes] = {}
+        for worker in (W1, W2):
+            for lease in store.lease(worker, 100, 1.0, 60.0):
+                got[(lease.job, lease.slice)] = lease.datum
+        assert {k: v for k, v in got.items() if k[0] == plain} == {
+            (plain, i): f"d{i}".encode() for i in range(3)
+        }
+        replicas = {k: v for k, v in got.items() if k[0] == voted}
+        assert sorted(replicas.values()) == [b"d0", b"d0", b"d1", b"d1"]  # two replicas each
+        for (job, idx), datum in replicas.items():
+            assert store.datum(job, idx) == datum
+    finally:
+        store.close()

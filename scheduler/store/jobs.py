@@ -92,9 +92,10 @@ class JobsRoom(SQLBase):
                 return self._job_by_payload(db, job.payload_sha256) or job_id
             if policy is None:
                 db.executemany(
-                    "INSERT INTO slices (job, idx, state, datum) VALUES (?, ?, 'queued', ?)",
-                    ((job_id, i, datum) for i, datum in enumerate(job.data)),
+                    "INSERT INTO slices (job, idx, state) VALUES (?, ?, 'queued')",
+                    ((job_id, i) for i in range(len(job.data))),
                 )
+                self._insert_data(db, job_id, job)
             else:
                 self._create_inputs(db, job_id, job, policy)
             _ledger.move(db, "escrow", job.owner, f"escrow:{job_id}", escrow, now, job_id)
@@ -102,21 +103,29 @@ class JobsRoom(SQLBase):
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
 
+    @staticmethod
+    def _insert_data(db: Connection, job_id: str, job: NewJob) -> None:
+        """The datums of a new job's slices (schema 9: out of the slice rows, which change)."""
+        db.executemany(
+            "INSERT INTO slice_data (job, idx, datum) VALUES (?, ?, ?)",
+            ((job_id, i, datum) for i, datum in enumerate(job.data)),
+        )
+
     def _create_inputs(self, db: Connection, job_id: str, job: NewJob, policy: Redundancy) -> None:
         """A replicated job's slices, ``voting``, each with its first replicas (the adaptive
         policy's one, or the quorum), queued REPLICA_SPREAD slices apart (below)."""
         first = policy.first_replicas()
         db.executemany(
-            "INSERT INTO slices (job, idx, state, datum, needed, expected)"
-            " VALUES (?, ?, 'voting', ?, ?, ?)",
-            ((job_id, i, datum, first, job.known.get(i)) for i, datum in enumerate(job.data)),
+            "INSERT INTO slices (job, idx, state, needed, expected) VALUES (?, ?, 'voting', ?, ?)",
+            ((job_id, i, first, job.known.get(i)) for i in range(len(job.data))),
         )
+        self._insert_data(db, job_id, job)
         total = len(job.data)
-        db.executemany(
-            "INSERT INTO slices (job, idx, state, datum, replica_of) VALUES (?, ?, 'queued', ?, ?)",
+        db.executemany(  # a replica reads its input's datum
+            "INSERT INTO slices (job, idx, state, replica_of) VALUES (?, ?, 'queued', ?)",
             (
-                (job_id, total + replica_position(i, r, total, first), datum, i)
-                for i, datum in enumerate(job.data)
+                (job_id, total + replica_position(i, r, total, first), i)
+                for i in range(total)
                 for r in range(first)
             ),
         )
@@ -238,7 +247,9 @@ class JobsRoom(SQLBase):
 
     def datum(self, job_id: str, slice_: int) -> bytes:
         row = self._db.execute(
-            "SELECT datum FROM slices WHERE job=? AND idx=?", (job_id, slice_)
+            "SELECT d.datum FROM slices s JOIN slice_data d ON d.job=s.job"
+            " AND d.idx=coalesce(s.replica_of, s.idx) WHERE s.job=? AND s.idx=?",
+            (job_id, slice_),
         ).fetchone()
         if row is None:
             raise UnknownSlice(f"no slice {job_id}/{slice_}")
@@ -260,7 +271,12 @@ class JobsRoom(SQLBase):
         return row is not None
 
     def slices(
-        self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
+        self,
+        job_id: str,
+        after: int = -1,
+        limit: int = 1000,
+        final_prefix: bool = False,
+        max_bytes: int | None = None,
     ) -> list[SliceRecord]:
         self.job_state(job_id)
         cursor = self._db.execute(
@@ -269,10 +285,14 @@ class JobsRoom(SQLBase):
             " AND idx>? AND replica_of IS NULL ORDER BY idx LIMIT ?",
             (job_id, after, limit),
         )
-        out = []
+        out: list[SliceRecord] = []
+        size = 0
         for r in cursor:
             if final_prefix and SliceState(r[2]) not in FINAL_STATES:
                 break  # rows are read lazily: stopping here reads no further
+            if max_bytes is not None and out and size >= max_bytes:
+                break
+            size += 0 if r[8] is None else len(r[8])
             out.append(
                 SliceRecord(
                     job=r[0],

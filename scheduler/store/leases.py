@@ -25,6 +25,7 @@ from .jobs import JobsRoom
 from .sqlbase import (
     QUEUED_OF_JOB,
     QUEUED_REPLICAS_OF_JOB,
+    _per_slice,
 )
 
 
@@ -80,28 +81,51 @@ class LeasesRoom(JobsRoom):
                 max_slices = min(max_slices, max_held - held)
             order = jobs_in_order.fetchall()
             who, pays = worker.lower(), (payee or worker).lower()
+            # (job, index, attempts, the index its datum is kept under, offer)
+            picked: list[tuple[str, int, int, int, int]] = []
             for job_id, offer, replicated in order:
-                want = max_slices - len(leases)
+                want = max_slices - len(picked)
                 if want <= 0:
                     break
                 # Job by job through the state index: a query over all jobs at once walked
                 # every slice of the job (done ones included) and grew with its progress.
-                rows: Iterable[tuple[int, int, bytes]]
+                rows: Iterable[tuple[int, int, int]]
                 if replicated:
                     rows = self._queued_replicas(db, job_id, who, pays, network, want)
                 else:
-                    rows = db.execute(
-                        f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
-                        (job_id, who, want),
+                    rows = (
+                        (idx, attempts, idx)
+                        for idx, attempts in db.execute(
+                            f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
+                            (job_id, who, want),
+                        )
                     )
-                for idx, attempts, datum in rows:
-                    token = secrets.token_hex(16)
-                    updates.append(
-                        (new_state, token, worker, deadline, now, pays, network, job_id, idx)
+                picked.extend((job_id, idx, attempts, of, offer) for idx, attempts, of in rows)
+            # The datums after the slices: they live apart from the rows that change (schema 9).
+            datums = {
+                (job_id, idx): datum
+                for job_id, (idx, datum) in _per_slice(
+                    db,
+                    [(job_id, of) for job_id, _idx, _attempts, of, _offer in picked],
+                    "SELECT idx, datum FROM slice_data WHERE job=? AND idx IN ({marks})",
+                )
+            }
+            for job_id, idx, attempts, of, offer in picked:
+                token = secrets.token_hex(16)
+                updates.append(
+                    (new_state, token, worker, deadline, now, pays, network, job_id, idx)
+                )
+                leases.append(
+                    Lease(
+                        job_id,
+                        idx,
+                        token,
+                        attempts + 1,
+                        deadline,
+                        bytes(datums[(job_id, of)]),
+                        offer,
                     )
-                    leases.append(
-                        Lease(job_id, idx, token, attempts + 1, deadline, bytes(datum), offer)
-                    )
+                )
             db.executemany(
                 "UPDATE slices SET state=?, token=?, worker=?, deadline=?, leased_at=?, payee=?,"
                 " network=?, attempts=attempts+1, progress=NULL WHERE job=? AND idx=?",
@@ -111,9 +135,9 @@ class LeasesRoom(JobsRoom):
 
     def _queued_replicas(
         self, db: Connection, job_id: str, who: str, pays: str, network: str | None, want: int
-    ) -> list[tuple[int, int, bytes]]:
+    ) -> list[tuple[int, int, int]]:
         """Up to ``want`` queued replicas of distinct slices that ``who`` (paid to ``pays``,
-        from ``network``) may compute, locked."""
+        from ``network``) may compute, locked: (index, attempts, its input's index)."""
         policy = self._policy(db, job_id)[0]
         assert policy is not None
         apart = network if policy.distinct_networks and network else None
@@ -123,11 +147,11 @@ class LeasesRoom(JobsRoom):
         ).fetchall()
         taken: set[int] = set()
         out = []
-        for idx, attempts, datum, of in rows:
+        for idx, attempts, of in rows:
             if of in taken:
                 continue
             taken.add(of)
-            out.append((idx, attempts, datum))
+            out.append((idx, attempts, of))
             if len(out) == want:
                 break
         return out

@@ -357,6 +357,26 @@ ALTER TABLE slices ADD COLUMN expected BYTEA;
 """
 )
 
+# The slices' datums in a table of their own (issue 20). SQLite keeps a row's columns in one
+# record and rewrites all of it on every UPDATE: with the datum inside, each lease, heartbeat
+# and acceptance wrote the datum again (a 1 MiB slice: 1 MiB to the WAL per state change), and
+# reading any column stored after it walked its overflow pages. A replica reads its input's
+# datum (slice_data holds the inputs' only). PostgreSQL keeps large values out of line
+# (TOAST) already; it gets the same table so that both run the same statements.
+_V9 = """
+CREATE TABLE IF NOT EXISTS slice_data (
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx {integer} NOT NULL,
+    datum {blob} NOT NULL,
+    PRIMARY KEY (job, idx)
+){without_rowid};
+INSERT INTO slice_data (job, idx, datum) SELECT job, idx, datum FROM slices
+    WHERE replica_of IS NULL;
+ALTER TABLE slices DROP COLUMN datum;
+"""
+_V9_SQLITE = _V9.format(integer="INTEGER", blob="BLOB", without_rowid=" WITHOUT ROWID")
+_V9_POSTGRES = _V9.format(integer="BIGINT", blob="BYTEA", without_rowid="")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
@@ -373,6 +393,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _V8_SQLITE,
         _V8_POSTGRES,
     ),
+    Migration(9, "slice datums in a table of their own (slice_data)", _V9_SQLITE, _V9_POSTGRES),
 )
 LATEST = MIGRATIONS[-1].version
 FIRST = MIGRATIONS[0].version

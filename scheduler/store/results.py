@@ -63,8 +63,9 @@ class ResultsRoom(LeasesRoom):
             for job_id, (idx, *rest) in _per_slice(
                 self._db,
                 [(r.job, r.slice) for r in refs],
-                "SELECT idx, state, token, worker, leased_at, length(datum) FROM slices"
-                " WHERE job=? AND idx IN ({marks})",
+                "SELECT s.idx, s.state, s.token, s.worker, s.leased_at, length(d.datum)"
+                " FROM slices s JOIN slice_data d ON d.job=s.job"
+                " AND d.idx=coalesce(s.replica_of, s.idx) WHERE s.job=? AND s.idx IN ({marks})",
             )
         }
         return [self._lease_of(rows.get((r.job, r.slice)), r, worker) for r in refs]

@@ -54,7 +54,7 @@ _WORKER_COUNTERS = ("accepted", "rejected", "failed", "refused")
 #: Through the queue: SQLite's state index, PostgreSQL's partial index ``slices_queue``
 #: (schema 6), which the planner takes whatever its statistics say of the job's progress.
 QUEUED_OF_JOB = (
-    "SELECT idx, attempts, datum FROM slices INDEXED BY slices_by_state"
+    "SELECT idx, attempts FROM slices INDEXED BY slices_by_state"
     " WHERE state='queued' AND job=? AND (rejected_by IS NULL OR rejected_by != ?)"
     " ORDER BY idx LIMIT ?"
 )
@@ -74,7 +74,7 @@ ACTIVE_JOBS = (
 #: worker, payee, payee, network or NULL, how many). Rows past the first replica of each slice
 #: are read and skipped in Python (one lease never takes two replicas of one slice).
 QUEUED_REPLICAS_OF_JOB = (
-    "SELECT s.idx, s.attempts, s.datum, s.replica_of FROM slices s INDEXED BY slices_by_state"
+    "SELECT s.idx, s.attempts, s.replica_of FROM slices s INDEXED BY slices_by_state"
     " WHERE s.state='queued' AND s.job=? AND (s.rejected_by IS NULL OR s.rejected_by != ?)"
     " AND NOT EXISTS (SELECT 1 FROM slices r INDEXED BY slices_by_input WHERE r.job=s.job"
     " AND r.replica_of IS NOT NULL AND r.replica_of=s.replica_of"

@@ -45,16 +45,15 @@ def parse_redundancy(raw: str | None) -> Redundancy | None:
 
 def make_replicas(db: Connection, job_id: str, input_: int, n: int) -> list[int]:
     """Insert ``n`` queued replicas of ``input_`` (the job's next slice indices, past its
-    inputs), copying its datum; their indices."""
+    inputs), which read its datum; their indices."""
     (first,) = db.execute(
         "UPDATE jobs SET next_idx = next_idx + ? WHERE id=? RETURNING next_idx - ?",
         (n, job_id, n),
     ).fetchone()
     indices = list(range(int(first), int(first) + n))
     db.executemany(
-        "INSERT INTO slices (job, idx, state, datum, replica_of)"
-        " SELECT job, ?, 'queued', datum, idx FROM slices WHERE job=? AND idx=?",
-        [(idx, job_id, input_) for idx in indices],
+        "INSERT INTO slices (job, idx, state, replica_of) VALUES (?, ?, 'queued', ?)",
+        [(job_id, idx, input_) for idx in indices],
     )
     return indices
 
