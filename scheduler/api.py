@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from dcp_protocol import DcpError, ErrorCode, Metrics, nesting, signing
@@ -289,7 +290,7 @@ class ComputeApi:
                 state, slices = await self.db.run(
                     lambda s: (
                         s.job_state(job_id),
-                        s.slices(job_id, after, limit, final_prefix=True),
+                        s.slices(job_id, after, limit, final_prefix=True, max_bytes=PAGE_BYTES),
                     )
                 )
             except UnknownJob as exc:
@@ -299,6 +300,10 @@ class ComputeApi:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
+        if _wants_msgpack(request):  # results as bytes, not base64 in JSON
+            return _msgpack_response(
+                {"job": job_id, "state": state, "slices": [_slice_json(s, True) for s in slices]}
+            )
         return _json_response(
             {"job": job_id, "state": state, "slices": [_slice_json(s) for s in slices]}
         )
@@ -522,9 +527,28 @@ def _market_json(job: JobRecord) -> dict[str, Any]:
     }
 
 
-def _slice_json(s: SliceRecord) -> dict[str, Any]:
+#: MessagePack, which a results reader may ask for (``Accept``); IANA's name for it.
+MSGPACK = "application/msgpack"
+#: A page of results stops after the slice whose result passes this many bytes (at least one
+#: slice a page): 5,000 results of 1 MiB were 5 GiB of one reply.
+PAGE_BYTES = 32 << 20
+
+
+def _wants_msgpack(request: web.Request) -> bool:
+    return MSGPACK in request.headers.get("Accept", "")
+
+
+def _msgpack_response(data: Any) -> web.Response:
+    return web.Response(body=msgspec.msgpack.encode(data), content_type=MSGPACK)
+
+
+def _slice_json(s: SliceRecord, binary: bool = False) -> dict[str, Any]:
+    """A slice as the results API shows it: its result in base64 (``result_base64``), or
+    with ``binary`` as bytes (``result``, for a MessagePack reply)."""
     out: dict[str, Any] = {"slice": s.slice, "state": s.state, "attempts": s.attempts}
-    if s.result is not None:
+    if s.result is not None and binary:
+        out["result"] = s.result
+    elif s.result is not None:
         out["result_base64"] = base64.b64encode(s.result).decode()
     if s.error_code:
         out["error"] = {"code": s.error_code, "message": s.error or ""}

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import msgspec
 
 from dcp_keys.identity import Identity
 from dcp_protocol import DcpError, nesting, signing
@@ -101,6 +102,26 @@ def http_base(url: str) -> str:
     if scheme not in ("http", "https"):
         raise ComputeError(f"unsupported scheduler URL scheme {parts.scheme!r}")
     return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+#: MessagePack's media type, which the results API answers in when asked (scheduler/api.py).
+MSGPACK = "application/msgpack"
+
+
+def _msgpack_body(method: str, path: str, response: httpx.Response) -> Any:
+    """A MessagePack reply's data: maps, arrays, bytes (the results) and the JSON scalars.
+
+    Raises:
+        ComputeError: not one well-formed MessagePack value, or nested past the decoder's
+            recursion bound.
+    """
+    try:
+        return msgspec.msgpack.decode(response.content)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ComputeError(
+            f"{method} {path}: the scheduler's reply is not MessagePack: {exc}",
+            response.status_code,
+        ) from None
 
 
 class ComputeClient:
@@ -182,6 +203,10 @@ class ComputeClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._send(method, path, **kwargs)
+        if response.status_code < 400 and response.headers.get("Content-Type", "").startswith(
+            MSGPACK
+        ):
+            return _msgpack_body(method, path, response)
         try:
             body = nesting.loads(response.content) if response.content else {}
         except nesting.NestingTooDeep as exc:
@@ -364,16 +389,17 @@ class ComputeClient:
                 "GET",
                 f"/jobs/{job}/results",
                 params={"after": after, "limit": 5000, "wait": hold},
+                # Results as bytes where the scheduler can (an older one answers JSON).
+                headers={"Accept": f"{MSGPACK}, application/json;q=0.5"},
                 timeout=hold + self._http.timeout.read if self._http.timeout.read else None,
             )
             for s in reply["slices"]:
-                data = s.get("result_base64")
-                yield SliceResult(
-                    s["slice"],
-                    s["state"],
-                    None if data is None else base64.b64decode(data),
-                    s.get("error"),
-                )
+                data = s.get("result")
+                if data is None and s.get("result_base64") is not None:
+                    data = base64.b64decode(s["result_base64"])
+                if data is not None and not isinstance(data, bytes):
+                    raise ComputeError(f"the scheduler's result of slice {s['slice']} is not bytes")
+                yield SliceResult(s["slice"], s["state"], data, s.get("error"))
                 after = s["slice"]
             if reply["slices"]:
                 continue

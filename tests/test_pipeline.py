@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import msgspec
 import pytest
 
 from scheduler.client import ComputeClient
@@ -71,6 +74,21 @@ def test_thousand_echo_slices_in_order(
     assert [r.result for r in results] == [v.encode() for v in values]
     assert all(r.state == "done" for r in results)
     assert worker.stop() == 0
+    # The client read them in MessagePack (bytes as they are); JSON (base64) says the same.
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        token = client.issue_token(job).token
+    url = f"{scheduler.url}/api/v1/jobs/{job}/results"
+    auth = {"Authorization": f"Bearer {token}"}
+    packed = httpx.get(url, headers={**auth, "Accept": "application/msgpack"}, timeout=30)
+    assert packed.headers["Content-Type"].startswith("application/msgpack")
+    plain = httpx.get(url, headers=auth, timeout=30)
+    assert plain.headers["Content-Type"].startswith("application/json")
+    as_bytes = msgspec.msgpack.decode(packed.content)["slices"]
+    as_text = plain.json()["slices"]
+    assert [s["result"] for s in as_bytes] == [
+        base64.b64decode(s["result_base64"]) for s in as_text
+    ]
+    assert [s["result"] for s in as_bytes] == [v.encode() for v in values]
 
 
 def test_results_cli_prints_json_lines_in_order(

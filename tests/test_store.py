@@ -239,6 +239,19 @@ def test_final_prefix_stops_at_the_first_unfinished_slice(store: Store) -> None:
     assert [s.slice for s in store.slices(job)] == [0, 1, 2, 3]
 
 
+def test_a_page_of_slices_stops_after_the_result_that_passes_its_bytes(store: Store) -> None:
+    """Results of 1 MiB read 5,000 at a time were 5 GiB of one reply: a page stops once its
+    results pass ``max_bytes`` (the one that passes it included, so a page is never empty)."""
+    job = store.create_job(new_job(4), 0.0)
+    for lease in store.lease(W1, 4, 0.0, 10.0):
+        row = ResultRow(job, lease.slice, lease.token, b"x" * 100, PAY, "00" * 65, Metrics())
+        assert store.accept_result(W1, row, 1.0).status == "accepted"
+    assert [s.slice for s in store.slices(job, max_bytes=250)] == [0, 1, 2]
+    assert [s.slice for s in store.slices(job, max_bytes=1)] == [0]
+    assert [s.slice for s in store.slices(job, after=2, max_bytes=1)] == [3]
+    assert [s.slice for s in store.slices(job, max_bytes=400)] == [0, 1, 2, 3]
+
+
 def test_finished_jobs_are_collected_after_their_lifetime(store: Store) -> None:
     done = store.create_job(new_job(1, tag="done"), 0.0)
     (lease,) = store.lease(W1, 1, 0.0, 10.0)

@@ -413,10 +413,16 @@ class Store(Protocol):
         ...
 
     def slices(
-        self, job_id: str, after: int = -1, limit: int = 1000, final_prefix: bool = False
+        self,
+        job_id: str,
+        after: int = -1,
+        limit: int = 1000,
+        final_prefix: bool = False,
+        max_bytes: int | None = None,
     ) -> list[SliceRecord]:
         """Slices after index ``after`` in order; with ``final_prefix``, only up to the first
-        one that is not final (done, failed, cancelled)."""
+        one that is not final (done, failed, cancelled); with ``max_bytes``, none after the
+        one whose result brings their results past that many bytes."""
         ...
 
     # leases and results
