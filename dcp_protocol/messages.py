@@ -36,7 +36,7 @@ from .limits import (
     Range,
     result_frame_bytes,
 )
-from .nesting import MAX_NESTING
+from .nesting import MAX_NESTING, plain_fault
 
 __all__ = [
     "Message",
@@ -813,28 +813,12 @@ def _compile_dataclass(cls: type) -> _Converter:
 
 
 def _plain(value: Any, depth: int) -> None:
-    """Check that a free-form value (a ``dict`` or ``Any`` field) is JSON data: objects with
-    string keys, arrays, strings, finite numbers, booleans and null, at most
-    :data:`~.nesting.MAX_NESTING` levels deep. A JSON frame holds nothing else; a MessagePack
-    frame could (bytes, integer keys, extension types, NaN, a negative integer where the
-    field's reader expects none of them), and such a value would fail far from here, in
-    the store's JSON or in a comparison."""
-    if depth > MAX_NESTING:
-        raise _Bad(f"nests deeper than {MAX_NESTING} levels")
-    kind = type(value)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _Bad("object keys must be strings")
-            _plain(item, depth + 1)
-    elif kind is list:
-        for item in value:
-            _plain(item, depth + 1)
-    elif kind is float:
-        if not math.isfinite(value):
-            raise _Bad("numbers must be finite")
-    elif value is not None and kind is not str and kind is not bool and kind is not int:
-        raise _Bad(f"{kind.__name__} is not JSON data")
+    """Check that a free-form value (a ``dict`` or ``Any`` field) is JSON data
+    (:func:`~.nesting.plain_fault`): a JSON frame holds nothing else; a MessagePack frame
+    could (bytes, integer keys, extension types, NaN), and such a value would fail far from
+    here, in the store's JSON or in a comparison."""
+    if (why := plain_fault(value, MAX_NESTING, depth)) is not None:
+        raise _Bad(why)
 
 
 def _nests(tp: Any) -> bool:

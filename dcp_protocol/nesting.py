@@ -24,6 +24,7 @@ passes. docs/protocol.md section 1 has measured figures.
 from __future__ import annotations
 
 import json
+import math
 import re
 from itertools import accumulate
 from typing import Any
@@ -216,3 +217,27 @@ def loads(data: bytes | bytearray | str, limit: int = MAX_NESTING) -> Any:
     """
     check_json(data, limit)
     return strict_loads(data)
+
+
+def plain_fault(value: Any, limit: int = MAX_NESTING, depth: int = 1) -> str | None:
+    """Why ``value``, decoded from MessagePack, is not JSON data, or None: objects with string
+    keys, arrays, strings, finite numbers, booleans and null, nested at most ``limit`` levels
+    (``value`` itself at ``depth``). A JSON parser yields nothing else; a MessagePack one also
+    yields bytes, integer keys, extension types and NaN, which a reader of JSON data does not
+    expect (the store keeps such fields as JSON text)."""
+    kind = type(value)
+    if kind is dict or kind is list:
+        if depth > limit:
+            return f"nests deeper than {limit} levels"
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            if kind is dict and type(key) is not str:
+                return "object keys must be strings"
+            if (why := plain_fault(item, limit, depth + 1)) is not None:
+                return why
+    elif kind is float:
+        if not math.isfinite(value):
+            return "numbers must be finite"
+    elif value is not None and kind not in (str, bool, int):
+        return f"{kind.__name__} is not JSON data"
+    return None

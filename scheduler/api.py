@@ -33,7 +33,7 @@ from dcp_protocol import DcpError, ErrorCode, Metrics, nesting, signing
 from evaluator.interpreters import problem
 
 from .config import MAX_FETCH_WAIT
-from .jobdoc import JobFileError, parse_document
+from .jobdoc import MSGPACK, JobFileError, parse_document
 from .store import (
     InsufficientFunds,
     JobRecord,
@@ -207,7 +207,8 @@ class ComputeApi:
             return _error(401, ErrorCode.UNAUTHENTICATED, "a deploy must be signed by its owner")
         body = await request.read()
         try:
-            job = parse_document(body, owner)
+            # A MessagePack document carries its bytes as they are (docs/protocol.md section 6).
+            job = parse_document(body, owner, binary=request.content_type == MSGPACK)
         except JobFileError as exc:
             return _error(
                 400, ErrorCode.INVALID_JOB, "; ".join(exc.problems), problems=exc.problems
@@ -527,8 +528,6 @@ def _market_json(job: JobRecord) -> dict[str, Any]:
     }
 
 
-#: MessagePack, which a results reader may ask for (``Accept``); IANA's name for it.
-MSGPACK = "application/msgpack"
 #: A page of results stops after the slice whose result passes this many bytes (at least one
 #: slice a page): 5,000 results of 1 MiB were 5 GiB of one reply.
 PAGE_BYTES = 32 << 20

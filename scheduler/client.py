@@ -39,7 +39,7 @@ import msgspec
 from dcp_keys.identity import Identity
 from dcp_protocol import DcpError, nesting, signing
 
-from .jobdoc import load_job_file
+from .jobdoc import MSGPACK, load_job_file
 
 __all__ = [
     "ComputeClient",
@@ -104,10 +104,6 @@ def http_base(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
-#: MessagePack's media type, which the results API answers in when asked (scheduler/api.py).
-MSGPACK = "application/msgpack"
-
-
 def _msgpack_body(method: str, path: str, response: httpx.Response) -> Any:
     """A MessagePack reply's data: maps, arrays, bytes (the results) and the JSON scalars.
 
@@ -163,6 +159,7 @@ class ComputeClient:
         self.connect_wait = connect_wait
         self._notice = notice
         self._current = 0  # the replica that answered last: the first one tried
+        self._msgpack: bool | None = None  # whether the scheduler reads MessagePack documents
         self._http = httpx.Client(timeout=timeout)
 
     @property
@@ -303,17 +300,31 @@ class ComputeClient:
         return self.identity
 
     def deploy(self, job_file: str | Path) -> str:
-        """Deploy a job file; returns the job id."""
-        return self.deploy_document(load_job_file(job_file))
-
-    def deploy_document(self, body: bytes) -> str:
-        """Deploy a job document (its exact bytes). Sending the same document again, in a new
-        signed request, returns the same job: a retry after a lost reply charges nothing."""
+        """Deploy a job file; returns the job id. The document goes in MessagePack (its bytes
+        as they are) to a scheduler that speaks protocol version 2, in JSON to an older one."""
         self._need_identity()
-        reply = self._request(
-            "POST", "/jobs", content=body, headers={"Content-Type": "application/json"}
-        )
+        body = load_job_file(job_file, binary=True)  # a bad file is refused before any request
+        if not self._speaks_msgpack():
+            return self.deploy_document(load_job_file(job_file))
+        return self.deploy_document(body, binary=True)
+
+    def deploy_document(self, body: bytes, binary: bool = False) -> str:
+        """Deploy a job document (its exact bytes: JSON, or with ``binary`` MessagePack).
+        Sending the same document again, in a new signed request, returns the same job: a
+        retry after a lost reply charges nothing."""
+        self._need_identity()
+        kind = MSGPACK if binary else "application/json"
+        reply = self._request("POST", "/jobs", content=body, headers={"Content-Type": kind})
         return str(reply["job"])
+
+    def _speaks_msgpack(self) -> bool:
+        """Whether the scheduler reads MessagePack documents: its status says protocol
+        version 2 or later (asked once per client)."""
+        if self._msgpack is None:
+            status = self._request("GET", "/status")
+            protocol = status.get("protocol") if isinstance(status, dict) else None
+            self._msgpack = type(protocol) is int and protocol >= 2
+        return self._msgpack
 
     def account(self, address: str | None = None) -> dict[str, Any]:
         """Balance of ``address`` (default: this client's identity), in credits."""

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import wasmtime
 
 from dcp_protocol import (
@@ -285,6 +286,28 @@ def _first_non_json(datums: Sequence[bytes]) -> int | None:
     return None
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _unbase64(value: Any) -> bytes:
+    """A bytes field of a document: bytes as they are (MessagePack), or a base64 string.
+
+    Raises:
+        binascii.Error: not valid base64.
+        TypeError: neither bytes nor a string.
+    """
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise TypeError("not bytes or a base64 string")
+    return base64.b64decode(value, validate=True)
+
+
 def job_document(
     *,
     name: Any,
@@ -301,14 +324,17 @@ def job_document(
     verifier: bytes | None = None,
     verifier_runtime: str = "wasm",
     redundancy: dict[str, Any] | None = None,
+    binary: bool = False,
 ) -> dict[str, Any]:
     """A job document of these parts (checked by the scheduler, or :func:`parse_document`,
-    not here): the bytes in base64, a nonce and the time that make every deploy distinct (a
-    replay of the same bytes is one job)."""
+    not here): the bytes in base64 (with ``binary``, as they are, for a MessagePack
+    document), a nonce and the time that make every deploy distinct (a replay of the same
+    bytes is one job)."""
+    blob = _as_is if binary else _b64
     document: dict[str, Any] = {
         "name": name,
         "runtime": runtime,
-        "module": base64.b64encode(module).decode(),
+        "module": blob(module),
         "argv": argv,
         "offer": offer,
         "limits": limits,
@@ -316,12 +342,12 @@ def job_document(
         "group": group,
         "requirements": requirements,
         "config": config,
-        "data": [base64.b64encode(d).decode() for d in data],
+        "data": [blob(d) for d in data],
         "nonce": os.urandom(16).hex(),
         "created": time.time(),
     }
     if verifier is not None:
-        document["verifier"] = base64.b64encode(verifier).decode()
+        document["verifier"] = blob(verifier)
         if verifier_runtime != "wasm":
             document["verifier_runtime"] = verifier_runtime
     if redundancy is not None:
@@ -329,7 +355,9 @@ def job_document(
     return document
 
 
-def _file_redundancy(spec: Any, base: Path, problems: list[_Problem]) -> dict[str, Any] | None:
+def _file_redundancy(
+    spec: Any, base: Path, problems: list[_Problem], binary: bool = False
+) -> dict[str, Any] | None:
     """A job file's [redundancy] table as the document's: the comparison function read from
     its path (runtime by suffix), known answers as the bytes of their text, in base64."""
     if spec is None:
@@ -347,7 +375,7 @@ def _file_redundancy(spec: Any, base: Path, problems: list[_Problem]) -> dict[st
             out.pop("compare")
         else:
             source = _read(base / spec["compare"], "redundancy.compare", "compare", problems)
-            out["compare"] = base64.b64encode(source or b"").decode()
+            out["compare"] = (source or b"") if binary else _b64(source or b"")
             out["compare_runtime"] = VERIFIER_RUNTIME_OF.get(Path(spec["compare"]).suffix, "wasm")
     if "known" in spec:
         known = spec["known"]
@@ -357,7 +385,7 @@ def _file_redundancy(spec: Any, base: Path, problems: list[_Problem]) -> dict[st
             )
             out.pop("known")
         else:
-            out["known"] = {k: base64.b64encode(v.encode()).decode() for k, v in known.items()}
+            out["known"] = {k: v.encode() if binary else _b64(v.encode()) for k, v in known.items()}
     return out
 
 
@@ -378,7 +406,7 @@ def _program(
     if key not in doc:
         return None, runtime
     try:
-        program = base64.b64decode(doc[key], validate=True)
+        program = _unbase64(doc[key])
     except (binascii.Error, TypeError):
         problems.append((f"{prefix}{key}", f"{key} must be a base64 string"))
         return None, runtime
@@ -445,7 +473,7 @@ def _check_redundancy(
             idx = int(key)
             if not 0 <= idx < slices or str(idx) != key:
                 raise ValueError
-            known[idx] = base64.b64decode(value, validate=True)
+            known[idx] = _unbase64(value)
         except (ValueError, TypeError, binascii.Error):
             problems.append(
                 (
@@ -467,8 +495,9 @@ def _check_redundancy(
     )
 
 
-def load_job_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a job TOML file and its module and inputs; returns the job document's bytes.
+def load_job_file(path: str | os.PathLike[str], binary: bool = False) -> bytes:
+    """Read a job TOML file and its module and inputs; returns the job document's bytes: JSON,
+    or with ``binary`` MessagePack (bytes as they are: :data:`MSGPACK`).
 
     Raises:
         JobFileError: every fault found, each as ``FILE:LINE: message`` naming the key.
@@ -560,7 +589,8 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
         data=data,
         verifier=verifier,
         verifier_runtime=verifier_runtime,
-        redundancy=_file_redundancy(spec.get("redundancy"), base, problems),
+        redundancy=_file_redundancy(spec.get("redundancy"), base, problems, binary),
+        binary=binary,
     )
     if (why := _offer_problem(offer)) is not None:
         problems.append(("offer", why))
@@ -581,6 +611,9 @@ def load_job_file(path: str | os.PathLike[str]) -> bytes:
             line = _line_of(source, key) if key else None
             lines.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
         raise JobFileError(lines)
+    if binary:
+        packed: bytes = msgspec.msgpack.encode(document)
+        return packed
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -596,24 +629,66 @@ def _offer_problem(offer: Any) -> str | None:
     return None
 
 
-def parse_document(body: bytes, owner: str) -> NewJob:
-    """Validate a job document's bytes.
+#: The media type of a MessagePack job document (and of the results API's MessagePack replies).
+MSGPACK = "application/msgpack"
+
+
+def parse_document(body: bytes, owner: str, binary: bool = False) -> NewJob:
+    """Validate a job document's bytes: JSON, or with ``binary`` MessagePack, where the bytes
+    fields (``module``, ``verifier``, each of ``data``, ``redundancy.compare`` and the
+    values of ``redundancy.known``) may be bytes as they are and everything else is JSON
+    data.
 
     Raises:
         JobFileError: every fault found, each naming its field.
     """
-    try:
-        doc = nesting.loads(body, MAX_JOB_NESTING)
-    except nesting.NestingTooDeep as exc:
-        raise JobFileError(f"the job document {exc}") from None
-    except ValueError as exc:
-        raise JobFileError(f"the job document is not JSON: {exc}") from None
+    if binary:
+        doc = _msgpack_document(body)
+    else:
+        try:
+            doc = nesting.loads(body, MAX_JOB_NESTING)
+        except nesting.NestingTooDeep as exc:
+            raise JobFileError(f"the job document {exc}") from None
+        except ValueError as exc:
+            raise JobFileError(f"the job document is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise JobFileError("the job document is not an object")
     job, problems = _check_document(doc, owner, body)
     if job is None:
         raise JobFileError([message for _, message in problems])
     return job
+
+
+def _msgpack_document(body: bytes) -> Any:
+    """A MessagePack job document's data, its bytes fields aside held to JSON's kinds and to
+    :data:`MAX_JOB_NESTING` (docs/protocol.md section 6).
+
+    Raises:
+        JobFileError: not one MessagePack value, or holding what a JSON document could not.
+    """
+    try:
+        doc = msgspec.msgpack.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise JobFileError(f"the job document is not MessagePack: {exc}") from None
+    if not isinstance(doc, dict):
+        raise JobFileError("the job document is not an object")
+    # Everything but the bytes fields must be what JSON could have said.
+    rest = {k: v for k, v in doc.items() if k not in ("module", "verifier", "data")}
+    if isinstance(doc.get("data"), list):
+        rest["data"] = [None if isinstance(d, bytes) else d for d in doc["data"]]
+    redundancy = doc.get("redundancy")
+    if isinstance(redundancy, dict):
+        rest["redundancy"] = shown = {k: v for k, v in redundancy.items() if k != "compare"}
+        if isinstance(redundancy.get("known"), dict):
+            shown["known"] = {
+                k: None if isinstance(v, bytes) else v for k, v in redundancy["known"].items()
+            }
+    for key in ("module", "verifier"):
+        if key in doc and not isinstance(doc[key], bytes):
+            rest[key] = doc[key]
+    if (why := nesting.plain_fault(rest, MAX_JOB_NESTING)) is not None:
+        raise JobFileError(f"the job document holds what JSON cannot: {why}")
+    return doc
 
 
 def _check_document(
@@ -690,7 +765,7 @@ def _check_document(
         )
     module = b""
     try:
-        module = base64.b64decode(doc.get("module", ""), validate=True)
+        module = _unbase64(doc.get("module", ""))
     except (binascii.Error, TypeError):
         problems.append(("module", "module must be a base64 string"))
     else:
@@ -705,7 +780,7 @@ def _check_document(
     try:
         if not isinstance(data, list):
             raise TypeError
-        datums = tuple(base64.b64decode(d, validate=True) for d in data)
+        datums = tuple(map(_unbase64, data))
     except (binascii.Error, TypeError):
         problems.append(("data", "data must be a list of base64 strings"))
     else:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import dcp_protocol as p
@@ -328,3 +329,90 @@ def test_results_wait_keeps_its_progress_off_the_result_lines(
         drawn = row.rsplit("\r", 1)[-1].replace("\x1b[K", "")
         assert drawn.startswith('{"slice"'), repr(row)
     assert f"job {job}: 3/3 slices final" in text
+
+
+# ------------------------------------------------------------------ MessagePack documents
+
+OWNER = "0x" + "12" * 20
+
+
+def _replicated_file(tmp_path: Path) -> Path:
+    path = job_file(tmp_path, "both", ECHO, ["a", "\u00e9", "c"], offer=0.5)
+    path.write_text(
+        f'verifier = "{ECHO}"\n'
+        + path.read_text()
+        + '\n[redundancy]\nquorum = 2\nknown = { "1" = "\u00e9" }\n'
+    )
+    return path
+
+
+def test_a_messagepack_document_is_the_same_job_as_its_json_twin(tmp_path: Path) -> None:
+    """The bytes fields go as they are; the job read from either form is the same."""
+    path = _replicated_file(tmp_path)
+    as_json = parse_document(load_job_file(path), OWNER)
+    packed = load_job_file(path, binary=True)
+    as_msgpack = parse_document(packed, OWNER, binary=True)
+    assert replace(as_msgpack, payload_sha256="") == replace(as_json, payload_sha256="")
+    assert as_msgpack.data == (b"a", "\u00e9".encode(), b"c")
+    assert ECHO.read_bytes() in packed  # the module as it is, not in base64
+    # A MessagePack document may still give a bytes field in base64.
+    doc = msgspec.msgpack.decode(packed)
+    doc["data"] = [base64.b64encode(d).decode() for d in doc["data"]]
+    again = parse_document(msgspec.msgpack.encode(doc), OWNER, binary=True)
+    assert again.data == as_msgpack.data
+
+
+def _deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _packed(tmp_path: Path, **changes: object) -> bytes:
+    doc = msgspec.msgpack.decode(load_job_file(job_file(tmp_path, "m", ECHO, ["x"]), binary=True))
+    doc.update(changes)
+    return msgspec.msgpack.encode(doc)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"config": {"k": b"bytes"}}, "bytes is not JSON data"),
+        ({"config": {"k": msgspec.msgpack.Ext(1, b"x")}}, "Ext is not JSON data"),
+        ({"requirements": {1: "int key"}}, "object keys must be strings"),
+        ({"offer": float("nan")}, "numbers must be finite"),
+        ({"name": b"bytes"}, "bytes is not JSON data"),
+        ({"config": {"k": _deep(40)}}, "nests deeper than 32 levels"),
+        ({"data": [1]}, "data must be a list of base64 strings"),
+        ({"module": 7}, "module must be a base64 string"),
+    ],
+)
+def test_a_messagepack_document_holds_only_what_json_could(
+    tmp_path: Path, change: dict[str, object], why: str
+) -> None:
+    with pytest.raises(JobFileError) as refused:
+        parse_document(_packed(tmp_path, **change), OWNER, binary=True)
+    assert why in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\xc1", b"\x80\x00", msgspec.msgpack.encode([1, 2]), b"\x91" * 100_000 + b"\xc0"],
+)
+def test_a_document_that_is_not_one_messagepack_map_is_named(body: bytes) -> None:
+    with pytest.raises(JobFileError, match="not MessagePack|not an object"):
+        parse_document(body, OWNER, binary=True)
+
+
+def test_a_client_deploys_in_messagepack_to_a_scheduler_that_reads_it(
+    tmp_path: Path, scheduler: SchedulerProcess, make_keystore: Callable[[str], Keystore]
+) -> None:
+    owner = make_keystore("owner")
+    with ComputeClient(scheduler.url, owner.identity) as client:
+        job = client.deploy(job_file(tmp_path, "m", ECHO, ["one", "two"]))
+        assert client._speaks_msgpack()
+        assert client.status(job)["counts"] == {"queued": 2}
+        # The JSON form still deploys (an older client's).
+        other = client.deploy_document(load_job_file(job_file(tmp_path, "j", ECHO, ["x"])))
+        assert client.status(other)["counts"] == {"queued": 1}
