@@ -5,7 +5,8 @@ outbox and the wasm sandbox all on). Peer: Dask distributed's LocalCluster, one
 single-threaded worker process per sandbox, mapping the identity over the same items.
 
 * sandbox count 1, 2, 4 (this machine has 2 cores: 4 shows oversubscription), 16-byte slices;
-* slice size 16 B, 1 KiB, 16 KiB, 64 KiB (the datum, echoed back as the result), 2 sandboxes.
+* slice size 16 B, 1 KiB, 16 KiB, 64 KiB, 1 MiB (the datum, echoed back as the result), 2
+  sandboxes.
 
 Each point is the median of R rounds after a warm-up round. Writes
 ``benchmarks/results/throughput.png`` (or ``--png``) and prints one JSON line last.
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
-    counts, sizes = [1, 2, 4], [16, 1024, 16384, 65536]
+    counts, sizes = [1, 2, 4], [16, 1024, 16384, 65536, 1 << 20]
     if args.quick:
         global MOST
         counts, sizes, args.rounds, MOST = [2], [16, 4096], 1, 200
