@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 import dcp_protocol as p
+from dcp_keys.identity import Identity
 from scheduler.client import ComputeClient, ComputeError
 from scheduler.jobdoc import JobFileError, _undeliverable, load_job_file, parse_document
 from scheduler.store.sqlite import SQLiteStore
@@ -416,3 +417,58 @@ def test_a_client_deploys_in_messagepack_to_a_scheduler_that_reads_it(
         # The JSON form still deploys (an older client's).
         other = client.deploy_document(load_job_file(job_file(tmp_path, "j", ECHO, ["x"])))
         assert client.status(other)["counts"] == {"queued": 1}
+
+
+def test_a_scheduler_of_version_1_gets_json_and_is_read_in_json(tmp_path: Path) -> None:
+    """An older scheduler (status says protocol 1, results only in JSON): the deploy goes as
+    a JSON document, and its JSON results are read, base64 and all. The scheduler here is a
+    fake of that version on a real loopback socket."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Old(BaseHTTPRequestHandler):
+        def _reply(self, status: int, data: object) -> None:
+            body = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(("GET", self.headers.get("Accept", ""), b""))
+            if self.path == "/api/v1/status":
+                self._reply(200, {"server": "old", "protocol": 1, "sessions": 0})
+            else:
+                slices = [{"slice": 0, "state": "done", "attempts": 1, "result_base64": "/wA="}]
+                if "after=-1" not in self.path:
+                    slices = []  # read on from after slice 0: nothing more
+                self._reply(200, {"job": "j", "state": "finished", "slices": slices})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(("POST", self.headers.get("Content-Type", ""), body))
+            self._reply(201, {"job": "a" * 32, "slices": 1})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        identity = Identity.from_private_key(os.urandom(31) + b"\x01")
+        with ComputeClient(url, identity) as client:
+            assert client.deploy(job_file(tmp_path, "old", ECHO, ["x"])) == "a" * 32
+            assert [r.result for r in client.results("j")] == [b"\xff\x00"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    posts = [(kind, body) for method, kind, body in seen if method == "POST"]
+    assert [kind for kind, _ in posts] == ["application/json"]
+    assert json.loads(posts[0][1])["data"] == [base64.b64encode(b"x").decode()]
+    asked = [accept for method, accept, _ in seen if method == "GET"]
+    assert "application/msgpack" in asked[-1]  # it asked, and read the JSON it got
