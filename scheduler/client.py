@@ -304,7 +304,7 @@ class ComputeClient:
         as they are) to a scheduler that speaks protocol version 2, in JSON to an older one."""
         self._need_identity()
         body = load_job_file(job_file, binary=True)  # a bad file is refused before any request
-        if not self._speaks_msgpack():
+        if not self.reads_msgpack():
             return self.deploy_document(load_job_file(job_file))
         return self.deploy_document(body, binary=True)
 
@@ -317,9 +317,10 @@ class ComputeClient:
         reply = self._request("POST", "/jobs", content=body, headers={"Content-Type": kind})
         return str(reply["job"])
 
-    def _speaks_msgpack(self) -> bool:
-        """Whether the scheduler reads MessagePack documents: its status says protocol
-        version 2 or later (asked once per client)."""
+    def reads_msgpack(self) -> bool:
+        """Whether the scheduler reads MessagePack job documents (:meth:`deploy_document`
+        with ``binary``): its status says protocol version 2 or later (asked once per
+        client)."""
         if self._msgpack is None:
             status = self._request("GET", "/status")
             protocol = status.get("protocol") if isinstance(status, dict) else None

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from dcp_keys.identity import Identity
 from dcp_protocol import DcpError, nesting
 
@@ -242,7 +244,17 @@ class Compute:
             config={"datum": kind, "interpreter": interpreter, "result": result},
             data=data,
             redundancy=policy,
+            binary=True,
         )
-        body = json.dumps(document, separators=(",", ":")).encode()
-        parse_document(body, self.identity.address)  # the scheduler's checks, every fault, here
-        return Job(self, self.client.deploy_document(body), len(data), result)
+        # The scheduler's checks, every fault, here, before any request.
+        body = msgspec.msgpack.encode(document)
+        parse_document(body, self.identity.address, binary=True)
+        binary = self.client.reads_msgpack()  # the inputs as they are, where it reads them
+        if not binary:  # an older scheduler: the same document in JSON, base64 and all
+            json_document = {
+                **document,
+                "module": base64.b64encode(document["module"]).decode(),
+                "data": [base64.b64encode(d).decode() for d in document["data"]],
+            }
+            body = json.dumps(json_document, separators=(",", ":")).encode()
+        return Job(self, self.client.deploy_document(body, binary=binary), len(data), result)

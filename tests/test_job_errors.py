@@ -412,7 +412,7 @@ def test_a_client_deploys_in_messagepack_to_a_scheduler_that_reads_it(
     owner = make_keystore("owner")
     with ComputeClient(scheduler.url, owner.identity) as client:
         job = client.deploy(job_file(tmp_path, "m", ECHO, ["one", "two"]))
-        assert client._speaks_msgpack()
+        assert client.reads_msgpack()
         assert client.status(job)["counts"] == {"queued": 2}
         # The JSON form still deploys (an older client's).
         other = client.deploy_document(load_job_file(job_file(tmp_path, "j", ECHO, ["x"])))
