@@ -19,6 +19,7 @@ import pytest
 import dcp_protocol as p
 from dcp_keys.identity import Identity
 from scheduler.client import ComputeClient, ComputeError
+from scheduler.compute import Compute
 from scheduler.jobdoc import JobFileError, _undeliverable, load_job_file, parse_document
 from scheduler.store.sqlite import SQLiteStore
 
@@ -464,11 +465,16 @@ def test_a_scheduler_of_version_1_gets_json_and_is_read_in_json(tmp_path: Path) 
         with ComputeClient(url, identity) as client:
             assert client.deploy(job_file(tmp_path, "old", ECHO, ["x"])) == "a" * 32
             assert [r.result for r in client.results("j")] == [b"\xff\x00"]
+        with Compute(url, identity) as compute_:  # the Python API: the same, from Compute.map
+            compute_.map("def work(d):\n    return d\n", [1, 2])
     finally:
         server.shutdown()
         server.server_close()
     posts = [(kind, body) for method, kind, body in seen if method == "POST"]
-    assert [kind for kind, _ in posts] == ["application/json"]
+    assert [kind for kind, _ in posts] == ["application/json"] * 2
     assert json.loads(posts[0][1])["data"] == [base64.b64encode(b"x").decode()]
+    mapped = json.loads(posts[1][1])
+    assert mapped["data"] == [base64.b64encode(b"1").decode(), base64.b64encode(b"2").decode()]
+    assert base64.b64decode(mapped["module"]) == b"def work(d):\n    return d\n"
     asked = [accept for method, accept, _ in seen if method == "GET"]
-    assert "application/msgpack" in asked[-1]  # it asked, and read the JSON it got
+    assert any("application/msgpack" in a for a in asked)  # it asked, and read the JSON
