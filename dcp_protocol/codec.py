@@ -34,7 +34,7 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import FrameError, FrameTooLarge, UnknownMessage, UnsupportedVersion
 from .limits import MAX_FRAME_BYTES, MAX_UINT64
@@ -161,13 +161,17 @@ def results_frame_bytes(item_bytes: int, count: int, binary: bool = False) -> in
 _MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 
+def _is_msgpack(data: bytes | str) -> TypeGuard[bytes]:
+    return isinstance(data, bytes) and bool(data) and data[0] in _MAP_MARKERS
+
+
 def decode_frame(
     data: bytes | str, registry: Mapping[str, type[Message]], max_bytes: int = MAX_FRAME_BYTES
 ) -> tuple[Message, bool]:
     """A websocket message's frame, and whether it was MessagePack: text is JSON, and so is
     a binary message that does not start as a MessagePack map (a version 1 peer's JSON sent
     as bytes); anything else is :func:`decode_binary`'s."""
-    if isinstance(data, bytes) and data and data[0] in _MAP_MARKERS:
+    if _is_msgpack(data):
         return decode_binary(data, registry, max_bytes), True
     return decode(data, registry, max_bytes), False
 
@@ -178,7 +182,7 @@ def peek(data: bytes | str) -> Any:
     bound holds as for :func:`decode`."""
     msgspec = _msgspec()
     try:
-        if isinstance(data, bytes) and data and data[0] in _MAP_MARKERS:
+        if _is_msgpack(data):
             return msgspec.msgpack.decode(data)
         check_json(data, MAX_NESTING, "frame")
         return strict_loads(data)
@@ -217,17 +221,25 @@ def decode_binary(
             f"protocol version {version!r} is not supported in a MessagePack frame (this side"
             f" speaks {BINARY_VERSION} there)"
         )
-    return _message(obj, registry)
+    return from_wire(_message_class(obj, registry)[1], obj)
 
 
-def _message(obj: dict[Any, Any], registry: Mapping[str, type[Message]]) -> Message:
+def _message_class(
+    obj: dict[Any, Any], registry: Mapping[str, type[Message]]
+) -> tuple[str, type[Message]]:
+    """A frame's ``type`` and its class in ``registry``.
+
+    Raises:
+        FrameError: no string ``type``.
+        UnknownMessage: ``type`` is not in ``registry``.
+    """
     type_ = obj.get("type")
     if not isinstance(type_, str):
         raise FrameError("frame has no string 'type'")
     cls = registry.get(type_)
     if cls is None:
         raise UnknownMessage(type_)
-    return from_wire(cls, obj)
+    return type_, cls
 
 
 def decode(
@@ -262,12 +274,7 @@ def decode(
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
         )
-    type_ = obj.get("type")
-    if not isinstance(type_, str):
-        raise FrameError("frame has no string 'type'")
-    cls = registry.get(type_)
-    if cls is None:
-        raise UnknownMessage(type_)
+    type_, cls = _message_class(obj, registry)
     if blob is not None:
         field = BLOB_FIELDS.get(type_)
         if field is None:
