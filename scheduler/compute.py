@@ -23,6 +23,7 @@ never guessed at (bytes that happened to be JSON text once came back as a number
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import json
 import sys
@@ -231,7 +232,8 @@ class Compute:
             raise ValueError(f"an input has no JSON form: {exc}") from None
         fallback = getattr(work, "__name__", "work") if not isinstance(work, str) else "work"
         policy = None if redundancy is None else _policy(redundancy, runtime)
-        document = job_document(
+        parts = functools.partial(
+            job_document,
             name=name or fallback,
             runtime=runtime,
             module=source.encode(),
@@ -244,17 +246,11 @@ class Compute:
             config={"datum": kind, "interpreter": interpreter, "result": result},
             data=data,
             redundancy=policy,
-            binary=True,
         )
         # The scheduler's checks, every fault, here, before any request.
-        body = msgspec.msgpack.encode(document)
+        body = msgspec.msgpack.encode(parts(binary=True))
         parse_document(body, self.identity.address, binary=True)
         binary = self.client.reads_msgpack()  # the inputs as they are, where it reads them
-        if not binary:  # an older scheduler: the same document in JSON, base64 and all
-            json_document = {
-                **document,
-                "module": base64.b64encode(document["module"]).decode(),
-                "data": [base64.b64encode(d).decode() for d in document["data"]],
-            }
-            body = json.dumps(json_document, separators=(",", ":")).encode()
+        if not binary:  # an older scheduler: the same parts as a JSON document
+            body = json.dumps(parts(), separators=(",", ":")).encode()
         return Job(self, self.client.deploy_document(body, binary=binary), len(data), result)
