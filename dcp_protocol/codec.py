@@ -50,6 +50,7 @@ __all__ = [
     "encode_json",
     "decode",
     "encode_binary",
+    "encode_as",
     "decode_binary",
     "decode_frame",
     "peek",
@@ -107,6 +108,12 @@ def encode_binary(message: Message) -> bytes:
     data["v"] = BINARY_VERSION
     packed: bytes = _packer().encode(data)
     return packed
+
+
+def encode_as(message: Message, binary: bool) -> bytes:
+    """``message`` as one frame of a session whose frames are MessagePack (``binary``) or
+    JSON."""
+    return encode_binary(message) if binary else encode(message)
 
 
 def wire_bytes(value: Any, binary: bool = False) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from . import policy, signing
-from .codec import BINARY_VERSION, decode_frame, encode, encode_binary
+from .codec import BINARY_VERSION, decode_frame, encode_as
 from .errors import ErrorCode, ProtocolError
 from .limits import MAX_FRAME_BYTES
 from .messages import SCHEDULER_MESSAGES, Auth, Error, GroupProof, Hello, Message, Welcome
@@ -174,7 +174,7 @@ class WorkerSession:
             raise RuntimeError(f"the session is {self.state.value}")
         rid = self._next_id
         self._next_id += 1
-        data = self._encode(build(rid))
+        data = encode_as(build(rid), self.binary)
         if len(data) > self.max_frame_bytes:
             return rid, Error(
                 re=rid,
@@ -215,10 +215,7 @@ class WorkerSession:
             ),
             leave_public_group=self.leave_public_group,
         )
-        self._outgoing.append(self._encode(auth))
-
-    def _encode(self, message: Message) -> bytes:
-        return encode_binary(message) if self.binary else encode(message)
+        self._outgoing.append(encode_as(auth, self.binary))
 
     def _unexpected(self, wanted: str, got: Message) -> Failed:
         return self._fail(ErrorCode.UNEXPECTED_MESSAGE.value, f"expected {wanted}, got {got.type}")

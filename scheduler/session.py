@@ -45,7 +45,7 @@ from dcp_protocol import (
     Work,
     decode_frame,
     encode,
-    encode_binary,
+    encode_as,
     encode_json,
     limits,
     peek,
@@ -91,7 +91,7 @@ class WorkerSession:
 
     def encode(self, message: Message) -> bytes:
         """``message`` as this session's frames go: MessagePack or JSON."""
-        return encode_binary(message) if self.binary else encode(message)
+        return encode_as(message, self.binary)
 
 
 @dataclass(frozen=True)
