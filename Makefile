@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/scale.py --backend postgres --replicas 2 --workers 1000,5000 --compute 0 --pace 500
 	$(PY) benchmarks/wakeups.py
 	$(PY) benchmarks/drivers.py
+	$(PY) benchmarks/store_ops.py
 	$(PY) benchmarks/sandbox_start.py
 	$(PY) benchmarks/breakdown.py
 	$(PY) benchmarks/plots.py

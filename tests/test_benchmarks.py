@@ -13,7 +13,7 @@ import pytest
 from .conftest import ROOT, postgres_server
 
 #: The benchmarks that run on PostgreSQL too (they skip it, saying why, where there is none).
-ON_POSTGRES = {"throughput", "scale_postgres", "wakeups", "drivers"}
+ON_POSTGRES = {"throughput", "scale_postgres", "wakeups", "drivers", "store_ops"}
 
 
 def run_benchmark(name: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -111,6 +111,17 @@ def test_drivers_smoke() -> None:
     for driver in drivers:
         assert figures[driver]["lease_tx_ms"] > 0
         assert figures[driver]["accept_batch_ms"] > 0
+
+
+def test_store_ops_smoke() -> None:
+    """The store's lease and acceptance per slice, PostgreSQL against SQLite."""
+    figures = run_benchmark("store_ops", env=postgres_env())
+    assert figures["skipped"] == []
+    for backend in ("sqlite", "postgres"):
+        for offer in (0, 10):
+            row = figures[f"{backend}_offer_{offer}"]
+            assert row["lease_us"] > 0 and row["accept_us"] > 0
+    assert figures["postgres_offer_10"]["over_sqlite"] > 0
 
 
 def test_postgres_benchmarks_listed() -> None:

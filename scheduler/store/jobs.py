@@ -91,9 +91,11 @@ class JobsRoom(SQLBase):
             if inserted.rowcount == 0:  # the same deploy, committed meanwhile by a replica
                 return self._job_by_payload(db, job.payload_sha256) or job_id
             if policy is None:
-                db.executemany(
-                    "INSERT INTO slices (job, idx, state) VALUES (?, ?, 'queued')",
-                    ((job_id, i) for i in range(len(job.data))),
+                self._insert_many(
+                    db,
+                    "slices",
+                    ("job", "idx", "state"),
+                    ((job_id, i, "queued") for i in range(len(job.data))),
                 )
                 self._insert_data(db, job_id, job)
             else:
@@ -103,11 +105,12 @@ class JobsRoom(SQLBase):
                 db.execute("UPDATE jobs SET state='finished', finished=? WHERE id=?", (now, job_id))
         return job_id
 
-    @staticmethod
-    def _insert_data(db: Connection, job_id: str, job: NewJob) -> None:
+    def _insert_data(self, db: Connection, job_id: str, job: NewJob) -> None:
         """The datums of a new job's slices (schema 9: out of the slice rows, which change)."""
-        db.executemany(
-            "INSERT INTO slice_data (job, idx, datum) VALUES (?, ?, ?)",
+        self._insert_many(
+            db,
+            "slice_data",
+            ("job", "idx", "datum"),
             ((job_id, i, datum) for i, datum in enumerate(job.data)),
         )
 
@@ -115,16 +118,20 @@ class JobsRoom(SQLBase):
         """A replicated job's slices, ``voting``, each with its first replicas (the adaptive
         policy's one, or the quorum), queued REPLICA_SPREAD slices apart (below)."""
         first = policy.first_replicas()
-        db.executemany(
-            "INSERT INTO slices (job, idx, state, needed, expected) VALUES (?, ?, 'voting', ?, ?)",
-            ((job_id, i, first, job.known.get(i)) for i in range(len(job.data))),
+        self._insert_many(
+            db,
+            "slices",
+            ("job", "idx", "state", "needed", "expected"),
+            ((job_id, i, "voting", first, job.known.get(i)) for i in range(len(job.data))),
         )
         self._insert_data(db, job_id, job)
         total = len(job.data)
-        db.executemany(  # a replica reads its input's datum
-            "INSERT INTO slices (job, idx, state, replica_of) VALUES (?, ?, 'queued', ?)",
+        self._insert_many(  # a replica reads its input's datum
+            db,
+            "slices",
+            ("job", "idx", "state", "replica_of"),
             (
-                (job_id, total + replica_position(i, r, total, first), i)
+                (job_id, total + replica_position(i, r, total, first), "queued", i)
                 for i in range(total)
                 for r in range(first)
             ),

@@ -81,36 +81,45 @@ class LeasesRoom(JobsRoom):
                 max_slices = min(max_slices, max_held - held)
             order = jobs_in_order.fetchall()
             who, pays = worker.lower(), (payee or worker).lower()
-            # (job, index, attempts, the index its datum is kept under, offer)
-            picked: list[tuple[str, int, int, int, int]] = []
+            # (job, index, attempts, the index its datum is kept under, offer, the datum or
+            # None where it is still to be read)
+            picked: list[tuple[str, int, int, int, int, bytes | None]] = []
             for job_id, offer, replicated in order:
                 want = max_slices - len(picked)
                 if want <= 0:
                     break
                 # Job by job through the state index: a query over all jobs at once walked
                 # every slice of the job (done ones included) and grew with its progress.
-                rows: Iterable[tuple[int, int, int]]
+                rows: Iterable[tuple[int, int, int, bytes | None]]
                 if replicated:
-                    rows = self._queued_replicas(db, job_id, who, pays, network, want)
+                    rows = (
+                        (idx, attempts, of, None)
+                        for idx, attempts, of in self._queued_replicas(
+                            db, job_id, who, pays, network, want
+                        )
+                    )
                 else:
                     rows = (
-                        (idx, attempts, idx)
-                        for idx, attempts in db.execute(
-                            f"{QUEUED_OF_JOB}{self._lock()}{self.SKIP_LOCKED}",
+                        (idx, attempts, idx, datum)
+                        for idx, attempts, datum in db.execute(
+                            f"{QUEUED_OF_JOB}{self._lock('s')}{self.SKIP_LOCKED}",
                             (job_id, who, want),
                         )
                     )
-                picked.extend((job_id, idx, attempts, of, offer) for idx, attempts, of in rows)
-            # The datums after the slices: they live apart from the rows that change (schema 9).
+                picked.extend(
+                    (job_id, idx, attempts, of, offer, datum) for idx, attempts, of, datum in rows
+                )
+            # A replica's datum is its input's, read after the replicas are chosen (the rows
+            # read and skipped there would carry datums for nothing).
             datums = {
                 (job_id, idx): datum
                 for job_id, (idx, datum) in _per_slice(
                     db,
-                    [(job_id, of) for job_id, _idx, _attempts, of, _offer in picked],
+                    [(job_id, of) for job_id, _i, _a, of, _o, datum in picked if datum is None],
                     "SELECT idx, datum FROM slice_data WHERE job=? AND idx IN ({marks})",
                 )
             }
-            for job_id, idx, attempts, of, offer in picked:
+            for job_id, idx, attempts, of, offer, datum in picked:
                 token = secrets.token_hex(16)
                 updates.append(
                     (new_state, token, worker, deadline, now, pays, network, job_id, idx)
@@ -122,7 +131,7 @@ class LeasesRoom(JobsRoom):
                         token,
                         attempts + 1,
                         deadline,
-                        bytes(datums[(job_id, of)]),
+                        bytes(datums[(job_id, of)] if datum is None else datum),
                         offer,
                     )
                 )

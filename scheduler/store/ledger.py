@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import LedgerEntry, StoreError
 from .dbapi import Connection
 
-__all__ = ["balance", "entries", "move", "totals"]
+__all__ = ["balance", "entries", "move", "pay", "totals"]
 
 
 def move(
@@ -57,6 +57,31 @@ def move(
         "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (now, kind, debit.lower(), credit.lower(), amount, job, slice_),
+    )
+
+
+def pay(db: Connection, payments: list[tuple[str, str, int, str, int]], now: float) -> None:
+    """Payments from escrows, each :func:`move` ``kind="payment"`` with ``escrow_debited``
+    (its caller debits the escrows): ``payments`` holds (escrow account, payee, amount, job,
+    slice). One credit per payee, of the sum, in the payees' order (every batch locks the
+    accounts it credits in one order), and one ledger row per payment."""
+    credits: dict[str, int] = {}
+    for _escrow, payee, amount, _job, _slice in payments:
+        if amount <= 0:
+            raise StoreError(f"a payment of {amount} micro-credits")
+        credits[payee.lower()] = credits.get(payee.lower(), 0) + amount
+    db.executemany(
+        "INSERT INTO accounts AS a VALUES (?, ?) ON CONFLICT(address) DO UPDATE"
+        " SET balance_micro = a.balance_micro + excluded.balance_micro",
+        sorted(credits.items()),
+    )
+    db.executemany(
+        "INSERT INTO ledger (at, kind, debit, credit, amount_micro, job, slice)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (now, "payment", escrow.lower(), payee.lower(), amount, job, slice_)
+            for escrow, payee, amount, job, slice_ in payments
+        ],
     )
 
 

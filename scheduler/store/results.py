@@ -36,8 +36,32 @@ from .sqlbase import (
     PRICE_EXACT_WORKERS,
     PRICE_INTERVAL,
     PRICE_MIN_WORKERS,
+    SLICES_TO_SETTLE,
     _per_slice,
 )
+
+
+class _Writes:
+    """A batch of acceptances' writes, sent together: one executemany for the slices' rows
+    and one for the ledger's, and one credit per payee (:func:`ledger.pay`). Sent one
+    statement per result, they were PostgreSQL's largest cost per slice after the network
+    (a statement's round of psycopg's pipeline, about 0.3 ms of the scheduler's time)."""
+
+    def __init__(self) -> None:
+        #: The accepted slices' UPDATE parameters.
+        self.slices: list[tuple[Any, ...]] = []
+        #: (escrow account, payee, amount, job, slice) per paid result.
+        self.payments: list[tuple[str, str, int, str, int]] = []
+
+    def flush(self, db: Connection, now: float) -> None:
+        db.executemany(
+            "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
+            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL, vote_key=?"
+            " WHERE job=? AND idx=?",
+            self.slices,
+        )
+        _ledger.pay(db, self.payments, now)
+        self.slices, self.payments = [], []
 
 
 class ResultsRoom(LeasesRoom):
@@ -125,12 +149,13 @@ class ResultsRoom(LeasesRoom):
             locked = self._lock_slices(
                 db, sorted({*keys, *((j, i) for (j, _), i in inputs.items())})
             )
+            writes = _Writes()
             for i in order:
                 row = rows[i]
                 try:
                     # A refusal (stale, unknown) is raised before the item writes anything,
                     # so the batch goes on without it; a database error ends the batch.
-                    outcome = self._accept(db, worker, row, now, locked)
+                    outcome = self._accept(db, worker, row, now, locked, writes)
                 except DatabaseError:
                     raise
                 except StoreError as exc:
@@ -155,6 +180,7 @@ class ResultsRoom(LeasesRoom):
                             voted.setdefault(row.job, set()).add(inputs[(row.job, row.slice)])
                         else:
                             acc[6] += 1
+            writes.flush(db, now)
             # The rows every batch shares last, once each and in order: the job's row (one
             # per job, the per-job serialization point) is then locked for the commit only.
             for job_id in sorted(sums):
@@ -236,9 +262,7 @@ class ResultsRoom(LeasesRoom):
             for job_id, (idx, state, token, holder, offer) in _per_slice(
                 db,
                 keys,
-                "SELECT s.idx, s.state, s.token, s.worker, j.offer_micro FROM slices s"
-                " JOIN jobs j ON j.id = s.job WHERE s.job=? AND s.idx IN ({marks})"
-                f" ORDER BY s.idx{self._lock('s')}",
+                SLICES_TO_SETTLE + self._lock("s"),
             )
         }
 
@@ -249,9 +273,11 @@ class ResultsRoom(LeasesRoom):
         row: ResultRow,
         now: float,
         locked: dict[tuple[str, int], tuple[SliceState, str | None, str | None, int]],
+        writes: _Writes,
     ) -> Settled:
         """Accept one result of a batch whose slices ``locked`` holds (kept current: an
-        accepted slice is marked done there, so the same result twice is a duplicate)."""
+        accepted slice is marked done there, so the same result twice is a duplicate); its
+        writes go to ``writes``, which the batch flushes before it reads what they change."""
         job_id, slice_, metrics = row.job, row.slice, row.metrics
         key = (job_id, slice_)
         if key not in locked:
@@ -272,7 +298,8 @@ class ResultsRoom(LeasesRoom):
         replica = self._policy(db, job_id)[0] is not None
         if replica and row.votes_seen is not None:
             # The slice's input is locked (accept_results): no vote can be accepted between
-            # this read and the commit.
+            # this read and the commit. The batch's votes so far written first.
+            writes.flush(db, now)
             now_seen = tuple(k for k, _ in self._representatives(db, job_id, slice_))
             if now_seen != row.votes_seen:
                 raise VotesChanged(
@@ -280,10 +307,7 @@ class ResultsRoom(LeasesRoom):
                     f" comparison saw {len(row.votes_seen)}"
                 )
         locked[key] = (new, current, holder, offer)
-        db.execute(
-            "UPDATE slices SET state=?, result=?, signature=?, payment_address=?, metrics=?,"
-            " accepted_at=?, deadline=NULL, error_code=NULL, error=NULL, vote_key=?"
-            " WHERE job=? AND idx=?",
+        writes.slices.append(
             (
                 new.value,
                 row.result,
@@ -294,23 +318,14 @@ class ResultsRoom(LeasesRoom):
                 (row.vote_key or _votes.vote_key(row.result)) if replica else None,
                 job_id,
                 slice_,
-            ),
+            )
         )
         if replica:
             return Settled("accepted")  # a vote: paid once its slice's replicas agree
         # The job's row, its cost sums and the worker's counters: once per batch
         # (accept_results); the escrow is debited there too.
-        _ledger.move(
-            db,
-            "payment",
-            f"escrow:{job_id}",
-            row.payment_address,
-            offer,
-            now,
-            job_id,
-            slice_,
-            escrow_debited=True,
-        )
+        if offer > 0:
+            writes.payments.append((f"escrow:{job_id}", row.payment_address, offer, job_id, slice_))
         return Settled("accepted", offer)
 
     def reject_result(

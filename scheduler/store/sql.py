@@ -28,6 +28,7 @@ from .sqlbase import (
     QUEUED_OF_JOB,
     QUEUED_REPLICAS_OF_JOB,
     REPLICA_SPREAD,
+    SLICES_TO_SETTLE,
     SQLBase,
     replica_position,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "QUEUED_OF_JOB",
     "QUEUED_REPLICAS_OF_JOB",
     "REPLICA_SPREAD",
+    "SLICES_TO_SETTLE",
     "SQLBase",
     "SQLStore",
     "replica_position",
