@@ -414,6 +414,12 @@ def test_a_role_without_create_serves_a_database_its_owner_migrated(pg_db: str) 
         assert store.applied == ()
         job = store.create_job(new_job(2), 0.0)
         assert len(store.lease(W1, 2, 0.0, 5.0)) == 2 and store.job(job).counts == {"leased": 2}
+        # A deploy large enough to ANALYZE after it: a role that may not is skipped by the
+        # server (a warning), and the job is deployed all the same.
+        from scheduler.store.postgres import ANALYZE_AT
+
+        large = store.create_job(new_job(ANALYZE_AT, tag="large"), 0.0)
+        assert store.job(large).counts == {"queued": ANALYZE_AT}
         store.close()
         with psycopg.connect(pg_db, autocommit=True) as conn:
             conn.execute(f"UPDATE meta SET value='{LATEST - 1}' WHERE key='schema_version'")
